@@ -1,0 +1,64 @@
+"""Attention masks and the attention kernel shared by every transformer in the project.
+
+Masks are built from per-token positions and segment ids, so one mechanism covers causal decoding,
+bidirectional patches, packed rows (several documents in one row: segment ids differ across their
+boundary), sliding windows, and KV caches (cache slots carry the position and segment of the token
+they hold; empty slots have segment 0).
+"""
+import jax
+import jax.numpy as jnp
+
+# Finite, so that a fully masked row (a padding query) yields zeros rather than NaN.
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def attention_mask(q_positions: jax.Array, k_positions: jax.Array,
+                   q_segments: jax.Array | None = None, k_segments: jax.Array | None = None, *,
+                   causal: bool, window: tuple[int, int] = (-1, -1)) -> jax.Array:
+    """Boolean mask [batch, q_len, k_len]: key j is visible to query i.
+
+    Positions [batch, len] are per-document token indices. Segment ids [batch, len] (0 = padding)
+    keep documents of a packed row apart. `window` = (left, right) limits attention to keys with
+    q - left <= k <= q + right (a negative bound is unlimited).
+    """
+    qp = q_positions[:, :, None]
+    kp = k_positions[:, None, :]
+    mask = jnp.ones(jnp.broadcast_shapes(qp.shape, kp.shape), dtype=bool)
+    if causal:
+        mask &= kp <= qp
+    left, right = window
+    if left >= 0:
+        mask &= kp >= qp - left
+    if right >= 0:
+        mask &= kp <= qp + right
+    if q_segments is not None or k_segments is not None:
+        if q_segments is None or k_segments is None:
+            raise ValueError("segment ids must be given for both queries and keys")
+        mask &= (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] != 0)
+    return mask
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                          *, dropout_rate: float = 0.0,
+                          dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Softmax attention with grouped-query heads.
+
+    q [batch, q_len, heads, head_dim]; k, v [batch, k_len, kv_heads, head_dim] with kv_heads
+    dividing heads (query head h reads kv head h // (heads // kv_heads)); mask [batch, q_len, k_len].
+    Logits and softmax in float32; scale head_dim^-0.5.
+    """
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads cannot share {kv_heads} kv heads")
+    q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+    logits = jnp.einsum("btkrd,bskd->bkrts", q, k, preferred_element_type=jnp.float32)
+    logits = logits * (head_dim ** -0.5)
+    if mask is not None:
+        logits = jnp.where(mask[:, None, None, :, :], logits, _MASKED)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if dropout_rate > 0.0 and dropout_rng is not None:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    out = jnp.einsum("bkrts,bskd->btkrd", probs.astype(v.dtype), v)
+    return out.reshape(batch, q_len, heads, head_dim)
