@@ -1,0 +1,1 @@
+"""Checkpoint conversion between official PyTorch/safetensors checkpoints and Orbax checkpoints."""

@@ -1,0 +1,69 @@
+"""What the converter needs to know of a model family (the LM, the audio tokenizer).
+
+A family maps every NNX parameter path of its model to one official tensor name (with `{i}` for the
+index of a stacked layer, whose parameter then has a leading `layers` axis) and a transform, and names
+by regular expression the official tensors it deliberately does not use. The converter checks that
+these rules account for every tensor of a checkpoint, in both directions.
+"""
+import dataclasses
+import re
+from typing import Any, Callable, Protocol
+
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRule:
+    torch_name: str  # e.g. "model.layers.{i}.self_attn.q_proj.weight"
+    transform: str  # a key of conversion.transforms.TRANSFORMS
+
+    @property
+    def stacked(self) -> bool:
+        return "{i}" in self.torch_name
+
+
+class ModelFamily(Protocol):
+    name: str  # a human name, e.g. "MiMo-Audio LM"
+    architecture: str  # config.json "architectures"[0]
+    ignored: tuple[str, ...]  # regexes (full match) of official tensors deliberately not used
+
+    def config_from_hf(self, hf_config: dict) -> Any: ...
+
+    def config_to_hf(self, config: Any) -> dict: ...
+
+    def abstract_model(self, config: Any) -> nnx.Module:
+        """The model built with nnx.eval_shape: shapes and dtypes, no memory."""
+
+    def rule(self, path: tuple[str, ...]) -> TensorRule:
+        """The official tensor of the parameter at this NNX state path."""
+
+
+def is_ignored(family: ModelFamily, torch_name: str) -> bool:
+    return any(re.fullmatch(p, torch_name) for p in family.ignored)
+
+
+_FAMILIES: dict[str, Callable[[], ModelFamily]] = {}
+
+
+def register(architecture: str, factory: Callable[[], ModelFamily]) -> None:
+    _FAMILIES[architecture] = factory
+
+
+def family_for(hf_config: dict, where: str) -> ModelFamily:
+    """The family of an official config.json, or an error naming what was found."""
+    import mimo_jax.lm.conversion  # noqa: F401  (registers the LM)
+    try:
+        import mimo_jax.tokenizer.conversion  # noqa: F401  (registers the tokenizer)
+    except ModuleNotFoundError as e:
+        if e.name != "mimo_jax.tokenizer":
+            raise
+    archs = hf_config.get("architectures") or []
+    for arch in archs:
+        if arch in _FAMILIES:
+            return _FAMILIES[arch]()
+    known = ", ".join(sorted(_FAMILIES)) or "none"
+    if "MiMoAudioTokenizer" in archs:
+        raise ValueError(f"{where}: this is a MiMo-Audio tokenizer checkpoint; its model is not "
+                         f"available in this version of mimo-jax (convertible: {known})")
+    raise ValueError(f"{where}: architectures {archs} is not a model mimo-jax can convert "
+                     f"(expected one of: {known})")
