@@ -43,7 +43,16 @@ def nest(flat: Iterable[tuple[tuple[str, ...], Any]]) -> dict:
     return tree
 
 
-def _lookup(tree: dict, path: tuple[str, ...]):
+def flatten(tree: dict, prefix: tuple[str, ...] = ()):
+    """(path, leaf) pairs of a nested dict."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from flatten(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value
+
+
+def lookup(tree: dict, path: tuple[str, ...]):
     for key in path:
         tree = tree[key]
     return tree
@@ -107,7 +116,7 @@ def load(path: str | Path, *, mesh: jax.sharding.Mesh | None = None, rules=None,
     def target(p, var):
         value = var.get_value()
         try:
-            stored = _lookup(saved, p)
+            stored = lookup(saved, p)
         except (KeyError, TypeError):
             raise ValueError(f"{path}: checkpoint has no parameter {'/'.join(p)}: it holds another "
                              f"architecture than its {CONFIG_FILE} describes") from None
@@ -120,10 +129,12 @@ def load(path: str | Path, *, mesh: jax.sharding.Mesh | None = None, rules=None,
         return ocp.ArrayRestoreArgs(sharding=sharding, dtype=dt, global_shape=tuple(value.shape))
 
     flat = flat_params(abs_state)
+    extra = sorted("/".join(p) for p, _ in flatten(saved) if p not in {q for q, _ in flat})
+    if extra:
+        raise ValueError(f"{path}: checkpoint holds parameters that its {CONFIG_FILE} does not "
+                         f"describe: {', '.join(extra)}")
     args = nest((p, target(p, v)) for p, v in flat)
-    restored = ckptr.restore(params_path, args=ocp.args.PyTreeRestore(
-        item=jax.tree.map(lambda a: None, args, is_leaf=lambda x: isinstance(x, ocp.RestoreArgs)),
-        restore_args=args))
+    restored = ckptr.restore(params_path, args=ocp.args.PyTreeRestore(restore_args=args))
     for p, var in flat:
-        var.set_value(_lookup(restored, p))
+        var.set_value(lookup(restored, p))
     return config, nnx.merge(graphdef, abs_state)

@@ -179,14 +179,14 @@ def orbax_to_torch(src: Path, dst: Path, dtype=None, overwrite=False, progress=T
     flat = {}
     for path in shapes:
         try:
-            value = model_ckpt._lookup(tree, path)
+            value = model_ckpt.lookup(tree, path)
         except KeyError:
             raise ConversionError(f"{src}: checkpoint has no parameter {'/'.join(path)}") from None
         if tuple(value.shape) != shapes[path]:
             raise ConversionError(f"{src}: parameter {'/'.join(path)} has shape {value.shape}, "
                                   f"expected {shapes[path]}")
         flat[path] = value
-    stored = {p for p, _ in _flatten(tree)}
+    stored = {p for p, _ in model_ckpt.flatten(tree)}
     extra = sorted("/".join(p) for p in stored - set(shapes))
     if extra:
         raise ConversionError(f"{src}: parameters not in the {family.name}: {', '.join(extra)}")
@@ -205,14 +205,6 @@ def orbax_to_torch(src: Path, dst: Path, dtype=None, overwrite=False, progress=T
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
-
-
-def _flatten(tree, prefix=()):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _flatten(value, prefix + (key,))
-        else:
-            yield prefix + (key,), value
 
 
 def convert(src: str | Path, dst: str | Path, dtype: str | None = None, overwrite: bool = False,
