@@ -57,6 +57,7 @@ class Record:
   task: str = ""
   duration: float = 0.0
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+  origin: str = ""  # "shard PATH record N" when read from a shard (not stored)
 
   @property
   def frames(self) -> int:
@@ -110,7 +111,7 @@ def decode_record(data: bytes, shard: str = "?", index: int = -1,
   return Record(id=head["id"], codes=codes, text=head.get("text", ""),
                 speaker=head.get("speaker", ""), language=head.get("language", ""),
                 task=head.get("task", ""), duration=float(head.get("duration", 0.0)),
-                meta=head.get("meta") or {})
+                meta=head.get("meta") or {}, origin=f"shard {shard} record {index}")
 
 
 class ShardWriter:
@@ -236,11 +237,27 @@ class ShardSet:
   def __iter__(self):
     return (self[i] for i in range(len(self)))
 
+  def lenient(self) -> "LenientShards":
+    return LenientShards(self)
+
   # Readers hold file handles: reopen them in each process.
   def __getstate__(self):
     state = dict(self.__dict__)
     state["_readers"] = {}
     return state
+
+
+class LenientShards:
+  """The same records, with `RecordError`s returned as elements instead of raised."""
+
+  def __init__(self, shards: ShardSet):
+    self.shards = shards
+
+  def __len__(self) -> int:
+    return len(self.shards)
+
+  def __getitem__(self, index) -> Record | RecordError:
+    return self.shards.get(index)
 
 
 def _summary(manifest: dict) -> str:
