@@ -95,3 +95,13 @@ def tokenizer_digest(tok: TextTokenizer) -> str:
   """A stable summary of the vocabulary and merges (for determinism checks)."""
   data = json.loads(tok.tokenizer.to_str())
   return json.dumps([data["model"]["vocab"], data["model"]["merges"]], sort_keys=True)
+
+
+def word_level_tokenizer(words: Sequence[str]) -> TextTokenizer:
+  """A whitespace word-level tokenizer with known ids (special tokens 0.., then `words`), for
+  examples checked by hand; unknown words map to `<unk>`."""
+  vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + ("<unk>",) + tuple(words))}
+  tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  tok.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in SPECIAL_TOKENS])
+  return TextTokenizer(tok)
