@@ -20,6 +20,7 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 
+from absl import flags
 import grain
 import numpy as np
 
@@ -101,6 +102,9 @@ def make_dataset(sources: Sequence[Source], cfg: DataConfig, tokenizer: TextToke
   it = PackIterDataset(it, cfg, tokenizer.empty_id, tokenizer.pad_id)
   it = it.batch(batch_size, drop_remainder=True)
   if workers > 0:
+    # Grain's worker processes read absl flags; outside an absl app they were never parsed.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=worker_buffer))
   return it
 
