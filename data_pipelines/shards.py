@@ -131,14 +131,14 @@ class ShardWriter:
 
   def close(self) -> dict:
     self._writer.close()
-    self._tmp.rename(self.path)
+    self._tmp.replace(self.path)
     return dict(self.stats)
 
 
 def write_json_atomic(path: epath.Path, obj: Any) -> None:
   tmp = path.parent / (path.name + ".tmp")
   tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
-  tmp.rename(path)
+  tmp.replace(path)
 
 
 def write_manifest(directory: str, shards: Sequence[dict], codebooks: int, **extra) -> dict:

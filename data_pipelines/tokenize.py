@@ -198,7 +198,7 @@ def finalize(out: epath.Path, n: int, total_lines: int, codebooks: int) -> dict 
   errors = [e for info in infos for e in info["error_entries"]]
   tmp = out / (ERRORS + ".tmp")
   tmp.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors))
-  tmp.rename(out / ERRORS)
+  tmp.replace(out / ERRORS)
   shards = [{k: info[k] for k in ("path", "records", "hours", "frames", "errors")} for info in infos]
   return write_manifest(str(out), shards, codebooks, lines=total_lines)
 
