@@ -49,32 +49,50 @@ def patchify(frames: np.ndarray, group_size: int, channels: int) -> np.ndarray:
 
 
 class _Doc:
-  """Accumulates segments: text ids (None where the group is a patch) and patches."""
+  """Accumulates groups as Python lists (cheap appends): text ids, supervision flags, and for each
+  group the row of the record's patches it shows (-1 for a text group)."""
 
   def __init__(self):
-    self.text: list[np.ndarray] = []
-    self.patches: list[tuple[int, np.ndarray]] = []
-    self.target: list[np.ndarray] = []
-    self.length = 0
+    self.text: list[int] = []
+    self.target: list[bool] = []
+    self.patch_row: list[int] = []
+    self.patches: np.ndarray | None = None
 
   def add_text(self, ids, target: bool):
-    ids = np.asarray(ids, np.int32)
-    self.text.append(ids)
-    self.target.append(np.full(len(ids), target))
-    self.length += len(ids)
+    ids = list(ids)
+    self.text.extend(ids)
+    self.target.extend([target] * len(ids))
+    self.patch_row.extend([-1] * len(ids))
 
-  def add_patches(self, patches: np.ndarray, empty_id: int, target: bool):
-    self.patches.append((self.length, patches))
-    self.add_text(np.full(len(patches), empty_id, np.int32), target)
+  def add_patches(self, patches: np.ndarray, start: int, stop: int, empty_id: int, target: bool):
+    """Groups for rows `start:stop` of `patches` (one patch array per document)."""
+    if self.patches is not None and self.patches is not patches:
+      raise ValueError("a document holds the patches of one record")
+    self.patches = patches
+    n = stop - start
+    self.text.extend([empty_id] * n)
+    self.target.extend([target] * n)
+    self.patch_row.extend(range(start, stop))
+
+  def add_groups(self, text: np.ndarray, rows: np.ndarray, patches: np.ndarray, target: bool):
+    """Mixed groups at once: `rows[i]` is the patch row of group i, or -1 for text `text[i]`."""
+    if self.patches is not None and self.patches is not patches:
+      raise ValueError("a document holds the patches of one record")
+    self.patches = patches
+    self.text.extend(text.tolist())
+    self.target.extend([target] * len(text))
+    self.patch_row.extend(rows.tolist())
 
   def finish(self, empty_codes: np.ndarray) -> dict[str, np.ndarray]:
-    codes = np.empty((self.length,) + empty_codes.shape, np.int16)
+    n = len(self.text)
+    codes = np.empty((n,) + empty_codes.shape, np.int16)
     codes[:] = empty_codes
-    for start, p in self.patches:
-      codes[start:start + len(p)] = p
-    return {"text": np.concatenate(self.text) if self.text else np.zeros(0, np.int32),
-            "codes": codes,
-            "target": np.concatenate(self.target) if self.target else np.zeros(0, bool)}
+    if self.patches is not None:
+      rows = np.asarray(self.patch_row, np.int64)
+      speech = rows >= 0
+      codes[speech] = self.patches[rows[speech]]
+    return {"text": np.asarray(self.text, np.int32), "codes": codes,
+            "target": np.asarray(self.target, bool)}
 
 
 class SequenceBuilder:
@@ -85,14 +103,14 @@ class SequenceBuilder:
     self.cfg = config
     self.empty_codes = np.broadcast_to(
         np.asarray(config.empty_ids, np.int16), (config.group_size, config.audio_channels)).copy()
-    self._cache: dict[str, np.ndarray] = {}
+    self._cache: dict[str, list[int]] = {}
 
   # ---- segments -------------------------------------------------------------------------------
-  def _ids(self, text: str) -> np.ndarray:
-    """Tokenised text; fixed prompt strings are cached (the tokenizer call dominates otherwise)."""
+  def _ids(self, text: str) -> list[int]:
+    """Tokenised fixed prompt text, cached (the tokenizer call would dominate otherwise)."""
     ids = self._cache.get(text)
     if ids is None:
-      ids = np.asarray(self.tok.encode(text), np.int32)
+      ids = self.tok.encode(text)
       if len(self._cache) < 4096:
         self._cache[text] = ids
     return ids
@@ -104,21 +122,28 @@ class SequenceBuilder:
 
   def _audio(self, doc: _Doc, patches: np.ndarray, target: bool):
     doc.add_text([self.tok.sosp_id], target)
-    doc.add_patches(patches, self.tok.empty_id, target)
+    doc.add_patches(patches, 0, len(patches), self.tok.empty_id, target)
     doc.add_text([self.tok.eosp_id], target)
 
   def _stream(self, doc: _Doc, text: str, patches: np.ndarray, target: bool):
     """SPEC §2.2 streaming segment: the fixed 5:5 text-guided interleave."""
-    ids = np.asarray(self.tok.encode(text), np.int32)
-    tchunks = [ids[i:i + TEXT_CHUNK] for i in range(0, len(ids), TEXT_CHUNK)] or [ids[:0]]
-    tchunks[-1] = np.append(tchunks[-1], np.int32(self.tok.eot_id))
-    achunks = [patches[i:i + AUDIO_CHUNK] for i in range(0, len(patches), AUDIO_CHUNK)]
+    ids = self.tok.encode(text) + [self.tok.eot_id]  # <|eot|> joins the last chunk (it may have 6)
+    t, p = len(ids), len(patches)
+    nt, na = max(1, -(-(t - 1) // TEXT_CHUNK)), -(-p // AUDIO_CHUNK)
+    k = max(nt, na)
+    lengths = np.zeros((k, 2), np.int64)  # per round: text tokens, then patches
+    lengths[:nt, 0] = TEXT_CHUNK
+    lengths[nt - 1, 0] = t - TEXT_CHUNK * (nt - 1)
+    if na:
+      lengths[:na, 1] = AUDIO_CHUNK
+      lengths[na - 1, 1] = p - AUDIO_CHUNK * (na - 1)
+    is_patch = np.repeat(np.tile([False, True], k), lengths.reshape(-1))
+    text_out = np.full(t + p, self.tok.empty_id, np.int32)
+    text_out[~is_patch] = ids
+    rows = np.full(t + p, -1, np.int64)
+    rows[is_patch] = np.arange(p)
     doc.add_text([self.tok.sostm_id], target)
-    for i in range(max(len(tchunks), len(achunks))):
-      if i < len(tchunks):
-        doc.add_text(tchunks[i], target)
-      if i < len(achunks):
-        doc.add_patches(achunks[i], self.tok.empty_id, target)
+    doc.add_groups(text_out, rows, patches, target)
     doc.add_text([self.tok.eostm_id], target)
 
   def _pick(self, rec: Record, options: tuple[str, ...]) -> str:
@@ -150,13 +175,13 @@ class SequenceBuilder:
     doc.add_text(self._ids("<|im_end|>\n"), False)
     doc.add_text(self._ids("<|im_start|>assistant\n"), False)
     doc.add_text(self._ids(prompts.THINK_OFF), False)
-    doc.add_text(self._ids(answer), True)
+    doc.add_text(self.tok.encode(answer), True)
     doc.add_text(self._ids("<|im_end|>\n"), True)
 
   def tts(self, rec: Record, doc: _Doc):
     text = self._need_text(rec)
     options = prompts.TTS_TEMPLATES_ZH if prompts.is_chinese(text) else prompts.TTS_TEMPLATES_EN
-    doc.add_text(self._ids(f"<|im_start|>user\n{self._pick(rec, options)}: {text}<|im_end|>\n"), False)
+    doc.add_text(self.tok.encode(f"<|im_start|>user\n{self._pick(rec, options)}: {text}<|im_end|>\n"), False)
     doc.add_text(self._ids("<|im_start|>assistant\n"), False)
     self._stream(doc, text, self._patches(rec), True)
     doc.add_text(self._ids("<|im_end|>\n"), True)
@@ -170,7 +195,7 @@ class SequenceBuilder:
     doc.add_text(self._ids("<|im_start|>system\n"), False)
     doc.add_text(self._ids(prompts.INSTRUCT_TTS_SYSTEM), False)
     doc.add_text(self._ids("<|im_end|>\n"), False)
-    doc.add_text(self._ids(f"<|im_start|>user\n{self._pick(rec, options)}: {text}({instruct})<|im_end|>\n"), False)
+    doc.add_text(self.tok.encode(f"<|im_start|>user\n{self._pick(rec, options)}: {text}({instruct})<|im_end|>\n"), False)
     doc.add_text(self._ids("<|im_start|>assistant\n<think>\n"), False)
     doc.add_text(self._ids("\n</think>\n"), True)
     self._stream(doc, text, self._patches(rec), True)
