@@ -68,19 +68,21 @@ def write_corpus(directory: str, hours: float, seed: int = 0) -> int:
   return len(records)
 
 
-def rate(ds, seconds: float, batch: int) -> tuple[float, float]:
-  """(rows/s, mean fill) after a warm-up batch, over about `seconds`."""
+def rate(ds, seconds: float, batch: int) -> tuple[float, float, float]:
+  """(rows per wall second, rows per CPU second of this process, mean fill) after a warm-up
+  batch, over about `seconds`. On a shared machine the CPU-time rate is the one-core figure."""
   it = iter(ds)
   next(it)
-  rows, fill, start = 0, 0.0, time.perf_counter()
+  rows, fill = 0, 0.0
+  start, cpu = time.perf_counter(), time.process_time()
   while time.perf_counter() - start < seconds:
     b = next(it)
     rows += batch
     fill += float(np.mean(b["segment_ids"] > 0)) * batch
-  elapsed = time.perf_counter() - start
+  elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
   if hasattr(it, "close"):
     it.close()
-  return rows / elapsed, fill / rows
+  return rows / elapsed, rows / cpu, fill / rows
 
 
 def main():
@@ -104,15 +106,15 @@ def main():
     for task in ("continuation", "interleave"):
       src = [Source(tmp, task)]
       os.sched_setaffinity(0, cores[:1])
-      one, fill = rate(make_dataset(src, cfg, tok, batch_size=args.batch, seed=0), args.seconds, args.batch)
+      wall, per_cpu, fill = rate(make_dataset(src, cfg, tok, batch_size=args.batch, seed=0), args.seconds, args.batch)
       os.sched_setaffinity(0, cores)
-      print(f"{task:>12}: 1 core  {one:7.1f} rows/s ({one * CONTEXT / 1e6:.2f} M groups/s, {one / need:5.1f}x need), "
-            f"fill {fill:.3f}")
+      print(f"{task:>12}: 1 core  {per_cpu:7.1f} rows per CPU second ({per_cpu * CONTEXT / 1e6:.2f} M groups/s, "
+            f"{per_cpu / need:5.1f}x need), {wall:.1f} rows per wall second, fill {fill:.3f}")
       if args.workers:
-        many, _ = rate(make_dataset(src, cfg, tok, batch_size=args.batch, seed=0, workers=args.workers),
-                       args.seconds, args.batch)
-        print(f"{task:>12}: {args.workers} workers {many:7.1f} rows/s ({many / need:5.1f}x need) "
-              f"on {len(cores)} cores")
+        many, _, _ = rate(make_dataset(src, cfg, tok, batch_size=args.batch, seed=0, workers=args.workers),
+                          args.seconds, args.batch)
+        print(f"{task:>12}: {args.workers} workers {many:7.1f} rows per wall second ({many / need:5.1f}x need) "
+              f"on {len(cores)} cores, load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

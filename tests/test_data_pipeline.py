@@ -1,5 +1,7 @@
 """Grain pipeline: determinism, save/restore mid-epoch, per-process sharding, mixing, bad records."""
 
+import json
+
 import array_record.python.array_record_module as arm
 import numpy as np
 import pytest
@@ -57,6 +59,7 @@ def test_restore_mid_epoch_continues_with_the_next_batch(corpus):
   it = iter(ds)
   _batches(it, 5)  # about 6 batches per epoch: the next ones cross into epoch 2
   state = it.get_state()
+  assert json.loads(json.dumps(state)) == state  # what grain.checkpoint.CheckpointSave stores
   expected = _batches(it, 4)
   restored = iter(make_dataset(srcs, CFG, TOK, batch_size=2, seed=1))
   restored.set_state(state)

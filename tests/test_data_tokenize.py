@@ -175,3 +175,18 @@ def test_with_the_fixture_tokenizer_checkpoint(corpus, tmp_path):
   for r in recs:
     assert abs(r.frames - audio.code_frames(int(round(r.duration * 24000)))) <= 1
     assert (r.codes >= 0).all() and (r.codes < sizes).all()
+
+
+def test_demo_corpus_through_tokenize_and_the_pipeline(corpus, tmp_path):
+  from data_pipelines.config import DataConfig
+  from data_pipelines.pipeline import Source, make_dataset
+  out = tmp_path / "out"
+  assert tokenize.run(_args(corpus / "manifest.jsonl", out), encode=EnergyEncoder(8)) == 0
+  tok = TextTokenizer.from_file(str(corpus / "tokenizer.json"))
+  cfg = DataConfig(context_length=512)
+  batch = next(iter(make_dataset([Source(str(out), "tts", 1.0), Source(str(out), "instruct_tts", 1.0)],
+                                 cfg, tok, batch_size=2, seed=0)))
+  speech = batch["text"] == tok.empty_id
+  assert speech.any() and (batch["codes"][speech] < np.array([1024, 1024] + [128] * 6)).all()
+  assert batch["code_weights"][..., 0].sum() == 12 * (speech[:, 1:] & (batch["segment_ids"][:, 1:] > 0)).sum()
+  assert tok.sostm_id in batch["text"] and tok.eostm_id in batch["text"]
