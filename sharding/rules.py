@@ -48,7 +48,7 @@ def _axes(candidate) -> tuple[str, ...]:
 
 
 def partition_spec(shape: Sequence[int], axes: Sequence[str | None], rules: Rules,
-                   mesh: jax.sharding.Mesh) -> PartitionSpec:
+                   mesh) -> PartitionSpec:
     sizes = dict(mesh.shape)
     used: set[str] = set()
     spec = []
@@ -72,7 +72,39 @@ def named_sharding(mesh: jax.sharding.Mesh, variable, rules: Rules) -> NamedShar
 
 
 def state_shardings(state, mesh: jax.sharding.Mesh, rules: Rules):
-    """A tree like an nnx.State with a NamedSharding per variable."""
+    """The nnx.State with each variable's value replaced by its NamedSharding (for jit's
+    out_shardings)."""
     import flax.nnx as nnx
-    return jax.tree.map(lambda v: named_sharding(mesh, v, rules), state,
+    return jax.tree.map(lambda v: v.replace(named_sharding(mesh, v, rules)), state,
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+# Activations: the batch over the data-parallel axes, the sequence over `sequence`.
+ACTIVATION_RULES: Rules = {
+    "activation_batch": (("data", "fsdp"), "data", "fsdp"),
+    "activation_length": ("sequence",),
+}
+
+_active: list[Rules] = []
+
+
+class use_rules:
+    """Within this context (and a `jax.set_mesh`), `constrain` places activations by these rules."""
+
+    def __init__(self, rules: Rules):
+        self.rules = {**ACTIVATION_RULES, **rules}
+
+    def __enter__(self):
+        _active.append(self.rules)
+        return self.rules
+
+    def __exit__(self, *exc):
+        _active.pop()
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """A sharding constraint on an activation by logical axes; nothing outside `use_rules` or a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not _active or mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, partition_spec(x.shape, axes, _active[-1], mesh))

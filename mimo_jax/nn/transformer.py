@@ -15,8 +15,10 @@ from mimo_jax.nn.attention import dot_product_attention
 from mimo_jax.nn.layers import Dense, Embed, RMSNorm
 from mimo_jax.nn.remat import maybe_remat
 from mimo_jax.nn.rope import apply_rope, inv_frequencies, rope_tables
+from sharding.rules import constrain
 
 KVCache = dict[str, jax.Array]
+_ACTIVATION_AXES = ("activation_batch", "activation_length", None)
 
 
 class Qwen2Attention(nnx.Module):
@@ -122,7 +124,7 @@ class Qwen2Stack(nnx.Module):
             layer_params, layer_cache, rng = xs
             layer = nnx.merge(graphdef, layer_params)
             h, layer_cache = layer(h, cos, sin, mask, layer_cache, cache_index, rng)
-            return h.astype(self.dtype), layer_cache
+            return constrain(h.astype(self.dtype), _ACTIVATION_AXES), layer_cache
 
         xs = (params, cache, layer_rngs)
         if jnp.finfo(x.dtype).bits < jnp.finfo(self.dtype).bits:

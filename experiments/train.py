@@ -1,0 +1,189 @@
+"""Trains a MiMo-Audio LM from an ml-collections experiment config.
+
+    python -m experiments.train --config experiments/configs/demo.py[:arg] --workdir DIR \
+        [--config.total_steps=40 --config.optimizer.learning_rates.llm=1e-4 ...]
+
+Resumes from the last checkpoint in DIR/checkpoints (model, optimizer and data-iterator state) and
+continues with exactly the batch that came next. SIGTERM (preemption) saves a checkpoint and exits
+cleanly; a non-finite loss stops the run with a message and keeps the last good checkpoint. Metrics
+go to DIR/metrics.jsonl and DIR/tensorboard. Multi-host: `jax.distributed.initialize()` runs from the
+environment on TPU pods and SLURM clusters, or from --coordinator/--num_processes/--process_id.
+"""
+import os
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:arg]",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics)")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (local runs)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes of a local multi-host run")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index in a local run")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def init_distributed() -> None:
+    """jax.distributed from flags (local runs) or from the environment (SLURM, TPU pods, GKE)."""
+    if _COORDINATOR.value:
+        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    elif any(k in os.environ for k in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
+                                       "JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")):
+        jax.distributed.initialize()
+
+
+class Preemption:
+    """Set by SIGTERM; in multi-host runs also the preemption sync point JAX reaches."""
+
+    def __init__(self):
+        self.signalled = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, *_):
+        self.signalled = True
+
+    def due(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            try:
+                if multihost_utils.reached_preemption_sync_point(step):
+                    return True
+            except RuntimeError:  # no preemption service in this runtime
+                pass
+        return self.signalled
+
+
+def data_iterators(config, mesh):
+    from data_pipelines.config import DataConfig
+    from data_pipelines.pipeline import Source, make_dataset
+    from data_pipelines.text_tokenizer import TextTokenizer
+
+    cfg = DataConfig.from_mapping(config.data)
+    tokenizer = TextTokenizer.from_file(config.data.tokenizer)
+    split = config.data.split_by_process
+    procs, index = jax.process_count(), jax.process_index()
+    per_process = config.data.batch_size // procs
+
+    def make(sources, seed, shuffle):
+        ds = make_dataset([Source(**dict(s)) for s in sources], cfg, tokenizer,
+                          batch_size=per_process if split else config.data.batch_size,
+                          seed=seed, process_index=index if split else 0,
+                          process_count=procs if split else 1, workers=config.data.workers,
+                          shuffle=shuffle)
+        return iter(ds)
+
+    def local_rows(batch):  # every process read the global batch: keep this process's rows
+        if split:
+            return batch
+        return {k: v[index * per_process:(index + 1) * per_process] for k, v in batch.items()}
+
+    train = make(config.data.sources, config.seed, True)
+    evaluate = (lambda: make(config.data.eval_sources, 0, False)) if config.data.eval_sources else None
+    return train, evaluate, local_rows
+
+
+def run(config, workdir: str) -> int:
+    from mimo_jax.train import setup
+    from mimo_jax.train.checkpointing import TrainCheckpoints, abstract_like
+    from mimo_jax.train.flops import train_flops_per_group
+    from mimo_jax.train.metrics import MetricsWriter
+    from sharding.rules import use_rules
+
+    mesh, rules = setup.mesh_and_rules(config)
+    setup.check_batch_divides(config.data.batch_size, config.optimizer.grad_accum, mesh)
+    with jax.set_mesh(mesh), use_rules(rules):
+        lm_config, model = setup.build_model(config, mesh, rules)
+        trainer, state = setup.build_trainer(config, model)
+        del model
+        train_it, eval_factory, local_rows = data_iterators(config, mesh)
+        identity = {"model": lm_config.to_hf(), "trainable": trainer.optimizer.trainable_groups,
+                    "loss_weights": config.data.loss_weights, "remat": lm_config.remat_policy}
+        ckpts = TrainCheckpoints(workdir, identity, keep=config.checkpoint.keep,
+                                 async_save=config.checkpoint.async_save)
+        start = ckpts.latest_step()
+        if start is not None:
+            state = ckpts.restore(start, abstract_like(state), train_it)
+            logging.info("resumed from %s at step %d", ckpts.directory, start)
+        steps = setup.compile_steps(trainer, state)
+        writer = MetricsWriter(workdir, config.total_steps)
+        flops = train_flops_per_group(lm_config, config.data.context_length,
+                                      trainer.loss.trains_patch_decoder)
+        try:
+            return _loop(config, state, steps, train_it, eval_factory, local_rows, mesh, ckpts,
+                         writer, flops, start or 0)
+        finally:
+            ckpts.close()
+            writer.close()
+
+
+def _evaluate(config, state, steps, eval_factory, local_rows, mesh) -> dict[str, float]:
+    from mimo_jax.train.setup import global_batch
+    it, totals = eval_factory(), {}
+    for _ in range(config.eval_steps):
+        metrics = jax.device_get(steps.eval(state, global_batch(local_rows(next(it)), mesh)))
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + float(v) / config.eval_steps
+    return {f"eval/{k}": v for k, v in totals.items()}
+
+
+def _loop(config, state, steps, train_it, eval_factory, local_rows, mesh, ckpts, writer, flops,
+          step) -> int:
+    from mimo_jax.train.setup import global_batch
+    preemption = Preemption()
+    rng = jax.random.key(config.seed)
+    groups = config.data.batch_size * config.data.context_length
+    peak = config.peak_tflops_per_device * 1e12 * jax.device_count()
+    t_last, last_logged = time.time(), step
+    while step < config.total_steps:
+        state, metrics = steps.train(state, global_batch(local_rows(next(train_it)), mesh), rng)
+        step += 1
+        if step % config.log_every == 0 or step == config.total_steps:
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not np.isfinite(values["loss"]) or values["update_skipped"] > 0:
+                last = ckpts.latest_step()
+                raise NonFiniteLoss(
+                    f"non-finite loss {values['loss']} (grad norm {values['grad_norm']}) at step "
+                    f"{step}: stopping; the last good checkpoint is step {last} in {ckpts.directory}")
+            elapsed = time.time() - t_last
+            rate = (step - last_logged) * groups / max(elapsed, 1e-9)
+            values.update(groups_per_second=rate, mfu=rate * flops / peak if peak else 0.0)
+            t_last, last_logged = time.time(), step
+            writer.write(step, values)
+            writer.progress(step, values)
+        if eval_factory and config.eval_every and step % config.eval_every == 0:
+            writer.write(step, _evaluate(config, state, steps, eval_factory, local_rows, mesh))
+        if preemption.due(step):
+            ckpts.save(step, state, train_it)
+            ckpts.wait()
+            print(f"preempted: checkpoint saved at step {step} in {ckpts.directory}", flush=True)
+            return 0
+        if step % config.checkpoint_every == 0 or step == config.total_steps:
+            ckpts.save(step, state, train_it)
+    return 0
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None or not _WORKDIR.value:
+        raise app.UsageError("--config and --workdir are required")
+    init_distributed()
+    try:
+        return run(_CONFIG.value, _WORKDIR.value)
+    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    app.run(main)

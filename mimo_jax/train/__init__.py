@@ -1,0 +1,1 @@
+"""Training: losses, optimizer with per-module learning rates, the train step, checkpointing."""

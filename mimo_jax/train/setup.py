@@ -1,0 +1,118 @@
+"""Builds what a training run needs from its config (an ml-collections ConfigDict): the mesh and
+rules, the model (random or from a converted checkpoint), the trainer and its sharded state, and the
+data iterators. The config is data handed in by experiments/; nothing here reads files of its own."""
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from mimo_jax import checkpoint as model_ckpt
+from mimo_jax.lm.config import MiMoAudioConfig
+from mimo_jax.lm.model import MiMoAudioLM
+from mimo_jax.train.losses import LossConfig
+from mimo_jax.train.optimizer import OptimizerConfig
+from mimo_jax.train.step import Trainer, TrainState
+from sharding.mesh import make_mesh
+from sharding.rules import ACTIVATION_RULES, PRESETS, partition_spec, state_shardings
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+BATCH_FIELDS = ("text", "codes", "positions", "segment_ids", "text_targets", "text_weights",
+                "code_targets", "code_weights")
+
+
+def _dtype(name: str, key: str):
+    if name not in DTYPES:
+        raise ValueError(f"config {key}={name!r}: expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def mesh_and_rules(config):
+    if config.mesh.rules not in PRESETS:
+        raise ValueError(f"config mesh.rules={config.mesh.rules!r}: expected one of {sorted(PRESETS)}")
+    mesh = make_mesh(dict(config.mesh.ici), dict(config.mesh.dcn))
+    return mesh, PRESETS[config.mesh.rules]
+
+
+def batch_sharding(mesh, rank: int) -> NamedSharding:
+    spec = partition_spec((mesh.size,) + (1,) * (rank - 1),
+                          ("activation_batch",) + (None,) * (rank - 1), ACTIVATION_RULES, mesh)
+    return NamedSharding(mesh, spec)
+
+
+def check_batch_divides(global_batch: int, grad_accum: int, mesh) -> None:
+    data_ways = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+    if global_batch % grad_accum:
+        raise ValueError(f"data.batch_size {global_batch} is not a multiple of "
+                         f"optimizer.grad_accum {grad_accum}")
+    micro = global_batch // grad_accum
+    if micro % data_ways:
+        raise ValueError(f"the micro-batch of {micro} rows (data.batch_size / grad_accum) does not "
+                         f"divide over the {data_ways} data-parallel devices (mesh data x fsdp)")
+    if global_batch % jax.process_count():
+        raise ValueError(f"data.batch_size {global_batch} does not divide over "
+                         f"{jax.process_count()} processes")
+
+
+def build_model(config, mesh, rules) -> tuple[MiMoAudioConfig, nnx.Module]:
+    """From `model.init_checkpoint` (a converted checkpoint) or randomly from `model.hf`."""
+    dtype = _dtype(config.model.dtype, "model.dtype")
+    param_dtype = _dtype(config.model.param_dtype, "model.param_dtype")
+    if config.model.init_checkpoint:
+        return model_ckpt.load(config.model.init_checkpoint, mesh=mesh, rules=rules, dtype=dtype,
+                               param_dtype=param_dtype, remat_policy=config.model.remat_policy)
+    lm_config = MiMoAudioConfig.from_hf(dict(config.model.hf),
+                                        remat_policy=config.model.remat_policy)
+
+    def create():
+        return MiMoAudioLM(lm_config, dtype=dtype, param_dtype=param_dtype,
+                           rngs=nnx.Rngs(config.seed))
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(create))
+    state = jax.jit(lambda: nnx.state(create()),
+                    out_shardings=state_shardings(abstract, mesh, rules))()
+    return lm_config, nnx.merge(graphdef, state)
+
+
+def _shardings_of(tree):
+    return jax.tree.map(lambda a: a.sharding, tree)
+
+
+def build_trainer(config, model) -> tuple[Trainer, TrainState]:
+    loss = LossConfig.from_string(config.data.loss_weights, text_chunk=config.loss.text_chunk)
+    frozen = tuple(config.optimizer.frozen)
+    if not loss.trains_patch_decoder and "patch_decoder" not in frozen:
+        frozen += ("patch_decoder",)  # stage 1: no patch decoder in the graph, nothing to train
+    opt = OptimizerConfig(
+        learning_rates=dict(config.optimizer.learning_rates), total_steps=config.total_steps,
+        schedule=config.optimizer.schedule, warmup_ratio=config.optimizer.warmup_ratio,
+        end_lr_ratio=config.optimizer.end_lr_ratio, weight_decay=config.optimizer.weight_decay,
+        b1=config.optimizer.b1, b2=config.optimizer.b2, eps=config.optimizer.eps,
+        clip_norm=config.optimizer.clip_norm, frozen=frozen)
+    trainer, state = Trainer.create(model, loss, opt, config.optimizer.grad_accum)
+    # Optimizer moments follow their parameters' shardings (XLA propagates them from zeros_like).
+    opt_state = jax.jit(trainer.tx.init)(state.params)
+    return trainer, state.replace(opt_state=opt_state)
+
+
+@dataclasses.dataclass
+class Steps:
+    """The compiled train and eval steps, with the state's shardings kept across steps."""
+    train: Any
+    eval: Any
+
+
+def compile_steps(trainer: Trainer, state: TrainState) -> Steps:
+    shardings = _shardings_of(state)
+    train = jax.jit(trainer.train_step, donate_argnums=0, out_shardings=(shardings, None))
+    return Steps(train=train, eval=jax.jit(trainer.eval_step))
+
+
+def global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """This process's rows placed as its part of the global batch (batch axis over data x fsdp)."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, local[k].ndim),
+                                                      np.asarray(local[k]))
+            for k in BATCH_FIELDS}

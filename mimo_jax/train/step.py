@@ -1,0 +1,103 @@
+"""The train state and the jitted train and eval steps.
+
+The state is a plain pytree (step, trainable parameters, frozen parameters, optimizer state), so it
+jits with donation, shards by the logical rules and saves with Orbax as it is. The model's structure
+(`graphdef`) stays static; the step merges it with the parameters to run the loss.
+
+A step whose loss or gradient norm is not finite leaves the parameters and optimizer state as they
+were (`update_skipped` = 1), so the state in memory stays the last good one.
+"""
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from mimo_jax.train.losses import LossConfig, mimo_loss
+from mimo_jax.train.optimizer import OptimizerConfig, group_of, learning_rates, make_optimizer
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # nnx.State of the trainable parameters
+    frozen: Any  # nnx.State of everything else
+    opt_state: Any
+
+
+def trainable_filter(groups: tuple[str, ...]):
+    def keep(path, value) -> bool:
+        return isinstance(value, nnx.Param) and group_of(tuple(str(p) for p in path)) in groups
+    return keep
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """Everything static about training a model: its structure, the loss and the optimizer."""
+    graphdef: Any
+    loss: LossConfig
+    optimizer: OptimizerConfig
+    grad_accum: int = 1
+
+    @property
+    def tx(self) -> optax.GradientTransformation:
+        return make_optimizer(self.optimizer)
+
+    @classmethod
+    def create(cls, model: nnx.Module, loss: LossConfig, optimizer: OptimizerConfig,
+               grad_accum: int = 1) -> tuple["Trainer", TrainState]:
+        groups = optimizer.trainable_groups
+        graphdef, params, frozen = nnx.split(model, trainable_filter(groups), ...)
+        trainer = cls(graphdef, loss, optimizer, grad_accum)
+        state = TrainState(jnp.zeros((), jnp.int32), params, frozen, trainer.tx.init(params))
+        return trainer, state
+
+    def model(self, state: TrainState) -> nnx.Module:
+        return nnx.merge(self.graphdef, state.params, state.frozen)
+
+    def _loss(self, params, frozen, batch, rng):
+        return mimo_loss(nnx.merge(self.graphdef, params, frozen), batch, self.loss, rng)
+
+    def _grads(self, state: TrainState, batch, rng):
+        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+        if self.grad_accum == 1:
+            (_, metrics), grads = grad_fn(state.params, state.frozen, batch, rng)
+            return grads, metrics
+        micro = jax.tree.map(lambda a: a.reshape(self.grad_accum, -1, *a.shape[1:]), batch)
+
+        def accumulate(carry, xs):
+            grads, metrics = carry
+            mb, i = xs
+            (_, m), g = grad_fn(state.params, state.frozen, mb, jax.random.fold_in(rng, i))
+            return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, metrics, m)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        metric_shapes = jax.eval_shape(lambda: grad_fn(state.params, state.frozen,
+                                                       jax.tree.map(lambda a: a[0], micro), rng)[0][1])
+        zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+        (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, zero_metrics),
+                                           (micro, jnp.arange(self.grad_accum)))
+        scale = 1.0 / self.grad_accum
+        return jax.tree.map(lambda g: g * scale, grads), jax.tree.map(lambda m: m * scale, metrics)
+
+    def train_step(self, state: TrainState, batch: dict, rng: jax.Array):
+        """One optimizer step on a batch (split into `grad_accum` micro-batches)."""
+        rng = jax.random.fold_in(rng, state.step)
+        rates = learning_rates(self.optimizer, state.step)
+        grads, metrics = self._grads(state, batch, rng)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        state = state.replace(step=state.step + finite.astype(jnp.int32),
+                              params=keep(params, state.params),
+                              opt_state=keep(opt_state, state.opt_state))
+        metrics = dict(metrics, grad_norm=grad_norm, update_skipped=1.0 - finite.astype(jnp.float32),
+                       **rates)
+        return state, metrics
+
+    def eval_step(self, state: TrainState, batch: dict) -> dict:
+        return self._loss(state.params, state.frozen, batch, None)[1]
