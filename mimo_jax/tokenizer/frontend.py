@@ -56,16 +56,33 @@ def log_mel(config: TokenizerConfig, wav: jax.Array, lengths: jax.Array) -> jax.
     with frames = samples // hop + 1; frames past a clip's own count are zero.
     Every clip needs at least nfft // 2 + 1 samples (checked by the callers that read audio)."""
     batch, samples = wav.shape
-    frames = samples // config.hop_length + 1
+    zeros = jnp.zeros((batch,), jnp.int32)
+    return log_mel_frames(config, wav, lengths, zeros, zeros, samples // config.hop_length + 1)
+
+
+def window_bounds(config: TokenizerConfig, first_frame: int, frames: int) -> tuple[int, int]:
+    """The clip samples [start, start + size) that hold everything frames [first_frame,
+    first_frame + frames) read, reflect padding at the clip's ends included (start may be < 0)."""
+    return first_frame * config.hop_length - config.nfft, frames * config.hop_length + 2 * config.nfft
+
+
+def log_mel_frames(config: TokenizerConfig, wav: jax.Array, clip_lengths: jax.Array,
+                   wav_start: jax.Array, first_frame: jax.Array, frames: int) -> jax.Array:
+    """Frames [first_frame, first_frame + frames) of each clip's log-mel, identical to those rows
+    of the whole clip's log-mel. wav [batch, samples] holds clip samples from wav_start [batch]
+    on (see window_bounds); clip_lengths [batch] are the whole clips' lengths in samples.
+    -> [batch, frames, mels], zero past each clip's last frame."""
     offsets = (jnp.arange(frames)[:, None] * config.hop_length
                + jnp.arange(config.nfft)[None, :] - config.nfft // 2)
-    index = _reflect(offsets[None], lengths[:, None, None])
-    index = jnp.clip(index, 0, samples - 1)
+    index = offsets[None] + (first_frame * config.hop_length)[:, None, None]
+    index = _reflect(index, clip_lengths[:, None, None]) - wav_start[:, None, None]
+    index = jnp.clip(index, 0, wav.shape[1] - 1)
     windowed = jax.vmap(lambda w, i: w[i])(wav.astype(jnp.float32), index)
     windowed = windowed * jnp.asarray(stft_window(config))
     magnitude = jnp.abs(jnp.fft.rfft(windowed, n=config.nfft, axis=-1))
     mel = jnp.matmul(magnitude, jnp.asarray(mel_filterbank(config)),
                      precision=jax.lax.Precision.HIGHEST)
     logmel = jnp.log(jnp.maximum(mel, 1e-7))
-    valid = jnp.arange(frames)[None, :] < mel_lengths(config, lengths)[:, None]
+    last = mel_lengths(config, clip_lengths) - first_frame
+    valid = jnp.arange(frames)[None, :] < last[:, None]
     return jnp.where(valid[..., None], logmel, 0.0)
