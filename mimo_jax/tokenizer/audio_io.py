@@ -5,10 +5,15 @@ tokenizer's rate (channels averaged, resampled with soxr through librosa). Every
 `InputError` with the file and what is wrong, so that a batch job can report it and go on.
 """
 import os
+import re
 
 import librosa
 import numpy as np
 import soundfile as sf
+
+
+# libsndfile's log of a WAV/AIFF whose data chunk is cut short: "data : 96000 (should be 47978)".
+_TRUNCATED = re.compile(r"^\s*(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
 
 
 class InputError(ValueError):
@@ -45,13 +50,15 @@ def read_audio(path: str, sampling_rate: int, *, min_samples: int,
     if os.path.isdir(path):
         raise InputError(f"{path}: is a directory, not an audio file")
     try:
-        info = sf.info(path)
-        data, rate = sf.read(path, dtype="float32", always_2d=True)
+        with sf.SoundFile(path) as f:
+            short = _TRUNCATED.search(f.extra_info)
+            data = f.read(dtype="float32", always_2d=True)
+            rate = f.samplerate
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise InputError(f"{path}: cannot read audio ({e})") from None
-    if info.frames > 0 and data.shape[0] < info.frames:
-        raise InputError(f"{path}: truncated (header announces {info.frames} frames, "
-                         f"{data.shape[0]} could be read)")
+    if short and int(short.group(2)) < int(short.group(1)):
+        raise InputError(f"{path}: truncated (its header announces {short.group(1)} bytes of "
+                         f"audio data, the file holds {short.group(2)})")
     if data.shape[0] == 0:
         raise InputError(f"{path}: no audio samples (empty)")
     bad = ~np.isfinite(data)
