@@ -31,8 +31,9 @@ class ModelFamily(Protocol):
 
     def config_to_hf(self, config: Any) -> dict: ...
 
-    def abstract_model(self, config: Any) -> nnx.Module:
-        """The model built with nnx.eval_shape: shapes and dtypes, no memory."""
+    def build(self, config: Any, *, rngs: nnx.Rngs, dtype=None, param_dtype=None) -> nnx.Module:
+        """The model with randomly initialised parameters (the converter calls it under
+        nnx.eval_shape, so that only shapes and dtypes are made)."""
 
     def rule(self, path: tuple[str, ...]) -> TensorRule:
         """The official tensor of the parameter at this NNX state path."""

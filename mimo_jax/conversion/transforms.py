@@ -15,9 +15,6 @@ class Transform:
     to_torch: Callable[[np.ndarray], np.ndarray]
     torch_ndim: int | None  # expected rank of the PyTorch tensor (None: any)
 
-    def nnx_shape(self, torch_shape: tuple[int, ...]) -> tuple[int, ...]:
-        return self.to_nnx(np.empty(torch_shape, dtype=np.uint8)).shape
-
 
 TRANSFORMS: dict[str, Transform] = {
     # Embeddings, biases, norm weights, buffers: unchanged.

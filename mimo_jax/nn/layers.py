@@ -52,7 +52,8 @@ class Embed(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """Qwen2 RMSNorm: statistics in float32, normalised value cast back, then scaled."""
+    """Qwen2 RMSNorm: statistics in float32, the normalised value cast back to the input dtype, then
+    scaled with the usual dtype promotion (a bf16 input and an fp32 scale give fp32, as in PyTorch)."""
 
     def __init__(self, features: int, *, eps: float, axis_name: str = "embed",
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -63,7 +64,7 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
         y = (x32 * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
-        return y * self.scale[...].astype(x.dtype)
+        return y * self.scale[...]
 
 
 class LayerNorm(nnx.Module):

@@ -1,0 +1,227 @@
+"""Conversion between official HF-style checkpoints (config.json + safetensors) and model
+checkpoints (config.json + Orbax parameters), both ways, for every registered model family.
+
+Before any data is read, the rules of the family are checked against the checkpoint's headers: every
+official tensor must be used or ignored by an explicit rule, and have the expected shape and a float
+dtype; all problems are reported together. Tensors are then streamed one at a time into the
+preallocated (stacked) parameters, and the output is written to a temporary directory that is renamed
+into place only when complete.
+"""
+import dataclasses
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from mimo_jax import checkpoint as model_ckpt
+from mimo_jax.conversion import safetensors_io as st
+from mimo_jax.conversion.family import ModelFamily, is_ignored
+from mimo_jax.conversion.transforms import TRANSFORMS
+
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+
+
+class ConversionError(ValueError):
+    """The checkpoint does not match the model its config describes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """One official tensor and where it lands in an NNX parameter."""
+    torch_name: str
+    param_path: tuple[str, ...]
+    layer: int | None  # index into the leading `layers` axis, or None
+    transform: str
+    torch_shape: tuple[int, ...]
+
+
+def placements(family: ModelFamily, abstract_state) -> tuple[list[Placement], dict]:
+    """Every official tensor the model needs, and the NNX parameter shapes by path."""
+    out, shapes = [], {}
+    for path, var in model_ckpt.flat_params(abstract_state):
+        rule = family.rule(path)
+        shape = tuple(var.get_value().shape)
+        shapes[path] = shape
+        tf = TRANSFORMS[rule.transform]
+        layers = range(shape[0]) if rule.stacked else [None]
+        inner = shape[1:] if rule.stacked else shape
+        # Shape of the official tensor: invert the transform on an empty array of the NNX shape.
+        torch_shape = tf.to_torch(np.empty(inner, np.uint8)).shape
+        for i in layers:
+            name = rule.torch_name.format(i=i) if rule.stacked else rule.torch_name
+            out.append(Placement(name, path, i, rule.transform, tuple(torch_shape)))
+    return out, shapes
+
+
+def check_tensors(family: ModelFamily, needed: list[Placement], found: dict[str, st.TensorInfo],
+                  where: str) -> None:
+    """Raises one error naming every missing, unexpected, misshapen or non-float tensor."""
+    problems = []
+    needed_names = {p.torch_name for p in needed}
+    for p in needed:
+        info = found.get(p.torch_name)
+        if info is None:
+            problems.append(f"missing tensor {p.torch_name} (expected shape {list(p.torch_shape)})")
+        elif info.shape != p.torch_shape:
+            problems.append(f"tensor {p.torch_name} has shape {list(info.shape)}, expected "
+                            f"{list(p.torch_shape)}")
+        elif info.dtype not in st.FLOAT_DTYPES:
+            problems.append(f"tensor {p.torch_name} has dtype {info.dtype}, expected a float dtype "
+                            f"({', '.join(st.FLOAT_DTYPES)})")
+    for name in sorted(set(found) - needed_names):
+        if not is_ignored(family, name):
+            problems.append(f"unexpected tensor {name} {found[name].dtype}{list(found[name].shape)}: "
+                            f"no rule of the {family.name} uses or ignores it")
+    if problems:
+        raise ConversionError(f"{where} does not match the {family.name} its config.json describes "
+                              f"({len(problems)} problems):\n  " + "\n  ".join(problems))
+
+
+def _abstract(family: ModelFamily, config) -> Any:
+    model = nnx.eval_shape(lambda: family.build(config, rngs=nnx.Rngs(0)))
+    return nnx.state(model, nnx.Param)
+
+
+def read_hf_config(src: Path) -> tuple[ModelFamily, Any, dict]:
+    family, config = model_ckpt.read_config(src)
+    return family, config, json.loads((src / model_ckpt.CONFIG_FILE).read_text())
+
+
+def load_torch_params(src: str | Path, dtype=None, progress: bool = False
+                      ) -> tuple[ModelFamily, Any, dict]:
+    """(family, config, flat {path: np.ndarray}) from an official HF-style directory."""
+    src = Path(src)
+    family, config, _ = read_hf_config(src)
+    found = st.read_index(src)
+    needed, shapes = placements(family, _abstract(family, config))
+    check_tensors(family, needed, found, str(src))
+    params: dict[tuple[str, ...], np.ndarray] = {}
+    total = sum(found[p.torch_name].nbytes for p in needed)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="reading", disable=not progress) as bar:
+        for p in needed:
+            info = found[p.torch_name]
+            value = TRANSFORMS[p.transform].to_nnx(st.read_tensor(info))
+            target_dtype = dtype or st.DTYPES[info.dtype]
+            if p.param_path not in params:
+                params[p.param_path] = np.empty(shapes[p.param_path], target_dtype)
+            dest = params[p.param_path]
+            if p.layer is None:
+                dest[...] = value
+            else:
+                dest[p.layer] = value
+            bar.update(info.nbytes)
+    return family, config, params
+
+
+def load_torch_checkpoint(src: str | Path, dtype=None):
+    """(config, model) straight from an official HF-style directory (no Orbax step)."""
+    family, config, params = load_torch_params(src, dtype)
+    model = nnx.eval_shape(lambda: family.build(config, rngs=nnx.Rngs(0)))
+    for path, var in model_ckpt.flat_params(model):
+        var.set_value(params[path])
+    graphdef, state = nnx.split(model)
+    return config, nnx.merge(graphdef, state)
+
+
+def _staging(dst: Path, overwrite: bool) -> Path:
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise FileExistsError(f"{dst} already exists and is not empty; pass --overwrite to replace it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+
+
+def _commit(tmp: Path, dst: Path) -> None:
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.rename(dst)
+
+
+def torch_to_orbax(src: Path, dst: Path, dtype=None, overwrite=False, progress=True) -> Path:
+    family, config, hf = read_hf_config(src)
+    tmp = _staging(dst, overwrite)
+    try:
+        _, _, params = load_torch_params(src, dtype, progress)
+        if dtype is not None:
+            hf = dict(hf, torch_dtype="bfloat16" if dtype == ml_dtypes.bfloat16 else "float32")
+        (tmp / model_ckpt.CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
+        if progress:
+            print(f"writing {len(params)} parameters to {dst}", flush=True)
+        model_ckpt.save_params(tmp / model_ckpt.PARAMS_DIR, model_ckpt.nest(params.items()))
+        _commit(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def _torch_tensors(family, params: dict, needed: list[Placement], dtype) -> Iterator[st.PendingTensor]:
+    for p in needed:
+        source = params[p.param_path]
+        out_dtype = np.dtype(dtype or source.dtype)
+
+        def produce(source=source, p=p, out_dtype=out_dtype):
+            value = source if p.layer is None else source[p.layer]
+            return TRANSFORMS[p.transform].to_torch(np.asarray(value)).astype(out_dtype, copy=False)
+
+        yield st.PendingTensor(p.torch_name, out_dtype, p.torch_shape, produce)
+
+
+def orbax_to_torch(src: Path, dst: Path, dtype=None, overwrite=False, progress=True) -> Path:
+    family, config = model_ckpt.read_config(src)
+    needed, shapes = placements(family, _abstract(family, config))
+    tree = model_ckpt.restore_numpy(src / model_ckpt.PARAMS_DIR)
+    flat = {}
+    for path in shapes:
+        try:
+            value = model_ckpt.lookup(tree, path)
+        except KeyError:
+            raise ConversionError(f"{src}: checkpoint has no parameter {'/'.join(path)}") from None
+        if tuple(value.shape) != shapes[path]:
+            raise ConversionError(f"{src}: parameter {'/'.join(path)} has shape {value.shape}, "
+                                  f"expected {shapes[path]}")
+        flat[path] = value
+    stored = {p for p, _ in model_ckpt.flatten(tree)}
+    extra = sorted("/".join(p) for p in stored - set(shapes))
+    if extra:
+        raise ConversionError(f"{src}: parameters not in the {family.name}: {', '.join(extra)}")
+    tmp = _staging(dst, overwrite)
+    try:
+        hf = family.config_to_hf(config)
+        if dtype is not None:
+            hf["torch_dtype"] = "bfloat16" if dtype == ml_dtypes.bfloat16 else "float32"
+        (tmp / model_ckpt.CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
+        pending = list(_torch_tensors(family, flat, needed, dtype))
+        with tqdm(total=sum(t.nbytes for t in pending), unit="B", unit_scale=True,
+                  desc="writing", disable=not progress) as bar:
+            st.write_checkpoint(tmp, pending, on_written=bar.update)
+        _commit(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def convert(src: str | Path, dst: str | Path, dtype: str | None = None, overwrite: bool = False,
+            progress: bool = True) -> Path:
+    """Converts in the direction that SRC implies: official directory -> model checkpoint, or back."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: no such directory")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+    np_dtype = DTYPES[dtype] if dtype else None
+    if src.resolve() == dst.resolve():
+        raise ValueError(f"source and destination are the same directory: {src}")
+    if model_ckpt.is_model_checkpoint(src):
+        return orbax_to_torch(src, dst, np_dtype, overwrite, progress)
+    if not (src / model_ckpt.CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{src}: no {model_ckpt.CONFIG_FILE}; expected an official checkpoint "
+                                f"directory (config.json + model.safetensors) or a model checkpoint "
+                                f"(config.json + params/)")
+    return torch_to_orbax(src, dst, np_dtype, overwrite, progress)

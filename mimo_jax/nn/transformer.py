@@ -1,0 +1,135 @@
+"""The Qwen2 decoder block and a scanned stack of them (backbone, patch encoder, patch decoder).
+
+Stacked layers hold their parameters with a leading `layers` axis and run under `jax.lax.scan`
+(one compiled layer, whatever the depth), rematerialised by a named policy. A KV cache is a dict of
+arrays `k`, `v` [layers, batch, cache_len, kv_heads, head_dim] updated at `cache_index`.
+"""
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from mimo_jax.nn.attention import dot_product_attention
+from mimo_jax.nn.layers import Dense, Embed, RMSNorm
+from mimo_jax.nn.remat import maybe_remat
+from mimo_jax.nn.rope import apply_rope, inv_frequencies, rope_tables
+
+KVCache = dict[str, jax.Array]
+
+
+class Qwen2Attention(nnx.Module):
+    def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
+        h, k, d = cfg.heads, cfg.kv_heads, cfg.head_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Dense(cfg.hidden, h * d, axes=("embed", "q_heads"), use_bias=True, **kw)
+        self.k_proj = Dense(cfg.hidden, k * d, axes=("embed", "kv_heads"), use_bias=True, **kw)
+        self.v_proj = Dense(cfg.hidden, k * d, axes=("embed", "kv_heads"), use_bias=True, **kw)
+        self.o_proj = Dense(h * d, cfg.hidden, axes=("q_heads", "embed"), **kw)
+        self.heads, self.kv_heads, self.head_dim = h, k, d
+        self.dropout = cfg.attn_dropout
+
+    def __call__(self, x, cos, sin, mask, cache: KVCache | None, cache_index, dropout_rng=None):
+        b, t, _ = x.shape
+        q = checkpoint_name(self.q_proj(x), "query_proj").reshape(b, t, self.heads, self.head_dim)
+        k = checkpoint_name(self.k_proj(x), "key_proj").reshape(b, t, self.kv_heads, self.head_dim)
+        v = checkpoint_name(self.v_proj(x), "value_proj").reshape(b, t, self.kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+            cache = {"k": k, "v": v}
+        rate = self.dropout if dropout_rng is not None else 0.0
+        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
+                                    dropout_rate=rate, dropout_rng=dropout_rng)
+        out = self.o_proj(out.reshape(b, t, self.heads * self.head_dim))
+        return checkpoint_name(out, "out_proj"), cache
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, hidden: int, ffn: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Dense(hidden, ffn, axes=("embed", "mlp"), **kw)
+        self.up_proj = Dense(hidden, ffn, axes=("embed", "mlp"), **kw)
+        self.down_proj = Dense(ffn, hidden, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        h = jax.nn.silu(checkpoint_name(self.gate_proj(x), "mlpwi_0"))
+        h = h * checkpoint_name(self.up_proj(x), "mlpwi_1")
+        return checkpoint_name(self.down_proj(h), "mlpwo")
+
+
+class Qwen2Layer(nnx.Module):
+    def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(cfg.hidden, eps=cfg.rms_eps, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = Qwen2Attention(cfg, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden, eps=cfg.rms_eps, param_dtype=param_dtype,
+                                                rngs=rngs)
+        self.mlp = SwiGLU(cfg.hidden, cfg.ffn, **kw)
+
+    def __call__(self, x, cos, sin, mask, cache, cache_index, dropout_rng=None):
+        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index,
+                                  dropout_rng)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, cache
+
+
+class Qwen2Stack(nnx.Module):
+    """`layers` Qwen2 blocks (stacked, scanned) and the final RMSNorm; optional token embedding."""
+
+    def __init__(self, cfg, *, vocab_size: int | None = None, dtype=jnp.float32,
+                 param_dtype=jnp.float32, remat_policy: str = "none", rngs: nnx.Rngs):
+        self.embed_tokens = (Embed(vocab_size, cfg.hidden, axes=("vocab", "embed"), dtype=dtype,
+                                   param_dtype=param_dtype, rngs=rngs)
+                             if vocab_size is not None else None)
+
+        @nnx.split_rngs(splits=cfg.layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(r: nnx.Rngs):
+            return Qwen2Layer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r)
+
+        self.layers = make_layers(rngs)
+        self.norm = RMSNorm(cfg.hidden, eps=cfg.rms_eps, param_dtype=param_dtype, rngs=rngs)
+        self.cfg = cfg
+        self.dtype = dtype
+        self.remat_policy = remat_policy
+
+    def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:
+        c = self.cfg
+        shape = (c.layers, batch, length, c.kv_heads, c.head_dim)
+        return {"k": jnp.zeros(shape, dtype or self.dtype), "v": jnp.zeros(shape, dtype or self.dtype)}
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                 cache: KVCache | None = None, cache_index: Any = 0,
+                 dropout_rng: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        """x [batch, time, hidden]; positions [batch, time] (RoPE); mask [batch, time, keys].
+
+        An input narrower than the compute dtype (the official bf16 speech embeddings in an fp32
+        model) enters the first layer as it is, as in PyTorch, where that layer's input norm rounds
+        to the input's dtype; every later layer runs in the compute dtype.
+        """
+        cos, sin = rope_tables(positions, inv_frequencies(self.cfg.head_dim, self.cfg.rope_theta),
+                               self.dtype)
+        graphdef, params = nnx.split(self.layers)
+        layer_rngs = (jax.random.split(dropout_rng, self.cfg.layers)
+                      if dropout_rng is not None else None)
+
+        def body(h, xs):
+            layer_params, layer_cache, rng = xs
+            layer = nnx.merge(graphdef, layer_params)
+            h, layer_cache = layer(h, cos, sin, mask, layer_cache, cache_index, rng)
+            return h.astype(self.dtype), layer_cache
+
+        xs = (params, cache, layer_rngs)
+        if jnp.finfo(x.dtype).bits < jnp.finfo(self.dtype).bits:
+            x, first_cache = body(x, jax.tree.map(lambda a: a[0], xs))
+            x, rest_cache = jax.lax.scan(maybe_remat(body, self.remat_policy), x,
+                                         jax.tree.map(lambda a: a[1:], xs))
+            cache = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first_cache, rest_cache)
+        else:
+            x, cache = jax.lax.scan(maybe_remat(body, self.remat_policy), x.astype(self.dtype), xs)
+        return self.norm(x), cache

@@ -1,0 +1,78 @@
+"""Logical axis rules: which mesh axes a parameter's logical axes (`embed`, `mlp`, ...) map to.
+
+A rule lists candidate mesh axes per logical axis, MaxText style: for each dimension the first
+candidate that exists in the mesh, is larger than 1, divides the dimension and is not already used
+by another dimension of the same array is taken; otherwise the dimension is replicated. So one rule
+table serves any mesh shape, and a dimension too small to shard falls back instead of failing.
+"""
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mimo_jax.nn.params import logical_axes
+
+Rules = dict[str, tuple[str | tuple[str, ...], ...]]
+
+# Pure FSDP: shard every large parameter along one axis over `fsdp` (and `data` when it is used
+# for FSDP-style data parallelism across slices).
+FSDP_RULES: Rules = {
+    "embed": (("fsdp", "data"), "fsdp"),
+    "vocab": (("fsdp", "data"), "fsdp"),
+    "mlp": (("fsdp", "data"), "fsdp"),
+    "q_heads": (("fsdp", "data"), "fsdp"),
+    "kv_heads": (("fsdp", "data"), "fsdp"),
+    "embed_local": (("fsdp", "data"), "fsdp"),
+}
+# FSDP over `fsdp` plus tensor (Megatron) parallelism over `tensor`: heads, MLP and vocabulary are
+# split across `tensor`, the model dimension across `fsdp`.
+FSDP_TENSOR_RULES: Rules = {
+    "embed": ("fsdp",),
+    "embed_local": ("fsdp",),
+    "vocab": ("tensor", "fsdp"),
+    "mlp": ("tensor", "fsdp"),
+    "q_heads": ("tensor", "fsdp"),
+    "kv_heads": ("tensor", "fsdp"),
+}
+# Data parallel only: every parameter replicated.
+DATA_RULES: Rules = {}
+
+PRESETS: dict[str, Rules] = {"fsdp": FSDP_RULES, "fsdp_tensor": FSDP_TENSOR_RULES,
+                             "data": DATA_RULES}
+DEFAULT_RULES = FSDP_TENSOR_RULES
+
+
+def _axes(candidate) -> tuple[str, ...]:
+    return (candidate,) if isinstance(candidate, str) else tuple(candidate)
+
+
+def partition_spec(shape: Sequence[int], axes: Sequence[str | None], rules: Rules,
+                   mesh: jax.sharding.Mesh) -> PartitionSpec:
+    sizes = dict(mesh.shape)
+    used: set[str] = set()
+    spec = []
+    for dim, name in zip(shape, axes):
+        choice = None
+        for candidate in rules.get(name, ()) if name else ():
+            mesh_axes = tuple(a for a in _axes(candidate) if sizes.get(a, 1) > 1)
+            total = int(np.prod([sizes[a] for a in mesh_axes])) if mesh_axes else 1
+            if mesh_axes and not used & set(mesh_axes) and dim % total == 0:
+                choice = mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes
+                used |= set(mesh_axes)
+                break
+        spec.append(choice)
+    return PartitionSpec(*spec)
+
+
+def named_sharding(mesh: jax.sharding.Mesh, variable, rules: Rules) -> NamedSharding:
+    """The sharding of an NNX variable (abstract or concrete) under the rules."""
+    value = variable.get_value()
+    return NamedSharding(mesh, partition_spec(value.shape, logical_axes(variable), rules, mesh))
+
+
+def state_shardings(state, mesh: jax.sharding.Mesh, rules: Rules):
+    """A tree like an nnx.State with a NamedSharding per variable."""
+    import flax.nnx as nnx
+    return jax.tree.map(lambda v: named_sharding(mesh, v, rules), state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -1,0 +1,18 @@
+"""Test setup: 8 simulated CPU devices (set before JAX starts) and the parity fixture root."""
+import os
+from pathlib import Path
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+FIXTURES = Path(os.environ.get("MIMO_FIXTURES", Path(__file__).parent / "fixtures"))
+
+
+@pytest.fixture(scope="session")
+def fixtures_root() -> Path:
+    if not FIXTURES.is_dir():
+        raise FileNotFoundError(f"MIMO_FIXTURES={FIXTURES} is not a directory")
+    return FIXTURES

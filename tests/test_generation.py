@@ -1,0 +1,106 @@
+"""The sampler's filters, and batched generation: left-padded rows, stop tokens, min_length."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mimo_jax.conversion.convert import load_torch_checkpoint
+from mimo_jax.inference.generate import GenerationConfig, generate
+from mimo_jax.inference.sampling import SamplerConfig, process, sample
+from mimo_jax.lm.layout import empty_patch, from_official
+
+
+def test_top_k_is_per_row():
+    logits = jnp.array([[1.0, 5.0, 3.0, 4.0], [9.0, 0.0, 8.0, 1.0]])
+    out = process(logits, SamplerConfig(top_k=2))
+    np.testing.assert_array_equal(jnp.isfinite(out), [[False, True, False, True],
+                                                      [True, False, True, False]])
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    probs = jnp.array([[0.5, 0.3, 0.15, 0.05]])
+    out = process(jnp.log(probs), SamplerConfig(top_p=0.8))
+    # Ascending cumulative: 0.05, 0.2, 0.5, 1.0; entries with cumulative <= 0.2 are removed.
+    np.testing.assert_array_equal(jnp.isfinite(out), [[True, True, False, False]])
+    assert jnp.isfinite(process(jnp.log(probs), SamplerConfig(top_p=1.0))).all()
+
+
+def test_temperature_forbidden_and_draws():
+    logits = jnp.array([[2.0, 1.0, 0.0]])
+    np.testing.assert_allclose(process(logits, SamplerConfig(temperature=0.5)), [[4.0, 2.0, 0.0]])
+    forbid = jnp.array([True, False, False])
+    assert int(sample(logits, SamplerConfig(), jax.random.key(0), forbid)[0]) == 1
+    draws = jax.vmap(lambda k: sample(logits, SamplerConfig(do_sample=True), k, forbid)[0])(
+        jax.random.split(jax.random.key(1), 400))
+    counts = np.bincount(np.asarray(draws), minlength=3)
+    assert counts[0] == 0 and counts[1] > counts[2] > 0
+
+
+def test_invalid_sampler_values():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplerConfig(top_p=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplerConfig(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def lm(fixtures_root):
+    return load_torch_checkpoint(fixtures_root / "lm")
+
+
+@pytest.fixture(scope="module")
+def prompt(lm, fixtures_root):
+    config, _ = lm
+    ref = np.load(fixtures_root / "lm" / "reference.npz")
+    return from_official(ref["prompt_ids"], config.group_size)
+
+
+def test_left_padded_batch_equals_rows_alone(lm, prompt):
+    config, model = lm
+    text, codes = prompt
+    short_text, short_codes = text[:, 2:], codes[:, 2:]
+    pad_text = np.concatenate([np.full((1, 2), config.empty_idx), short_text], axis=1)
+    pad_codes = np.concatenate([np.repeat(empty_patch(config.speech_empty_ids, config.group_size)
+                                          [None, None], 2, axis=1), short_codes], axis=1)
+    batch_text = np.concatenate([text, pad_text])
+    batch_codes = np.concatenate([codes, pad_codes])
+    both = generate(model, batch_text, batch_codes, GenerationConfig(max_length=12),
+                    prompt_lengths=[6, 4])
+    full = generate(model, text, codes, GenerationConfig(max_length=12))
+    short = generate(model, short_text, short_codes, GenerationConfig(max_length=10))
+    np.testing.assert_array_equal(both.text[0], full.text[0])
+    np.testing.assert_array_equal(both.codes[0], full.codes[0])
+    np.testing.assert_array_equal(both.text[1, 2:], short.text[0])
+    np.testing.assert_array_equal(both.codes[1, 2:], short.codes[0])
+
+
+def test_sampled_generation_is_reproducible_and_valid(lm, prompt):
+    config, model = lm
+    sampler = SamplerConfig(do_sample=True, temperature=0.9, top_k=50, top_p=0.95)
+    gen = GenerationConfig(max_length=14, text_sampler=sampler, patch_sampler=sampler)
+    a = generate(model, *prompt, gen, rng=jax.random.key(3))
+    b = generate(model, *prompt, gen, rng=jax.random.key(3))
+    np.testing.assert_array_equal(a.codes, b.codes)
+    speech = a.text[0] == config.empty_idx
+    generated = a.codes[0, 6:][speech[6:]]  # [frames..., channels] of sampled speech groups
+    assert (generated < np.asarray(config.speech_empty_ids)).all()  # empty ids never sampled
+
+
+def test_stop_tokens_and_min_length(lm, prompt):
+    config, model = lm
+    text, codes = prompt
+    free = generate(model, text, codes, GenerationConfig(max_length=16))
+    first_text = int(free.text[0, 6])  # the first generated group's token
+    stopped = generate(model, text, codes, GenerationConfig(max_length=16, stop_ids=(first_text,)))
+    assert stopped.lengths.tolist() == [7] and int(stopped.text[0, 6]) == first_text
+    held = generate(model, text, codes,
+                    GenerationConfig(max_length=16, min_length=10, stop_ids=(first_text,)))
+    assert int(held.text[0, 6]) != first_text
+    assert held.lengths[0] >= 10 or held.lengths[0] == 16
+    assert first_text not in held.text[0, 6:9].tolist()
+
+
+def test_prompt_too_long_for_max_length(lm, prompt):
+    _, model = lm
+    with pytest.raises(ValueError, match="max_length"):
+        generate(model, *prompt, GenerationConfig(max_length=6))
