@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from mimo_jax.tokenizer.api import Tokenizer
-from mimo_jax.tokenizer.checkpoint import load_torch_checkpoint
+from mimo_jax.tokenizer.checkpoint import load_tokenizer
 
 FIXTURES = os.environ.get("MIMO_FIXTURES",
                           os.path.join(os.path.dirname(__file__), "fixtures"))
@@ -15,7 +15,7 @@ CHECKPOINT = os.path.join(FIXTURES, "tokenizer")
 
 @functools.lru_cache(maxsize=1)
 def fixture_model():
-    return load_torch_checkpoint(CHECKPOINT)
+    return load_tokenizer(CHECKPOINT)
 
 
 @functools.lru_cache(maxsize=1)

@@ -83,6 +83,9 @@ class TokenizerConfig:
         if self.decoder_kernel_size < self.decoder_stride_size:
             raise ValueError("config: decoder_kernel_size must be >= decoder_stride_size")
 
+    def replace(self, **changes) -> "TokenizerConfig":
+        return dataclasses.replace(self, **changes)
+
     # Derived sizes.
     @property
     def codebook_sizes(self) -> tuple[int, ...]:

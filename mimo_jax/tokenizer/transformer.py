@@ -61,10 +61,12 @@ def _windowed_attention(q, k, v, positions, segments, *, causal, window, block):
 class SelfAttention(nnx.Module):
     def __init__(self, spec: StackSpec, *, dtype, rngs: nnx.Rngs):
         d = spec.dim
-        self.q_proj = Dense(d, d, axes=("embed", "heads"), use_bias=True, dtype=dtype, rngs=rngs)
-        self.k_proj = Dense(d, d, axes=("embed", "heads"), use_bias=False, dtype=dtype, rngs=rngs)
-        self.v_proj = Dense(d, d, axes=("embed", "heads"), use_bias=True, dtype=dtype, rngs=rngs)
-        self.out_proj = Dense(d, d, axes=("heads", "embed"), use_bias=True, dtype=dtype, rngs=rngs)
+        self.q_proj = Dense(d, d, axes=("embed", "q_heads"), use_bias=True, dtype=dtype, rngs=rngs)
+        self.k_proj = Dense(d, d, axes=("embed", "kv_heads"), use_bias=False, dtype=dtype,
+                            rngs=rngs)
+        self.v_proj = Dense(d, d, axes=("embed", "kv_heads"), use_bias=True, dtype=dtype, rngs=rngs)
+        self.out_proj = Dense(d, d, axes=("q_heads", "embed"), use_bias=True, dtype=dtype,
+                              rngs=rngs)
         self.heads = spec.heads
         self.causal = spec.causal
         self.window = tuple(spec.window)
