@@ -1,0 +1,9 @@
+"""The MiMo-Audio audio tokenizer in Flax NNX: 24 kHz speech <-> 25 Hz frames of 20 RVQ codes.
+
+Modules: config (official config.json), frontend (log-mel in JAX), encoder, quantizer (RVQ),
+decoder (transposed convs + causal transformer), vocoder (transformer vocoder + ISTFT head), model
+(MiMoAudioTokenizer over padded batches with lengths), api (whole clips: segmenting, batching by
+length; `load_encoder` / `load_decoder`), streaming (chunked decode with context), audio_io (files
+and their errors), conversion (the converter family), checkpoint (loading), __main__ (command line:
+`python -m mimo_jax.tokenizer encode|decode`).
+"""

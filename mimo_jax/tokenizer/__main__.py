@@ -32,8 +32,6 @@ def _parser() -> argparse.ArgumentParser:
     enc.add_argument("--codebooks", type=int, default=8, help="codebooks to keep (default 8)")
     enc.add_argument("--segment-frames", type=int, default=6000,
                      help="mel frames per encoder segment (default 6000, as the official code)")
-    enc.add_argument("--files-per-batch", type=int, default=32,
-                     help="files read and encoded together (default 32)")
     enc.add_argument("--allow-silence", action="store_true",
                      help="encode all-zero files instead of reporting them")
     dec = sub.add_parser("decode", help=".npy codes -> 24 kHz audio")
@@ -43,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     dec.add_argument("--decode-chunk", type=int, default=1500,
                      help="code frames decoded at once (default 1500, as the official code)")
     for p in (enc, dec):
+        p.add_argument("--files-per-batch", type=int, default=32,
+                       help="files read and processed together (default 32)")
         p.add_argument("--checkpoint", required=True,
                        help="tokenizer checkpoint directory (official safetensors or Orbax)")
         p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32",
@@ -111,16 +111,21 @@ def decode(args) -> int:
                                decode_chunk=args.decode_chunk)
     config = tokenizer.config
     failed = 0
-    for path in tqdm(args.codes, unit="file", desc="decode"):
-        try:
-            codes = read_codes(path, config.codebook_sizes)
-        except InputError as e:
-            failed += 1
-            tqdm.write(f"error: {e}", file=sys.stderr)
-            continue
-        wav = tokenizer.decode([codes])[0]
-        out = args.out if single else os.path.join(args.out, _stem(path) + ".wav")
-        write_audio(out, wav, config.sampling_rate)
+    with tqdm(total=len(args.codes), unit="file", desc="decode") as bar:
+        for i in range(0, len(args.codes), args.files_per_batch):
+            codes, names = [], []
+            for path in args.codes[i:i + args.files_per_batch]:
+                try:
+                    codes.append(read_codes(path, config.codebook_sizes))
+                    names.append(path)
+                except InputError as e:
+                    failed += 1
+                    tqdm.write(f"error: {e}", file=sys.stderr)
+                    bar.update(1)
+            for path, wav in zip(names, tokenizer.decode(codes) if codes else []):
+                out = args.out if single else os.path.join(args.out, _stem(path) + ".wav")
+                write_audio(out, wav, config.sampling_rate)
+                bar.update(1)
     if failed:
         print(f"{failed} of {len(args.codes)} files failed", file=sys.stderr)
     return 1 if failed else 0

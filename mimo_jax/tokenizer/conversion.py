@@ -22,7 +22,7 @@ class TokenizerFamily:
     ignored = (
         # Rotary inverse frequencies: recomputed from rope_theta (non-persistent in the official
         # code; ignored should a checkpoint carry them).
-        r".*rotary.*inv_freq|.*\.inv_freq",
+        r".*\.inv_freq",
         # RVQ EMA training state: encoding, decoding and the commitment loss need only `embed`.
         r"encoder\.quantizer\.vq\.layers\.\d+\._codebook\.(embed_avg|cluster_size|inited)",
     )

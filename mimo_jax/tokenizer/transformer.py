@@ -17,6 +17,9 @@ from mimo_jax.nn.rope import apply_rope, inv_frequencies, rope_tables
 # Query block of the sliding-window attention: keys are gathered per block, so memory grows with
 # time * (block + window) instead of time^2.
 WINDOW_BLOCK = 128
+# Beyond this length, attention without a window runs over query blocks one after the other, so
+# that the logits of a 60 s segment (3000 frames) are never materialised at once.
+FULL_BLOCK = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +61,25 @@ def _windowed_attention(q, k, v, positions, segments, *, causal, window, block):
     return out.reshape(batch, blocks * block, *q.shape[2:])[:, :time]
 
 
+def _query_blocked_attention(q, k, v, positions, segments, *, causal, window, block):
+    """Attention over all keys, computed for one block of queries at a time (lax.map)."""
+    batch, time = positions.shape
+    blocks = -(-time // block)
+    pad_t = blocks * block - time
+
+    def split(x):
+        x = jnp.pad(x, [(0, 0), (0, pad_t)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(batch, blocks, block, *x.shape[2:]), 1, 0)
+
+    def one(args):
+        qb, qp, qs = args
+        mask = attention_mask(qp, positions, qs, segments, causal=causal, window=window)
+        return dot_product_attention(qb, k, v, mask)
+
+    out = jax.lax.map(one, (split(q), split(positions), split(segments)))
+    return jnp.moveaxis(out, 0, 1).reshape(batch, blocks * block, *q.shape[2:])[:, :time]
+
+
 class SelfAttention(nnx.Module):
     def __init__(self, spec: StackSpec, *, dtype, rngs: nnx.Rngs):
         d = spec.dim
@@ -81,6 +103,9 @@ class SelfAttention(nnx.Module):
         if left >= 0 and right >= 0 and time > WINDOW_BLOCK:
             out = _windowed_attention(q, k, v, positions, segments, causal=self.causal,
                                       window=self.window, block=WINDOW_BLOCK)
+        elif time > FULL_BLOCK:
+            out = _query_blocked_attention(q, k, v, positions, segments, causal=self.causal,
+                                           window=self.window, block=FULL_BLOCK)
         else:
             mask = attention_mask(positions, positions, segments, segments, causal=self.causal,
                                   window=self.window)
