@@ -1,14 +1,16 @@
 """Model checkpoints: a directory holding the official `config.json` and the parameters in Orbax.
 
-    DIR/config.json   the official config (architecture, sizes, special token ids)
-    DIR/params/       Orbax PyTree checkpoint of the NNX parameter state (stacked layers)
+    DIR/config.json          the official config (architecture, sizes, special token ids)
+    DIR/params/<path>/       one Orbax checkpoint per NNX parameter (stacked layers included),
+                             <path> its state path joined by dots, e.g. model.layers.mlp.up_proj.kernel
 
-`load` builds the model from such a directory, optionally placed on a device mesh by logical rules.
-Parameter trees are nested dicts with string keys (list indices as "0", "1", ...).
+One checkpoint per parameter lets the converter write and read a model one parameter at a time
+(memory: the largest parameter, not the model), and lets `load` restore each parameter straight into
+its shards on a device mesh.
 """
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import jax
 import numpy as np
@@ -33,31 +35,6 @@ def flat_params(model_or_state) -> list[tuple[tuple[str, ...], nnx.Variable]]:
     return [(tuple(str(p) for p in path), var) for path, var in nnx.to_flat_state(state)]
 
 
-def nest(flat: Iterable[tuple[tuple[str, ...], Any]]) -> dict:
-    tree: dict = {}
-    for path, value in flat:
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
-
-
-def flatten(tree: dict, prefix: tuple[str, ...] = ()):
-    """(path, leaf) pairs of a nested dict."""
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from flatten(value, prefix + (key,))
-        else:
-            yield prefix + (key,), value
-
-
-def lookup(tree: dict, path: tuple[str, ...]):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
 def read_config(path: str | Path) -> tuple[ModelFamily, Any]:
     cfg_path = Path(path) / CONFIG_FILE
     if not cfg_path.is_file():
@@ -73,19 +50,40 @@ def read_config(path: str | Path) -> tuple[ModelFamily, Any]:
         raise ValueError(f"{cfg_path}: {e}") from None
 
 
-def save_params(path: str | Path, tree: dict) -> None:
-    """Saves a nested dict of numpy or jax arrays (Orbax writes to a temporary dir, then renames)."""
-    ckptr = ocp.PyTreeCheckpointer()
-    ckptr.save(Path(path).absolute(), args=ocp.args.PyTreeSave(tree))
+def _checkpointer() -> ocp.Checkpointer:
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
 
 
-def restore_numpy(path: str | Path) -> dict:
-    """The saved parameter tree as host numpy arrays, no device involved."""
-    path = Path(path).absolute()
-    ckptr = ocp.PyTreeCheckpointer()
-    meta = ckptr.metadata(path).item_metadata
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta.tree)
-    return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+def _leaf_dir(params_dir: Path, path: tuple[str, ...]) -> Path:
+    return (Path(params_dir) / ".".join(path)).absolute()
+
+
+def save_param(params_dir: str | Path, path: tuple[str, ...], value) -> None:
+    """Saves one parameter (Orbax writes to a temporary dir, then renames)."""
+    _checkpointer().save(_leaf_dir(Path(params_dir), path), args=ocp.args.PyTreeSave(
+        {"value": value}))
+
+
+def param_metadata(params_dir: str | Path) -> dict[tuple[str, ...], Any]:
+    """{path: metadata (shape, dtype)} of every saved parameter, read without loading data."""
+    out = {}
+    ckptr = _checkpointer()
+    for leaf in sorted(Path(params_dir).iterdir()):
+        if leaf.is_dir() and not leaf.name.startswith("."):
+            out[tuple(leaf.name.split("."))] = ckptr.metadata(leaf.absolute()).item_metadata.tree[
+                "value"]
+    return out
+
+
+def restore_param(params_dir: str | Path, path: tuple[str, ...], sharding=None, dtype=None):
+    """One parameter: a host numpy array, or with `sharding` a jax.Array placed in its shards."""
+    if sharding is None:
+        args = ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)
+    else:
+        args = ocp.ArrayRestoreArgs(sharding=sharding, dtype=dtype)
+    out = _checkpointer().restore(_leaf_dir(Path(params_dir), path),
+                                  args=ocp.args.PyTreeRestore(restore_args={"value": args}))
+    return out["value"]
 
 
 def load(path: str | Path, *, mesh: jax.sharding.Mesh | None = None, rules=None, dtype=None,
@@ -109,32 +107,22 @@ def load(path: str | Path, *, mesh: jax.sharding.Mesh | None = None, rules=None,
     build_kw = {} if dtype is None else {"dtype": dtype}
     abstract = nnx.eval_shape(lambda: family.build(config, rngs=nnx.Rngs(0), **build_kw))
     graphdef, abs_state = nnx.split(abstract)
-    params_path = (path / PARAMS_DIR).absolute()
-    ckptr = ocp.PyTreeCheckpointer()
-    saved = ckptr.metadata(params_path).item_metadata.tree
-
-    def target(p, var):
-        value = var.get_value()
-        try:
-            stored = lookup(saved, p)
-        except (KeyError, TypeError):
-            raise ValueError(f"{path}: checkpoint has no parameter {'/'.join(p)}: it holds another "
-                             f"architecture than its {CONFIG_FILE} describes") from None
-        if tuple(stored.shape) != tuple(value.shape):
-            raise ValueError(f"{path}: parameter {'/'.join(p)} has shape {tuple(stored.shape)}, the "
-                             f"config implies {tuple(value.shape)}")
-        sharding = (named_sharding(mesh, var, rules or DEFAULT_RULES) if mesh is not None
-                    else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-        dt = param_dtype or stored.dtype
-        return ocp.ArrayRestoreArgs(sharding=sharding, dtype=dt, global_shape=tuple(value.shape))
-
+    params_dir = path / PARAMS_DIR
+    saved = param_metadata(params_dir)
     flat = flat_params(abs_state)
-    extra = sorted("/".join(p) for p, _ in flatten(saved) if p not in {q for q, _ in flat})
+    extra = sorted(".".join(p) for p in saved if p not in {q for q, _ in flat})
     if extra:
         raise ValueError(f"{path}: checkpoint holds parameters that its {CONFIG_FILE} does not "
                          f"describe: {', '.join(extra)}")
-    args = nest((p, target(p, v)) for p, v in flat)
-    restored = ckptr.restore(params_path, args=ocp.args.PyTreeRestore(restore_args=args))
     for p, var in flat:
-        var.set_value(lookup(restored, p))
+        value = var.get_value()
+        if p not in saved:
+            raise ValueError(f"{path}: checkpoint has no parameter {'.'.join(p)}: it holds another "
+                             f"architecture than its {CONFIG_FILE} describes")
+        if tuple(saved[p].shape) != tuple(value.shape):
+            raise ValueError(f"{path}: parameter {'.'.join(p)} has shape {tuple(saved[p].shape)}, "
+                             f"the config implies {tuple(value.shape)}")
+        sharding = (named_sharding(mesh, var, rules or DEFAULT_RULES) if mesh is not None
+                    else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        var.set_value(restore_param(params_dir, p, sharding, param_dtype))
     return config, nnx.merge(graphdef, abs_state)

@@ -119,5 +119,5 @@ def test_checkpoint_of_other_size_is_refused_on_load(official, tmp_path, capsys)
     cfg = json.loads((dst / "config.json").read_text())
     cfg["intermediate_size"] = 96
     (dst / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"mlp/down_proj/kernel has shape \(2, 160, 64\)"):
+    with pytest.raises(ValueError, match=r"mlp.down_proj.kernel has shape \(2, 160, 64\)"):
         checkpoint.load(dst)

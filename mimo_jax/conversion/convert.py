@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
@@ -93,38 +94,42 @@ def read_hf_config(src: Path) -> tuple[ModelFamily, Any, dict]:
     return family, config, json.loads((src / model_ckpt.CONFIG_FILE).read_text())
 
 
-def load_torch_params(src: str | Path, dtype=None, progress: bool = False
-                      ) -> tuple[ModelFamily, Any, dict]:
-    """(family, config, flat {path: np.ndarray}) from an official HF-style directory."""
+def stream_torch_params(src: str | Path, dtype=None, progress: bool = False
+                        ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    """(path, array) of every NNX parameter, one at a time, from an official HF-style directory
+    whose tensors have been checked against the family's rules first."""
     src = Path(src)
     family, config, _ = read_hf_config(src)
     found = st.read_index(src)
     needed, shapes = placements(family, _abstract(family, config))
     check_tensors(family, needed, found, str(src))
-    params: dict[tuple[str, ...], np.ndarray] = {}
     total = sum(found[p.torch_name].nbytes for p in needed)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="reading", disable=not progress) as bar:
-        for p in needed:
+    current: tuple[tuple[str, ...], np.ndarray] | None = None
+    with tqdm(total=total, unit="B", unit_scale=True, desc="converting",
+              disable=not progress) as bar:
+        for p in needed:  # grouped by parameter: all layers of one parameter in a row
             info = found[p.torch_name]
+            if current is None or current[0] != p.param_path:
+                if current is not None:
+                    yield current
+                current = (p.param_path, np.empty(shapes[p.param_path], dtype or st.DTYPES[info.dtype]))
             value = TRANSFORMS[p.transform].to_nnx(st.read_tensor(info))
-            target_dtype = dtype or st.DTYPES[info.dtype]
-            if p.param_path not in params:
-                params[p.param_path] = np.empty(shapes[p.param_path], target_dtype)
-            dest = params[p.param_path]
             if p.layer is None:
-                dest[...] = value
+                current[1][...] = value
             else:
-                dest[p.layer] = value
+                current[1][p.layer] = value
             bar.update(info.nbytes)
-    return family, config, params
+    if current is not None:
+        yield current
 
 
 def load_torch_checkpoint(src: str | Path, dtype=None):
     """(config, model) straight from an official HF-style directory (no Orbax step)."""
-    family, config, params = load_torch_params(src, dtype)
+    family, config = model_ckpt.read_config(Path(src))
+    params = dict(stream_torch_params(src, dtype))
     model = nnx.eval_shape(lambda: family.build(config, rngs=nnx.Rngs(0)))
     for path, var in model_ckpt.flat_params(model):
-        var.set_value(params[path])
+        var.set_value(jax.numpy.asarray(params[path]))
     graphdef, state = nnx.split(model)
     return config, nnx.merge(graphdef, state)
 
@@ -146,13 +151,11 @@ def torch_to_orbax(src: Path, dst: Path, dtype=None, overwrite=False, progress=T
     family, config, hf = read_hf_config(src)
     tmp = _staging(dst, overwrite)
     try:
-        _, _, params = load_torch_params(src, dtype, progress)
         if dtype is not None:
             hf = dict(hf, torch_dtype="bfloat16" if dtype == ml_dtypes.bfloat16 else "float32")
         (tmp / model_ckpt.CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
-        if progress:
-            print(f"writing {len(params)} parameters to {dst}", flush=True)
-        model_ckpt.save_params(tmp / model_ckpt.PARAMS_DIR, model_ckpt.nest(params.items()))
+        for path, value in stream_torch_params(src, dtype, progress):
+            model_ckpt.save_param(tmp / model_ckpt.PARAMS_DIR, path, value)
         _commit(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -160,43 +163,49 @@ def torch_to_orbax(src: Path, dst: Path, dtype=None, overwrite=False, progress=T
     return dst
 
 
-def _torch_tensors(family, params: dict, needed: list[Placement], dtype) -> Iterator[st.PendingTensor]:
-    for p in needed:
-        source = params[p.param_path]
-        out_dtype = np.dtype(dtype or source.dtype)
+def _torch_tensors(src_params: Path, stored: dict, needed: list[Placement], dtype
+                   ) -> list[st.PendingTensor]:
+    """The official tensors, each produced on demand from a partial restore of its parameter (only
+    one parameter is held at a time: placements come grouped by parameter)."""
+    held: dict[tuple[str, ...], np.ndarray] = {}
 
-        def produce(source=source, p=p, out_dtype=out_dtype):
-            value = source if p.layer is None else source[p.layer]
-            return TRANSFORMS[p.transform].to_torch(np.asarray(value)).astype(out_dtype, copy=False)
+    def parameter(path):
+        if path not in held:
+            held.clear()
+            held[path] = model_ckpt.restore_param(src_params, path)
+        return held[path]
 
-        yield st.PendingTensor(p.torch_name, out_dtype, p.torch_shape, produce)
+    def produce(p: Placement, out_dtype):
+        value = parameter(p.param_path)
+        value = value if p.layer is None else value[p.layer]
+        return TRANSFORMS[p.transform].to_torch(value).astype(out_dtype, copy=False)
+
+    return [st.PendingTensor(p.torch_name, np.dtype(dtype or stored[p.param_path].dtype),
+                             p.torch_shape,
+                             lambda p=p: produce(p, np.dtype(dtype or stored[p.param_path].dtype)))
+            for p in needed]
 
 
 def orbax_to_torch(src: Path, dst: Path, dtype=None, overwrite=False, progress=True) -> Path:
     family, config = model_ckpt.read_config(src)
     needed, shapes = placements(family, _abstract(family, config))
-    tree = model_ckpt.restore_numpy(src / model_ckpt.PARAMS_DIR)
-    flat = {}
-    for path in shapes:
-        try:
-            value = model_ckpt.lookup(tree, path)
-        except KeyError:
-            raise ConversionError(f"{src}: checkpoint has no parameter {'/'.join(path)}") from None
-        if tuple(value.shape) != shapes[path]:
-            raise ConversionError(f"{src}: parameter {'/'.join(path)} has shape {value.shape}, "
-                                  f"expected {shapes[path]}")
-        flat[path] = value
-    stored = {p for p, _ in model_ckpt.flatten(tree)}
-    extra = sorted("/".join(p) for p in stored - set(shapes))
-    if extra:
-        raise ConversionError(f"{src}: parameters not in the {family.name}: {', '.join(extra)}")
+    params_dir = src / model_ckpt.PARAMS_DIR
+    stored = model_ckpt.param_metadata(params_dir)
+    problems = [f"parameter {'.'.join(p)} is missing" for p in shapes if p not in stored]
+    problems += [f"parameter {'.'.join(p)} has shape {tuple(stored[p].shape)}, expected {shape}"
+                 for p, shape in shapes.items() if p in stored and tuple(stored[p].shape) != shape]
+    problems += [f"parameter {'.'.join(p)} is not part of the {family.name}"
+                 for p in stored if p not in shapes]
+    if problems:
+        raise ConversionError(f"{src} does not match the {family.name} its config.json describes:\n  "
+                              + "\n  ".join(problems))
     tmp = _staging(dst, overwrite)
     try:
         hf = family.config_to_hf(config)
         if dtype is not None:
             hf["torch_dtype"] = "bfloat16" if dtype == ml_dtypes.bfloat16 else "float32"
         (tmp / model_ckpt.CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
-        pending = list(_torch_tensors(family, flat, needed, dtype))
+        pending = _torch_tensors(params_dir, stored, needed, dtype)
         with tqdm(total=sum(t.nbytes for t in pending), unit="B", unit_scale=True,
                   desc="writing", disable=not progress) as bar:
             st.write_checkpoint(tmp, pending, on_written=bar.update)

@@ -1,0 +1,1 @@
+"""Experiments: configs, entry points and launchers. Nothing in mimo_jax/ imports this package."""
