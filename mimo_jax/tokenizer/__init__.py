@@ -7,3 +7,11 @@ length; `load_encoder` / `load_decoder`), streaming (chunked decode with context
 and their errors), conversion (the converter family), checkpoint (loading), __main__ (command line:
 `python -m mimo_jax.tokenizer encode|decode`).
 """
+
+
+def __getattr__(name):
+    # `load_encoder` / `load_decoder` without importing the model when only the config is needed.
+    if name in ("load_encoder", "load_decoder", "Tokenizer"):
+        from mimo_jax.tokenizer import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'mimo_jax.tokenizer' has no attribute {name!r}")
