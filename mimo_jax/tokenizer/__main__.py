@@ -1,0 +1,144 @@
+"""Command line of the audio tokenizer.
+
+  python -m mimo_jax.tokenizer encode --checkpoint CKPT AUDIO... --out DIR [--codebooks 8]
+  python -m mimo_jax.tokenizer decode --checkpoint CKPT CODES.npy... --out OUT.wav|DIR
+
+encode writes DIR/<name>.npy, int32 codes [frames, codebooks], per input; files of any format
+soundfile reads, any sample rate and channel count. Files are sorted by duration and encoded in
+batches; a bad file is reported (and the exit status is 1) while the others are still encoded.
+"""
+import argparse
+import os
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import soundfile as sf
+from tqdm import tqdm
+
+from mimo_jax.tokenizer.api import Tokenizer
+from mimo_jax.tokenizer.audio_io import InputError, read_audio, read_codes, write_audio
+
+_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mimo_jax.tokenizer",
+                                     description="MiMo-Audio tokenizer: audio <-> RVQ codes")
+    sub = parser.add_subparsers(dest="command", required=True)
+    enc = sub.add_parser("encode", help="audio files -> .npy codes [frames, codebooks]")
+    enc.add_argument("audio", nargs="+", help="audio files (any rate, any channel count)")
+    enc.add_argument("--out", required=True, help="output directory")
+    enc.add_argument("--codebooks", type=int, default=8, help="codebooks to keep (default 8)")
+    enc.add_argument("--segment-frames", type=int, default=6000,
+                     help="mel frames per encoder segment (default 6000, as the official code)")
+    enc.add_argument("--allow-silence", action="store_true",
+                     help="encode all-zero files instead of reporting them")
+    dec = sub.add_parser("decode", help=".npy codes -> 24 kHz audio")
+    dec.add_argument("codes", nargs="+", help=".npy files of codes [frames, codebooks]")
+    dec.add_argument("--out", required=True,
+                     help="output .wav for one input, or a directory for several")
+    dec.add_argument("--decode-chunk", type=int, default=1500,
+                     help="code frames decoded at once (default 1500, as the official code)")
+    for p in (enc, dec):
+        p.add_argument("--files-per-batch", type=int, default=32,
+                       help="files read and processed together (default 32)")
+        p.add_argument("--checkpoint", required=True,
+                       help="tokenizer checkpoint directory (official safetensors or Orbax)")
+        p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32",
+                       help="compute dtype (parameters stay float32)")
+    return parser
+
+
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def _check_unique(paths: list[str], out_dir: str, suffix: str) -> None:
+    seen: dict[str, str] = {}
+    for path in paths:
+        target = os.path.join(out_dir, _stem(path) + suffix)
+        if target in seen:
+            raise SystemExit(f"error: {seen[target]} and {path} would both write {target}")
+        seen[target] = path
+
+
+def _duration(path: str) -> float:
+    """Seconds, for ordering; unreadable files sort first and fail when read."""
+    try:
+        return sf.info(path).duration
+    except Exception:  # reported by read_audio with its own message
+        return 0.0
+
+
+def encode(args) -> int:
+    _check_unique(args.audio, args.out, ".npy")
+    tokenizer = Tokenizer.load(args.checkpoint, dtype=_DTYPES[args.dtype],
+                               segment_frames=args.segment_frames)
+    config = tokenizer.config
+    if not 1 <= args.codebooks <= config.num_quantizers:
+        raise SystemExit(f"error: --codebooks {args.codebooks}: the checkpoint has "
+                         f"{config.num_quantizers} codebooks")
+    os.makedirs(args.out, exist_ok=True)
+    paths = sorted(args.audio, key=_duration)
+    failed = 0
+    with tqdm(total=len(paths), unit="file", desc="encode") as bar:
+        for i in range(0, len(paths), args.files_per_batch):
+            wavs, names = [], []
+            for path in paths[i:i + args.files_per_batch]:
+                try:
+                    wavs.append(read_audio(path, config.sampling_rate,
+                                           min_samples=config.min_samples,
+                                           allow_silence=args.allow_silence))
+                    names.append(path)
+                except InputError as e:
+                    failed += 1
+                    tqdm.write(f"error: {e}", file=sys.stderr)
+                    bar.update(1)
+            for path, codes in zip(names, tokenizer.encode(wavs, args.codebooks) if wavs else []):
+                np.save(os.path.join(args.out, _stem(path) + ".npy"), codes)
+                bar.update(1)
+    if failed:
+        print(f"{failed} of {len(paths)} files failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def decode(args) -> int:
+    single = len(args.codes) == 1 and args.out.lower().endswith(".wav")
+    if not single:
+        _check_unique(args.codes, args.out, ".wav")
+    tokenizer = Tokenizer.load(args.checkpoint, dtype=_DTYPES[args.dtype],
+                               decode_chunk=args.decode_chunk)
+    config = tokenizer.config
+    failed = 0
+    with tqdm(total=len(args.codes), unit="file", desc="decode") as bar:
+        for i in range(0, len(args.codes), args.files_per_batch):
+            codes, names = [], []
+            for path in args.codes[i:i + args.files_per_batch]:
+                try:
+                    codes.append(read_codes(path, config.codebook_sizes))
+                    names.append(path)
+                except InputError as e:
+                    failed += 1
+                    tqdm.write(f"error: {e}", file=sys.stderr)
+                    bar.update(1)
+            for path, wav in zip(names, tokenizer.decode(codes) if codes else []):
+                out = args.out if single else os.path.join(args.out, _stem(path) + ".wav")
+                write_audio(out, wav, config.sampling_rate)
+                bar.update(1)
+    if failed:
+        print(f"{failed} of {len(args.codes)} files failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return encode(args) if args.command == "encode" else decode(args)
+    except (FileNotFoundError, ValueError) as e:  # checkpoint problems
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Residual vector quantisation (EnCodec-style RVQ), always in float32.
+
+Encode: for each codebook in order, take the nearest entry (squared L2, first index on ties) and
+subtract it from the residual. Decode: the sum of the chosen entries. Codebooks are `Codebook`
+variables: checkpoint state like parameters (the converter maps them), but trained by EMA rather
+than by gradients, so optimizers must leave them out (see `model.TRAINABLE`).
+"""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class Codebook(nnx.Param):
+    """Entries [size, dim] of one RVQ codebook (float32; no gradient updates)."""
+
+
+class VectorQuantizer(nnx.Module):
+    def __init__(self, dim: int, size: int, *, rngs: nnx.Rngs):
+        entries = jax.random.normal(rngs.params(), (size, dim), jnp.float32)
+        self.embed = Codebook(entries, out_sharding=("codebook", "embed"), eager_sharding=False)
+
+    def nearest(self, residual: jax.Array) -> jax.Array:
+        """Index of the nearest entry for residual [..., dim] (float32)."""
+        e = self.embed[...]
+        # The official expression, term for term, so that float32 rounding matches on near-ties.
+        r2 = jnp.sum(jnp.square(residual), axis=-1, keepdims=True)
+        dot = jnp.matmul(residual, e.T, precision=_HIGHEST)
+        score = -(r2 - 2.0 * dot + jnp.sum(jnp.square(e), axis=-1))
+        return jnp.argmax(score, axis=-1).astype(jnp.int32)
+
+    def lookup(self, codes: jax.Array) -> jax.Array:
+        return jnp.take(self.embed[...], codes, axis=0)
+
+
+class ResidualVectorQuantizer(nnx.Module):
+    def __init__(self, dim: int, sizes: tuple[int, ...], *, rngs: nnx.Rngs):
+        self.sizes = tuple(sizes)
+        self.layers = nnx.List([VectorQuantizer(dim, size, rngs=rngs) for size in sizes])
+
+    def _check(self, num_codebooks: int | None) -> int:
+        n = len(self.layers) if num_codebooks is None else num_codebooks
+        if not 1 <= n <= len(self.layers):
+            raise ValueError(f"asked for {n} codebooks; the quantizer has {len(self.layers)}")
+        return n
+
+    def encode(self, x: jax.Array, num_codebooks: int | None = None) -> jax.Array:
+        """x [..., dim] -> codes [..., num_codebooks] int32."""
+        residual = x.astype(jnp.float32)
+        codes = []
+        for layer in self.layers[:self._check(num_codebooks)]:
+            idx = layer.nearest(residual)
+            residual = residual - layer.lookup(idx)
+            codes.append(idx)
+        return jnp.stack(codes, axis=-1)
+
+    def decode(self, codes: jax.Array) -> jax.Array:
+        """codes [..., n] (n <= number of codebooks) -> float32 [..., dim], summed in layer order."""
+        n = self._check(codes.shape[-1])
+        out = self.layers[0].lookup(codes[..., 0])
+        for q in range(1, n):
+            out = out + self.layers[q].lookup(codes[..., q])
+        return out
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None,
+                 num_codebooks: int | None = None):
+        """Training forward: (quantized [..., dim] with straight-through gradients to x,
+        codes [..., n], commitment loss). The loss is the mean over codebooks of the mean squared
+        distance between each codebook's input residual and its (constant) chosen entry, over the
+        frames where `mask` [...] is true."""
+        residual = x.astype(jnp.float32)
+        weight = jnp.ones(x.shape[:-1], jnp.float32) if mask is None else mask.astype(jnp.float32)
+        denom = jnp.maximum(jnp.sum(weight) * x.shape[-1], 1.0)
+        quantized = jnp.zeros_like(residual)
+        codes, losses = [], []
+        for layer in self.layers[:self._check(num_codebooks)]:
+            idx = layer.nearest(jax.lax.stop_gradient(residual))
+            entry = jax.lax.stop_gradient(layer.lookup(idx))
+            losses.append(jnp.sum(jnp.square(entry - residual) * weight[..., None]) / denom)
+            straight = residual + jax.lax.stop_gradient(entry - residual)
+            residual = residual - straight
+            quantized = quantized + straight
+            codes.append(idx)
+        return quantized, jnp.stack(codes, axis=-1), jnp.mean(jnp.stack(losses))
