@@ -86,9 +86,12 @@ def test_every_bad_tensor_is_named(official, tmp_path, capsys):
     _nothing_left(tmp_path / "out")
 
 
-def test_tokenizer_checkpoint_is_named(fixtures_root, tmp_path, capsys):
-    code, err = _convert(capsys, fixtures_root / "tokenizer", tmp_path / "out")
+def test_checkpoint_of_the_other_model_is_named(official, fixtures_root, tmp_path, capsys):
+    # LM tensors under a tokenizer config.json: every tokenizer tensor is reported missing.
+    (official / "config.json").write_text((fixtures_root / "tokenizer" / "config.json").read_text())
+    code, err = _convert(capsys, official, tmp_path / "out")
     assert code == 1 and "tokenizer" in err
+    assert "missing tensor encoder.conv1.weight" in err and "unexpected tensor lm_head.weight" in err
 
 
 def test_existing_destination_needs_overwrite(official, tmp_path, capsys):

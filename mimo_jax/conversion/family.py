@@ -53,18 +53,11 @@ def register(architecture: str, factory: Callable[[], ModelFamily]) -> None:
 def family_for(hf_config: dict, where: str) -> ModelFamily:
     """The family of an official config.json, or an error naming what was found."""
     import mimo_jax.lm.conversion  # noqa: F401  (registers the LM)
-    try:
-        import mimo_jax.tokenizer.conversion  # noqa: F401  (registers the tokenizer)
-    except ModuleNotFoundError as e:
-        if e.name != "mimo_jax.tokenizer":
-            raise
+    import mimo_jax.tokenizer.conversion  # noqa: F401  (registers the audio tokenizer)
     archs = hf_config.get("architectures") or []
     for arch in archs:
         if arch in _FAMILIES:
             return _FAMILIES[arch]()
-    known = ", ".join(sorted(_FAMILIES)) or "none"
-    if "MiMoAudioTokenizer" in archs:
-        raise ValueError(f"{where}: this is a MiMo-Audio tokenizer checkpoint; its model is not "
-                         f"available in this version of mimo-jax (convertible: {known})")
+    known = ", ".join(sorted(_FAMILIES))
     raise ValueError(f"{where}: architectures {archs} is not a model mimo-jax can convert "
                      f"(expected one of: {known})")
