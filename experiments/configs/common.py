@@ -1,0 +1,121 @@
+"""The parts every experiment config shares: the schema with its defaults, `parse_arg`, and the
+report's model sizes and recipes. An experiment file starts from `base_config()` and sets what
+differs; the train entry point reads only keys defined here (an unknown override is an error)."""
+import ml_collections
+
+STAGE1_WEIGHTS = "1-0-0-0-0-0-0-0-0"
+STAGE2_WEIGHTS = "100-12-8-6-4-2-2-1-1"
+
+
+def parse_arg(arg: str | None, **defaults):
+    """`"a=1,b=x"` -> ConfigDict(a=1, b='x') with types from the defaults (big_vision style)."""
+    out = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in defaults:
+            raise ValueError(f"config argument {key!r}: expected one of {sorted(defaults)}")
+        kind = type(defaults[key])
+        out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+    return out
+
+
+def mimo_7b_hf() -> dict:
+    """MiMo-Audio-7B's architecture (SPEC §1.1; the released config.json is what a converted
+    checkpoint carries, this is for from-scratch runs and ahead-of-time checks)."""
+    return dict(
+        architectures=["MiMoAudioForCausalLM"], model_type="qwen2", vocab_size=151680,
+        hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=128, intermediate_size=11008, rms_norm_eps=1e-6, rope_theta=640000.0,
+        max_position_embeddings=8192, tie_word_embeddings=False, sliding_window=None,
+        use_sliding_window=False, group_size=4, audio_channels=8,
+        speech_vocab_size="1025-1025-129-129-129-129-129-129",
+        speech_zeroemb_idx="1024-1024-128-128-128-128-128-128", delay_pattern="0-1-2-3-4-5-6-7",
+        local_dim=1024, local_layers=16, local_attn_heads=64, local_ffn_dim=4096,
+        local_attn_dropout=0.1, input_local_layers=6, input_local_dim=1024,
+        input_full_attention=True, sosp_idx=151665, eosp_idx=151666, empty_idx=151667,
+        sostm_idx=151670, eostm_idx=151671, eot_idx=151672)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 1000
+    c.log_every = 10
+    c.checkpoint_every = 500
+    c.eval_every = 0  # 0: no periodic evaluation
+    c.eval_steps = 4
+    c.peak_tflops_per_device = 0.0  # for MFU; e.g. 989 (H100 bf16 dense), 197 (v5e), 459 (v5p)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.hf = mimo_7b_hf()  # architecture when training from scratch
+    c.model.init_checkpoint = ""  # a converted checkpoint (convert_torch_weights.py) to start from
+    c.model.dtype = "bfloat16"  # compute
+    c.model.param_dtype = "float32"  # parameters and optimizer state
+    c.model.remat_policy = "minimal"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.tokenizer = ""  # tokenizer.json of the text tokenizer
+    c.data.sources = []  # [{"path": shard dir, "task": ..., "weight": ...}]
+    c.data.eval_sources = []
+    c.data.batch_size = 256  # global rows per step
+    c.data.context_length = 8192  # groups per row
+    c.data.group_size = 4
+    c.data.audio_channels = 8
+    c.data.speech_zeroemb_idx = "1024-1024-128-128-128-128-128-128"
+    c.data.delay_pattern = "0-1-2-3-4-5-6-7"
+    c.data.loss_weights = STAGE2_WEIGHTS
+    c.data.empty_text_weight = 0.01
+    c.data.skip_bad_records = False
+    c.data.workers = 0
+    c.data.split_by_process = True  # each process reads its slice (False: all read, rows split)
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.text_chunk = 1024
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rates = ml_collections.ConfigDict(
+        {"patch_encoder": 2e-4, "llm": 3e-5, "patch_decoder": 2e-4})
+    c.optimizer.schedule = "cosine"
+    c.optimizer.warmup_ratio = 0.01
+    c.optimizer.end_lr_ratio = 0.0
+    c.optimizer.weight_decay = 0.1
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.95
+    c.optimizer.eps = 1e-8
+    c.optimizer.clip_norm = 1.0
+    c.optimizer.grad_accum = 1
+    c.optimizer.frozen = ()
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.ici = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "sequence": 1})
+    c.mesh.dcn = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
+    c.mesh.rules = "fsdp"
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+    return c
+
+
+def stage(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """The report's recipes (Table 3): stage 1 (understanding), stage 2, and fine-tuning."""
+    if name == "stage1":
+        c.data.loss_weights = STAGE1_WEIGHTS
+        c.optimizer.learning_rates = ml_collections.ConfigDict(
+            {"patch_encoder": 2e-4, "llm": 3e-5, "patch_decoder": 2e-4})
+        c.optimizer.schedule = "constant"
+        c.optimizer.frozen = ("patch_decoder",)
+    elif name == "stage2":
+        c.data.loss_weights = STAGE2_WEIGHTS
+        c.optimizer.learning_rates = ml_collections.ConfigDict(
+            {"patch_encoder": 2e-4, "llm": 3e-5, "patch_decoder": 2e-4})
+        c.optimizer.schedule = "cosine"
+    elif name == "sft":
+        c.data.loss_weights = STAGE2_WEIGHTS
+        c.optimizer.learning_rates = ml_collections.ConfigDict(
+            {"patch_encoder": 5e-5, "llm": 1e-5, "patch_decoder": 5e-5})
+        c.optimizer.schedule = "cosine"
+    else:
+        raise ValueError(f"unknown stage {name!r}: expected stage1, stage2 or sft")
+    c.optimizer.warmup_ratio = 0.01
+    return c
