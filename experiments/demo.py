@@ -1,79 +1,99 @@
-"""A small end-to-end demo on the CPU: convert an official-format MiMo-Audio LM checkpoint to Orbax,
-load it, generate text and speech groups from a prompt with the KV-cached loop, and convert the
-weights back to the official format, checking the round trip.
+"""The end-to-end demo on the CPU: build the eSpeak NG demo corpus, tokenize it with a small randomly
+initialised audio tokenizer, train a tiny MiMo-Audio LM stage 1 (text targets) then stage 2 (text
+and speech), and show the loss falling.
 
-    python -m experiments.demo [--checkpoint DIR] [--workdir runs/demo] [--groups 24]
+    python -m experiments.demo [--workdir runs/demo] [--smoke] [--sentences 20]
 
-The default checkpoint is the small randomly initialised one in tests/fixtures/lm (official names
-and shapes); point --checkpoint at a released MiMo-Audio directory to run the real model.
+`--smoke` runs the same pipeline at the smallest size (a few steps, for tests). Each step is skipped
+when its output exists, so a rerun resumes. The runs use experiments/configs/demo.py.
 """
 import argparse
-import time
+import json
 from pathlib import Path
 
 import jax
-import numpy as np
+from flax import nnx
 
-import convert_torch_weights
-from mimo_jax import checkpoint
-from mimo_jax.conversion import safetensors_io as st
-from mimo_jax.inference.generate import GenerationConfig, generate
-from mimo_jax.inference.sampling import SamplerConfig
-from mimo_jax.lm.layout import empty_patch
+from experiments import train
+from experiments.configs import demo as demo_config
 
-ROOT = Path(__file__).resolve().parents[1]
+# A small audio tokenizer (the released layout at toy width; random weights).
+TOKENIZER_HF = {
+    "architectures": ["MiMoAudioTokenizer"], "model_type": "mimo_audio_tokenizer",
+    "activation_function": "gelu", "avg_pooler": 2, "codebook_size": [1024, 1024] + [128] * 18,
+    "d_model": 64, "decoder_attention_heads": 4, "decoder_attn_window_size": [-1, -1],
+    "decoder_causal": True, "decoder_ffn_dim": 128, "decoder_kernel_size": 3, "decoder_layers": 2,
+    "decoder_stride_size": 2, "encoder_attention_heads": 4, "encoder_attn_window_size": [-1, -1],
+    "encoder_causal": False, "encoder_ffn_dim": 128, "encoder_layers": 2,
+    "encoder_skip_layer_id": 1, "fmax": None, "fmin": 0, "hop_length": 240, "kernel_size": 3,
+    "ln_type": "LayerNorm", "max_audio_seconds": 1800, "n_mels": 128, "nfft": 960,
+    "num_quantizers": 20, "position_embedding_type": "rope", "rope_theta": 10000,
+    "rope_type": "default", "sampling_rate": 24000, "scale_embedding": False, "stride_size": 2,
+    "threshold_ema_dead_code": 2, "vocoder_attention_heads": 4, "vocoder_attn_window_size": [40, 10],
+    "vocoder_dim": 32, "vocoder_intermediate_dim": 64, "vocoder_num_layers": 2,
+    "vocoder_padding": "same", "window_size": 960,
+}
 
 
-def demo_prompt(config, rng: np.random.Generator):
-    """A prompt of a few text groups, then a speech segment of random codes between sosp/eosp."""
-    text = list(rng.integers(0, min(config.empty_idx, config.sosp_idx or config.empty_idx), 3))
-    text += [config.sosp_idx] + [config.empty_idx] * 4 + [config.eosp_idx]
-    empty = empty_patch(config.speech_empty_ids, config.group_size)
-    codes = np.stack([empty] * len(text))
-    for g, tok in enumerate(text):
-        if tok == config.empty_idx:
-            codes[g] = rng.integers(0, np.asarray(config.speech_empty_ids), empty.shape)
-    return np.asarray(text)[None], codes[None]
+def build_corpus(data: Path, sentences: int) -> None:
+    from data_pipelines import demo_corpus
+    if not (data / "manifest.jsonl").exists():
+        entries = demo_corpus.build(str(data), sentences)
+        print(f"[demo] corpus: {len(entries)} utterances in {data}", flush=True)
 
 
-def main(argv=None):
+def random_tokenizer(path: Path) -> None:
+    from mimo_jax import checkpoint
+    from mimo_jax.tokenizer.config import from_hf
+    from mimo_jax.tokenizer.model import MiMoAudioTokenizer
+    if not checkpoint.is_model_checkpoint(path):
+        model = MiMoAudioTokenizer(from_hf(TOKENIZER_HF), rngs=nnx.Rngs(0))
+        checkpoint.save(model, TOKENIZER_HF, path)
+        print(f"[demo] random audio tokenizer: {path}", flush=True)
+
+
+def tokenize(data: Path, tokenizer: Path) -> None:
+    from data_pipelines import tokenize as tokenize_cmd
+    if not (data / "shards" / "manifest.json").exists():
+        code = tokenize_cmd.main(["--manifest", str(data / "manifest.jsonl"), "--checkpoint",
+                                  str(tokenizer), "--out", str(data / "shards")])
+        if code:
+            raise SystemExit(f"[demo] tokenizing failed (exit {code})")
+
+
+def losses(workdir: Path) -> list[float]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(l)["loss"] for l in lines if '"loss"' in l]
+
+
+def run_stage(name: str, data: Path, workdir: Path, smoke: bool, init: Path | None) -> None:
+    config = demo_config.get_config(f"stage={name},data={data},smoke={smoke}")
+    if init is not None:
+        config.model.init_checkpoint = str(init)
+    if not (workdir / "model").exists():
+        print(f"[demo] training {name}: {config.total_steps} steps, batch {config.data.batch_size} "
+              f"x {config.data.context_length} groups", flush=True)
+        if train.run(config, str(workdir)):
+            raise SystemExit(f"[demo] {name} failed")
+    curve = losses(workdir)
+    print(f"[demo] {name}: loss {curve[0]:.3f} -> {curve[-1]:.3f} over {len(curve)} logged steps",
+          flush=True)
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", type=Path, default=ROOT / "tests" / "fixtures" / "lm")
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
-    p.add_argument("--groups", type=int, default=24, help="total groups to generate to")
+    p.add_argument("--smoke", action="store_true", help="smallest size, a few steps")
+    p.add_argument("--sentences", type=int, default=20, help="demo sentences (4 utterances each)")
     a = p.parse_args(argv)
-
-    orbax_dir, back_dir = a.workdir / "orbax", a.workdir / "official"
-    t0 = time.time()
-    convert_torch_weights.main([str(a.checkpoint), str(orbax_dir), "--overwrite", "--quiet"])
-    config, model = checkpoint.load(orbax_dir)
-    print(f"[demo] converted and loaded {a.checkpoint} in {time.time() - t0:.1f}s: "
-          f"{config.num_hidden_layers}-layer backbone, hidden {config.hidden_size}, "
-          f"{config.audio_channels} codebooks, group size {config.group_size}")
-
-    text, codes = demo_prompt(config, np.random.default_rng(0))
-    sampler = SamplerConfig(do_sample=True, temperature=0.9, top_k=50, top_p=0.95)
-    gen = GenerationConfig(max_length=a.groups, text_sampler=sampler, patch_sampler=sampler)
-    t0 = time.time()
-    out = generate(model, text, codes, gen, rng=jax.random.key(0))
-    secs = time.time() - t0
-    prompt_len = text.shape[1]
-    new = out.text[0, prompt_len:]
-    speech = int((new == config.empty_idx).sum())
-    print(f"[demo] generated {len(new)} groups ({speech} speech patches, {len(new) - speech} text "
-          f"tokens) in {secs:.1f}s including compilation")
-    print(f"[demo] text channel: {out.text[0].tolist()}")
-    first = prompt_len + int(np.argmax(new == config.empty_idx)) if speech else None
-    if first is not None:
-        print(f"[demo] first generated patch [frames x codebooks]:\n{out.codes[0, first]}")
-
-    convert_torch_weights.main([str(orbax_dir), str(back_dir), "--overwrite", "--quiet"])
-    original, restored = st.read_index(a.checkpoint), st.read_index(back_dir)
-    same = all(st.read_tensor(info).tobytes() == st.read_tensor(restored[name]).tobytes()
-               for name, info in original.items())
-    print(f"[demo] round trip back to official tensors: {len(original)} tensors, "
-          f"{'bit-identical' if same else 'DIFFERENT'}")
-    return 0 if same else 1
+    data = (a.workdir / "data").absolute()
+    print(f"[demo] devices: {jax.devices()}", flush=True)
+    build_corpus(data, 4 if a.smoke else a.sentences)
+    random_tokenizer(a.workdir / "audio_tokenizer")
+    tokenize(data, a.workdir / "audio_tokenizer")
+    run_stage("stage1", data, a.workdir / "stage1", a.smoke, None)
+    run_stage("stage2", data, a.workdir / "stage2", a.smoke, a.workdir / "stage1" / "model")
+    return 0
 
 
 if __name__ == "__main__":

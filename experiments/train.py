@@ -101,10 +101,12 @@ def run(config, workdir: str) -> int:
 
     mesh, rules = setup.mesh_and_rules(config)
     setup.check_batch_divides(config.data.batch_size, config.optimizer.grad_accum, mesh)
+    # Built outside the mesh context: parameters are placed by explicit shardings, and
+    # nnx.eval_shape would read the logical axis names as mesh axes inside it.
+    lm_config, model = setup.build_model(config, mesh, rules)
+    trainer, state = setup.build_trainer(config, model)
+    del model
     with jax.set_mesh(mesh), use_rules(rules):
-        lm_config, model = setup.build_model(config, mesh, rules)
-        trainer, state = setup.build_trainer(config, model)
-        del model
         train_it, eval_factory, local_rows = data_iterators(config, mesh)
         identity = {"model": lm_config.to_hf(), "trainable": trainer.optimizer.trainable_groups,
                     "loss_weights": config.data.loss_weights, "remat": lm_config.remat_policy}
@@ -119,8 +121,11 @@ def run(config, workdir: str) -> int:
         flops = train_flops_per_group(lm_config, config.data.context_length,
                                       trainer.loss.trains_patch_decoder)
         try:
-            return _loop(config, state, steps, train_it, eval_factory, local_rows, mesh, ckpts,
-                         writer, flops, start or 0)
+            state, finished = _loop(config, state, steps, train_it, eval_factory, local_rows, mesh,
+                                    ckpts, writer, flops, start or 0)
+            if finished:
+                export_model(trainer, state, lm_config, workdir)
+            return 0
         finally:
             ckpts.close()
             writer.close()
@@ -166,10 +171,18 @@ def _loop(config, state, steps, train_it, eval_factory, local_rows, mesh, ckpts,
             ckpts.save(step, state, train_it)
             ckpts.wait()
             print(f"preempted: checkpoint saved at step {step} in {ckpts.directory}", flush=True)
-            return 0
+            return state, False
         if step % config.checkpoint_every == 0 or step == config.total_steps:
             ckpts.save(step, state, train_it)
-    return 0
+    return state, True
+
+
+def export_model(trainer, state, lm_config, workdir: str) -> None:
+    """The final weights as a model checkpoint (workdir/model): the init_checkpoint of a next stage,
+    or an official directory through convert_torch_weights.py."""
+    from mimo_jax import checkpoint as model_ckpt
+    out = model_ckpt.save(trainer.model(state), lm_config.to_hf(), os.path.join(workdir, "model"))
+    print(f"final weights: {out}", flush=True)
 
 
 def main(argv) -> int:

@@ -86,6 +86,25 @@ def restore_param(params_dir: str | Path, path: tuple[str, ...], sharding=None, 
     return out["value"]
 
 
+def save(model: nnx.Module, hf_config: dict, path: str | Path) -> Path:
+    """Writes a model checkpoint (the official config.json and one Orbax checkpoint per parameter),
+    e.g. the weights a training run ends with; convert_torch_weights.py turns it into an official
+    directory. Written to a temporary directory, renamed into place when complete."""
+    import shutil
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+    for p, var in flat_params(model):
+        save_param(tmp / PARAMS_DIR, p, var.get_value())
+    if jax.process_index() == 0:
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    return path
+
+
 def load(path: str | Path, *, mesh: jax.sharding.Mesh | None = None, rules=None, dtype=None,
          param_dtype=None, **config_overrides):
     """(config, model) from a model checkpoint directory.

@@ -1,9 +1,9 @@
 """A tiny MiMo-Audio LM on the eSpeak NG demo corpus, trained on the CPU.
 
-    python -m experiments.demo_run               # builds the corpus, tokenizes, stage 1 then stage 2
+    python -m experiments.demo                   # builds the corpus, tokenizes, stage 1 then stage 2
     python -m experiments.train --config experiments/configs/demo.py:stage=stage2 --workdir DIR
 
-Arguments: `stage` (stage1, stage2), `data` (the directory experiments.demo_run prepares: shards/ and
+Arguments: `stage` (stage1, stage2), `data` (the directory experiments.demo prepares: shards/ and
 tokenizer.json), `smoke` (the smallest size, about a second a step, for tests).
 The special token ids are those of the demo BPE tokenizer (its special tokens come first, in the
 order of data_pipelines.text_tokenizer.SPECIAL_TOKENS); training checks them against the tokenizer.
