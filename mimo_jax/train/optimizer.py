@@ -78,13 +78,14 @@ class OptimizerConfig:
 
 
 def path_of(keypath) -> tuple[str, ...]:
-    """A jax key path (of an nnx.State or dict tree) as strings."""
+    """The parameter path of a jax key path into an nnx.State (or nested dict): its dict keys and
+    sequence indices, without the Variable's own `.value` attribute."""
     out = []
     for k in keypath:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                out.append(str(getattr(k, attr)))
-                break
+        if isinstance(k, jax.tree_util.DictKey):
+            out.append(str(k.key))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            out.append(str(k.idx))
     return tuple(out)
 
 
