@@ -1,0 +1,158 @@
+"""The train entry point on the demo corpus: stages, evaluation, metrics, interrupt (SIGTERM) and
+resume, multi-process runs, and the errors that stop a run before it starts."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments import demo, train
+from experiments.configs import demo as demo_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    data = root / "data"
+    demo.build_corpus(data, 3)
+    demo.random_tokenizer(root / "audio_tokenizer")
+    demo.tokenize(data, root / "audio_tokenizer")
+    return data
+
+
+def smoke(data, stage="stage2", **overrides):
+    config = demo_config.get_config(f"stage={stage},data={data},smoke=True")
+    config.data.batch_size = 8  # one row per simulated device
+    config.log_every = 1
+    config.checkpoint.async_save = False
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def metrics(workdir) -> list[dict]:
+    return [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(workdir) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metrics(workdir) if "loss" in m}
+
+
+def test_stage1_then_stage2_from_its_weights(demo_data, tmp_path):
+    assert train.run(smoke(demo_data, "stage1", total_steps=6), str(tmp_path / "s1")) == 0
+    first = metrics(tmp_path / "s1")
+    assert [m["step"] for m in first] == list(range(1, 7))
+    assert "codebook0_loss" not in first[0] and first[-1]["loss"] < first[0]["loss"]
+    config = smoke(demo_data, "stage2", total_steps=4, eval_every=2, eval_steps=1)
+    config.model.init_checkpoint = str(tmp_path / "s1" / "model")
+    assert train.run(config, str(tmp_path / "s2")) == 0
+    second = metrics(tmp_path / "s2")
+    assert "codebook7_loss" in second[0] and "codebook7_accuracy" in second[0]
+    assert any("eval/loss" in m for m in second)
+    for key in ("text_accuracy", "grad_norm", "groups_per_second", "mfu", "lr/llm", "tokens"):
+        assert key in second[0], key
+    assert (tmp_path / "s2" / "tensorboard").is_dir()
+    assert (tmp_path / "s2" / "model" / "config.json").exists()
+
+
+def _train_cmd(data, workdir, *extra):
+    return [sys.executable, "-u", "-m", "experiments.train",
+            f"--config={ROOT}/experiments/configs/demo.py:stage=stage2,data={data},smoke=True",
+            f"--workdir={workdir}", "--config.data.batch_size=8", "--config.log_every=1",
+            "--config.checkpoint.async_save=False", *extra]
+
+
+def test_sigterm_saves_and_resume_continues_identically(demo_data, tmp_path):
+    steps = ["--config.total_steps=60", "--config.checkpoint_every=1000"]
+    assert train.run(smoke(demo_data, total_steps=60, checkpoint_every=1000),
+                     str(tmp_path / "straight")) == 0
+    run = subprocess.Popen(_train_cmd(demo_data, tmp_path / "cut", *steps), cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in run.stdout:
+        if line.startswith("step 2/"):
+            run.send_signal(signal.SIGTERM)
+            break
+    out = run.stdout.read()
+    assert run.wait(timeout=300) == 0, out
+    assert "preempted: checkpoint saved at step" in out
+    cut_at = max(train_losses(tmp_path / "cut"))
+    assert cut_at < 60 and (tmp_path / "cut" / "checkpoints" / str(cut_at)).is_dir()
+    resumed = subprocess.run(_train_cmd(demo_data, tmp_path / "cut", *steps), cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "straight")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_of_four_devices_equal_one_of_eight(demo_data, tmp_path):
+    args = ["--config.total_steps=3", "--config.data.split_by_process=False",
+            "--config.mesh.rules=fsdp", "--config.mesh.ici.data=1", "--config.mesh.ici.fsdp=-1"]
+    one = subprocess.run(_train_cmd(demo_data, tmp_path / "one", *args), cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stdout + one.stderr
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    port = _free_port()
+    procs = [subprocess.Popen(_train_cmd(demo_data, tmp_path / "two", *args,
+                                         f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+                                         f"--process_id={i}"),
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert a.keys() == b.keys() == {1, 2, 3}
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-5), step
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.nope=1"], "nope"),
+    (["--config.total_steps=abc"], "total_steps"),
+])
+def test_bad_overrides_stop_before_training(demo_data, tmp_path, args, message):
+    out = subprocess.run(_train_cmd(demo_data, tmp_path / "w", *args), cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and message in out.stderr
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_errors_name_the_problem(demo_data, tmp_path, fixtures_root):
+    cases = [
+        (dict(**{"mesh.ici.data": 3}), "needs 3 devices"),
+        (dict(**{"data.batch_size": 6}), "does not divide over the 8 data-parallel devices"),
+        (dict(**{"data.sources": [{"path": str(tmp_path / "none"), "task": "tts"}]}), "none"),
+        (dict(**{"model.init_checkpoint": str(fixtures_root / "tokenizer")}), "tokenizer"),
+        (dict(**{"mesh.rules": "pipeline"}), "mesh.rules='pipeline'"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            train.run(smoke(demo_data, total_steps=2, **overrides), str(tmp_path / "w"))
+
+
+def test_workdir_of_another_experiment_is_refused(demo_data, tmp_path):
+    assert train.run(smoke(demo_data, "stage1", total_steps=2), str(tmp_path / "w")) == 0
+    with pytest.raises(ValueError, match="holds checkpoints of another experiment"):
+        train.run(smoke(demo_data, "stage2", total_steps=4), str(tmp_path / "w"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(demo_data, tmp_path):
+    config = smoke(demo_data, total_steps=30, checkpoint_every=2, **{
+        "optimizer.learning_rates": {"patch_encoder": 1e12, "llm": 1e12, "patch_decoder": 1e12},
+        "optimizer.clip_norm": 0.0, "optimizer.warmup_ratio": 0.0})
+    with pytest.raises(train.NonFiniteLoss, match="non-finite loss .* the last good checkpoint"):
+        train.run(config, str(tmp_path / "w"))
