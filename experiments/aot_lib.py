@@ -79,16 +79,14 @@ def abstract_state(config, mesh, rules):
 
     def make():
         model = MiMoAudioLM(lm, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(config.seed))
-        built["trainer"], state = setup.build_trainer(config, model)
+        built["trainer"], state = setup.make_trainer(config, model)
         return state
 
     state = jax.eval_shape(make)
     trainer = built["trainer"]
     params = _with_shardings(state.params, state_shardings(state.params, mesh, rules))
     frozen = _with_shardings(state.frozen, state_shardings(state.frozen, mesh, rules))
-    # Moments take the shardings XLA gives them when initialised from the sharded parameters, as
-    # setup.build_trainer initialises them in a real run.
-    opt_shardings = jax.jit(trainer.tx.init).lower(params).compile().output_shardings
+    opt_shardings = setup.opt_state_shardings(trainer.tx, params, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     state = state.replace(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
                           params=params, frozen=frozen,
