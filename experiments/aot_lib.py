@@ -111,9 +111,11 @@ def compile_train_step(config) -> Compiled:
         lm, trainer, state = abstract_state(config, mesh, rules)
         batch = abstract_batch(config, lm, mesh)
         key = jax.eval_shape(lambda: jax.random.key(0))
-        rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
         start = time.perf_counter()
-        compiled = setup.compile_steps(trainer, state).train.lower(state, batch, rng).compile()
+        step = setup.compile_steps(trainer, state).train
+        compiled = step.lower(state, batch, rng).compile()
         seconds = time.perf_counter() - start
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -136,7 +138,7 @@ def report(config, r: Compiled, elapsed_s: float) -> str:
     analytic = flops.train_flops_per_group(r.lm, config.data.context_length,
                                            r.trains_patch_decoder) * groups
     rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
-    gib = lambda b: f"{b / GIB:8.3f} GiB"
+    gib = lambda b: f"{b / GIB:8.3f} GiB  ({b} bytes)"
     lines = [
         f"mesh {dict(config.mesh.ici)} on {r.devices} devices, rules {config.mesh.rules}, "
         f"remat {config.model.remat_policy}, dtype {config.model.dtype}/{config.model.param_dtype}",

@@ -117,10 +117,11 @@ def add_slurm(p: argparse.ArgumentParser) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.launch", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     sub = p.add_subparsers(dest="target", required=True)
     for name, add in (("tpu", add_tpu), ("slurm", add_slurm)):
-        s = sub.add_parser(name)
+        s = sub.add_parser(name, allow_abbrev=False)
         s.add_argument("--config", required=True, help="experiment config file[:arg]")
         s.add_argument("--workdir", required=True, help="run directory, seen by every process")
         add(s)

@@ -1,5 +1,5 @@
-"""Runs every point of a config file's sweep: `sweep(arg)` returns a list of override dicts, each run
-trains `get_config(arg)` with those overrides in ROOT/<name>, the name made from the overrides.
+"""Runs every point of a config file's sweep: `sweep(arg)` returns a list of override dicts; each
+run trains `get_config(arg)` with those overrides in ROOT/<name>, the name made from the overrides.
 
     python -m experiments.sweep --config experiments/configs/lm_stage2_7b.py --workdir ROOT \
         [--dry-run] [--launcher local|tpu|slurm] [launcher options, see experiments.launch]
@@ -70,8 +70,8 @@ def validate(config: ml_collections.ConfigDict, overrides: dict) -> None:
             raise ValueError(f"sweep override {key!r}: override the leaves of a sub-config "
                              f"({key}.NAME), not the sub-config itself")
         if not _compatible(current, value):
-            raise ValueError(f"sweep override {key!r}={value!r}: expected a "
-                             f"{type(current).__name__} like the config's {current!r}")
+            raise ValueError(f"sweep override {key!r}={value!r}: expected type "
+                             f"{type(current).__name__}, as the config's {current!r}")
 
 
 def flag_value(value) -> str:
@@ -125,7 +125,8 @@ def plan_runs(spec: str, root: str) -> list[tuple[str, list[str]]]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--config", required=True, help="experiment config file[:arg]")
     p.add_argument("--workdir", required=True, help="root directory; each run gets ROOT/NAME")
     p.add_argument("--launcher", choices=("local", "tpu", "slurm"), default="local")
@@ -136,7 +137,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _launcher_args(launcher: str, rest: list[str], python: str | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=f"python -m experiments.sweep --launcher {launcher}")
+    p = argparse.ArgumentParser(prog=f"python -m experiments.sweep --launcher {launcher}",
+                                allow_abbrev=False)
     (launch.add_tpu if launcher == "tpu" else launch.add_slurm)(p)
     launch.add_common(p)
     args = p.parse_args(rest)
