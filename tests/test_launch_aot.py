@@ -1,0 +1,77 @@
+"""experiments.aot on the demo model for 8 simulated devices, and the optimizer state's placement."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from experiments import aot_lib
+from experiments.configs import demo
+from mimo_jax.lm.config import MiMoAudioConfig
+from mimo_jax.train import flops, setup
+from mimo_jax.train.optimizer import path_of
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bytes(out: str, name: str) -> int:
+    return int(re.search(rf"^  {name} .*\((\d+) bytes\)$", out, re.M).group(1))
+
+
+def test_aot_reports_sharded_per_device_memory():
+    cmd = [sys.executable, "-m", "experiments.aot", "--config",
+           "experiments/configs/demo.py:smoke=True", "--devices", "8", "--mesh", "fsdp=8", "--rules", "fsdp"]
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    last = out.strip().splitlines()[-1]
+    match = re.fullmatch(r"per-device memory: (\d+\.\d+) GiB", last)
+    assert match and float(match.group(1)) > 0, last
+    assert "on 8 devices, rules fsdp" in out and "global batch 8 rows x 128 groups" in out
+    # Parameters and both Adam moments (fp32) are split over the 8 devices, not replicated.
+    n = flops.parameter_count(demo_lm())
+    assert _bytes(out, "arguments") < 3 * 4 * n / 2
+    compiled = float(re.search(r"compiled \(XLA cost analysis\)\s+(\S+)", out).group(1))
+    assert compiled > 0
+
+
+def demo_lm():
+    return MiMoAudioConfig.from_hf(dict(demo.get_config("smoke=True").model.hf))
+
+
+def test_a_mesh_that_does_not_fit_the_devices_is_named():
+    config = demo.get_config("smoke=True")
+    with pytest.raises(ValueError, match=r"needs 3 devices, but 8 are present"):
+        aot_lib.configure(config, aot_lib.parse_mesh("fsdp=3"), None, 1)
+    with pytest.raises(ValueError, match=r"--mesh item 'model=2': expected AXIS=SIZE"):
+        aot_lib.parse_mesh("fsdp=4,model=2")
+
+
+def test_global_batch_is_one_row_per_data_parallel_device():
+    config = demo.get_config("smoke=True")
+    c = aot_lib.configure(config, aot_lib.parse_mesh("fsdp=4,tensor=2"), "fsdp_tensor", 1)
+    assert c.data.batch_size == 4 and c.mesh.rules == "fsdp_tensor"
+    assert aot_lib.configure(config, aot_lib.parse_mesh("data=8"), None, 2).data.batch_size == 16
+
+
+def test_build_trainer_places_adam_moments_like_their_parameters():
+    config = demo.get_config("smoke=True")
+    config.mesh.ici = {"data": 1, "fsdp": 8, "tensor": 1, "sequence": 1}
+    config.mesh.rules = "fsdp"
+    mesh, rules = setup.mesh_and_rules(config)
+    _, model = setup.build_model(config, mesh, rules)
+    _, state = setup.build_trainer(config, model)
+    params = {path_of(kp): a.sharding
+              for kp, a in jax.tree_util.tree_leaves_with_path(state.params)}
+    moments = [(path_of(kp), a) for kp, a in
+               jax.tree_util.tree_leaves_with_path(state.opt_state) if a.ndim > 0]
+    assert len(moments) == 2 * len(params)
+    for path, a in moments:
+        own = [s for p, s in params.items() if path[-len(p):] == p]
+        assert own and a.sharding == own[0], path
+    assert any(not s.is_fully_replicated for s in params.values())
+    assert state.step.sharding.is_equivalent_to(
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), 0)
