@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from mimo_jax.lm.config import MiMoAudioConfig
 from mimo_jax.lm.model import MiMoAudioLM
 from mimo_jax.train import flops, setup
+from mimo_jax.train.step import opt_state_shardings
 from sharding.mesh import AXES
 from sharding.rules import state_shardings, use_rules
 
@@ -79,14 +80,14 @@ def abstract_state(config, mesh, rules):
 
     def make():
         model = MiMoAudioLM(lm, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(config.seed))
-        built["trainer"], state = setup.make_trainer(config, model)
+        built["trainer"], state = setup.build_trainer(config, model)
         return state
 
     state = jax.eval_shape(make)
     trainer = built["trainer"]
     params = _with_shardings(state.params, state_shardings(state.params, mesh, rules))
     frozen = _with_shardings(state.frozen, state_shardings(state.frozen, mesh, rules))
-    opt_shardings = setup.opt_state_shardings(trainer.tx, params, mesh)
+    opt_shardings = opt_state_shardings(trainer.tx, params, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     state = state.replace(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
                           params=params, frozen=frozen,

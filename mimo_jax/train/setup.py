@@ -8,13 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from mimo_jax import checkpoint as model_ckpt
 from mimo_jax.lm.config import MiMoAudioConfig
 from mimo_jax.lm.model import MiMoAudioLM
 from mimo_jax.train.losses import LossConfig
-from mimo_jax.train.optimizer import OptimizerConfig, path_of
+from mimo_jax.train.optimizer import OptimizerConfig
 from mimo_jax.train.step import Trainer, TrainState
 from sharding.mesh import make_mesh
 from sharding.rules import ACTIVATION_RULES, PRESETS, partition_spec, state_shardings
@@ -82,17 +82,7 @@ def _shardings_of(tree):
 
 
 def build_trainer(config, model) -> tuple[Trainer, TrainState]:
-    """The trainer and its state, the optimizer state placed like the parameters."""
-    trainer, state = make_trainer(config, model)
-    mesh = jax.tree.leaves(state.params)[0].sharding.mesh
-    init = jax.jit(trainer.tx.init,
-                   out_shardings=opt_state_shardings(trainer.tx, state.params, mesh))
-    step = jax.device_put(state.step, NamedSharding(mesh, PartitionSpec()))
-    return trainer, state.replace(step=step, opt_state=init(state.params))
-
-
-def make_trainer(config, model) -> tuple[Trainer, TrainState]:
-    """The trainer of the config's loss and optimizer, and its state as Trainer.create makes it."""
+    """The trainer of the config's loss and optimizer, and its state placed like the model."""
     loss = LossConfig.from_string(config.data.loss_weights, text_chunk=config.loss.text_chunk)
     frozen = tuple(config.optimizer.frozen)
     if not loss.trains_patch_decoder and "patch_decoder" not in frozen:
@@ -104,25 +94,6 @@ def make_trainer(config, model) -> tuple[Trainer, TrainState]:
         b1=config.optimizer.b1, b2=config.optimizer.b2, eps=config.optimizer.eps,
         clip_norm=config.optimizer.clip_norm, frozen=frozen)
     return Trainer.create(model, loss, opt, config.optimizer.grad_accum)
-
-
-def opt_state_shardings(tx, params, mesh):
-    """Each optimizer-state leaf placed like the parameter it belongs to (Adam's moments mirror the
-    parameter tree, so their key paths end with the parameter's path); the rest (step counts)
-    replicated. XLA does not propagate the parameters' shardings to zeros_like by itself: a jitted
-    init without these returns moments on a single device."""
-    by_path = {path_of(kp): (leaf.shape, leaf.sharding)
-               for kp, leaf in jax.tree_util.tree_leaves_with_path(params)}
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def pick(kp, leaf):
-        path = path_of(kp)
-        for start in range(len(path)):
-            shape, sharding = by_path.get(path[start:], (None, None))
-            if shape == leaf.shape:
-                return sharding
-        return replicated
-    return jax.tree_util.tree_map_with_path(pick, jax.eval_shape(tx.init, params))
 
 
 @dataclasses.dataclass

@@ -14,9 +14,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
+from jax.sharding import NamedSharding, PartitionSpec
 
 from mimo_jax.train.losses import LossConfig, mimo_loss
-from mimo_jax.train.optimizer import OptimizerConfig, group_of, learning_rates, make_optimizer
+from mimo_jax.train.optimizer import (OptimizerConfig, group_of, learning_rates, make_optimizer,
+                                     path_of)
 
 
 @struct.dataclass
@@ -31,6 +33,33 @@ def trainable_filter(groups: tuple[str, ...]):
     def keep(path, value) -> bool:
         return isinstance(value, nnx.Param) and group_of(tuple(str(p) for p in path)) in groups
     return keep
+
+
+def _mesh_of(params):
+    """The mesh the parameters are placed on (None: one device, or abstract values)."""
+    for leaf in jax.tree.leaves(params):
+        if isinstance(getattr(leaf, "sharding", None), NamedSharding):
+            return leaf.sharding.mesh
+    return None
+
+
+def opt_state_shardings(tx, params, mesh):
+    """Each optimizer-state leaf placed like the parameter it belongs to (Adam's moments mirror the
+    parameter tree, so their key paths end with the parameter's path); the rest (step counts)
+    replicated. XLA does not propagate the parameters' shardings to zeros_like by itself: a jitted
+    init without these returns moments on a single device."""
+    by_path = {path_of(kp): (leaf.shape, leaf.sharding)
+               for kp, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(kp, leaf):
+        path = path_of(kp)
+        for start in range(len(path)):
+            shape, sharding = by_path.get(path[start:], (None, None))
+            if shape == leaf.shape:
+                return sharding
+        return replicated
+    return jax.tree_util.tree_map_with_path(pick, jax.eval_shape(tx.init, params))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +80,14 @@ class Trainer:
         groups = optimizer.trainable_groups
         graphdef, params, frozen = nnx.split(model, trainable_filter(groups), ...)
         trainer = cls(graphdef, loss, optimizer, grad_accum)
-        state = TrainState(jnp.zeros((), jnp.int32), params, frozen, trainer.tx.init(params))
-        return trainer, state
+        mesh = _mesh_of(params)
+        if mesh is None:
+            return trainer, TrainState(jnp.zeros((), jnp.int32), params, frozen,
+                                       jax.jit(trainer.tx.init)(params))
+        init = jax.jit(trainer.tx.init,
+                       out_shardings=opt_state_shardings(trainer.tx, params, mesh))
+        step = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, PartitionSpec()))
+        return trainer, TrainState(step, params, frozen, init(params))
 
     def model(self, state: TrainState) -> nnx.Module:
         return nnx.merge(self.graphdef, state.params, state.frozen)
