@@ -107,13 +107,15 @@ def test_two_processes_of_four_devices_equal_one_of_eight(demo_data, tmp_path):
     assert one.returncode == 0, one.stdout + one.stderr
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     port = _free_port()
+    logs = [open(tmp_path / f"process{i}.log", "w") for i in range(2)]  # pipes could fill and block
     procs = [subprocess.Popen(_train_cmd(demo_data, tmp_path / "two", *args,
                                          f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
                                          f"--process_id={i}"),
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for i in range(2)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+                              cwd=ROOT, env=env, stdout=logs[i], stderr=subprocess.STDOUT)
+              for i in range(2)]
+    codes = [p.wait(timeout=300) for p in procs]
+    outs = [(tmp_path / f"process{i}.log").read_text()[-3000:] for i in range(2)]
+    assert codes == [0, 0], outs
     a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert a.keys() == b.keys() == {1, 2, 3}
     for step in a:
