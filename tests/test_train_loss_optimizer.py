@@ -24,8 +24,8 @@ class FixedLogits:
     def backbone(self, embeds, positions, segments):
         return embeds
 
-    def text_logits(self, hidden):
-        return self._text[:, :hidden.shape[1]]
+    def text_logits(self, hidden):  # hidden: the loss's one chunk of all (flattened) positions
+        return self._text.reshape(-1, self._text.shape[-1])[:hidden.shape[0]]
 
     def local_hidden(self, hidden):
         return hidden

@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from mimo_jax.lm.config import MiMoAudioConfig
-from mimo_jax.nn.attention import attention_mask
+from mimo_jax.nn.attention import MaskSpec, attention_mask
 from mimo_jax.nn.layers import Dense, Embed
 from mimo_jax.nn.transformer import KVCache, Qwen2Stack
 
@@ -88,7 +88,7 @@ class MiMoAudioLM(nnx.Module):
     def backbone(self, embeds: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None
                  ) -> jax.Array:
         """Causal backbone over whole rows; packed rows keep documents apart by segment id."""
-        mask = attention_mask(positions, positions, segment_ids, segment_ids, causal=True)
+        mask = MaskSpec(positions, positions, segment_ids, segment_ids, causal=True)
         hidden, _ = self.model(embeds, positions, mask)
         return hidden
 

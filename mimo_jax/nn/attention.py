@@ -7,6 +7,7 @@ they hold; empty slots have segment 0).
 """
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 # Finite, so that a fully masked row (a padding query) yields zeros rather than NaN.
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -62,3 +63,62 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
     out = jnp.einsum("bkrts,bskd->btkrd", probs.astype(v.dtype), v)
     return out.reshape(batch, q_len, heads, head_dim)
+
+
+@struct.dataclass
+class MaskSpec:
+    """A mask given by its ingredients instead of a [batch, q_len, k_len] array, so that long
+    sequences can build it one block of queries at a time."""
+    q_positions: jax.Array
+    k_positions: jax.Array
+    q_segments: jax.Array | None = None
+    k_segments: jax.Array | None = None
+    causal: bool = struct.field(pytree_node=False, default=True)
+    window: tuple[int, int] = struct.field(pytree_node=False, default=(-1, -1))
+
+    def dense(self) -> jax.Array:
+        return attention_mask(self.q_positions, self.k_positions, self.q_segments, self.k_segments,
+                              causal=self.causal, window=self.window)
+
+    def rows(self, q_positions, q_segments) -> "MaskSpec":
+        return self.replace(q_positions=q_positions, q_segments=q_segments)
+
+
+def blocked_attention(q, k, v, mask: MaskSpec, block: int) -> jax.Array:
+    """Attention over all keys for one block of queries at a time, each block rematerialised in
+    the backward pass: memory grows with block * k_len instead of q_len * k_len."""
+    batch, time = q.shape[:2]
+    blocks = -(-time // block)
+    pad = blocks * block - time
+
+    def split(x):
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(batch, blocks, block, *x.shape[2:]), 1, 0)
+
+    q_segments = mask.q_segments if mask.q_segments is not None else jnp.ones((batch, time),
+                                                                              jnp.int32)
+    k_segments = mask.k_segments if mask.k_segments is not None else jnp.ones(k.shape[:2],
+                                                                              jnp.int32)
+    full = mask.replace(q_segments=q_segments, k_segments=k_segments)
+
+    @jax.checkpoint
+    def one(args):
+        qb, qp, qs = args
+        return dot_product_attention(qb, k, v, full.rows(qp, qs).dense())
+
+    out = jax.lax.map(one, (split(q), split(mask.q_positions), split(q_segments)))
+    return jnp.moveaxis(out, 0, 1).reshape(batch, blocks * block, *q.shape[2:])[:, :time]
+
+
+# Query lengths above this run block by block.
+ATTENTION_BLOCK = 512
+
+
+def attend(q, k, v, mask: MaskSpec | jax.Array | None, *, dropout_rate: float = 0.0,
+           dropout_rng: jax.Array | None = None, block: int = ATTENTION_BLOCK) -> jax.Array:
+    """Attention with a dense mask, or a MaskSpec that long query sequences apply block by block."""
+    if isinstance(mask, MaskSpec):
+        if q.shape[1] > block and not (dropout_rate > 0 and dropout_rng is not None):
+            return blocked_attention(q, k, v, mask, block)
+        mask = mask.dense()
+    return dot_product_attention(q, k, v, mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from mimo_jax.nn.attention import dot_product_attention
+from mimo_jax.nn.attention import attend
 from mimo_jax.nn.layers import Dense, Embed, RMSNorm
 from mimo_jax.nn.remat import maybe_remat
 from mimo_jax.nn.rope import apply_rope, inv_frequencies, rope_tables
@@ -44,8 +44,8 @@ class Qwen2Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
             cache = {"k": k, "v": v}
         rate = self.dropout if dropout_rng is not None else 0.0
-        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
-                                    dropout_rate=rate, dropout_rng=dropout_rng)
+        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, dropout_rate=rate,
+                     dropout_rng=dropout_rng)
         out = self.o_proj(out.reshape(b, t, self.heads * self.head_dim))
         return checkpoint_name(out, "out_proj"), cache
 
@@ -108,7 +108,8 @@ class Qwen2Stack(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
                  cache: KVCache | None = None, cache_index: Any = 0,
                  dropout_rng: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
-        """x [batch, time, hidden]; positions [batch, time] (RoPE); mask [batch, time, keys].
+        """x [batch, time, hidden]; positions [batch, time] (RoPE); mask [batch, time, keys] or a
+        MaskSpec (long sequences then attend block by block).
 
         An input narrower than the compute dtype (the official bf16 speech embeddings in an fp32
         model) enters the first layer as it is, as in PyTorch, where that layer's input norm rounds

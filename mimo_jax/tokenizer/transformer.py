@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mimo_jax.nn.attention import attention_mask, dot_product_attention
+from mimo_jax.nn.attention import (MaskSpec, attention_mask, blocked_attention,
+                                   dot_product_attention)
 from mimo_jax.nn.layers import Dense, LayerNorm
 from mimo_jax.nn.rope import apply_rope, inv_frequencies, rope_tables
 
@@ -61,25 +62,6 @@ def _windowed_attention(q, k, v, positions, segments, *, causal, window, block):
     return out.reshape(batch, blocks * block, *q.shape[2:])[:, :time]
 
 
-def _query_blocked_attention(q, k, v, positions, segments, *, causal, window, block):
-    """Attention over all keys, computed for one block of queries at a time (lax.map)."""
-    batch, time = positions.shape
-    blocks = -(-time // block)
-    pad_t = blocks * block - time
-
-    def split(x):
-        x = jnp.pad(x, [(0, 0), (0, pad_t)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape(batch, blocks, block, *x.shape[2:]), 1, 0)
-
-    def one(args):
-        qb, qp, qs = args
-        mask = attention_mask(qp, positions, qs, segments, causal=causal, window=window)
-        return dot_product_attention(qb, k, v, mask)
-
-    out = jax.lax.map(one, (split(q), split(positions), split(segments)))
-    return jnp.moveaxis(out, 0, 1).reshape(batch, blocks * block, *q.shape[2:])[:, :time]
-
-
 class SelfAttention(nnx.Module):
     def __init__(self, spec: StackSpec, *, dtype, rngs: nnx.Rngs):
         d = spec.dim
@@ -104,8 +86,9 @@ class SelfAttention(nnx.Module):
             out = _windowed_attention(q, k, v, positions, segments, causal=self.causal,
                                       window=self.window, block=WINDOW_BLOCK)
         elif time > FULL_BLOCK:
-            out = _query_blocked_attention(q, k, v, positions, segments, causal=self.causal,
-                                           window=self.window, block=FULL_BLOCK)
+            mask = MaskSpec(positions, positions, segments, segments, causal=self.causal,
+                            window=self.window)
+            out = blocked_attention(q, k, v, mask, FULL_BLOCK)
         else:
             mask = attention_mask(positions, positions, segments, segments, causal=self.causal,
                                   window=self.window)

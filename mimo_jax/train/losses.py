@@ -11,6 +11,7 @@ weighted patches of the mean over the patch's frames; total = (w0 * text_loss + 
 gives the plain text loss; stage 1, w = 1-0-...-0, gives the text loss).
 """
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,15 @@ class LossConfig:
     text_weight: float
     codebook_weights: tuple[float, ...]
     text_chunk: int = 1024  # positions per chunk of the text logits (bounds their memory)
+    # The patch decoder runs on at most this fraction of a batch's positions, those with speech
+    # targets first (text positions have none); targets beyond it are counted in
+    # `patches_dropped`, never silently lost. 1.0: every position.
+    patch_fraction: float = 1.0
+    patch_chunk: int = 1024  # positions per chunk of the patch decoder (bounds its activations)
+
+    def __post_init__(self):
+        if not 0.0 < self.patch_fraction <= 1.0:
+            raise ValueError(f"loss.patch_fraction={self.patch_fraction}: expected (0, 1]")
 
     @property
     def trains_patch_decoder(self) -> bool:
@@ -35,51 +45,73 @@ class LossConfig:
         return cls(values[0], values[1:], **kw)
 
 
-def _weighted_mean(values, weights):
-    total = jnp.sum(weights)
-    return jnp.sum(values * weights) / jnp.maximum(total, _TINY), total
+def chunked_sums(fn, xs, chunk: int):
+    """sum over chunks of fn(chunk of xs, chunk index): xs are arrays [N, ...] cut into chunks of
+    `chunk` rows (the last zero-padded: fn must give padding rows zero weight), each chunk
+    rematerialised in the backward pass, so memory holds one chunk's intermediates at a time."""
+    n = jax.tree.leaves(xs)[0].shape[0]
+    chunk = min(chunk, n)
+    pad = -n % chunk
+    blocks = (n + pad) // chunk
+    split = lambda a: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(
+        blocks, chunk, *a.shape[1:])
+    sums = jax.lax.map(jax.checkpoint(lambda args: fn(*args)),
+                       (jax.tree.map(split, xs), jnp.arange(blocks)))
+    return jax.tree.map(lambda a: jnp.sum(a, axis=0), sums)
 
 
 def text_cross_entropy(model, hidden, targets, weights, chunk: int):
-    """Weighted sum of CE and of correct argmaxes over positions, computing the [.., vocab] logits
-    one chunk of positions at a time (rematerialised in the backward pass)."""
-    b, g, d = hidden.shape
-    chunk = min(chunk, g)
-    pad = -g % chunk
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-        weights = jnp.pad(weights, ((0, 0), (0, pad)))
-    n = (g + pad) // chunk
-    split = lambda a: jnp.moveaxis(a.reshape(b, n, chunk, *a.shape[2:]), 1, 0)
-
-    @jax.checkpoint
-    def one(xs):
+    """Weighted sum of CE and count of correct argmaxes over positions, the [.., vocab] logits
+    computed one chunk of positions at a time."""
+    def one(xs, _):
         h, t, w = xs
         logits = model.text_logits(h).astype(jnp.float32)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, t)
         correct = (jnp.argmax(logits, -1) == t).astype(jnp.float32)
         return jnp.sum(ce * w), jnp.sum(correct * (w > 0))
 
-    ce_sum, correct = jax.lax.map(one, (split(hidden), split(targets), split(weights)))
-    return jnp.sum(ce_sum), jnp.sum(correct)
+    flat = lambda a: a.reshape(-1, *a.shape[2:])
+    return chunked_sums(one, (flat(hidden), flat(targets), flat(weights)), chunk)
 
 
-def codebook_losses(model, hidden, batch, dropout_rng=None):
-    """Per codebook: (loss, accuracy, weight total) from the teacher-forced patch decoder."""
+def _speech_positions(hidden, targets, weights, fraction: float):
+    """The first ceil(fraction * N) positions with speech targets (all N when fraction is 1), and
+    how many positions with targets did not fit."""
+    n = hidden.shape[0]
+    capacity = min(n, max(1, math.ceil(fraction * n)))
+    has = jnp.any(weights > 0, axis=-1)
+    dropped = jnp.maximum(jnp.sum(has) - capacity, 0).astype(jnp.float32)
+    if capacity == n:
+        return hidden, targets, weights, dropped
+    keep = jnp.argsort(~has, stable=True)[:capacity]
+    return hidden[keep], targets[keep], weights[keep], dropped
+
+
+def codebook_losses(model, hidden, batch, cfg: "LossConfig", dropout_rng=None):
+    """Per codebook: (loss, accuracy, weight total) from the teacher-forced patch decoder, run over
+    chunks of positions, and the number of speech positions beyond the patch capacity."""
     b, g, _ = hidden.shape
-    local = model.local_hidden(hidden).reshape(b * g, -1)
-    targets = batch["code_targets"].reshape(b * g, *batch["code_targets"].shape[2:])
-    weights = batch["code_weights"].reshape(b * g, -1)
-    out = []
-    for ch, logits in enumerate(model.patch_logits(local, targets, dropout_rng)):
-        logits = logits.astype(jnp.float32)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets[..., ch]).mean(-1)
-        acc = (jnp.argmax(logits, -1) == targets[..., ch]).astype(jnp.float32).mean(-1)
-        loss, total = _weighted_mean(ce, weights[:, ch])
-        out.append((loss, jnp.sum(acc * (weights[:, ch] > 0)) / jnp.maximum(
-            jnp.sum(weights[:, ch] > 0), 1), total))
-    return out
+    local, targets, weights, dropped = _speech_positions(
+        model.local_hidden(hidden).reshape(b * g, -1),
+        batch["code_targets"].reshape(b * g, *batch["code_targets"].shape[2:]),
+        batch["code_weights"].reshape(b * g, -1), cfg.patch_fraction)
+
+    def one(xs, index):
+        h, t, w = xs
+        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
+        sums = []
+        for ch, logits in enumerate(model.patch_logits(h, t, rng)):
+            logits = logits.astype(jnp.float32)
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, t[..., ch]).mean(-1)
+            acc = (jnp.argmax(logits, -1) == t[..., ch]).astype(jnp.float32).mean(-1)
+            active = (w[:, ch] > 0).astype(jnp.float32)
+            sums.append(jnp.stack([jnp.sum(ce * w[:, ch]), jnp.sum(w[:, ch]), jnp.sum(acc * active),
+                                   jnp.sum(active)]))
+        return jnp.stack(sums)  # [channels, 4]
+
+    sums = chunked_sums(one, (local, targets, weights), cfg.patch_chunk)
+    out = [(s[0] / jnp.maximum(s[1], _TINY), s[2] / jnp.maximum(s[3], 1.0), s[1]) for s in sums]
+    return out, dropped
 
 
 def mimo_loss(model, batch, cfg: LossConfig, dropout_rng=None):
@@ -99,7 +131,9 @@ def mimo_loss(model, batch, cfg: LossConfig, dropout_rng=None):
                "text_accuracy": correct / jnp.maximum(jnp.sum(tw > 0), 1),
                "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)}
     if cfg.trains_patch_decoder:
-        for ch, (loss, acc, total) in enumerate(codebook_losses(model, hidden, batch, rng_dec)):
+        per_codebook, metrics["patches_dropped"] = codebook_losses(model, hidden, batch, cfg,
+                                                                   rng_dec)
+        for ch, (loss, acc, total) in enumerate(per_codebook):
             has = (total > 0).astype(jnp.float32) * cfg.codebook_weights[ch]
             numerator, denominator = numerator + has * loss, denominator + has
             metrics[f"codebook{ch}_loss"], metrics[f"codebook{ch}_accuracy"] = loss, acc

@@ -83,7 +83,9 @@ def _shardings_of(tree):
 
 def build_trainer(config, model) -> tuple[Trainer, TrainState]:
     """The trainer of the config's loss and optimizer, and its state placed like the model."""
-    loss = LossConfig.from_string(config.data.loss_weights, text_chunk=config.loss.text_chunk)
+    loss = LossConfig.from_string(config.data.loss_weights, text_chunk=config.loss.text_chunk,
+                                  patch_fraction=config.loss.patch_fraction,
+                                  patch_chunk=config.loss.patch_chunk)
     frozen = tuple(config.optimizer.frozen)
     if not loss.trains_patch_decoder and "patch_decoder" not in frozen:
         frozen += ("patch_decoder",)  # stage 1: no patch decoder in the graph, nothing to train
