@@ -73,8 +73,8 @@ def _train_cmd(data, workdir, *extra):
 
 
 def test_sigterm_saves_and_resume_continues_identically(demo_data, tmp_path):
-    steps = ["--config.total_steps=60", "--config.checkpoint_every=1000"]
-    assert train.run(smoke(demo_data, total_steps=60, checkpoint_every=1000),
+    steps = ["--config.total_steps=30", "--config.checkpoint_every=1000"]
+    assert train.run(smoke(demo_data, total_steps=30, checkpoint_every=1000),
                      str(tmp_path / "straight")) == 0
     run = subprocess.Popen(_train_cmd(demo_data, tmp_path / "cut", *steps), cwd=ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -86,7 +86,7 @@ def test_sigterm_saves_and_resume_continues_identically(demo_data, tmp_path):
     assert run.wait(timeout=300) == 0, out
     assert "preempted: checkpoint saved at step" in out
     cut_at = max(train_losses(tmp_path / "cut"))
-    assert cut_at < 60 and (tmp_path / "cut" / "checkpoints" / str(cut_at)).is_dir()
+    assert cut_at < 30 and (tmp_path / "cut" / "checkpoints" / str(cut_at)).is_dir()
     resumed = subprocess.run(_train_cmd(demo_data, tmp_path / "cut", *steps), cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
