@@ -121,3 +121,14 @@ def stage(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown stage {name!r}: expected stage1, stage2 or sft")
     c.optimizer.warmup_ratio = 0.01
     return c
+
+
+def lm_7b(stage_name: str, tokens: float, arg: str | None, batch_size: int,
+          checkpoint_every: int = 1000) -> ml_collections.ConfigDict:
+    """A 7B run of one of the report's stages over `tokens` groups (arg: batch_size, context)."""
+    a = parse_arg(arg, batch_size=batch_size, context=8192)
+    c = stage(base_config(), stage_name)
+    c.data.batch_size, c.data.context_length = a.batch_size, a.context
+    c.total_steps = int(tokens // (a.batch_size * a.context))
+    c.checkpoint_every = checkpoint_every
+    return c

@@ -4,17 +4,9 @@
 with --config.model.init_checkpoint=DIR (the report starts from MiMo-7B-Base)."""
 from experiments.configs import common
 
-TOKENS = 2.6e12
-
 
 def get_config(arg=None):
-    a = common.parse_arg(arg, batch_size=2048, context=8192)
-    c = common.stage(common.base_config(), "stage1")
-    c.data.batch_size, c.data.context_length = a.batch_size, a.context
-    c.total_steps = int(TOKENS // (a.batch_size * a.context))
-    c.checkpoint_every = 1000
-    c.log_every = 10
-    return c
+    return common.lm_7b("stage1", 2.6e12, arg, batch_size=2048)
 
 
 def sweep(arg=None):

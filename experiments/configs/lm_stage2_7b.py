@@ -3,16 +3,9 @@
 encoder and decoder) / 3e-5 (LLM), batch 16.8M groups (2048 rows of 8192), 5T tokens, warmup 0.01."""
 from experiments.configs import common
 
-TOKENS = 5e12
-
 
 def get_config(arg=None):
-    a = common.parse_arg(arg, batch_size=2048, context=8192)
-    c = common.stage(common.base_config(), "stage2")
-    c.data.batch_size, c.data.context_length = a.batch_size, a.context
-    c.total_steps = int(TOKENS // (a.batch_size * a.context))
-    c.checkpoint_every = 1000
-    return c
+    return common.lm_7b("stage2", 5e12, arg, batch_size=2048)
 
 
 def sweep(arg=None):
