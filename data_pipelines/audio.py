@@ -14,38 +14,38 @@ HOP = 240  # mel hop: 100 mel frames per second
 
 
 def code_frames(num_samples: int) -> int:
-  """25 Hz code frames the tokenizer encoder yields for `num_samples` at 24 kHz (SPEC §3.9)."""
-  mel = num_samples // HOP + 1
-  return -(-((mel - 1) // 2 + 1) // 2)
+    """25 Hz code frames the tokenizer encoder yields for `num_samples` at 24 kHz (SPEC §3.9)."""
+    mel = num_samples // HOP + 1
+    return -(-((mel - 1) // 2 + 1) // 2)
 
 
 def _read_bytes(path: str) -> bytes:
-  p = epath.Path(path)
-  if not p.exists():
-    raise FileNotFoundError(f"{path}: file not found")
-  return p.read_bytes()
+    p = epath.Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: file not found")
+    return p.read_bytes()
 
 
 def audio_seconds(path: str) -> float:
-  """Duration from the file header (no decoding); raises on a missing or unreadable file."""
-  p = epath.Path(path)
-  if not p.exists():
-    raise FileNotFoundError(f"{path}: file not found")
-  with p.open("rb") as f:
-    info = soundfile.info(f)
-  if info.frames <= 0:
-    raise ValueError(f"{path}: no samples")
-  return info.frames / info.samplerate
+    """Duration from the file header (no decoding); raises on a missing or unreadable file."""
+    p = epath.Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: file not found")
+    with p.open("rb") as f:
+        info = soundfile.info(f)
+    if info.frames <= 0:
+        raise ValueError(f"{path}: no samples")
+    return info.frames / info.samplerate
 
 
 def load_audio(path: str) -> np.ndarray:
-  """Decodes, averages channels, resamples to 24 kHz (soxr); raises on bad audio."""
-  data, sr = soundfile.read(io.BytesIO(_read_bytes(path)), dtype="float32", always_2d=True)
-  if data.shape[0] == 0:
-    raise ValueError(f"{path}: no samples")
-  wav = data.mean(axis=1)
-  if not np.all(np.isfinite(wav)):
-    raise ValueError(f"{path}: non-finite samples")
-  if sr != SAMPLE_RATE:
-    wav = librosa.resample(wav, orig_sr=sr, target_sr=SAMPLE_RATE)
-  return np.ascontiguousarray(wav, np.float32)
+    """Decodes, averages channels, resamples to 24 kHz (soxr); raises on bad audio."""
+    data, sr = soundfile.read(io.BytesIO(_read_bytes(path)), dtype="float32", always_2d=True)
+    if data.shape[0] == 0:
+        raise ValueError(f"{path}: no samples")
+    wav = data.mean(axis=1)
+    if not np.all(np.isfinite(wav)):
+        raise ValueError(f"{path}: non-finite samples")
+    if sr != SAMPLE_RATE:
+        wav = librosa.resample(wav, orig_sr=sr, target_sr=SAMPLE_RATE)
+    return np.ascontiguousarray(wav, np.float32)

@@ -55,49 +55,72 @@ LANGUAGE_NAMES = {"en": "English", "de": "German", "fr": "French", "es": "Spanis
 
 
 def _utterances(i: int, lang: str, espeak_lang: str, text: str):
-  """The four utterances of sentence i: (suffix, variant, gender, rate name)."""
-  va, vb = VOICES[i % len(VOICES)], VOICES[(i + 1) % len(VOICES)]
-  for suffix, (variant, gender), rate in (("a", va, "normal"), ("b", vb, "normal"),
-                                          ("s", va, "slow"), ("f", va, "fast")):
-    yield suffix, f"{espeak_lang}+{variant}", gender, rate
+    """The four utterances of sentence i: (suffix, variant, gender, rate name)."""
+    va, vb = VOICES[i % len(VOICES)], VOICES[(i + 1) % len(VOICES)]
+    for suffix, (variant, gender), rate in (
+        ("a", va, "normal"),
+        ("b", vb, "normal"),
+        ("s", va, "slow"),
+        ("f", va, "fast"),
+    ):
+        yield suffix, f"{espeak_lang}+{variant}", gender, rate
 
 
 def build(out: str, sentences: int = 12) -> list[dict]:
-  """Writes the WAV files, `manifest.jsonl` and `tokenizer.json`; returns the manifest entries."""
-  if not 1 <= sentences <= len(SENTENCES):
-    raise ValueError(f"--sentences {sentences}: expected 1..{len(SENTENCES)}")
-  root = epath.Path(out)
-  (root / "wav").mkdir(parents=True, exist_ok=True)
-  tts = ESpeak()
-  entries = []
-  for i, (lang, espeak_lang, text) in enumerate(SENTENCES[:sentences]):
-    for suffix, voice, gender, rate in _utterances(i, lang, espeak_lang, text):
-      uid = f"s{i:03d}{suffix}"
-      wav = tts.synth(text, voice, RATES[rate])
-      with (root / "wav" / f"{uid}.wav").open("wb") as f:
-        soundfile.write(f, wav, tts.sample_rate, subtype="PCM_16", format="WAV")
-      pace = "" if rate == "normal" else f" {rate}ly" if rate == "slow" else " quickly"
-      entries.append({
-          "audio": f"wav/{uid}.wav", "id": uid, "text": text, "speaker": voice, "language": lang,
-          "voice": voice, "rate": RATES[rate], "pair": f"s{i:03d}",
-          "caption": f"A {gender} voice speaking {LANGUAGE_NAMES[lang]}{pace}.",
-          "instruct": f"Speak{pace or ' at a normal pace'} in a {gender} voice.",
-      })
-  (root / "manifest.jsonl").write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
-  train_demo_tokenizer([t for _, _, t in SENTENCES]).save(str(root / "tokenizer.json"))
-  return entries
+    """Writes the WAV files, `manifest.jsonl` and `tokenizer.json`; returns the manifest entries."""
+    if not 1 <= sentences <= len(SENTENCES):
+        raise ValueError(f"--sentences {sentences}: expected 1..{len(SENTENCES)}")
+    root = epath.Path(out)
+    (root / "wav").mkdir(parents=True, exist_ok=True)
+    tts = ESpeak()
+    entries = []
+    for i, (lang, espeak_lang, text) in enumerate(SENTENCES[:sentences]):
+        for suffix, voice, gender, rate in _utterances(i, lang, espeak_lang, text):
+            uid = f"s{i:03d}{suffix}"
+            wav = tts.synth(text, voice, RATES[rate])
+            with (root / "wav" / f"{uid}.wav").open("wb") as f:
+                soundfile.write(f, wav, tts.sample_rate, subtype="PCM_16", format="WAV")
+            pace = "" if rate == "normal" else f" {rate}ly" if rate == "slow" else " quickly"
+            entries.append(
+                {
+                    "audio": f"wav/{uid}.wav",
+                    "id": uid,
+                    "text": text,
+                    "speaker": voice,
+                    "language": lang,
+                    "voice": voice,
+                    "rate": RATES[rate],
+                    "pair": f"s{i:03d}",
+                    "caption": f"A {gender} voice speaking {LANGUAGE_NAMES[lang]}{pace}.",
+                    "instruct": f"Speak{pace or ' at a normal pace'} in a {gender} voice.",
+                }
+            )
+    (root / "manifest.jsonl").write_text(
+        "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries)
+    )
+    train_demo_tokenizer([t for _, _, t in SENTENCES]).save(str(root / "tokenizer.json"))
+    return entries
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m data_pipelines.demo_corpus", description=__doc__.split("\n")[0])
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--sentences", type=int, default=12, help=f"sentences (4 utterances each), at most {len(SENTENCES)}")
-  args = parser.parse_args(argv)
-  entries = build(args.out, args.sentences)
-  print(f"{args.out}: {len(entries)} utterances in {len({e['language'] for e in entries})} languages, "
-        f"{len({e['voice'] for e in entries})} voices; manifest.jsonl and tokenizer.json written")
-  return 0
+    parser = argparse.ArgumentParser(
+        prog="python -m data_pipelines.demo_corpus", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--sentences",
+        type=int,
+        default=12,
+        help=f"sentences (4 utterances each), at most {len(SENTENCES)}",
+    )
+    args = parser.parse_args(argv)
+    entries = build(args.out, args.sentences)
+    print(
+        f"{args.out}: {len(entries)} utterances in {len({e['language'] for e in entries})} languages, "
+        f"{len({e['voice'] for e in entries})} voices; manifest.jsonl and tokenizer.json written"
+    )
+    return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

@@ -28,36 +28,36 @@ SAMPLES_PER_FRAME = 960
 
 
 class EnergyEncoder:
-  """Stand-in encoder: per 40 ms frame, the log energy of the wav, scaled differently for each
-  codebook and wrapped into the codebook's range. Deterministic and batch-independent."""
+    """Stand-in encoder: per 40 ms frame, the log energy of the wav, scaled differently for each
+    codebook and wrapped into the codebook's range. Deterministic and batch-independent."""
 
-  def __init__(self, codebooks: int = 8):
-    self.codebooks = codebooks
-    self.sizes = np.asarray(CODEBOOK_SIZES[:codebooks])
+    def __init__(self, codebooks: int = 8):
+        self.codebooks = codebooks
+        self.sizes = np.asarray(CODEBOOK_SIZES[:codebooks])
 
-  def __call__(self, wavs: Sequence[np.ndarray]) -> list[np.ndarray]:
-    return [self._one(np.asarray(w, np.float32)) for w in wavs]
+    def __call__(self, wavs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return [self._one(np.asarray(w, np.float32)) for w in wavs]
 
-  def _one(self, wav: np.ndarray) -> np.ndarray:
-    n = code_frames(len(wav))
-    padded = np.zeros(n * SAMPLES_PER_FRAME, np.float32)
-    padded[:min(len(wav), len(padded))] = wav[:len(padded)]
-    energy = np.log(np.mean(padded.reshape(n, SAMPLES_PER_FRAME) ** 2, axis=1) + 1e-8)
-    scaled = np.floor((energy[:, None] + 20.0) * 7.0 * np.arange(1, self.codebooks + 1))
-    return np.mod(scaled.astype(np.int64), self.sizes).astype(np.int16)
+    def _one(self, wav: np.ndarray) -> np.ndarray:
+        n = code_frames(len(wav))
+        padded = np.zeros(n * SAMPLES_PER_FRAME, np.float32)
+        padded[: min(len(wav), len(padded))] = wav[: len(padded)]
+        energy = np.log(np.mean(padded.reshape(n, SAMPLES_PER_FRAME) ** 2, axis=1) + 1e-8)
+        scaled = np.floor((energy[:, None] + 20.0) * 7.0 * np.arange(1, self.codebooks + 1))
+        return np.mod(scaled.astype(np.int64), self.sizes).astype(np.int16)
 
 
 def load_encoder(spec: str, checkpoint: str | None, codebooks: int) -> EncodeBatch:
-  if spec == "energy":
-    return EnergyEncoder(codebooks)
-  if spec == "mimo":
-    module, name = "mimo_jax.tokenizer", "load_encoder"
-  elif ":" in spec:
-    module, name = spec.split(":", 1)
-  else:
-    raise ValueError(f"encoder {spec!r}: expected 'mimo', 'energy' or 'module:function'")
-  try:
-    factory = getattr(importlib.import_module(module), name)
-  except (ImportError, AttributeError) as e:
-    raise ValueError(f"encoder {spec!r}: cannot import {module}.{name} ({e})") from e
-  return factory(checkpoint, codebooks=codebooks)
+    if spec == "energy":
+        return EnergyEncoder(codebooks)
+    if spec == "mimo":
+        module, name = "mimo_jax.tokenizer", "load_encoder"
+    elif ":" in spec:
+        module, name = spec.split(":", 1)
+    else:
+        raise ValueError(f"encoder {spec!r}: expected 'mimo', 'energy' or 'module:function'")
+    try:
+        factory = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"encoder {spec!r}: cannot import {module}.{name} ({e})") from e
+    return factory(checkpoint, codebooks=codebooks)

@@ -33,117 +33,150 @@ from data_pipelines.text_tokenizer import TextTokenizer
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """A shard directory, the task its records are built into (`sequences.TASKS` or `"record"`
-  for each record's own task field), and its mixing weight."""
+    """A shard directory, the task its records are built into (`sequences.TASKS` or `"record"`
+    for each record's own task field), and its mixing weight."""
 
-  path: str
-  task: str
-  weight: float = 1.0
+    path: str
+    task: str
+    weight: float = 1.0
 
 
 class EpochShuffle(grain.MapDataset):
-  """A different permutation of the parent per epoch, from a cached numpy permutation.
+    """A different permutation of the parent per epoch, from a cached numpy permutation.
 
-  Grain's `shuffle` computes each index with `index_shuffle` (about 0.1 ms per element here,
-  more than reading and decoding a record); one epoch's permutation of this process's records
-  costs 4 bytes per record.
-  """
+    Grain's `shuffle` computes each index with `index_shuffle` (about 0.1 ms per element here,
+    more than reading and decoding a record); one epoch's permutation of this process's records
+    costs 4 bytes per record.
+    """
 
-  def __init__(self, parent: grain.MapDataset, seed: int):
-    super().__init__(parent)
-    self._seed = seed
-    self._epoch, self._perm = -1, None
+    def __init__(self, parent: grain.MapDataset, seed: int):
+        super().__init__(parent)
+        self._seed = seed
+        self._epoch, self._perm = -1, None
 
-  def __len__(self) -> int:
-    return len(self._parent)
+    def __len__(self) -> int:
+        return len(self._parent)
 
-  def _permutation(self, epoch: int) -> np.ndarray:
-    if epoch != self._epoch:
-      rng = np.random.default_rng([self._seed, epoch])
-      self._perm = rng.permutation(len(self._parent)).astype(np.int32)
-      self._epoch = epoch
-    return self._perm
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self._seed, epoch])
+            self._perm = rng.permutation(len(self._parent)).astype(np.int32)
+            self._epoch = epoch
+        return self._perm
 
-  def __getitem__(self, index):
-    if isinstance(index, slice):
-      return self.slice(index)
-    epoch, i = divmod(int(index), len(self._parent))
-    return self._parent[int(self._permutation(epoch)[i])]
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, i = divmod(int(index), len(self._parent))
+        return self._parent[int(self._permutation(epoch)[i])]
 
-  def __str__(self) -> str:
-    return f"EpochShuffle(seed={self._seed})"
+    def __str__(self) -> str:
+        return f"EpochShuffle(seed={self._seed})"
 
 
 class BuildDocument:
-  """Record (or the error reading it) -> document dict, or an error marker when skipping."""
+    """Record (or the error reading it) -> document dict, or an error marker when skipping."""
 
-  def __init__(self, builder: SequenceBuilder, task: str, cfg: DataConfig):
-    self.builder, self.task, self.cfg = builder, task, cfg
+    def __init__(self, builder: SequenceBuilder, task: str, cfg: DataConfig):
+        self.builder, self.task, self.cfg = builder, task, cfg
 
-  def _bad(self, message: str) -> dict:
-    if not self.cfg.skip_bad_records:
-      raise ValueError(message)
-    logging.warning("skipping a bad record: %s", message)
-    return {ERROR_KEY: message}
+    def _bad(self, message: str) -> dict:
+        if not self.cfg.skip_bad_records:
+            raise ValueError(message)
+        logging.warning("skipping a bad record: %s", message)
+        return {ERROR_KEY: message}
 
-  def __call__(self, rec: Record | RecordError) -> dict:
-    if isinstance(rec, RecordError):
-      return self._bad(str(rec))
-    try:
-      doc = self.builder.build(rec, self.task)
-    except DocumentError as e:
-      return self._bad(f"{rec.origin}: {e}")
-    n = len(doc["text"])
-    if n > self.cfg.context_length:
-      return self._bad(f"{rec.origin} ({rec.id}): the {self.task} sequence has {n} groups, "
-                       f"longer than the context of {self.cfg.context_length} groups")
-    doc["id"] = rec.id
-    return doc
-
-
-def document_dataset(sources: Sequence[Source], cfg: DataConfig, tokenizer: TextTokenizer, *,
-                     seed: int, process_index: int = 0, process_count: int = 1,
-                     num_epochs: int | None = None, shuffle: bool = True) -> grain.MapDataset:
-  """The mixed, shuffled, per-process stream of documents (before packing)."""
-  builder = SequenceBuilder(tokenizer, cfg)
-  datasets = []
-  for i, src in enumerate(sources):
-    shards = ShardSet(src.path, codebooks=cfg.audio_channels)
-    ds = grain.MapDataset.source(shards.lenient())[process_index::process_count]
-    if shuffle:
-      ds = EpochShuffle(ds, seed=seed * 1_000_003 + i)
-    ds = ds.repeat(num_epochs).map(BuildDocument(builder, src.task, cfg))
-    datasets.append(ds)
-  if len(datasets) == 1:
-    return datasets[0]
-  return grain.MapDataset.mix(datasets, [s.weight for s in sources])
+    def __call__(self, rec: Record | RecordError) -> dict:
+        if isinstance(rec, RecordError):
+            return self._bad(str(rec))
+        try:
+            doc = self.builder.build(rec, self.task)
+        except DocumentError as e:
+            return self._bad(f"{rec.origin}: {e}")
+        n = len(doc["text"])
+        if n > self.cfg.context_length:
+            return self._bad(
+                f"{rec.origin} ({rec.id}): the {self.task} sequence has {n} groups, "
+                f"longer than the context of {self.cfg.context_length} groups"
+            )
+        doc["id"] = rec.id
+        return doc
 
 
-def make_dataset(sources: Sequence[Source], cfg: DataConfig, tokenizer: TextTokenizer, *,
-                 batch_size: int, seed: int = 0, process_index: int = 0, process_count: int = 1,
-                 num_epochs: int | None = None, workers: int = 0, worker_buffer: int = 2,
-                 read_threads: int = 0, shuffle: bool = True) -> grain.IterDataset:
-  """Batches `{field: [batch_size, ...]}` of packed rows for this process.
+def document_dataset(
+    sources: Sequence[Source],
+    cfg: DataConfig,
+    tokenizer: TextTokenizer,
+    *,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+    shuffle: bool = True,
+) -> grain.MapDataset:
+    """The mixed, shuffled, per-process stream of documents (before packing)."""
+    builder = SequenceBuilder(tokenizer, cfg)
+    datasets = []
+    for i, src in enumerate(sources):
+        shards = ShardSet(src.path, codebooks=cfg.audio_channels)
+        ds = grain.MapDataset.source(shards.lenient())[process_index::process_count]
+        if shuffle:
+            ds = EpochShuffle(ds, seed=seed * 1_000_003 + i)
+        ds = ds.repeat(num_epochs).map(BuildDocument(builder, src.task, cfg))
+        datasets.append(ds)
+    if len(datasets) == 1:
+        return datasets[0]
+    return grain.MapDataset.mix(datasets, [s.weight for s in sources])
 
-  `workers` > 0 moves reading, building and packing into that many processes (each packs its
-  own slice, so the rows depend on the worker count); `read_threads` are reader threads per
-  process (0: read in the packing thread, best when decoding dominates).
-  """
-  docs = document_dataset(sources, cfg, tokenizer, seed=seed, process_index=process_index,
-                          process_count=process_count, num_epochs=num_epochs, shuffle=shuffle)
-  it = docs.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64))
-  it = PackIterDataset(it, cfg, tokenizer.empty_id, tokenizer.pad_id)
-  it = it.batch(batch_size, drop_remainder=True)
-  if workers > 0:
-    # Grain's worker processes read absl flags; outside an absl app they were never parsed.
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=worker_buffer))
-  return it
+
+def make_dataset(
+    sources: Sequence[Source],
+    cfg: DataConfig,
+    tokenizer: TextTokenizer,
+    *,
+    batch_size: int,
+    seed: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+    workers: int = 0,
+    worker_buffer: int = 2,
+    read_threads: int = 0,
+    shuffle: bool = True,
+) -> grain.IterDataset:
+    """Batches `{field: [batch_size, ...]}` of packed rows for this process.
+
+    `workers` > 0 moves reading, building and packing into that many processes (each packs its
+    own slice, so the rows depend on the worker count); `read_threads` are reader threads per
+    process (0: read in the packing thread, best when decoding dominates).
+    """
+    docs = document_dataset(
+        sources,
+        cfg,
+        tokenizer,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        num_epochs=num_epochs,
+        shuffle=shuffle,
+    )
+    it = docs.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64))
+    it = PackIterDataset(it, cfg, tokenizer.empty_id, tokenizer.pad_id)
+    it = it.batch(batch_size, drop_remainder=True)
+    if workers > 0:
+        # Grain's worker processes read absl flags; outside an absl app they were never parsed.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=worker_buffer)
+        )
+    return it
 
 
 def batch_summary(batch: dict[str, np.ndarray]) -> dict[str, float]:
-  """Numbers a trainer logs per batch: fill, documents, skipped records."""
-  return {"fill": float(np.mean(batch["segment_ids"] > 0)),
-          "documents": float(np.sum(batch["documents"])),
-          "skipped": float(np.sum(batch["skipped"]))}
+    """Numbers a trainer logs per batch: fill, documents, skipped records."""
+    return {
+        "fill": float(np.mean(batch["segment_ids"] > 0)),
+        "documents": float(np.sum(batch["documents"])),
+        "skipped": float(np.sum(batch["skipped"])),
+    }

@@ -38,268 +38,321 @@ _HEAD = struct.Struct("<4sI")
 
 
 class RecordError(ValueError):
-  """A record that cannot be used; the message names the shard, the record and the reason."""
+    """A record that cannot be used; the message names the shard, the record and the reason."""
 
-  def __init__(self, shard: str, index: int, reason: str):
-    super().__init__(f"shard {shard} record {index}: {reason}")
-    self.shard, self.index, self.reason = shard, index, reason
+    def __init__(self, shard: str, index: int, reason: str):
+        super().__init__(f"shard {shard} record {index}: {reason}")
+        self.shard, self.index, self.reason = shard, index, reason
 
 
 @dataclasses.dataclass
 class Record:
-  """One utterance: RVQ codes `[frames, codebooks]` int16 (frames may be 0 for text-only data)."""
+    """One utterance: RVQ codes `[frames, codebooks]` int16 (frames may be 0 for text-only data)."""
 
-  id: str
-  codes: np.ndarray
-  text: str = ""
-  speaker: str = ""
-  language: str = ""
-  task: str = ""
-  duration: float = 0.0
-  meta: dict[str, Any] = dataclasses.field(default_factory=dict)
-  origin: str = ""  # "shard PATH record N" when read from a shard (not stored)
+    id: str
+    codes: np.ndarray
+    text: str = ""
+    speaker: str = ""
+    language: str = ""
+    task: str = ""
+    duration: float = 0.0
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    origin: str = ""  # "shard PATH record N" when read from a shard (not stored)
 
-  @property
-  def frames(self) -> int:
-    return int(self.codes.shape[0])
+    @property
+    def frames(self) -> int:
+        return int(self.codes.shape[0])
 
 
 def encode_record(rec: Record) -> bytes:
-  codes = np.asarray(rec.codes)
-  if codes.ndim != 2:
-    raise ValueError(f"record {rec.id}: codes must be [frames, codebooks], got shape {codes.shape}")
-  if codes.size and (codes.min() < np.iinfo(np.int16).min or codes.max() > np.iinfo(np.int16).max):
-    raise ValueError(f"record {rec.id}: codes do not fit int16")
-  header = json.dumps({
-      "id": rec.id, "text": rec.text, "speaker": rec.speaker, "language": rec.language,
-      "task": rec.task, "duration": float(rec.duration), "frames": int(codes.shape[0]),
-      "codebooks": int(codes.shape[1]), "meta": rec.meta,
-  }, ensure_ascii=False).encode()
-  body = _HEAD.pack(MAGIC, len(header)) + header + codes.astype("<i2").tobytes()
-  return body + struct.pack("<I", zlib.crc32(body))
+    codes = np.asarray(rec.codes)
+    if codes.ndim != 2:
+        raise ValueError(
+            f"record {rec.id}: codes must be [frames, codebooks], got shape {codes.shape}"
+        )
+    if codes.size and (
+        codes.min() < np.iinfo(np.int16).min or codes.max() > np.iinfo(np.int16).max
+    ):
+        raise ValueError(f"record {rec.id}: codes do not fit int16")
+    header = json.dumps(
+        {
+            "id": rec.id,
+            "text": rec.text,
+            "speaker": rec.speaker,
+            "language": rec.language,
+            "task": rec.task,
+            "duration": float(rec.duration),
+            "frames": int(codes.shape[0]),
+            "codebooks": int(codes.shape[1]),
+            "meta": rec.meta,
+        },
+        ensure_ascii=False,
+    ).encode()
+    body = _HEAD.pack(MAGIC, len(header)) + header + codes.astype("<i2").tobytes()
+    return body + struct.pack("<I", zlib.crc32(body))
 
 
-def decode_record(data: bytes, shard: str = "?", index: int = -1,
-                  codebooks: int | None = None) -> Record:
-  """Parses and checks one record; raises `RecordError` naming `shard` and `index`."""
-  def fail(reason):
-    raise RecordError(shard, index, reason)
+def decode_record(
+    data: bytes, shard: str = "?", index: int = -1, codebooks: int | None = None
+) -> Record:
+    """Parses and checks one record; raises `RecordError` naming `shard` and `index`."""
 
-  if len(data) < _HEAD.size + 4:
-    fail(f"truncated: {len(data)} bytes, shorter than the fixed header")
-  magic, hlen = _HEAD.unpack_from(data)
-  if magic != MAGIC:
-    fail(f"bad magic {magic!r}, expected {MAGIC!r}")
-  if _HEAD.size + hlen + 4 > len(data):
-    fail(f"truncated: header of {hlen} bytes does not fit in {len(data)} bytes")
-  try:
-    head = json.loads(data[_HEAD.size:_HEAD.size + hlen])
-    frames, cbs = int(head["frames"]), int(head["codebooks"])
-  except (ValueError, KeyError, TypeError) as e:
-    fail(f"unreadable header: {e}")
-  want = _HEAD.size + hlen + frames * cbs * 2 + 4
-  if len(data) != want:
-    fail(f"truncated or padded: {len(data)} bytes, expected {want} for {frames} frames x {cbs} codebooks")
-  (crc,) = struct.unpack_from("<I", data, len(data) - 4)
-  if zlib.crc32(memoryview(data)[:-4]) != crc:
-    fail("checksum mismatch (corrupt data)")
-  if codebooks is not None and cbs < codebooks:
-    fail(f"codes have {cbs} codebooks, expected {codebooks}")
-  codes = np.frombuffer(data, "<i2", frames * cbs, _HEAD.size + hlen).reshape(frames, cbs)
-  if codebooks is not None:
-    codes = codes[:, :codebooks]
-  return Record(id=head["id"], codes=codes, text=head.get("text", ""),
-                speaker=head.get("speaker", ""), language=head.get("language", ""),
-                task=head.get("task", ""), duration=float(head.get("duration", 0.0)),
-                meta=head.get("meta") or {}, origin=f"shard {shard} record {index}")
+    def fail(reason):
+        raise RecordError(shard, index, reason)
+
+    if len(data) < _HEAD.size + 4:
+        fail(f"truncated: {len(data)} bytes, shorter than the fixed header")
+    magic, hlen = _HEAD.unpack_from(data)
+    if magic != MAGIC:
+        fail(f"bad magic {magic!r}, expected {MAGIC!r}")
+    if _HEAD.size + hlen + 4 > len(data):
+        fail(f"truncated: header of {hlen} bytes does not fit in {len(data)} bytes")
+    try:
+        head = json.loads(data[_HEAD.size : _HEAD.size + hlen])
+        frames, cbs = int(head["frames"]), int(head["codebooks"])
+    except (ValueError, KeyError, TypeError) as e:
+        fail(f"unreadable header: {e}")
+    want = _HEAD.size + hlen + frames * cbs * 2 + 4
+    if len(data) != want:
+        fail(
+            f"truncated or padded: {len(data)} bytes, expected {want} for {frames} frames x {cbs} codebooks"
+        )
+    (crc,) = struct.unpack_from("<I", data, len(data) - 4)
+    if zlib.crc32(memoryview(data)[:-4]) != crc:
+        fail("checksum mismatch (corrupt data)")
+    if codebooks is not None and cbs < codebooks:
+        fail(f"codes have {cbs} codebooks, expected {codebooks}")
+    codes = np.frombuffer(data, "<i2", frames * cbs, _HEAD.size + hlen).reshape(frames, cbs)
+    if codebooks is not None:
+        codes = codes[:, :codebooks]
+    return Record(
+        id=head["id"],
+        codes=codes,
+        text=head.get("text", ""),
+        speaker=head.get("speaker", ""),
+        language=head.get("language", ""),
+        task=head.get("task", ""),
+        duration=float(head.get("duration", 0.0)),
+        meta=head.get("meta") or {},
+        origin=f"shard {shard} record {index}",
+    )
 
 
 class ShardWriter:
-  """Writes records to `path` through a temporary name; `close()` makes the shard appear."""
+    """Writes records to `path` through a temporary name; `close()` makes the shard appear."""
 
-  def __init__(self, path: str):
-    self.path = epath.Path(path)
-    self._tmp = self.path.parent / (self.path.name + ".tmp")
-    self._writer = array_record_module.ArrayRecordWriter(str(self._tmp), "group_size:1")
-    self.stats = {"records": 0, "frames": 0, "hours": 0.0}
+    def __init__(self, path: str):
+        self.path = epath.Path(path)
+        self._tmp = self.path.parent / (self.path.name + ".tmp")
+        self._writer = array_record_module.ArrayRecordWriter(str(self._tmp), "group_size:1")
+        self.stats = {"records": 0, "frames": 0, "hours": 0.0}
 
-  def write(self, rec: Record) -> None:
-    self._writer.write(encode_record(rec))
-    self.stats["records"] += 1
-    self.stats["frames"] += rec.frames
-    self.stats["hours"] += rec.frames / FRAME_RATE / 3600
+    def write(self, rec: Record) -> None:
+        self._writer.write(encode_record(rec))
+        self.stats["records"] += 1
+        self.stats["frames"] += rec.frames
+        self.stats["hours"] += rec.frames / FRAME_RATE / 3600
 
-  def close(self) -> dict:
-    self._writer.close()
-    self._tmp.replace(self.path)
-    return dict(self.stats)
+    def close(self) -> dict:
+        self._writer.close()
+        self._tmp.replace(self.path)
+        return dict(self.stats)
 
 
 def write_json_atomic(path: epath.Path, obj: Any) -> None:
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
-  tmp.replace(path)
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+    tmp.replace(path)
 
 
 def write_manifest(directory: str, shards: Sequence[dict], codebooks: int, **extra) -> dict:
-  """`shards`: dicts with `path` (relative to `directory`), `records`, `hours`, `frames`, `errors`."""
-  totals = {k: sum(s[k] for s in shards) for k in ("records", "hours", "frames", "errors")}
-  manifest = {"format": FORMAT, "codebooks": codebooks, "frame_rate": FRAME_RATE, **totals,
-              "shards": list(shards), **extra}
-  write_json_atomic(epath.Path(directory) / MANIFEST, manifest)
-  return manifest
+    """`shards`: dicts with `path` (relative to `directory`), `records`, `hours`, `frames`, `errors`."""
+    totals = {k: sum(s[k] for s in shards) for k in ("records", "hours", "frames", "errors")}
+    manifest = {
+        "format": FORMAT,
+        "codebooks": codebooks,
+        "frame_rate": FRAME_RATE,
+        **totals,
+        "shards": list(shards),
+        **extra,
+    }
+    write_json_atomic(epath.Path(directory) / MANIFEST, manifest)
+    return manifest
 
 
-def write_shards(directory: str, records: Sequence[Record], records_per_shard: int,
-                 codebooks: int) -> dict:
-  """Writes `records` into consecutive shards and the manifest (synthetic data, tests, tools)."""
-  directory = epath.Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
-  n = max(1, -(-len(records) // records_per_shard))
-  entries = []
-  for k in range(n):
-    name = f"shard-{k:05d}-of-{n:05d}.array_record"
-    writer = ShardWriter(str(directory / name))
-    for rec in records[k * records_per_shard:(k + 1) * records_per_shard]:
-      writer.write(rec)
-    entries.append({"path": name, **writer.close(), "errors": 0})
-  return write_manifest(str(directory), entries, codebooks)
+def write_shards(
+    directory: str, records: Sequence[Record], records_per_shard: int, codebooks: int
+) -> dict:
+    """Writes `records` into consecutive shards and the manifest (synthetic data, tests, tools)."""
+    directory = epath.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    n = max(1, -(-len(records) // records_per_shard))
+    entries = []
+    for k in range(n):
+        name = f"shard-{k:05d}-of-{n:05d}.array_record"
+        writer = ShardWriter(str(directory / name))
+        for rec in records[k * records_per_shard : (k + 1) * records_per_shard]:
+            writer.write(rec)
+        entries.append({"path": name, **writer.close(), "errors": 0})
+    return write_manifest(str(directory), entries, codebooks)
 
 
 def read_manifest(directory: str) -> dict:
-  path = epath.Path(directory) / MANIFEST
-  if not path.exists():
-    raise FileNotFoundError(f"{path}: no shard manifest (expected the output of data_pipelines.tokenize)")
-  manifest = json.loads(path.read_text())
-  if manifest.get("format") != FORMAT:
-    raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-  return manifest
+    path = epath.Path(directory) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: no shard manifest (expected the output of data_pipelines.tokenize)"
+        )
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
 
 
 class ShardSet:
-  """Random access to the records of one shard directory (a Grain `RandomAccessDataSource`).
+    """Random access to the records of one shard directory (a Grain `RandomAccessDataSource`).
 
-  `self[i]` returns the decoded `Record` or raises `RecordError`; `get(i)` returns the error
-  instead of raising, for pipelines that may skip bad records.
-  """
+    `self[i]` returns the decoded `Record` or raises `RecordError`; `get(i)` returns the error
+    instead of raising, for pipelines that may skip bad records.
+    """
 
-  def __init__(self, directory: str, codebooks: int | None = None):
-    self.directory = str(directory)
-    self.manifest = read_manifest(self.directory)
-    self.codebooks = codebooks
-    self.shard_paths = [str(epath.Path(self.directory) / s["path"]) for s in self.manifest["shards"]]
-    counts = [int(s["records"]) for s in self.manifest["shards"]]
-    self._starts = list(np.cumsum([0] + counts))
-    self._readers: dict[int, Any] = {}
+    def __init__(self, directory: str, codebooks: int | None = None):
+        self.directory = str(directory)
+        self.manifest = read_manifest(self.directory)
+        self.codebooks = codebooks
+        self.shard_paths = [
+            str(epath.Path(self.directory) / s["path"]) for s in self.manifest["shards"]
+        ]
+        counts = [int(s["records"]) for s in self.manifest["shards"]]
+        self._starts = list(np.cumsum([0] + counts))
+        self._readers: dict[int, Any] = {}
 
-  def __len__(self) -> int:
-    return int(self._starts[-1])
+    def __len__(self) -> int:
+        return int(self._starts[-1])
 
-  def locate(self, index: int) -> tuple[int, int]:
-    """Global record index -> (shard number, record number inside the shard)."""
-    if not 0 <= index < len(self):
-      raise IndexError(f"record {index} out of range for {len(self)} records in {self.directory}")
-    shard = bisect.bisect_right(self._starts, index) - 1
-    return shard, index - int(self._starts[shard])
+    def locate(self, index: int) -> tuple[int, int]:
+        """Global record index -> (shard number, record number inside the shard)."""
+        if not 0 <= index < len(self):
+            raise IndexError(
+                f"record {index} out of range for {len(self)} records in {self.directory}"
+            )
+        shard = bisect.bisect_right(self._starts, index) - 1
+        return shard, index - int(self._starts[shard])
 
-  def _reader(self, shard: int):
-    reader = self._readers.get(shard)
-    if reader is None:
-      reader = array_record_module.ArrayRecordReader(
-          self.shard_paths[shard], "readahead_buffer_size:0", file_reader_buffer_size=32768)
-      if reader.num_records() != self._starts[shard + 1] - self._starts[shard]:
-        raise RecordError(self.shard_paths[shard], -1,
-                          f"holds {reader.num_records()} records, the manifest says "
-                          f"{self._starts[shard + 1] - self._starts[shard]}")
-      self._readers[shard] = reader
-    return reader
+    def _reader(self, shard: int):
+        reader = self._readers.get(shard)
+        if reader is None:
+            reader = array_record_module.ArrayRecordReader(
+                self.shard_paths[shard], "readahead_buffer_size:0", file_reader_buffer_size=32768
+            )
+            if reader.num_records() != self._starts[shard + 1] - self._starts[shard]:
+                raise RecordError(
+                    self.shard_paths[shard],
+                    -1,
+                    f"holds {reader.num_records()} records, the manifest says "
+                    f"{self._starts[shard + 1] - self._starts[shard]}",
+                )
+            self._readers[shard] = reader
+        return reader
 
-  def read_bytes(self, index: int) -> tuple[str, int, bytes]:
-    shard, local = self.locate(index)
-    try:
-      data = self._reader(shard).read([local])[0]
-    except RecordError:
-      raise
-    except Exception as e:  # riegeli reports a damaged chunk as a generic error
-      raise RecordError(self.shard_paths[shard], local, f"unreadable: {e}") from e
-    return self.shard_paths[shard], local, data
+    def read_bytes(self, index: int) -> tuple[str, int, bytes]:
+        shard, local = self.locate(index)
+        try:
+            data = self._reader(shard).read([local])[0]
+        except RecordError:
+            raise
+        except Exception as e:  # riegeli reports a damaged chunk as a generic error
+            raise RecordError(self.shard_paths[shard], local, f"unreadable: {e}") from e
+        return self.shard_paths[shard], local, data
 
-  def __getitem__(self, index) -> Record:
-    path, local, data = self.read_bytes(int(index))
-    return decode_record(data, path, local, self.codebooks)
+    def __getitem__(self, index) -> Record:
+        path, local, data = self.read_bytes(int(index))
+        return decode_record(data, path, local, self.codebooks)
 
-  def get(self, index) -> Record | RecordError:
-    try:
-      return self[index]
-    except RecordError as e:
-      return e
+    def get(self, index) -> Record | RecordError:
+        try:
+            return self[index]
+        except RecordError as e:
+            return e
 
-  def __iter__(self):
-    return (self[i] for i in range(len(self)))
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
-  def lenient(self) -> "LenientShards":
-    return LenientShards(self)
+    def lenient(self) -> "LenientShards":
+        return LenientShards(self)
 
-  # Readers hold file handles: reopen them in each process.
-  def __getstate__(self):
-    state = dict(self.__dict__)
-    state["_readers"] = {}
-    return state
+    # Readers hold file handles: reopen them in each process.
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_readers"] = {}
+        return state
 
 
 class LenientShards:
-  """The same records, with `RecordError`s returned as elements instead of raised."""
+    """The same records, with `RecordError`s returned as elements instead of raised."""
 
-  def __init__(self, shards: ShardSet):
-    self.shards = shards
+    def __init__(self, shards: ShardSet):
+        self.shards = shards
 
-  def __len__(self) -> int:
-    return len(self.shards)
+    def __len__(self) -> int:
+        return len(self.shards)
 
-  def __getitem__(self, index) -> Record | RecordError:
-    return self.shards.get(index)
+    def __getitem__(self, index) -> Record | RecordError:
+        return self.shards.get(index)
 
 
 def _summary(manifest: dict) -> str:
-  lines = [f"{manifest['records']} records, {manifest['hours']:.3f} h, {manifest['frames']} frames, "
-           f"{manifest['errors']} errors, {manifest['codebooks']} codebooks, {len(manifest['shards'])} shards"]
-  for s in manifest["shards"]:
-    lines.append(f"  {s['path']}: {s['records']} records, {s['hours']:.3f} h, {s['frames']} frames, "
-                 f"{s['errors']} errors")
-  return "\n".join(lines)
+    lines = [
+        f"{manifest['records']} records, {manifest['hours']:.3f} h, {manifest['frames']} frames, "
+        f"{manifest['errors']} errors, {manifest['codebooks']} codebooks, {len(manifest['shards'])} shards"
+    ]
+    for s in manifest["shards"]:
+        lines.append(
+            f"  {s['path']}: {s['records']} records, {s['hours']:.3f} h, {s['frames']} frames, "
+            f"{s['errors']} errors"
+        )
+    return "\n".join(lines)
 
 
 def _describe(rec: Record) -> str:
-  head = rec.codes[:2].tolist()
-  return (f"  {rec.id}: {rec.frames} frames x {rec.codes.shape[1]} codebooks ({rec.duration:.2f} s) "
-          f"speaker={rec.speaker!r} language={rec.language!r} task={rec.task!r} "
-          f"text={rec.text[:60]!r} first frames={head}")
+    head = rec.codes[:2].tolist()
+    return (
+        f"  {rec.id}: {rec.frames} frames x {rec.codes.shape[1]} codebooks ({rec.duration:.2f} s) "
+        f"speaker={rec.speaker!r} language={rec.language!r} task={rec.task!r} "
+        f"text={rec.text[:60]!r} first frames={head}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m data_pipelines.shards", description=__doc__.split("\n")[0])
-  parser.add_argument("dir", help="shard directory (local or gs://)")
-  parser.add_argument("--show", type=int, default=3, help="records to print")
-  parser.add_argument("--export", nargs=2, metavar=("ID", "OUT.npy"),
-                      help="write one record's codes [frames, codebooks] to OUT.npy")
-  args = parser.parse_args(argv)
-  shards = ShardSet(args.dir)
-  print(_summary(shards.manifest))
-  if args.export:
-    rec_id, out = args.export
-    for i in range(len(shards)):
-      rec = shards[i]
-      if rec.id == rec_id:
-        with epath.Path(out).open("wb") as f:
-          np.save(f, np.asarray(rec.codes))
-        print(f"wrote {out}: codes {tuple(rec.codes.shape)} int16 of record {rec_id}")
-        return 0
-    print(f"no record with id {rec_id!r} in {args.dir}", file=sys.stderr)
-    return 1
-  for i in range(min(args.show, len(shards))):
-    print(_describe(shards[i]))
-  return 0
+    parser = argparse.ArgumentParser(
+        prog="python -m data_pipelines.shards", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("dir", help="shard directory (local or gs://)")
+    parser.add_argument("--show", type=int, default=3, help="records to print")
+    parser.add_argument(
+        "--export",
+        nargs=2,
+        metavar=("ID", "OUT.npy"),
+        help="write one record's codes [frames, codebooks] to OUT.npy",
+    )
+    args = parser.parse_args(argv)
+    shards = ShardSet(args.dir)
+    print(_summary(shards.manifest))
+    if args.export:
+        rec_id, out = args.export
+        for i in range(len(shards)):
+            rec = shards[i]
+            if rec.id == rec_id:
+                with epath.Path(out).open("wb") as f:
+                    np.save(f, np.asarray(rec.codes))
+                print(f"wrote {out}: codes {tuple(rec.codes.shape)} int16 of record {rec_id}")
+                return 0
+        print(f"no record with id {rec_id!r} in {args.dir}", file=sys.stderr)
+        return 1
+    for i in range(min(args.show, len(shards))):
+        print(_describe(shards[i]))
+    return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

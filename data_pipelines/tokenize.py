@@ -42,239 +42,296 @@ ERRORS = "errors.jsonl"
 
 @dataclasses.dataclass
 class Item:
-  line: int
-  audio: str
-  id: str
-  text: str = ""
-  speaker: str = ""
-  language: str = ""
-  task: str = ""
-  meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    line: int
+    audio: str
+    id: str
+    text: str = ""
+    speaker: str = ""
+    language: str = ""
+    task: str = ""
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def error_entry(line: int, audio: str | None, reason: str) -> dict:
-  return {"line": line, "audio": audio, "reason": reason}
+    return {"line": line, "audio": audio, "reason": reason}
 
 
 def parse_manifest_line(raw: str, line: int, base: epath.Path) -> Item | dict:
-  """One manifest line -> `Item`, or an error entry naming the line and the reason."""
-  try:
-    obj = json.loads(raw)
-  except json.JSONDecodeError as e:
-    return error_entry(line, None, f"not JSON: {e}")
-  if not isinstance(obj, dict):
-    return error_entry(line, None, f"expected a JSON object, got {type(obj).__name__}")
-  path = obj.get("audio")
-  if not isinstance(path, str) or not path:
-    return error_entry(line, None, "no 'audio' path")
-  full = path if "://" in path or path.startswith("/") else str(base / path)
-  fields = {k: str(obj[k]) for k in ("text", "speaker", "language", "task") if obj.get(k) is not None}
-  meta = {k: v for k, v in obj.items() if k not in STANDARD_KEYS}
-  return Item(line=line, audio=full, id=str(obj.get("id") or epath.Path(path).stem), meta=meta, **fields)
+    """One manifest line -> `Item`, or an error entry naming the line and the reason."""
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as e:
+        return error_entry(line, None, f"not JSON: {e}")
+    if not isinstance(obj, dict):
+        return error_entry(line, None, f"expected a JSON object, got {type(obj).__name__}")
+    path = obj.get("audio")
+    if not isinstance(path, str) or not path:
+        return error_entry(line, None, "no 'audio' path")
+    full = path if "://" in path or path.startswith("/") else str(base / path)
+    fields = {
+        k: str(obj[k]) for k in ("text", "speaker", "language", "task") if obj.get(k) is not None
+    }
+    meta = {k: v for k, v in obj.items() if k not in STANDARD_KEYS}
+    return Item(
+        line=line, audio=full, id=str(obj.get("id") or epath.Path(path).stem), meta=meta, **fields
+    )
 
 
 def read_manifest_lines(path: str) -> list[str]:
-  text = epath.Path(path).read_text()
-  lines = text.split("\n")
-  if lines and lines[-1] == "":
-    lines.pop()
-  return lines
+    text = epath.Path(path).read_text()
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
 
 
 def parse_manifest(lines: Sequence[str], base: epath.Path) -> list[Item | dict]:
-  """All lines in order (line numbers from 1); blank lines are reported, duplicate ids too."""
-  seen: dict[str, int] = {}
-  out = []
-  for n, raw in enumerate(lines, start=1):
-    if not raw.strip():
-      out.append(error_entry(n, None, "blank line"))
-      continue
-    item = parse_manifest_line(raw, n, base)
-    if isinstance(item, Item):
-      if item.id in seen:
-        item = error_entry(n, item.audio, f"duplicate id {item.id!r} (first on line {seen[item.id]})")
-      else:
-        seen[item.id] = n
-    out.append(item)
-  return out
+    """All lines in order (line numbers from 1); blank lines are reported, duplicate ids too."""
+    seen: dict[str, int] = {}
+    out = []
+    for n, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            out.append(error_entry(n, None, "blank line"))
+            continue
+        item = parse_manifest_line(raw, n, base)
+        if isinstance(item, Item):
+            if item.id in seen:
+                item = error_entry(
+                    n, item.audio, f"duplicate id {item.id!r} (first on line {seen[item.id]})"
+                )
+            else:
+                seen[item.id] = n
+        out.append(item)
+    return out
 
 
 def shard_name(k: int, n: int) -> str:
-  return f"shard-{k:05d}-of-{n:05d}"
+    return f"shard-{k:05d}-of-{n:05d}"
 
 
-def length_batches(lengths: dict[int, float], max_seconds: float, max_items: int) -> list[list[int]]:
-  """Groups keys into batches of similar length (sorted), each under `max_seconds` of audio."""
-  order = sorted(lengths, key=lambda k: (lengths[k], k))
-  batches, cur, total = [], [], 0.0
-  for k in order:
-    if cur and (total + lengths[k] > max_seconds or len(cur) >= max_items):
-      batches.append(cur)
-      cur, total = [], 0.0
-    cur.append(k)
-    total += lengths[k]
-  if cur:
-    batches.append(cur)
-  return batches
+def length_batches(
+    lengths: dict[int, float], max_seconds: float, max_items: int
+) -> list[list[int]]:
+    """Groups keys into batches of similar length (sorted), each under `max_seconds` of audio."""
+    order = sorted(lengths, key=lambda k: (lengths[k], k))
+    batches, cur, total = [], [], 0.0
+    for k in order:
+        if cur and (total + lengths[k] > max_seconds or len(cur) >= max_items):
+            batches.append(cur)
+            cur, total = [], 0.0
+        cur.append(k)
+        total += lengths[k]
+    if cur:
+        batches.append(cur)
+    return batches
 
 
 class ShardJob:
-  """Encodes the items of one shard and writes the shard and its sidecar."""
+    """Encodes the items of one shard and writes the shard and its sidecar."""
 
-  def __init__(self, out: epath.Path, k: int, n: int, entries: list, checksum: int, args, encode):
-    self.out, self.k, self.n, self.entries, self.checksum = out, k, n, entries, checksum
-    self.args, self.encode = args, encode
-    self.name = shard_name(k, n)
-    self.sidecar = out / f"{self.name}.json"
+    def __init__(self, out: epath.Path, k: int, n: int, entries: list, checksum: int, args, encode):
+        self.out, self.k, self.n, self.entries, self.checksum = out, k, n, entries, checksum
+        self.args, self.encode = args, encode
+        self.name = shard_name(k, n)
+        self.sidecar = out / f"{self.name}.json"
 
-  def done(self) -> bool:
-    if not self.sidecar.exists():
-      return False
-    info = json.loads(self.sidecar.read_text())
-    if info.get("lines_crc32") != self.checksum:
-      raise ValueError(f"{self.sidecar}: written from different manifest lines; remove {self.out} "
-                       f"or use another --out")
-    return True
+    def done(self) -> bool:
+        if not self.sidecar.exists():
+            return False
+        info = json.loads(self.sidecar.read_text())
+        if info.get("lines_crc32") != self.checksum:
+            raise ValueError(
+                f"{self.sidecar}: written from different manifest lines; remove {self.out} "
+                f"or use another --out"
+            )
+        return True
 
-  def run(self, progress) -> dict:
-    errors = [e for e in self.entries if isinstance(e, dict)]
-    items = {e.line: e for e in self.entries if isinstance(e, Item)}
-    seconds = {}
-    for line, item in items.items():
-      try:
-        seconds[line] = audio_io.audio_seconds(item.audio)
-      except Exception as e:  # any decoder error is a property of the file
-        errors.append(error_entry(line, item.audio, f"unreadable audio: {e}"))
-    codes = {}
-    for batch in length_batches(seconds, self.args.batch_seconds, self.args.max_batch):
-      codes.update(self._encode(batch, items, errors))
-      progress.update(len(batch))
-    progress.update(len(self.entries) - len(seconds))
-    return self._write(items, codes, seconds, errors)
+    def run(self, progress) -> dict:
+        errors = [e for e in self.entries if isinstance(e, dict)]
+        items = {e.line: e for e in self.entries if isinstance(e, Item)}
+        seconds = {}
+        for line, item in items.items():
+            try:
+                seconds[line] = audio_io.audio_seconds(item.audio)
+            except Exception as e:  # any decoder error is a property of the file
+                errors.append(error_entry(line, item.audio, f"unreadable audio: {e}"))
+        codes = {}
+        for batch in length_batches(seconds, self.args.batch_seconds, self.args.max_batch):
+            codes.update(self._encode(batch, items, errors))
+            progress.update(len(batch))
+        progress.update(len(self.entries) - len(seconds))
+        return self._write(items, codes, seconds, errors)
 
-  def _encode(self, batch: list[int], items: dict, errors: list) -> dict[int, np.ndarray]:
-    wavs = {}
-    for line in batch:
-      try:
-        wavs[line] = audio_io.load_audio(items[line].audio)
-      except Exception as e:
-        errors.append(error_entry(line, items[line].audio, f"unreadable audio: {e}"))
-    if not wavs:
-      return {}
-    lines = list(wavs)
-    outs = self.encode([wavs[line] for line in lines])
-    result = {}
-    for line, wav, c in zip(lines, (wavs[x] for x in lines), outs):
-      c = np.asarray(c)
-      want = (audio_io.code_frames(len(wav)), self.args.codebooks)
-      if c.shape != want:
-        raise RuntimeError(f"encoder returned codes {c.shape} for {items[line].audio} "
-                           f"({len(wav)} samples), expected {want}")
-      result[line] = c.astype(np.int16)
-    return result
+    def _encode(self, batch: list[int], items: dict, errors: list) -> dict[int, np.ndarray]:
+        wavs = {}
+        for line in batch:
+            try:
+                wavs[line] = audio_io.load_audio(items[line].audio)
+            except Exception as e:
+                errors.append(error_entry(line, items[line].audio, f"unreadable audio: {e}"))
+        if not wavs:
+            return {}
+        lines = list(wavs)
+        outs = self.encode([wavs[line] for line in lines])
+        result = {}
+        for line, wav, c in zip(lines, (wavs[x] for x in lines), outs):
+            c = np.asarray(c)
+            want = (audio_io.code_frames(len(wav)), self.args.codebooks)
+            if c.shape != want:
+                raise RuntimeError(
+                    f"encoder returned codes {c.shape} for {items[line].audio} "
+                    f"({len(wav)} samples), expected {want}"
+                )
+            result[line] = c.astype(np.int16)
+        return result
 
-  def _write(self, items: dict, codes: dict, seconds: dict, errors: list) -> dict:
-    writer = ShardWriter(str(self.out / f"{self.name}.array_record"))
-    for line in sorted(codes):
-      it = items[line]
-      writer.write(Record(id=it.id, codes=codes[line], text=it.text, speaker=it.speaker,
-                          language=it.language, task=it.task, duration=seconds[line], meta=it.meta))
-    stats = writer.close()
-    errors.sort(key=lambda e: e["line"])
-    info = {"path": f"{self.name}.array_record", **stats, "errors": len(errors),
-            "lines": len(self.entries), "lines_crc32": self.checksum, "error_entries": errors}
-    write_json_atomic(self.sidecar, info)
-    return info
+    def _write(self, items: dict, codes: dict, seconds: dict, errors: list) -> dict:
+        writer = ShardWriter(str(self.out / f"{self.name}.array_record"))
+        for line in sorted(codes):
+            it = items[line]
+            writer.write(
+                Record(
+                    id=it.id,
+                    codes=codes[line],
+                    text=it.text,
+                    speaker=it.speaker,
+                    language=it.language,
+                    task=it.task,
+                    duration=seconds[line],
+                    meta=it.meta,
+                )
+            )
+        stats = writer.close()
+        errors.sort(key=lambda e: e["line"])
+        info = {
+            "path": f"{self.name}.array_record",
+            **stats,
+            "errors": len(errors),
+            "lines": len(self.entries),
+            "lines_crc32": self.checksum,
+            "error_entries": errors,
+        }
+        write_json_atomic(self.sidecar, info)
+        return info
 
 
 def finalize(out: epath.Path, n: int, total_lines: int, codebooks: int) -> dict | None:
-  """Writes manifest.json and errors.jsonl once every shard has its sidecar; else None."""
-  infos = []
-  for k in range(n):
-    side = out / f"{shard_name(k, n)}.json"
-    if not side.exists():
-      return None
-    infos.append(json.loads(side.read_text()))
-  errors = [e for info in infos for e in info["error_entries"]]
-  tmp = out / (ERRORS + ".tmp")
-  tmp.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors))
-  tmp.replace(out / ERRORS)
-  shards = [{k: info[k] for k in ("path", "records", "hours", "frames", "errors")} for info in infos]
-  return write_manifest(str(out), shards, codebooks, lines=total_lines)
+    """Writes manifest.json and errors.jsonl once every shard has its sidecar; else None."""
+    infos = []
+    for k in range(n):
+        side = out / f"{shard_name(k, n)}.json"
+        if not side.exists():
+            return None
+        infos.append(json.loads(side.read_text()))
+    errors = [e for info in infos for e in info["error_entries"]]
+    tmp = out / (ERRORS + ".tmp")
+    tmp.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors))
+    tmp.replace(out / ERRORS)
+    shards = [
+        {k: info[k] for k in ("path", "records", "hours", "frames", "errors")} for info in infos
+    ]
+    return write_manifest(str(out), shards, codebooks, lines=total_lines)
 
 
 def _process_slice(args) -> tuple[int, int]:
-  if args.process_index is not None:
-    return args.process_index, args.process_count or 1
-  import jax  # only when the slice is not given explicitly
-  if args.distributed:
-    jax.distributed.initialize()
-  return jax.process_index(), jax.process_count()
+    if args.process_index is not None:
+        return args.process_index, args.process_count or 1
+    import jax  # only when the slice is not given explicitly
+
+    if args.distributed:
+        jax.distributed.initialize()
+    return jax.process_index(), jax.process_count()
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(prog="python -m data_pipelines.tokenize", description=__doc__.split("\n")[1])
-  p.add_argument("--manifest", required=True, help="JSONL corpus manifest")
-  p.add_argument("--checkpoint", help="audio tokenizer checkpoint (for --encoder mimo)")
-  p.add_argument("--out", required=True, help="output shard directory (local or gs://)")
-  p.add_argument("--encoder", default="mimo", help="mimo | energy | module:function (see data_pipelines.encoders)")
-  p.add_argument("--codebooks", type=int, default=8)
-  p.add_argument("--records-per-shard", type=int, default=512)
-  p.add_argument("--batch-seconds", type=float, default=600.0, help="audio seconds per encoder batch")
-  p.add_argument("--max-batch", type=int, default=64, help="utterances per encoder batch")
-  p.add_argument("--process-index", type=int, help="default: jax.process_index()")
-  p.add_argument("--process-count", type=int, help="default: jax.process_count()")
-  p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
-  return p.parse_args(argv)
+    p = argparse.ArgumentParser(
+        prog="python -m data_pipelines.tokenize", description=__doc__.split("\n")[1]
+    )
+    p.add_argument("--manifest", required=True, help="JSONL corpus manifest")
+    p.add_argument("--checkpoint", help="audio tokenizer checkpoint (for --encoder mimo)")
+    p.add_argument("--out", required=True, help="output shard directory (local or gs://)")
+    p.add_argument(
+        "--encoder",
+        default="mimo",
+        help="mimo | energy | module:function (see data_pipelines.encoders)",
+    )
+    p.add_argument("--codebooks", type=int, default=8)
+    p.add_argument("--records-per-shard", type=int, default=512)
+    p.add_argument(
+        "--batch-seconds", type=float, default=600.0, help="audio seconds per encoder batch"
+    )
+    p.add_argument("--max-batch", type=int, default=64, help="utterances per encoder batch")
+    p.add_argument("--process-index", type=int, help="default: jax.process_index()")
+    p.add_argument("--process-count", type=int, help="default: jax.process_count()")
+    p.add_argument(
+        "--distributed", action="store_true", help="call jax.distributed.initialize() first"
+    )
+    return p.parse_args(argv)
 
 
 def run(args, encode=None) -> int:
-  """Tokenizes this process's shards; `encode` overrides `--encoder` (tests inject one)."""
-  out = epath.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  lines = read_manifest_lines(args.manifest)
-  entries = parse_manifest(lines, epath.Path(args.manifest).parent)
-  per = args.records_per_shard
-  n = max(1, -(-len(entries) // per))
-  index, count = _process_slice(args)
-  jobs = []
-  for k in range(index, n, count):
-    crc = zlib.crc32("\n".join(lines[k * per:(k + 1) * per]).encode())
-    jobs.append(ShardJob(out, k, n, entries[k * per:(k + 1) * per], crc, args, encode))
-  todo = [j for j in jobs if not j.done()]
-  logging.info("process %d/%d: %d shards, %d already done", index, count, len(jobs), len(jobs) - len(todo))
-  if todo and encode is None:
-    encode = encoders.load_encoder(args.encoder, args.checkpoint, args.codebooks)
-  start = time.time()
-  with tqdm.tqdm(total=sum(len(j.entries) for j in todo), unit="utt", desc="tokenize",
-                 disable=None) as progress:
-    for job in todo:
-      job.encode = encode
-      info = job.run(progress)
-      progress.set_postfix(shard=job.k, hours=f"{info['hours']:.2f}", errors=info["errors"])
-  mine = [json.loads(j.sidecar.read_text()) for j in jobs]
-  written, failed = sum(i["records"] for i in mine), sum(i["errors"] for i in mine)
-  print(f"process {index}/{count}: {len(todo)} shards tokenized, {len(jobs) - len(todo)} skipped as done; "
-        f"{written} records written, {failed} errors, in {time.time() - start:.1f} s")
-  unaccounted = sum(i["lines"] for i in mine) - written - failed
-  manifest = finalize(out, n, len(entries), args.codebooks)
-  if manifest is None:
-    print(f"other processes' shards are pending; the last process to finish writes {out}/manifest.json")
-  else:
-    print(f"{out}/manifest.json: {manifest['records']} records, {manifest['hours']:.3f} h, "
-          f"{manifest['frames']} frames, {manifest['errors']} errors (see {out}/{ERRORS}); "
-          f"{manifest['lines']} manifest lines")
-    unaccounted = manifest["lines"] - manifest["records"] - manifest["errors"]
-  if unaccounted:
-    print(f"error: {unaccounted} manifest lines were neither written nor reported", file=sys.stderr)
-    return 1
-  return 0
+    """Tokenizes this process's shards; `encode` overrides `--encoder` (tests inject one)."""
+    out = epath.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = read_manifest_lines(args.manifest)
+    entries = parse_manifest(lines, epath.Path(args.manifest).parent)
+    per = args.records_per_shard
+    n = max(1, -(-len(entries) // per))
+    index, count = _process_slice(args)
+    jobs = []
+    for k in range(index, n, count):
+        crc = zlib.crc32("\n".join(lines[k * per : (k + 1) * per]).encode())
+        jobs.append(ShardJob(out, k, n, entries[k * per : (k + 1) * per], crc, args, encode))
+    pending = [j for j in jobs if not j.done()]
+    logging.info(
+        "process %d/%d: %d shards, %d already done",
+        index,
+        count,
+        len(jobs),
+        len(jobs) - len(pending),
+    )
+    if pending and encode is None:
+        encode = encoders.load_encoder(args.encoder, args.checkpoint, args.codebooks)
+    start = time.time()
+    with tqdm.tqdm(
+        total=sum(len(j.entries) for j in pending), unit="utt", desc="tokenize", disable=None
+    ) as progress:
+        for job in pending:
+            job.encode = encode
+            info = job.run(progress)
+            progress.set_postfix(shard=job.k, hours=f"{info['hours']:.2f}", errors=info["errors"])
+    mine = [json.loads(j.sidecar.read_text()) for j in jobs]
+    written, failed = sum(i["records"] for i in mine), sum(i["errors"] for i in mine)
+    print(
+        f"process {index}/{count}: {len(pending)} shards tokenized, {len(jobs) - len(pending)} skipped as done; "
+        f"{written} records written, {failed} errors, in {time.time() - start:.1f} s"
+    )
+    unaccounted = sum(i["lines"] for i in mine) - written - failed
+    manifest = finalize(out, n, len(entries), args.codebooks)
+    if manifest is None:
+        print(
+            f"other processes' shards are pending; the last process to finish writes {out}/manifest.json"
+        )
+    else:
+        print(
+            f"{out}/manifest.json: {manifest['records']} records, {manifest['hours']:.3f} h, "
+            f"{manifest['frames']} frames, {manifest['errors']} errors (see {out}/{ERRORS}); "
+            f"{manifest['lines']} manifest lines"
+        )
+        unaccounted = manifest["lines"] - manifest["records"] - manifest["errors"]
+    if unaccounted:
+        print(
+            f"error: {unaccounted} manifest lines were neither written nor reported",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-  return run(parse_args(argv))
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

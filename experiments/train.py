@@ -161,7 +161,8 @@ def _loop(config, state, steps, train_it, eval_factory, local_rows, mesh, ckpts,
                     f"{step}: stopping; the last good checkpoint is step {last} in {ckpts.directory}")
             elapsed = time.time() - t_last
             rate = (step - last_logged) * groups / max(elapsed, 1e-9)
-            values.update(groups_per_second=rate, mfu=rate * flops / peak if peak else 0.0)
+            values.update(groups_per_second=rate, mfu=rate * flops / peak if peak else 0.0,
+                          tokens_per_second=rate * values["tokens"] / groups)  # non-padding groups
             t_last, last_logged = time.time(), step
             writer.write(step, values)
             writer.progress(step, values)

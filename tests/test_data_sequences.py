@@ -9,8 +9,13 @@ from data_pipelines.config import STAGE1_LOSS_WEIGHTS, DataConfig
 from data_pipelines.packing import example_from_document
 from data_pipelines.sequences import DocumentError, SequenceBuilder, delay_patch, patchify
 from data_pipelines.shards import Record
-from data_pipelines.text_tokenizer import (SPECIAL_TOKENS, TextTokenizer, tokenizer_digest,
-                                           train_demo_tokenizer, word_level_tokenizer)
+from data_pipelines.text_tokenizer import (
+    SPECIAL_TOKENS,
+    TextTokenizer,
+    tokenizer_digest,
+    train_demo_tokenizer,
+    word_level_tokenizer,
+)
 import tokenizers
 
 WORDS = [f"w{i}" for i in range(1, 21)]
@@ -23,169 +28,201 @@ CFG = DataConfig(context_length=256, empty_text_weight=0.01)
 
 
 def _rec(frames, text="", **kw):
-  codes = (np.arange(frames * 8).reshape(frames, 8) % 97).astype(np.int16)
-  return Record(id="r1", codes=codes, text=text, **kw)
+    codes = (np.arange(frames * 8).reshape(frames, 8) % 97).astype(np.int16)
+    return Record(id="r1", codes=codes, text=text, **kw)
 
 
 def _words(n, start=1):
-  return " ".join(f"w{i}" for i in range(start, start + n))
+    return " ".join(f"w{i}" for i in range(start, start + n))
 
 
 def test_text_tokenizer_special_ids_and_missing_token():
-  assert S["<|endoftext|>"] == 0 and TOK.pad_id == 0 and TOK.empty_id == E
-  assert TOK.encode("w1 <|eot|>w2") == [W["w1"], S["<|eot|>"], W["w2"]]
-  bare = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "<|sosp|>": 1}, unk_token="a"))
-  with pytest.raises(KeyError, match=r"special token '<\|endoftext\|>' is missing"):
-    TextTokenizer(bare, "bare.json")
-  clone = pickle.loads(pickle.dumps(TOK))
-  assert clone.encode("w3 w4") == TOK.encode("w3 w4") and clone.eot_id == TOK.eot_id
+    assert S["<|endoftext|>"] == 0 and TOK.pad_id == 0 and TOK.empty_id == E
+    assert TOK.encode("w1 <|eot|>w2") == [W["w1"], S["<|eot|>"], W["w2"]]
+    bare = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "<|sosp|>": 1}, unk_token="a"))
+    with pytest.raises(KeyError, match=r"special token '<\|endoftext\|>' is missing"):
+        TextTokenizer(bare, "bare.json")
+    clone = pickle.loads(pickle.dumps(TOK))
+    assert clone.encode("w3 w4") == TOK.encode("w3 w4") and clone.eot_id == TOK.eot_id
 
 
 def test_demo_tokenizer_is_deterministic_and_has_all_special_tokens(tmp_path):
-  sentences = ["the cat sat on the mat", "a dog ran in the park", "der Hund läuft schnell", "今天天气很好"] * 3
-  a, b = train_demo_tokenizer(sentences, 400), train_demo_tokenizer(sentences, 400)
-  assert tokenizer_digest(a) == tokenizer_digest(b)
-  for t in SPECIAL_TOKENS:
-    assert a.encode(t) == [a.special_id(t)]
-  a.save(str(tmp_path / "tokenizer.json"))
-  c = TextTokenizer.from_file(str(tmp_path))
-  text = "the cat<|eot|> 今天 Ünknown"
-  assert c.encode(text) == a.encode(text) and c.decode(c.encode(text)) == text
+    sentences = [
+        "the cat sat on the mat",
+        "a dog ran in the park",
+        "der Hund läuft schnell",
+        "今天天气很好",
+    ] * 3
+    a, b = train_demo_tokenizer(sentences, 400), train_demo_tokenizer(sentences, 400)
+    assert tokenizer_digest(a) == tokenizer_digest(b)
+    for t in SPECIAL_TOKENS:
+        assert a.encode(t) == [a.special_id(t)]
+    a.save(str(tmp_path / "tokenizer.json"))
+    c = TextTokenizer.from_file(str(tmp_path))
+    text = "the cat<|eot|> 今天 Ünknown"
+    assert c.encode(text) == a.encode(text) and c.decode(c.encode(text)) == text
 
 
 def test_patchify_repeats_last_frame():
-  frames = np.arange(6 * 9).reshape(6, 9)  # 9 codebooks: only the first 8 are kept
-  p = patchify(frames, 4, 8)
-  assert p.shape == (2, 4, 8)
-  np.testing.assert_array_equal(p[1, 1], frames[5, :8])
-  np.testing.assert_array_equal(p[1, 2], frames[5, :8])
-  np.testing.assert_array_equal(p[1, 3], frames[5, :8])
+    frames = np.arange(6 * 9).reshape(6, 9)  # 9 codebooks: only the first 8 are kept
+    p = patchify(frames, 4, 8)
+    assert p.shape == (2, 4, 8)
+    np.testing.assert_array_equal(p[1, 1], frames[5, :8])
+    np.testing.assert_array_equal(p[1, 2], frames[5, :8])
+    np.testing.assert_array_equal(p[1, 3], frames[5, :8])
 
 
 def test_continuation_document_and_weights():
-  b = SequenceBuilder(TOK, CFG)
-  doc = b.build(_rec(7), "continuation")
-  assert doc["text"].tolist() == [S["<|sosp|>"], E, E, S["<|eosp|>"]]
-  np.testing.assert_array_equal(doc["codes"][0], np.tile(EMPTY, (4, 1)))
-  np.testing.assert_array_equal(doc["codes"][1:3], patchify(_rec(7).codes, 4, 8))
-  np.testing.assert_array_equal(doc["codes"][3], np.tile(EMPTY, (4, 1)))
-  ex = example_from_document(doc, CFG, E, TOK.pad_id)
-  assert ex["text_targets"].tolist() == [E, E, S["<|eosp|>"], TOK.pad_id]
-  np.testing.assert_allclose(ex["text_weights"], [1.0, 1.0, 100.0, 0.0])  # 100 * 0.01 for <|empty|>
-  np.testing.assert_array_equal(ex["code_targets"][:2], doc["codes"][1:3])
-  np.testing.assert_array_equal(ex["code_targets"][2:], np.tile(EMPTY, (2, 4, 1)))
-  np.testing.assert_allclose(ex["code_weights"], [[12, 8, 6, 4, 2, 2, 1, 1]] * 2 + [[0] * 8] * 2)
-  assert ex["segment_ids"].tolist() == [1] * 4 and ex["positions"].tolist() == [0, 1, 2, 3]
-  assert ex["codes"].dtype == np.int32 and ex["code_weights"].dtype == np.float32
+    b = SequenceBuilder(TOK, CFG)
+    doc = b.build(_rec(7), "continuation")
+    assert doc["text"].tolist() == [S["<|sosp|>"], E, E, S["<|eosp|>"]]
+    np.testing.assert_array_equal(doc["codes"][0], np.tile(EMPTY, (4, 1)))
+    np.testing.assert_array_equal(doc["codes"][1:3], patchify(_rec(7).codes, 4, 8))
+    np.testing.assert_array_equal(doc["codes"][3], np.tile(EMPTY, (4, 1)))
+    ex = example_from_document(doc, CFG, E, TOK.pad_id)
+    assert ex["text_targets"].tolist() == [E, E, S["<|eosp|>"], TOK.pad_id]
+    np.testing.assert_allclose(
+        ex["text_weights"], [1.0, 1.0, 100.0, 0.0]
+    )  # 100 * 0.01 for <|empty|>
+    np.testing.assert_array_equal(ex["code_targets"][:2], doc["codes"][1:3])
+    np.testing.assert_array_equal(ex["code_targets"][2:], np.tile(EMPTY, (2, 4, 1)))
+    np.testing.assert_allclose(ex["code_weights"], [[12, 8, 6, 4, 2, 2, 1, 1]] * 2 + [[0] * 8] * 2)
+    assert ex["segment_ids"].tolist() == [1] * 4 and ex["positions"].tolist() == [0, 1, 2, 3]
+    assert ex["codes"].dtype == np.int32 and ex["code_weights"].dtype == np.float32
 
 
 def test_stage1_weights_supervise_text_only():
-  cfg = DataConfig(loss_weights=STAGE1_LOSS_WEIGHTS, empty_text_weight=0.5)
-  doc = SequenceBuilder(TOK, cfg).build(_rec(7), "continuation")
-  ex = example_from_document(doc, cfg, E, TOK.pad_id)
-  np.testing.assert_allclose(ex["text_weights"], [0.5, 0.5, 1.0, 0.0])
-  assert not ex["code_weights"].any()
+    cfg = DataConfig(loss_weights=STAGE1_LOSS_WEIGHTS, empty_text_weight=0.5)
+    doc = SequenceBuilder(TOK, cfg).build(_rec(7), "continuation")
+    ex = example_from_document(doc, cfg, E, TOK.pad_id)
+    np.testing.assert_allclose(ex["text_weights"], [0.5, 0.5, 1.0, 0.0])
+    assert not ex["code_weights"].any()
 
 
 def test_interleave_5_to_5_text_longer_than_speech():
-  rec = _rec(27, _words(12))  # 7 patches (27 frames + 1 repeated)
-  doc = SequenceBuilder(TOK, CFG).build(rec, "interleave")
-  w = lambda *ids: [W[f"w{i}"] for i in ids]  # noqa: E731
-  assert doc["text"].tolist() == ([S["<|sostm|>"]] + w(1, 2, 3, 4, 5) + [E] * 5 + w(6, 7, 8, 9, 10)
-                                  + [E] * 2 + w(11, 12) + [S["<|eot|>"], S["<|eostm|>"]])
-  patches = patchify(rec.codes, 4, 8)
-  np.testing.assert_array_equal(doc["codes"][6:11], patches[:5])
-  np.testing.assert_array_equal(doc["codes"][16:18], patches[5:])
-  assert doc["target"].all()
+    rec = _rec(27, _words(12))  # 7 patches (27 frames + 1 repeated)
+    doc = SequenceBuilder(TOK, CFG).build(rec, "interleave")
+    w = lambda *ids: [W[f"w{i}"] for i in ids]  # noqa: E731
+    assert doc["text"].tolist() == (
+        [S["<|sostm|>"]]
+        + w(1, 2, 3, 4, 5)
+        + [E] * 5
+        + w(6, 7, 8, 9, 10)
+        + [E] * 2
+        + w(11, 12)
+        + [S["<|eot|>"], S["<|eostm|>"]]
+    )
+    patches = patchify(rec.codes, 4, 8)
+    np.testing.assert_array_equal(doc["codes"][6:11], patches[:5])
+    np.testing.assert_array_equal(doc["codes"][16:18], patches[5:])
+    assert doc["target"].all()
 
 
 def test_interleave_speech_longer_than_text():
-  rec = _rec(48, _words(3))  # 12 patches
-  doc = SequenceBuilder(TOK, CFG).build(rec, "interleave")
-  assert doc["text"].tolist() == ([S["<|sostm|>"], W["w1"], W["w2"], W["w3"], S["<|eot|>"]]
-                                  + [E] * 12 + [S["<|eostm|>"]])
-  np.testing.assert_array_equal(doc["codes"][5:17], patchify(rec.codes, 4, 8))
+    rec = _rec(48, _words(3))  # 12 patches
+    doc = SequenceBuilder(TOK, CFG).build(rec, "interleave")
+    assert doc["text"].tolist() == (
+        [S["<|sostm|>"], W["w1"], W["w2"], W["w3"], S["<|eot|>"]] + [E] * 12 + [S["<|eostm|>"]]
+    )
+    np.testing.assert_array_equal(doc["codes"][5:17], patchify(rec.codes, 4, 8))
 
 
 def test_interleave_exactly_five_tokens_puts_eot_in_first_chunk():
-  doc = SequenceBuilder(TOK, CFG).build(_rec(40, _words(5)), "interleave")
-  assert doc["text"][:8].tolist() == [S["<|sostm|>"]] + [W[f"w{i}"] for i in range(1, 6)] + [S["<|eot|>"], E]
+    doc = SequenceBuilder(TOK, CFG).build(_rec(40, _words(5)), "interleave")
+    assert doc["text"][:8].tolist() == [S["<|sostm|>"]] + [W[f"w{i}"] for i in range(1, 6)] + [
+        S["<|eot|>"],
+        E,
+    ]
 
 
 def test_asr_supervises_only_the_answer():
-  b = SequenceBuilder(TOK, CFG)
-  doc = b.build(_rec(8, "w1 w2"), "asr")
-  text = doc["text"].tolist()
-  answer = text.index(W["w1"])
-  assert text[answer:] == [W["w1"], W["w2"], S["<|im_end|>"]]  # "\n" is <unk> in the word tokenizer
-  assert text[:2] == [S["<|im_start|>"], TOK.tokenizer.token_to_id("<unk>")]
-  assert text[2:6] == [S["<|sosp|>"], E, E, S["<|eosp|>"]]
-  assert S["<think>"] in text[:answer] and S["</think>"] in text[:answer]
-  assert not doc["target"][:answer].any() and doc["target"][answer:].all()
-  ex = example_from_document(doc, CFG, E, TOK.pad_id)
-  supervised = np.flatnonzero(ex["text_weights"])
-  assert supervised.tolist() == list(range(answer - 1, len(text) - 1))
-  assert not ex["code_weights"].any()  # speech of the prompt is not a target
+    b = SequenceBuilder(TOK, CFG)
+    doc = b.build(_rec(8, "w1 w2"), "asr")
+    text = doc["text"].tolist()
+    answer = text.index(W["w1"])
+    assert text[answer:] == [
+        W["w1"],
+        W["w2"],
+        S["<|im_end|>"],
+    ]  # "\n" is <unk> in the word tokenizer
+    assert text[:2] == [S["<|im_start|>"], TOK.tokenizer.token_to_id("<unk>")]
+    assert text[2:6] == [S["<|sosp|>"], E, E, S["<|eosp|>"]]
+    assert S["<think>"] in text[:answer] and S["</think>"] in text[:answer]
+    assert not doc["target"][:answer].any() and doc["target"][answer:].all()
+    ex = example_from_document(doc, CFG, E, TOK.pad_id)
+    supervised = np.flatnonzero(ex["text_weights"])
+    assert supervised.tolist() == list(range(answer - 1, len(text) - 1))
+    assert not ex["code_weights"].any()  # speech of the prompt is not a target
 
 
 def test_tts_stream_is_supervised_and_patches_get_code_weights():
-  b = SequenceBuilder(TOK, CFG)
-  doc = b.build(_rec(8, "w1 w2"), "tts")
-  text = doc["text"].tolist()
-  start = text.index(S["<|sostm|>"])
-  assert text[start:] == [S["<|sostm|>"], W["w1"], W["w2"], S["<|eot|>"], E, E, S["<|eostm|>"],
-                          S["<|im_end|>"]]  # the word tokenizer drops "\n"
-  assert not doc["target"][:start].any() and doc["target"][start:].all()
-  ex = example_from_document(doc, CFG, E, TOK.pad_id)
-  speech = [start + 4, start + 5]
-  assert np.flatnonzero(ex["code_weights"][:, 0]).tolist() == [s - 1 for s in speech]
-  np.testing.assert_array_equal(ex["code_targets"][start + 3], doc["codes"][start + 4])
+    b = SequenceBuilder(TOK, CFG)
+    doc = b.build(_rec(8, "w1 w2"), "tts")
+    text = doc["text"].tolist()
+    start = text.index(S["<|sostm|>"])
+    assert text[start:] == [
+        S["<|sostm|>"],
+        W["w1"],
+        W["w2"],
+        S["<|eot|>"],
+        E,
+        E,
+        S["<|eostm|>"],
+        S["<|im_end|>"],
+    ]  # the word tokenizer drops "\n"
+    assert not doc["target"][:start].any() and doc["target"][start:].all()
+    ex = example_from_document(doc, CFG, E, TOK.pad_id)
+    speech = [start + 4, start + 5]
+    assert np.flatnonzero(ex["code_weights"][:, 0]).tolist() == [s - 1 for s in speech]
+    np.testing.assert_array_equal(ex["code_targets"][start + 3], doc["codes"][start + 4])
 
 
 def test_instruct_tts_caption_and_text_tasks():
-  b = SequenceBuilder(TOK, CFG)
-  rec = _rec(8, "w1 w2", meta={"instruct": " w9 w10 ", "caption": "w7 w8"})
-  doc = b.build(rec, "instruct_tts")
-  text = doc["text"].tolist()
-  assert text[:1] == [S["<|im_start|>"]] and W["w9"] in text and S["<|sostm|>"] in text
-  first_target = int(np.argmax(doc["target"]))
-  assert text[first_target:first_target + 2] == [S["</think>"], S["<|sostm|>"]]
-  assert text[first_target - 1] == S["<think>"] and W["w10"] in text[:first_target]
-  cap = b.build(rec, "caption")["text"].tolist()
-  assert cap[-3:] == [W["w7"], W["w8"], S["<|im_end|>"]]
-  txt = b.build(_rec(0, "w3 w4 w5"), "text")
-  assert txt["text"].tolist() == [W["w3"], W["w4"], W["w5"], TOK.pad_id] and txt["codes"].shape == (4, 4, 8)
-  assert b.build(_rec(4, "w3", task="text"), "record")["text"].tolist() == [W["w3"], TOK.pad_id]
+    b = SequenceBuilder(TOK, CFG)
+    rec = _rec(8, "w1 w2", meta={"instruct": " w9 w10 ", "caption": "w7 w8"})
+    doc = b.build(rec, "instruct_tts")
+    text = doc["text"].tolist()
+    assert text[:1] == [S["<|im_start|>"]] and W["w9"] in text and S["<|sostm|>"] in text
+    first_target = int(np.argmax(doc["target"]))
+    assert text[first_target : first_target + 2] == [S["</think>"], S["<|sostm|>"]]
+    assert text[first_target - 1] == S["<think>"] and W["w10"] in text[:first_target]
+    cap = b.build(rec, "caption")["text"].tolist()
+    assert cap[-3:] == [W["w7"], W["w8"], S["<|im_end|>"]]
+    txt = b.build(_rec(0, "w3 w4 w5"), "text")
+    assert txt["text"].tolist() == [W["w3"], W["w4"], W["w5"], TOK.pad_id] and txt[
+        "codes"
+    ].shape == (4, 4, 8)
+    assert b.build(_rec(4, "w3", task="text"), "record")["text"].tolist() == [W["w3"], TOK.pad_id]
 
 
 def test_builder_errors_name_record_and_reason():
-  b = SequenceBuilder(TOK, CFG)
-  with pytest.raises(DocumentError, match="record r1: task needs audio codes"):
-    b.build(_rec(0, "w1"), "tts")
-  with pytest.raises(DocumentError, match="record r1: task instruct_tts needs meta.instruct"):
-    b.build(_rec(4, "w1"), "instruct_tts")
-  with pytest.raises(DocumentError, match="record r1: task asr needs a text answer"):
-    b.build(_rec(4, ""), "asr")
-  with pytest.raises(DocumentError, match="unknown task 'dance'"):
-    b.build(_rec(4, "w1"), "dance")
+    b = SequenceBuilder(TOK, CFG)
+    with pytest.raises(DocumentError, match="record r1: task needs audio codes"):
+        b.build(_rec(0, "w1"), "tts")
+    with pytest.raises(DocumentError, match="record r1: task instruct_tts needs meta.instruct"):
+        b.build(_rec(4, "w1"), "instruct_tts")
+    with pytest.raises(DocumentError, match="record r1: task asr needs a text answer"):
+        b.build(_rec(4, ""), "asr")
+    with pytest.raises(DocumentError, match="unknown task 'dance'"):
+        b.build(_rec(4, "w1"), "dance")
 
 
 def test_delay_patch_matches_the_spec_schedule():
-  patch = np.arange(32).reshape(4, 8) + 1  # frame f, channel c -> 8f + c + 1
-  delayed, active = delay_patch(patch, CFG.delays, CFG.empty_ids)
-  assert delayed.shape == (11, 8)
-  # SPEC §1.7: step 6 emits c3:f3 c4:f2 c5:f1 c6:f0; step 10 emits only c7:f3.
-  assert np.flatnonzero(active[6]).tolist() == [3, 4, 5, 6]
-  assert [delayed[6, c] for c in (3, 4, 5, 6)] == [8 * 3 + 4, 8 * 2 + 5, 8 * 1 + 6, 8 * 0 + 7]
-  assert np.flatnonzero(active[10]).tolist() == [7] and delayed[10, 7] == 8 * 3 + 8
-  assert delayed[0].tolist() == [1] + [1024] + [128] * 6
-  assert active.sum() == 32
-  batched, _ = delay_patch(np.stack([patch, patch]), CFG.delays, CFG.empty_ids)
-  np.testing.assert_array_equal(batched[1], delayed)
+    patch = np.arange(32).reshape(4, 8) + 1  # frame f, channel c -> 8f + c + 1
+    delayed, active = delay_patch(patch, CFG.delays, CFG.empty_ids)
+    assert delayed.shape == (11, 8)
+    # SPEC §1.7: step 6 emits c3:f3 c4:f2 c5:f1 c6:f0; step 10 emits only c7:f3.
+    assert np.flatnonzero(active[6]).tolist() == [3, 4, 5, 6]
+    assert [delayed[6, c] for c in (3, 4, 5, 6)] == [8 * 3 + 4, 8 * 2 + 5, 8 * 1 + 6, 8 * 0 + 7]
+    assert np.flatnonzero(active[10]).tolist() == [7] and delayed[10, 7] == 8 * 3 + 8
+    assert delayed[0].tolist() == [1] + [1024] + [128] * 6
+    assert active.sum() == 32
+    batched, _ = delay_patch(np.stack([patch, patch]), CFG.delays, CFG.empty_ids)
+    np.testing.assert_array_equal(batched[1], delayed)
 
 
 def test_config_validates_lengths():
-  with pytest.raises(ValueError, match="loss_weights='1-2' has 2 values, expected 9"):
-    DataConfig(loss_weights="1-2")
-  cfg = DataConfig.from_mapping({"loss_weights": STAGE1_LOSS_WEIGHTS, "other_key": 3})
-  assert cfg.text_weight == 1.0 and cfg.codebook_weights == (0.0,) * 8
+    with pytest.raises(ValueError, match="loss_weights='1-2' has 2 values, expected 9"):
+        DataConfig(loss_weights="1-2")
+    cfg = DataConfig.from_mapping({"loss_weights": STAGE1_LOSS_WEIGHTS, "other_key": 3})
+    assert cfg.text_weight == 1.0 and cfg.codebook_weights == (0.0,) * 8
