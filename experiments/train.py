@@ -123,7 +123,7 @@ def run(config, workdir: str) -> int:
         try:
             state, finished = _loop(config, state, steps, train_it, eval_factory, local_rows, mesh,
                                     ckpts, writer, flops, start or 0)
-            if finished:
+            if finished and config.export_model:
                 export_model(trainer, state, lm_config, workdir)
             return 0
         finally:

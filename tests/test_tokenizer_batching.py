@@ -116,8 +116,9 @@ def test_bfloat16_compute_tracks_float32():
 
 
 def test_blocked_attention_paths_equal_the_full_mask():
-    from mimo_jax.nn.attention import attention_mask, dot_product_attention
-    from mimo_jax.tokenizer.transformer import _query_blocked_attention, _windowed_attention
+    from mimo_jax.nn.attention import (MaskSpec, attention_mask, blocked_attention,
+                                       dot_product_attention)
+    from mimo_jax.tokenizer.transformer import _windowed_attention
     rng = np.random.default_rng(2)
     q, k, v = (jnp.asarray(rng.normal(size=(2, 45, 3, 8)).astype(np.float32)) for _ in range(3))
     positions = jnp.broadcast_to(jnp.arange(45), (2, 45))
@@ -126,8 +127,8 @@ def test_blocked_attention_paths_equal_the_full_mask():
         mask = attention_mask(positions, positions, segments, segments, causal=causal,
                               window=window)
         want = np.asarray(dot_product_attention(q, k, v, mask))[:, :, :, :]
-        blocked = _query_blocked_attention(q, k, v, positions, segments, causal=causal,
-                                           window=window, block=16)
+        blocked = blocked_attention(q, k, v, MaskSpec(positions, positions, segments, segments,
+                                                      causal=causal, window=window), 16)
         np.testing.assert_allclose(np.asarray(blocked), want, atol=1e-6)
         if window[0] >= 0 and window[1] >= 0:
             windowed = _windowed_attention(q, k, v, positions, segments, causal=causal,

@@ -96,7 +96,6 @@ def _changed_groups(before, after):
 
 
 @pytest.mark.parametrize("weights,frozen", [("1-0-0-0-0-0-0-0-0", ("patch_decoder",)),
-                                            ("100-12-8-6-4-2-2-1-1", ()),
                                             ("100-12-8-6-4-2-2-1-1", ("llm",))])
 def test_groups_get_their_learning_rates_and_frozen_groups_stay(weights, frozen):
     config = small_config()

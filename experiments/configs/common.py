@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 500
     c.eval_every = 0  # 0: no periodic evaluation
     c.eval_steps = 4
+    c.export_model = True  # write the final weights to workdir/model (a model checkpoint)
     c.peak_tflops_per_device = 0.0  # for MFU; e.g. 989 (H100 bf16 dense), 197 (v5e), 459 (v5p)
 
     c.model = ml_collections.ConfigDict()
