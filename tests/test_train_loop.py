@@ -74,9 +74,11 @@ def _train_cmd(data, workdir, *extra):
 
 def test_sigterm_saves_and_resume_continues_identically(demo_data, tmp_path):
     steps = ["--config.total_steps=30", "--config.checkpoint_every=1000"]
-    assert train.run(smoke(demo_data, total_steps=30, checkpoint_every=1000),
-                     str(tmp_path / "straight")) == 0
-    run = subprocess.Popen(_train_cmd(demo_data, tmp_path / "cut", *steps), cwd=ROOT,
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    straight = subprocess.run(_train_cmd(demo_data, tmp_path / "straight", *steps), cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stdout + straight.stderr
+    run = subprocess.Popen(_train_cmd(demo_data, tmp_path / "cut", *steps), cwd=ROOT, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in run.stdout:
         if line.startswith("step 2/"):
@@ -87,7 +89,7 @@ def test_sigterm_saves_and_resume_continues_identically(demo_data, tmp_path):
     assert "preempted: checkpoint saved at step" in out
     cut_at = max(train_losses(tmp_path / "cut"))
     assert cut_at < 30 and (tmp_path / "cut" / "checkpoints" / str(cut_at)).is_dir()
-    resumed = subprocess.run(_train_cmd(demo_data, tmp_path / "cut", *steps), cwd=ROOT,
+    resumed = subprocess.run(_train_cmd(demo_data, tmp_path / "cut", *steps), cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "straight")
