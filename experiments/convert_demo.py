@@ -2,7 +2,7 @@
 load it, generate text and speech groups from a prompt with the KV-cached loop, and convert the
 weights back to the official format, checking the round trip.
 
-    python -m experiments.convert_demo [--checkpoint DIR] [--workdir runs/demo] [--groups 24]
+    python -m experiments.convert_demo [--checkpoint DIR] [--workdir runs/convert_demo] [--groups 24]
 
 The default checkpoint is the small randomly initialised one in tests/fixtures/lm (official names
 and shapes); point --checkpoint at a released MiMo-Audio directory to run the real model.
@@ -39,7 +39,7 @@ def demo_prompt(config, rng: np.random.Generator):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, default=ROOT / "tests" / "fixtures" / "lm")
-    p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
+    p.add_argument("--workdir", type=Path, default=Path("runs/convert_demo"))
     p.add_argument("--groups", type=int, default=24, help="total groups to generate to")
     a = p.parse_args(argv)
 
