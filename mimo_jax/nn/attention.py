@@ -52,8 +52,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     kv_heads = k.shape[2]
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads cannot share {kv_heads} kv heads")
-    q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
-    logits = jnp.einsum("btkrd,bskd->bkrts", q, k, preferred_element_type=jnp.float32)
+    # Heads first, so that both products are batched over contiguous [time, head_dim] blocks.
+    q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    logits = jnp.einsum("bkrtd,bksd->bkrts", q, k, preferred_element_type=jnp.float32)
     logits = logits * (head_dim ** -0.5)
     if mask is not None:
         logits = jnp.where(mask[:, None, None, :, :], logits, _MASKED)
@@ -61,8 +63,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     if dropout_rate > 0.0 and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-    out = jnp.einsum("bkrts,bskd->btkrd", probs.astype(v.dtype), v)
-    return out.reshape(batch, q_len, heads, head_dim)
+    out = jnp.einsum("bkrts,bksd->bkrtd", probs.astype(v.dtype), v)
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim)
 
 
 @struct.dataclass
