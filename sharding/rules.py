@@ -9,6 +9,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mimo_jax.nn.params import logical_axes
@@ -74,7 +75,6 @@ def named_sharding(mesh: jax.sharding.Mesh, variable, rules: Rules) -> NamedShar
 def state_shardings(state, mesh: jax.sharding.Mesh, rules: Rules):
     """The nnx.State with each variable's value replaced by its NamedSharding (for jit's
     out_shardings)."""
-    import flax.nnx as nnx
     return jax.tree.map(lambda v: v.replace(named_sharding(mesh, v, rules)), state,
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
 

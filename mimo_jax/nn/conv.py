@@ -12,16 +12,23 @@ from mimo_jax.nn.params import normal, param, zeros
 _DIMS = ("NWC", "WIO", "NWC")
 
 
+def _kernel_and_bias(in_features, out_features, kernel_size, use_bias, init_std, param_dtype,
+                     rngs):
+    """A kernel [k, in, out] and an optional bias [out], with their logical axes."""
+    kernel = param(rngs, normal(init_std), (kernel_size, in_features, out_features),
+                   ("kernel", "conv_in", "conv_out"), param_dtype)
+    bias = param(rngs, zeros, (out_features,), ("conv_out",), param_dtype) if use_bias else None
+    return kernel, bias
+
+
 class Conv1d(nnx.Module):
     """torch.nn.Conv1d(in, out, kernel, stride, padding) with zero padding on both sides."""
 
     def __init__(self, in_features: int, out_features: int, kernel_size: int, *, stride: int = 1,
                  padding: int = 0, use_bias: bool = True, init_std: float = 0.02, dtype=None,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.kernel = param(rngs, normal(init_std), (kernel_size, in_features, out_features),
-                            ("kernel", "conv_in", "conv_out"), param_dtype)
-        self.bias = (param(rngs, zeros, (out_features,), ("conv_out",), param_dtype)
-                     if use_bias else None)
+        self.kernel, self.bias = _kernel_and_bias(in_features, out_features, kernel_size,
+                                                  use_bias, init_std, param_dtype, rngs)
         self.stride = stride
         self.padding = padding
         self.dtype = dtype
@@ -43,10 +50,8 @@ class ConvTranspose1d(nnx.Module):
     def __init__(self, in_features: int, out_features: int, kernel_size: int, *, stride: int,
                  use_bias: bool = True, init_std: float = 0.02, dtype=None,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.kernel = param(rngs, normal(init_std), (kernel_size, in_features, out_features),
-                            ("kernel", "conv_in", "conv_out"), param_dtype)
-        self.bias = (param(rngs, zeros, (out_features,), ("conv_out",), param_dtype)
-                     if use_bias else None)
+        self.kernel, self.bias = _kernel_and_bias(in_features, out_features, kernel_size,
+                                                  use_bias, init_std, param_dtype, rngs)
         self.stride = stride
         self.dtype = dtype
 

@@ -66,9 +66,7 @@ class AudioDecoder(nnx.Module):
         self.dtype = dtype
         self.dconv1 = CausalConvTranspose1d(c.d_model, c.d_model, c.avg_pooler, c.avg_pooler,
                                             dtype=dtype, rngs=rngs)
-        self.spec = StackSpec(c.decoder_layers, c.d_model, c.decoder_attention_heads,
-                              c.decoder_ffn_dim, c.decoder_causal,
-                              tuple(c.decoder_attn_window_size), c.rope_theta, c.ln_eps)
+        self.spec = StackSpec.of(c, "decoder")
         self.layers = make_stack(self.spec, dtype=dtype, rngs=rngs)
         self.layer_norm = LayerNorm(c.d_model, eps=c.ln_eps, rngs=rngs)
         self.dconv2 = CausalConvTranspose1d(c.d_model, c.n_mels, c.decoder_kernel_size,

@@ -30,9 +30,7 @@ class AudioEncoder(nnx.Module):
         self.conv1 = Conv1d(c.n_mels, c.d_model, c.kernel_size, padding=1, dtype=dtype, rngs=rngs)
         self.conv2 = Conv1d(c.d_model, c.d_model, c.kernel_size, stride=c.stride_size, padding=1,
                             dtype=dtype, rngs=rngs)
-        self.spec = StackSpec(c.encoder_layers, c.d_model, c.encoder_attention_heads,
-                              c.encoder_ffn_dim, c.encoder_causal,
-                              tuple(c.encoder_attn_window_size), c.rope_theta, c.ln_eps)
+        self.spec = StackSpec.of(c, "encoder")
         self.layers = make_stack(self.spec, dtype=dtype, rngs=rngs)
         self.layer_norm = LayerNorm(c.d_model, eps=c.ln_eps, rngs=rngs)
         if c.avg_pooler > 1:

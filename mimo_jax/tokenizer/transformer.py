@@ -34,6 +34,14 @@ class StackSpec:
     rope_theta: float
     eps: float = 1e-5
 
+    @classmethod
+    def of(cls, config, part: str) -> "StackSpec":
+        """The encoder's or decoder's transformer (`part` = "encoder" or "decoder") of a config."""
+        get = lambda key: getattr(config, f"{part}_{key}")
+        return cls(get("layers"), config.d_model, get("attention_heads"), get("ffn_dim"),
+                   get("causal"), tuple(get("attn_window_size")), config.rope_theta,
+                   config.ln_eps)
+
 
 def _windowed_attention(q, k, v, positions, segments, *, causal, window, block):
     """Sliding-window attention computed per query block over the keys the window can reach.
