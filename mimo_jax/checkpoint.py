@@ -105,6 +105,23 @@ def save(model: nnx.Module, hf_config: dict, path: str | Path) -> Path:
     return path
 
 
+def check_params(path: str | Path, shapes: dict[tuple[str, ...], tuple[int, ...]]) -> dict:
+    """The metadata of a checkpoint's saved parameters, after checking that they are exactly the
+    parameters of `shapes` (those its config implies); one error names every missing, extra or
+    misshapen parameter."""
+    saved = param_metadata(Path(path) / PARAMS_DIR)
+    problems = [f"parameter {'.'.join(p)} is missing" for p in shapes if p not in saved]
+    problems += [f"parameter {'.'.join(p)} has shape {tuple(saved[p].shape)}, the config implies "
+                 f"{shape}" for p, shape in shapes.items()
+                 if p in saved and tuple(saved[p].shape) != shape]
+    problems += [f"parameter {'.'.join(p)} is not described by its {CONFIG_FILE}"
+                 for p in saved if p not in shapes]
+    if problems:
+        raise ValueError(f"{path} holds another architecture than its {CONFIG_FILE} describes:\n  "
+                         + "\n  ".join(problems))
+    return saved
+
+
 def load(path: str | Path, *, mesh: jax.sharding.Mesh | None = None, rules=None, dtype=None,
          param_dtype=None, **config_overrides):
     """(config, model) from a model checkpoint directory.
@@ -127,20 +144,9 @@ def load(path: str | Path, *, mesh: jax.sharding.Mesh | None = None, rules=None,
     abstract = nnx.eval_shape(lambda: family.build(config, rngs=nnx.Rngs(0), **build_kw))
     graphdef, abs_state = nnx.split(abstract)
     params_dir = path / PARAMS_DIR
-    saved = param_metadata(params_dir)
     flat = flat_params(abs_state)
-    extra = sorted(".".join(p) for p in saved if p not in {q for q, _ in flat})
-    if extra:
-        raise ValueError(f"{path}: checkpoint holds parameters that its {CONFIG_FILE} does not "
-                         f"describe: {', '.join(extra)}")
+    check_params(path, {p: tuple(v.get_value().shape) for p, v in flat})
     for p, var in flat:
-        value = var.get_value()
-        if p not in saved:
-            raise ValueError(f"{path}: checkpoint has no parameter {'.'.join(p)}: it holds another "
-                             f"architecture than its {CONFIG_FILE} describes")
-        if tuple(saved[p].shape) != tuple(value.shape):
-            raise ValueError(f"{path}: parameter {'.'.join(p)} has shape {tuple(saved[p].shape)}, "
-                             f"the config implies {tuple(value.shape)}")
         sharding = (named_sharding(mesh, var, rules or DEFAULT_RULES) if mesh is not None
                     else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
         var.set_value(restore_param(params_dir, p, sharding, param_dtype))

@@ -190,15 +190,7 @@ def orbax_to_torch(src: Path, dst: Path, dtype=None, overwrite=False, progress=T
     family, config = model_ckpt.read_config(src)
     needed, shapes = placements(family, _abstract(family, config))
     params_dir = src / model_ckpt.PARAMS_DIR
-    stored = model_ckpt.param_metadata(params_dir)
-    problems = [f"parameter {'.'.join(p)} is missing" for p in shapes if p not in stored]
-    problems += [f"parameter {'.'.join(p)} has shape {tuple(stored[p].shape)}, expected {shape}"
-                 for p, shape in shapes.items() if p in stored and tuple(stored[p].shape) != shape]
-    problems += [f"parameter {'.'.join(p)} is not part of the {family.name}"
-                 for p in stored if p not in shapes]
-    if problems:
-        raise ConversionError(f"{src} does not match the {family.name} its config.json describes:\n  "
-                              + "\n  ".join(problems))
+    stored = model_ckpt.check_params(src, shapes)
     tmp = _staging(dst, overwrite)
     try:
         hf = family.config_to_hf(config)
