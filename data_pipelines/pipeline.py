@@ -26,7 +26,7 @@ import numpy as np
 
 from data_pipelines.config import DataConfig
 from data_pipelines.packing import ERROR_KEY, PackIterDataset
-from data_pipelines.sequences import DocumentError, SequenceBuilder
+from data_pipelines.sequences import TASKS, DocumentError, SequenceBuilder
 from data_pipelines.shards import Record, RecordError, ShardSet
 from data_pipelines.text_tokenizer import TextTokenizer
 
@@ -39,6 +39,28 @@ class Source:
     path: str
     task: str
     weight: float = 1.0
+
+
+TASK_NAMES = (*TASKS, "record")
+
+
+def parse_sources(text: str) -> list[Source]:
+    """`"DIR:task[:weight],..."` (the config's `data.sources`) -> Sources. DIR may itself hold
+    colons (`gs://bucket/shards:tts:0.5`): the task and the weight are read from the right."""
+    sources = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        head, _, last = item.rpartition(":")
+        weight = 1.0
+        try:
+            weight = float(last)
+            head, _, last = head.rpartition(":")
+        except ValueError:
+            pass
+        if not head or last not in TASK_NAMES:
+            raise ValueError(f"data source {item!r}: expected DIR:TASK[:WEIGHT] with TASK one of "
+                             f"{', '.join(TASK_NAMES)}")
+        sources.append(Source(head, last, weight))
+    return sources
 
 
 class EpochShuffle(grain.MapDataset):

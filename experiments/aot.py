@@ -76,4 +76,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from experiments.cli import parse_flags
+    app.run(main, flags_parser=parse_flags)

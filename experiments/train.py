@@ -65,7 +65,7 @@ class Preemption:
 
 def data_iterators(config, mesh):
     from data_pipelines.config import DataConfig
-    from data_pipelines.pipeline import Source, make_dataset
+    from data_pipelines.pipeline import make_dataset, parse_sources
     from data_pipelines.text_tokenizer import TextTokenizer
 
     cfg = DataConfig.from_mapping(config.data)
@@ -75,7 +75,7 @@ def data_iterators(config, mesh):
     per_process = config.data.batch_size // procs
 
     def make(sources, seed, shuffle):
-        ds = make_dataset([Source(**dict(s)) for s in sources], cfg, tokenizer,
+        ds = make_dataset(parse_sources(sources), cfg, tokenizer,
                           batch_size=per_process if split else config.data.batch_size,
                           seed=seed, process_index=index if split else 0,
                           process_count=procs if split else 1, workers=config.data.workers,
@@ -93,7 +93,10 @@ def data_iterators(config, mesh):
 
 
 def run(config, workdir: str) -> int:
+    from experiments import config_checks
     from mimo_jax.train import setup
+
+    config_checks.check(config)
     from mimo_jax.train.checkpointing import TrainCheckpoints, abstract_like
     from mimo_jax.train.flops import train_flops_per_group
     from mimo_jax.train.metrics import MetricsWriter
@@ -200,4 +203,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from experiments.cli import parse_flags
+    app.run(main, flags_parser=parse_flags)

@@ -138,7 +138,7 @@ def test_errors_name_the_problem(demo_data, tmp_path, fixtures_root):
     cases = [
         (dict(**{"mesh.ici.data": 3}), "needs 3 devices"),
         (dict(**{"data.batch_size": 6}), "does not divide over the 8 data-parallel devices"),
-        (dict(**{"data.sources": [{"path": str(tmp_path / "none"), "task": "tts"}]}), "none"),
+        (dict(**{"data.sources": f"{tmp_path / 'none'}:tts"}), "none"),
         (dict(**{"model.init_checkpoint": str(fixtures_root / "tokenizer")}), "tokenizer"),
         (dict(**{"mesh.rules": "pipeline"}), "mesh.rules='pipeline'"),
     ]

@@ -8,15 +8,33 @@ STAGE2_WEIGHTS = "100-12-8-6-4-2-2-1-1"
 
 
 def parse_arg(arg: str | None, **defaults):
-    """`"a=1,b=x"` -> ConfigDict(a=1, b='x') with types from the defaults (big_vision style)."""
+    """`"a=1,b=x,flag"` -> ConfigDict(a=1, b='x', flag=True) with types from the defaults; a bare
+    name sets a boolean to True (big_vision style)."""
     out = ml_collections.ConfigDict(defaults)
     for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
+        key, eq, value = item.partition("=")
         if key not in defaults:
             raise ValueError(f"config argument {key!r}: expected one of {sorted(defaults)}")
         kind = type(defaults[key])
-        out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+        if kind is bool:
+            out[key] = _boolean(key, value) if eq else True
+        elif not eq:
+            raise ValueError(f"config argument {key!r}: expected {key}=VALUE ({kind.__name__})")
+        else:
+            try:
+                out[key] = kind(value)
+            except ValueError:
+                raise ValueError(f"config argument {key}={value!r}: expected a {kind.__name__}"
+                                 ) from None
     return out
+
+
+def _boolean(key: str, value: str) -> bool:
+    if value.lower() in ("1", "true", "yes"):
+        return True
+    if value.lower() in ("0", "false", "no"):
+        return False
+    raise ValueError(f"config argument {key}={value!r}: expected true or false")
 
 
 def mimo_7b_hf() -> dict:
@@ -42,7 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.total_steps = 1000
     c.log_every = 10
     c.checkpoint_every = 500
-    c.eval_every = 0  # 0: no periodic evaluation
+    c.eval_every = 0  # 0: no periodic evaluation (the only key where 0 means off)
     c.eval_steps = 4
     c.export_model = True  # write the final weights to workdir/model (a model checkpoint)
     c.peak_tflops_per_device = 0.0  # for MFU; e.g. 989 (H100 bf16 dense), 197 (v5e), 459 (v5p)
@@ -56,8 +74,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.tokenizer = ""  # tokenizer.json of the text tokenizer
-    c.data.sources = []  # [{"path": shard dir, "task": ..., "weight": ...}]
-    c.data.eval_sources = []
+    # "DIR:TASK[:WEIGHT],...": shard directories, the task their records become, mixing weights
+    c.data.sources = ""
+    c.data.eval_sources = ""  # held-out shards for the evaluation every `eval_every` steps
     c.data.batch_size = 256  # global rows per step
     c.data.context_length = 8192  # groups per row
     c.data.group_size = 4
@@ -85,7 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.95
     c.optimizer.eps = 1e-8
-    c.optimizer.clip_norm = 1.0
+    c.optimizer.clip_norm = 1.0  # 0: no clipping
     c.optimizer.grad_accum = 1
     c.optimizer.frozen = ()
 

@@ -32,8 +32,8 @@ def get_config(arg=None):
     c.model.remat_policy = "none"
     c.data.tokenizer = f"{a.data}/tokenizer.json"
     tasks = ("continuation", "asr") if a.stage == "stage1" else ("interleave", "tts", "asr")
-    c.data.sources = [{"path": f"{a.data}/shards", "task": t, "weight": 1.0} for t in tasks]
-    c.data.eval_sources = [{"path": f"{a.data}/shards", "task": tasks[0], "weight": 1.0}]
+    c.data.sources = ",".join(f"{a.data}/shards:{t}:1" for t in tasks)
+    c.data.eval_sources = f"{a.data}/shards:{tasks[0]}:1"
     c.data.batch_size = 2 if a.smoke else 4
     c.data.context_length = 128 if a.smoke else 256
     c.data.empty_text_weight = 0.1

@@ -55,8 +55,8 @@ class OptimizerConfig:
                              f"`frozen`)")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"optimizer.schedule={self.schedule!r}: expected 'cosine' or 'constant'")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"optimizer.warmup_ratio={self.warmup_ratio}: expected [0, 1)")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"optimizer.warmup_ratio={self.warmup_ratio}: expected [0, 1]")
         if self.total_steps <= 0:
             raise ValueError(f"total_steps={self.total_steps}: expected > 0")
 
