@@ -202,6 +202,10 @@ def main(argv) -> int:
         return 1
 
 
-if __name__ == "__main__":
+def cli() -> None:
     from experiments.cli import parse_flags
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,2 @@
+"""The MiMo-Audio LM: config (the official config.json), patch encoder, Qwen2-style backbone,
+patch decoder, the official token layout and the conversion rules of its parameter names."""

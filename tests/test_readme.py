@@ -1,0 +1,145 @@
+"""The README's commands and its Python example run as written (paths swapped for small local
+ones, sizes shrunk where a command names a 7B run), from a fresh directory with relative paths; and
+every command the README shows is run here, by another named test, or by CI."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+# Where each README command runs, by its first words (the quick start runs in .ci/run).
+RUN_BY = {
+    "python3 -m venv .venv": ".ci/run (the quick-start block)",
+    "python -m experiments.train --config experiments/configs/lm_stage2_7b.py":
+        "test_readme.py::test_training_command",
+    "python -m experiments.train --config experiments/configs/demo.py":
+        "test_readme.py::test_data_commands",
+    "python -m data_pipelines.": "test_readme.py::test_data_commands",
+    "python -m experiments.aot": "test_launch_aot.py",
+    "python -m experiments.sweep": "test_launch_sweep.py",
+    "python -m experiments.launch": "test_launch_launch.py",
+    "python convert_torch_weights.py": "test_readme.py::test_conversion_commands",
+    "python -m mimo_jax.tokenizer": "test_tokenizer_cli.py",
+    "MIMO_FIXTURES=": "every parity test (tests/conftest.py reads MIMO_FIXTURES)",
+    "pip install -e": "test_packaging.py (extras and the wheel); .ci/run (the install)",
+    "pip install -e '.[bench]'": "by hand: the benchmarks need PyTorch (the bench extra)",
+    "python benchmarks/": "by hand: the benchmarks need PyTorch (the bench extra)",
+    "python -m benchmarks.": "by hand: the benchmarks need PyTorch (the bench extra)",
+}
+
+
+def blocks(language: str, section: str | None = None) -> list[str]:
+    text = README if section is None else README.split(f"## {section}\n", 1)[1].split("\n## ")[0]
+    return re.findall(rf"```{language}\n(.*?)```", text, re.S)
+
+
+def commands(block: str) -> list[str]:
+    """The block's commands, continuation lines joined, comments dropped."""
+    joined = re.sub(r"\\\n\s*", "", block)
+    return [re.sub(r"\s+#.*$", "", line).strip() for line in joined.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def readme_command(section: str, start: str) -> list[str]:
+    """The words of the one command of a section that starts so, `[optional parts]` left out."""
+    (line,) = [c for b in blocks("bash", section) for c in commands(b) if c.startswith(start)]
+    return re.sub(r"\s*\[[^\]]*\]", "", line).split()
+
+
+def test_every_command_is_run_somewhere():
+    shown = [c for b in blocks("bash") for c in commands(b)]
+    assert len(shown) > 10
+    unrun = [c for c in shown if not any(c.startswith(prefix) for prefix in RUN_BY)]
+    assert unrun == []
+
+
+def _run(args, cwd, timeout=600):
+    # As on a user's CPU machine: one device, not the suite's eight simulated ones.
+    flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=flags)
+    out = subprocess.run([sys.executable if a == "python" else a for a in args], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{' '.join(args)}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A directory to run README commands from (as from the repository root): the config files
+    and the converter script linked in, nothing else."""
+    root = tmp_path_factory.mktemp("readme")
+    (root / "experiments").symlink_to(ROOT / "experiments")
+    (root / "convert_torch_weights.py").symlink_to(ROOT / "convert_torch_weights.py")
+    return root
+
+
+@pytest.fixture(scope="module")
+def demo_data(workspace, fixtures_root) -> Path:
+    """The README's Data block, run as written from the workspace (CKPT: the fixture tokenizer)."""
+    for line in (c for b in blocks("bash", "Data") for c in commands(b)):
+        if line.startswith("python -m data_pipelines."):
+            _run(line.replace("CKPT", str(fixtures_root / "tokenizer")).split(), workspace)
+    return workspace / "data" / "demo"
+
+
+def test_data_commands(workspace, demo_data):
+    manifest = json.loads((demo_data / "shards" / "manifest.json").read_text())
+    assert sum(s["records"] for s in manifest["shards"]) == 16
+    _run(readme_command("Data", "python -m experiments.train"), workspace)
+    assert (workspace / "runs" / "mine" / "model" / "config.json").is_file()
+
+
+def test_training_command(workspace, demo_data):
+    """The 7B stage-2 command on a converted checkpoint (a tiny random one with the demo
+    tokenizer's ids) and the demo shards, resized to the CPU by overrides appended at the end."""
+    from flax import nnx
+
+    from experiments.configs.demo import demo_hf
+    from mimo_jax import checkpoint
+    from mimo_jax.lm.config import MiMoAudioConfig
+    from mimo_jax.lm.model import MiMoAudioLM
+
+    hf = demo_hf(smoke=True)
+    ckpt = workspace / "ckpt" / "mimo-7b"
+    checkpoint.save(MiMoAudioLM(MiMoAudioConfig.from_hf(hf), rngs=nnx.Rngs(0)), hf, ckpt)
+    (workspace / "MiMo-Audio-7B-Base").mkdir()
+    (workspace / "MiMo-Audio-7B-Base" / "tokenizer.json").symlink_to(demo_data / "tokenizer.json")
+    command = readme_command("Training", "python -m experiments.train")
+    command = [a.replace("gs://bucket/run", "runs/stage2").replace("data/shards", "data/demo/shards")
+               for a in command]
+    _run(command + ["--config.data.batch_size=8", "--config.data.context_length=64",
+                    "--config.total_steps=3", "--config.checkpoint_every=2", "--config.log_every=1"],
+         workspace)
+    lines = (workspace / "runs" / "stage2" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+    assert (workspace / "runs" / "stage2" / "model" / "config.json").is_file()
+
+
+def test_conversion_commands(workspace, fixtures_root):
+    """Both conversion commands, relative paths (the official directory: the LM fixture)."""
+    to_orbax, back = (readme_command("Converting checkpoints", f"python convert_torch_weights.py {s}")
+                      for s in ("MiMo-Audio-7B-Base/", "ckpt/mimo-7b exported/"))
+    official = workspace / "official"
+    official.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (official / name).symlink_to(fixtures_root / "lm" / name)
+    _run([a.replace("MiMo-Audio-7B-Base/", "official/").replace("ckpt/mimo-7b", "converted/lm")
+          for a in to_orbax], workspace)
+    _run([a.replace("ckpt/mimo-7b", "converted/lm") for a in back], workspace)
+    assert (workspace / "exported" / "model.safetensors").is_file()
+
+
+def test_python_example(tmp_path, fixtures_root):
+    (example,) = blocks("python", "Using the model")
+    ckpt = tmp_path / "ckpt"
+    _run(["python", "convert_torch_weights.py", str(fixtures_root / "lm"), str(ckpt)], ROOT)
+    script = tmp_path / "example.py"
+    script.write_text(example.replace('"ckpt/mimo-7b"', repr(str(ckpt))))
+    out = _run(["python", str(script)], tmp_path)
+    assert "(1, " in out.stdout  # the official layout's shape
