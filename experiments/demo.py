@@ -16,6 +16,7 @@ from flax import nnx
 
 from experiments import train
 from experiments.configs import demo as demo_config
+from mimo_jax import logs
 
 # A small audio tokenizer (the released layout at toy width; random weights).
 TOKENIZER_HF = {
@@ -85,7 +86,9 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
     p.add_argument("--smoke", action="store_true", help="smallest size, a few steps")
     p.add_argument("--sentences", type=int, default=20, help="demo sentences (4 utterances each)")
+    logs.add_flag(p)
     a = p.parse_args(argv)
+    logs.configure(a.log_level)
     data = (a.workdir / "data").absolute()
     print(f"[demo] devices: {jax.devices()}", flush=True)
     build_corpus(data, 4 if a.smoke else a.sentences)

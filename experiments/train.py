@@ -19,6 +19,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mimo_jax import logs
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:arg]",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics)")
@@ -194,6 +196,8 @@ def main(argv) -> int:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None or not _WORKDIR.value:
         raise app.UsageError("--config and --workdir are required")
+    if not flags.FLAGS["verbosity"].present:  # absl's --verbosity/-v: the libraries' INFO logs
+        logs.configure("warning")
     init_distributed()
     try:
         return run(_CONFIG.value, _WORKDIR.value)
