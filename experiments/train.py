@@ -3,10 +3,13 @@
     python -m experiments.train --config experiments/configs/demo.py[:arg] --workdir DIR \
         [--config.total_steps=40 --config.optimizer.learning_rates.llm=1e-4 ...]
 
-Resumes from the last checkpoint in DIR/checkpoints (model, optimizer and data-iterator state) and
-continues with exactly the batch that came next. SIGTERM (preemption) saves a checkpoint and exits
-cleanly; a non-finite loss stops the run with a message and keeps the last good checkpoint. Metrics
-go to DIR/metrics.jsonl and DIR/tensorboard. Multi-host: `jax.distributed.initialize()` runs from the
+DIR may be relative or a gs:// URI (mimo_jax.train.rundir describes its layout); one run at a time
+holds it (DIR/lock). Resumes from the newest verified checkpoint in DIR/checkpoints (model, optimizer
+and data-iterator state; damaged steps are set aside) and continues with exactly the batch that
+came next. SIGTERM (preemption) saves a checkpoint and exits cleanly; a non-finite loss stops the
+run with a message naming the last good checkpoint. The resolved config goes to DIR/config.json,
+metrics to DIR/metrics.jsonl and DIR/tensorboard. `log_every`, `checkpoint_every`, `eval_every`
+= 0: off (the last step is still logged and saved). Multi-host: `jax.distributed.initialize()` runs from the
 environment on TPU pods and SLURM clusters, or from --coordinator/--num_processes/--process_id.
 """
 import os
@@ -167,11 +170,13 @@ def _run(config, workdir) -> int:
                                config_json=config.to_json_best_effort(indent=2),
                                hparams=_hparams(config))
         try:
-            steps = setup.compile_steps(trainer, state)
-            flops = train_flops_per_group(lm_config, config.data.context_length,
-                                          trainer.loss.trains_patch_decoder)
-            state, finished = _loop(config, state, steps, train_it, eval_factory, local_rows, mesh,
-                                    ckpts, writer, flops, start or 0)
+            finished = (start or 0) >= config.total_steps  # done before: nothing to compile
+            if not finished:
+                steps = setup.compile_steps(trainer, state)
+                flops = train_flops_per_group(lm_config, config.data.context_length,
+                                              trainer.loss.trains_patch_decoder)
+                state, finished = _loop(config, state, steps, train_it, eval_factory, local_rows,
+                                        mesh, ckpts, writer, flops, start or 0)
             if finished and config.export_model:
                 export_model(trainer, state, lm_config, workdir)
             return 0
