@@ -105,29 +105,45 @@ def test_metrics_writer_appends_after_the_cut_and_logs_the_config(tmp_path):
 
 # --- smoke runs ---
 
-def _flip_a_bit_of_a_stored_array(step_dir: Path) -> str:
-    """Flips one bit inside the stored bytes of an array Orbax wrote uncompressed (found by its
-    bytes in the data files); returns the array's path."""
-    tree = ocp.StandardCheckpointer().restore(step_dir / "state")
+def _flip_a_bit_of_a_stored_array(step_dir: Path) -> list[str]:
+    """Rewrites the step's state item with one bit of one array flipped (what a silent storage
+    fault leaves: readable, one value changed). Orbax compresses and
+    deduplicates what it stores, so flipping a bit in its files cannot target an array reliably.
+    Returns the names along the array's path."""
     import jax
-    files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
-    for path, value in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        needle = np.asarray(value).tobytes()
-        if len(needle) < 64:
-            continue
-        hits = [(f, f.read_bytes().find(needle)) for f in files]
-        hits = [(f, at) for f, at in hits if at >= 0]
-        for f, at in hits:
-            data = bytearray(f.read_bytes())
-            data[at + 37] ^= 1 << 2
-            f.write_bytes(bytes(data))
-        if hits:
-            return jax.tree_util.keystr(path)
-    raise AssertionError(f"no array of {step_dir} is stored uncompressed")
+    checkpointer = ocp.StandardCheckpointer()
+    tree = checkpointer.restore(step_dir / "state")
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    at = next(i for i, (_, x) in enumerate(flat) if x.dtype == np.float32 and x.size >= 64)
+    path, value = flat[at]
+    bits = np.asarray(value).copy().view(np.uint32)
+    bits.flat[bits.size // 2] ^= np.uint32(1 << 9)
+    leaves = [x for _, x in flat]
+    leaves[at] = jax.device_put(bits.view(np.float32), value.sharding)
+    shutil.rmtree(step_dir / "state")
+    checkpointer.save(step_dir / "state", jax.tree_util.tree_unflatten(treedef, leaves))
+    checkpointer.wait_until_finished()
+    return [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+
+
+def _cut_data_files(state_dir: Path) -> None:
+    """Every data file of the step cut to half (a full disk); OCDBT may hold files that the
+    restore does not read, so one cut file alone could go unnoticed."""
+    for path in state_dir.glob("ocdbt.process_*/d/*"):
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def _resume(data, workdir, *flags) -> subprocess.CompletedProcess:
+    """A resume is a new process (in-process, Orbax could serve what it just wrote from memory)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))  # run from the cwd, the workdir relative to it
+    out = subprocess.run(_train_cmd(data, workdir, *flags), env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
 
 
 def test_relative_workdir_resumes_past_a_damaged_newest_checkpoint(demo_data, tmp_path,
-                                                                   monkeypatch, capsys):
+                                                                   monkeypatch):
     monkeypatch.chdir(tmp_path)  # the README's runs/... workdirs are relative
     config = smoke(demo_data, total_steps=6, checkpoint_every=2, **{"checkpoint.keep": 3})
     assert train.run(config, "runs/x") == 0
@@ -136,40 +152,32 @@ def test_relative_workdir_resumes_past_a_damaged_newest_checkpoint(demo_data, tm
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4", "6"]
     assert json.loads((workdir / "config.json").read_text())["total_steps"] == 6
     assert (workdir / "model" / "config.json").exists() and not (workdir / "lock").exists()
+    for name, damage_fn in {"_METADATA": lambda d: (d / "state" / "_METADATA").unlink(),
+                            "data_files": lambda d: _cut_data_files(d / "state")}.items():
+        copy = tmp_path / "runs" / name
+        shutil.copytree(workdir, copy)
+        damage_fn(copy / "checkpoints" / "6")
+        # total_steps=4: resuming at step 4 only exports, nothing to compile
+        out = _resume(demo_data, Path("runs") / name, "--config.total_steps=4",
+                      "--config.export_model=False").stdout
+        assert "checkpoint step 6 is damaged: cannot be read" in out, (name, out[-2000:])
+        assert (copy / "checkpoints_damaged" / "6" / "state").is_dir(), name
 
     damaged = _flip_a_bit_of_a_stored_array(workdir / "checkpoints" / "6")
     with open(workdir / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "loss": 1.')  # a run killed mid-write
     (workdir / "checkpoints" / "8.orbax-checkpoint-tmp-1700000000" / "state").mkdir(parents=True)
     (workdir / rundir.EXPORT_TMP).mkdir()
-    capsys.readouterr()
-    assert train.run(config, "runs/x") == 0
-    out = capsys.readouterr().out
-    assert (f"checkpoint step 6 is damaged: 1 arrays differ from their saved checksums: "
-            f"{damaged}") in out and "resuming from step 4" in out
+    out = _resume(demo_data, Path("runs") / "x", "--config.total_steps=6",
+                  "--config.checkpoint_every=2", "--config.checkpoint.keep=3").stdout
+    line = next(l for l in out.splitlines() if "checkpoint step 6 is damaged" in l)
+    assert "1 arrays differ from their saved checksums: " in line, line
+    assert "resuming from step 4" in line and all(name in line for name in damaged)
     assert (workdir / "checkpoints_damaged" / "6" / "state").is_dir()
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4", "6"]
     assert not (workdir / rundir.EXPORT_TMP).exists()
     assert [m["step"] for m in metrics(workdir)] == [1, 2, 3, 4, 5, 6]
     assert train_losses(workdir) == straight
-
-    # The restore needs the train state's _METADATA; its loss, and cut data, are named too.
-    damage = {"_METADATA": lambda d: (d / "state" / "_METADATA").unlink(),
-              "data file": lambda d: _truncate_largest(d / "state")}
-    for name, damage_fn in damage.items():
-        copy = tmp_path / f"copy_{name}"
-        shutil.copytree(workdir, copy)
-        damage_fn(copy / "checkpoints" / "6")
-        capsys.readouterr()
-        assert train.run(smoke(demo_data, total_steps=4, export_model=False), str(copy)) == 0
-        out = capsys.readouterr().out
-        assert "checkpoint step 6 is damaged: cannot be read" in out, (name, out[-2000:])
-        assert (copy / "checkpoints_damaged" / "6.1").is_dir(), name  # 6: the bit flip
-
-
-def _truncate_largest(state_dir: Path) -> None:
-    path = max(state_dir.glob("ocdbt.process_*/d/*"), key=lambda p: p.stat().st_size)
-    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
 
 
 def test_off_intervals_do_not_divide_by_zero(demo_data, tmp_path):

@@ -134,7 +134,8 @@ class TrainCheckpoints:
                                if k not in ("fingerprint", "checksums")
                                and saved.get(k) != self.identity.get(k))
             raise ValueError(f"{self.directory} holds checkpoints of another experiment "
-                             f"(step {step}; differs in: {', '.join(differing)}); use a new --workdir")
+                             f"(step {step}; differs in: {', '.join(differing)}); "
+                             f"use a new --workdir")
 
     def _restore_verified(self, step: int, abstract_state: Any, data_iterator) -> Any:
         meta = self._read_meta(step)
