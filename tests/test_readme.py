@@ -113,7 +113,7 @@ def test_training_command(workspace, demo_data):
     command = readme_command("Training", "python -m experiments.train")
     command = [a.replace("gs://bucket/run", "runs/stage2").replace("data/shards", "data/demo/shards")
                for a in command]
-    _run(command + ["--config.data.batch_size=8", "--config.data.context_length=64",
+    _run(command + ["--config.data.batch_size=8", "--config.data.context_length=256",
                     "--config.total_steps=3", "--config.checkpoint_every=2", "--config.log_every=1"],
          workspace)
     lines = (workspace / "runs" / "stage2" / "metrics.jsonl").read_text().splitlines()
