@@ -31,24 +31,30 @@ def test_stream_matches_one_shot_decode(chunk):
 
 def test_stream_emits_before_the_end_and_keeps_only_its_context():
     tok = tokenizer()
-    codes = np.concatenate([clip_codes(0), clip_codes(1)])[:, :8]  # 114 frames
-    decoder = StreamingDecoder(tok, left_context=60, right_context=20)
-    first = decoder.push([codes[:30]])[0]
-    assert len(first) == 10 * 960  # 30 frames, the last 20 wait for right context
-    second = decoder.push([codes[30:90]])[0]
-    assert len(second) == 60 * 960
-    assert len(decoder.windows[0]) == 60  # only the left context is kept
-    third = decoder.push([codes[90:]])[0]
+    spc = tok.config.samples_per_code
+    codes = np.concatenate([clip_codes(0), clip_codes(1)])[:, :8]
+    n = len(codes)
+    right = max(1, (n - 1) // 7)  # pushes of 2, 3 and n - 5 right contexts; n > 6 * right
+    decoder = StreamingDecoder(tok, left_context=3 * right, right_context=right)
+    first = decoder.push([codes[:2 * right]])[0]
+    assert len(first) == right * spc  # the last `right` frames wait for right context
+    second = decoder.push([codes[2 * right:5 * right]])[0]
+    assert len(second) == 3 * right * spc
+    assert len(decoder.windows[0]) == 3 * right  # only the left context is kept
+    third = decoder.push([codes[5 * right:]])[0]
     rest = decoder.finish()[0]
-    assert len(third) == 24 * 960 and len(rest) == 20 * 960
-    assert len(first) + len(second) + len(third) + len(rest) == len(codes) * 960
+    assert len(third) == (n - 5 * right) * spc and len(rest) == right * spc
+    assert len(first) + len(second) + len(third) + len(rest) == n * spc
     assert decoder.windows == [None]
 
 
 def test_stream_rejects_bad_chunks():
-    decoder = StreamingDecoder(tokenizer())
-    with pytest.raises(ValueError, match=r"stream 0 chunk: codebook 0 has 5 codes outside \[0, 1024\)"):
-        decoder.push([np.full((5, 8), 5000)])
+    tok = tokenizer()
+    size = tok.config.codebook_sizes[0]
+    decoder = StreamingDecoder(tok)
+    with pytest.raises(ValueError, match=rf"stream 0 chunk: codebook 0 has 5 codes outside "
+                                         rf"\[0, {size}\)"):
+        decoder.push([np.full((5, 8), size)])
     decoder.push([clip_codes(0)[:10, :8]])
     with pytest.raises(ValueError, match="stream 0: chunk has 4 codebooks, earlier chunks had 8"):
         decoder.push([clip_codes(0)[10:20, :4]])
