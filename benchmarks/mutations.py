@@ -75,8 +75,8 @@ MUTATIONS = [
              "AUDIO_CHUNK = 4  # patches per interleave chunk",
              ("tests/test_data_sequences.py", "-k", "interleave")),
     Mutation("a tensor skipped in conversion", "mimo_jax/conversion/convert.py",
-             "        for p in needed:  # grouped by parameter: all layers of one parameter in a row",
-             "        for p in needed[1:]:  # grouped by parameter: all layers of one parameter in a row",
+             "        for p in needed:  # grouped by parameter",
+             "        for p in needed[1:]:  # grouped by parameter",
              ("tests/test_lm_parity.py", "-k", "end_to_end or round_trip")),
     Mutation("data iterator off by one document on restore", "data_pipelines/packing.py",
              "parent = self._pending_state if self._pending is not None else "

@@ -28,8 +28,8 @@ def qwen2_stack(tensors: dict, prefix: str, x, positions, mask, *, heads: int, k
     for i in range(layers):
         p = f"{prefix}.layers.{i}."
         h = _rms(x, t[p + "input_layernorm.weight"], eps)
-        proj = lambda name: h @ t[p + f"self_attn.{name}.weight"].T + t[p + f"self_attn.{name}.bias"]
-        q, k, v = proj("q_proj"), proj("k_proj"), proj("v_proj")
+        q, k, v = (h @ t[p + f"self_attn.{n}.weight"].T + t[p + f"self_attn.{n}.bias"]
+                   for n in ("q_proj", "k_proj", "v_proj"))
         head_dim = q.shape[-1] // heads
         q = _rope(q.reshape(b, n, heads, head_dim), positions, theta)
         k = _rope(k.reshape(b, n, kv_heads, head_dim), positions, theta)

@@ -102,7 +102,8 @@ def test_packed_row_cached_steps_equal_documents_alone(lm, rows):
     np.testing.assert_allclose(model.local_hidden(cached_b), model.local_hidden(alone_b), **TOL)
 
 
-@pytest.mark.parametrize("sampler", [GREEDY, SamplerConfig(do_sample=True)], ids=["greedy", "drawn"])
+@pytest.mark.parametrize("sampler", [GREEDY, SamplerConfig(do_sample=True)],
+                         ids=["greedy", "drawn"])
 def test_patch_decoder_cached_steps_equal_teacher_forcing(lm, rows, sampler):
     config, model = lm
     text, codes = rows

@@ -3,7 +3,6 @@ official code computes it): built, written in the official layout (SPEC §1.2), 
 loaded and run against a NumPy Qwen2 reference. Configs the official code refuses are refused."""
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -14,8 +14,8 @@ TOKEN_ID_KEYS = ("sosp_idx", "eosp_idx", "sostm_idx", "eostm_idx", "eot_idx", "e
 REMAT_POLICIES = ("none", "full", "minimal", "save_dot_except_mlp", "save_qkv_proj")
 _POSITIVE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "head_dim", "intermediate_size", "group_size",
-                  "audio_channels", "local_dim", "local_layers", "local_attn_heads", "local_ffn_dim",
-                  "input_local_layers", "input_local_dim")
+                  "audio_channels", "local_dim", "local_layers", "local_attn_heads",
+                  "local_ffn_dim", "input_local_layers", "input_local_dim")
 
 
 @dataclasses.dataclass(frozen=True)
