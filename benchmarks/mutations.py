@@ -74,9 +74,12 @@ MUTATIONS = [
              "AUDIO_CHUNK = 5  # patches per interleave chunk",
              "AUDIO_CHUNK = 4  # patches per interleave chunk",
              ("tests/test_data_sequences.py", "-k", "interleave")),
-    Mutation("a tensor skipped in conversion", "mimo_jax/conversion/convert.py",
-             "        for p in needed:  # grouped by parameter",
-             "        for p in needed[1:]:  # grouped by parameter",
+    Mutation("one tensor (layer 0's up_proj) skipped in conversion",
+             "mimo_jax/conversion/convert.py",
+             "            info = found[p.torch_name]\n",
+             "            if p.torch_name == 'model.layers.0.mlp.up_proj.weight':\n"
+             "                continue\n"
+             "            info = found[p.torch_name]\n",
              ("tests/test_lm_parity.py", "-k", "end_to_end or round_trip")),
     Mutation("data iterator off by one document on restore", "data_pipelines/packing.py",
              "parent = self._pending_state if self._pending is not None else "
@@ -105,7 +108,7 @@ def run_tests(where: Path, args: tuple[str, ...], env: dict) -> tuple[bool, list
     start = time.time()
     out = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
                           *args], cwd=where, env=env, capture_output=True, text=True)
-    failed = re.findall(r"^FAILED (\S+)", out.stdout, re.M)
+    failed = [" ".join(f) for f in re.findall(r"^(FAILED|ERROR) (\S+)", out.stdout, re.M)]
     if out.returncode not in (0, 1):  # collection or usage error: not a verdict
         raise RuntimeError(f"pytest {' '.join(args)} exited {out.returncode}:\n"
                            f"{out.stdout[-3000:]}{out.stderr[-3000:]}")
