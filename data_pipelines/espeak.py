@@ -67,6 +67,8 @@ class ESpeak:
     def synth(self, text: str, voice: str, rate: int = 175, pitch: int = 50) -> np.ndarray:
         """`voice` as eSpeak names it (`"en+f3"`: language + variant); `rate` in words per minute."""
         lib = self._lib
+        # The callback is process-wide: claim it again in case other code set its own since.
+        lib.espeak_SetSynthCallback(self._callback)
         if lib.espeak_SetVoiceByName(voice.encode()) != 0:
             raise ValueError(f"eSpeak NG has no voice {voice!r}")
         lib.espeak_SetParameter(_ESPEAK_RATE, int(rate), 0)

@@ -51,12 +51,18 @@ def test_other_architecture(official, tmp_path, capsys):
     assert code == 1 and "LlamaForCausalLM" in err and "MiMoAudioForCausalLM" in err
 
 
+def _config(src) -> dict:
+    return json.loads((src / "config.json").read_text())
+
+
 def test_invalid_config_value(official, tmp_path, capsys):
-    cfg = json.loads((official / "config.json").read_text())
-    cfg["num_key_value_heads"] = 3
+    # No head count is a multiple of 0 kv heads: invalid for every fixture.
+    cfg = _config(official)
+    cfg["num_key_value_heads"] = 0
     (official / "config.json").write_text(json.dumps(cfg))
     code, err = _convert(capsys, official, tmp_path / "out")
-    assert code == 1 and "num_key_value_heads 3" in err
+    assert code == 1 and "num_key_value_heads=0" in err
+    _nothing_left(tmp_path / "out")
 
 
 def test_truncated_file(official, tmp_path, capsys):
@@ -68,18 +74,22 @@ def test_truncated_file(official, tmp_path, capsys):
 
 
 def test_every_bad_tensor_is_named(official, tmp_path, capsys):
+    cfg = _config(official)
+    vocab, hidden = cfg["vocab_size"], cfg["hidden_size"]
+
     def edit(t):
-        t["lm_head.weight"] = t["lm_head.weight"][:, :10].copy()  # wrong shape
+        t["lm_head.weight"] = t["lm_head.weight"][:, :-1].copy()  # wrong shape
         t["model.norm.weight"] = t["model.norm.weight"].astype(np.int32)  # wrong dtype
-        del t["model.layers.1.mlp.up_proj.weight"]  # missing
+        del t[f"model.layers.{cfg['num_hidden_layers'] - 1}.mlp.up_proj.weight"]  # missing
         t["model.layers.0.mlp.extra.weight"] = np.zeros(3, np.float32)  # unexpected
         t["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.zeros(8, np.float32)  # ignored
     _edit_tensors(official, edit)
     code, err = _convert(capsys, official, tmp_path / "out")
     assert code == 1
-    assert "lm_head.weight has shape [160, 10], expected [160, 64]" in err
+    assert f"lm_head.weight has shape [{vocab}, {hidden - 1}], expected [{vocab}, {hidden}]" in err
     assert "model.norm.weight has dtype I32" in err
-    assert "missing tensor model.layers.1.mlp.up_proj.weight" in err
+    last = cfg["num_hidden_layers"] - 1
+    assert f"missing tensor model.layers.{last}.mlp.up_proj.weight" in err
     assert "unexpected tensor model.layers.0.mlp.extra.weight" in err
     assert "inv_freq" not in err
     assert "(4 problems)" in err
@@ -119,8 +129,11 @@ def test_bfloat16_conversion_loads_and_runs(official, tmp_path, capsys):
 def test_checkpoint_of_other_size_is_refused_on_load(official, tmp_path, capsys):
     dst = tmp_path / "ckpt"
     assert _convert(capsys, official, dst)[0] == 0
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg["intermediate_size"] = 96
+    cfg = _config(dst)
+    layers, ffn, hidden = cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["hidden_size"]
+    cfg["intermediate_size"] = ffn + 1
     (dst / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"mlp.down_proj.kernel has shape \(2, 160, 64\)"):
+    with pytest.raises(ValueError, match=rf"model\.layers\.mlp\.down_proj\.kernel has shape "
+                                         rf"\({layers}, {ffn}, {hidden}\), the config implies "
+                                         rf"\({layers}, {ffn + 1}, {hidden}\)"):
         checkpoint.load(dst)

@@ -75,6 +75,30 @@ def test_causal_patch_encoder_ignores_later_frames():
     assert model.embed_inputs(text, jnp.asarray(codes)).shape == (1, 2, config.hidden_size)
 
 
+def test_patch_encoder_follows_input_full_attention():
+    """encode_patches against the stack run with an explicit mask (lower-triangular when
+    input_full_attention is false, all-ones when true); the two settings give other outputs."""
+    rng = np.random.default_rng(0)
+    outputs = {}
+    for full in (False, True):
+        config, model = _model(input_full_attention=full)
+        gs = config.group_size
+        text = jnp.asarray([[config.empty_idx, 3, config.empty_idx]])
+        codes = jnp.asarray(rng.integers(0, 16, (1, 3, gs, config.audio_channels)))
+        frames = model.embed_speech(codes).reshape(3, gs, -1)
+        mask = jnp.ones((1, gs, gs), bool) if full else jnp.tril(jnp.ones((1, gs, gs), bool))
+        enc, _ = model.input_local_transformer(frames, jnp.arange(gs)[None], mask)
+        speech = (text == config.empty_idx)[0, :, None, None]
+        want = model.speech_group_downcast((enc * speech).reshape(1, 3, -1))
+        got = model.encode_patches(text, codes)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(got[0, 1], 0.0)  # a text group has no patch
+        outputs[full] = got
+        rng = np.random.default_rng(0)  # the same codes for both settings
+    speech = np.asarray(text[0] == config.empty_idx)
+    assert not np.allclose(outputs[False][0, speech], outputs[True][0, speech], atol=1e-3)
+
+
 @pytest.mark.parametrize("policy", ["full", "minimal", "save_qkv_proj", "save_dot_except_mlp"])
 def test_remat_policies_give_the_same_gradients(policy):
     rng = np.random.default_rng(0)

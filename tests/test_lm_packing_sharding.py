@@ -10,7 +10,7 @@ from mimo_jax import checkpoint
 from mimo_jax.inference.generate import GenerationConfig, generate
 from mimo_jax.lm.layout import from_official
 from sharding.mesh import make_mesh
-from sharding.rules import PRESETS
+from sharding.rules import PRESETS, logical_axes, partition_spec
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 
@@ -52,8 +52,12 @@ def test_sharded_model_matches_single_device(converted, ref, preset):
     mesh = make_mesh({"fsdp": 4, "tensor": 2} if preset == "fsdp_tensor" else {"fsdp": 8})
     config, sharded = checkpoint.load(converted, mesh=mesh, rules=PRESETS[preset])
     _, single = checkpoint.load(converted)
-    kernel = sharded.model.layers.mlp.gate_proj.kernel[...]
-    assert len(kernel.sharding.device_set) == 8 and not kernel.sharding.is_fully_replicated
+    # Every parameter is placed as the rules imply for its shape (split where its size divides).
+    for path, var in checkpoint.flat_params(sharded):
+        value = var.get_value()
+        spec = partition_spec(value.shape, logical_axes(var), PRESETS[preset], mesh)
+        assert value.sharding.spec == spec, path
+        assert value.sharding.is_fully_replicated == all(a is None for a in spec), path
 
     text, codes = (jnp.asarray(a) for a in from_official(ref["input_ids"], config.group_size))
 

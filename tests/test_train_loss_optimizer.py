@@ -72,6 +72,42 @@ def test_loss_by_hand():
     assert "codebook0_loss" not in m1
 
 
+def test_loss_by_hand_with_per_position_per_channel_weights():
+    # Weights that differ between positions and between channels (constant ones would cancel in
+    # each codebook's normalisation and hide a swapped or misaligned weight).
+    rng = np.random.default_rng(1)
+    g, gs, channels, vocab = 4, 3, 3, 6
+    text_logits = rng.normal(size=(1, g, 7)).astype(np.float32)
+    patch = [rng.normal(size=(g, gs, vocab)).astype(np.float32) for _ in range(channels)]
+    weights = np.array([[3.0, 0.5, 1.0], [1.0, 2.0, 0.0], [0.25, 4.0, 2.0], [2.0, 1.0, 3.0]])
+    targets = rng.integers(0, vocab, (g, gs, channels))
+    text_targets, text_weights = rng.integers(0, 7, g), np.array([2.0, 0.0, 1.0, 0.5])
+    batch = {k: jnp.asarray(v) for k, v in dict(
+        text=np.zeros((1, g), np.int32), codes=np.zeros((1, g, gs, channels), np.int32),
+        positions=np.arange(g)[None], segment_ids=np.ones((1, g), np.int32),
+        text_targets=text_targets[None], text_weights=text_weights[None],
+        code_targets=targets[None], code_weights=weights[None]).items()}
+    cfg = LossConfig(5.0, (4.0, 2.0, 1.0))
+    loss, m = mimo_loss(FixedLogits(jnp.asarray(text_logits), [jnp.asarray(p) for p in patch]),
+                        batch, cfg)
+    lt = _log_softmax(text_logits)[0]
+    text = -sum(text_weights[n] * lt[n, text_targets[n]] for n in range(g)) / text_weights.sum()
+    cb, acc = [], []
+    for c in range(channels):
+        lp = _log_softmax(patch[c])
+        per_patch = [-np.mean([lp[n, f, targets[n, f, c]] for f in range(gs)]) for n in range(g)]
+        cb.append(sum(weights[n, c] * per_patch[n] for n in range(g)) / weights[:, c].sum())
+        hits = [np.mean(patch[c][n].argmax(-1) == targets[n, :, c]) for n in range(g)
+                if weights[n, c] > 0]
+        acc.append(np.mean(hits))
+    want = (5 * text + 4 * cb[0] + 2 * cb[1] + 1 * cb[2]) / 12
+    np.testing.assert_allclose(m["text_loss"], text, rtol=1e-5)
+    for c in range(channels):
+        np.testing.assert_allclose(m[f"codebook{c}_loss"], cb[c], rtol=1e-5)
+        np.testing.assert_allclose(m[f"codebook{c}_accuracy"], acc[c], rtol=1e-5)
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+
+
 def _batch(config, b=2, g=6, seed=0):
     rng = np.random.default_rng(seed)
     gs, c = config.group_size, config.audio_channels

@@ -25,6 +25,7 @@ class GenerationConfig:
     stop_ids: tuple[int, ...] = ()
     text_sampler: SamplerConfig = GREEDY
     patch_sampler: SamplerConfig = GREEDY
+    output_scores: bool = False  # also return the text logits and local hidden of every step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,10 @@ class Generation:
     text: np.ndarray  # [B, max_length] (prompt, then generated groups)
     codes: np.ndarray  # [B, max_length, group_size, channels]
     lengths: np.ndarray  # [B] groups per row up to and including its stop group
+    # With `output_scores`: what group g was decided from (the hidden state of group g - 1), for
+    # g >= prompt width; zero elsewhere. [B, max_length, vocab] and [B, max_length, local_dim].
+    text_logits: np.ndarray | None = None
+    local_hidden: np.ndarray | None = None
 
 
 def _left_pad_layout(prompt_lengths: jax.Array, width: int):
@@ -67,18 +72,23 @@ def _generate(model, text, codes, prompt_lengths, rng, gen: GenerationConfig):
         return sample(logits, gen.patch_sampler, key, forbid_one(logits.shape[-1], forbidden_id))
 
     def cond(state):
-        cur, done = state[0], state[-1]
+        cur, done = state[0], state[9]
         return (cur < total) & ~jnp.all(done)
 
     def body(state):
-        cur, last_hidden, cache, cache_pos, cache_seg, out_text, out_codes, rng, lengths, done = state
+        (cur, last_hidden, cache, cache_pos, cache_seg, out_text, out_codes, rng, lengths, done,
+         scores) = state
         rng, k_text, k_patch = jax.random.split(rng, 3)
         forbidden = jnp.where(cur < gen.min_length, stop_mask, False)
-        tok = sample(model.text_logits(last_hidden), gen.text_sampler, k_text, forbidden)
+        text_logits, local_hidden = model.text_logits(last_hidden), model.local_hidden(last_hidden)
+        if gen.output_scores:
+            scores = (scores[0].at[:, cur].set(text_logits.astype(jnp.float32)),
+                      scores[1].at[:, cur].set(local_hidden.astype(jnp.float32)))
+        tok = sample(text_logits, gen.text_sampler, k_text, forbidden)
         is_speech = tok == c.empty_idx
         patch = jax.lax.cond(
             jnp.any(is_speech & ~done),
-            lambda: model.decode_patch(model.local_hidden(last_hidden), patch_sampler, k_patch),
+            lambda: model.decode_patch(local_hidden, patch_sampler, k_patch),
             lambda: empty_patch)
         patch = jnp.where(is_speech[:, None, None], patch, empty_patch)
         tok = jnp.where(done, out_text[:, cur - 1], tok)  # finished rows repeat their stop group
@@ -96,12 +106,15 @@ def _generate(model, text, codes, prompt_lengths, rng, gen: GenerationConfig):
         hidden, cache = model.backbone_cached(model.embed_inputs(tok[:, None], patch[:, None]), pos,
                                               seg, cache, cache_pos, cache_seg, cur)
         return (cur + 1, hidden[:, -1], cache, cache_pos, cache_seg, out_text, out_codes, rng,
-                lengths, done)
+                lengths, done, scores)
 
+    scores = ((jnp.zeros((b, total, c.vocab_size), jnp.float32),
+               jnp.zeros((b, total, model.config.local_dim), jnp.float32))
+              if gen.output_scores else ())
     state = (jnp.asarray(gp), hidden[:, -1], cache, cache_pos, cache_seg, out_text, out_codes, rng,
-             jnp.full((b,), total, jnp.int32), jnp.zeros((b,), bool))
+             jnp.full((b,), total, jnp.int32), jnp.zeros((b,), bool), scores)
     state = jax.lax.while_loop(cond, body, state)
-    return state[5], state[6], state[8]
+    return state[5], state[6], state[8], state[10]
 
 
 @nnx.jit(static_argnums=(5,))
@@ -123,5 +136,6 @@ def generate(model, text, codes, gen: GenerationConfig, *, prompt_lengths=None,
     lengths = jnp.full((b,), gp, jnp.int32) if prompt_lengths is None else jnp.asarray(
         prompt_lengths, jnp.int32)
     rng = jax.random.key(0) if rng is None else rng
-    out_text, out_codes, out_lengths = _generate_jit(model, text, codes, lengths, rng, gen)
-    return Generation(np.asarray(out_text), np.asarray(out_codes), np.asarray(out_lengths))
+    out_text, out_codes, out_lengths, scores = _generate_jit(model, text, codes, lengths, rng, gen)
+    return Generation(np.asarray(out_text), np.asarray(out_codes), np.asarray(out_lengths),
+                      *(np.asarray(a) for a in scores))

@@ -12,6 +12,10 @@ from typing import Any
 ARCHITECTURE = "MiMoAudioForCausalLM"
 TOKEN_ID_KEYS = ("sosp_idx", "eosp_idx", "sostm_idx", "eostm_idx", "eot_idx", "empty_idx")
 REMAT_POLICIES = ("none", "full", "minimal", "save_dot_except_mlp", "save_qkv_proj")
+_POSITIVE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "intermediate_size", "group_size",
+                  "audio_channels", "local_dim", "local_layers", "local_attn_heads",
+                  "local_ffn_dim", "input_local_layers", "input_local_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +39,8 @@ def _parse_list(value: str | int, length: int, key: str) -> tuple[int, ...]:
     else:
         out = (int(value),) * length
     if len(out) != length:
-        raise ValueError(f"config {key}={value!r}: expected {length} values (audio_channels)")
+        raise ValueError(f"config {key}={value!r}: expected {length} values "
+                         f"(audio_channels={length})")
     return out
 
 
@@ -80,18 +85,27 @@ class MiMoAudioConfig:
     hf_config: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
+        # Sizes the official code cannot build with (a zero division, a negative nn.Linear).
+        for key in _POSITIVE_KEYS:
+            if getattr(self, key) < 1:
+                raise ValueError(f"invalid MiMo-Audio config: {key}={getattr(self, key)} must be "
+                                 ">= 1")
+        # The local transformers take head_dim = width // heads (floor division, as the official
+        # code does): any width of at least one head is valid, the projections are then narrower.
+        local_head_dims = [("local_dim", self.local_dim), ("input_local_dim", self.input_local_dim)]
         checks = [
             (self.num_attention_heads % self.num_key_value_heads == 0,
              f"num_attention_heads {self.num_attention_heads} must be a multiple of "
              f"num_key_value_heads {self.num_key_value_heads}"),
-            (self.local_dim % self.local_attn_heads == 0,
-             f"local_dim {self.local_dim} must be divisible by local_attn_heads {self.local_attn_heads}"),
-            (self.input_local_dim % self.local_attn_heads == 0,
-             f"input_local_dim {self.input_local_dim} must be divisible by local_attn_heads "
-             f"{self.local_attn_heads}"),
             (self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even for RoPE"),
+            *[(width // self.local_attn_heads >= 1 and width // self.local_attn_heads % 2 == 0,
+               f"{key}={width} // local_attn_heads={self.local_attn_heads} gives head_dim "
+               f"{width // self.local_attn_heads}, which must be even and >= 2 for RoPE")
+              for key, width in local_head_dims],
             (min(self.delay_pattern) >= 0, f"delay_pattern {self.delay_pattern} must be >= 0"),
-            (all(e < v for e, v in zip(self.speech_empty_ids, self.speech_vocab_sizes)),
+            (all(v >= 1 for v in self.speech_vocab_sizes),
+             f"speech_vocab_size {self.speech_vocab_sizes} must be >= 1 in every channel"),
+            (all(0 <= e < v for e, v in zip(self.speech_empty_ids, self.speech_vocab_sizes)),
              f"speech empty ids {self.speech_empty_ids} must lie inside the speech vocabularies "
              f"{self.speech_vocab_sizes}"),
             (0 <= self.empty_idx < self.vocab_size,
@@ -148,7 +162,8 @@ class MiMoAudioConfig:
             hidden_size=hidden,
             num_hidden_layers=int(need("num_hidden_layers")),
             num_attention_heads=heads,
-            num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
+            num_key_value_heads=int(heads if hf.get("num_key_value_heads") is None
+                                    else hf["num_key_value_heads"]),
             head_dim=int(hf.get("head_dim", 128)),
             intermediate_size=int(need("intermediate_size")),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),

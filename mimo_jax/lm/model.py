@@ -142,9 +142,12 @@ class MiMoAudioLM(nnx.Module):
         return [head(out[:, d:d + gs]) for d, head in
                 zip(c.delay_pattern, self.local_transformer_lm_heads)]
 
-    def decode_patch(self, local_hidden: jax.Array, sample_fn, rng: jax.Array) -> jax.Array:
+    def decode_patch(self, local_hidden: jax.Array, sample_fn, rng: jax.Array,
+                     return_logits: bool = False):
         """Autoregressive patch decoding with a KV cache. local_hidden [N, D_local] -> codes
-        [N, gs, C]. `sample_fn(logits [N, V], forbidden_id, rng) -> ids [N]` picks each code."""
+        [N, gs, C]. `sample_fn(logits [N, V], forbidden_id, rng) -> ids [N]` picks each code.
+        With `return_logits`, also the logits each code was picked from, per channel
+        [N, gs, vocab_c] (as `patch_logits` returns them)."""
         c = self.config
         n = local_hidden.shape[0]
         steps, gs = c.patch_steps, c.group_size
@@ -158,17 +161,22 @@ class MiMoAudioLM(nnx.Module):
             out, cache = self.local_transformer(x, q_pos, attention_mask(q_pos, key_pos, causal=True),
                                                 cache, t)
             nxt = jnp.zeros((n, 1, self.speech_embeddings[0].embedding.shape[1]), self.dtype)
+            step_logits = []
             for ch, (head, table) in enumerate(zip(self.local_transformer_lm_heads,
                                                    self.speech_embeddings)):
                 rng, sub = jax.random.split(rng)
-                tok = sample_fn(head(out[:, 0]), c.speech_empty_ids[ch], sub)
+                step_logits.append(head(out[:, 0]))
+                tok = sample_fn(step_logits[-1], c.speech_empty_ids[ch], sub)
                 frame = jnp.clip(t - c.delay_pattern[ch], 0, gs - 1)
                 on = active[t, ch]
                 codes = codes.at[:, frame, ch].set(jnp.where(on, tok, codes[:, frame, ch]))
                 nxt = nxt + jnp.where(on, table(tok)[:, None].astype(self.dtype), 0.0)
-            return (self._to_local(nxt), cache, codes, rng), None
+            ys = step_logits if return_logits else None
+            return (self._to_local(nxt), cache, codes, rng), ys
 
         codes = jnp.zeros((n, gs, len(c.speech_vocab_sizes)), jnp.int32)
         x0 = local_hidden[:, None].astype(self.dtype)
-        (_, _, codes, _), _ = jax.lax.scan(step, (x0, cache, codes, rng), jnp.arange(steps))
-        return codes
+        (_, _, codes, _), logits = jax.lax.scan(step, (x0, cache, codes, rng), jnp.arange(steps))
+        if not return_logits:
+            return codes
+        return codes, [jnp.moveaxis(lg[d:d + gs], 0, 1) for d, lg in zip(c.delay_pattern, logits)]

@@ -1,0 +1,142 @@
+"""Generation applies its samplers (temperature, top-k, top-p of the text and of the patch
+sampler: the draws of many rows follow the filtered distribution), and stops at exactly the group
+that min_length and max_length allow."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mimo_jax.conversion.convert import load_torch_checkpoint
+from mimo_jax.inference.generate import GenerationConfig, generate
+from mimo_jax.inference.sampling import SamplerConfig, process
+from mimo_jax.lm.layout import from_official
+
+ROWS = 512  # identical rows, one draw each
+
+
+@pytest.fixture(scope="module")
+def lm(fixtures_root):
+    return load_torch_checkpoint(fixtures_root / "lm")
+
+
+@pytest.fixture(scope="module")
+def prompt(lm, fixtures_root):
+    """The reference generation up to (not including) its first generated speech group, so that
+    greedy text decoding makes the next group speech."""
+    config, _ = lm
+    ref = np.load(fixtures_root / "lm" / "reference.npz")
+    text, codes = from_official(ref["generated_ids"], config.group_size)
+    start = ref["prompt_ids"].shape[-1] // config.group_size
+    first = start + int(np.argmax(text[0, start:] == config.empty_idx))
+    assert text[0, first] == config.empty_idx
+    return text[:, :first], codes[:, :first]
+
+
+def _expected(logits, cfg, forbidden=None):
+    scores = process(jnp.asarray(logits)[None], cfg)[0]
+    if forbidden is not None:
+        scores = scores.at[forbidden].set(-jnp.inf)
+    return np.asarray(jax.nn.softmax(scores))
+
+
+def _assert_draws_follow(draws, probs):
+    counts = np.bincount(draws, minlength=len(probs)) / len(draws)
+    assert counts[probs == 0].sum() == 0, np.nonzero(counts * (probs == 0))
+    bound = 4.5 * np.sqrt(probs * (1 - probs) / len(draws)) + 1.0 / len(draws)
+    assert (np.abs(counts - probs) <= bound).all(), (counts[probs > 0], probs[probs > 0])
+
+
+def _batched(prompt, rows=ROWS):
+    text, codes = prompt
+    return np.repeat(text, rows, 0), np.repeat(codes, rows, 0)
+
+
+# (temperature in units of the gap between the best and the 5th best logit, top_k, top_p): the
+# random fixture's logits are peaked, so the temperature is scaled to leave several live choices.
+SAMPLERS = {"t0.5-k5": (0.5, 5, None), "t1-k5": (1.0, 5, None), "t0.5-p0.6": (0.5, None, 0.6),
+            "t1-k8-p0.8": (1.0, 8, 0.8)}
+
+
+def _sampler(logits, forbidden, name):
+    scale, top_k, top_p = SAMPLERS[name]
+    live = np.sort(np.delete(logits, forbidden) if forbidden is not None else logits)[::-1]
+    return SamplerConfig(do_sample=True, temperature=float(scale * (live[0] - live[4])),
+                         top_k=top_k, top_p=top_p)
+
+
+@pytest.fixture(scope="module")
+def first_step(lm, prompt):
+    """The first generated group's text logits and patch-decoder seed (greedy run)."""
+    _, model = lm
+    gp = prompt[0].shape[1]
+    out = generate(model, *prompt, GenerationConfig(max_length=gp + 1, output_scores=True))
+    return out.text_logits[0, gp], out.local_hidden[0, gp]
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_text_sampler_draws_follow_the_filtered_distribution(lm, prompt, first_step, name):
+    config, model = lm
+    gp = prompt[0].shape[1]
+    cfg = _sampler(first_step[0], None, name)
+    out = generate(model, *_batched(prompt), GenerationConfig(
+        max_length=gp + 1, text_sampler=cfg, output_scores=True), rng=jax.random.key(1))
+    np.testing.assert_allclose(out.text_logits[:, gp], np.broadcast_to(
+        first_step[0], (ROWS,) + first_step[0].shape), rtol=1e-4, atol=1e-4)
+    probs = _expected(first_step[0], cfg)
+    assert 1 < (probs > 0).sum() < len(probs)  # the filter leaves a choice and removes some
+    _assert_draws_follow(out.text[:, gp], probs)
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_patch_sampler_draws_follow_the_filtered_distribution(lm, prompt, first_step, name):
+    config, model = lm
+    gp = prompt[0].shape[1]
+    # The channel with the smallest delay emits frame 0 from the seed alone (nothing fed yet).
+    ch = int(np.argmin(config.delay_pattern))
+    dummy = jnp.zeros((1, config.group_size, config.audio_channels), jnp.int32)
+    logits = np.asarray(model.patch_logits(jnp.asarray(first_step[1])[None], dummy)[ch][0, 0])
+    empty = config.speech_empty_ids[ch]
+    cfg = _sampler(logits, empty, name)
+    out = generate(model, *_batched(prompt), GenerationConfig(max_length=gp + 1,
+                                                              patch_sampler=cfg),
+                   rng=jax.random.key(2))
+    assert (out.text[:, gp] == config.empty_idx).all()  # greedy text: every row is speech
+    probs = _expected(logits, cfg, forbidden=empty)
+    assert 1 < (probs > 0).sum() < len(probs)
+    _assert_draws_follow(out.codes[:, gp, 0, ch], probs)
+
+
+@pytest.fixture(scope="module")
+def filler(lm, prompt):
+    """Stop ids: every text id but one filler (the least likely first token, not `<|empty|>`)."""
+    config, model = lm
+    gp = prompt[0].shape[1]
+    out = generate(model, *prompt, GenerationConfig(max_length=gp + 1, output_scores=True))
+    order = np.argsort(out.text_logits[0, gp])
+    f = int(next(t for t in order if t != config.empty_idx))
+    return f, tuple(t for t in range(config.vocab_size) if t != f)
+
+
+@pytest.mark.parametrize("extra", [0, 1, 3])
+def test_min_length_allows_a_stop_exactly_at_its_group(lm, prompt, filler, extra):
+    config, model = lm
+    gp = prompt[0].shape[1]
+    f, stops = filler
+    min_length, max_length = gp + extra, gp + extra + 3
+    out = generate(model, *prompt, GenerationConfig(max_length=max_length, min_length=min_length,
+                                                    stop_ids=stops))
+    # Groups before min_length are the filler (every stop id forbidden), the group at index
+    # min_length is the first that may stop, and greedy decoding stops there.
+    assert out.text[0, gp:min_length].tolist() == [f] * extra
+    assert int(out.text[0, min_length]) != f
+    assert out.lengths.tolist() == [min_length + 1]
+
+
+def test_max_length_ends_generation_at_its_group(lm, prompt, filler):
+    config, model = lm
+    gp = prompt[0].shape[1]
+    f, stops = filler
+    out = generate(model, *prompt, GenerationConfig(max_length=gp + 2, min_length=gp + 2,
+                                                    stop_ids=stops))
+    assert out.text.shape[1] == gp + 2 and out.lengths.tolist() == [gp + 2]
+    assert out.text[0, gp:].tolist() == [f, f]
