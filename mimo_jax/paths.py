@@ -52,7 +52,11 @@ def upload(local: str, dst: epath.Path, chunk: int = 1 << 24) -> None:
 
 
 def _files(root: epath.Path) -> list[epath.Path]:
-    return [p for p in root.rglob("*") if not p.is_dir()]
+    """Every file under `root` (epath refuses `**` globs on gs://)."""
+    out = []
+    for p in root.iterdir():
+        out += _files(p) if p.is_dir() else [p]
+    return out
 
 
 def commit_dir(tmp: epath.Path, dst: epath.Path, marker: str) -> None:

@@ -14,26 +14,23 @@ environment that points every client this project uses at it, offline and withou
   TENSORSTORE_GCS_HTTP_VERSION   HTTP/1.1 (the emulator is a plain HTTP/1 server);
   GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false  (read when gcsfs is imported; see client_env).
 
-A subprocess, not a thread: Orbax and tensorstore block the calling Python thread while their C++
+The emulator runs in a subprocess (`serve`), not a thread: Orbax and tensorstore block the calling Python thread while their C++
 threads talk to the server, and the emulator must not wait for the GIL of the process it serves.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+import uuid
+
+import pytest
 
 BUCKET = "mimo-test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def client_env(url: str) -> dict[str, str]:
@@ -57,6 +54,7 @@ class Emulator:
     url: str
     bucket: str
     process: subprocess.Popen
+    log: str  # the server's stderr
 
     @property
     def env(self) -> dict[str, str]:
@@ -69,28 +67,73 @@ class Emulator:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        os.unlink(self.log)
+
+
+def serve(bucket: str) -> None:
+    """The emulator's storage and request handler behind a threading server with a deep accept
+    queue: its own server is a single-threaded `http.server.HTTPServer` with a backlog of 5, and
+    parallel requests (tensorstore) can overflow it.
+    Requests still run one at a time (the in-memory storage is not thread-safe). Prints the port."""
+    import faulthandler
+    import functools
+    import signal
+    import threading
+    from http import server as http_server
+
+    from gcp_storage_emulator import server as emulator
+    from gcp_storage_emulator.handlers import buckets
+    from gcp_storage_emulator.storage import Storage
+
+    faulthandler.register(signal.SIGUSR1)  # kill -USR1 PID: where a stuck server is
+    lock = threading.Lock()
+
+    class Handler(emulator.RequestHandler):
+        def _locked(self, method):
+            with lock:
+                getattr(super(), method)()
+
+        do_GET = lambda self: self._locked("do_GET")  # noqa: E731
+        do_POST = lambda self: self._locked("do_POST")  # noqa: E731
+        do_PUT = lambda self: self._locked("do_PUT")  # noqa: E731
+        do_PATCH = lambda self: self._locked("do_PATCH")  # noqa: E731
+        do_DELETE = lambda self: self._locked("do_DELETE")  # noqa: E731
+
+    class Server(http_server.ThreadingHTTPServer):
+        request_queue_size = 1024
+        daemon_threads = True
+
+    # In memory, its copy of all metadata (JSON, rewritten whole after every change, for restarts
+    # from disk) only makes each request slower as the bucket grows: one Orbax save is ~8 objects.
+    Storage._write_config_to_file = lambda self: None
+    storage = Storage(use_memory_fs=True)
+    buckets.create_bucket(bucket, storage)
+    httpd = Server(("127.0.0.1", 0), functools.partial(Handler, storage))
+    print(httpd.server_address[1], flush=True)
+    httpd.serve_forever()
 
 
 def start(bucket: str = BUCKET, timeout: float = 30.0) -> Emulator:
-    port = free_port()
+    # stderr to a file, never a pipe nobody reads: the server prints a traceback for each
+    # connection a client drops, and a full pipe would stop it mid-request.
+    log = tempfile.NamedTemporaryFile("w+", prefix="gcs-emulator-", suffix=".log", delete=False)
+    proc = subprocess.Popen([sys.executable, __file__, bucket], stdout=subprocess.PIPE,
+                            stderr=log, text=True)
+    port = proc.stdout.readline().strip()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
-         "--port", str(port), "--in-memory", "--default-bucket", bucket, "--quiet"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + timeout
     while True:
         try:
             with urllib.request.urlopen(f"{url}/storage/v1/b/{bucket}", timeout=2) as r:
                 if r.status == 200:
-                    return Emulator(url, bucket, proc)
-        except OSError:
+                    return Emulator(url, bucket, proc, log.name)
+        except (OSError, ValueError):
             pass
-        if proc.poll() is not None or time.monotonic() > deadline:
+        if not port or proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            err = proc.stderr.read().decode(errors="replace")
+            log.seek(0)
             raise RuntimeError(f"gcp-storage-emulator did not serve {url} within {timeout} s "
-                               f"(exit status {proc.poll()}): {err[-2000:]}")
+                               f"(exit status {proc.poll()}): {log.read()[-2000:]}")
         time.sleep(0.1)
 
 
@@ -101,3 +144,34 @@ def point_this_process(env: dict[str, str]) -> None:
     import fsspec
 
     fsspec.config.conf.setdefault("gcs", {})["token"] = "anon"
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A running emulator, this process and its children pointed at it (restored afterwards)."""
+    import fsspec
+
+    em = start()
+    saved_env = {k: os.environ.get(k) for k in em.env}
+    saved_token = fsspec.config.conf.get("gcs", {}).get("token")
+    point_this_process(em.env)
+    yield em
+    em.stop()
+    for k, v in saved_env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    fsspec.config.conf["gcs"].pop("token", None)
+    if saved_token is not None:
+        fsspec.config.conf["gcs"]["token"] = saved_token
+
+
+@pytest.fixture
+def gs_dir(gcs, request):
+    """A fresh gs:// prefix of the emulator's bucket for one test."""
+    return f"gs://{gcs.bucket}/{request.node.name}-{uuid.uuid4().hex[:8]}"
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])
