@@ -1,8 +1,9 @@
 """Checks an experiment config before anything is built: every value a user can get wrong is named
 with the value and what was expected, one line each, all at once.
 
-0 means "off" only where it is documented so: `eval_every` (no periodic evaluation) and
-`optimizer.clip_norm` (no clipping).
+0 means "off" only where it is documented so (experiments/configs/common.py): `log_every`,
+`checkpoint_every` (only the last step is logged / saved), `eval_every` (no periodic evaluation)
+and `optimizer.clip_norm` (no clipping).
 """
 import difflib
 from collections.abc import Callable
@@ -56,8 +57,8 @@ def _remat(v) -> str | None:
 
 CHECKS: dict[str, Callable] = {
     "total_steps": _int_at_least(1),
-    "log_every": _int_at_least(1),
-    "checkpoint_every": _int_at_least(1),
+    "log_every": _int_at_least(0),
+    "checkpoint_every": _int_at_least(0),
     "eval_every": _int_at_least(0),
     "eval_steps": _int_at_least(1),
     "peak_tflops_per_device": _non_negative,

@@ -3,11 +3,15 @@
     python -m experiments.train --config experiments/configs/demo.py[:arg] --workdir DIR \
         [--config.total_steps=40 --config.optimizer.learning_rates.llm=1e-4 ...]
 
-Resumes from the last checkpoint in DIR/checkpoints (model, optimizer and data-iterator state) and
-continues with exactly the batch that came next. SIGTERM (preemption) saves a checkpoint and exits
-cleanly; a non-finite loss stops the run with a message and keeps the last good checkpoint. Metrics
-go to DIR/metrics.jsonl and DIR/tensorboard. Multi-host: `jax.distributed.initialize()` runs from the
-environment on TPU pods and SLURM clusters, or from --coordinator/--num_processes/--process_id.
+DIR may be relative or a gs:// URI (mimo_jax.train.rundir describes its layout); one run at a time
+holds it (DIR/lock). Resumes from the newest verified checkpoint in DIR/checkpoints (model,
+optimizer and data-iterator state; damaged steps are set aside) and continues with exactly the batch that
+came next. SIGTERM (preemption) saves a checkpoint and exits cleanly; a non-finite loss stops the
+run with a message naming the last good checkpoint. The resolved config goes to DIR/config.json,
+metrics to DIR/metrics.jsonl and DIR/tensorboard. `log_every`, `checkpoint_every`, `eval_every`
+= 0: off (the last step is still logged and saved). Multi-host: `jax.distributed.initialize()`
+runs from the environment on TPU pods and SLURM clusters, or from --coordinator/--num_processes/
+--process_id.
 """
 import os
 import signal
@@ -96,9 +100,52 @@ def data_iterators(config, mesh):
 
 def run(config, workdir: str) -> int:
     from experiments import config_checks
-    from mimo_jax.train import setup
+    from mimo_jax.train import rundir
 
-    config_checks.check(config)
+    config_checks.check(config)  # before anything is built or written
+    workdir = rundir.resolve(workdir)
+    lock = rundir.WorkdirLock(workdir)
+    if jax.process_index() == 0:
+        lock.acquire()
+    previous = _exit_on_sigterm()
+    try:
+        if jax.process_index() == 0:
+            rundir.remove_leftovers(workdir)
+            rundir.write_text(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
+        return _run(config, workdir)
+    finally:
+        lock.release()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm():
+    """SIGTERM before the training loop (which saves first) exits through the cleanups (the
+    lock's release); returns the previous handler, None where signals cannot be set."""
+    def stop(*_):
+        raise SystemExit(128 + signal.SIGTERM)
+    try:
+        return signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread
+        return None
+
+
+def _hparams(config) -> dict:
+    """The config's scalar leaves by dotted key (TensorBoard's hparams take scalars only)."""
+    out = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if hasattr(value, "items"):
+                walk(value, f"{prefix}{key}.")
+            elif isinstance(value, (bool, int, float, str)):
+                out[prefix + key] = value
+    walk(config, "")
+    return out
+
+
+def _run(config, workdir) -> int:
+    from mimo_jax.train import setup
     from mimo_jax.train.checkpointing import TrainCheckpoints, abstract_like
     from mimo_jax.train.flops import train_flops_per_group
     from mimo_jax.train.metrics import MetricsWriter
@@ -117,17 +164,25 @@ def run(config, workdir: str) -> int:
                     "loss_weights": config.data.loss_weights, "remat": lm_config.remat_policy}
         ckpts = TrainCheckpoints(workdir, identity, keep=config.checkpoint.keep,
                                  async_save=config.checkpoint.async_save)
-        start = ckpts.latest_step()
-        if start is not None:
-            state = ckpts.restore(start, abstract_like(state), train_it)
-            logging.info("resumed from %s at step %d", ckpts.directory, start)
-        steps = setup.compile_steps(trainer, state)
-        writer = MetricsWriter(workdir, config.total_steps)
-        flops = train_flops_per_group(lm_config, config.data.context_length,
-                                      trainer.loss.trains_patch_decoder)
         try:
-            state, finished = _loop(config, state, steps, train_it, eval_factory, local_rows, mesh,
-                                    ckpts, writer, flops, start or 0)
+            start, restored = ckpts.restore_latest(abstract_like(state), train_it)
+        except BaseException:
+            ckpts.close()
+            raise
+        if start is not None:
+            state = restored
+            logging.info("resumed from %s at step %d", ckpts.directory, start)
+        writer = MetricsWriter(workdir, config.total_steps, start or 0,
+                               config_json=config.to_json_best_effort(indent=2),
+                               hparams=_hparams(config))
+        try:
+            finished = (start or 0) >= config.total_steps  # done before: nothing to compile
+            if not finished:
+                steps = setup.compile_steps(trainer, state)
+                flops = train_flops_per_group(lm_config, config.data.context_length,
+                                              trainer.loss.trains_patch_decoder)
+                state, finished = _loop(config, state, steps, train_it, eval_factory, local_rows,
+                                        mesh, ckpts, writer, flops, start or 0)
             if finished and config.export_model:
                 export_model(trainer, state, lm_config, workdir)
             return 0
@@ -146,6 +201,10 @@ def _evaluate(config, state, steps, eval_factory, local_rows, mesh) -> dict[str,
     return {f"eval/{k}": v for k, v in totals.items()}
 
 
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0  # every=0: off
+
+
 def _loop(config, state, steps, train_it, eval_factory, local_rows, mesh, ckpts, writer, flops,
           step) -> int:
     from mimo_jax.train.setup import global_batch
@@ -157,13 +216,18 @@ def _loop(config, state, steps, train_it, eval_factory, local_rows, mesh, ckpts,
     while step < config.total_steps:
         state, metrics = steps.train(state, global_batch(local_rows(next(train_it)), mesh), rng)
         step += 1
-        if step % config.log_every == 0 or step == config.total_steps:
+        last = step == config.total_steps
+        save = _due(step, config.checkpoint_every) or last
+        if _due(step, config.log_every) or last or save:
+            # Checked before every save too, so that each saved step is a good one.
             values = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if not np.isfinite(values["loss"]) or values["update_skipped"] > 0:
-                last = ckpts.latest_step()
                 raise NonFiniteLoss(
                     f"non-finite loss {values['loss']} (grad norm {values['grad_norm']}) at step "
-                    f"{step}: stopping; the last good checkpoint is step {last} in {ckpts.directory}")
+                    f"{step}: stopping; the last good checkpoint is "
+                    + (f"step {ckpts.good_step} in {ckpts.directory}" if ckpts.good_step is not None
+                       else "none (no checkpoint was saved or restored)"))
+        if _due(step, config.log_every) or last:
             elapsed = time.time() - t_last
             rate = (step - last_logged) * groups / max(elapsed, 1e-9)
             values.update(groups_per_second=rate, mfu=rate * flops / peak if peak else 0.0,
@@ -171,23 +235,25 @@ def _loop(config, state, steps, train_it, eval_factory, local_rows, mesh, ckpts,
             t_last, last_logged = time.time(), step
             writer.write(step, values)
             writer.progress(step, values)
-        if eval_factory and config.eval_every and step % config.eval_every == 0:
+        if eval_factory and _due(step, config.eval_every):
             writer.write(step, _evaluate(config, state, steps, eval_factory, local_rows, mesh))
         if preemption.due(step):
+            writer.flush()
             ckpts.save(step, state, train_it)
             ckpts.wait()
             print(f"preempted: checkpoint saved at step {step} in {ckpts.directory}", flush=True)
             return state, False
-        if step % config.checkpoint_every == 0 or step == config.total_steps:
+        if save:
+            writer.flush()  # the metrics up to a checkpoint are durable with it
             ckpts.save(step, state, train_it)
     return state, True
 
 
-def export_model(trainer, state, lm_config, workdir: str) -> None:
+def export_model(trainer, state, lm_config, workdir) -> None:
     """The final weights as a model checkpoint (workdir/model): the init_checkpoint of a next stage,
     or an official directory through convert_torch_weights.py."""
     from mimo_jax import checkpoint as model_ckpt
-    out = model_ckpt.save(trainer.model(state), lm_config.to_hf(), os.path.join(workdir, "model"))
+    out = model_ckpt.save(trainer.model(state), lm_config.to_hf(), os.fspath(workdir / "model"))
     print(f"final weights: {out}", flush=True)
 
 

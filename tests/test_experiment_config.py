@@ -69,8 +69,8 @@ def test_valid_config_passes(data_dir):
 
 @pytest.mark.parametrize("key,value,expected", [
     ("total_steps", 0, "total_steps=0: expected an integer >= 1"),
-    ("log_every", 0, "log_every=0: expected an integer >= 1"),
-    ("checkpoint_every", 0, "checkpoint_every=0: expected an integer >= 1"),
+    ("log_every", -1, "log_every=-1: expected an integer >= 0"),
+    ("checkpoint_every", -2, "checkpoint_every=-2: expected an integer >= 0"),
     ("eval_every", -1, "eval_every=-1: expected an integer >= 0"),
     ("checkpoint.keep", 1, "checkpoint.keep=1: expected an integer >= 2"),
     ("checkpoint.keep", 0, "checkpoint.keep=0: expected an integer >= 2"),
@@ -98,7 +98,7 @@ def test_each_invalid_value_is_named(data_dir, key, value, expected):
 
 
 def test_every_problem_at_once_and_before_anything_is_built(data_dir, tmp_path):
-    config = config_with(data_dir, total_steps=0, log_every=0, **{"checkpoint.keep": 0})
+    config = config_with(data_dir, total_steps=0, log_every=-1, **{"checkpoint.keep": 0})
     with pytest.raises(config_checks.ConfigError) as e:
         train.run(config, str(tmp_path / "w"))
     assert len(str(e.value).splitlines()) == 4

@@ -58,8 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = 1000
-    c.log_every = 10
-    c.checkpoint_every = 500
+    c.log_every = 10  # 0: only the last step is logged
+    c.checkpoint_every = 500  # 0: only the last step (and a preemption) is saved
     c.eval_every = 0  # 0: no periodic evaluation (the only key where 0 means off)
     c.eval_steps = 4
     c.export_model = True  # write the final weights to workdir/model (a model checkpoint)

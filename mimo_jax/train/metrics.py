@@ -1,32 +1,116 @@
 """Metrics out of a run: JSON lines (`workdir/metrics.jsonl`, one object per logged step), TensorBoard,
-and a progress line with rate and ETA. Only process 0 writes."""
+and a progress line with rate and ETA. Only process 0 writes.
+
+metrics.jsonl on local disk is appended to and flushed per record. Object stores (gs://) have no
+append: the records are kept and the object is rewritten whole on `flush()` (at each checkpoint
+save, at most every `remote_flush_seconds` otherwise, and at close). TensorBoard on gs:// is
+written to a local directory and its event files copied over at the same moments (through
+epath, like every other file of the run, rather than tensorboardX's own GCS client).
+
+On resume the file is cut back to the restored step: records of later steps (written after the
+checkpoint, to be written again) and a trailing partial line (a run killed mid-write, a full disk)
+are dropped.
+"""
 import json
+import tempfile
 import time
-from pathlib import Path
 
 import jax
+from etils import epath
+
+from mimo_jax.train.rundir import is_local, write_text
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def cut_back(path: epath.Path, last_step: int) -> list[str]:
+    """The complete lines of `path` whose step is at most `last_step`; rewrites the file to them
+    when anything is dropped, and says what was dropped."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    lines = text.splitlines(keepends=True)
+    partial = bool(lines) and not lines[-1].endswith("\n")
+    kept, later = [], 0
+    for line in lines[:-1] if partial else lines:
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):  # a line cut and joined to the next one
+            partial = True
+            continue
+        if step <= last_step:
+            kept.append(line)
+        else:
+            later += 1
+    if later or partial:
+        write_text(path, "".join(kept))
+        print(f"{path}: kept {len(kept)} records up to step {last_step}, dropped {later} of later "
+              f"steps" + (" and a partial line" if partial else ""), flush=True)
+    return kept
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str, total_steps: int):
+    def __init__(self, workdir, total_steps: int, start_step: int = 0, config_json: str = "",
+                 hparams: dict | None = None, remote_flush_seconds: float = 60.0):
         self.enabled = jax.process_index() == 0
         self.total_steps = total_steps
         self._t0, self._step0 = time.time(), None
-        if self.enabled:
-            from tensorboardX import SummaryWriter
-            Path(workdir).mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(Path(workdir) / "metrics.jsonl", "a")
-            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter
+        workdir = epath.Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._path = workdir / METRICS_FILE
+        self._local = is_local(self._path)
+        self._lines = cut_back(self._path, start_step)
+        self._jsonl = self._path.open("a") if self._local else None
+        self._remote_flush_seconds, self._flushed_at = remote_flush_seconds, time.time()
+        self._tb_dir = workdir / "tensorboard"
+        self._tb_local = (epath.Path(self._tb_dir) if self._local
+                          else epath.Path(tempfile.mkdtemp(prefix="tensorboard-")))
+        # purge_step: TensorBoard drops the events of steps this run writes again after a resume.
+        self._tb = SummaryWriter(str(self._tb_local), purge_step=start_step + 1 if start_step
+                                 else None)
+        if config_json:
+            self._tb.add_text("config", "```\n" + config_json + "\n```", start_step)
+        if hparams:
+            self._add_hparams(hparams)
+
+    def _add_hparams(self, hparams: dict) -> None:
+        from tensorboardX.summary import hparams as hparams_summary
+        for event in hparams_summary(hparams, {}):
+            self._tb.file_writer.add_summary(event)
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: float(v) for k, v in values.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        line = json.dumps(record) + "\n"
+        if self._local:
+            self._jsonl.write(line)
+            self._jsonl.flush()
+        else:
+            self._lines.append(line)
+            if time.time() - self._flushed_at >= self._remote_flush_seconds:
+                self.flush()
         for key, value in record.items():
             if key != "step":
                 self._tb.add_scalar(key, value, step)
+
+    def flush(self) -> None:
+        """Makes everything written so far durable in the run directory."""
+        if not self.enabled:
+            return
+        self._tb.flush()
+        if not self._local:
+            self._upload()
+
+    def _upload(self) -> None:
+        write_text(self._path, "".join(self._lines))
+        self._tb_dir.mkdir(parents=True, exist_ok=True)
+        for event_file in self._tb_local.iterdir():
+            (self._tb_dir / event_file.name).write_bytes(event_file.read_bytes())
+        self._flushed_at = time.time()
 
     def progress(self, step: int, values: dict[str, float]) -> None:
         if self._step0 is None:
@@ -43,6 +127,11 @@ class MetricsWriter:
                   f"{values.get('groups_per_second', 0):.0f} groups/s | ETA {eta}", flush=True)
 
     def close(self) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        self._tb.close()
+        if self._local:
             self._jsonl.close()
-            self._tb.close()
+        else:
+            self._upload()
+            self._tb_local.rmtree()
