@@ -13,8 +13,10 @@ has its `.array_record` file and a `.json` sidecar (stats, errors, a checksum of
 lines); a rerun skips finished shards and redoes the others. Every bad line (not UTF-8, not JSON,
 no audio path, duplicate id, missing or undecodable audio, a clip the encoder refuses such as one
 shorter than its minimum) is written to `DIR/errors.jsonl` with its `audio`, manifest `line` and
-`reason`, and the job goes on: one bad line never costs the good lines of its shard. When all shards are done, `DIR/manifest.json` and
-`DIR/errors.jsonl` are written. Exit status 0 when every line was written or reported.
+`reason`, and the job goes on: one bad line never costs the good lines of its shard. When all
+shards are done, `DIR/manifest.json` and `DIR/errors.jsonl` are written. Exit status 0 when every
+line was written or reported. `--manifest`, `--out` and the audio paths may be relative, local
+or gs://.
 """
 
 from __future__ import annotations

@@ -14,8 +14,9 @@ environment that points every client this project uses at it, offline and withou
   TENSORSTORE_GCS_HTTP_VERSION   HTTP/1.1 (the emulator is a plain HTTP/1 server);
   GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false  (read when gcsfs is imported; see client_env).
 
-The emulator runs in a subprocess (`serve`), not a thread: Orbax and tensorstore block the calling Python thread while their C++
-threads talk to the server, and the emulator must not wait for the GIL of the process it serves.
+The emulator runs in a subprocess (`serve`), not a thread: Orbax and tensorstore block the calling
+Python thread while their C++ threads talk to the server, and the emulator must not wait for the
+GIL of the process it serves.
 """
 from __future__ import annotations
 

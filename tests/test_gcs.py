@@ -1,6 +1,7 @@
-"""gs:// through the one path layer, against a real GCS JSON API (gcp-storage-emulator on loopback,
-see gcs_emulator.py): model checkpoints, the converter both ways, tokenize and the shard reader,
-and a training run that is SIGTERMed, resumes and exports its model there."""
+"""gs:// through the one path layer, against a real GCS JSON API (gcp-storage-emulator on loopback:
+fixtures `gcs` and `gs_dir` of gcs_emulator.py): model checkpoints, the converter both ways,
+tokenize and the shard reader, and a training run that is SIGTERMed, resumes and exports its model
+there."""
 import json
 import os
 import signal
@@ -12,7 +13,6 @@ import numpy as np
 import pytest
 import soundfile
 from etils import epath
-from gcs_emulator import gcs, gs_dir  # noqa: F401  (fixtures)
 
 import convert_torch_weights
 from data_pipelines import audio, tokenize
