@@ -83,7 +83,8 @@ def serve(bucket: str) -> None:
     from http import server as http_server
 
     from gcp_storage_emulator import server as emulator
-    from gcp_storage_emulator.handlers import buckets
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.handlers import buckets, objects
     from gcp_storage_emulator.storage import Storage
 
     faulthandler.register(signal.SIGUSR1)  # kill -USR1 PID: where a stuck server is
@@ -107,6 +108,25 @@ def serve(bucket: str) -> None:
     # In memory, its copy of all metadata (JSON, rewritten whole after every change, for restarts
     # from disk) only makes each request slower as the bucket grows: one Orbax save is ~8 objects.
     Storage._write_config_to_file = lambda self: None
+    # Media downloads carry no x-goog-generation header: tensorstore then cannot tell which
+    # generation it read ("Malformed StorageGeneration" when OCDBT rewrites its manifest).
+    download = objects.download
+
+    def download_with_generation(request, response, storage, *args, **kwargs):
+        download(request, response, storage, *args, **kwargs)
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"],
+                                       request.params["object_id"])
+        except NotFound:
+            return
+        response["x-goog-generation"] = obj["generation"]
+        response["x-goog-metageneration"] = obj["metageneration"]
+
+    objects.download = download_with_generation
+    for _, methods in emulator.HANDLERS:
+        for method, handler in methods.items():
+            if handler is download:
+                methods[method] = download_with_generation
     storage = Storage(use_memory_fs=True)
     buckets.create_bucket(bucket, storage)
     httpd = Server(("127.0.0.1", 0), functools.partial(Handler, storage))
