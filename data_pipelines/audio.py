@@ -31,7 +31,9 @@ def audio_seconds(path: str) -> float:
     p = epath.Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{path}: file not found")
-    with p.open("rb") as f:
+    # libsndfile seeks through cffi callbacks that gcsfs files do not satisfy: read remote files
+    # whole (clips are small), open local ones.
+    with p.open("rb") if "://" not in path else io.BytesIO(p.read_bytes()) as f:
         info = soundfile.info(f)
     if info.frames <= 0:
         raise ValueError(f"{path}: no samples")

@@ -1,7 +1,10 @@
 """Shards of tokenized corpora: one ArrayRecord record per utterance, a manifest per directory.
 
 Why ArrayRecord: Grain reads it with random access (`grain.sources.ArrayRecordDataSource`), a
-record is one utterance so a corrupt one stays local, and its C++ reader reads `gs://` directly.
+record is one utterance so a corrupt one stays local, and its C++ reader reads `gs://` directly
+(google-cloud-cpp; CLOUD_STORAGE_EMULATOR_ENDPOINT points it at an emulator). Its writer only
+writes local files (a gs:// name is opened as a local path), so a shard for gs:// is written to a
+local temporary file and uploaded whole when closed.
 Tensorstore arrays would need a separate index for variable-length utterances and their text.
 
 Record layout (little endian):
@@ -20,8 +23,10 @@ import argparse
 import bisect
 import dataclasses
 import json
+import os
 import struct
 import sys
+import tempfile
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +34,8 @@ from typing import Any
 from array_record.python import array_record_module
 from etils import epath
 import numpy as np
+
+from mimo_jax import paths
 
 MAGIC = b"MAR1"
 FORMAT = "mimo-jax-codes/1"
@@ -142,9 +149,13 @@ class ShardWriter:
     """Writes records to `path` through a temporary name; `close()` makes the shard appear."""
 
     def __init__(self, path: str):
-        self.path = epath.Path(path)
-        self._tmp = self.path.parent / (self.path.name + ".tmp")
-        self._writer = array_record_module.ArrayRecordWriter(str(self._tmp), "group_size:1")
+        self.path = paths.resolve(path)
+        if paths.is_local(self.path):
+            self._tmp = str(self.path.parent / (self.path.name + ".tmp"))
+        else:
+            fd, self._tmp = tempfile.mkstemp(suffix=".array_record")
+            os.close(fd)
+        self._writer = array_record_module.ArrayRecordWriter(self._tmp, "group_size:1")
         self.stats = {"records": 0, "frames": 0, "hours": 0.0}
 
     def write(self, rec: Record) -> None:
@@ -155,14 +166,18 @@ class ShardWriter:
 
     def close(self) -> dict:
         self._writer.close()
-        self._tmp.replace(self.path)
+        if paths.is_local(self.path):
+            os.replace(self._tmp, self.path)
+        else:
+            try:
+                paths.upload(self._tmp, self.path)
+            finally:
+                os.unlink(self._tmp)
         return dict(self.stats)
 
 
 def write_json_atomic(path: epath.Path, obj: Any) -> None:
-    tmp = path.parent / (path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    paths.write_whole(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
 def write_manifest(directory: str, shards: Sequence[dict], codebooks: int, **extra) -> dict:
@@ -184,7 +199,7 @@ def write_shards(
     directory: str, records: Sequence[Record], records_per_shard: int, codebooks: int
 ) -> dict:
     """Writes `records` into consecutive shards and the manifest (synthetic data, tests, tools)."""
-    directory = epath.Path(directory)
+    directory = paths.resolve(directory)
     directory.mkdir(parents=True, exist_ok=True)
     n = max(1, -(-len(records) // records_per_shard))
     entries = []

@@ -10,10 +10,13 @@ Lines are cut into shards of `--records-per-shard` consecutive lines; process p 
 `jax.process_index()` / `jax.process_count()`) takes shards p, p+n, ... Within a shard, audio is
 sorted by length and encoded in batches of at most `--batch-seconds` of audio. A finished shard
 has its `.array_record` file and a `.json` sidecar (stats, errors, a checksum of its manifest
-lines); a rerun skips finished shards and redoes the others. Every bad line (not JSON, no audio
-path, duplicate id, missing or undecodable audio) is written to `DIR/errors.jsonl` with its
-`audio`, manifest `line` and `reason`. When all shards are done, `DIR/manifest.json` and
-`DIR/errors.jsonl` are written. Exit status 0 when every line was written or reported.
+lines); a rerun skips finished shards and redoes the others. Every bad line (not UTF-8, not JSON,
+no audio path, duplicate id, missing or undecodable audio, a clip the encoder refuses such as one
+shorter than its minimum) is written to `DIR/errors.jsonl` with its `audio`, manifest `line` and
+`reason`, and the job goes on: one bad line never costs the good lines of its shard. When all
+shards are done, `DIR/manifest.json` and `DIR/errors.jsonl` are written. Exit status 0 when every
+line was written or reported. `--manifest`, `--out` and the audio paths may be relative, local
+or gs://.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import tqdm
 from data_pipelines import audio as audio_io
 from data_pipelines import encoders
 from data_pipelines.shards import Record, ShardWriter, write_json_atomic, write_manifest
+from mimo_jax import paths
 
 STANDARD_KEYS = ("audio", "id", "text", "speaker", "language", "task")
 ERRORS = "errors.jsonl"
@@ -56,12 +60,17 @@ def error_entry(line: int, audio: str | None, reason: str) -> dict:
     return {"line": line, "audio": audio, "reason": reason}
 
 
-def parse_manifest_line(raw: str, line: int, base: epath.Path) -> Item | dict:
+def parse_manifest_line(raw: bytes, line: int, base: epath.Path) -> Item | dict:
     """One manifest line -> `Item`, or an error entry naming the line and the reason."""
     try:
-        obj = json.loads(raw)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return error_entry(line, None, f"not UTF-8: byte 0x{raw[e.start]:02x} at column "
+                                       f"{e.start + 1} ({e.reason}); expected UTF-8 JSON")
+    try:
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
-        return error_entry(line, None, f"not JSON: {e}")
+        return error_entry(line, None, f"not JSON: {e.msg} at column {e.colno}")
     if not isinstance(obj, dict):
         return error_entry(line, None, f"expected a JSON object, got {type(obj).__name__}")
     path = obj.get("audio")
@@ -77,15 +86,15 @@ def parse_manifest_line(raw: str, line: int, base: epath.Path) -> Item | dict:
     )
 
 
-def read_manifest_lines(path: str) -> list[str]:
-    text = epath.Path(path).read_text()
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
+def read_manifest_lines(path: str) -> list[bytes]:
+    """The raw lines (decoded one by one later, so one line that is not UTF-8 is one error)."""
+    lines = paths.resolve(path).read_bytes().split(b"\n")
+    if lines and lines[-1] == b"":
         lines.pop()
     return lines
 
 
-def parse_manifest(lines: Sequence[str], base: epath.Path) -> list[Item | dict]:
+def parse_manifest(lines: Sequence[bytes], base: epath.Path) -> list[Item | dict]:
     """All lines in order (line numbers from 1); blank lines are reported, duplicate ids too."""
     seen: dict[str, int] = {}
     out = []
@@ -169,18 +178,34 @@ class ShardJob:
                 wavs[line] = audio_io.load_audio(items[line].audio)
             except Exception as e:
                 errors.append(error_entry(line, items[line].audio, f"unreadable audio: {e}"))
+        return self._encode_wavs(wavs, items, errors)
+
+    def _encode_wavs(self, wavs: dict[int, np.ndarray], items: dict, errors: list
+                     ) -> dict[int, np.ndarray]:
+        """Codes of each wav; when the encoder refuses the batch (ValueError: e.g. a clip below its
+        minimum length), each clip is retried alone and the refused ones become error entries."""
         if not wavs:
             return {}
         lines = list(wavs)
-        outs = self.encode([wavs[line] for line in lines])
+        try:
+            outs = self.encode([wavs[line] for line in lines])
+        except ValueError as e:
+            if len(lines) == 1:
+                line = lines[0]
+                errors.append(error_entry(line, items[line].audio,
+                                          f"refused by the encoder ({len(wavs[line])} samples at "
+                                          f"{audio_io.SAMPLE_RATE} Hz): {e}"))
+                return {}
+            return {k: v for line in lines
+                    for k, v in self._encode_wavs({line: wavs[line]}, items, errors).items()}
         result = {}
-        for line, wav, c in zip(lines, (wavs[x] for x in lines), outs):
+        for line, c in zip(lines, outs):
             c = np.asarray(c)
-            want = (audio_io.code_frames(len(wav)), self.args.codebooks)
+            want = (audio_io.code_frames(len(wavs[line])), self.args.codebooks)
             if c.shape != want:
                 raise RuntimeError(
                     f"encoder returned codes {c.shape} for {items[line].audio} "
-                    f"({len(wav)} samples), expected {want}"
+                    f"({len(wavs[line])} samples), expected {want}"
                 )
             result[line] = c.astype(np.int16)
         return result
@@ -224,9 +249,8 @@ def finalize(out: epath.Path, n: int, total_lines: int, codebooks: int) -> dict 
             return None
         infos.append(json.loads(side.read_text()))
     errors = [e for info in infos for e in info["error_entries"]]
-    tmp = out / (ERRORS + ".tmp")
-    tmp.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors))
-    tmp.replace(out / ERRORS)
+    paths.write_whole(out / ERRORS, "".join(json.dumps(e, ensure_ascii=False) + "\n"
+                                            for e in errors))
     shards = [
         {k: info[k] for k in ("path", "records", "hours", "frames", "errors")} for info in infos
     ]
@@ -271,16 +295,16 @@ def parse_args(argv):
 
 def run(args, encode=None) -> int:
     """Tokenizes this process's shards; `encode` overrides `--encoder` (tests inject one)."""
-    out = epath.Path(args.out)
+    out = paths.resolve(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lines = read_manifest_lines(args.manifest)
-    entries = parse_manifest(lines, epath.Path(args.manifest).parent)
+    entries = parse_manifest(lines, paths.resolve(args.manifest).parent)
     per = args.records_per_shard
     n = max(1, -(-len(entries) // per))
     index, count = _process_slice(args)
     jobs = []
     for k in range(index, n, count):
-        crc = zlib.crc32("\n".join(lines[k * per : (k + 1) * per]).encode())
+        crc = zlib.crc32(b"\n".join(lines[k * per : (k + 1) * per]))
         jobs.append(ShardJob(out, k, n, entries[k * per : (k + 1) * per], crc, args, encode))
     pending = [j for j in jobs if not j.done()]
     logging.info(

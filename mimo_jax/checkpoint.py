@@ -7,24 +7,32 @@
 One checkpoint per parameter lets the converter write and read a model one parameter at a time
 (memory: the largest parameter, not the model), and lets `load` restore each parameter straight into
 its shards on a device mesh.
+
+Every path goes through `mimo_jax.paths` (etils.epath): a model checkpoint may be local or on gs://.
+`config.json` is written last, so a directory holding it is complete (see `save`).
 """
 import json
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
+from mimo_jax import paths
 from mimo_jax.conversion.family import ModelFamily, family_for
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 
 
-def is_model_checkpoint(path: str | Path) -> bool:
-    path = Path(path)
+PathLike = str | os.PathLike
+
+
+def is_model_checkpoint(path: PathLike) -> bool:
+    path = paths.resolve(path)
     return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
 
 
@@ -35,8 +43,8 @@ def flat_params(model_or_state) -> list[tuple[tuple[str, ...], nnx.Variable]]:
     return [(tuple(str(p) for p in path), var) for path, var in nnx.to_flat_state(state)]
 
 
-def read_config(path: str | Path) -> tuple[ModelFamily, Any]:
-    cfg_path = Path(path) / CONFIG_FILE
+def read_config(path: PathLike) -> tuple[ModelFamily, Any]:
+    cfg_path = paths.resolve(path) / CONFIG_FILE
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{path}: no {CONFIG_FILE}")
     try:
@@ -54,62 +62,60 @@ def _checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
 
 
-def _leaf_dir(params_dir: Path, path: tuple[str, ...]) -> Path:
-    return (Path(params_dir) / ".".join(path)).absolute()
+def _leaf_dir(params_dir: PathLike, path: tuple[str, ...]) -> epath.Path:
+    return paths.resolve(params_dir) / ".".join(path)
 
 
-def save_param(params_dir: str | Path, path: tuple[str, ...], value) -> None:
-    """Saves one parameter (Orbax writes to a temporary dir, then renames)."""
-    _checkpointer().save(_leaf_dir(Path(params_dir), path), args=ocp.args.PyTreeSave(
-        {"value": value}))
+def save_param(params_dir: PathLike, path: tuple[str, ...], value) -> None:
+    """Saves one parameter (Orbax finalizes it whole: a rename locally, a marker on gs://)."""
+    _checkpointer().save(_leaf_dir(params_dir, path), args=ocp.args.PyTreeSave({"value": value}))
 
 
-def param_metadata(params_dir: str | Path) -> dict[tuple[str, ...], Any]:
+def param_metadata(params_dir: PathLike) -> dict[tuple[str, ...], Any]:
     """{path: metadata (shape, dtype)} of every saved parameter, read without loading data."""
     out = {}
     ckptr = _checkpointer()
-    for leaf in sorted(Path(params_dir).iterdir()):
+    for leaf in sorted(paths.resolve(params_dir).iterdir()):
         if leaf.is_dir() and not leaf.name.startswith("."):
-            out[tuple(leaf.name.split("."))] = ckptr.metadata(leaf.absolute()).item_metadata.tree[
-                "value"]
+            out[tuple(leaf.name.split("."))] = ckptr.metadata(leaf).item_metadata.tree["value"]
     return out
 
 
-def restore_param(params_dir: str | Path, path: tuple[str, ...], sharding=None, dtype=None):
+def restore_param(params_dir: PathLike, path: tuple[str, ...], sharding=None, dtype=None):
     """One parameter: a host numpy array, or with `sharding` a jax.Array placed in its shards."""
     if sharding is None:
         args = ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)
     else:
         args = ocp.ArrayRestoreArgs(sharding=sharding, dtype=dtype)
-    out = _checkpointer().restore(_leaf_dir(Path(params_dir), path),
+    out = _checkpointer().restore(_leaf_dir(params_dir, path),
                                   args=ocp.args.PyTreeRestore(restore_args={"value": args}))
     return out["value"]
 
 
-def save(model: nnx.Module, hf_config: dict, path: str | Path) -> Path:
+def save(model: nnx.Module, hf_config: dict, path: PathLike) -> epath.Path:
     """Writes a model checkpoint (the official config.json and one Orbax checkpoint per parameter),
     e.g. the weights a training run ends with; convert_torch_weights.py turns it into an official
-    directory. Written to a temporary directory, renamed into place when complete."""
-    import shutil
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    directory. Staged in `.NAME.partial` next to it and committed whole (`paths.commit_dir`: a
+    rename locally; on gs:// a copy with config.json last, so an interrupted commit leaves no
+    config.json and no directory that passes for a model checkpoint)."""
+    path = paths.resolve(path)
+    tmp = path.parent / f".{path.name}.partial"
+    if tmp.exists():
+        tmp.rmtree()
     tmp.mkdir(parents=True)
-    (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
     for p, var in flat_params(model):
         save_param(tmp / PARAMS_DIR, p, var.get_value())
     if jax.process_index() == 0:
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+        paths.commit_dir(tmp, path, marker=CONFIG_FILE)
     return path
 
 
-def check_params(path: str | Path, shapes: dict[tuple[str, ...], tuple[int, ...]]) -> dict:
+def check_params(path: PathLike, shapes: dict[tuple[str, ...], tuple[int, ...]]) -> dict:
     """The metadata of a checkpoint's saved parameters, after checking that they are exactly the
     parameters of `shapes` (those its config implies); one error names every missing, extra or
     misshapen parameter."""
-    saved = param_metadata(Path(path) / PARAMS_DIR)
+    saved = param_metadata(paths.resolve(path) / PARAMS_DIR)
     problems = [f"parameter {'.'.join(p)} is missing" for p in shapes if p not in saved]
     problems += [f"parameter {'.'.join(p)} has shape {tuple(saved[p].shape)}, the config implies "
                  f"{shape}" for p, shape in shapes.items()
@@ -122,7 +128,7 @@ def check_params(path: str | Path, shapes: dict[tuple[str, ...], tuple[int, ...]
     return saved
 
 
-def load(path: str | Path, *, mesh: jax.sharding.Mesh | None = None, rules=None, dtype=None,
+def load(path: PathLike, *, mesh: jax.sharding.Mesh | None = None, rules=None, dtype=None,
          param_dtype=None, **config_overrides):
     """(config, model) from a model checkpoint directory.
 
@@ -132,7 +138,7 @@ def load(path: str | Path, *, mesh: jax.sharding.Mesh | None = None, rules=None,
     """
     from sharding.rules import DEFAULT_RULES, named_sharding
 
-    path = Path(path)
+    path = paths.resolve(path)
     if not is_model_checkpoint(path):
         raise FileNotFoundError(f"{path}: not a model checkpoint (expected {CONFIG_FILE} and "
                                 f"{PARAMS_DIR}/); convert an official checkpoint with "

@@ -298,3 +298,16 @@ def test_demo_corpus_through_tokenize_and_the_pipeline(corpus, tmp_path):
         == 12 * (speech[:, 1:] & (batch["segment_ids"][:, 1:] > 0)).sum()
     )
     assert tok.sostm_id in batch["text"] and tok.eostm_id in batch["text"]
+
+
+def test_relative_manifest_audio_and_out(tmp_path, monkeypatch):
+    (tmp_path / "data" / "wav").mkdir(parents=True)
+    for i in range(3):
+        wav = 0.1 * np.random.default_rng(i).standard_normal(6000 + 2400 * i).astype(np.float32)
+        soundfile.write(tmp_path / "data" / "wav" / f"r{i}.wav", wav, 24000)
+    (tmp_path / "data" / "corpus.jsonl").write_text(
+        "".join(json.dumps({"audio": f"wav/r{i}.wav"}) + "\n" for i in range(3)))
+    monkeypatch.chdir(tmp_path)
+    assert tokenize.run(_args("data/corpus.jsonl", "shards/out")) == 0
+    assert sorted(r.id for r in ShardSet("shards/out")) == ["r0", "r1", "r2"]
+    assert (tmp_path / "shards" / "out" / "errors.jsonl").read_text() == ""

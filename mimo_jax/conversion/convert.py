@@ -4,23 +4,25 @@ checkpoints (config.json + Orbax parameters), both ways, for every registered mo
 Before any data is read, the rules of the family are checked against the checkpoint's headers: every
 official tensor must be used or ignored by an explicit rule, and have the expected shape and a float
 dtype; all problems are reported together. Tensors are then streamed one at a time into the
-preallocated (stacked) parameters, and the output is written to a temporary directory that is renamed
-into place only when complete.
+preallocated (stacked) parameters, and the output is written to a staging directory
+`.DST.partial-HOST-PID-RANDOM` that is committed only when complete (`mimo_jax.paths`: a rename
+locally, a copy with config.json last on gs://). Staging directories of dead processes (an earlier
+run killed mid-way) are removed when the next conversion to the same DST starts.
 """
 import dataclasses
 import json
-import shutil
-import tempfile
-from pathlib import Path
+import os
 from typing import Any, Iterator
 
 import jax
 import ml_dtypes
 import numpy as np
+from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
 from mimo_jax import checkpoint as model_ckpt
+from mimo_jax import paths
 from mimo_jax.conversion import safetensors_io as st
 from mimo_jax.conversion.family import ModelFamily, is_ignored
 from mimo_jax.conversion.transforms import TRANSFORMS
@@ -89,16 +91,16 @@ def _abstract(family: ModelFamily, config) -> Any:
     return nnx.state(model, nnx.Param)
 
 
-def read_hf_config(src: Path) -> tuple[ModelFamily, Any, dict]:
+def read_hf_config(src: epath.Path) -> tuple[ModelFamily, Any, dict]:
     family, config = model_ckpt.read_config(src)
     return family, config, json.loads((src / model_ckpt.CONFIG_FILE).read_text())
 
 
-def stream_torch_params(src: str | Path, dtype=None, progress: bool = False
+def stream_torch_params(src: str | os.PathLike, dtype=None, progress: bool = False
                         ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
     """(path, array) of every NNX parameter, one at a time, from an official HF-style directory
     whose tensors have been checked against the family's rules first."""
-    src = Path(src)
+    src = paths.resolve(src)
     family, config, _ = read_hf_config(src)
     found = st.read_index(src)
     needed, shapes = placements(family, _abstract(family, config))
@@ -123,9 +125,9 @@ def stream_torch_params(src: str | Path, dtype=None, progress: bool = False
         yield current
 
 
-def load_torch_checkpoint(src: str | Path, dtype=None):
+def load_torch_checkpoint(src: str | os.PathLike, dtype=None):
     """(config, model) straight from an official HF-style directory (no Orbax step)."""
-    family, config = model_ckpt.read_config(Path(src))
+    family, config = model_ckpt.read_config(src)
     params = dict(stream_torch_params(src, dtype))
     model = nnx.eval_shape(lambda: family.build(config, rngs=nnx.Rngs(0)))
     for path, var in model_ckpt.flat_params(model):
@@ -134,20 +136,20 @@ def load_torch_checkpoint(src: str | Path, dtype=None):
     return config, nnx.merge(graphdef, state)
 
 
-def _staging(dst: Path, overwrite: bool) -> Path:
+def _staging(dst: epath.Path, overwrite: bool) -> epath.Path:
+    paths.remove_stale_staging(dst)
     if dst.exists() and any(dst.iterdir()) and not overwrite:
         raise FileExistsError(f"{dst} already exists and is not empty; pass --overwrite to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    return paths.staging_dir(dst)
 
 
-def _commit(tmp: Path, dst: Path) -> None:
-    if dst.exists():
-        shutil.rmtree(dst)
-    tmp.rename(dst)
+def _discard(tmp: epath.Path) -> None:
+    if tmp.exists():
+        tmp.rmtree()
 
 
-def torch_to_orbax(src: Path, dst: Path, dtype=None, overwrite=False, progress=True) -> Path:
+def torch_to_orbax(src: epath.Path, dst: epath.Path, dtype=None, overwrite=False,
+                   progress=True) -> epath.Path:
     family, config, hf = read_hf_config(src)
     tmp = _staging(dst, overwrite)
     try:
@@ -156,14 +158,14 @@ def torch_to_orbax(src: Path, dst: Path, dtype=None, overwrite=False, progress=T
         (tmp / model_ckpt.CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
         for path, value in stream_torch_params(src, dtype, progress):
             model_ckpt.save_param(tmp / model_ckpt.PARAMS_DIR, path, value)
-        _commit(tmp, dst)
+        paths.commit_dir(tmp, dst, marker=model_ckpt.CONFIG_FILE)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
         raise
     return dst
 
 
-def _torch_tensors(src_params: Path, stored: dict, needed: list[Placement], dtype
+def _torch_tensors(src_params: epath.Path, stored: dict, needed: list[Placement], dtype
                    ) -> list[st.PendingTensor]:
     """The official tensors, each produced on demand from a partial restore of its parameter (only
     one parameter is held at a time: placements come grouped by parameter)."""
@@ -186,7 +188,8 @@ def _torch_tensors(src_params: Path, stored: dict, needed: list[Placement], dtyp
             for p in needed]
 
 
-def orbax_to_torch(src: Path, dst: Path, dtype=None, overwrite=False, progress=True) -> Path:
+def orbax_to_torch(src: epath.Path, dst: epath.Path, dtype=None, overwrite=False,
+                   progress=True) -> epath.Path:
     family, config = model_ckpt.read_config(src)
     needed, shapes = placements(family, _abstract(family, config))
     params_dir = src / model_ckpt.PARAMS_DIR
@@ -201,23 +204,24 @@ def orbax_to_torch(src: Path, dst: Path, dtype=None, overwrite=False, progress=T
         with tqdm(total=sum(t.nbytes for t in pending), unit="B", unit_scale=True,
                   desc="writing", disable=not progress) as bar:
             st.write_checkpoint(tmp, pending, on_written=bar.update)
-        _commit(tmp, dst)
+        paths.commit_dir(tmp, dst, marker=model_ckpt.CONFIG_FILE)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
         raise
     return dst
 
 
-def convert(src: str | Path, dst: str | Path, dtype: str | None = None, overwrite: bool = False,
-            progress: bool = True) -> Path:
-    """Converts in the direction that SRC implies: official directory -> model checkpoint, or back."""
-    src, dst = Path(src), Path(dst)
+def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = None,
+            overwrite: bool = False, progress: bool = True) -> epath.Path:
+    """Converts in the direction that SRC implies: official directory -> model checkpoint, or back.
+    Either may be local (relative or absolute) or on gs://."""
+    src, dst = paths.resolve(src), paths.resolve(dst)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such directory")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     np_dtype = DTYPES[dtype] if dtype else None
-    if src.resolve() == dst.resolve():
+    if paths.same(src, dst):
         raise ValueError(f"source and destination are the same directory: {src}")
     if model_ckpt.is_model_checkpoint(src):
         return orbax_to_torch(src, dst, np_dtype, overwrite, progress)

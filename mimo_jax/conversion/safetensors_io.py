@@ -3,17 +3,19 @@
 Reading validates every file's header against its size before any data is read, so a truncated or
 corrupt file is reported up front with the file and tensor it affects. Writing lays the header out
 first from shapes and dtypes alone, then streams each tensor's bytes: a checkpoint is never held
-twice in memory.
+twice in memory. Files are read and written through etils.epath (local or gs://).
 """
 import dataclasses
 import json
 import os
 import struct
-from pathlib import Path
 from typing import Callable, Iterable
 
 import ml_dtypes
 import numpy as np
+from etils import epath
+
+from mimo_jax import paths
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
@@ -33,14 +35,14 @@ class TensorInfo:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    file: Path
+    file: epath.Path
     offset: int  # absolute byte offset of the data in `file`
     nbytes: int
 
 
-def _read_header(path: Path) -> dict[str, TensorInfo]:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+def _read_header(path: epath.Path) -> dict[str, TensorInfo]:
+    size = path.stat().length
+    with path.open("rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
             raise ValueError(f"{path}: not a safetensors file ({size} bytes, no header length)")
@@ -72,9 +74,9 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
     return out
 
 
-def read_index(src: str | Path) -> dict[str, TensorInfo]:
+def read_index(src: str | os.PathLike) -> dict[str, TensorInfo]:
     """Every tensor of an HF-style directory (single file or sharded with an index)."""
-    src = Path(src)
+    src = paths.resolve(src)
     index = src / INDEX_FILE
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -96,10 +98,13 @@ def read_index(src: str | Path) -> dict[str, TensorInfo]:
 
 def read_tensor(info: TensorInfo) -> np.ndarray:
     dtype = np.dtype(DTYPES[info.dtype])
-    with open(info.file, "rb") as f:
+    with info.file.open("rb") as f:
         f.seek(info.offset)
-        data = np.fromfile(f, dtype=dtype, count=info.nbytes // dtype.itemsize)
-    return data.reshape(info.shape)
+        raw = f.read(info.nbytes)
+    if len(raw) != info.nbytes:
+        raise ValueError(f"{info.file}: tensor {info.name} has {len(raw)} of its {info.nbytes} "
+                         f"bytes (file truncated while reading)")
+    return np.frombuffer(raw, dtype).reshape(info.shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +120,7 @@ class PendingTensor:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
 
-def _write_file(path: Path, tensors: list[PendingTensor], on_written: Callable[[int], None]):
+def _write_file(path: epath.Path, tensors: list[PendingTensor], on_written: Callable[[int], None]):
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for t in tensors:
         header[t.name] = {"dtype": dtype_name(t.dtype), "shape": list(t.shape),
@@ -123,7 +128,7 @@ def _write_file(path: Path, tensors: list[PendingTensor], on_written: Callable[[
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
+    with path.open("wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for t in tensors:
@@ -134,11 +139,11 @@ def _write_file(path: Path, tensors: list[PendingTensor], on_written: Callable[[
             on_written(t.nbytes)
 
 
-def write_checkpoint(dst: str | Path, tensors: Iterable[PendingTensor],
+def write_checkpoint(dst: str | os.PathLike, tensors: Iterable[PendingTensor],
                      max_shard_bytes: int = 5 * 2**30,
-                     on_written: Callable[[int], None] = lambda n: None) -> list[Path]:
+                     on_written: Callable[[int], None] = lambda n: None) -> list[epath.Path]:
     """Writes `model.safetensors`, or shards plus `model.safetensors.index.json` when larger."""
-    dst = Path(dst)
+    dst = paths.resolve(dst)
     shards: list[list[PendingTensor]] = [[]]
     size = 0
     for t in tensors:

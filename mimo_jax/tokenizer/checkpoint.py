@@ -6,6 +6,7 @@ from pathlib import Path
 from flax import nnx
 
 from mimo_jax import checkpoint as model_checkpoint
+from mimo_jax import paths
 from mimo_jax.conversion import convert
 from mimo_jax.tokenizer.config import TokenizerConfig
 from mimo_jax.tokenizer.model import MiMoAudioTokenizer
@@ -22,7 +23,7 @@ def with_compute_dtype(config: TokenizerConfig, model: MiMoAudioTokenizer,
 
 def load_tokenizer(path: str | Path, *, dtype=None) -> tuple[TokenizerConfig, MiMoAudioTokenizer]:
     """(config, model) with compute dtype `dtype`; errors name the directory and the problem."""
-    path = Path(path)
+    path = paths.resolve(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: checkpoint directory does not exist")
     if model_checkpoint.is_model_checkpoint(path):

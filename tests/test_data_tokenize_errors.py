@@ -1,0 +1,98 @@
+"""One bad manifest line never costs the good lines of its shard: a clip below the encoder's
+minimum, a line that is not UTF-8, a line that is not JSON, a missing file each become one entry
+of errors.jsonl (line number and reason) and the job goes on."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import soundfile
+
+from data_pipelines import audio, tokenize
+from data_pipelines.encoders import EnergyEncoder
+from data_pipelines.shards import ShardSet
+
+FIXTURE_TOKENIZER = os.path.join(
+    os.environ.get("MIMO_FIXTURES", os.path.join(os.path.dirname(__file__), "fixtures")),
+    "tokenizer",
+)
+
+
+def _wav(path, seconds, seed=0):
+    rng = np.random.default_rng(seed)
+    samples = max(1, int(seconds * audio.SAMPLE_RATE))
+    soundfile.write(path, 0.1 * rng.standard_normal(samples).astype(np.float32), audio.SAMPLE_RATE)
+    return path
+
+
+def _args(manifest, out, per_shard, *extra):
+    return tokenize.parse_args(
+        ["--manifest", str(manifest), "--out", str(out), "--records-per-shard", str(per_shard),
+         "--process-index", "0", "--process-count", "1", *extra]
+    )
+
+
+def _errors(out):
+    return [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
+
+
+def _line(name, **kw):
+    return json.dumps({"audio": name, **kw}).encode()
+
+
+def test_bad_lines_are_reported_and_their_shard_keeps_its_good_lines(tmp_path):
+    for i in range(4):
+        _wav(tmp_path / f"good{i}.wav", 0.5 + 0.1 * i, seed=i)
+    lines = [
+        _line("good0.wav"),
+        b'{"audio": "caf\xe9.wav"}',  # Latin-1, not UTF-8
+        _line("good1.wav"),
+        b'{"audio": "good2.wav", "text": }',
+        _line("good2.wav"),
+        _line("missing.wav"),
+        _line("good3.wav"),
+    ]
+    manifest = tmp_path / "corpus.jsonl"
+    manifest.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out"
+    # One shard holds every line: the bad ones must not cost the good ones.
+    assert tokenize.run(_args(manifest, out, 16, "--encoder", "energy")) == 0
+    errors = _errors(out)
+    assert [e["line"] for e in errors] == [2, 4, 6]
+    assert errors[0]["reason"] == ("not UTF-8: byte 0xe9 at column 15 (invalid continuation "
+                                   "byte); expected UTF-8 JSON")
+    assert errors[1]["reason"] == "not JSON: Expecting value at column 32"
+    assert "file not found" in errors[2]["reason"] and errors[2]["audio"].endswith("missing.wav")
+    recs = {r.id: r for r in ShardSet(str(out))}
+    assert sorted(recs) == ["good0", "good1", "good2", "good3"]
+    wav = audio.load_audio(str(tmp_path / "good3.wav"))
+    np.testing.assert_array_equal(recs["good3"].codes, EnergyEncoder(8)([wav])[0])
+    manifest_json = json.loads((out / "manifest.json").read_text())
+    assert (manifest_json["records"], manifest_json["errors"], manifest_json["lines"]) == (4, 3, 7)
+    # A rerun finds the shard done (the checksum of the raw lines, the bad bytes included).
+    assert tokenize.run(_args(manifest, out, 16, "--encoder", "energy"),
+                        encode=lambda ws: pytest.fail("a finished shard was encoded again")) == 0
+
+
+def test_clip_below_the_encoder_minimum_is_one_error(tmp_path):
+    pytest.importorskip("mimo_jax.tokenizer", reason="the JAX audio tokenizer is not in this tree")
+    from mimo_jax.checkpoint import read_config
+
+    _, config = read_config(FIXTURE_TOKENIZER)
+    short = config.min_samples - 1  # at 24 kHz: no resampling changes its length
+    _wav(tmp_path / "a.wav", 0.4, seed=1)
+    _wav(tmp_path / "b.wav", 0.3, seed=2)
+    soundfile.write(tmp_path / "short.wav", np.full(short, 0.1, np.float32), audio.SAMPLE_RATE)
+    manifest = tmp_path / "corpus.jsonl"
+    manifest.write_bytes(b"\n".join([_line("a.wav"), _line("short.wav"), _line("b.wav")]) + b"\n")
+    out = tmp_path / "out"
+    assert tokenize.run(_args(manifest, out, 8, "--checkpoint", FIXTURE_TOKENIZER)) == 0
+    (error,) = _errors(out)
+    assert error["line"] == 2 and error["audio"].endswith("short.wav")
+    assert error["reason"] == (
+        f"refused by the encoder ({short} samples at 24000 Hz): clip 0: {short} samples is too "
+        f"short for one frame (at least {config.min_samples} samples are needed)")
+    recs = {r.id: r for r in ShardSet(str(out))}
+    assert sorted(recs) == ["a", "b"]
+    assert all(r.frames == audio.code_frames(int(round(r.duration * 24000))) for r in recs.values())
