@@ -100,10 +100,11 @@ def data_iterators(config, mesh):
 
 def run(config, workdir: str) -> int:
     from experiments import config_checks
+    from mimo_jax import paths
     from mimo_jax.train import rundir
 
     config_checks.check(config)  # before anything is built or written
-    workdir = rundir.resolve(workdir)
+    workdir = paths.resolve(workdir)
     lock = rundir.WorkdirLock(workdir)
     if jax.process_index() == 0:
         lock.acquire()
@@ -111,7 +112,8 @@ def run(config, workdir: str) -> int:
     try:
         if jax.process_index() == 0:
             rundir.remove_leftovers(workdir)
-            rundir.write_text(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
+            config_json = config.to_json_best_effort(indent=2) + "\n"
+            paths.write_whole(workdir / "config.json", config_json)
         return _run(config, workdir)
     finally:
         lock.release()

@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from experiments import train
+from mimo_jax import paths
 from mimo_jax.train import rundir
 from mimo_jax.train.metrics import MetricsWriter, cut_back
 from test_train_loop import ROOT, _train_cmd, demo_data, metrics, smoke, train_losses  # noqa: F401
@@ -36,22 +37,22 @@ def _write_lock(workdir: Path, **holder) -> None:
 
 def test_resolve_makes_local_paths_absolute_and_keeps_uris(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert str(rundir.resolve("runs/x")) == str(tmp_path / "runs" / "x")
-    assert str(rundir.resolve("gs://bucket/run")) == "gs://bucket/run"
-    assert not rundir.is_local("gs://bucket/run") and rundir.is_local(tmp_path)
+    assert str(paths.resolve("runs/x")) == str(tmp_path / "runs" / "x")
+    assert str(paths.resolve("gs://bucket/run")) == "gs://bucket/run"
+    assert not paths.is_local("gs://bucket/run") and paths.is_local(tmp_path)
 
 
 def test_lock_refuses_a_live_holder_naming_host_and_pid(tmp_path):
-    first = rundir.WorkdirLock(rundir.resolve(tmp_path))
+    first = rundir.WorkdirLock(paths.resolve(tmp_path))
     first.acquire()
     with pytest.raises(ValueError, match=f"in use by the run of pid {os.getpid()} on host "
                                          f"{socket.gethostname()}"):
-        rundir.WorkdirLock(rundir.resolve(tmp_path)).acquire()
+        rundir.WorkdirLock(paths.resolve(tmp_path)).acquire()
     first.release()
     assert not (tmp_path / rundir.LOCK_FILE).exists()
     _write_lock(tmp_path, host="another-host", pid=_dead_pid(), start=None)
     with pytest.raises(ValueError, match="on host another-host"):  # cannot tell if it is alive
-        rundir.WorkdirLock(rundir.resolve(tmp_path)).acquire()
+        rundir.WorkdirLock(paths.resolve(tmp_path)).acquire()
 
 
 @pytest.mark.parametrize("holder", ["dead", "reused pid"])
@@ -60,7 +61,7 @@ def test_stale_lock_on_this_host_is_taken_over(tmp_path, holder, capsys):
         _write_lock(tmp_path, host=socket.gethostname(), pid=_dead_pid(), start=None)
     else:  # our pid, but another process's start time: the holder is gone, its pid reused
         _write_lock(tmp_path, host=socket.gethostname(), pid=os.getpid(), start="1")
-    lock = rundir.WorkdirLock(rundir.resolve(tmp_path))
+    lock = rundir.WorkdirLock(paths.resolve(tmp_path))
     lock.acquire()
     assert json.loads((tmp_path / rundir.LOCK_FILE).read_text())["pid"] == os.getpid()
     assert "taking over the lock" in capsys.readouterr().out
@@ -73,7 +74,7 @@ def test_leftovers_of_interrupted_saves_and_exports_are_removed(tmp_path):
     (tmp_path / "checkpoints" / "6").mkdir()
     (tmp_path / rundir.EXPORT_TMP / "params").mkdir(parents=True)
     (tmp_path / "model").mkdir()
-    removed = rundir.remove_leftovers(rundir.resolve(tmp_path))
+    removed = rundir.remove_leftovers(paths.resolve(tmp_path))
     assert sorted(p.name for p in removed) == [rundir.EXPORT_TMP, tmp_save.name]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "model"]
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["6"]
@@ -83,12 +84,12 @@ def test_metrics_are_cut_back_to_the_restored_step(tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 7)]
     path.write_text("".join(lines) + '{"step": 7, "lo')  # killed mid-write
-    kept = cut_back(rundir.resolve(path), 4)
+    kept = cut_back(paths.resolve(path), 4)
     assert kept == lines[:4] and path.read_text() == "".join(lines[:4])
     assert "dropped 2 of later steps and a partial line" in capsys.readouterr().out
     path.write_text(lines[0] + '{"step": 2, "lo' + lines[2])  # a cut line joined to the next
-    assert cut_back(rundir.resolve(path), 4) == [lines[0]]
-    assert cut_back(rundir.resolve(tmp_path / "none.jsonl"), 4) == []
+    assert cut_back(paths.resolve(path), 4) == [lines[0]]
+    assert cut_back(paths.resolve(tmp_path / "none.jsonl"), 4) == []
 
 
 def test_metrics_writer_appends_after_the_cut_and_logs_the_config(tmp_path):

@@ -18,7 +18,7 @@ import time
 import jax
 from etils import epath
 
-from mimo_jax.train.rundir import is_local, write_text
+from mimo_jax.paths import is_local, write_whole
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -43,7 +43,7 @@ def cut_back(path: epath.Path, last_step: int) -> list[str]:
         else:
             later += 1
     if later or partial:
-        write_text(path, "".join(kept))
+        write_whole(path, "".join(kept))
         print(f"{path}: kept {len(kept)} records up to step {last_step}, dropped {later} of later "
               f"steps" + (" and a partial line" if partial else ""), flush=True)
     return kept
@@ -106,7 +106,7 @@ class MetricsWriter:
             self._upload()
 
     def _upload(self) -> None:
-        write_text(self._path, "".join(self._lines))
+        write_whole(self._path, "".join(self._lines))
         self._tb_dir.mkdir(parents=True, exist_ok=True)
         for event_file in self._tb_local.iterdir():
             (self._tb_dir / event_file.name).write_bytes(event_file.read_bytes())

@@ -13,19 +13,11 @@ import socket
 
 from etils import epath
 
+from mimo_jax.paths import is_local
+
 LOCK_FILE = "lock"
 ORBAX_TMP = "*.orbax-checkpoint-tmp*"  # Orbax's name for a step it has not finished writing
 EXPORT_TMP = ".model.partial"  # mimo_jax.checkpoint.save's directory before its rename
-
-
-def is_local(path) -> bool:
-    return "://" not in os.fspath(path)
-
-
-def resolve(workdir) -> epath.Path:
-    """An absolute path (Orbax refuses relative ones), URIs such as gs://bucket/run unchanged."""
-    workdir = os.fspath(workdir)
-    return epath.Path(os.path.abspath(workdir) if is_local(workdir) else workdir)
 
 
 def _start_time(pid: int) -> str | None:
@@ -116,14 +108,3 @@ def remove_leftovers(workdir: epath.Path) -> list[epath.Path]:
         print(f"removing {path} (left by an interrupted save)", flush=True)
         path.rmtree() if path.is_dir() else path.unlink()
     return found
-
-
-def write_text(path: epath.Path, text: str) -> None:
-    """Writes a file whole: locally through a temporary file and a rename, so a reader never sees
-    it half-written; an object store's upload is whole already."""
-    if not is_local(path):
-        path.write_text(text)
-        return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
