@@ -10,6 +10,8 @@ from SRC's config.json.
 import argparse
 import sys
 
+from mimo_jax import logs
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -19,7 +21,9 @@ def main(argv=None) -> int:
                         help="dtype of the written parameters (default: as stored in SRC)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    logs.add_flag(parser)
     args = parser.parse_args(argv)
+    logs.configure(args.log_level)
 
     from mimo_jax.conversion.convert import convert
     try:

@@ -9,7 +9,6 @@ for the official -> Orbax direction and back.
 """
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys

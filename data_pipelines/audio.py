@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import io
 
-from etils import epath
 import librosa
 import numpy as np
 import soundfile
+from etils import epath
 
 SAMPLE_RATE = 24000
 HOP = 240  # mel hop: 100 mel frames per second

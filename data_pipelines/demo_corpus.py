@@ -19,8 +19,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from etils import epath
 import soundfile
+from etils import epath
 
 from data_pipelines.espeak import ESpeak
 from data_pipelines.text_tokenizer import train_demo_tokenizer

@@ -20,9 +20,9 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 
-from absl import flags
 import grain
 import numpy as np
+from absl import flags
 
 from data_pipelines.config import DataConfig
 from data_pipelines.packing import ERROR_KEY, PackIterDataset

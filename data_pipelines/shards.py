@@ -31,9 +31,9 @@ import zlib
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from array_record.python import array_record_module
 from etils import epath
-import numpy as np
 
 from mimo_jax import paths
 

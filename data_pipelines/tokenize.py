@@ -31,14 +31,16 @@ import zlib
 from collections.abc import Sequence
 from typing import Any
 
-from etils import epath
 import numpy as np
 import tqdm
+from etils import epath
 
 from data_pipelines import audio as audio_io
 from data_pipelines import encoders
 from data_pipelines.shards import Record, ShardWriter, write_json_atomic, write_manifest
-from mimo_jax import paths
+from mimo_jax import logs, paths
+
+log = logging.getLogger(__name__)
 
 STANDARD_KEYS = ("audio", "id", "text", "speaker", "language", "task")
 ERRORS = "errors.jsonl"
@@ -290,6 +292,7 @@ def parse_args(argv):
     p.add_argument(
         "--distributed", action="store_true", help="call jax.distributed.initialize() first"
     )
+    logs.add_flag(p)
     return p.parse_args(argv)
 
 
@@ -307,7 +310,7 @@ def run(args, encode=None) -> int:
         crc = zlib.crc32(b"\n".join(lines[k * per : (k + 1) * per]))
         jobs.append(ShardJob(out, k, n, entries[k * per : (k + 1) * per], crc, args, encode))
     pending = [j for j in jobs if not j.done()]
-    logging.info(
+    log.info(
         "process %d/%d: %d shards, %d already done",
         index,
         count,
@@ -353,8 +356,9 @@ def run(args, encode=None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    return run(parse_args(argv))
+    args = parse_args(argv)
+    logs.configure(args.log_level)
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of the train step from abstract values (see experiments/aot.py)."""
 import dataclasses
-import time
 import resource
+import time
 
 import jax
 import jax.numpy as jnp

@@ -44,6 +44,8 @@ def _ids(config, rng, groups: int, speech) -> np.ndarray:
 
 
 def write_lm(dst: Path, seed: int = 0) -> None:
+    from test_lm_floor_heads import randomize
+
     import convert_torch_weights
     from mimo_jax import checkpoint
     from mimo_jax.inference.generate import GenerationConfig, generate
@@ -51,7 +53,6 @@ def write_lm(dst: Path, seed: int = 0) -> None:
     from mimo_jax.lm.config import small_config
     from mimo_jax.lm.layout import from_official, to_official
     from mimo_jax.lm.model import MiMoAudioLM
-    from test_lm_floor_heads import randomize
 
     config = small_config(**VARIANT)
     model = randomize(MiMoAudioLM(config, rngs=nnx.Rngs(seed)), seed)

@@ -4,6 +4,7 @@ import pickle
 
 import numpy as np
 import pytest
+import tokenizers
 
 from data_pipelines.config import STAGE1_LOSS_WEIGHTS, DataConfig
 from data_pipelines.packing import example_from_document
@@ -16,7 +17,6 @@ from data_pipelines.text_tokenizer import (
     train_demo_tokenizer,
     word_level_tokenizer,
 )
-import tokenizers
 
 WORDS = [f"w{i}" for i in range(1, 21)]
 TOK = word_level_tokenizer(WORDS)

@@ -2,9 +2,9 @@
 
 import json
 
-from array_record.python import array_record_module
 import numpy as np
 import pytest
+from array_record.python import array_record_module
 
 from data_pipelines import shards
 from data_pipelines.shards import Record, RecordError, ShardSet, decode_record, encode_record

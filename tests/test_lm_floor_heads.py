@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from qwen2_reference import qwen2_stack
 from safetensors.numpy import load_file
 
 import convert_torch_weights
@@ -14,7 +15,6 @@ from mimo_jax import checkpoint
 from mimo_jax.inference.generate import GenerationConfig, generate
 from mimo_jax.lm.config import small_config
 from mimo_jax.lm.model import MiMoAudioLM
-from qwen2_reference import qwen2_stack
 
 # (patch encoder width, patch decoder width, local heads): 40 // 6 = 6 and 28 // 6 = 4;
 # 44 // 5 = 8 and 24 // 5 = 4. None of the widths is a multiple of its head count.

@@ -129,6 +129,7 @@ BF16_RMS, BF16_MAX = 0.04, 0.06
 
 def test_bfloat16_compute_stays_within_its_bound(lm, ref):
     from flax import nnx
+
     from mimo_jax.lm.model import MiMoAudioLM
     config, model = lm
     graphdef = nnx.split(MiMoAudioLM(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))[0]

@@ -84,14 +84,22 @@ def demo_data(workspace, fixtures_root) -> Path:
     """The README's Data block, run as written from the workspace (CKPT: the fixture tokenizer)."""
     for line in (c for b in blocks("bash", "Data") for c in commands(b)):
         if line.startswith("python -m data_pipelines."):
-            _run(line.replace("CKPT", str(fixtures_root / "tokenizer")).split(), workspace)
+            out = _run(line.replace("CKPT", str(fixtures_root / "tokenizer")).split(), workspace)
+            assert_quiet(out)
     return workspace / "data" / "demo"
+
+
+def assert_quiet(out) -> None:
+    """No INFO lines of the libraries (absl's `I1129 ...`, logging's `INFO absl: ...`)."""
+    noisy = re.findall(r"^(?:[IDV]\d{4} .*|(?:INFO|DEBUG) (?!data_pipelines|experiments|mimo_jax"
+                       r"|__main__).*)$", out.stdout + out.stderr, re.M)
+    assert noisy == [], noisy[:5]
 
 
 def test_data_commands(workspace, demo_data):
     manifest = json.loads((demo_data / "shards" / "manifest.json").read_text())
     assert sum(s["records"] for s in manifest["shards"]) == 16
-    _run(readme_command("Data", "python -m experiments.train"), workspace)
+    assert_quiet(_run(readme_command("Data", "python -m experiments.train"), workspace))
     assert (workspace / "runs" / "mine" / "model" / "config.json").is_file()
 
 

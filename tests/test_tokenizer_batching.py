@@ -4,12 +4,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tokenizer_support import (
+    assert_codes_match,
+    clip_codes,
+    fixture_model,
+    reference,
+    tokenizer,
+)
 
 from mimo_jax.nn.conv import ConvTranspose1d
 from mimo_jax.tokenizer.frontend import periodic_hann
 from mimo_jax.tokenizer.vocoder import istft_same
-from tokenizer_support import (assert_codes_match, clip_codes, fixture_model, padded, reference,
-                               tokenizer)
 
 
 def _long_clip():
@@ -116,8 +121,12 @@ def test_bfloat16_compute_tracks_float32():
 
 
 def test_blocked_attention_paths_equal_the_full_mask():
-    from mimo_jax.nn.attention import (MaskSpec, attention_mask, blocked_attention,
-                                       dot_product_attention)
+    from mimo_jax.nn.attention import (
+        MaskSpec,
+        attention_mask,
+        blocked_attention,
+        dot_product_attention,
+    )
     from mimo_jax.tokenizer.transformer import _windowed_attention
     rng = np.random.default_rng(2)
     q, k, v = (jnp.asarray(rng.normal(size=(2, 45, 3, 8)).astype(np.float32)) for _ in range(3))

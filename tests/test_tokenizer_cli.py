@@ -7,11 +7,11 @@ import librosa
 import numpy as np
 import pytest
 import soundfile as sf
-
 from espeak_speech import synthesize
+from tokenizer_support import CHECKPOINT, fixture_model, tokenizer
+
 from mimo_jax.tokenizer.__main__ import main
 from mimo_jax.tokenizer.audio_io import read_audio
-from tokenizer_support import CHECKPOINT, fixture_model, tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,14 @@ stage from its own reference input, then end to end, in padded batches of both c
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from tokenizer_support import (assert_codes_match, clip_codes, fixture_model, padded, reference,
-                               tokenizer)
+from tokenizer_support import (
+    assert_codes_match,
+    clip_codes,
+    fixture_model,
+    padded,
+    reference,
+    tokenizer,
+)
 
 
 def _mels():

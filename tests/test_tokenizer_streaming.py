@@ -1,9 +1,9 @@
 """Streaming decode: chunk by chunk with left/right context, joined into the one-shot waveform."""
 import numpy as np
 import pytest
+from tokenizer_support import clip_codes, reference, tokenizer
 
 from mimo_jax.tokenizer.streaming import StreamingDecoder
-from tokenizer_support import clip_codes, reference, tokenizer
 
 
 def _stream(decoder, clips, chunk):

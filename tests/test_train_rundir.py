@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from test_train_loop import ROOT, _train_cmd, demo_data, metrics, smoke, train_losses  # noqa: F401
 
 from experiments import train
 from mimo_jax import paths
 from mimo_jax.train import rundir
 from mimo_jax.train.metrics import MetricsWriter, cut_back
-from test_train_loop import ROOT, _train_cmd, demo_data, metrics, smoke, train_losses  # noqa: F401
 
 
 def _dead_pid() -> int:

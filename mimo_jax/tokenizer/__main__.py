@@ -16,6 +16,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
+from mimo_jax import logs
 from mimo_jax.tokenizer.api import Tokenizer
 from mimo_jax.tokenizer.audio_io import InputError, read_audio, read_codes, write_audio
 
@@ -132,7 +133,10 @@ def decode(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    logs.add_flag(parser)
+    args = parser.parse_args(argv)
+    logs.configure(args.log_level)
     try:
         return encode(args) if args.command == "encode" else decode(args)
     except (FileNotFoundError, ValueError) as e:  # checkpoint problems

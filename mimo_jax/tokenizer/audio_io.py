@@ -11,7 +11,6 @@ import librosa
 import numpy as np
 import soundfile as sf
 
-
 # libsndfile's log of a WAV/AIFF whose data chunk is cut short: "data : 96000 (should be 47978)".
 _TRUNCATED = re.compile(r"^\s*(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
 

@@ -10,8 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mimo_jax.nn.attention import (MaskSpec, attention_mask, blocked_attention,
-                                   dot_product_attention)
+from mimo_jax.nn.attention import MaskSpec, attention_mask, blocked_attention, dot_product_attention
 from mimo_jax.nn.layers import Dense, LayerNorm
 from mimo_jax.nn.rope import apply_rope, inv_frequencies, rope_tables
 
