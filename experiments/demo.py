@@ -64,7 +64,7 @@ def tokenize(data: Path, tokenizer: Path) -> None:
 
 def losses(workdir: Path) -> list[float]:
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(l)["loss"] for l in lines if '"loss"' in l]
+    return [json.loads(line)["loss"] for line in lines if '"loss"' in line]
 
 
 def run_stage(name: str, data: Path, workdir: Path, smoke: bool, init: Path | None) -> None:

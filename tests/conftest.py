@@ -13,6 +13,20 @@ FIXTURES = Path(os.environ.get("MIMO_FIXTURES", Path(__file__).parent / "fixture
 
 
 @pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """The demo's data directory (a small eSpeak NG corpus tokenized by a random audio tokenizer,
+    tokenizer.json, shards/), made once per session."""
+    from experiments import demo
+
+    root = tmp_path_factory.mktemp("demo")
+    data = root / "data"
+    demo.build_corpus(data, 3)
+    demo.random_tokenizer(root / "audio_tokenizer")
+    demo.tokenize(data, root / "audio_tokenizer")
+    return data
+
+
+@pytest.fixture(scope="session")
 def fixtures_root() -> Path:
     if not FIXTURES.is_dir():
         raise FileNotFoundError(f"MIMO_FIXTURES={FIXTURES} is not a directory")

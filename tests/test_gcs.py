@@ -133,17 +133,6 @@ def _train_cmd(data, workdir, *extra):
             "--config.checkpoint.async_save=False", *extra]
 
 
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    from experiments import demo
-
-    root = tmp_path_factory.mktemp("demo")
-    demo.build_corpus(root / "data", 3)
-    demo.random_tokenizer(root / "audio_tokenizer")
-    demo.tokenize(root / "data", root / "audio_tokenizer")
-    return root / "data"
-
-
 @pytest.mark.skipif(
     os.environ.get("MIMO_GCS_TRAIN") != "1",
     reason="set MIMO_GCS_TRAIN=1: over 11 minutes on the 2-core machine (every array of the train "

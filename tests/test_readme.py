@@ -80,7 +80,7 @@ def workspace(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def demo_data(workspace, fixtures_root) -> Path:
+def readme_data(workspace, fixtures_root) -> Path:
     """The README's Data block, run as written from the workspace (CKPT: the fixture tokenizer)."""
     for line in (c for b in blocks("bash", "Data") for c in commands(b)):
         if line.startswith("python -m data_pipelines."):
@@ -96,14 +96,14 @@ def assert_quiet(out) -> None:
     assert noisy == [], noisy[:5]
 
 
-def test_data_commands(workspace, demo_data):
-    manifest = json.loads((demo_data / "shards" / "manifest.json").read_text())
+def test_data_commands(workspace, readme_data):
+    manifest = json.loads((readme_data / "shards" / "manifest.json").read_text())
     assert sum(s["records"] for s in manifest["shards"]) == 16
     assert_quiet(_run(readme_command("Data", "python -m experiments.train"), workspace))
     assert (workspace / "runs" / "mine" / "model" / "config.json").is_file()
 
 
-def test_training_command(workspace, demo_data):
+def test_training_command(workspace, readme_data):
     """The 7B stage-2 command on a converted checkpoint (a tiny random one with the demo
     tokenizer's ids) and the demo shards, resized to the CPU by overrides appended at the end."""
     from flax import nnx
@@ -117,7 +117,7 @@ def test_training_command(workspace, demo_data):
     ckpt = workspace / "ckpt" / "mimo-7b"
     checkpoint.save(MiMoAudioLM(MiMoAudioConfig.from_hf(hf), rngs=nnx.Rngs(0)), hf, ckpt)
     (workspace / "MiMo-Audio-7B-Base").mkdir()
-    (workspace / "MiMo-Audio-7B-Base" / "tokenizer.json").symlink_to(demo_data / "tokenizer.json")
+    (workspace / "MiMo-Audio-7B-Base" / "tokenizer.json").symlink_to(readme_data / "tokenizer.json")
     command = readme_command("Training", "python -m experiments.train")
     command = [a.replace("gs://bucket/run", "runs/stage2").replace("data/shards", "data/demo/shards")
                for a in command]

@@ -113,7 +113,7 @@ def test_bfloat16_compute_tracks_float32():
                                                    rngs=nnx.Rngs(0)))[:1], nnx.state(model))
     codes = jnp.asarray(clip_codes(0)[None, :, :8])
     lengths = jnp.asarray([codes.shape[1]])
-    wav16 = np.asarray(jax.jit(lambda c, l: bf16.decode(c, l)[0])(codes, lengths))[0]
+    wav16 = np.asarray(jax.jit(lambda c, n: bf16.decode(c, n)[0])(codes, lengths))[0]
     want = reference()["decoded_8"]
     assert wav16.dtype == np.float32
     snr = 10 * np.log10(np.sum(want ** 2) / np.sum((wav16 - want) ** 2))

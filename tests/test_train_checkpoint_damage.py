@@ -145,7 +145,7 @@ def test_damaged_newest_step_is_set_aside_and_the_one_before_restored(tmp_path, 
     assert it.get_state() == saved[2]
     assert not (tmp_path / "checkpoints" / "3").exists()
     assert (tmp_path / "checkpoints_damaged" / "3" / "state").is_dir()  # moved, not deleted
-    line = [l for l in capsys.readouterr().out.splitlines() if "step 3 is damaged" in l]
+    line = [x for x in capsys.readouterr().out.splitlines() if "step 3 is damaged" in x]
     assert len(line) == 1 and problem in line[0] and "resuming from step 2" in line[0], line
 
 

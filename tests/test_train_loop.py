@@ -10,20 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from experiments import demo, train
+from experiments import train
 from experiments.configs import demo as demo_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def demo_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    data = root / "data"
-    demo.build_corpus(data, 3)
-    demo.random_tokenizer(root / "audio_tokenizer")
-    demo.tokenize(data, root / "audio_tokenizer")
-    return data
 
 
 def smoke(data, stage="stage2", **overrides):
@@ -41,7 +31,7 @@ def smoke(data, stage="stage2", **overrides):
 
 
 def metrics(workdir) -> list[dict]:
-    return [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def train_losses(workdir) -> dict[int, float]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from test_train_loop import ROOT, _train_cmd, demo_data, metrics, smoke, train_losses  # noqa: F401
+from test_train_loop import ROOT, _train_cmd, metrics, smoke, train_losses
 
 from experiments import train
 from mimo_jax import paths
@@ -99,7 +99,7 @@ def test_metrics_writer_appends_after_the_cut_and_logs_the_config(tmp_path):
                            hparams={"total_steps": 10, "optimizer.b1": 0.9, "mesh.rules": "data"})
     writer.write(3, {"loss": 0.5})
     writer.close()
-    assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2, 3]
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
     events = b"".join(p.read_bytes() for p in (tmp_path / "tensorboard").iterdir())
     assert b'{"total_steps": 10}' in events and b"optimizer.b1" in events
 
@@ -171,7 +171,7 @@ def test_relative_workdir_resumes_past_a_damaged_newest_checkpoint(demo_data, tm
     (workdir / rundir.EXPORT_TMP).mkdir()
     out = _resume(demo_data, Path("runs") / "x", "--config.total_steps=6",
                   "--config.checkpoint_every=2", "--config.checkpoint.keep=3").stdout
-    line = next(l for l in out.splitlines() if "checkpoint step 6 is damaged" in l)
+    line = next(x for x in out.splitlines() if "checkpoint step 6 is damaged" in x)
     assert "1 arrays differ from their saved checksums: " in line, line
     assert "resuming from step 4" in line and all(name in line for name in damaged)
     assert (workdir / "checkpoints_damaged" / "6" / "state").is_dir()
