@@ -5,12 +5,12 @@ import dataclasses
 
 import numpy as np
 import pytest
+from tasks_support import TasksFixture, fixture_lm
 
-from mimo_jax.inference.tasks import MimoAudio, TASK_SAMPLERS
+from mimo_jax.inference.tasks import TASK_SAMPLERS, MimoAudio
 from mimo_jax.lm.layout import to_official
 from mimo_jax.tasks import outputs
 from mimo_jax.tokenizer.api import Tokenizer
-from tasks_support import TasksFixture, fixture_lm
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +65,11 @@ def test_mixed_batch_equals_each_request_alone(fx, mimo):
     opts = {"greedy": True, "min_new_groups": 2, "max_new_groups": 6}
     q1, q2 = fx.wavs["q1"], fx.wavs["q2"]
     batch = [
-        {"task": "tts", "input": "Good night, sleep well.", "template": "Read this content out loud"},
+        {"task": "tts", "input": "Good night, sleep well.",
+         "template": "Read this content out loud"},
         {"task": "asr", "input": q1, "template": "Transcribe this voice recording"},
         {"task": "tts", "input": "今天天气很好，我们去海边散步吧。", "template": "请朗读这段内容"},
         {"task": "asr", "input": q2, "template": "Transcribe this voice recording"},
-        {"task": "text_dialogue", "input": "Hi, who are you?"},
     ]
     batch = [{**r, **opts} for r in batch]
     together = mimo.run(batch)

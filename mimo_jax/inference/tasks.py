@@ -32,6 +32,7 @@ from mimo_jax.tasks.text_tokenizer import TextTokenizer
 from mimo_jax.tokenizer.audio_io import InputError
 
 MAX_GROUPS = 8192  # the official GenerationConfig's max_length: prompt and generation together
+WIDTH_QUANTUM = 32  # prompt batches are left-padded to a multiple of this: fewer compilations
 _LOCAL = SamplerConfig(do_sample=True, temperature=0.9, top_p=0.95)
 # SPEC §1.9: (text sampler, patch sampler) per official task name; others use "default".
 TASK_SAMPLERS = {
@@ -237,7 +238,8 @@ class MimoAudio:
 
     def _generate(self, key, jobs: list[_Job], results: list[Result]):
         stops, (text_s, patch_s), min_new, max_new, seed = key
-        width = max(j.prompt.groups for j in jobs)
+        longest = max(j.prompt.groups for j in jobs)
+        width = min(-(-longest // WIDTH_QUANTUM) * WIDTH_QUANTUM, max(longest, MAX_GROUPS - 1))
         c = self.config
         text = np.full((len(jobs), width), self.tok.pad_id, np.int32)
         codes = np.broadcast_to(empty_patch(c.speech_empty_ids, c.group_size),
