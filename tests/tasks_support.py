@@ -107,3 +107,19 @@ def fixture_lm(fx: TasksFixture):
     config = config.replace(input_full_attention=False)
     abstract = nnx.eval_shape(lambda: MiMoAudioLM(config, rngs=nnx.Rngs(0)))
     return config, nnx.merge(nnx.graphdef(abstract), nnx.state(model))
+
+
+def causal_lm_dir(fx: TasksFixture, directory):
+    """An official-format copy of the tasks/ LM whose config names the causal patch encoder its
+    generations were made with (see `fixture_lm`); the weights are linked, not copied."""
+    import os
+
+    src = fx.dir / fx.meta["lm"]
+    directory.mkdir(parents=True, exist_ok=True)
+    config = json.loads((src / "config.json").read_text())
+    config["input_full_attention"] = False
+    (directory / "config.json").write_text(json.dumps(config))
+    for f in src.iterdir():
+        if f.name != "config.json":
+            os.symlink(f.resolve(), directory / f.name)
+    return directory

@@ -104,8 +104,10 @@ def check_special_ids(config, tok: TextTokenizer, source: str = "the LM checkpoi
 class MimoAudio:
     """The LM, the audio tokenizer and the text tokenizer, with a method per task."""
 
-    def __init__(self, config, model, audio_tokenizer, text_tokenizer: TextTokenizer):
+    def __init__(self, config, model, audio_tokenizer, text_tokenizer: TextTokenizer, *,
+                 context_groups: int = MAX_GROUPS):
         check_special_ids(config, text_tokenizer)
+        self.context_groups = context_groups  # prompt and generation together, in groups
         self.config, self.model = config, model
         self.tok = text_tokenizer
         self.audio = AudioFrontEnd(audio_tokenizer, config.group_size, config.audio_channels)
@@ -113,14 +115,14 @@ class MimoAudio:
 
     @classmethod
     def load(cls, lm: str | Path, audio_tokenizer: str | Path, text_tokenizer: str | Path, *,
-             dtype=None) -> "MimoAudio":
+             dtype=None, **options) -> "MimoAudio":
         """From checkpoint directories (official or converted) and a tokenizer.json (or the
         directory holding it)."""
         from mimo_jax.tokenizer.api import Tokenizer
 
         config, model = load_lm(lm, dtype)
         return cls(config, model, Tokenizer.load(str(audio_tokenizer)),
-                   TextTokenizer.from_file(str(text_tokenizer)))
+                   TextTokenizer.from_file(str(text_tokenizer)), **options)
 
     # ---- one method per task -------------------------------------------------------------------
     def asr(self, reqs, **kw) -> list[Result]:
@@ -151,9 +153,11 @@ class MimoAudio:
     def run(self, reqs, *, task: str | None = None, history=None,
             text_sampler: SamplerConfig | None = None,
             patch_sampler: SamplerConfig | None = None, batch_size: int | None = None,
-            raise_errors: bool = True) -> list[Result]:
+            raise_errors: bool = True, progress=None) -> list[Result]:
         """Results in the order of `reqs`. `history`: one previous Result (or None) per request.
-        With `raise_errors=False` a bad request gets its `error` and the others still run."""
+        With `raise_errors=False` a bad request gets its `error` and the others still run.
+        Requests are sorted by prompt length into batches of `batch_size` (default: one batch
+        per sampler setting); `progress(n)` is called after each batch of n requests."""
         reqs = [r if isinstance(r, dict) else {"input": r} for r in reqs]
         if task is not None:
             reqs = [{**r, "task": task} for r in reqs]
@@ -175,6 +179,8 @@ class MimoAudio:
             step = batch_size or len(members)
             for s in range(0, len(members), step):
                 self._generate(key, members[s:s + step], results)
+                if progress is not None:
+                    progress(len(members[s:s + step]))
         self._decode([r for r in results if r.speech is not None])
         return results
 
@@ -195,6 +201,11 @@ class MimoAudio:
             except InputError as e:
                 self._fail(results[i], e, raise_errors)
                 continue
+            try:
+                self._check_length(r, self._groups_before_encoding(segs, mine, hist))
+            except RequestError as e:
+                self._fail(results[i], e, raise_errors)
+                continue
             ready.append((i, r, spec, segs, hist, len(wavs), len(mine)))
             wavs += mine
         codes = self.audio.codes(wavs)
@@ -206,22 +217,27 @@ class MimoAudio:
                                        self.config.group_size, self.config.speech_empty_ids)
             if hist is not None:
                 prompt = hist.sequence + prompt
-            try:
-                self._check_length(r, prompt)
-            except RequestError as e:
-                self._fail(results[i], e, raise_errors)
-                continue
             seed = r.get("seed")
             out.append(_Job(i, r, spec, prompt, call_seed if seed is None else int(seed)))
         return out
 
-    def _check_length(self, request, prompt):
-        room = MAX_GROUPS - prompt.groups
-        need = max(1, int(request.get("min_new_groups", 0) or 0))
+    def _groups_before_encoding(self, segs, wavs, hist) -> int:
+        """The prompt's length in groups, its audio counted from the waveforms' lengths (so that
+        an over-long prompt is refused before its audio is encoded)."""
+        c, tc = self.config, self.audio.tokenizer.config
+        frames = [tc.code_frames(tc.mel_frames(w.size)) for w in wavs]
+        audio_groups = sum(-(-f // c.group_size) + 2 for f in frames)
+        text_groups = sum(len(self.tok.encode(s.text)) for s in segs
+                          if isinstance(s, segments.Text))
+        return text_groups + audio_groups + (hist.sequence.groups if hist else 0)
+
+    def _check_length(self, request, groups: int):
+        room = self.context_groups - groups
+        need = max(1, request.get("min_new_groups") or 0)
         if room < need:
-            raise RequestError(f"request {request.get('id', '')}: the prompt has {prompt.groups} "
+            raise RequestError(f"request {request.get('id', '')}: the prompt has about {groups} "
                                f"groups (voice prompt and inputs included), which leaves no room "
-                               f"for {need} new groups in the context of {MAX_GROUPS}")
+                               f"for {need} new groups in the context of {self.context_groups}")
 
     def _samplers(self, job: _Job, text_sampler, patch_sampler):
         if job.request.get("greedy"):
@@ -239,7 +255,9 @@ class MimoAudio:
     def _generate(self, key, jobs: list[_Job], results: list[Result]):
         stops, (text_s, patch_s), min_new, max_new, seed = key
         longest = max(j.prompt.groups for j in jobs)
-        width = min(-(-longest // WIDTH_QUANTUM) * WIDTH_QUANTUM, max(longest, MAX_GROUPS - 1))
+        width = -(-longest // WIDTH_QUANTUM) * WIDTH_QUANTUM
+        if width + (1 if max_new is None else int(max_new)) > self.context_groups:
+            width = longest  # padding must not take the room of the generation
         c = self.config
         text = np.full((len(jobs), width), self.tok.pad_id, np.int32)
         codes = np.broadcast_to(empty_patch(c.speech_empty_ids, c.group_size),
@@ -247,7 +265,8 @@ class MimoAudio:
         for row, j in enumerate(jobs):
             text[row, width - j.prompt.groups:] = j.prompt.text
             codes[row, width - j.prompt.groups:] = j.prompt.codes
-        max_length = MAX_GROUPS if max_new is None else min(MAX_GROUPS, width + int(max_new))
+        limit = self.context_groups
+        max_length = limit if max_new is None else min(limit, width + int(max_new))
         gen = generate(self.model, text, codes, GenerationConfig(
             max_length=max_length, min_length=width + min_new, stop_ids=stops,
             text_sampler=text_s, patch_sampler=patch_s),

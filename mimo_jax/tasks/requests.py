@@ -68,7 +68,25 @@ def task_of(request: dict) -> TaskSpec:
     if unknown:
         raise RequestError(f"task {name}: unknown field {unknown[0]!r} (expected "
                            f"{', '.join(spec.fields + OPTIONS)})")
+    for key, kind in _TYPES.items():
+        value = request.get(key)
+        if value is not None and not _is(value, kind):
+            raise RequestError(f"{key}: {value!r} is not {_KIND_NAMES[kind]}")
     return spec
+
+
+_TYPES = {"min_new_groups": "count", "max_new_groups": "positive", "seed": "count",
+          "greedy": bool, "thinking": bool, "read_text_only": bool, "template": str,
+          "system_prompt": str, "instruction": str, "input_text": str}
+_KIND_NAMES = {"count": "an integer >= 0", "positive": "an integer >= 1", bool: "true or false",
+               str: "a text"}
+
+
+def _is(value, kind) -> bool:
+    if kind in ("count", "positive"):
+        return (isinstance(value, int) and not isinstance(value, bool)
+                and value >= (kind == "positive"))
+    return isinstance(value, kind)
 
 
 def _text(request, key, name="text") -> str:
