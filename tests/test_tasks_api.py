@@ -111,3 +111,16 @@ def test_checkpoint_whose_special_ids_disagree_is_refused(fx, mimo):
                                  eot_idx=mimo.config.eot_idx + 1)
     with pytest.raises(ValueError, match=r"sostm_idx=.*<\|sostm\|>.*eot_idx=.*<\|eot\|>"):
         MimoAudio(config, mimo.model, mimo.audio.tokenizer, fx.tok)
+
+
+def test_continue_speech_extends_the_given_audio(fx, mimo):
+    [r] = mimo.continue_speech([{"input": fx.wavs["q1"], "greedy": True, "max_new_groups": 4}])
+    prompt = r.sequence.text[:r.prompt_groups]
+    assert prompt[0] == fx.tok.sosp_id and fx.tok.eosp_id not in prompt.tolist()
+    assert (prompt[1:] == fx.tok.empty_id).all()
+    new = r.sequence.text[r.prompt_groups:].tolist()
+    frames = sum(fx.group_size for t in new[:-1] if t == fx.tok.empty_id)
+    end = new.index(fx.tok.eosp_id) if fx.tok.eosp_id in new else len(new) - 1
+    assert r.speech.shape[0] == fx.group_size * new[:end].count(fx.tok.empty_id) <= frames
+    per_frame = mimo.audio.tokenizer.config.samples_per_code
+    assert r.wav.shape[0] == (r.speech.shape[0] * per_frame or mimo.audio.rate)

@@ -86,3 +86,22 @@ def test_input_ids_layout():
     assert (ids[0].reshape(-1, 4)[:, 1:] == -100).all()
     np.testing.assert_array_equal(ids[1:, 8:16].T, patches.reshape(8, 8))
     np.testing.assert_array_equal(ids[1:, :4].T, np.tile(CFG.empty_ids, (4, 1)))
+
+
+def test_pretraining_few_shot_and_audio_qa_layouts():
+    speech = np.zeros((1, 4, 8), np.int64)
+    out = {"text": "w3", "audio": speech}
+    # every item speech: <Spe>:, inputs as audio segments, speech outputs as streams
+    segs = prompts.few_shot([(speech, out)], speech, speech_output=True)
+    assert [type(s).__name__ for s in segs] == ["Text", "Audio", "Text", "Stream", "Text",
+                                                "Audio", "Text", "Text"]
+    assert segs[0].text == prompts.SPEECH_ONLY and segs[-1].text == prompts.STREAM_OPEN
+    # speech and text mixed: [Int]:, no stream opener for a text answer
+    segs = prompts.few_shot([(speech, "w1")], speech, speech_output=False)
+    assert segs[0].text == prompts.INSTRUCTION and segs[-1].text == "\n"
+    qa = _assemble(prompts.audio_qa(speech, "w2"))
+    assert qa.text[0] == TOK.encode(prompts.INSTRUCTION)[0] and TOK.sosp_id in qa.text
+    assert W2 in qa.text.tolist()
+
+
+W2 = TOK.tokenizer.token_to_id("w2")
