@@ -62,7 +62,9 @@ def test_every_command_is_run_somewhere():
 
 def _run(args, cwd, timeout=600):
     # As on a user's CPU machine: one device, not the suite's eight simulated ones.
-    flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    # (Every occurrence: under pytest-xdist the workers' conftest appends the flag once more.)
+    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                     if not f.startswith("--xla_force_host_platform_device_count"))
     env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=flags)
     out = subprocess.run([sys.executable if a == "python" else a for a in args], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=timeout)
