@@ -8,10 +8,9 @@ A document is a list of groups (LLM positions). Per group g of a document of L g
 `packing.pack_rows` / `packing.add_targets` turn documents into the model's training examples
 (field names and meaning are documented in `data_pipelines.packing`).
 
-Audio follows SPEC §2.2/2.3: codes are padded to a multiple of `group_size` by repeating the last
-frame; an audio segment is `<|sosp|>`, one `<|empty|>` group per patch, `<|eosp|>`; a streaming
-segment is the fixed 5:5 text-guided interleave `<|sostm|>` 5 text, 5 patches, ..., last text +
-`<|eot|>`, remaining patches (or remaining text), `<|eostm|>`.
+The prompt part of every task comes from the inference prompt builders (`mimo_jax.tasks.prompts`),
+segments as `mimo_jax.tasks.segments` defines them (SPEC §2.2/2.3), so that a model is trained on
+the text it is prompted with.
 
 Tasks (`TASKS`): `continuation` (speech only), `interleave` (5:5 stream), `asr`, `tts`, `caption`,
 `instruct_tts`, `text`. Prompt templates are picked deterministically from the record id.
@@ -24,28 +23,17 @@ from collections.abc import Callable
 
 import numpy as np
 
-from data_pipelines import prompts
 from data_pipelines.config import DataConfig
 from data_pipelines.shards import Record
 from data_pipelines.text_tokenizer import TextTokenizer
+from mimo_jax.tasks import prompts, templates
+from mimo_jax.tasks.segments import Audio, Stream, Text, patchify, stream_groups
 
-TEXT_CHUNK = 5  # text tokens per interleave chunk
-AUDIO_CHUNK = 5  # patches per interleave chunk
+__all__ = ["DocumentError", "SequenceBuilder", "TASKS", "delay_patch", "patchify"]
 
 
 class DocumentError(ValueError):
     """A record that cannot become a document of its task; names the record and the reason."""
-
-
-def patchify(frames: np.ndarray, group_size: int, channels: int) -> np.ndarray:
-    """`[T, >=channels]` codes -> `[ceil(T / group_size), group_size, channels]`, the last patch
-    completed by repeating the last frame (as the official front end does)."""
-    frames = np.asarray(frames)[:, :channels]
-    t = frames.shape[0]
-    pad = -t % group_size
-    if pad:
-        frames = np.concatenate([frames, np.repeat(frames[-1:], pad, axis=0)])
-    return frames.reshape(-1, group_size, channels)
 
 
 class _Doc:
@@ -124,30 +112,22 @@ class SequenceBuilder:
             raise DocumentError(f"record {rec.id}: task needs audio codes, the record has none")
         return patchify(rec.codes, self.cfg.group_size, self.cfg.audio_channels)
 
-    def _audio(self, doc: _Doc, patches: np.ndarray, target: bool):
-        doc.add_text([self.tok.sosp_id], target)
-        doc.add_patches(patches, 0, len(patches), self.tok.empty_id, target)
-        doc.add_text([self.tok.eosp_id], target)
+    def _add(self, doc: _Doc, segments, target: bool):
+        """Prompt segments (mimo_jax.tasks.segments) as groups of the document."""
+        for seg in segments:
+            if isinstance(seg, Text):
+                doc.add_text(self._ids(seg.text), target)
+            elif isinstance(seg, Audio):
+                doc.add_text([self.tok.sosp_id] * seg.open, target)
+                doc.add_patches(seg.patches, 0, len(seg.patches), self.tok.empty_id, target)
+                doc.add_text([self.tok.eosp_id] * seg.close, target)
+            else:
+                self._stream(doc, seg.text, seg.patches, target)
 
     def _stream(self, doc: _Doc, text: str, patches: np.ndarray, target: bool):
         """SPEC §2.2 streaming segment: the fixed 5:5 text-guided interleave."""
-        ids = self.tok.encode(text) + [
-            self.tok.eot_id
-        ]  # <|eot|> joins the last chunk (it may have 6)
-        t, p = len(ids), len(patches)
-        nt, na = max(1, -(-(t - 1) // TEXT_CHUNK)), -(-p // AUDIO_CHUNK)
-        k = max(nt, na)
-        lengths = np.zeros((k, 2), np.int64)  # per round: text tokens, then patches
-        lengths[:nt, 0] = TEXT_CHUNK
-        lengths[nt - 1, 0] = t - TEXT_CHUNK * (nt - 1)
-        if na:
-            lengths[:na, 1] = AUDIO_CHUNK
-            lengths[na - 1, 1] = p - AUDIO_CHUNK * (na - 1)
-        is_patch = np.repeat(np.tile([False, True], k), lengths.reshape(-1))
-        text_out = np.full(t + p, self.tok.empty_id, np.int32)
-        text_out[~is_patch] = ids
-        rows = np.full(t + p, -1, np.int64)
-        rows[is_patch] = np.arange(p)
+        ids = self.tok.encode(text) + [self.tok.eot_id]  # <|eot|> joins the last chunk
+        text_out, rows = stream_groups(ids, len(patches), self.tok.empty_id)
         doc.add_text([self.tok.sostm_id], target)
         doc.add_groups(text_out, rows, patches, target)
         doc.add_text([self.tok.eostm_id], target)
@@ -157,13 +137,14 @@ class SequenceBuilder:
 
     # ---- tasks ----------------------------------------------------------------------------------
     def continuation(self, rec: Record, doc: _Doc):
-        self._audio(doc, self._patches(rec), True)
+        self._add(doc, [Audio(self._patches(rec))], True)
 
     def interleave(self, rec: Record, doc: _Doc):
-        self._stream(doc, rec.text, self._patches(rec), True)
+        self._add(doc, [Stream(rec.text, self._patches(rec))], True)
 
     def asr(self, rec: Record, doc: _Doc):
-        self._understanding(rec, doc, self._pick(rec, prompts.ASR_TEMPLATES), rec.text)
+        self._answer(rec, doc, prompts.asr(self._patches(rec),
+                                           self._pick(rec, templates.ASR_TEMPLATES)), rec.text)
 
     def caption(self, rec: Record, doc: _Doc):
         caption = rec.text if rec.task == "caption" else rec.meta.get("caption")
@@ -172,32 +153,24 @@ class SequenceBuilder:
                 f"record {rec.id}: task caption needs a caption (record text of a "
                 f"caption record, or meta.caption)"
             )
-        self._understanding(rec, doc, self._pick(rec, prompts.CAPTION_QUESTIONS), caption)
+        question = self._pick(rec, templates.CAPTION_QUESTIONS)
+        self._answer(rec, doc, prompts.understanding(self._patches(rec), question), caption)
 
-    def _understanding(self, rec: Record, doc: _Doc, question: str, answer: str):
+    def _answer(self, rec: Record, doc: _Doc, prompt: list, answer: str):
         if not answer:
             raise DocumentError(
-                f"record {rec.id}: task {rec.task or 'asr'} needs a text answer, the record text is empty"
+                f"record {rec.id}: task {rec.task or 'asr'} needs a text answer, "
+                f"the record text is empty"
             )
-        doc.add_text(self._ids("<|im_start|>user\n"), False)
-        self._audio(doc, self._patches(rec), False)
-        doc.add_text(self._ids(question), False)
-        doc.add_text(self._ids("<|im_end|>\n"), False)
-        doc.add_text(self._ids("<|im_start|>assistant\n"), False)
-        doc.add_text(self._ids(prompts.THINK_OFF), False)
+        self._add(doc, prompt, False)
         doc.add_text(self.tok.encode(answer), True)
-        doc.add_text(self._ids("<|im_end|>\n"), True)
+        doc.add_text(self._ids(templates.END), True)
 
     def tts(self, rec: Record, doc: _Doc):
         text = self._need_text(rec)
-        options = prompts.TTS_TEMPLATES_ZH if prompts.is_chinese(text) else prompts.TTS_TEMPLATES_EN
-        doc.add_text(
-            self.tok.encode(f"<|im_start|>user\n{self._pick(rec, options)}: {text}<|im_end|>\n"),
-            False,
-        )
-        doc.add_text(self._ids("<|im_start|>assistant\n"), False)
-        self._stream(doc, text, self._patches(rec), True)
-        doc.add_text(self._ids("<|im_end|>\n"), True)
+        template = self._pick(rec, prompts.tts_templates(text))
+        self._add(doc, [prompts.tts_user_turn(text, template), Text(templates.ASSISTANT)], False)
+        self._add(doc, [Stream(text, self._patches(rec)), Text(templates.END)], True)
 
     def instruct_tts(self, rec: Record, doc: _Doc):
         text = self._need_text(rec)
@@ -206,20 +179,10 @@ class SequenceBuilder:
             raise DocumentError(
                 f"record {rec.id}: task instruct_tts needs meta.instruct (the style instruction)"
             )
-        options = prompts.TTS_TEMPLATES_ZH if prompts.is_chinese(text) else prompts.TTS_TEMPLATES_EN
-        doc.add_text(self._ids("<|im_start|>system\n"), False)
-        doc.add_text(self._ids(prompts.INSTRUCT_TTS_SYSTEM), False)
-        doc.add_text(self._ids("<|im_end|>\n"), False)
-        doc.add_text(
-            self.tok.encode(
-                f"<|im_start|>user\n{self._pick(rec, options)}: {text}({instruct})<|im_end|>\n"
-            ),
-            False,
-        )
-        doc.add_text(self._ids("<|im_start|>assistant\n<think>\n"), False)
-        doc.add_text(self._ids("\n</think>\n"), True)
-        self._stream(doc, text, self._patches(rec), True)
-        doc.add_text(self._ids("<|im_end|>\n"), True)
+        template = self._pick(rec, prompts.tts_templates(text))
+        self._add(doc, prompts.tts(text, template, instruct=instruct), False)
+        self._add(doc, [Text(templates.THINK_CLOSE), Stream(text, self._patches(rec)),
+                        Text(templates.END)], True)
 
     def text(self, rec: Record, doc: _Doc):
         doc.add_text(self.tok.encode(self._need_text(rec)), True)

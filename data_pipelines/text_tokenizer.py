@@ -1,4 +1,5 @@
-"""Text tokenizer: HF `tokenizers` from a `tokenizer.json`, special tokens looked up by name.
+"""Text tokenizers for the data pipelines: the shared `TextTokenizer` (mimo_jax.tasks), and the
+small tokenizers of the tests and the demo.
 
 `train_demo_tokenizer` builds the small byte-level BPE tokenizer of the tests and the demo: the
 same special-token strings as the released MiMo tokenizer (SPEC §2.1), trained on the demo
@@ -14,78 +15,11 @@ import tokenizers
 from etils import epath
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from data_pipelines import prompts
+from mimo_jax.tasks import templates
+from mimo_jax.tasks.text_tokenizer import SPECIAL_TOKENS, TextTokenizer
 
-# SPEC §2.1, in the order the released tokenizer assigns their ids.
-SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|sosp|>",
-    "<|eosp|>",
-    "<|empty|>",
-    "<think>",
-    "</think>",
-    "<|sostm|>",
-    "<|eostm|>",
-    "<|eot|>",
-    "<|Human|>",
-    "<|SpeechLM|>",
-)
-
-
-class TextTokenizer:
-    """A `tokenizers.Tokenizer` with named access to the special ids the sequence builders use."""
-
-    def __init__(self, tokenizer: tokenizers.Tokenizer, source: str = "<memory>"):
-        self.tokenizer = tokenizer
-        self.source = source
-        self.pad_id = self.special_id("<|endoftext|>")
-        self.empty_id = self.special_id("<|empty|>")
-        self.sosp_id = self.special_id("<|sosp|>")
-        self.eosp_id = self.special_id("<|eosp|>")
-        self.sostm_id = self.special_id("<|sostm|>")
-        self.eostm_id = self.special_id("<|eostm|>")
-        self.eot_id = self.special_id("<|eot|>")
-
-    @classmethod
-    def from_file(cls, path: str) -> "TextTokenizer":
-        path = epath.Path(path)
-        if path.is_dir():
-            path = path / "tokenizer.json"
-        if not path.exists():
-            raise FileNotFoundError(f"text tokenizer: {path} does not exist")
-        return cls(tokenizers.Tokenizer.from_str(path.read_text()), str(path))
-
-    def special_id(self, token: str) -> int:
-        tid = self.tokenizer.token_to_id(token)
-        if tid is None:
-            raise KeyError(
-                f"text tokenizer {self.source}: special token {token!r} is missing "
-                f"(expected the tokens {', '.join(SPECIAL_TOKENS)})"
-            )
-        return tid
-
-    def encode(self, text: str) -> list[int]:
-        """Ids without added special tokens; special-token strings inside `text` become single ids."""
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.get_vocab_size()
-
-    def save(self, path: str) -> None:
-        epath.Path(path).write_text(self.tokenizer.to_str())
-
-    # Pickled by value so that Grain worker processes get their own copy.
-    def __getstate__(self):
-        return {"json": self.tokenizer.to_str(), "source": self.source}
-
-    def __setstate__(self, state):
-        self.__init__(tokenizers.Tokenizer.from_str(state["json"]), state["source"])
+__all__ = ["SPECIAL_TOKENS", "TextTokenizer", "tokenizer_digest", "train_demo_tokenizer",
+           "word_level_tokenizer"]
 
 
 def train_demo_tokenizer(sentences: Sequence[str], vocab_size: int = 1024) -> TextTokenizer:
@@ -104,7 +38,7 @@ def train_demo_tokenizer(sentences: Sequence[str], vocab_size: int = 1024) -> Te
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         min_frequency=2,
     )
-    tok.train_from_iterator(list(sentences) + list(prompts.ALL_PROMPT_TEXT), trainer=trainer)
+    tok.train_from_iterator(list(sentences) + list(templates.ALL_PROMPT_TEXT), trainer=trainer)
     return TextTokenizer(tok)
 
 

@@ -8,7 +8,8 @@ import tokenizers
 
 from data_pipelines.config import STAGE1_LOSS_WEIGHTS, DataConfig
 from data_pipelines.packing import example_from_document
-from data_pipelines.sequences import DocumentError, SequenceBuilder, delay_patch, patchify
+from data_pipelines.sequences import DocumentError, SequenceBuilder, delay_patch
+from mimo_jax.tasks.segments import patchify
 from data_pipelines.shards import Record
 from data_pipelines.text_tokenizer import (
     SPECIAL_TOKENS,
@@ -61,15 +62,6 @@ def test_demo_tokenizer_is_deterministic_and_has_all_special_tokens(tmp_path):
     c = TextTokenizer.from_file(str(tmp_path))
     text = "the cat<|eot|> 今天 Ünknown"
     assert c.encode(text) == a.encode(text) and c.decode(c.encode(text)) == text
-
-
-def test_patchify_repeats_last_frame():
-    frames = np.arange(6 * 9).reshape(6, 9)  # 9 codebooks: only the first 8 are kept
-    p = patchify(frames, 4, 8)
-    assert p.shape == (2, 4, 8)
-    np.testing.assert_array_equal(p[1, 1], frames[5, :8])
-    np.testing.assert_array_equal(p[1, 2], frames[5, :8])
-    np.testing.assert_array_equal(p[1, 3], frames[5, :8])
 
 
 def test_continuation_document_and_weights():

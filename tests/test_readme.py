@@ -26,6 +26,7 @@ RUN_BY = {
     "python -m experiments.launch": "test_launch_launch.py",
     "python convert_torch_weights.py": "test_readme.py::test_conversion_commands",
     "python -m mimo_jax.tokenizer": "test_tokenizer_cli.py",
+    "python -m mimo_jax.generate": "test_tasks_cli.py",
     "MIMO_FIXTURES=": "every parity test (tests/conftest.py reads MIMO_FIXTURES)",
     "pip install -e": "test_packaging.py (extras and the wheel); .ci/run (the install)",
     "pip install -e '.[bench]'": "by hand: the benchmarks need PyTorch (the bench extra)",
@@ -61,7 +62,9 @@ def test_every_command_is_run_somewhere():
 
 def _run(args, cwd, timeout=600):
     # As on a user's CPU machine: one device, not the suite's eight simulated ones.
-    flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    # (Every occurrence: under pytest-xdist the workers' conftest appends the flag once more.)
+    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                     if not f.startswith("--xla_force_host_platform_device_count"))
     env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=flags)
     out = subprocess.run([sys.executable if a == "python" else a for a in args], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=timeout)
@@ -144,10 +147,31 @@ def test_conversion_commands(workspace, fixtures_root):
 
 
 def test_python_example(tmp_path, fixtures_root):
-    (example,) = blocks("python", "Using the model")
+    example = blocks("python", "Using the model")[0]  # the first block; ### Tasks has its own
     ckpt = tmp_path / "ckpt"
     _run(["python", "convert_torch_weights.py", str(fixtures_root / "lm"), str(ckpt)], ROOT)
     script = tmp_path / "example.py"
     script.write_text(example.replace('"ckpt/mimo-7b"', repr(str(ckpt))))
     out = _run(["python", str(script)], tmp_path)
     assert "(1, " in out.stdout  # the official layout's shape
+
+
+def test_tasks_example(tmp_path, fixtures_root):
+    """The ### Tasks block against the tasks/ fixture (its LM, tokenizers and a stereo 16 kHz file
+    as the question); short generations."""
+    (example,) = re.findall(r"### Tasks\n.*?```python\n(.*?)```", README, re.S)
+    tasks = fixtures_root / "tasks"
+    script = example
+    text_tokenizer = tasks / "text_tokenizer" / "tokenizer.json"
+    for name, path in {'"MiMo-Audio-7B-Instruct/tokenizer.json"': text_tokenizer,
+                       '"MiMo-Audio-7B-Instruct"': tasks / "lm",
+                       '"MiMo-Audio-Tokenizer"': fixtures_root / "tokenizer",
+                       '"question.wav"': tasks / "stereo16k.wav",
+                       '"max_new_groups": 750': '"max_new_groups": 6'}.items():
+        assert name in script, name
+        script = script.replace(name, repr(str(path)) if isinstance(path, Path) else path)
+    (tmp_path / "example.py").write_text(script)
+    out = _run(["python", "example.py"], tmp_path)
+    assert out.returncode == 0
+    for i in range(2):
+        assert (tmp_path / f"tts_{i}.wav").stat().st_size > 0

@@ -42,8 +42,10 @@ def check_waveform(wav: np.ndarray, name: str, *, min_samples: int,
 
 
 def read_audio(path: str, sampling_rate: int, *, min_samples: int,
-               allow_silence: bool = False) -> np.ndarray:
-    """The file as float32 mono at `sampling_rate`, or InputError naming the file."""
+               allow_silence: bool = False, resample=None) -> np.ndarray:
+    """The file as float32 mono at `sampling_rate`, or InputError naming the file.
+
+    `resample(wav, rate)` -> wav at `sampling_rate` replaces the default resampler (soxr)."""
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file")
     if os.path.isdir(path):
@@ -65,7 +67,9 @@ def read_audio(path: str, sampling_rate: int, *, min_samples: int,
         raise InputError(f"{path}: {int(bad.sum())} NaN or infinite samples (first at frame "
                          f"{int(np.argmax(bad.any(axis=1)))})")
     wav = data.mean(axis=1)
-    if rate != sampling_rate:
+    if rate != sampling_rate and resample is not None:
+        wav = resample(wav, rate)
+    elif rate != sampling_rate:
         wav = librosa.resample(wav, orig_sr=rate, target_sr=sampling_rate, res_type="soxr_hq")
     if wav.size < min_samples:
         raise InputError(f"{path}: too short for one frame ({data.shape[0]} samples at {rate} Hz "

@@ -1,4 +1,5 @@
-"""Prompt strings of the task formats (SPEC §2.4), shared by the sequence builders and the demo tokenizer."""
+"""Fixed strings of the task prompts (SPEC §2.4): the official template lists and chat strings,
+shared by the prompt builders, the training sequences and the demo tokenizer."""
 
 ASR_TEMPLATES_ZH = (
     "请将这段语音转换为文字",
@@ -61,17 +62,28 @@ CAPTION_QUESTIONS = (
 )
 
 INSTRUCT_TTS_SYSTEM = "你需要根据指定的风格指令和文本内容来生成语音。"
+INSTRUCT_TTS_VOICE_SYSTEM = (
+    "你需要根据指定的风格指令和文本内容来生成和语音prompt具有相同音色的语音。你的音色应该是：")
+VOICE_SYSTEM = "Your voice should be:"
+DEFAULT_SYSTEM_PROMPT = (
+    "You are MiMo-Audio, a friendly AI assistant and your response needs to be concise.")
 THINK_OFF = "<think>\n\n</think>\n"
+THINK_ON = "<think>\n"
+THINK_CLOSE = "\n</think>\n"
+USER = "<|im_start|>user\n"
+ASSISTANT = "<|im_start|>assistant\n"
+SYSTEM = "<|im_start|>system\n"
+END = "<|im_end|>\n"
 
 # Fixed text of the chat format, also fed to the demo tokenizer's training.
 CHAT_STRINGS = (
-    "<|im_start|>user\n",
-    "<|im_end|>\n",
-    "<|im_start|>assistant\n",
-    "<|im_start|>system\n",
+    USER,
+    END,
+    ASSISTANT,
+    SYSTEM,
     THINK_OFF,
-    "<think>\n",
-    "\n</think>\n",
+    THINK_ON,
+    THINK_CLOSE,
     "[Int]:",
     "\n",
     " \n\n",

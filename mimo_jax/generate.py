@@ -1,0 +1,145 @@
+"""Command line of the tasks: prompts to text and 24 kHz speech.
+
+  python -m mimo_jax.generate TASK --lm CKPT --audio-tokenizer CKPT --text-tokenizer tokenizer.json
+      [--input TEXT_OR_AUDIO] [task inputs] [generation options] --out DIR
+  python -m mimo_jax.generate --requests FILE.jsonl --lm ... --out DIR
+
+TASK is one of asr, tts, understand, dialogue, s2t_dialogue, text_dialogue, few_shot, continue. A
+line of FILE.jsonl is one request: {"id", "task", inputs under the official builders' names
+("input", "instruct", "read_text_only", "prompt_speech", "input_text", "thinking", "message_list",
+"system_prompt", "instruction", "prompt_examples"; audio as file paths), and "template",
+"min_new_groups", "max_new_groups", "greedy", "seed"}. Requests are sorted by prompt length and
+generated in batches. Each writes DIR/<id>.txt (the text as the official `forward` returns it) and,
+for speech tasks, DIR/<id>.wav (24 kHz). A bad request is written to DIR/errors.jsonl with its
+line, and the others still run (exit status 1).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from mimo_jax.tasks.requests import TASKS
+
+CHUNK = 512  # requests read, sorted by length and generated together
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+_JSON_ARGS = ("message_list", "prompt_examples")
+_ARGS = ("input", "instruct", "read_text_only", "prompt_speech", "input_text", "thinking",
+         "message_list", "system_prompt", "instruction", "prompt_examples", "template",
+         "min_new_groups", "max_new_groups", "greedy", "seed")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mimo_jax.generate",
+                                description="MiMo-Audio tasks: requests -> text and speech")
+    p.add_argument("task", nargs="?", choices=sorted(TASKS), help="the task of one request")
+    p.add_argument("--requests", help="a JSONL file of requests (instead of TASK)")
+    p.add_argument("--lm", required=True, help="LM checkpoint (official or converted)")
+    p.add_argument("--audio-tokenizer", required=True, help="audio tokenizer checkpoint")
+    p.add_argument("--text-tokenizer", required=True, help="tokenizer.json (or its directory)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--batch-size", type=int, default=8, help="requests per generation batch")
+    p.add_argument("--context-groups", type=int, default=8192,
+                   help="prompt and generation together, in groups (default 8192, as the "
+                        "official generation)")
+    p.add_argument("--id", default="output", help="the id (file name) of the one request")
+    g = p.add_argument_group("the one request's inputs and options (see the request fields)")
+    for name in ("input", "instruct", "prompt_speech", "input_text", "system_prompt",
+                 "instruction", "template"):
+        g.add_argument(f"--{name.replace('_', '-')}", dest=name)
+    for name in _JSON_ARGS:
+        g.add_argument(f"--{name.replace('_', '-')}", dest=name, type=json.loads,
+                       help="JSON, as in a request line")
+    for name in ("read_text_only", "thinking", "greedy"):
+        g.add_argument(f"--{name.replace('_', '-')}", dest=name,
+                       action=argparse.BooleanOptionalAction)
+    for name in ("min_new_groups", "max_new_groups", "seed"):
+        g.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int)
+    return p
+
+
+def _read_requests(path: str, errors: list) -> list[tuple[int, dict]]:
+    """(line number, request) of every well-formed line; the others go to `errors`."""
+    out, seen = [], set()
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise SystemExit(f"--requests {path}: cannot read ({e.strerror})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            req = json.loads(line)
+        except json.JSONDecodeError as e:
+            errors.append({"line": n, "error": f"not a JSON object ({e})"})
+            continue
+        if not isinstance(req, dict):
+            errors.append({"line": n, "error": f"not a JSON object but {type(req).__name__}"})
+            continue
+        rid = str(req.get("id", n))
+        if not _ID.match(rid) or rid in seen:
+            why = "is used by an earlier line" if rid in seen else (
+                "is not a file name (letters, digits, '.', '_', '-')")
+            errors.append({"line": n, "id": rid, "error": f"id {rid!r} {why}"})
+            continue
+        seen.add(rid)
+        out.append((n, {**req, "id": rid}))
+    return out
+
+
+def _write(out: Path, result, rate: int) -> None:
+    from mimo_jax.tokenizer.audio_io import write_audio
+
+    rid = result.request["id"]
+    (out / f"{rid}.txt").write_text(result.text)
+    if result.wav is not None:
+        write_audio(str(out / f"{rid}.wav"), result.wav, rate)
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if (args.task is None) == (args.requests is None):
+        raise SystemExit("give either TASK (one request) or --requests FILE.jsonl")
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch-size {args.batch_size}: expected at least 1")
+    errors: list[dict] = []
+    if args.requests:
+        lines = _read_requests(args.requests, errors)
+    else:
+        one = {k: getattr(args, k) for k in _ARGS if getattr(args, k) is not None}
+        lines = [(0, {"id": args.id, "task": args.task, **one})]
+    from mimo_jax.inference.tasks import MimoAudio
+
+    try:
+        mimo = MimoAudio.load(args.lm, args.audio_tokenizer, args.text_tokenizer,
+                              context_groups=args.context_groups)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise SystemExit(f"error: {e}") from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rate = mimo.audio.rate
+    with tqdm(total=len(lines), unit="request", desc="generate") as bar:
+        for start in range(0, len(lines), CHUNK):
+            chunk = lines[start:start + CHUNK]
+            results = mimo.run([r for _, r in chunk], batch_size=args.batch_size,
+                               raise_errors=False, progress=bar.update)
+            for (n, req), res in zip(chunk, results):
+                if res.error is not None:
+                    errors.append({"line": n, "id": req["id"], "error": res.error})
+                    bar.update(1)
+                else:
+                    _write(out, res, rate)
+    errors.sort(key=lambda e: e["line"])
+    (out / "errors.jsonl").write_text("".join(json.dumps(e, ensure_ascii=False) + "\n"
+                                              for e in errors))
+    for e in errors:
+        print(f"error: line {e['line']}: {e['error']}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""Every MiMo-Audio task from requests to text and speech: `MimoAudio`.
+
+    mimo = MimoAudio.load("MiMo-Audio-7B-Instruct", "MiMo-Audio-Tokenizer",
+                          "MiMo-Audio-7B-Instruct/tokenizer.json")
+    [r] = mimo.tts([{"input": "Good morning!"}])        # r.text, r.wav (24 kHz float32)
+    texts = [r.text for r in mimo.asr(["a.wav", "b.flac"])]
+
+A task method takes a list of requests (`mimo_jax.tasks.requests`; a bare value is the `input`)
+and runs them as batched, KV-cached generations: requests that share their stop tokens, samplers,
+lengths and seed form one left-padded batch (prompts of different lengths, each row stopping on
+its own). Samplers default to the official per-task presets (`task_sampler_configs`, SPEC §1.9),
+overridable per instance or per call; `greedy` makes both greedy. Multi-turn spoken dialogue
+follows the official history: pass the previous `Result` as `history` and the next user turn is
+appended to its whole sequence (prompt and generation).
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from mimo_jax.inference.generate import GenerationConfig, generate
+from mimo_jax.inference.sampling import GREEDY, SamplerConfig
+from mimo_jax.lm.layout import empty_patch
+from mimo_jax.tasks import outputs, requests, segments
+from mimo_jax.tasks.audio import AudioFrontEnd
+from mimo_jax.tasks.requests import RequestError
+from mimo_jax.tasks.text_tokenizer import TextTokenizer
+from mimo_jax.tokenizer.audio_io import InputError
+
+MAX_GROUPS = 8192  # the official GenerationConfig's max_length: prompt and generation together
+WIDTH_QUANTUM = 32  # prompt batches are left-padded to a multiple of this: fewer compilations
+_LOCAL = SamplerConfig(do_sample=True, temperature=0.9, top_p=0.95)
+# SPEC §1.9: (text sampler, patch sampler) per official task name; others use "default".
+TASK_SAMPLERS = {
+    "asr": (SamplerConfig(False, 1.0, None, 1.0), _LOCAL),
+    "tts": (SamplerConfig(True, 0.6, None, 1.0), _LOCAL),
+    "spoken_dialogue": (SamplerConfig(True, 0.6, None, 0.95), _LOCAL),
+    "audio_understanding": (SamplerConfig(True, 0.3, None, 0.95), _LOCAL),
+    "text_chat": (SamplerConfig(True, 0.4, None, 0.95), _LOCAL),
+    "in_context_learning_s2s": (SamplerConfig(False, 1.0, None, 1.0), _LOCAL),
+    "default": (SamplerConfig(True, 0.6, 50, 0.95), SamplerConfig(True, 0.9, 50, 0.95)),
+}
+# The LM config's special ids and the text tokenizer's names for them.
+_SPECIAL = {"sosp_idx": "<|sosp|>", "eosp_idx": "<|eosp|>", "sostm_idx": "<|sostm|>",
+            "eostm_idx": "<|eostm|>", "eot_idx": "<|eot|>", "empty_idx": "<|empty|>"}
+
+
+@dataclasses.dataclass
+class Result:
+    request: dict
+    text: str = ""  # as the official `forward` returns it
+    wav: np.ndarray | None = None  # 24 kHz float32, speech tasks only
+    speech: np.ndarray | None = None  # the decoded frames [F, channels]
+    sequence: segments.Prompt | None = None  # prompt and generated groups (the history)
+    prompt_groups: int = 0
+    error: str | None = None
+
+    @property
+    def generated_groups(self) -> int:
+        return self.sequence.groups - self.prompt_groups if self.sequence else 0
+
+
+@dataclasses.dataclass
+class _Job:
+    index: int
+    request: dict
+    spec: requests.TaskSpec
+    prompt: segments.Prompt
+    seed: int
+
+
+def load_lm(path: str | Path, dtype=None):
+    """(config, model) from an official directory (converted in memory) or a converted one."""
+    from mimo_jax import checkpoint
+    from mimo_jax.conversion.convert import load_torch_checkpoint
+
+    path = Path(path)
+    if checkpoint.is_model_checkpoint(path):
+        return checkpoint.load(path, dtype=dtype)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not an LM checkpoint (expected config.json with "
+                                f"model*.safetensors, or a converted checkpoint with params/)")
+    return load_torch_checkpoint(path, dtype)
+
+
+def check_special_ids(config, tok: TextTokenizer, source: str = "the LM checkpoint") -> None:
+    """The LM's special ids must be the text tokenizer's; every disagreement is named."""
+    problems = []
+    for key, token in _SPECIAL.items():
+        mine = getattr(config, key, None)
+        if mine is not None and mine != tok.special_id(token):
+            problems.append(f"{key}={mine} but {tok.source} has {token} = {tok.special_id(token)}")
+    if tok.vocab_size > config.vocab_size:
+        problems.append(f"vocab_size={config.vocab_size} but {tok.source} has {tok.vocab_size} "
+                        f"tokens")
+    if problems:
+        raise ValueError(f"{source} does not match the text tokenizer: " + "; ".join(problems))
+
+
+class MimoAudio:
+    """The LM, the audio tokenizer and the text tokenizer, with a method per task."""
+
+    def __init__(self, config, model, audio_tokenizer, text_tokenizer: TextTokenizer, *,
+                 context_groups: int = MAX_GROUPS):
+        check_special_ids(config, text_tokenizer)
+        self.context_groups = context_groups  # prompt and generation together, in groups
+        self.config, self.model = config, model
+        self.tok = text_tokenizer
+        self.audio = AudioFrontEnd(audio_tokenizer, config.group_size, config.audio_channels)
+        self.task_sampler_configs = dict(TASK_SAMPLERS)
+
+    @classmethod
+    def load(cls, lm: str | Path, audio_tokenizer: str | Path, text_tokenizer: str | Path, *,
+             dtype=None, **options) -> "MimoAudio":
+        """From checkpoint directories (official or converted) and a tokenizer.json (or the
+        directory holding it)."""
+        from mimo_jax.tokenizer.api import Tokenizer
+
+        config, model = load_lm(lm, dtype)
+        return cls(config, model, Tokenizer.load(str(audio_tokenizer)),
+                   TextTokenizer.from_file(str(text_tokenizer)), **options)
+
+    # ---- one method per task -------------------------------------------------------------------
+    def asr(self, reqs, **kw) -> list[Result]:
+        return self.run(reqs, task="asr", **kw)
+
+    def tts(self, reqs, **kw) -> list[Result]:
+        return self.run(reqs, task="tts", **kw)
+
+    def understand(self, reqs, **kw) -> list[Result]:
+        return self.run(reqs, task="understand", **kw)
+
+    def dialogue(self, reqs, **kw) -> list[Result]:
+        return self.run(reqs, task="dialogue", **kw)
+
+    def s2t_dialogue(self, reqs, **kw) -> list[Result]:
+        return self.run(reqs, task="s2t_dialogue", **kw)
+
+    def text_dialogue(self, reqs, **kw) -> list[Result]:
+        return self.run(reqs, task="text_dialogue", **kw)
+
+    def few_shot(self, reqs, **kw) -> list[Result]:
+        return self.run(reqs, task="few_shot", **kw)
+
+    def continue_speech(self, reqs, **kw) -> list[Result]:
+        return self.run(reqs, task="continue", **kw)
+
+    # ---- the engine ----------------------------------------------------------------------------
+    def run(self, reqs, *, task: str | None = None, history=None,
+            text_sampler: SamplerConfig | None = None,
+            patch_sampler: SamplerConfig | None = None, batch_size: int | None = None,
+            raise_errors: bool = True, progress=None) -> list[Result]:
+        """Results in the order of `reqs`. `history`: one previous Result (or None) per request.
+        With `raise_errors=False` a bad request gets its `error` and the others still run.
+        Requests are sorted by prompt length into batches of `batch_size` (default: one batch
+        per sampler setting); `progress(n)` is called after each batch of n requests."""
+        reqs = [r if isinstance(r, dict) else {"input": r} for r in reqs]
+        if task is not None:
+            reqs = [{**r, "task": task} for r in reqs]
+        history = history or [None] * len(reqs)
+        results = [Result(dict(r)) for r in reqs]
+        jobs = []
+        for i, (r, h) in enumerate(zip(reqs, history)):
+            try:
+                jobs.append((i, r, requests.task_of(r), requests.segments(r, history=h is not None),
+                             h))
+            except (RequestError, InputError, ValueError, KeyError, TypeError) as e:
+                self._fail(results[i], e, raise_errors)
+        jobs = self._encode(jobs, results, raise_errors, random.randrange(2**31))
+        groups: dict[tuple, list[_Job]] = {}
+        for job in jobs:
+            groups.setdefault(self._key(job, text_sampler, patch_sampler), []).append(job)
+        for key, members in groups.items():
+            members.sort(key=lambda j: j.prompt.groups)
+            step = batch_size or len(members)
+            for s in range(0, len(members), step):
+                self._generate(key, members[s:s + step], results)
+                if progress is not None:
+                    progress(len(members[s:s + step]))
+        self._decode([r for r in results if r.speech is not None])
+        return results
+
+    def _fail(self, result: Result, error: Exception, raise_errors: bool):
+        if raise_errors:
+            raise error
+        result.error = str(error)
+
+    def _encode(self, jobs, results, raise_errors, call_seed: int) -> list[_Job]:
+        """Reads and checks every audio input, encodes all of them in one batch, assembles.
+        Requests without a seed share `call_seed`, so that they can share a batch."""
+        ready, wavs = [], []
+        for i, r, spec, segs, hist in jobs:
+            try:
+                audio = segments.audio_inputs(segs)
+                mine = [self.audio.waveform(a, f"request {r.get('id', i)}: audio {k}")
+                        for k, a in enumerate(audio)]
+            except InputError as e:
+                self._fail(results[i], e, raise_errors)
+                continue
+            try:
+                self._check_length(r, self._groups_before_encoding(segs, mine, hist))
+            except RequestError as e:
+                self._fail(results[i], e, raise_errors)
+                continue
+            ready.append((i, r, spec, segs, hist, len(wavs), len(mine)))
+            wavs += mine
+        codes = self.audio.codes(wavs)
+        out = []
+        for i, r, spec, segs, hist, start, n in ready:
+            patches = [segments.patchify(c, self.config.group_size, self.config.audio_channels)
+                       for c in codes[start:start + n]]
+            prompt = segments.assemble(segments.with_audio(segs, patches), self.tok,
+                                       self.config.group_size, self.config.speech_empty_ids)
+            if hist is not None:
+                prompt = hist.sequence + prompt
+            seed = r.get("seed")
+            out.append(_Job(i, r, spec, prompt, call_seed if seed is None else int(seed)))
+        return out
+
+    def _groups_before_encoding(self, segs, wavs, hist) -> int:
+        """The prompt's length in groups, its audio counted from the waveforms' lengths (so that
+        an over-long prompt is refused before its audio is encoded)."""
+        c, tc = self.config, self.audio.tokenizer.config
+        frames = [tc.code_frames(tc.mel_frames(w.size)) for w in wavs]
+        audio_groups = sum(-(-f // c.group_size) + 2 for f in frames)
+        text_groups = sum(len(self.tok.encode(s.text)) for s in segs
+                          if isinstance(s, segments.Text))
+        return text_groups + audio_groups + (hist.sequence.groups if hist else 0)
+
+    def _check_length(self, request, groups: int):
+        room = self.context_groups - groups
+        need = max(1, request.get("min_new_groups") or 0)
+        if room < need:
+            raise RequestError(f"request {request.get('id', '')}: the prompt has about {groups} "
+                               f"groups (voice prompt and inputs included), which leaves no room "
+                               f"for {need} new groups in the context of {self.context_groups}")
+
+    def _samplers(self, job: _Job, text_sampler, patch_sampler):
+        if job.request.get("greedy"):
+            return GREEDY, GREEDY
+        preset = self.task_sampler_configs.get(job.spec.sampler,
+                                               self.task_sampler_configs["default"])
+        return text_sampler or preset[0], patch_sampler or preset[1]
+
+    def _key(self, job: _Job, text_sampler, patch_sampler) -> tuple:
+        r = job.request
+        stops = (self.tok.eos_id,) + tuple(self.tok.special_id(t) for t in job.spec.stop_tokens)
+        return (stops, self._samplers(job, text_sampler, patch_sampler),
+                int(r.get("min_new_groups", 0) or 0), r.get("max_new_groups"), job.seed)
+
+    def _generate(self, key, jobs: list[_Job], results: list[Result]):
+        stops, (text_s, patch_s), min_new, max_new, seed = key
+        longest = max(j.prompt.groups for j in jobs)
+        width = -(-longest // WIDTH_QUANTUM) * WIDTH_QUANTUM
+        if width + (1 if max_new is None else int(max_new)) > self.context_groups:
+            width = longest  # padding must not take the room of the generation
+        c = self.config
+        text = np.full((len(jobs), width), self.tok.pad_id, np.int32)
+        codes = np.broadcast_to(empty_patch(c.speech_empty_ids, c.group_size),
+                                (len(jobs), width, c.group_size, c.audio_channels)).copy()
+        for row, j in enumerate(jobs):
+            text[row, width - j.prompt.groups:] = j.prompt.text
+            codes[row, width - j.prompt.groups:] = j.prompt.codes
+        limit = self.context_groups
+        max_length = limit if max_new is None else min(limit, width + int(max_new))
+        gen = generate(self.model, text, codes, GenerationConfig(
+            max_length=max_length, min_length=width + min_new, stop_ids=stops,
+            text_sampler=text_s, patch_sampler=patch_s),
+            prompt_lengths=[j.prompt.groups for j in jobs], rng=jax.random.key(seed))
+        for row, j in enumerate(jobs):
+            end = int(gen.lengths[row])
+            new = segments.Prompt(gen.text[row, width:end], gen.codes[row, width:end])
+            res = results[j.index]
+            res.text = outputs.text_of(self.tok, new.text)
+            res.sequence, res.prompt_groups = j.prompt + new, j.prompt.groups
+            if j.spec.speech_out:
+                start = (self.tok.special_id(j.spec.speech_start) if j.spec.speech_start
+                         else None)
+                res.speech = outputs.speech_of(new.text, new.codes, c.speech_empty_ids, start,
+                                               self.tok.special_id(j.spec.speech_end))
+
+    def _decode(self, results: list[Result]):
+        """All speech of a call through the audio tokenizer at once (1500-frame chunks)."""
+        tokenizer = self.audio.tokenizer
+        spoken = [r for r in results if r.speech.shape[0]]
+        wavs = tokenizer.decode([r.speech for r in spoken]) if spoken else []
+        for r, wav in zip(spoken, wavs):
+            r.wav = wav
+        for r in results:
+            if not r.speech.shape[0]:
+                r.wav = outputs.wav_of(tokenizer, r.speech)

@@ -1,0 +1,190 @@
+"""Prompt builders of every task (SPEC §2.4), as lists of segments (`mimo_jax.tasks.segments`).
+
+The same builders make the inference prompts and the prompt part of the training sequences
+(`data_pipelines.sequences`), so the two cannot drift apart. Audio arguments are patches
+[P, group_size, channels] (`audio.AudioFrontEnd` makes them from waveforms or files, as the
+official `preprocess_input`). Where the official code draws a template with `random.choice`, the
+builder takes the template text itself; `choose_template` makes that choice, seedable.
+"""
+from __future__ import annotations
+
+import random
+
+from mimo_jax.tasks import templates as t
+from mimo_jax.tasks.segments import Audio, Stream, Text
+
+STREAM_OPEN = "<|sostm|>"
+INSTRUCTION = "[Int]:"
+SPEECH_ONLY = "<Spe>:"
+
+
+def choose_template(options: tuple[str, ...], template: str | None = None,
+                    seed: int | random.Random | None = None) -> str:
+    """`template` itself when given, else a draw from `options` (seeded by `seed`)."""
+    if template is not None:
+        if not template:
+            raise ValueError("template: empty text, expected one of the task's templates or None")
+        return template
+    rng = seed if isinstance(seed, random.Random) else random.Random(seed)
+    return rng.choice(options)
+
+
+def tts_templates(text: str) -> tuple[str, ...]:
+    """The official template list for a TTS text: Chinese if it holds any CJK ideograph."""
+    return t.TTS_TEMPLATES_ZH if t.is_chinese(text) else t.TTS_TEMPLATES_EN
+
+
+def normalize_text(text: str) -> str:
+    """The official `preprocess_input` of a text: all upper or all lower case is capitalised."""
+    return text.capitalize() if text.isupper() or text.islower() else text
+
+
+def _think(thinking: bool) -> Text:
+    return Text(t.THINK_ON if thinking else t.THINK_OFF)
+
+
+# ---- speech in, text out ----------------------------------------------------------------------
+def asr(audio, template: str) -> list:
+    return [Text(t.USER), Audio(audio), Text(template), Text(t.END), Text(t.ASSISTANT),
+            Text(t.THINK_OFF)]
+
+
+def understanding(audio, question: str, thinking: bool = False) -> list:
+    return [Text(t.USER), Audio(audio), Text(question), Text(t.END), Text(t.ASSISTANT),
+            _think(thinking)]
+
+
+def s2t_dialogue(audio, thinking: bool = False) -> list:
+    return s2t_dialogue_multiturn([{"role": "user", "content": audio}], thinking)
+
+
+def s2t_dialogue_multiturn(messages, thinking: bool = False) -> list:
+    """User turns hold audio patches, assistant turns text (no think block inside them)."""
+    out = []
+    for m in messages:
+        body = Audio(m["content"]) if _role(m) == "user" else Text(m["content"])
+        out += [Text(t.USER if m["role"] == "user" else t.ASSISTANT), body, Text(t.END)]
+    return out + [Text(t.ASSISTANT), _think(thinking)]
+
+
+def text_dialogue(text: str, thinking: bool = False) -> list:
+    return text_dialogue_multiturn([{"role": "user", "content": text}], thinking)
+
+
+def text_dialogue_multiturn(messages, thinking: bool = False) -> list:
+    out = []
+    for m in messages:
+        out += [Text(t.USER if _role(m) == "user" else t.ASSISTANT), Text(m["content"]),
+                Text(t.END)]
+    return out + [Text(t.ASSISTANT), _think(thinking)]
+
+
+def _role(message) -> str:
+    role = message.get("role")
+    if role not in ("user", "assistant"):
+        raise ValueError(f"message role {role!r}: expected 'user' or 'assistant'")
+    return role
+
+
+# ---- text in, speech out ----------------------------------------------------------------------
+def tts_user_turn(text: str, template: str) -> Text:
+    """The user turn of plain TTS."""
+    return Text(f"{t.USER}{template}: {normalize_text(text)}{t.END}")
+
+
+def tts(text: str, template: str | None = None, instruct: str | None = None,
+        read_text_only: bool = True, prompt_speech=None) -> list:
+    """TTS, instruct TTS (`instruct`), natural-instruction TTS (`read_text_only=False`, the text
+    holds the instruction); `prompt_speech` (patches) is the voice prompt of the instruct forms
+    (plain TTS ignores it, as the official builder does). `template` is needed where
+    `read_text_only` is set."""
+    text = normalize_text(text)
+    if read_text_only and template is None:
+        raise ValueError("tts: read_text_only needs a template (see choose_template)")
+    if read_text_only and instruct is None:
+        return [tts_user_turn(text, template), Text(t.ASSISTANT + STREAM_OPEN)]
+    if prompt_speech is None:
+        system = [Text(t.SYSTEM), Text(t.INSTRUCT_TTS_SYSTEM), Text(t.END)]
+    else:
+        system = [Text(t.SYSTEM), Text(t.INSTRUCT_TTS_VOICE_SYSTEM), Audio(prompt_speech),
+                  Text(t.END)]
+    user = f"{template}: {text}({instruct})" if read_text_only else text
+    return system + [Text(f"{t.USER}{user}{t.END}"), Text(t.ASSISTANT + t.THINK_ON)]
+
+
+# ---- spoken dialogue --------------------------------------------------------------------------
+def _voice(prompt_speech) -> list:
+    if prompt_speech is None:
+        return []
+    return [Text(t.SYSTEM), Text(t.VOICE_SYSTEM), Audio(prompt_speech), Text(t.END)]
+
+
+def spoken_dialogue(audio, system_prompt: str | None = None, prompt_speech=None) -> list:
+    return spoken_dialogue_multiturn([{"role": "user", "content": audio}], system_prompt,
+                                     prompt_speech)
+
+
+def spoken_dialogue_turn(audio) -> list:
+    """The next user turn of a dialogue whose whole previous sequence (prompt and generation) is
+    kept as history: the official `add_history` prompt, appended to that sequence."""
+    return [Text(t.USER), Audio(audio), Text(t.END), Text(t.ASSISTANT + STREAM_OPEN)]
+
+
+def spoken_dialogue_multiturn(messages, system_prompt: str | None = None,
+                              prompt_speech=None) -> list:
+    """User turns hold audio patches; assistant turns {"text": str, "audio": patches}."""
+    out = _voice(prompt_speech)
+    for i, m in enumerate(messages):
+        if _role(m) == "user":
+            out.append(Text(t.USER))
+            if system_prompt and i == 0:
+                out += [Text(system_prompt), Text("\n\n")]
+            out += [Audio(m["content"]), Text(t.END)]
+        else:
+            out += [Text(t.ASSISTANT), Stream(m["content"]["text"], m["content"]["audio"]),
+                    Text(t.END)]
+    return out + [Text(t.ASSISTANT + STREAM_OPEN)]
+
+
+# ---- Base model: in-context learning and continuation ----------------------------------------
+def in_context_s2s(instruction: str, examples, audio) -> list:
+    """Few-shot speech-to-speech: `examples` of {"input_audio", "output_transcription",
+    "output_audio"} (patches), then the query `audio`."""
+    out = [Text(f"{INSTRUCTION}{instruction}\n")]
+    for ex in examples:
+        out += [Audio(ex["input_audio"]), Text("\n"),
+                Stream(ex["output_transcription"], ex["output_audio"]), Text(" \n\n")]
+    return out + [Audio(audio), Text("\n"), Text(STREAM_OPEN)]
+
+
+def few_shot(examples, query, speech_output: bool) -> list:
+    """Pretraining-style few-shot prompt: `examples` of (input, output) pairs, then the `query`
+    input. A text item is a str; a speech item patches, or for a speech output
+    {"text": transcription, "audio": patches} (a stream). Prefixed `<Spe>:` when every item is
+    speech, else `[Int]:`; items are laid out as `in_context_s2s` lays them out."""
+    items = [x for pair in examples for x in pair] + [query]
+    prefix = SPEECH_ONLY if all(not isinstance(x, str) for x in items) else INSTRUCTION
+    out = [Text(prefix)]
+    for source, target in examples:
+        out += [_item(source), Text("\n"), _item(target), Text(" \n\n")]
+    out += [_item(query), Text("\n")]
+    return out + ([Text(STREAM_OPEN)] if speech_output else [])
+
+
+def _item(x):
+    if isinstance(x, str):
+        return Text(x)
+    if isinstance(x, dict):
+        return Stream(x["text"], x["audio"])
+    return Audio(x)
+
+
+def audio_qa(audio, question: str) -> list:
+    """Pretraining-style audio question answering; the answer ends at eos or `<|sosp|>`."""
+    return [Text(INSTRUCTION), Audio(audio), Text(f"Question: {question}"), Text("\nAnswer:")]
+
+
+def continuation(audio) -> list:
+    """Speech continuation for the Base model: the `continuation` training sequence (one audio
+    segment) without its `<|eosp|>`, so the model goes on with the speech it was given."""
+    return [Audio(audio, close=False)]
