@@ -12,7 +12,6 @@ import json
 from collections.abc import Sequence
 
 import tokenizers
-from etils import epath
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from mimo_jax.tasks import templates

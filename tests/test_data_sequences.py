@@ -9,7 +9,6 @@ import tokenizers
 from data_pipelines.config import STAGE1_LOSS_WEIGHTS, DataConfig
 from data_pipelines.packing import example_from_document
 from data_pipelines.sequences import DocumentError, SequenceBuilder, delay_patch
-from mimo_jax.tasks.segments import patchify
 from data_pipelines.shards import Record
 from data_pipelines.text_tokenizer import (
     SPECIAL_TOKENS,
@@ -18,6 +17,7 @@ from data_pipelines.text_tokenizer import (
     train_demo_tokenizer,
     word_level_tokenizer,
 )
+from mimo_jax.tasks.segments import patchify
 
 WORDS = [f"w{i}" for i in range(1, 21)]
 TOK = word_level_tokenizer(WORDS)
