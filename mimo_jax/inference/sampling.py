@@ -34,19 +34,52 @@ def process(logits: jax.Array, cfg: SamplerConfig) -> jax.Array:
     scores = logits.astype(jnp.float32)
     if cfg.temperature is not None:
         scores = scores / cfg.temperature
+    ascending, n_out = None, jnp.zeros((scores.shape[0], 1), jnp.int32)
     if cfg.top_k:
         k = min(cfg.top_k, scores.shape[-1])
-        kth = jax.lax.top_k(scores, k)[0][:, -1:]
-        scores = jnp.where(scores < kth, -jnp.inf, scores)
+        top = jax.lax.top_k(scores, k)[0]
+        below = scores < top[:, -1:]
+        scores = jnp.where(below, -jnp.inf, scores)
+        # Top-p then only needs the k survivors in order: everything below is out (probability 0).
+        ascending, n_out = top[:, ::-1], jnp.sum(below, -1, keepdims=True, dtype=jnp.int32)
     if cfg.top_p is not None and 0.0 < cfg.top_p <= 1.0:
-        order = jnp.argsort(scores, axis=-1, stable=True)
-        sorted_scores = jnp.take_along_axis(scores, order, axis=-1)
-        cumulative = jnp.cumsum(jax.nn.softmax(sorted_scores, axis=-1), axis=-1)
-        remove_sorted = (cumulative <= 1.0 - cfg.top_p).at[:, -1].set(False)
-        rows = jnp.arange(scores.shape[0])[:, None]
-        remove = jnp.zeros_like(remove_sorted).at[rows, order].set(remove_sorted)
-        scores = jnp.where(remove, -jnp.inf, scores)
+        if ascending is None:
+            ascending = jnp.sort(scores, axis=-1)
+        scores = _top_p(scores, ascending, n_out, cfg.top_p)
     return scores
+
+
+def _top_p(scores, ascending, n_out, top_p):
+    """The official top-p (stable ascending sort, remove entries whose cumulative probability is
+    <= 1 - top_p, never the largest) without sorting indices or scattering back.
+
+    `ascending` [B, n] holds the n largest scores in ascending order; the rest of the V scores are
+    `n_out` entries at -inf, and `extra` entries tied with ascending[:, 0] that did not fit (top-k
+    keeps all ties at its threshold). Since cumulative probabilities only grow, the removed entries
+    are a prefix of the sorted order, of length m: entries below the score at position m go, entries
+    above stay, and entries equal to it go in index order (the stable sort's order) until m are gone.
+    """
+    v, n = scores.shape[-1], ascending.shape[-1]
+    extra = v - n_out - n
+    low, high = ascending[:, :1], ascending[:, -1:]
+    weights = jnp.exp(ascending - high)
+    w_low = weights[:, :1]
+    total = jnp.sum(weights, -1, keepdims=True) + extra * w_low
+    p_low = w_low / total
+    cumulative = extra * p_low + jnp.cumsum(weights / total, axis=-1)
+    budget = 1.0 - top_p
+    # The j-th tied extra entry has cumulative probability j * p_low.
+    extra_removed = jnp.where(p_low > 0, jnp.floor(budget / jnp.maximum(p_low, 1e-38)), extra)
+    extra_removed = jnp.clip(extra_removed, 0, extra).astype(jnp.int32)
+    m = n_out + extra_removed + jnp.sum(cumulative <= budget, -1, keepdims=True)
+    m = jnp.minimum(m, v - 1)
+    at = jnp.clip(m - n_out - extra, 0, n - 1)
+    threshold = jnp.take_along_axis(ascending, at, axis=-1)
+    tied = scores == threshold
+    tie_rank = jnp.cumsum(tied, axis=-1) - 1
+    below = jnp.sum(scores < threshold, -1, keepdims=True)
+    keep = (scores > threshold) | (tied & (tie_rank >= m - below))
+    return jnp.where(keep, scores, -jnp.inf)
 
 
 def sample(logits: jax.Array, cfg: SamplerConfig, rng: jax.Array,
