@@ -57,7 +57,7 @@ def _ordered_keys(scores):
 
 
 def _largest(ok, rows):
-    """The largest uint32 u [rows, 1] with ok(u), for ok monotone (true up to some u, ok(0) true)."""
+    """The largest uint32 u [rows, 1] with ok(u); ok is monotone (true up to some u, ok(0))."""
     def bit(i, u):
         cand = u | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
         return jnp.where(ok(cand), cand, u)
