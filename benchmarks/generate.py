@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from small_lm import build_config, torch_config
 
 from mimo_jax.inference.generate import GenerationConfig, generate
 from mimo_jax.inference.sampling import SamplerConfig
-from mimo_jax.lm.config import small_config
 from mimo_jax.lm.model import MiMoAudioLM
 
 # The official demo's default patch sampler (SPEC 1.9: T 0.9, top-k 50, top-p 0.95). The text token
@@ -53,17 +53,6 @@ def parse_args(argv=None):
     return a
 
 
-def build_config(a):
-    v = a.vocab
-    return small_config(vocab_size=v, hidden_size=a.hidden, num_hidden_layers=a.layers,
-                        num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
-                        head_dim=a.hidden // a.heads, intermediate_size=a.ffn, empty_idx=v - 1,
-                        sosp_idx=v - 6, eosp_idx=v - 5, sostm_idx=v - 4, eostm_idx=v - 3,
-                        eot_idx=v - 2, local_dim=a.local_dim, local_layers=2, local_attn_heads=4,
-                        local_ffn_dim=4 * a.local_dim, input_local_dim=a.local_dim,
-                        remat_policy="none")
-
-
 def _prompt(config, batch, groups):
     rng = np.random.default_rng(0)
     text = rng.integers(0, config.vocab_size - 8, (batch, groups)).astype(np.int32)
@@ -93,14 +82,9 @@ def bench_jax(model, config, batch, a, sampler):
 
 def bench_torch(config, batch, a):
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-                      num_hidden_layers=config.num_hidden_layers,
-                      num_attention_heads=config.num_attention_heads,
-                      num_key_value_heads=config.num_key_value_heads,
-                      intermediate_size=config.intermediate_size, rms_norm_eps=config.rms_norm_eps,
-                      rope_theta=config.rope_theta, attn_implementation="sdpa")
+    cfg = torch_config(config)
     model = Qwen2ForCausalLM(cfg).eval()
     ids = torch.as_tensor(_prompt(config, batch, a.prompt)[0], dtype=torch.long)
     kw = dict(max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False, use_cache=True,
@@ -133,7 +117,7 @@ def torch_available(a):
 
 def main(argv=None):
     a = parse_args(argv)
-    config = build_config(a)
+    config = build_config(a, a.local_dim)
     model = MiMoAudioLM(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     print(f"devices: {jax.devices()}  {n_params / 1e6:.1f}M parameters, float32, "

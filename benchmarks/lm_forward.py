@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from small_lm import build_config, torch_config
 
-from mimo_jax.lm.config import small_config
 from mimo_jax.lm.model import MiMoAudioLM
 from mimo_jax.nn.attention import attention_mask
 
@@ -34,16 +34,6 @@ def parse_args():
     p.add_argument("--steps", type=int, default=5, help="timed repetitions")
     p.add_argument("--skip-torch", action="store_true")
     return p.parse_args()
-
-
-def build_config(a):
-    return small_config(vocab_size=a.vocab, hidden_size=a.hidden, num_hidden_layers=a.layers,
-                        num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
-                        head_dim=a.hidden // a.heads, intermediate_size=a.ffn, empty_idx=a.vocab - 1,
-                        sosp_idx=a.vocab - 6, eosp_idx=a.vocab - 5, sostm_idx=a.vocab - 4,
-                        eostm_idx=a.vocab - 3, eot_idx=a.vocab - 2, local_dim=256, local_layers=2,
-                        local_attn_heads=4, local_ffn_dim=1024, input_local_dim=256,
-                        remat_policy="none")
 
 
 def timed(fn, args, steps):
@@ -97,14 +87,9 @@ def bench_jax(config, dtype, a):
 
 def bench_torch(config, dtype_name, a):
     import torch
-    from transformers import Qwen2Config, Qwen2Model
+    from transformers import Qwen2Model
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-                      num_hidden_layers=config.num_hidden_layers,
-                      num_attention_heads=config.num_attention_heads,
-                      num_key_value_heads=config.num_key_value_heads,
-                      intermediate_size=config.intermediate_size, rms_norm_eps=config.rms_norm_eps,
-                      rope_theta=config.rope_theta, attn_implementation="sdpa")
+    cfg = torch_config(config)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
     model = Qwen2Model(cfg).to(dtype).eval()
     embeds = torch.randn(a.batch, a.groups, config.hidden_size, dtype=dtype)

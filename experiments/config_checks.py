@@ -93,6 +93,13 @@ def get(config: ml_collections.ConfigDict, key: str):
     return node
 
 
+def set_value(config: ml_collections.ConfigDict, key: str, value) -> None:
+    """Sets a dotted key (`optimizer.learning_rates.llm`)."""
+    *parents, leaf = key.split(".")
+    node = get(config, ".".join(parents)) if parents else config
+    node[leaf] = value
+
+
 def closest_key(config: ml_collections.ConfigDict, key: str) -> str | None:
     """The config key nearest to a mistyped one (`data.sorces` -> `data.sources`)."""
     keys = list(flat_keys(config))

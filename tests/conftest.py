@@ -26,6 +26,26 @@ def demo_data(tmp_path_factory) -> Path:
     return data
 
 
+@pytest.fixture(scope="module")
+def lm(fixtures_root):
+    """(config, model) of the LM fixture, converted from its official checkpoint (per module: a
+    module may define its own `lm`)."""
+    from mimo_jax.conversion.convert import load_torch_checkpoint
+
+    return load_torch_checkpoint(fixtures_root / "lm")
+
+
+@pytest.fixture(scope="module")
+def prompt(lm, fixtures_root):
+    """The LM fixture's prompt as (text [1, G], codes [1, G, group_size, channels])."""
+    import numpy as np
+
+    from mimo_jax.lm.layout import from_official
+
+    ref = np.load(fixtures_root / "lm" / "reference.npz")
+    return from_official(ref["prompt_ids"], lm[0].group_size)
+
+
 @pytest.fixture(scope="session")
 def fixtures_root() -> Path:
     if not FIXTURES.is_dir():

@@ -6,18 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mimo_jax.conversion.convert import load_torch_checkpoint
 from mimo_jax.inference.generate import GenerationConfig, generate
 from mimo_jax.inference.sampling import GREEDY, SamplerConfig, forbid_one, sample
 from mimo_jax.lm.layout import empty_patch, from_official
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 NEW = 5  # generated groups per case
-
-
-@pytest.fixture(scope="module")
-def lm(fixtures_root):
-    return load_torch_checkpoint(fixtures_root / "lm")
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import pytest
 
 from data_pipelines.pipeline import Source, parse_sources
 from experiments import config_checks, train
+from experiments.config_checks import set_value
 from experiments.configs import common
 from experiments.configs import demo as demo_config
 
@@ -55,11 +56,7 @@ def test_sources_parse_from_text():
 def config_with(data: Path, **overrides):
     config = demo_config.get_config(f"data={data},smoke")
     for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+        set_value(config, key, value)
     return config
 
 

@@ -5,7 +5,6 @@ there."""
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,8 @@ import numpy as np
 import pytest
 import soundfile
 from etils import epath
+from train_support import run_sigterm_at_step
+from train_support import train_cmd as _train_cmd
 
 import convert_torch_weights
 from data_pipelines import audio, tokenize
@@ -126,13 +127,6 @@ def test_tokenize_to_gcs_and_read_the_shards_back(gs_dir, tmp_path):
     assert "5 records" in shown.stdout and "1 errors" in shown.stdout
 
 
-def _train_cmd(data, workdir, *extra):
-    return [sys.executable, "-u", "-m", "experiments.train",
-            f"--config={ROOT}/experiments/configs/demo.py:stage=stage2,data={data},smoke=True",
-            f"--workdir={workdir}", "--config.data.batch_size=8", "--config.log_every=1",
-            "--config.checkpoint.async_save=False", *extra]
-
-
 @pytest.mark.skipif(
     os.environ.get("MIMO_GCS_TRAIN") != "1",
     reason="set MIMO_GCS_TRAIN=1: over 11 minutes on the 2-core machine (every array of the train "
@@ -143,14 +137,7 @@ def test_training_run_is_preempted_resumes_and_exports_on_gcs(gs_dir, demo_data)
     cmd = _train_cmd(demo_data, workdir, "--config.total_steps=6",
                      "--config.checkpoint_every=1000")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    run = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
-    for line in run.stdout:
-        if line.startswith("step 2/"):
-            run.send_signal(signal.SIGTERM)
-            break
-    out = run.stdout.read()
-    assert run.wait(timeout=300) == 0, out
+    out = run_sigterm_at_step(cmd, env)
     assert "preempted: checkpoint saved at step" in out
     names = _objects(workdir)
     steps = sorted({int(n.split("/")[1]) for n in names if n.startswith("checkpoints/")

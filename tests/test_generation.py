@@ -4,10 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mimo_jax.conversion.convert import load_torch_checkpoint
 from mimo_jax.inference.generate import GenerationConfig, generate
 from mimo_jax.inference.sampling import SamplerConfig, process, sample
-from mimo_jax.lm.layout import empty_patch, from_official
+from mimo_jax.lm.layout import empty_patch
 
 
 def test_top_k_is_per_row():
@@ -41,18 +40,6 @@ def test_invalid_sampler_values():
         SamplerConfig(top_p=1.5)
     with pytest.raises(ValueError, match="temperature"):
         SamplerConfig(temperature=0.0)
-
-
-@pytest.fixture(scope="module")
-def lm(fixtures_root):
-    return load_torch_checkpoint(fixtures_root / "lm")
-
-
-@pytest.fixture(scope="module")
-def prompt(lm, fixtures_root):
-    config, _ = lm
-    ref = np.load(fixtures_root / "lm" / "reference.npz")
-    return from_official(ref["prompt_ids"], config.group_size)
 
 
 def test_left_padded_batch_equals_rows_alone(lm, prompt):

@@ -6,24 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mimo_jax.conversion.convert import load_torch_checkpoint
 from mimo_jax.inference.generate import GenerationConfig, generate
 from mimo_jax.inference.sampling import SamplerConfig, process
-from mimo_jax.lm.layout import from_official
 
 ROWS = 512  # identical rows, one draw each
-
-
-@pytest.fixture(scope="module")
-def lm(fixtures_root):
-    return load_torch_checkpoint(fixtures_root / "lm")
-
-
-@pytest.fixture(scope="module")
-def prompt(lm, fixtures_root):
-    config, _ = lm
-    ref = np.load(fixtures_root / "lm" / "reference.npz")
-    return from_official(ref["prompt_ids"], config.group_size)
 
 
 def _speech_next(config, gp):

@@ -2,18 +2,17 @@
 resume, multi-process runs, and the errors that stop a run before it starts."""
 import json
 import os
-import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from train_support import ROOT, run_sigterm_at_step
+from train_support import train_cmd as _train_cmd
 
 from experiments import train
+from experiments.config_checks import set_value
 from experiments.configs import demo as demo_config
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def smoke(data, stage="stage2", **overrides):
@@ -22,11 +21,7 @@ def smoke(data, stage="stage2", **overrides):
     config.log_every = 1
     config.checkpoint.async_save = False
     for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+        set_value(config, key, value)
     return config
 
 
@@ -55,27 +50,13 @@ def test_stage1_then_stage2_from_its_weights(demo_data, tmp_path):
     assert (tmp_path / "s2" / "model" / "config.json").exists()
 
 
-def _train_cmd(data, workdir, *extra):
-    return [sys.executable, "-u", "-m", "experiments.train",
-            f"--config={ROOT}/experiments/configs/demo.py:stage=stage2,data={data},smoke=True",
-            f"--workdir={workdir}", "--config.data.batch_size=8", "--config.log_every=1",
-            "--config.checkpoint.async_save=False", *extra]
-
-
 def test_sigterm_saves_and_resume_continues_identically(demo_data, tmp_path):
     steps = ["--config.total_steps=30", "--config.checkpoint_every=1000"]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     straight = subprocess.run(_train_cmd(demo_data, tmp_path / "straight", *steps), cwd=ROOT,
                               env=env, capture_output=True, text=True, timeout=300)
     assert straight.returncode == 0, straight.stdout + straight.stderr
-    run = subprocess.Popen(_train_cmd(demo_data, tmp_path / "cut", *steps), cwd=ROOT, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in run.stdout:
-        if line.startswith("step 2/"):
-            run.send_signal(signal.SIGTERM)
-            break
-    out = run.stdout.read()
-    assert run.wait(timeout=300) == 0, out
+    out = run_sigterm_at_step(_train_cmd(demo_data, tmp_path / "cut", *steps), env)
     assert "preempted: checkpoint saved at step" in out
     cut_at = max(train_losses(tmp_path / "cut"))
     assert cut_at < 30 and (tmp_path / "cut" / "checkpoints" / str(cut_at)).is_dir()

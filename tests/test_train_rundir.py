@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from test_train_loop import ROOT, _train_cmd, metrics, smoke, train_losses
+from test_train_loop import metrics, smoke, train_losses
+from train_support import ROOT
+from train_support import train_cmd as _train_cmd
 
 from experiments import train
 from mimo_jax import paths
