@@ -20,15 +20,23 @@ def _config_spec(argv: list[str]) -> str | None:
     return None
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-    """`get_config(arg)` of a config file `FILE[:arg]`; ValueError naming a missing file."""
+def import_config_file(spec: str):
+    """(module, arg) of a config file `FILE[:arg]`; ValueError naming a missing file or function."""
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
         raise ValueError(f"--config {spec}: no config file {path!r}")
     module_spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    if not callable(getattr(module, "get_config", None)):
+        raise ValueError(f"config file {path!r} defines no get_config(arg)")
+    return module, (arg or None)
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of a config file `FILE[:arg]`."""
+    module, arg = import_config_file(spec)
+    return module.get_config(arg)
 
 
 def _explain(argv: list[str]) -> str | None:

@@ -9,30 +9,23 @@ run starts. `local` runs the trainer once per point, one after another; `tpu` an
 point to experiments.launch (one ssh command / one sbatch job per point).
 """
 import argparse
-import importlib.util
 import re
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 import ml_collections
 
 from experiments import launch
+from experiments.cli import import_config_file
 
 
 def load_config_module(spec: str):
     """(module, arg) of `FILE[:arg]`."""
-    path, _, arg = spec.partition(":")
-    if not Path(path).is_file():
-        raise ValueError(f"--config {spec!r}: no config file {path!r}")
-    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    for fn in ("get_config", "sweep"):
-        if not callable(getattr(module, fn, None)):
-            raise ValueError(f"config file {path!r} defines no {fn}(arg)")
-    return module, (arg or None)
+    module, arg = import_config_file(spec)
+    if not callable(getattr(module, "sweep", None)):
+        raise ValueError(f"config file {spec.partition(':')[0]!r} defines no sweep(arg)")
+    return module, arg
 
 
 def _node(config: ml_collections.ConfigDict, key: str):
