@@ -18,8 +18,9 @@ import jax
 import numpy as np
 
 from experiments.configs import common
+from mimo_jax.nn.partitioning import use_rules
 from mimo_jax.train import flops, setup
-from sharding.rules import use_rules
+from sharding.mesh import mesh_and_rules
 
 # Dense bf16 peak TFLOP/s per device (vendor figures, without sparsity).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0,
@@ -82,7 +83,7 @@ def synthetic_batch(c, lm, rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 def measure(a, dtype: str) -> dict[str, float]:
     c = make_config(a, dtype)
-    mesh, rules = setup.mesh_and_rules(c)
+    mesh, rules = mesh_and_rules(c)
     setup.check_batch_divides(c.data.batch_size, 1, mesh)
     lm, model = setup.build_model(c, mesh, rules)
     trainer, state = setup.build_trainer(c, model)

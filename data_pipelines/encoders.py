@@ -51,11 +51,12 @@ def load_encoder(spec: str, checkpoint: str | None, codebooks: int) -> EncodeBat
     if spec == "energy":
         return EnergyEncoder(codebooks)
     if spec == "mimo":
-        module, name = "mimo_jax.tokenizer", "load_encoder"
-    elif ":" in spec:
-        module, name = spec.split(":", 1)
-    else:
+        from mimo_jax.tokenizer import load_encoder as load_mimo  # JAX only when it is used
+
+        return load_mimo(checkpoint, codebooks=codebooks)
+    if ":" not in spec:
         raise ValueError(f"encoder {spec!r}: expected 'mimo', 'energy' or 'module:function'")
+    module, name = spec.split(":", 1)
     try:
         factory = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:

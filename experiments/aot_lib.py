@@ -12,10 +12,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mimo_jax.lm.config import MiMoAudioConfig
 from mimo_jax.lm.model import MiMoAudioLM
+from mimo_jax.nn.partitioning import batch_sharding, state_shardings, use_rules
 from mimo_jax.train import flops, setup
 from mimo_jax.train.step import opt_state_shardings
-from sharding.mesh import AXES
-from sharding.rules import state_shardings, use_rules
+from sharding.mesh import AXES, mesh_and_rules
 
 GIB = 2 ** 30
 
@@ -49,7 +49,7 @@ def configure(config, ici: dict[str, int], rules: str | None,
     config.mesh.dcn = {a: 1 for a in AXES}
     if rules:
         config.mesh.rules = rules
-    mesh, _ = setup.mesh_and_rules(config)
+    mesh, _ = mesh_and_rules(config)
     config.data.batch_size = batch_per_device * data_ways(mesh) * config.optimizer.grad_accum
     return config
 
@@ -62,7 +62,7 @@ def abstract_batch(config, lm: MiMoAudioConfig, mesh) -> dict[str, jax.ShapeDtyp
               "code_weights": (b, g, c)}
     dtype = lambda k: jnp.float32 if k.endswith("weights") else jnp.int32
     return {k: jax.ShapeDtypeStruct(shapes[k], dtype(k),
-                                    sharding=setup.batch_sharding(mesh, len(shapes[k])))
+                                    sharding=batch_sharding(mesh, len(shapes[k])))
             for k in setup.BATCH_FIELDS}
 
 
@@ -106,7 +106,7 @@ class Compiled:
 
 
 def compile_train_step(config) -> Compiled:
-    mesh, rules = setup.mesh_and_rules(config)
+    mesh, rules = mesh_and_rules(config)
     setup.check_batch_divides(config.data.batch_size, config.optimizer.grad_accum, mesh)
     with jax.set_mesh(mesh), use_rules(rules):
         lm, trainer, state = abstract_state(config, mesh, rules)

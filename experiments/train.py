@@ -147,13 +147,14 @@ def _hparams(config) -> dict:
 
 
 def _run(config, workdir) -> int:
+    from mimo_jax.nn.partitioning import use_rules
     from mimo_jax.train import setup
     from mimo_jax.train.checkpointing import TrainCheckpoints, abstract_like
     from mimo_jax.train.flops import train_flops_per_group
     from mimo_jax.train.metrics import MetricsWriter
-    from sharding.rules import use_rules
+    from sharding.mesh import mesh_and_rules
 
-    mesh, rules = setup.mesh_and_rules(config)
+    mesh, rules = mesh_and_rules(config)
     setup.check_batch_divides(config.data.batch_size, config.optimizer.grad_accum, mesh)
     # Built outside the mesh context: parameters are placed by explicit shardings, and
     # nnx.eval_shape would read the logical axis names as mesh axes inside it.

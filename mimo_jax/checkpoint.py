@@ -22,7 +22,9 @@ from etils import epath
 from flax import nnx
 
 from mimo_jax import paths
-from mimo_jax.conversion.family import ModelFamily, family_for
+from mimo_jax.conversion.family import ModelFamily
+from mimo_jax.conversion.registry import family_for
+from mimo_jax.nn.partitioning import named_sharding
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -133,11 +135,12 @@ def load(path: PathLike, *, mesh: jax.sharding.Mesh | None = None, rules=None, d
     """(config, model) from a model checkpoint directory.
 
     With `mesh`, every parameter is restored straight into its shards (no host copy of the whole
-    model) following the logical axis `rules` (default: sharding.rules.DEFAULT_RULES). `dtype` is
+    model) following the logical axis `rules` (a preset of `sharding.rules`). `dtype` is
     the compute dtype; `param_dtype` casts the stored parameters on restore.
     """
-    from sharding.rules import DEFAULT_RULES, named_sharding
-
+    if mesh is not None and rules is None:
+        raise ValueError("checkpoint.load: a mesh needs logical axis rules (e.g. "
+                         "sharding.rules.PRESETS['fsdp_tensor'])")
     path = paths.resolve(path)
     if not is_model_checkpoint(path):
         raise FileNotFoundError(f"{path}: not a model checkpoint (expected {CONFIG_FILE} and "
@@ -153,7 +156,7 @@ def load(path: PathLike, *, mesh: jax.sharding.Mesh | None = None, rules=None, d
     flat = flat_params(abs_state)
     check_params(path, {p: tuple(v.get_value().shape) for p, v in flat})
     for p, var in flat:
-        sharding = (named_sharding(mesh, var, rules or DEFAULT_RULES) if mesh is not None
+        sharding = (named_sharding(mesh, var, rules) if mesh is not None
                     else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
         var.set_value(restore_param(params_dir, p, sharding, param_dtype))
     return config, nnx.merge(graphdef, abs_state)

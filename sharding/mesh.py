@@ -3,6 +3,8 @@ import jax
 import numpy as np
 from jax.experimental import mesh_utils
 
+from sharding.rules import PRESETS
+
 AXES = ("data", "fsdp", "tensor", "sequence")
 
 
@@ -45,3 +47,10 @@ def make_mesh(ici: dict[str, int], dcn: dict[str, int] | None = None,
     else:
         arr = np.asarray(devices).reshape(_sizes(ici, len(devices), "ici mesh"))
     return jax.sharding.Mesh(arr, AXES, axis_types=axis_types)
+
+
+def mesh_and_rules(config):
+    """The mesh and the rule preset of an experiment config (`mesh.ici`, `mesh.dcn`, `mesh.rules`)."""
+    if config.mesh.rules not in PRESETS:
+        raise ValueError(f"config mesh.rules={config.mesh.rules!r}: expected one of {sorted(PRESETS)}")
+    return make_mesh(dict(config.mesh.ici), dict(config.mesh.dcn)), PRESETS[config.mesh.rules]

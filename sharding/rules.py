@@ -1,20 +1,7 @@
-"""Logical axis rules: which mesh axes a parameter's logical axes (`embed`, `mlp`, ...) map to.
-
-A rule lists candidate mesh axes per logical axis, MaxText style: for each dimension the first
-candidate that exists in the mesh, is larger than 1, divides the dimension and is not already used
-by another dimension of the same array is taken; otherwise the dimension is replicated. So one rule
-table serves any mesh shape, and a dimension too small to shard falls back instead of failing.
-"""
-from typing import Sequence
-
-import jax
-import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
-
-from mimo_jax.nn.params import logical_axes
-
-Rules = dict[str, tuple[str | tuple[str, ...], ...]]
+"""Rule presets: which mesh axes each logical axis of a parameter (`embed`, `mlp`, ...) may take.
+`mimo_jax.nn.partitioning` applies a table (first fitting candidate per dimension, else replicated);
+the experiment config picks one by name (`mesh.rules`)."""
+from mimo_jax.nn.partitioning import Rules
 
 # Pure FSDP: shard every large parameter along one axis over `fsdp` (and `data` when it is used
 # for FSDP-style data parallelism across slices).
@@ -41,70 +28,3 @@ DATA_RULES: Rules = {}
 
 PRESETS: dict[str, Rules] = {"fsdp": FSDP_RULES, "fsdp_tensor": FSDP_TENSOR_RULES,
                              "data": DATA_RULES}
-DEFAULT_RULES = FSDP_TENSOR_RULES
-
-
-def _axes(candidate) -> tuple[str, ...]:
-    return (candidate,) if isinstance(candidate, str) else tuple(candidate)
-
-
-def partition_spec(shape: Sequence[int], axes: Sequence[str | None], rules: Rules,
-                   mesh) -> PartitionSpec:
-    sizes = dict(mesh.shape)
-    used: set[str] = set()
-    spec = []
-    for dim, name in zip(shape, axes):
-        choice = None
-        for candidate in rules.get(name, ()) if name else ():
-            mesh_axes = tuple(a for a in _axes(candidate) if sizes.get(a, 1) > 1)
-            total = int(np.prod([sizes[a] for a in mesh_axes])) if mesh_axes else 1
-            if mesh_axes and not used & set(mesh_axes) and dim % total == 0:
-                choice = mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes
-                used |= set(mesh_axes)
-                break
-        spec.append(choice)
-    return PartitionSpec(*spec)
-
-
-def named_sharding(mesh: jax.sharding.Mesh, variable, rules: Rules) -> NamedSharding:
-    """The sharding of an NNX variable (abstract or concrete) under the rules."""
-    value = variable.get_value()
-    return NamedSharding(mesh, partition_spec(value.shape, logical_axes(variable), rules, mesh))
-
-
-def state_shardings(state, mesh: jax.sharding.Mesh, rules: Rules):
-    """The nnx.State with each variable's value replaced by its NamedSharding (for jit's
-    out_shardings)."""
-    return jax.tree.map(lambda v: v.replace(named_sharding(mesh, v, rules)), state,
-                        is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-# Activations: the batch over the data-parallel axes, the sequence over `sequence`.
-ACTIVATION_RULES: Rules = {
-    "activation_batch": (("data", "fsdp"), "data", "fsdp"),
-    "activation_length": ("sequence",),
-}
-
-_active: list[Rules] = []
-
-
-class use_rules:
-    """Within this context (and a `jax.set_mesh`), `constrain` places activations by these rules."""
-
-    def __init__(self, rules: Rules):
-        self.rules = {**ACTIVATION_RULES, **rules}
-
-    def __enter__(self):
-        _active.append(self.rules)
-        return self.rules
-
-    def __exit__(self, *exc):
-        _active.pop()
-
-
-def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-    """A sharding constraint on an activation by logical axes; nothing outside `use_rules` or a mesh."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if not _active or mesh.empty:
-        return x
-    return jax.lax.with_sharding_constraint(x, partition_spec(x.shape, axes, _active[-1], mesh))

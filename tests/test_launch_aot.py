@@ -12,6 +12,7 @@ from experiments.configs import demo
 from mimo_jax.lm.config import MiMoAudioConfig
 from mimo_jax.train import flops, setup
 from mimo_jax.train.optimizer import path_of
+from sharding.mesh import mesh_and_rules
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +62,7 @@ def test_build_trainer_places_adam_moments_like_their_parameters():
     config = demo.get_config("smoke=True")
     config.mesh.ici = {"data": 1, "fsdp": 8, "tensor": 1, "sequence": 1}
     config.mesh.rules = "fsdp"
-    mesh, rules = setup.mesh_and_rules(config)
+    mesh, rules = mesh_and_rules(config)
     _, model = setup.build_model(config, mesh, rules)
     _, state = setup.build_trainer(config, model)
     params = {path_of(kp): a.sharding

@@ -9,8 +9,10 @@ import convert_torch_weights
 from mimo_jax import checkpoint
 from mimo_jax.inference.generate import GenerationConfig, generate
 from mimo_jax.lm.layout import from_official
+from mimo_jax.nn.params import logical_axes
+from mimo_jax.nn.partitioning import partition_spec
 from sharding.mesh import make_mesh
-from sharding.rules import PRESETS, logical_axes, partition_spec
+from sharding.rules import PRESETS
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 

@@ -7,12 +7,12 @@ from flax import nnx
 
 from mimo_jax.lm.config import small_config
 from mimo_jax.lm.model import MiMoAudioLM
+from mimo_jax.nn.partitioning import batch_sharding, state_shardings, use_rules
 from mimo_jax.train.losses import LossConfig
 from mimo_jax.train.optimizer import OptimizerConfig
-from mimo_jax.train.setup import batch_sharding
 from mimo_jax.train.step import Trainer
 from sharding.mesh import make_mesh
-from sharding.rules import PRESETS, state_shardings, use_rules
+from sharding.rules import PRESETS
 
 MESHES = {"data": {"data": 8}, "fsdp": {"fsdp": 8}, "fsdp_tensor": {"fsdp": 4, "tensor": 2}}
 

@@ -7,7 +7,7 @@ these rules account for every tensor of a checkpoint, in both directions.
 """
 import dataclasses
 import re
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from flax import nnx
 
@@ -41,23 +41,3 @@ class ModelFamily(Protocol):
 
 def is_ignored(family: ModelFamily, torch_name: str) -> bool:
     return any(re.fullmatch(p, torch_name) for p in family.ignored)
-
-
-_FAMILIES: dict[str, Callable[[], ModelFamily]] = {}
-
-
-def register(architecture: str, factory: Callable[[], ModelFamily]) -> None:
-    _FAMILIES[architecture] = factory
-
-
-def family_for(hf_config: dict, where: str) -> ModelFamily:
-    """The family of an official config.json, or an error naming what was found."""
-    import mimo_jax.lm.conversion  # noqa: F401  (registers the LM)
-    import mimo_jax.tokenizer.conversion  # noqa: F401  (registers the audio tokenizer)
-    archs = hf_config.get("architectures") or []
-    for arch in archs:
-        if arch in _FAMILIES:
-            return _FAMILIES[arch]()
-    known = ", ".join(sorted(_FAMILIES))
-    raise ValueError(f"{where}: architectures {archs} is not a model mimo-jax can convert "
-                     f"(expected one of: {known})")

@@ -2,8 +2,9 @@
 import jax.numpy as jnp
 from flax import nnx
 
-from mimo_jax.conversion.family import TensorRule, register
+from mimo_jax.conversion.family import TensorRule
 from mimo_jax.lm.config import ARCHITECTURE, MiMoAudioConfig
+from mimo_jax.lm.model import MiMoAudioLM
 
 _LEAF = {"kernel": ("weight", "linear"), "bias": ("bias", "identity"),
          "scale": ("weight", "identity"), "embedding": ("weight", "identity")}
@@ -26,7 +27,6 @@ class LMFamily:
 
     def build(self, config: MiMoAudioConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
               param_dtype=jnp.float32):
-        from mimo_jax.lm.model import MiMoAudioLM
         return MiMoAudioLM(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def rule(self, path: tuple) -> TensorRule:
@@ -39,5 +39,3 @@ class LMFamily:
             scope = scope[:at + 1] + ["{i}"] + scope[at + 1:]
         return TensorRule(".".join(scope + [suffix]), transform)
 
-
-register(ARCHITECTURE, LMFamily)

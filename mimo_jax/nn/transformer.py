@@ -13,9 +13,9 @@ from jax.ad_checkpoint import checkpoint_name
 
 from mimo_jax.nn.attention import attend
 from mimo_jax.nn.layers import Dense, Embed, RMSNorm
+from mimo_jax.nn.partitioning import constrain
 from mimo_jax.nn.remat import maybe_remat
 from mimo_jax.nn.rope import apply_rope, inv_frequencies, rope_tables
-from sharding.rules import constrain
 
 KVCache = dict[str, jax.Array]
 _ACTIVATION_AXES = ("activation_batch", "activation_length", None)

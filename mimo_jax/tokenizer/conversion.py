@@ -8,9 +8,10 @@ type, `scale` -> `weight`. Three renames remain: `down_sample_layer` is `down_sa
 import jax.numpy as jnp
 from flax import nnx
 
-from mimo_jax.conversion.family import TensorRule, register
+from mimo_jax.conversion.family import TensorRule
 from mimo_jax.tokenizer import config as config_lib
 from mimo_jax.tokenizer.config import ARCHITECTURE, TokenizerConfig
+from mimo_jax.tokenizer.model import MiMoAudioTokenizer
 
 _CONV1D = {"conv1", "conv2", "down_sample_layer"}
 _CONV_TRANSPOSE1D = {("dconv1", "conv"), ("dconv2", "conv")}
@@ -35,7 +36,6 @@ class TokenizerFamily:
 
     def build(self, config: TokenizerConfig, *, rngs: nnx.Rngs, dtype=None,
               param_dtype=None) -> nnx.Module:
-        from mimo_jax.tokenizer.model import MiMoAudioTokenizer
         if param_dtype is not None and jnp.dtype(param_dtype) != jnp.float32:
             raise ValueError(f"tokenizer parameters are float32 (asked for {param_dtype}); "
                              f"choose the compute dtype with `dtype`")
@@ -69,5 +69,3 @@ class TokenizerFamily:
             raise KeyError(f"no official tensor for tokenizer parameter {'.'.join(names)}")
         return TensorRule(".".join(out + [leaf]), transform)
 
-
-register(ARCHITECTURE, TokenizerFamily)

@@ -1,6 +1,7 @@
-"""Builds what a training run needs from its config (an ml-collections ConfigDict): the mesh and
-rules, the model (random or from a converted checkpoint), the trainer and its sharded state, and the
-data iterators. The config is data handed in by experiments/; nothing here reads files of its own."""
+"""Builds what a training run needs from its config (an ml-collections ConfigDict), on a mesh and
+rules handed in: the model (random or from a converted checkpoint), the trainer and its sharded
+state, the compiled steps and the global batches. The data iterators are built by
+`data_pipelines`; the mesh and rule presets by `sharding`."""
 import dataclasses
 from typing import Any
 
@@ -8,16 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from mimo_jax import checkpoint as model_ckpt
 from mimo_jax.lm.config import MiMoAudioConfig
 from mimo_jax.lm.model import MiMoAudioLM
+from mimo_jax.nn.partitioning import batch_sharding, state_shardings
 from mimo_jax.train.losses import LossConfig
 from mimo_jax.train.optimizer import OptimizerConfig
 from mimo_jax.train.step import Trainer, TrainState
-from sharding.mesh import make_mesh
-from sharding.rules import ACTIVATION_RULES, PRESETS, partition_spec, state_shardings
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 BATCH_FIELDS = ("text", "codes", "positions", "segment_ids", "text_targets", "text_weights",
@@ -28,19 +27,6 @@ def _dtype(name: str, key: str):
     if name not in DTYPES:
         raise ValueError(f"config {key}={name!r}: expected one of {sorted(DTYPES)}")
     return DTYPES[name]
-
-
-def mesh_and_rules(config):
-    if config.mesh.rules not in PRESETS:
-        raise ValueError(f"config mesh.rules={config.mesh.rules!r}: expected one of {sorted(PRESETS)}")
-    mesh = make_mesh(dict(config.mesh.ici), dict(config.mesh.dcn))
-    return mesh, PRESETS[config.mesh.rules]
-
-
-def batch_sharding(mesh, rank: int) -> NamedSharding:
-    spec = partition_spec((mesh.size,) + (1,) * (rank - 1),
-                          ("activation_batch",) + (None,) * (rank - 1), ACTIVATION_RULES, mesh)
-    return NamedSharding(mesh, spec)
 
 
 def check_batch_divides(global_batch: int, grad_accum: int, mesh) -> None:

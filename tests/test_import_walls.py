@@ -1,0 +1,107 @@
+"""The one-way walls between the project's packages, read from the source: every `import` (at module
+level or inside a function) is an edge of the import graph."""
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("mimo_jax", "sharding", "data_pipelines", "experiments")
+# What each top-level package may import of the project; `mimo_jax` is the library and stands alone.
+ALLOWED = {
+    "mimo_jax": {"mimo_jax"},
+    "sharding": {"sharding", "mimo_jax"},
+    "data_pipelines": {"data_pipelines", "mimo_jax"},
+    "experiments": {"experiments", "mimo_jax", "sharding", "data_pipelines"},
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """{module: the project modules it imports}, for every module of PACKAGES."""
+    files = [p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))]
+    modules = {_module_name(p) for p in files}
+    graph = {}
+    for path in files:
+        name = _module_name(path)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                names = [f"{base}.{a.name}" for a in node.names]
+                # `from pkg import submodule` imports the submodule, not what pkg/__init__ holds
+                targets = names + ([] if all(n in modules for n in names) else [base])
+            else:
+                continue
+            for target in targets:
+                # the longest project module that the imported name is or lies in
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    edges.add(target)
+        graph[name] = edges
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_packages_import_only_what_stands_below_them():
+    crossings = [f"{src} imports {dst}" for src, dsts in import_graph().items() for dst in dsts
+                 if dst.split(".")[0] not in ALLOWED[src.split(".")[0]]]
+    assert not crossings, "\n".join(sorted(crossings))
+
+
+def test_no_module_imports_itself_back():
+    assert cycles(import_graph()) == []
+
+
+def test_model_families_register_downward():
+    graph = import_graph()
+    assert "mimo_jax.lm.conversion" in graph["mimo_jax.conversion.registry"]
+    users = [m for m, deps in graph.items() if "mimo_jax.conversion.registry" in deps
+             and m.startswith(("mimo_jax.lm", "mimo_jax.tokenizer", "mimo_jax.nn"))]
+    assert users == []
+
+
+def test_the_graph_sees_function_level_and_relative_imports():
+    # The walls are only as good as the parser: a hidden import must show up as an edge.
+    graph = import_graph()
+    assert "mimo_jax.tokenizer" in graph["data_pipelines.encoders"]  # imported inside a function
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
