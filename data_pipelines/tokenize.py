@@ -35,10 +35,10 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from data_pipelines import audio as audio_io
 from data_pipelines import encoders
 from data_pipelines.shards import Record, ShardWriter, write_json_atomic, write_manifest
 from mimo_jax import logs, paths
+from mimo_jax.tokenizer import audio_io
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,7 @@ class ShardJob:
     def __init__(self, out: epath.Path, k: int, n: int, entries: list, checksum: int, args, encode):
         self.out, self.k, self.n, self.entries, self.checksum = out, k, n, entries, checksum
         self.args, self.encode = args, encode
+        self.audio = encoders.config_of(encode)  # rate, frame rate, shortest clip
         self.name = shard_name(k, n)
         self.sidecar = out / f"{self.name}.json"
 
@@ -165,7 +166,7 @@ class ShardJob:
             try:
                 seconds[line] = audio_io.audio_seconds(item.audio)
             except Exception as e:  # any decoder error is a property of the file
-                errors.append(error_entry(line, item.audio, f"unreadable audio: {e}"))
+                errors.append(error_entry(line, item.audio, f"bad audio: {e}"))
         codes = {}
         for batch in length_batches(seconds, self.args.batch_seconds, self.args.max_batch):
             codes.update(self._encode(batch, items, errors))
@@ -177,9 +178,11 @@ class ShardJob:
         wavs = {}
         for line in batch:
             try:
-                wavs[line] = audio_io.load_audio(items[line].audio)
+                wavs[line] = audio_io.read_audio(items[line].audio, self.audio.sampling_rate,
+                                                 min_samples=self.audio.min_samples,
+                                                 allow_silence=True)
             except Exception as e:
-                errors.append(error_entry(line, items[line].audio, f"unreadable audio: {e}"))
+                errors.append(error_entry(line, items[line].audio, f"bad audio: {e}"))
         return self._encode_wavs(wavs, items, errors)
 
     def _encode_wavs(self, wavs: dict[int, np.ndarray], items: dict, errors: list
@@ -196,14 +199,14 @@ class ShardJob:
                 line = lines[0]
                 errors.append(error_entry(line, items[line].audio,
                                           f"refused by the encoder ({len(wavs[line])} samples at "
-                                          f"{audio_io.SAMPLE_RATE} Hz): {e}"))
+                                          f"{self.audio.sampling_rate} Hz): {e}"))
                 return {}
             return {k: v for line in lines
                     for k, v in self._encode_wavs({line: wavs[line]}, items, errors).items()}
         result = {}
         for line, c in zip(lines, outs):
             c = np.asarray(c)
-            want = (audio_io.code_frames(len(wavs[line])), self.args.codebooks)
+            want = (self.audio.clip_code_frames(len(wavs[line])), self.args.codebooks)
             if c.shape != want:
                 raise RuntimeError(
                     f"encoder returned codes {c.shape} for {items[line].audio} "

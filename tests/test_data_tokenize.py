@@ -9,10 +9,14 @@ import numpy as np
 import pytest
 import soundfile
 
-from data_pipelines import audio, demo_corpus, tokenize
+from data_pipelines import demo_corpus, tokenize
 from data_pipelines.encoders import EnergyEncoder
 from data_pipelines.shards import ShardSet
 from data_pipelines.text_tokenizer import SPECIAL_TOKENS, TextTokenizer
+from mimo_jax.tokenizer import audio_io
+from mimo_jax.tokenizer.config import TokenizerConfig
+
+AUDIO = TokenizerConfig()  # the released tokenizer's rate and frame rate, as EnergyEncoder's
 
 FIXTURE_TOKENIZER = os.path.join(
     os.environ.get("MIMO_FIXTURES", os.path.join(os.path.dirname(__file__), "fixtures")),
@@ -83,7 +87,7 @@ def test_demo_corpus_files_pairs_and_tokenizer(corpus):
     a, b, slow, fast = (by_id[f"s000{x}"] for x in "absf")
     assert a["text"] == b["text"] == slow["text"] == fast["text"] and a["voice"] != b["voice"]
     assert slow["voice"] == fast["voice"] == a["voice"] and slow["rate"] < a["rate"] < fast["rate"]
-    secs = {k: audio.audio_seconds(str(corpus / by_id[k]["audio"])) for k in ("s000s", "s000f")}
+    secs = {k: audio_io.audio_seconds(str(corpus / by_id[k]["audio"])) for k in ("s000s", "s000f")}
     assert secs["s000s"] > 1.5 * secs["s000f"]
     assert "slowly" in slow["caption"] and "female" in a["instruct"]
     tok = TextTokenizer.from_file(str(corpus / "tokenizer.json"))
@@ -99,8 +103,8 @@ def test_tokenize_writes_shards_and_reports_every_bad_line(corpus, tmp_path, cap
     assert [e["line"] for e in errors] == bad
     reasons = [e["reason"] for e in errors]
     assert reasons[0].startswith("not JSON") and reasons[1] == "no 'audio' path"
-    assert "file not found" in reasons[2] and errors[2]["audio"].endswith("missing.wav")
-    assert reasons[3].startswith("unreadable audio") and errors[3]["audio"].endswith("garbage.wav")
+    assert reasons[2].endswith("missing.wav: no such file") and errors[2]["audio"].endswith("missing.wav")
+    assert reasons[3].startswith("bad audio") and errors[3]["audio"].endswith("garbage.wav")
     assert reasons[4] == "duplicate id 's000b' (first on line 2)"
     manifest_json = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert (
@@ -114,9 +118,10 @@ def test_tokenize_writes_shards_and_reports_every_bad_line(corpus, tmp_path, cap
     assert "12 records" in out and "5 errors" in out
     # Codes are the encoder's codes of the 24 kHz audio, with the tokenizer's frame count.
     recs = {r.id: r for r in ShardSet(str(tmp_path / "out"), codebooks=8)}
-    wav = audio.load_audio(str(corpus / "wav" / "s002f.wav"))
+    wav = audio_io.read_audio(str(corpus / "wav" / "s002f.wav"), AUDIO.sampling_rate,
+                              min_samples=AUDIO.min_samples)
     np.testing.assert_array_equal(recs["s002f"].codes, EnergyEncoder(8)([wav])[0])
-    assert recs["s002f"].frames == audio.code_frames(len(wav))
+    assert recs["s002f"].frames == AUDIO.clip_code_frames(len(wav))
     assert recs["s002f"].meta["pair"] == "s002" and recs["s002f"].language == "de"
     assert recs["s002f"].duration == pytest.approx(len(wav) / 24000, abs=1e-3)
     # Batches were sorted by length.
@@ -267,7 +272,7 @@ def test_with_the_fixture_tokenizer_checkpoint(corpus, tmp_path):
     assert len(recs) == 12
     sizes = np.array([1024, 1024] + [128] * 6)
     for r in recs:
-        assert abs(r.frames - audio.code_frames(int(round(r.duration * 24000)))) <= 1
+        assert abs(r.frames - AUDIO.clip_code_frames(int(round(r.duration * 24000)))) <= 1
         assert (r.codes >= 0).all() and (r.codes < sizes).all()
 
 

@@ -1,15 +1,19 @@
-"""Reading audio and code files for the tokenizer, with one error per bad input that names it.
+"""Reading audio and code files, with one error per bad input that names it: the one audio reader
+of the project (the tokenizer's command line, the tokenize job of the data pipelines, task prompts).
 
-Audio of any sample rate and channel count in any format soundfile reads becomes float32 mono at the
-tokenizer's rate (channels averaged, resampled with soxr through librosa). Every problem raises
-`InputError` with the file and what is wrong, so that a batch job can report it and go on.
+Audio of any sample rate and channel count in any format soundfile reads, local or on gs://, becomes
+float32 mono at the tokenizer's rate (channels averaged, resampled with soxr through librosa).
+Every problem raises `InputError` with the file and what is wrong, so that a batch job can report
+it and go on.
 """
+import io
 import os
 import re
 
 import librosa
 import numpy as np
 import soundfile as sf
+from etils import epath
 
 # libsndfile's log of a WAV/AIFF whose data chunk is cut short: "data : 96000 (should be 47978)".
 _TRUNCATED = re.compile(r"^\s*(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
@@ -41,17 +45,36 @@ def check_waveform(wav: np.ndarray, name: str, *, min_samples: int,
     return wav.astype(np.float32)
 
 
+def _source(path: str):
+    """A local path as it is; a remote file read whole into memory (libsndfile seeks through cffi
+    callbacks that gcsfs files do not satisfy, and clips are small)."""
+    p = epath.Path(path)
+    if not p.exists():
+        raise InputError(f"{path}: no such file")
+    if p.is_dir():
+        raise InputError(f"{path}: is a directory, not an audio file")
+    return io.BytesIO(p.read_bytes()) if "://" in str(path) else os.fspath(path)
+
+
+def audio_seconds(path: str) -> float:
+    """The duration from the file's header, without decoding; InputError naming a bad file."""
+    try:
+        info = sf.info(_source(path))
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise InputError(f"{path}: cannot read audio ({e})") from None
+    if info.frames <= 0:
+        raise InputError(f"{path}: no audio samples (empty)")
+    return info.frames / info.samplerate
+
+
 def read_audio(path: str, sampling_rate: int, *, min_samples: int,
                allow_silence: bool = False, resample=None) -> np.ndarray:
-    """The file as float32 mono at `sampling_rate`, or InputError naming the file.
+    """The file (local or gs://) as float32 mono at `sampling_rate`, or InputError naming it.
 
     `resample(wav, rate)` -> wav at `sampling_rate` replaces the default resampler (soxr)."""
-    if not os.path.exists(path):
-        raise InputError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise InputError(f"{path}: is a directory, not an audio file")
+    source = _source(path)
     try:
-        with sf.SoundFile(path) as f:
+        with sf.SoundFile(source) as f:
             short = _TRUNCATED.search(f.extra_info)
             data = f.read(dtype="float32", always_2d=True)
             rate = f.samplerate

@@ -109,6 +109,10 @@ class TokenizerConfig:
         conv2 = (conv1 + 2 - self.kernel_size) // self.stride_size + 1
         return -(-conv2 // self.avg_pooler)
 
+    def clip_code_frames(self, samples: int) -> int:
+        """Codes of a whole clip of `samples` (its 6000-frame segments give the same total)."""
+        return self.code_frames(self.mel_frames(samples))
+
     @property
     def min_samples(self) -> int:
         """The reflect padding of the centred STFT needs more than nfft // 2 samples."""
