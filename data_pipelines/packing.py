@@ -5,25 +5,25 @@ A training example (one row of G = context_length groups; a batch adds a leading
                                       `<|endoftext|>` in padding
   codes         int32   [G, group_size, audio_channels]
                                       a speech group's frames; text and padding groups hold every
-                                      channel's empty id (speech_zeroemb_idx, e.g. 1024,1024,128,...)
+                                      channel's empty id (the model's speech_zeroemb_idx, e.g. 1024,1024,128,...)
   segment_ids   int32   [G]           1, 2, 3, ... per packed document, 0 = padding
   positions     int32   [G]           0, 1, ... restarting at each document, 0 in padding
   text_targets  int32   [G]           text id of group g+1 (the next-token target of position g);
                                       `<|endoftext|>` where there is none
-  text_weights  float32 [G]           loss weight of text_targets[g]: text weight, times
-                                      empty_text_weight where the target is `<|empty|>`; 0 where
-                                      g+1 is in another document, is padding or is not supervised
+  text_weights  float32 [G]           relative weight of text_targets[g]: 1, or empty_text_weight
+                                      where the target is `<|empty|>`; 0 where g+1 is in another
+                                      document, is padding or is not supervised (the loss applies
+                                      the text loss weight)
   code_targets  int32   [G, group_size, audio_channels]
                                       the patch of group g+1 (undelayed: the patch decoder at
                                       position g predicts group g+1's patch from hidden state g and
                                       applies the delay pattern itself); empty ids where unused
   code_weights  float32 [G, audio_channels]
-                                      per-codebook loss weight at position g: the codebook weights
-                                      where group g+1 is a supervised speech group of the same
-                                      document, else 0
+                                      1 where group g+1 is a supervised speech group of the same
+                                      document, else 0 (the loss applies the codebook weights)
   documents     int32   []            documents packed into the row
   skipped       int32   []            bad documents skipped (config `skip_bad_records`) since the
-                                      previous row; the trainer sums and logs them
+                                      previous row; the trainer logs their sum (skipped_documents)
 No position attends across documents when attention is restricted to equal segment ids; no
 target crosses a document boundary.
 """
@@ -53,14 +53,12 @@ def add_targets(
     text_targets[:-1] = text[1:]
     text_targets[~valid] = pad_id
     is_empty = text_targets == empty_id
-    text_weights = np.where(
-        valid, cfg.text_weight * np.where(is_empty, cfg.empty_text_weight, 1.0), 0.0
-    )
+    text_weights = np.where(valid, np.where(is_empty, cfg.empty_text_weight, 1.0), 0.0)
     speech_next = valid & is_empty
     code_targets = np.empty_like(codes)
     code_targets[:-1] = codes[1:]
     code_targets[~speech_next] = np.asarray(cfg.empty_ids, codes.dtype)
-    code_weights = speech_next[:, None] * np.asarray(cfg.codebook_weights, np.float32)[None, :]
+    code_weights = np.repeat(speech_next[:, None], cfg.audio_channels, axis=1)
     row.update(
         text_targets=text_targets,
         text_weights=text_weights.astype(np.float32),

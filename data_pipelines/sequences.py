@@ -29,7 +29,7 @@ from data_pipelines.text_tokenizer import TextTokenizer
 from mimo_jax.tasks import prompts, templates
 from mimo_jax.tasks.segments import Audio, Stream, Text, patchify, stream_groups
 
-__all__ = ["DocumentError", "SequenceBuilder", "TASKS", "delay_patch", "patchify"]
+__all__ = ["DocumentError", "SequenceBuilder", "TASKS", "patchify"]
 
 
 class DocumentError(ValueError):
@@ -210,19 +210,3 @@ class SequenceBuilder:
 
 
 TASKS = ("continuation", "interleave", "asr", "tts", "caption", "instruct_tts", "text")
-
-
-def delay_patch(patch: np.ndarray, delays, empty_ids) -> tuple[np.ndarray, np.ndarray]:
-    """Teacher-forced view of the patch decoder (SPEC §1.7): `patch [..., G, C]` (undelayed) ->
-    `(delayed [..., G + max(delays), C], active [G + max(delays), C])` where step t holds, for each
-    channel c active at t (`delays[c] <= t < delays[c] + G`), the code of frame `t - delays[c]`;
-    inactive cells hold the channel's empty id."""
-    patch = np.asarray(patch)
-    g, c = patch.shape[-2:]
-    steps = g + max(delays)
-    out = np.broadcast_to(np.asarray(empty_ids, patch.dtype), patch.shape[:-2] + (steps, c)).copy()
-    active = np.zeros((steps, c), bool)
-    for ch, d in enumerate(delays):
-        out[..., d : d + g, ch] = patch[..., :, ch]
-        active[d : d + g, ch] = True
-    return out, active

@@ -36,10 +36,10 @@ from array_record.python import array_record_module
 from etils import epath
 
 from mimo_jax import paths
+from mimo_jax.tokenizer.config import TokenizerConfig
 
 MAGIC = b"MAR1"
 FORMAT = "mimo-jax-codes/1"
-FRAME_RATE = 25.0  # code frames per second
 MANIFEST = "manifest.json"
 _HEAD = struct.Struct("<4sI")
 
@@ -148,8 +148,9 @@ def decode_record(
 class ShardWriter:
     """Writes records to `path` through a temporary name; `close()` makes the shard appear."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, frame_rate: float):
         self.path = paths.resolve(path)
+        self.frame_rate = frame_rate  # code frames per second, for the hours of audio
         if paths.is_local(self.path):
             self._tmp = str(self.path.parent / (self.path.name + ".tmp"))
         else:
@@ -162,7 +163,7 @@ class ShardWriter:
         self._writer.write(encode_record(rec))
         self.stats["records"] += 1
         self.stats["frames"] += rec.frames
-        self.stats["hours"] += rec.frames / FRAME_RATE / 3600
+        self.stats["hours"] += rec.frames / self.frame_rate / 3600
 
     def close(self) -> dict:
         self._writer.close()
@@ -180,13 +181,17 @@ def write_json_atomic(path: epath.Path, obj: Any) -> None:
     paths.write_whole(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
-def write_manifest(directory: str, shards: Sequence[dict], codebooks: int, **extra) -> dict:
-    """`shards`: dicts with `path` (relative to `directory`), `records`, `hours`, `frames`, `errors`."""
+def write_manifest(directory: str, shards: Sequence[dict], codebook_sizes: Sequence[int],
+                   frame_rate: float, **extra) -> dict:
+    """`shards`: dicts with `path` (relative to `directory`), `records`, `hours`, `frames`, `errors`;
+    `codebook_sizes` and `frame_rate` are the audio tokenizer's (checked against the LM when it
+    trains on the shards)."""
     totals = {k: sum(s[k] for s in shards) for k in ("records", "hours", "frames", "errors")}
     manifest = {
         "format": FORMAT,
-        "codebooks": codebooks,
-        "frame_rate": FRAME_RATE,
+        "codebooks": len(codebook_sizes),
+        "codebook_sizes": list(codebook_sizes),
+        "frame_rate": frame_rate,
         **totals,
         "shards": list(shards),
         **extra,
@@ -196,20 +201,24 @@ def write_manifest(directory: str, shards: Sequence[dict], codebooks: int, **ext
 
 
 def write_shards(
-    directory: str, records: Sequence[Record], records_per_shard: int, codebooks: int
+    directory: str, records: Sequence[Record], records_per_shard: int, codebooks: int,
+    audio: TokenizerConfig | None = None,
 ) -> dict:
-    """Writes `records` into consecutive shards and the manifest (synthetic data, tests, tools)."""
+    """Writes `records` into consecutive shards and the manifest (synthetic data, tests, tools);
+    `audio` is the tokenizer the codes are of (default: the released one's sizes)."""
+    audio = audio or TokenizerConfig()
     directory = paths.resolve(directory)
     directory.mkdir(parents=True, exist_ok=True)
     n = max(1, -(-len(records) // records_per_shard))
     entries = []
     for k in range(n):
         name = f"shard-{k:05d}-of-{n:05d}.array_record"
-        writer = ShardWriter(str(directory / name))
+        writer = ShardWriter(str(directory / name), audio.frame_rate)
         for rec in records[k * records_per_shard : (k + 1) * records_per_shard]:
             writer.write(rec)
         entries.append({"path": name, **writer.close(), "errors": 0})
-    return write_manifest(str(directory), entries, codebooks)
+    return write_manifest(str(directory), entries, audio.codebook_sizes[:codebooks],
+                          audio.frame_rate)
 
 
 def read_manifest(directory: str) -> dict:

@@ -143,9 +143,13 @@ class ShardJob:
     def __init__(self, out: epath.Path, k: int, n: int, entries: list, checksum: int, args, encode):
         self.out, self.k, self.n, self.entries, self.checksum = out, k, n, entries, checksum
         self.args, self.encode = args, encode
-        self.audio = encoders.config_of(encode)  # rate, frame rate, shortest clip
         self.name = shard_name(k, n)
         self.sidecar = out / f"{self.name}.json"
+
+    @property
+    def audio(self):
+        """The encoder's TokenizerConfig: rate, frame rate, codebook sizes, shortest clip."""
+        return encoders.config_of(self.encode)
 
     def done(self) -> bool:
         if not self.sidecar.exists():
@@ -216,7 +220,7 @@ class ShardJob:
         return result
 
     def _write(self, items: dict, codes: dict, seconds: dict, errors: list) -> dict:
-        writer = ShardWriter(str(self.out / f"{self.name}.array_record"))
+        writer = ShardWriter(str(self.out / f"{self.name}.array_record"), self.audio.frame_rate)
         for line in sorted(codes):
             it = items[line]
             writer.write(
@@ -239,13 +243,15 @@ class ShardJob:
             "errors": len(errors),
             "lines": len(self.entries),
             "lines_crc32": self.checksum,
+            "codebook_sizes": list(self.audio.codebook_sizes[:self.args.codebooks]),
+            "frame_rate": self.audio.frame_rate,
             "error_entries": errors,
         }
         write_json_atomic(self.sidecar, info)
         return info
 
 
-def finalize(out: epath.Path, n: int, total_lines: int, codebooks: int) -> dict | None:
+def finalize(out: epath.Path, n: int, total_lines: int) -> dict | None:
     """Writes manifest.json and errors.jsonl once every shard has its sidecar; else None."""
     infos = []
     for k in range(n):
@@ -259,7 +265,8 @@ def finalize(out: epath.Path, n: int, total_lines: int, codebooks: int) -> dict 
     shards = [
         {k: info[k] for k in ("path", "records", "hours", "frames", "errors")} for info in infos
     ]
-    return write_manifest(str(out), shards, codebooks, lines=total_lines)
+    return write_manifest(str(out), shards, infos[0]["codebook_sizes"], infos[0]["frame_rate"],
+                          lines=total_lines)
 
 
 def _process_slice(args) -> tuple[int, int]:
@@ -337,7 +344,7 @@ def run(args, encode=None) -> int:
         f"{written} records written, {failed} errors, in {time.time() - start:.1f} s"
     )
     unaccounted = sum(i["lines"] for i in mine) - written - failed
-    manifest = finalize(out, n, len(entries), args.codebooks)
+    manifest = finalize(out, n, len(entries))
     if manifest is None:
         print(
             f"other processes' shards are pending; the last process to finish writes {out}/manifest.json"

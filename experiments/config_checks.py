@@ -6,15 +6,20 @@ with the value and what was expected, one line each, all at once.
 and `optimizer.clip_norm` (no clipping).
 """
 import difflib
+import json
 from collections.abc import Callable
 
 import ml_collections
 from etils import epath
 
-from data_pipelines.config import parse_dashed
 from data_pipelines.pipeline import parse_sources
+from data_pipelines.shards import MANIFEST
+from mimo_jax import checkpoint
 from mimo_jax.nn.remat import policy as remat_policy
+from mimo_jax.tasks.text_tokenizer import TextTokenizer, model_id_problems
+from mimo_jax.train.losses import LossConfig
 from mimo_jax.train.optimizer import GROUPS
+from mimo_jax.train.setup import lm_architecture
 from sharding.rules import PRESETS
 
 DTYPES = ("float32", "bfloat16")
@@ -139,20 +144,74 @@ def _value_problems(config) -> list[str]:
     return out
 
 
-def _layout_problems(config) -> list[str]:
-    channels = config.data.audio_channels
+def _model_problems(config) -> list[str]:
+    """What the LM a run trains implies (its config.json or `model.hf`): one loss weight per
+    codebook, the text tokenizer's special ids, shards of the audio tokenizer it models."""
+    key = "model.init_checkpoint" if config.model.init_checkpoint else "model.hf"
+    if config.model.init_checkpoint and not checkpoint.is_model_checkpoint(
+            config.model.init_checkpoint):
+        return []  # named by _path_problems
+    try:
+        lm = lm_architecture(config)
+    except (ValueError, TypeError, KeyError) as e:
+        return [f"{key}: expected a MiMo-Audio LM architecture ({e})"]
+    return (_loss_problems(config, lm) + _tokenizer_problems(config, lm)
+            + _shard_problems(config, lm))
+
+
+def _loss_problems(config, lm) -> list[str]:
+    want = f"{lm.audio_channels + 1} numbers >= 0 joined by '-' (text, then one per codebook " \
+           f"of the model's {lm.audio_channels})"
+    try:
+        loss = LossConfig.from_string(config.loss.weights)
+    except ValueError:
+        return [_problem("loss.weights", config.loss.weights, want)]
+    if len(loss.codebook_weights) != lm.audio_channels:
+        return [_problem("loss.weights", config.loss.weights, want)]
+    return []
+
+
+def _tokenizer_problems(config, lm) -> list[str]:
+    if not (config.data.tokenizer and epath.Path(config.data.tokenizer).is_file()):
+        return []  # named by _path_problems
+    try:
+        problems = model_id_problems(lm, TextTokenizer.from_file(config.data.tokenizer))
+    except KeyError as e:  # a special token missing from the tokenizer
+        problems = [str(e.args[0])]
+    except Exception as e:  # noqa: BLE001  (what the tokenizers library says of the file)
+        return [_problem("data.tokenizer", config.data.tokenizer,
+                         f"a tokenizer.json the tokenizers library reads ({e})")]
+    return [_problem("data.tokenizer", config.data.tokenizer,
+                     f"the text tokenizer of the model's special ids: {p}") for p in problems]
+
+
+def _shard_problems(config, lm) -> list[str]:
     out = []
-    for key in ("data.loss_weights", "data.delay_pattern", "data.speech_zeroemb_idx"):
-        value = get(config, key)
-        want = channels + 1 if key == "data.loss_weights" else channels
+    for key in ("data.sources", "data.eval_sources"):
         try:
-            values = parse_dashed(value, float)
+            dirs = dict.fromkeys(s.path for s in parse_sources(get(config, key)))
         except ValueError:
-            out.append(_problem(key, value, f"{want} numbers joined by '-'"))
-            continue
-        if len(values) != want or min(values) < 0:
-            out.append(_problem(key, value, f"{want} numbers >= 0 joined by '-' "
-                                            f"(data.audio_channels={channels})"))
+            continue  # named by _path_problems
+        for path in dirs:
+            manifest = epath.Path(path) / MANIFEST
+            if not manifest.is_file():
+                continue
+            try:
+                facts = json.loads(manifest.read_text())
+                facts["codebooks"], facts["codebook_sizes"]
+            except (ValueError, KeyError, TypeError):
+                out.append(_problem(key, path, f"a {MANIFEST} written by data_pipelines.tokenize "
+                                               f"(with codebooks and codebook_sizes)"))
+                continue
+            if facts["codebooks"] < lm.audio_channels:
+                out.append(_problem(key, path, f"shards of at least the model's "
+                                               f"{lm.audio_channels} codebooks; they have "
+                                               f"{facts['codebooks']}"))
+            sizes = tuple(facts["codebook_sizes"][:lm.audio_channels])
+            if sizes != tuple(lm.speech_empty_ids[:len(sizes)]):
+                out.append(_problem(key, path, f"codes of the model's audio tokenizer (codebook "
+                                               f"sizes {tuple(lm.speech_empty_ids)}, the model's "
+                                               f"empty ids); they have codebook sizes {sizes}"))
     return out
 
 
@@ -188,6 +247,6 @@ def _path_problems(config) -> list[str]:
 
 def check(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError naming every problem of the config (one line each)."""
-    problems = _value_problems(config) + _layout_problems(config) + _path_problems(config)
+    problems = _value_problems(config) + _path_problems(config) + _model_problems(config)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

@@ -69,12 +69,12 @@ class Preemption:
         return self.signalled
 
 
-def data_iterators(config, mesh):
+def data_iterators(config, lm_config):
     from data_pipelines.config import DataConfig
     from data_pipelines.pipeline import make_dataset, parse_sources
     from data_pipelines.text_tokenizer import TextTokenizer
 
-    cfg = DataConfig.from_mapping(config.data)
+    cfg = DataConfig.for_model(lm_config, config.data)
     tokenizer = TextTokenizer.from_file(config.data.tokenizer)
     split = config.data.split_by_process
     procs, index = jax.process_count(), jax.process_index()
@@ -162,9 +162,9 @@ def _run(config, workdir) -> int:
     trainer, state = setup.build_trainer(config, model)
     del model
     with jax.set_mesh(mesh), use_rules(rules):
-        train_it, eval_factory, local_rows = data_iterators(config, mesh)
+        train_it, eval_factory, local_rows = data_iterators(config, lm_config)
         identity = {"model": lm_config.to_hf(), "trainable": trainer.optimizer.trainable_groups,
-                    "loss_weights": config.data.loss_weights, "remat": lm_config.remat_policy}
+                    "loss_weights": config.loss.weights, "remat": lm_config.remat_policy}
         ckpts = TrainCheckpoints(workdir, identity, keep=config.checkpoint.keep,
                                  async_save=config.checkpoint.async_save)
         try:
@@ -204,6 +204,13 @@ def _evaluate(config, state, steps, eval_factory, local_rows, mesh) -> dict[str,
     return {f"eval/{k}": v for k, v in totals.items()}
 
 
+def _sum_over_processes(count: int) -> int:
+    if jax.process_count() == 1:
+        return count
+    from jax.experimental import multihost_utils
+    return int(np.sum(multihost_utils.process_allgather(np.int64(count))))
+
+
 def _due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0  # every=0: off
 
@@ -216,8 +223,11 @@ def _loop(config, state, steps, train_it, eval_factory, local_rows, mesh, ckpts,
     groups = config.data.batch_size * config.data.context_length
     peak = config.peak_tflops_per_device * 1e12 * jax.device_count()
     t_last, last_logged = time.time(), step
+    skipped = 0  # bad documents the packer skipped in this process's rows since the run (re)started
     while step < config.total_steps:
-        state, metrics = steps.train(state, global_batch(local_rows(next(train_it)), mesh), rng)
+        batch = local_rows(next(train_it))
+        skipped += int(np.sum(batch["skipped"]))
+        state, metrics = steps.train(state, global_batch(batch, mesh), rng)
         step += 1
         last = step == config.total_steps
         save = _due(step, config.checkpoint_every) or last
@@ -234,7 +244,8 @@ def _loop(config, state, steps, train_it, eval_factory, local_rows, mesh, ckpts,
             elapsed = time.time() - t_last
             rate = (step - last_logged) * groups / max(elapsed, 1e-9)
             values.update(groups_per_second=rate, mfu=rate * flops / peak if peak else 0.0,
-                          tokens_per_second=rate * values["tokens"] / groups)  # non-padding groups
+                          tokens_per_second=rate * values["tokens"] / groups,  # non-padding
+                          skipped_documents=_sum_over_processes(skipped))
             t_last, last_logged = time.time(), step
             writer.write(step, values)
             writer.progress(step, values)

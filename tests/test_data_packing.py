@@ -67,14 +67,12 @@ def test_weights_and_targets_follow_the_next_group():
     doc["target"][:10] = False
     row = next(iter(_pack([doc])))
     nxt = doc["text"][1:]
-    want_tw = np.where(nxt == EMPTY_ID, 100 * 0.25, 100.0) * (np.arange(1, 30) >= 10)
+    want_tw = np.where(nxt == EMPTY_ID, 0.25, 1.0) * (np.arange(1, 30) >= 10)
     np.testing.assert_allclose(row["text_weights"][:29], want_tw)
     np.testing.assert_array_equal(row["text_targets"][9:29], nxt[9:])
     assert (row["text_targets"][:9] == PAD).all() and (row["text_targets"][29:] == PAD).all()
     speech_next = (nxt == EMPTY_ID) & (np.arange(1, 30) >= 10)
-    np.testing.assert_allclose(
-        row["code_weights"][:29], speech_next[:, None] * np.array(CFG.codebook_weights)
-    )
+    np.testing.assert_array_equal(row["code_weights"][:29], np.repeat(speech_next[:, None], 8, 1))
     np.testing.assert_array_equal(
         row["code_targets"][:29][speech_next], doc["codes"][1:][speech_next]
     )

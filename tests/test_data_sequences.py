@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import tokenizers
 
-from data_pipelines.config import STAGE1_LOSS_WEIGHTS, DataConfig
+from data_pipelines.config import DataConfig
 from data_pipelines.packing import example_from_document
-from data_pipelines.sequences import DocumentError, SequenceBuilder, delay_patch
+from data_pipelines.sequences import DocumentError, SequenceBuilder
 from data_pipelines.shards import Record
 from data_pipelines.text_tokenizer import (
     SPECIAL_TOKENS,
@@ -17,6 +17,8 @@ from data_pipelines.text_tokenizer import (
     train_demo_tokenizer,
     word_level_tokenizer,
 )
+from experiments.configs.demo import demo_hf
+from mimo_jax.lm.config import MiMoAudioConfig
 from mimo_jax.tasks.segments import patchify
 
 WORDS = [f"w{i}" for i in range(1, 21)]
@@ -73,22 +75,20 @@ def test_continuation_document_and_weights():
     np.testing.assert_array_equal(doc["codes"][3], np.tile(EMPTY, (4, 1)))
     ex = example_from_document(doc, CFG, E, TOK.pad_id)
     assert ex["text_targets"].tolist() == [E, E, S["<|eosp|>"], TOK.pad_id]
-    np.testing.assert_allclose(
-        ex["text_weights"], [1.0, 1.0, 100.0, 0.0]
-    )  # 100 * 0.01 for <|empty|>
+    # relative weights (the loss applies the loss weights): 0.01 for an <|empty|> target
+    np.testing.assert_allclose(ex["text_weights"], [0.01, 0.01, 1.0, 0.0])
     np.testing.assert_array_equal(ex["code_targets"][:2], doc["codes"][1:3])
     np.testing.assert_array_equal(ex["code_targets"][2:], np.tile(EMPTY, (2, 4, 1)))
-    np.testing.assert_allclose(ex["code_weights"], [[12, 8, 6, 4, 2, 2, 1, 1]] * 2 + [[0] * 8] * 2)
+    np.testing.assert_array_equal(ex["code_weights"], [[1] * 8] * 2 + [[0] * 8] * 2)
     assert ex["segment_ids"].tolist() == [1] * 4 and ex["positions"].tolist() == [0, 1, 2, 3]
     assert ex["codes"].dtype == np.int32 and ex["code_weights"].dtype == np.float32
 
 
-def test_stage1_weights_supervise_text_only():
-    cfg = DataConfig(loss_weights=STAGE1_LOSS_WEIGHTS, empty_text_weight=0.5)
+def test_empty_text_weight_scales_only_empty_targets():
+    cfg = DataConfig(empty_text_weight=0.5)
     doc = SequenceBuilder(TOK, cfg).build(_rec(7), "continuation")
     ex = example_from_document(doc, cfg, E, TOK.pad_id)
     np.testing.assert_allclose(ex["text_weights"], [0.5, 0.5, 1.0, 0.0])
-    assert not ex["code_weights"].any()
 
 
 def test_interleave_5_to_5_text_longer_than_speech():
@@ -199,22 +199,11 @@ def test_builder_errors_name_record_and_reason():
         b.build(_rec(4, "w1"), "dance")
 
 
-def test_delay_patch_matches_the_spec_schedule():
-    patch = np.arange(32).reshape(4, 8) + 1  # frame f, channel c -> 8f + c + 1
-    delayed, active = delay_patch(patch, CFG.delays, CFG.empty_ids)
-    assert delayed.shape == (11, 8)
-    # SPEC §1.7: step 6 emits c3:f3 c4:f2 c5:f1 c6:f0; step 10 emits only c7:f3.
-    assert np.flatnonzero(active[6]).tolist() == [3, 4, 5, 6]
-    assert [delayed[6, c] for c in (3, 4, 5, 6)] == [8 * 3 + 4, 8 * 2 + 5, 8 * 1 + 6, 8 * 0 + 7]
-    assert np.flatnonzero(active[10]).tolist() == [7] and delayed[10, 7] == 8 * 3 + 8
-    assert delayed[0].tolist() == [1] + [1024] + [128] * 6
-    assert active.sum() == 32
-    batched, _ = delay_patch(np.stack([patch, patch]), CFG.delays, CFG.empty_ids)
-    np.testing.assert_array_equal(batched[1], delayed)
+def test_layout_comes_from_the_model_config():
+    model = MiMoAudioConfig.from_hf(demo_hf(smoke=True))
+    cfg = DataConfig.for_model(model, {"context_length": 32, "sources": "ignored", "batch_size": 2})
+    assert (cfg.group_size, cfg.audio_channels) == (model.group_size, model.audio_channels)
+    assert cfg.empty_ids == tuple(model.speech_empty_ids) and cfg.context_length == 32
+    with pytest.raises(ValueError, match=r"2 empty ids \(1, 2\) for 8 audio channels"):
+        DataConfig(empty_ids=(1, 2))
 
-
-def test_config_validates_lengths():
-    with pytest.raises(ValueError, match="loss_weights='1-2' has 2 values, expected 9"):
-        DataConfig(loss_weights="1-2")
-    cfg = DataConfig.from_mapping({"loss_weights": STAGE1_LOSS_WEIGHTS, "other_key": 3})
-    assert cfg.text_weight == 1.0 and cfg.codebook_weights == (0.0,) * 8

@@ -8,21 +8,25 @@ from pathlib import Path
 import pytest
 
 from data_pipelines.pipeline import Source, parse_sources
+from data_pipelines.shards import write_manifest
+from data_pipelines.text_tokenizer import word_level_tokenizer
 from experiments import config_checks, train
 from experiments.config_checks import set_value
 from experiments.configs import common
 from experiments.configs import demo as demo_config
+from mimo_jax.tokenizer.config import TokenizerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def data_dir(tmp_path) -> Path:
-    """What the checks look at in a demo data directory: tokenizer.json and a shard manifest."""
+    """What the checks look at in a demo data directory: tokenizer.json (the demo's special ids)
+    and a shard manifest of the released tokenizer's first 8 codebooks."""
     data = tmp_path / "data"
     (data / "shards").mkdir(parents=True)
-    (data / "shards" / "manifest.json").write_text("{}")
-    (data / "tokenizer.json").write_text("{}")
+    write_manifest(str(data / "shards"), [], TokenizerConfig().codebook_sizes[:8], 25.0)
+    word_level_tokenizer(["hello"]).save(str(data / "tokenizer.json"))
     return data
 
 
@@ -79,7 +83,9 @@ def test_valid_config_passes(data_dir):
     ("model.dtype", "float16", "model.dtype='float16': expected one of float32, bfloat16"),
     ("model.remat_policy", "most", "model.remat_policy='most': expected one of"),
     ("mesh.rules", "pipeline", "mesh.rules='pipeline': expected one of"),
-    ("data.loss_weights", "1-2", "data.loss_weights='1-2': expected 9 numbers"),
+    ("loss.weights", "1-2", "loss.weights='1-2': expected 9 numbers >= 0 joined by '-' (text, "
+                            "then one per codebook of the model's 8)"),
+    ("loss.weights", "1-a", "loss.weights='1-a': expected 9 numbers"),
     ("data.tokenizer", "", "data.tokenizer='': expected the path"),
     ("data.sources", "", "data.sources='': expected one or more shard sources"),
     ("data.sources", "nowhere:tts", "nowhere has none"),
@@ -92,6 +98,26 @@ def test_each_invalid_value_is_named(data_dir, key, value, expected):
         config_checks.check(config_with(data_dir, **{key: value}))
     lines = str(e.value).splitlines()[1:]
     assert len(lines) == 1 and expected in lines[0], str(e.value)
+
+
+def test_the_text_tokenizer_must_hold_the_models_special_ids(data_dir):
+    config = config_with(data_dir, **{"model.hf.sosp_idx": 7})
+    with pytest.raises(config_checks.ConfigError) as e:
+        config_checks.check(config)
+    (line,) = str(e.value).splitlines()[1:]
+    assert line.endswith("expected the text tokenizer of the model's special ids: sosp_idx=7 but "
+                         f"{data_dir / 'tokenizer.json'} has <|sosp|> = 3"), line
+
+
+@pytest.mark.parametrize("sizes,expected", [
+    ((1024,) * 8, "they have codebook sizes (1024, 1024, 1024, 1024, 1024, 1024, 1024, 1024)"),
+    ((1024, 1024, 128, 128), "expected shards of at least the model's 8 codebooks; they have 4"),
+])
+def test_shards_must_hold_the_codes_the_model_models(data_dir, sizes, expected):
+    write_manifest(str(data_dir / "shards"), [], sizes, 25.0)
+    with pytest.raises(config_checks.ConfigError) as e:
+        config_checks.check(config_with(data_dir))
+    assert expected in str(e.value), str(e.value)
 
 
 def test_every_problem_at_once_and_before_anything_is_built(data_dir, tmp_path):

@@ -44,7 +44,8 @@ def test_stage1_then_stage2_from_its_weights(demo_data, tmp_path):
     second = metrics(tmp_path / "s2")
     assert "codebook7_loss" in second[0] and "codebook7_accuracy" in second[0]
     assert any("eval/loss" in m for m in second)
-    for key in ("text_accuracy", "grad_norm", "groups_per_second", "mfu", "lr/llm", "tokens"):
+    for key in ("text_accuracy", "grad_norm", "groups_per_second", "mfu", "lr/llm", "tokens",
+                "skipped_documents"):
         assert key in second[0], key
     assert (tmp_path / "s2" / "tensorboard").is_dir()
     assert (tmp_path / "s2" / "model" / "config.json").exists()

@@ -3,6 +3,7 @@ report's model sizes and recipes. An experiment file starts from `base_config()`
 differs; the train entry point reads only keys defined here (an unknown override is an error)."""
 import ml_collections
 
+# Loss weights, text then one per codebook (the report's Table 3).
 STAGE1_WEIGHTS = "1-0-0-0-0-0-0-0-0"
 STAGE2_WEIGHTS = "100-12-8-6-4-2-2-1-1"
 
@@ -79,17 +80,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.eval_sources = ""  # held-out shards for the evaluation every `eval_every` steps
     c.data.batch_size = 256  # global rows per step
     c.data.context_length = 8192  # groups per row
-    c.data.group_size = 4
-    c.data.audio_channels = 8
-    c.data.speech_zeroemb_idx = "1024-1024-128-128-128-128-128-128"
-    c.data.delay_pattern = "0-1-2-3-4-5-6-7"
-    c.data.loss_weights = STAGE2_WEIGHTS
-    c.data.empty_text_weight = 0.01
+    # The group layout (group size, channels, empty ids) is the model's (its config.json).
+    c.data.empty_text_weight = 0.01  # factor on the text weight where the target is <|empty|>
     c.data.skip_bad_records = False
     c.data.workers = 0
     c.data.split_by_process = True  # each process reads its slice (False: all read, rows split)
 
     c.loss = ml_collections.ConfigDict()
+    c.loss.weights = STAGE2_WEIGHTS  # text, then one per codebook (as many as model channels)
     c.loss.text_chunk = 1024
     c.loss.patch_fraction = 1.0  # share of positions the patch decoder runs on (speech first)
     c.loss.patch_chunk = 1024  # positions per chunk of the patch decoder
@@ -122,18 +120,18 @@ def base_config() -> ml_collections.ConfigDict:
 def stage(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
     """The report's recipes (Table 3): stage 1 (understanding), stage 2, and fine-tuning."""
     if name == "stage1":
-        c.data.loss_weights = STAGE1_WEIGHTS
+        c.loss.weights = STAGE1_WEIGHTS
         c.optimizer.learning_rates = ml_collections.ConfigDict(
             {"patch_encoder": 2e-4, "llm": 3e-5, "patch_decoder": 2e-4})
         c.optimizer.schedule = "constant"
         c.optimizer.frozen = ("patch_decoder",)
     elif name == "stage2":
-        c.data.loss_weights = STAGE2_WEIGHTS
+        c.loss.weights = STAGE2_WEIGHTS
         c.optimizer.learning_rates = ml_collections.ConfigDict(
             {"patch_encoder": 2e-4, "llm": 3e-5, "patch_decoder": 2e-4})
         c.optimizer.schedule = "cosine"
     elif name == "sft":
-        c.data.loss_weights = STAGE2_WEIGHTS
+        c.loss.weights = STAGE2_WEIGHTS
         c.optimizer.learning_rates = ml_collections.ConfigDict(
             {"patch_encoder": 5e-5, "llm": 1e-5, "patch_decoder": 5e-5})
         c.optimizer.schedule = "cosine"

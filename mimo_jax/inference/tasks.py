@@ -28,7 +28,7 @@ from mimo_jax.lm.layout import empty_patch
 from mimo_jax.tasks import outputs, requests, segments
 from mimo_jax.tasks.audio import AudioFrontEnd
 from mimo_jax.tasks.requests import RequestError
-from mimo_jax.tasks.text_tokenizer import TextTokenizer
+from mimo_jax.tasks.text_tokenizer import TextTokenizer, model_id_problems
 from mimo_jax.tokenizer.audio_io import InputError
 
 MAX_GROUPS = 8192  # the official GenerationConfig's max_length: prompt and generation together
@@ -44,9 +44,6 @@ TASK_SAMPLERS = {
     "in_context_learning_s2s": (SamplerConfig(False, 1.0, None, 1.0), _LOCAL),
     "default": (SamplerConfig(True, 0.6, 50, 0.95), SamplerConfig(True, 0.9, 50, 0.95)),
 }
-# The LM config's special ids and the text tokenizer's names for them.
-_SPECIAL = {"sosp_idx": "<|sosp|>", "eosp_idx": "<|eosp|>", "sostm_idx": "<|sostm|>",
-            "eostm_idx": "<|eostm|>", "eot_idx": "<|eot|>", "empty_idx": "<|empty|>"}
 
 
 @dataclasses.dataclass
@@ -89,14 +86,7 @@ def load_lm(path: str | Path, dtype=None):
 
 def check_special_ids(config, tok: TextTokenizer, source: str = "the LM checkpoint") -> None:
     """The LM's special ids must be the text tokenizer's; every disagreement is named."""
-    problems = []
-    for key, token in _SPECIAL.items():
-        mine = getattr(config, key, None)
-        if mine is not None and mine != tok.special_id(token):
-            problems.append(f"{key}={mine} but {tok.source} has {token} = {tok.special_id(token)}")
-    if tok.vocab_size > config.vocab_size:
-        problems.append(f"vocab_size={config.vocab_size} but {tok.source} has {tok.vocab_size} "
-                        f"tokens")
+    problems = model_id_problems(config, tok)
     if problems:
         raise ValueError(f"{source} does not match the text tokenizer: " + "; ".join(problems))
 

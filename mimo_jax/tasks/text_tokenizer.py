@@ -30,6 +30,9 @@ SPECIAL_TOKENS = (
     "<|SpeechLM|>",
 )
 DEFAULT_EOS = "<|endoftext|>"
+# The LM config's special ids and the tokens they must be in the text tokenizer.
+MODEL_SPECIAL_IDS = {"sosp_idx": "<|sosp|>", "eosp_idx": "<|eosp|>", "sostm_idx": "<|sostm|>",
+                     "eostm_idx": "<|eostm|>", "eot_idx": "<|eot|>", "empty_idx": "<|empty|>"}
 
 
 class TextTokenizer:
@@ -98,3 +101,17 @@ class TextTokenizer:
     def __setstate__(self, state):
         self.__init__(tokenizers.Tokenizer.from_str(state["json"]), state["source"],
                       state.get("eos", DEFAULT_EOS))
+
+
+def model_id_problems(lm_config, tok: TextTokenizer) -> list[str]:
+    """Every disagreement between an LM config's special ids (and vocabulary size) and the text
+    tokenizer, one line each; empty when they agree."""
+    problems = []
+    for key, token in MODEL_SPECIAL_IDS.items():
+        mine = getattr(lm_config, key, None)
+        if mine is not None and mine != tok.special_id(token):
+            problems.append(f"{key}={mine} but {tok.source} has {token} = {tok.special_id(token)}")
+    if tok.vocab_size > lm_config.vocab_size:
+        problems.append(f"vocab_size={lm_config.vocab_size} but {tok.source} has "
+                        f"{tok.vocab_size} tokens")
+    return problems

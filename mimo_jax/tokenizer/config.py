@@ -109,6 +109,11 @@ class TokenizerConfig:
         conv2 = (conv1 + 2 - self.kernel_size) // self.stride_size + 1
         return -(-conv2 // self.avg_pooler)
 
+    @property
+    def frame_rate(self) -> float:
+        """Code frames per second (25.0 for the released model)."""
+        return self.sampling_rate / self.samples_per_code
+
     def clip_code_frames(self, samples: int) -> int:
         """Codes of a whole clip of `samples` (its 6000-frame segments give the same total)."""
         return self.code_frames(self.mel_frames(samples))

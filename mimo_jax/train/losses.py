@@ -41,7 +41,13 @@ class LossConfig:
 
     @classmethod
     def from_string(cls, weights: str, **kw) -> "LossConfig":
-        values = tuple(float(v) for v in weights.split("-"))
+        """From the official spelling `"100-12-8-6-4-2-2-1-1"`: text, then one per codebook."""
+        try:
+            values = tuple(float(v) for v in weights.split("-"))
+        except (ValueError, AttributeError):
+            raise ValueError(f"loss weights {weights!r}: expected numbers joined by '-'") from None
+        if min(values) < 0:
+            raise ValueError(f"loss weights {weights!r}: expected numbers >= 0")
         return cls(values[0], values[1:], **kw)
 
 

@@ -43,6 +43,18 @@ def check_batch_divides(global_batch: int, grad_accum: int, mesh) -> None:
                          f"{jax.process_count()} processes")
 
 
+def lm_architecture(config) -> MiMoAudioConfig:
+    """The architecture a run trains: `model.init_checkpoint`'s config.json (no weights are read)
+    or `model.hf`; every other part of the run (the data layout, the loss) takes it from here."""
+    if not config.model.init_checkpoint:
+        return MiMoAudioConfig.from_hf(dict(config.model.hf))
+    _, lm = model_ckpt.read_config(config.model.init_checkpoint)
+    if not isinstance(lm, MiMoAudioConfig):
+        raise ValueError(f"model.init_checkpoint={config.model.init_checkpoint!r}: holds a "
+                         f"{type(lm).__name__}, expected a MiMo-Audio LM checkpoint")
+    return lm
+
+
 def build_model(config, mesh, rules) -> tuple[MiMoAudioConfig, nnx.Module]:
     """From `model.init_checkpoint` (a converted checkpoint) or randomly from `model.hf`."""
     dtype = _dtype(config.model.dtype, "model.dtype")
@@ -50,8 +62,7 @@ def build_model(config, mesh, rules) -> tuple[MiMoAudioConfig, nnx.Module]:
     if config.model.init_checkpoint:
         return model_ckpt.load(config.model.init_checkpoint, mesh=mesh, rules=rules, dtype=dtype,
                                param_dtype=param_dtype, remat_policy=config.model.remat_policy)
-    lm_config = MiMoAudioConfig.from_hf(dict(config.model.hf),
-                                        remat_policy=config.model.remat_policy)
+    lm_config = lm_architecture(config).replace(remat_policy=config.model.remat_policy)
 
     def create():
         return MiMoAudioLM(lm_config, dtype=dtype, param_dtype=param_dtype,
@@ -69,7 +80,7 @@ def _shardings_of(tree):
 
 def build_trainer(config, model) -> tuple[Trainer, TrainState]:
     """The trainer of the config's loss and optimizer, and its state placed like the model."""
-    loss = LossConfig.from_string(config.data.loss_weights, text_chunk=config.loss.text_chunk,
+    loss = LossConfig.from_string(config.loss.weights, text_chunk=config.loss.text_chunk,
                                   patch_fraction=config.loss.patch_fraction,
                                   patch_chunk=config.loss.patch_chunk)
     frozen = tuple(config.optimizer.frozen)
