@@ -193,12 +193,3 @@ def make_dataset(
             grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=worker_buffer)
         )
     return it
-
-
-def batch_summary(batch: dict[str, np.ndarray]) -> dict[str, float]:
-    """Numbers a trainer logs per batch: fill, documents, skipped records."""
-    return {
-        "fill": float(np.mean(batch["segment_ids"] > 0)),
-        "documents": float(np.sum(batch["documents"])),
-        "skipped": float(np.sum(batch["skipped"])),
-    }
