@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from tasks_support import TasksFixture, causal_lm_dir, fixture_lm
+from test_readme import readme_command
 
 from mimo_jax import evaluate
 from mimo_jax.evaluation import asr_metrics, choice
@@ -68,10 +69,14 @@ def lm_dir(fx, tmp_path_factory):
     return causal_lm_dir(fx, tmp_path_factory.mktemp("lm") / "lm")
 
 
-def _args(fx, lm_dir, out):
-    return ["--lm", str(lm_dir), "--audio-tokenizer", str(fx.dir / fx.meta["audio_tokenizer"]),
-            "--text-tokenizer", str(fx.dir / "text_tokenizer" / "tokenizer.json"),
-            "--out", str(out)]
+def _readme_argv(fx, lm_dir, mode: str, inputs, out) -> list[str]:
+    """The README's evaluate command of `mode` (optional parts left out) on the fixture."""
+    words = readme_command("Evaluation", f"python -m mimo_jax.evaluate {mode}")[3:]
+    paths = {"--manifest": inputs, "--items": inputs, "--lm": lm_dir,
+             "--audio-tokenizer": fx.dir / fx.meta["audio_tokenizer"],
+             "--text-tokenizer": fx.dir / "text_tokenizer" / "tokenizer.json", "--out": out}
+    return [str(paths[words[i - 1]]) if words[i - 1] in paths else w
+            for i, w in enumerate(words)]
 
 
 def _lines(path):
@@ -92,9 +97,9 @@ def test_asr_on_a_manifest(fx, lm_dir, tmp_path):
              json.dumps({"id": "dot", "audio": "q1.wav", "text": "..."})]
     (tmp_path / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
-    argv = ["asr", "--manifest", str(tmp_path / "manifest.jsonl"), "--template", template,
-            "--greedy", "--min-new-groups", str(gen["min_new_tokens"]), "--max-new-groups",
-            str(gen["max_new_tokens"])] + _args(fx, lm_dir, out)
+    argv = _readme_argv(fx, lm_dir, "asr", tmp_path / "manifest.jsonl", out) + [
+        "--template", template, "--greedy", "--min-new-groups", str(gen["min_new_tokens"]),
+        "--max-new-groups", str(gen["max_new_tokens"])]
     assert evaluate.main(argv) == 1
     report = json.loads((out / "report.json").read_text())
     (utt,) = report["utterances"]
@@ -130,8 +135,7 @@ def test_few_shot_items(fx, lm_dir, tasks_lm, tmp_path):
              "[1, 2]"]
     (tmp_path / "items.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
-    assert evaluate.main(["few_shot", "--items", str(tmp_path / "items.jsonl")]
-                         + _args(fx, lm_dir, out)) == 1
+    assert evaluate.main(_readme_argv(fx, lm_dir, "few_shot", tmp_path / "items.jsonl", out)) == 1
     report = json.loads((out / "report.json").read_text())
     sky, heard = report["items"]
     np.testing.assert_allclose(sky["scores"], want, rtol=1e-4, atol=1e-4)
