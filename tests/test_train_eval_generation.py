@@ -6,8 +6,8 @@ import struct
 from pathlib import Path
 
 import pytest
-from test_train_loop import metrics, smoke
 from tensorboardX.proto import event_pb2
+from test_train_loop import metrics, smoke
 
 from experiments import train
 from experiments.config_checks import ConfigError
@@ -30,7 +30,8 @@ def _generation_config(data: Path, tmp_path: Path, **overrides):
     clip = str(data / first["audio"])
     manifest = tmp_path / "eval.jsonl"
     manifest.write_text(json.dumps({"id": "clip", "audio": clip, "text": first["text"]}) + "\n")
-    config = smoke(data, total_steps=2, eval_every=2, export_model=False, **{
+    config = smoke(data, **{
+        "total_steps": 2, "eval_every": 2, "export_model": False, "data.eval_sources": "",
         "eval_generation.audio_tokenizer": str(data.parent / "audio_tokenizer"),
         "eval_generation.tts_texts": ("Hello there.",),
         "eval_generation.asr_manifest": str(manifest),
