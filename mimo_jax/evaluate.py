@@ -59,6 +59,15 @@ def _check(args) -> None:
             raise SystemExit(f"--{name.replace('_', '-')} {value}: expected at least 1")
 
 
+def lines(mode: str, report: dict) -> list[str]:
+    """One line per scored utterance or item."""
+    if mode == "asr":
+        return [f"{u['id']}: WER {u['wer']:.3f} CER {u['cer']:.3f} | ref: {u['reference']} | "
+                f"hyp: {u['hypothesis']}" for u in report["utterances"]]
+    return [f"{r['id']}: {'correct' if r['correct'] else 'wrong'} (chose {r['prediction']}, "
+            f"answer {r['answer']})" for r in report["items"]]
+
+
 def summary(mode: str, totals: dict) -> str:
     if mode == "asr":
         if not totals["utterances"]:
@@ -100,7 +109,7 @@ def main(argv=None) -> int:
                                               for e in errors))
     for e in errors:
         print(f"error: line {e['line']}: {e['error']}", file=sys.stderr)
-    print(summary(args.mode, report["totals"]))
+    print("\n".join(lines(args.mode, report) + [summary(args.mode, report["totals"])]))
     return 1 if errors else 0
 
 

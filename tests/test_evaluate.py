@@ -83,7 +83,7 @@ def _lines(path):
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
-def test_asr_on_a_manifest(fx, lm_dir, tmp_path):
+def test_asr_on_a_manifest(fx, lm_dir, tmp_path, capsys):
     (gen,) = [g for g in fx.meta["generations"] if g["case"] == "asr_sft"]
     template = fx.cases["asr_sft"]["template"]["value"]
     rate = fx.meta["wavs"]["q1"]["sampling_rate"]
@@ -101,6 +101,8 @@ def test_asr_on_a_manifest(fx, lm_dir, tmp_path):
         "--template", template, "--greedy", "--min-new-groups", str(gen["min_new_tokens"]),
         "--max-new-groups", str(gen["max_new_tokens"])]
     assert evaluate.main(argv) == 1
+    printed = capsys.readouterr().out
+    assert "q1: WER 1.000" in printed and "asr: 1 utterances, WER 1.0000" in printed
     report = json.loads((out / "report.json").read_text())
     (utt,) = report["utterances"]
     assert utt["id"] == "q1" and utt["output"] == gen["text"]
@@ -115,7 +117,7 @@ def test_asr_on_a_manifest(fx, lm_dir, tmp_path):
         assert text in e["error"], (e, text)
 
 
-def test_few_shot_items(fx, lm_dir, tasks_lm, tmp_path):
+def test_few_shot_items(fx, lm_dir, tasks_lm, tmp_path, capsys):
     config, model = tasks_lm
     rate = fx.meta["wavs"]["q1"]["sampling_rate"]
     sf.write(tmp_path / "q1.wav", fx.wavs["q1"], rate)
@@ -137,6 +139,7 @@ def test_few_shot_items(fx, lm_dir, tasks_lm, tmp_path):
     out = tmp_path / "out"
     assert evaluate.main(_readme_argv(fx, lm_dir, "few_shot", tmp_path / "items.jsonl", out)) == 1
     report = json.loads((out / "report.json").read_text())
+    assert f"few_shot: accuracy {report['totals']['accuracy']:.4f}" in capsys.readouterr().out
     sky, heard = report["items"]
     np.testing.assert_allclose(sky["scores"], want, rtol=1e-4, atol=1e-4)
     assert sky["prediction"] == int(np.argmax(want))
