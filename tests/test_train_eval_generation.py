@@ -50,9 +50,11 @@ def test_eval_generation_writes_metrics_and_tensorboard(demo_data, tmp_path):
     for tag in ("eval_tts/0", "eval_continuation/0"):
         assert audio[tag].audio.length_frames > 0 and audio[tag].audio.sample_rate == 24000
     images = summaries_by_kind(tmp_path, "image")
+    tokenizer = json.loads((demo_data.parent / "audio_tokenizer" / "config.json").read_text())
     for tag in ("eval_tts/0", "eval_continuation/0"):
-        image = images[tag].image
-        assert image.height > 0 and image.width > 0, tag
+        image = images[tag].image  # the log-mel of the audio: [mels, frames]
+        assert image.height == tokenizer["n_mels"], tag
+        assert image.width == audio[tag].audio.length_frames // tokenizer["hop_length"] + 1, tag
         assert image.encoded_image_string.startswith(b"\x89PNG\r\n\x1a\n")
     texts = summaries_by_kind(tmp_path, "text")
     assert reference in texts["eval_asr/transcripts"]
