@@ -11,9 +11,9 @@ run with a message naming the last good checkpoint. The resolved config goes to 
 metrics to DIR/metrics.jsonl and DIR/tensorboard. `log_every`, `checkpoint_every`, `eval_every`
 = 0: off (the last step is still logged and saved). With prompts in `eval_generation`, every
 `eval_every` steps the current weights also generate (TTS, ASR, continuation): ASR WER/CER go to
-metrics.jsonl, audio, log-mel images and transcripts to TensorBoard. Multi-host: `jax.distributed.initialize()`
-runs from the environment on TPU pods and SLURM clusters, or from --coordinator/--num_processes/
---process_id.
+metrics.jsonl, audio, log-mel images and transcripts to TensorBoard. Multi-host:
+`jax.distributed.initialize()` runs from the environment on TPU pods and SLURM clusters, or from
+--coordinator/--num_processes/--process_id.
 """
 import os
 import signal
@@ -182,7 +182,8 @@ def _run(config, workdir) -> int:
                                config_json=config.to_json_best_effort(indent=2),
                                hparams=_hparams(config))
         try:
-            generation = generation_eval and _generation_writer(generation_eval, trainer, writer)
+            generation = (_generation_writer(generation_eval, trainer, writer)
+                          if generation_eval is not None else None)
             finished = (start or 0) >= config.total_steps  # done before: nothing to compile
             if not finished:
                 steps = setup.compile_steps(trainer, state)
