@@ -88,6 +88,7 @@ CHECKS: dict[str, Callable] = {
     "optimizer.grad_accum": _int_at_least(1),
     "mesh.rules": _one_of(sorted(PRESETS)),
     "checkpoint.keep": _int_at_least(2),
+    "eval_generation.max_new_groups": _int_at_least(1),
 }
 
 
@@ -245,8 +246,39 @@ def _path_problems(config) -> list[str]:
     return out
 
 
+def generation_eval_on(config) -> bool:
+    g = config.eval_generation
+    return bool(g.tts_texts or g.asr_manifest or g.continuation_audio)
+
+
+def _generation_problems(config) -> list[str]:
+    """The eval prompts: texts, existing files, an audio tokenizer, and a cadence to run at."""
+    g, out = config.eval_generation, []
+    for key in ("eval_generation.tts_texts", "eval_generation.continuation_audio"):
+        value = get(config, key)
+        if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) and v.strip()
+                                                           for v in value):
+            out.append(_problem(key, value, "a tuple of non-empty texts"))
+    if not generation_eval_on(config) or out:
+        return out
+    if config.eval_every == 0:
+        out.append(_problem("eval_every", 0, "an integer >= 1 (eval_generation has prompts)"))
+    if not (epath.Path(g.audio_tokenizer or "/nonexistent") / "config.json").is_file():
+        out.append(_problem("eval_generation.audio_tokenizer", g.audio_tokenizer,
+                            "an audio tokenizer checkpoint directory (with config.json)"))
+    if g.asr_manifest and not epath.Path(g.asr_manifest).is_file():
+        out.append(_problem("eval_generation.asr_manifest", g.asr_manifest,
+                            "an existing JSONL manifest of audio and transcripts"))
+    for path in g.continuation_audio:
+        if not epath.Path(path).is_file():
+            out.append(_problem("eval_generation.continuation_audio", tuple(g.continuation_audio),
+                                f"existing audio files; {path} is not one"))
+    return out
+
+
 def check(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError naming every problem of the config (one line each)."""
-    problems = _value_problems(config) + _path_problems(config) + _model_problems(config)
+    problems = (_value_problems(config) + _path_problems(config) + _model_problems(config)
+                + _generation_problems(config))
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

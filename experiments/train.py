@@ -9,9 +9,11 @@ optimizer and data-iterator state; damaged steps are set aside) and continues wi
 came next. SIGTERM (preemption) saves a checkpoint and exits cleanly; a non-finite loss stops the
 run with a message naming the last good checkpoint. The resolved config goes to DIR/config.json,
 metrics to DIR/metrics.jsonl and DIR/tensorboard. `log_every`, `checkpoint_every`, `eval_every`
-= 0: off (the last step is still logged and saved). Multi-host: `jax.distributed.initialize()`
-runs from the environment on TPU pods and SLURM clusters, or from --coordinator/--num_processes/
---process_id.
+= 0: off (the last step is still logged and saved). With prompts in `eval_generation`, every
+`eval_every` steps the current weights also generate (TTS, ASR, continuation): ASR WER/CER go to
+metrics.jsonl, audio, log-mel images and transcripts to TensorBoard. Multi-host:
+`jax.distributed.initialize()` runs from the environment on TPU pods and SLURM clusters, or from
+--coordinator/--num_processes/--process_id.
 """
 import os
 import signal
@@ -161,6 +163,8 @@ def _run(config, workdir) -> int:
     lm_config, model = setup.build_model(config, mesh, rules)
     trainer, state = setup.build_trainer(config, model)
     del model
+    # Built outside the mesh context (the tokenizers' axis names are not the LM's rules).
+    generation_eval = _generation_eval(config, lm_config)
     with jax.set_mesh(mesh), use_rules(rules):
         train_it, eval_factory, local_rows = data_iterators(config, lm_config)
         identity = {"model": lm_config.to_hf(), "trainable": trainer.optimizer.trainable_groups,
@@ -179,13 +183,15 @@ def _run(config, workdir) -> int:
                                config_json=config.to_json_best_effort(indent=2),
                                hparams=_hparams(config))
         try:
+            generation = (_generation_writer(generation_eval, trainer, writer)
+                          if generation_eval is not None else None)
             finished = (start or 0) >= config.total_steps  # done before: nothing to compile
             if not finished:
                 steps = setup.compile_steps(trainer, state)
                 flops = train_flops_per_group(lm_config, config.data.context_length,
                                               trainer.loss.trains_patch_decoder)
                 state, finished = _loop(config, state, steps, train_it, eval_factory, local_rows,
-                                        mesh, ckpts, writer, flops, start or 0)
+                                        mesh, ckpts, writer, flops, start or 0, generation)
             if finished and config.export_model:
                 export_model(trainer, state, lm_config, workdir)
             return 0
@@ -211,12 +217,39 @@ def _sum_over_processes(count: int) -> int:
     return int(np.sum(multihost_utils.process_allgather(np.int64(count))))
 
 
+def _generation_eval(config, lm_config):
+    """The eval prompts of `eval_generation`, loaded; None when the config has none."""
+    from experiments.config_checks import generation_eval_on
+    if not generation_eval_on(config):
+        return None
+    from mimo_jax.train.eval_generation import GenerationEval, GenerationEvalConfig
+    g = config.eval_generation
+    return GenerationEval(GenerationEvalConfig(
+        audio_tokenizer=g.audio_tokenizer, text_tokenizer=config.data.tokenizer,
+        tts_texts=tuple(g.tts_texts), asr_manifest=g.asr_manifest,
+        continuation_audio=tuple(g.continuation_audio), max_new_groups=g.max_new_groups,
+        seed=config.seed), lm_config)
+
+
+def _generation_writer(evaluate, trainer, writer):
+    """`generation(state, step)`: the eval prompts run with the state's weights, written out.
+    Outside the training mesh: the audio tokenizer lives on one device, and the LM's batches of
+    a few prompts are not split by the training rules."""
+    def generation(state, step: int) -> None:
+        with jax.set_mesh(None):
+            scalars, media = evaluate(trainer.model(state))
+        if scalars:
+            writer.write(step, scalars)
+        writer.media(step, **media)
+    return generation
+
+
 def _due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0  # every=0: off
 
 
 def _loop(config, state, steps, train_it, eval_factory, local_rows, mesh, ckpts, writer, flops,
-          step) -> int:
+          step, generation=None) -> int:
     from mimo_jax.train.setup import global_batch
     preemption = Preemption()
     rng = jax.random.key(config.seed)
@@ -251,6 +284,8 @@ def _loop(config, state, steps, train_it, eval_factory, local_rows, mesh, ckpts,
             writer.progress(step, values)
         if eval_factory and _due(step, config.eval_every):
             writer.write(step, _evaluate(config, state, steps, eval_factory, local_rows, mesh))
+        if generation is not None and _due(step, config.eval_every):
+            generation(state, step)
         if preemption.due(step):
             writer.flush()
             ckpts.save(step, state, train_it)

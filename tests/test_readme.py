@@ -27,6 +27,7 @@ RUN_BY = {
     "python convert_torch_weights.py": "test_readme.py::test_conversion_commands",
     "python -m mimo_jax.tokenizer": "test_tokenizer_cli.py",
     "python -m mimo_jax.generate": "test_tasks_cli.py",
+    "python -m mimo_jax.evaluate": "test_evaluate.py",
     "MIMO_FIXTURES=": "every parity test (tests/conftest.py reads MIMO_FIXTURES)",
     "pip install -e": "test_packaging.py (extras and the wheel); .ci/run (the install)",
     "pip install -e '.[bench]'": "by hand: the benchmarks need PyTorch (the bench extra)",

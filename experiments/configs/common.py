@@ -111,6 +111,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.dcn = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
     c.mesh.rules = "fsdp"
 
+    # Generation with the current weights every `eval_every` steps (off while no prompt is given):
+    # TTS of `tts_texts`, ASR of the clips of `asr_manifest` (tokenize's manifest format, with
+    # transcripts; WER/CER to metrics.jsonl) and continuation of `continuation_audio` files; audio,
+    # log-mel images and transcripts to TensorBoard. `audio_tokenizer`: its checkpoint.
+    c.eval_generation = ml_collections.ConfigDict()
+    c.eval_generation.audio_tokenizer = ""
+    c.eval_generation.tts_texts = ()
+    c.eval_generation.asr_manifest = ""
+    c.eval_generation.continuation_audio = ()
+    c.eval_generation.max_new_groups = 100  # per prompt
+
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.keep = 3
     c.checkpoint.async_save = True

@@ -12,10 +12,13 @@ checkpoint, to be written again) and a trailing partial line (a run killed mid-w
 are dropped.
 """
 import json
+import struct
 import tempfile
 import time
+import zlib
 
 import jax
+import numpy as np
 from etils import epath
 
 from mimo_jax.paths import is_local, write_whole
@@ -47,6 +50,27 @@ def cut_back(path: epath.Path, last_step: int) -> list[str]:
         print(f"{path}: kept {len(kept)} records up to step {last_step}, dropped {later} of later "
               f"steps" + (" and a partial line" if partial else ""), flush=True)
     return kept
+
+
+def _png(image: np.ndarray) -> bytes:
+    """An 8-bit greyscale PNG of `image` [H, W] in [0, 1] (tensorboardX's own encoder needs
+    Pillow, which the project does not otherwise use)."""
+    pixels = np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
+    h, w = pixels.shape
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+    rows = np.concatenate([np.zeros((h, 1), np.uint8), pixels], axis=1)  # filter type 0 per row
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows.tobytes())) + chunk(b"IEND", b""))
+
+
+def _image_summary(tag: str, image: np.ndarray):
+    from tensorboardX.proto.summary_pb2 import Summary
+    h, w = image.shape
+    return Summary(value=[Summary.Value(tag=tag, image=Summary.Image(
+        height=h, width=w, colorspace=1, encoded_image_string=_png(image)))])
 
 
 class MetricsWriter:
@@ -96,6 +120,19 @@ class MetricsWriter:
         for key, value in record.items():
             if key != "step":
                 self._tb.add_scalar(key, value, step)
+
+    def media(self, step: int, audio: dict | None = None, images: dict | None = None,
+              texts: dict | None = None, sampling_rate: int = 24000) -> None:
+        """TensorBoard only: waveforms (float, [-1, 1]), images [H, W] in [0, 1] and markdown
+        texts, each by tag."""
+        if not self.enabled:
+            return
+        for tag, wav in (audio or {}).items():
+            self._tb.add_audio(tag, np.clip(wav, -1.0, 1.0), step, sample_rate=sampling_rate)
+        for tag, image in (images or {}).items():
+            self._tb.file_writer.add_summary(_image_summary(tag, image), step)
+        for tag, text in (texts or {}).items():
+            self._tb.add_text(tag, text, step)
 
     def flush(self) -> None:
         """Makes everything written so far durable in the run directory."""
