@@ -19,7 +19,7 @@ import numpy as np
 
 from experiments.configs import common
 from mimo_jax.nn.partitioning import use_rules
-from mimo_jax.train import flops, setup
+from mimo_jax.train import build, flops
 from sharding.mesh import mesh_and_rules
 
 # Dense bf16 peak TFLOP/s per device (vendor figures, without sparsity).
@@ -84,15 +84,15 @@ def synthetic_batch(c, lm, rng: np.random.Generator) -> dict[str, np.ndarray]:
 def measure(a, dtype: str) -> dict[str, float]:
     c = make_config(a, dtype)
     mesh, rules = mesh_and_rules(c)
-    setup.check_batch_divides(c.data.batch_size, 1, mesh)
-    lm, model = setup.build_model(c, mesh, rules)
-    trainer, state = setup.build_trainer(c, model)
+    build.check_batch_divides(c.data.batch_size, 1, mesh)
+    lm, model = build.build_model(c, mesh, rules)
+    trainer, state = build.build_trainer(c, model)
     del model
     with jax.set_mesh(mesh), use_rules(rules):
-        batch = setup.global_batch(synthetic_batch(c, lm, np.random.default_rng(0)), mesh)
+        batch = build.global_batch(synthetic_batch(c, lm, np.random.default_rng(0)), mesh)
         rng = jax.random.key(0)
         start = time.perf_counter()
-        step = setup.compile_steps(trainer, state).train.lower(state, batch, rng).compile()
+        step = build.compile_steps(trainer, state).train.lower(state, batch, rng).compile()
         compile_s = time.perf_counter() - start
         state, metrics = step(state, batch, rng)  # the first run pays for allocations
         jax.block_until_ready(metrics)

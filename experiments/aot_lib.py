@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from mimo_jax.lm.config import MiMoAudioConfig
 from mimo_jax.lm.model import MiMoAudioLM
 from mimo_jax.nn.partitioning import batch_sharding, state_shardings, use_rules
-from mimo_jax.train import flops, setup
+from mimo_jax.train import build, flops
 from mimo_jax.train.step import opt_state_shardings
 from sharding.mesh import AXES, mesh_and_rules
 
@@ -63,7 +63,7 @@ def abstract_batch(config, lm: MiMoAudioConfig, mesh) -> dict[str, jax.ShapeDtyp
     dtype = lambda k: jnp.float32 if k.endswith("weights") else jnp.int32
     return {k: jax.ShapeDtypeStruct(shapes[k], dtype(k),
                                     sharding=batch_sharding(mesh, len(shapes[k])))
-            for k in setup.BATCH_FIELDS}
+            for k in build.BATCH_FIELDS}
 
 
 def _with_shardings(abstract, shardings):
@@ -74,13 +74,13 @@ def _with_shardings(abstract, shardings):
 def abstract_state(config, mesh, rules):
     """(lm config, trainer, train state of ShapeDtypeStructs with the shardings training uses)."""
     lm = MiMoAudioConfig.from_hf(dict(config.model.hf), remat_policy=config.model.remat_policy)
-    dtype = setup._dtype(config.model.dtype, "model.dtype")
-    param_dtype = setup._dtype(config.model.param_dtype, "model.param_dtype")
+    dtype = build._dtype(config.model.dtype, "model.dtype")
+    param_dtype = build._dtype(config.model.param_dtype, "model.param_dtype")
     built = {}
 
     def make():
         model = MiMoAudioLM(lm, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(config.seed))
-        built["trainer"], state = setup.build_trainer(config, model)
+        built["trainer"], state = build.build_trainer(config, model)
         return state
 
     state = jax.eval_shape(make)
@@ -107,7 +107,7 @@ class Compiled:
 
 def compile_train_step(config) -> Compiled:
     mesh, rules = mesh_and_rules(config)
-    setup.check_batch_divides(config.data.batch_size, config.optimizer.grad_accum, mesh)
+    build.check_batch_divides(config.data.batch_size, config.optimizer.grad_accum, mesh)
     with jax.set_mesh(mesh), use_rules(rules):
         lm, trainer, state = abstract_state(config, mesh, rules)
         batch = abstract_batch(config, lm, mesh)
@@ -115,7 +115,7 @@ def compile_train_step(config) -> Compiled:
         replicated = NamedSharding(mesh, PartitionSpec())
         rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
         start = time.perf_counter()
-        step = setup.compile_steps(trainer, state).train
+        step = build.compile_steps(trainer, state).train
         compiled = step.lower(state, batch, rng).compile()
         seconds = time.perf_counter() - start
     cost = compiled.cost_analysis()

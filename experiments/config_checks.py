@@ -14,12 +14,12 @@ from etils import epath
 
 from data_pipelines.pipeline import parse_sources
 from data_pipelines.shards import MANIFEST
-from mimo_jax import checkpoint
+from mimo_jax import model_checkpoint as checkpoint
 from mimo_jax.nn.remat import policy as remat_policy
 from mimo_jax.tasks.text_tokenizer import TextTokenizer, model_id_problems
+from mimo_jax.train.build import lm_architecture
 from mimo_jax.train.losses import LossConfig
 from mimo_jax.train.optimizer import GROUPS
-from mimo_jax.train.setup import lm_architecture
 from sharding.rules import PRESETS
 
 DTYPES = ("float32", "bfloat16")

@@ -44,7 +44,7 @@ def build_corpus(data: Path, sentences: int) -> None:
 
 
 def random_tokenizer(path: Path) -> None:
-    from mimo_jax import checkpoint
+    from mimo_jax import model_checkpoint as checkpoint
     from mimo_jax.tokenizer.config import from_hf
     from mimo_jax.tokenizer.model import MiMoAudioTokenizer
     if not checkpoint.is_model_checkpoint(path):

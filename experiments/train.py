@@ -150,18 +150,18 @@ def _hparams(config) -> dict:
 
 def _run(config, workdir) -> int:
     from mimo_jax.nn.partitioning import use_rules
-    from mimo_jax.train import setup
-    from mimo_jax.train.checkpointing import TrainCheckpoints, abstract_like
+    from mimo_jax.train import build
     from mimo_jax.train.flops import train_flops_per_group
     from mimo_jax.train.metrics import MetricsWriter
+    from mimo_jax.train.train_checkpoints import TrainCheckpoints, abstract_like
     from sharding.mesh import mesh_and_rules
 
     mesh, rules = mesh_and_rules(config)
-    setup.check_batch_divides(config.data.batch_size, config.optimizer.grad_accum, mesh)
+    build.check_batch_divides(config.data.batch_size, config.optimizer.grad_accum, mesh)
     # Built outside the mesh context: parameters are placed by explicit shardings, and
     # nnx.eval_shape would read the logical axis names as mesh axes inside it.
-    lm_config, model = setup.build_model(config, mesh, rules)
-    trainer, state = setup.build_trainer(config, model)
+    lm_config, model = build.build_model(config, mesh, rules)
+    trainer, state = build.build_trainer(config, model)
     del model
     # Built outside the mesh context (the tokenizers' axis names are not the LM's rules).
     generation_eval = _generation_eval(config, lm_config)
@@ -187,7 +187,7 @@ def _run(config, workdir) -> int:
                           if generation_eval is not None else None)
             finished = (start or 0) >= config.total_steps  # done before: nothing to compile
             if not finished:
-                steps = setup.compile_steps(trainer, state)
+                steps = build.compile_steps(trainer, state)
                 flops = train_flops_per_group(lm_config, config.data.context_length,
                                               trainer.loss.trains_patch_decoder)
                 state, finished = _loop(config, state, steps, train_it, eval_factory, local_rows,
@@ -201,7 +201,7 @@ def _run(config, workdir) -> int:
 
 
 def _evaluate(config, state, steps, eval_factory, local_rows, mesh) -> dict[str, float]:
-    from mimo_jax.train.setup import global_batch
+    from mimo_jax.train.build import global_batch
     it, totals = eval_factory(), {}
     for _ in range(config.eval_steps):
         metrics = jax.device_get(steps.eval(state, global_batch(local_rows(next(it)), mesh)))
@@ -250,7 +250,7 @@ def _due(step: int, every: int) -> bool:
 
 def _loop(config, state, steps, train_it, eval_factory, local_rows, mesh, ckpts, writer, flops,
           step, generation=None) -> int:
-    from mimo_jax.train.setup import global_batch
+    from mimo_jax.train.build import global_batch
     preemption = Preemption()
     rng = jax.random.key(config.seed)
     groups = config.data.batch_size * config.data.context_length
@@ -301,7 +301,7 @@ def _loop(config, state, steps, train_it, eval_factory, local_rows, mesh, ckpts,
 def export_model(trainer, state, lm_config, workdir) -> None:
     """The final weights as a model checkpoint (workdir/model): the init_checkpoint of a next stage,
     or an official directory through convert_torch_weights.py."""
-    from mimo_jax import checkpoint as model_ckpt
+    from mimo_jax import model_checkpoint as model_ckpt
     out = model_ckpt.save(trainer.model(state), lm_config.to_hf(), os.fspath(workdir / "model"))
     print(f"final weights: {out}", flush=True)
 

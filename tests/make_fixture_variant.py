@@ -47,7 +47,7 @@ def write_lm(dst: Path, seed: int = 0) -> None:
     from test_lm_floor_heads import randomize
 
     import convert_torch_weights
-    from mimo_jax import checkpoint
+    from mimo_jax import model_checkpoint as checkpoint
     from mimo_jax.inference.generate import GenerationConfig, generate
     from mimo_jax.inference.sampling import GREEDY, forbid_one, sample
     from mimo_jax.lm.config import small_config

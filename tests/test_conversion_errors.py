@@ -8,7 +8,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import convert_torch_weights
-from mimo_jax import checkpoint
+from mimo_jax import model_checkpoint as checkpoint
 
 
 @pytest.fixture

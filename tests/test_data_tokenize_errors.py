@@ -82,7 +82,7 @@ def test_bad_lines_are_reported_and_their_shard_keeps_its_good_lines(tmp_path):
 
 def test_clip_below_the_encoder_minimum_is_one_error(tmp_path):
     pytest.importorskip("mimo_jax.tokenizer", reason="the JAX audio tokenizer is not in this tree")
-    from mimo_jax.checkpoint import read_config
+    from mimo_jax.model_checkpoint import read_config
 
     _, config = read_config(FIXTURE_TOKENIZER)
     short = config.min_samples - 1  # at 24 kHz: no resampling changes its length

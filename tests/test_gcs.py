@@ -20,7 +20,7 @@ import convert_torch_weights
 from data_pipelines import tokenize
 from data_pipelines.encoders import EnergyEncoder
 from data_pipelines.shards import ShardSet
-from mimo_jax import checkpoint
+from mimo_jax import model_checkpoint as checkpoint
 from mimo_jax.conversion import safetensors_io as st
 from mimo_jax.conversion.convert import load_torch_checkpoint
 from mimo_jax.tokenizer import audio_io

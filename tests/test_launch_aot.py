@@ -10,7 +10,7 @@ import pytest
 from experiments import aot_lib
 from experiments.configs import demo
 from mimo_jax.lm.config import MiMoAudioConfig
-from mimo_jax.train import flops, setup
+from mimo_jax.train import build, flops
 from mimo_jax.train.optimizer import path_of
 from sharding.mesh import mesh_and_rules
 
@@ -63,8 +63,8 @@ def test_build_trainer_places_adam_moments_like_their_parameters():
     config.mesh.ici = {"data": 1, "fsdp": 8, "tensor": 1, "sequence": 1}
     config.mesh.rules = "fsdp"
     mesh, rules = mesh_and_rules(config)
-    _, model = setup.build_model(config, mesh, rules)
-    _, state = setup.build_trainer(config, model)
+    _, model = build.build_model(config, mesh, rules)
+    _, state = build.build_trainer(config, model)
     params = {path_of(kp): a.sharding
               for kp, a in jax.tree_util.tree_leaves_with_path(state.params)}
     moments = [(path_of(kp), a) for kp, a in

@@ -11,7 +11,7 @@ from qwen2_reference import qwen2_stack
 from safetensors.numpy import load_file
 
 import convert_torch_weights
-from mimo_jax import checkpoint
+from mimo_jax import model_checkpoint as checkpoint
 from mimo_jax.inference.generate import GenerationConfig, generate
 from mimo_jax.lm.config import small_config
 from mimo_jax.lm.model import MiMoAudioLM

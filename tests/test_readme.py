@@ -113,7 +113,7 @@ def test_training_command(workspace, readme_data):
     from flax import nnx
 
     from experiments.configs.demo import demo_hf
-    from mimo_jax import checkpoint
+    from mimo_jax import model_checkpoint as checkpoint
     from mimo_jax.lm.config import MiMoAudioConfig
     from mimo_jax.lm.model import MiMoAudioLM
 

@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mimo_jax.train.checkpointing import TrainCheckpoints, abstract_like, checksums
+from mimo_jax.train.train_checkpoints import TrainCheckpoints, abstract_like, checksums
 
 IDENTITY = {"model": {"hidden_size": 8}, "trainable": ["llm"]}
 

@@ -21,7 +21,7 @@ from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
-from mimo_jax import checkpoint as model_ckpt
+from mimo_jax import model_checkpoint as model_ckpt
 from mimo_jax import paths
 from mimo_jax.conversion import safetensors_io as st
 from mimo_jax.conversion.family import ModelFamily, is_ignored

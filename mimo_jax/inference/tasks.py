@@ -72,7 +72,7 @@ class _Job:
 
 def load_lm(path: str | Path, dtype=None):
     """(config, model) from an official directory (converted in memory) or a converted one."""
-    from mimo_jax import checkpoint
+    from mimo_jax import model_checkpoint as checkpoint
     from mimo_jax.conversion.convert import load_torch_checkpoint
 
     path = Path(path)

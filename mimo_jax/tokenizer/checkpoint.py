@@ -5,7 +5,7 @@ from pathlib import Path
 
 from flax import nnx
 
-from mimo_jax import checkpoint as model_checkpoint
+from mimo_jax import model_checkpoint as model_checkpoint
 from mimo_jax import paths
 from mimo_jax.conversion import convert
 from mimo_jax.tokenizer.config import TokenizerConfig

@@ -3,7 +3,7 @@ what interrupted saves and exports left behind. Everything goes through etils.ep
 directory may live on local disk or on gs://.
 
     workdir/lock                       {"host", "pid", "start"} of the run holding the directory
-    workdir/checkpoints/<step>         Orbax checkpoints (mimo_jax.train.checkpointing)
+    workdir/checkpoints/<step>         Orbax checkpoints (mimo_jax.train.train_checkpoints)
     workdir/checkpoints_damaged/<step> checkpoints that failed verification, set aside
     workdir/metrics.jsonl, tensorboard/, config.json, model/
 """
@@ -17,7 +17,7 @@ from mimo_jax.paths import is_local
 
 LOCK_FILE = "lock"
 ORBAX_TMP = "*.orbax-checkpoint-tmp*"  # Orbax's name for a step it has not finished writing
-EXPORT_TMP = ".model.partial"  # mimo_jax.checkpoint.save's directory before its rename
+EXPORT_TMP = ".model.partial"  # mimo_jax.model_checkpoint.save's directory before its rename
 
 
 def _start_time(pid: int) -> str | None:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mimo_jax import checkpoint as model_ckpt
+from mimo_jax import model_checkpoint as model_ckpt
 from mimo_jax.lm.config import MiMoAudioConfig
 from mimo_jax.lm.model import MiMoAudioLM
 from mimo_jax.nn.partitioning import batch_sharding, state_shardings
