@@ -9,9 +9,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mimo_jax.nn.remat import POLICIES as REMAT_POLICIES
+
 ARCHITECTURE = "MiMoAudioForCausalLM"
 TOKEN_ID_KEYS = ("sosp_idx", "eosp_idx", "sostm_idx", "eostm_idx", "eot_idx", "empty_idx")
-REMAT_POLICIES = ("none", "full", "minimal", "save_dot_except_mlp", "save_qkv_proj")
 _POSITIVE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "head_dim", "intermediate_size", "group_size",
                   "audio_channels", "local_dim", "local_layers", "local_attn_heads",
@@ -111,7 +112,7 @@ class MiMoAudioConfig:
             (0 <= self.empty_idx < self.vocab_size,
              f"empty_idx {self.empty_idx} outside the text vocabulary of {self.vocab_size}"),
             (self.remat_policy in REMAT_POLICIES,
-             f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}"),
+             f"remat_policy {self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}"),
         ]
         for ok, message in checks:
             if not ok:
