@@ -11,8 +11,8 @@ from collections.abc import Callable
 import ml_collections
 from etils import epath
 
-from data_pipelines.config import parse_dashed
 from data_pipelines.pipeline import parse_sources
+from mimo_jax.lm.config import parse_dashed
 from mimo_jax.nn.remat import policy as remat_policy
 from mimo_jax.train.optimizer import GROUPS
 from sharding.rules import PRESETS

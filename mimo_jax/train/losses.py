@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mimo_jax.lm.config import parse_dashed
+
 _TINY = 1e-9
 
 
@@ -41,7 +43,7 @@ class LossConfig:
 
     @classmethod
     def from_string(cls, weights: str, **kw) -> "LossConfig":
-        values = tuple(float(v) for v in weights.split("-"))
+        values = parse_dashed(weights, float)
         return cls(values[0], values[1:], **kw)
 
 
