@@ -21,6 +21,7 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from espeak_speech import synthesize  # noqa: E402
 
+from mimo_jax.nn.dtypes import DTYPES  # noqa: E402
 from mimo_jax.tokenizer.checkpoint import with_compute_dtype  # noqa: E402
 from mimo_jax.tokenizer.config import TokenizerConfig  # noqa: E402
 from mimo_jax.tokenizer.model import MiMoAudioTokenizer  # noqa: E402
@@ -72,7 +73,7 @@ def main() -> None:
     wav_in, lengths = jnp.asarray(wav)[None], jnp.asarray([wav.size])
 
     for name in args.dtypes.split(","):
-        dtype = {"float32": None, "bfloat16": jnp.bfloat16}[name]
+        dtype = DTYPES[name]
         graphdef, state = nnx.split(with_compute_dtype(config, model, dtype))
 
         def encode(state, wav, lengths):
