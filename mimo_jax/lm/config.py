@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mimo_jax.nn.remat import POLICIES as REMAT_POLICIES
+from mimo_jax.nn.stack import StackConfig
 
 ARCHITECTURE = "MiMoAudioForCausalLM"
 TOKEN_ID_KEYS = ("sosp_idx", "eosp_idx", "sostm_idx", "eostm_idx", "eot_idx", "empty_idx")
@@ -17,21 +18,6 @@ _POSITIVE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attenti
                   "num_key_value_heads", "head_dim", "intermediate_size", "group_size",
                   "audio_channels", "local_dim", "local_layers", "local_attn_heads",
                   "local_ffn_dim", "input_local_layers", "input_local_dim")
-
-
-@dataclasses.dataclass(frozen=True)
-class StackConfig:
-    """One Qwen2-style stack: the backbone, the patch encoder or the patch decoder."""
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    ffn: int
-    rope_theta: float
-    rms_eps: float
-    causal: bool = True
-    attn_dropout: float = 0.0
 
 
 def parse_dashed(value: str | Any, kind: type = int) -> tuple:
