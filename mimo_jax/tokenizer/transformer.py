@@ -2,50 +2,16 @@
 
 Activations are padded batches [batch, time, dim] with per-sequence lengths: positions restart at 0
 for every sequence and attention never reads a padded frame, so a sequence gets the same result in
-any batch. Stacks are built and scanned by `nn.stack`.
+any batch. Stacks are built and scanned by `nn.stack`, attention runs through `nn.attention.attend`.
 """
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mimo_jax.nn.attention import MaskSpec, attention_mask, blocked_attention, dot_product_attention
+from mimo_jax.nn.attention import MaskSpec, attend
 from mimo_jax.nn.layers import Dense, LayerNorm
 from mimo_jax.nn.rope import apply_rope, inv_frequencies, rope_tables
 from mimo_jax.nn.stack import StackConfig, scan_layers, stacked
-
-# Query block of the sliding-window attention: keys are gathered per block, so memory grows with
-# time * (block + window) instead of time^2.
-WINDOW_BLOCK = 128
-# Beyond this length, attention without a window runs over query blocks one after the other, so
-# that the logits of a 60 s segment (3000 frames) are never materialised at once.
-FULL_BLOCK = 512
-
-
-def _windowed_attention(q, k, v, positions, segments, *, causal, window, block):
-    """Sliding-window attention computed per query block over the keys the window can reach.
-    q, k, v [batch, time, heads, head_dim]; positions, segments [batch, time]."""
-    batch, time = positions.shape
-    left, right = window
-    blocks = -(-time // block)
-    pad_t = blocks * block - time
-    width = block + left + right
-
-    def pad(x, before, after):
-        return jnp.pad(x, [(0, 0), (before, after)] + [(0, 0)] * (x.ndim - 2))
-
-    qb = pad(q, 0, pad_t).reshape(batch * blocks, block, *q.shape[2:])
-    q_pos = pad(positions, 0, pad_t).reshape(batch * blocks, block)
-    q_seg = pad(segments, 0, pad_t).reshape(batch * blocks, block)
-    gather = (jnp.arange(blocks)[:, None] * block + jnp.arange(width)[None, :])  # [blocks, width]
-
-    def windows(x):
-        x = pad(x, left, right + pad_t)[:, gather]  # [batch, blocks, width, ...]
-        return x.reshape(batch * blocks, width, *x.shape[3:])
-
-    mask = attention_mask(q_pos, windows(positions), q_seg, windows(segments), causal=causal,
-                          window=window)
-    out = dot_product_attention(qb, windows(k), windows(v), mask)
-    return out.reshape(batch, blocks * block, *q.shape[2:])[:, :time]
 
 
 class SelfAttention(nnx.Module):
@@ -67,18 +33,9 @@ class SelfAttention(nnx.Module):
         q = apply_rope(split(self.q_proj(x)), cos, sin)
         k = apply_rope(split(self.k_proj(x)), cos, sin)
         v = split(self.v_proj(x))
-        left, right = self.window
-        if left >= 0 and right >= 0 and time > WINDOW_BLOCK:
-            out = _windowed_attention(q, k, v, positions, segments, causal=self.causal,
-                                      window=self.window, block=WINDOW_BLOCK)
-        elif time > FULL_BLOCK:
-            mask = MaskSpec(positions, positions, segments, segments, causal=self.causal,
-                            window=self.window)
-            out = blocked_attention(q, k, v, mask, FULL_BLOCK)
-        else:
-            mask = attention_mask(positions, positions, segments, segments, causal=self.causal,
-                                  window=self.window)
-            out = dot_product_attention(q, k, v, mask)
+        mask = MaskSpec(positions, positions, segments, segments, causal=self.causal,
+                        window=self.window)
+        out = attend(q, k, v, mask)
         return self.out_proj(out.reshape(batch, time, dim).astype(x.dtype))
 
 
