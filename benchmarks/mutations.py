@@ -70,7 +70,7 @@ MUTATIONS = [
              "mask &= (q_segments[:, :, None] == k_segments[:, None, :]) & ",
              "mask &= ",
              ("tests/test_lm_packing_sharding.py", "-k", "packed")),
-    Mutation("interleave 5:4 instead of 5:5", "data_pipelines/sequences.py",
+    Mutation("interleave 5:4 instead of 5:5", "mimo_jax/tasks/segments.py",
              "AUDIO_CHUNK = 5  # patches per interleave chunk",
              "AUDIO_CHUNK = 4  # patches per interleave chunk",
              ("tests/test_data_sequences.py", "-k", "interleave")),

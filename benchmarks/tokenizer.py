@@ -18,12 +18,11 @@ import librosa
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from espeak_speech import synthesize  # noqa: E402
-
-from mimo_jax.tokenizer.checkpoint import with_compute_dtype  # noqa: E402
-from mimo_jax.tokenizer.config import TokenizerConfig  # noqa: E402
-from mimo_jax.tokenizer.model import MiMoAudioTokenizer  # noqa: E402
+from data_pipelines.espeak import synthesize
+from mimo_jax.nn.dtypes import DTYPES
+from mimo_jax.tokenizer.checkpoint import with_compute_dtype
+from mimo_jax.tokenizer.config import TokenizerConfig
+from mimo_jax.tokenizer.model import MiMoAudioTokenizer
 
 _TEXT = ("The audio tokenizer turns speech into discrete codes at twenty five frames per second, "
          "and turns those codes back into speech. ")
@@ -72,7 +71,7 @@ def main() -> None:
     wav_in, lengths = jnp.asarray(wav)[None], jnp.asarray([wav.size])
 
     for name in args.dtypes.split(","):
-        dtype = {"float32": None, "bfloat16": jnp.bfloat16}[name]
+        dtype = DTYPES[name]
         graphdef, state = nnx.split(with_compute_dtype(config, model, dtype))
 
         def encode(state, wav, lengths):

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from experiments.configs import common
+from mimo_jax.lm.config import parse_dashed
 from mimo_jax.nn.partitioning import use_rules
 from mimo_jax.train import build, flops
 from sharding.mesh import mesh_and_rules
@@ -72,7 +73,7 @@ def synthetic_batch(c, lm, rng: np.random.Generator) -> dict[str, np.ndarray]:
     text = np.where(speech, lm.empty_idx, words).astype(np.int32)
     codes = (rng.random((b, g, gs, len(vocab))) * (vocab - 1)).astype(np.int32)
     targets = np.roll(text, -1, axis=1)
-    weights = np.asarray([float(w) for w in c.loss.weights.split("-")[1:]], np.float32)
+    weights = np.asarray(parse_dashed(c.loss.weights, float)[1:], np.float32)
     return {"text": text, "codes": codes,
             "positions": np.broadcast_to(np.arange(g, dtype=np.int32), (b, g)).copy(),
             "segment_ids": np.ones((b, g), np.int32), "text_targets": targets,

@@ -80,3 +80,10 @@ class ESpeak:
             raise RuntimeError(f"espeak_Synth failed ({err}) for {text!r}")
         lib.espeak_Synchronize()
         return np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
+
+
+def synthesize(text: str, voice: str = "en", words_per_minute: int = 175) -> tuple[np.ndarray, int]:
+    """(float32 mono waveform in [-1, 1], sample rate (22050)): real speech for tests and
+    benchmarks, no downloads."""
+    tts = ESpeak()
+    return tts.synth(text, voice, rate=words_per_minute).astype(np.float32) / 32768.0, tts.sample_rate

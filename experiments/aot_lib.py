@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mimo_jax.lm.config import MiMoAudioConfig
 from mimo_jax.lm.model import MiMoAudioLM
+from mimo_jax.nn.dtypes import dtype_named
 from mimo_jax.nn.partitioning import batch_sharding, state_shardings, use_rules
 from mimo_jax.train import build, flops
 from mimo_jax.train.step import opt_state_shardings
@@ -74,8 +75,8 @@ def _with_shardings(abstract, shardings):
 def abstract_state(config, mesh, rules):
     """(lm config, trainer, train state of ShapeDtypeStructs with the shardings training uses)."""
     lm = MiMoAudioConfig.from_hf(dict(config.model.hf), remat_policy=config.model.remat_policy)
-    dtype = build._dtype(config.model.dtype, "model.dtype")
-    param_dtype = build._dtype(config.model.param_dtype, "model.param_dtype")
+    dtype = dtype_named(config.model.dtype, "config model.dtype")
+    param_dtype = dtype_named(config.model.param_dtype, "config model.param_dtype")
     built = {}
 
     def make():

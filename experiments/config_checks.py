@@ -15,14 +15,13 @@ from etils import epath
 from data_pipelines.pipeline import parse_sources
 from data_pipelines.shards import MANIFEST
 from mimo_jax import model_checkpoint as checkpoint
+from mimo_jax.nn.dtypes import DTYPES
 from mimo_jax.nn.remat import policy as remat_policy
 from mimo_jax.tasks.text_tokenizer import TextTokenizer, model_id_problems
 from mimo_jax.train.build import lm_architecture
 from mimo_jax.train.losses import LossConfig
 from mimo_jax.train.optimizer import GROUPS
 from sharding.rules import PRESETS
-
-DTYPES = ("float32", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -67,8 +66,8 @@ CHECKS: dict[str, Callable] = {
     "eval_every": _int_at_least(0),
     "eval_steps": _int_at_least(1),
     "peak_tflops_per_device": _non_negative,
-    "model.dtype": _one_of(DTYPES),
-    "model.param_dtype": _one_of(DTYPES),
+    "model.dtype": _one_of(tuple(DTYPES)),
+    "model.param_dtype": _one_of(tuple(DTYPES)),
     "model.remat_policy": _remat,
     "data.batch_size": _int_at_least(1),
     "data.context_length": _int_at_least(1),

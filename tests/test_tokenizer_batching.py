@@ -119,28 +119,3 @@ def test_bfloat16_compute_tracks_float32():
     snr = 10 * np.log10(np.sum(want ** 2) / np.sum((wav16 - want) ** 2))
     assert snr > 15, f"bfloat16 decode SNR {snr:.1f} dB"
 
-
-def test_blocked_attention_paths_equal_the_full_mask():
-    from mimo_jax.nn.attention import (
-        MaskSpec,
-        attention_mask,
-        blocked_attention,
-        dot_product_attention,
-    )
-    from mimo_jax.tokenizer.transformer import _windowed_attention
-    rng = np.random.default_rng(2)
-    q, k, v = (jnp.asarray(rng.normal(size=(2, 45, 3, 8)).astype(np.float32)) for _ in range(3))
-    positions = jnp.broadcast_to(jnp.arange(45), (2, 45))
-    segments = (positions < jnp.asarray([[45], [30]])).astype(jnp.int32)
-    for causal, window in [(False, (5, 2)), (True, (-1, -1)), (False, (-1, -1)), (True, (7, 0))]:
-        mask = attention_mask(positions, positions, segments, segments, causal=causal,
-                              window=window)
-        want = np.asarray(dot_product_attention(q, k, v, mask))[:, :, :, :]
-        blocked = blocked_attention(q, k, v, MaskSpec(positions, positions, segments, segments,
-                                                      causal=causal, window=window), 16)
-        np.testing.assert_allclose(np.asarray(blocked), want, atol=1e-6)
-        if window[0] >= 0 and window[1] >= 0:
-            windowed = _windowed_attention(q, k, v, positions, segments, causal=causal,
-                                           window=window, block=16)
-            valid = np.asarray(segments, bool)
-            np.testing.assert_allclose(np.asarray(windowed)[valid], want[valid], atol=1e-6)

@@ -7,9 +7,9 @@ import librosa
 import numpy as np
 import pytest
 import soundfile as sf
-from espeak_speech import synthesize
 from tokenizer_support import CHECKPOINT, fixture_model, tokenizer
 
+from data_pipelines.espeak import synthesize
 from mimo_jax.tokenizer.__main__ import main
 from mimo_jax.tokenizer.audio_io import read_audio
 

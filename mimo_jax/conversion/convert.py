@@ -26,8 +26,7 @@ from mimo_jax import paths
 from mimo_jax.conversion import safetensors_io as st
 from mimo_jax.conversion.family import ModelFamily, is_ignored
 from mimo_jax.conversion.transforms import TRANSFORMS
-
-DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+from mimo_jax.nn.dtypes import DTYPES
 
 
 class ConversionError(ValueError):
@@ -220,7 +219,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = 
         raise FileNotFoundError(f"{src}: no such directory")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES)}")
-    np_dtype = DTYPES[dtype] if dtype else None
+    np_dtype = np.dtype(DTYPES[dtype]).type if dtype else None  # np.float32, ml_dtypes.bfloat16
     if paths.same(src, dst):
         raise ValueError(f"source and destination are the same directory: {src}")
     if model_ckpt.is_model_checkpoint(src):

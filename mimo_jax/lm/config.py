@@ -9,43 +9,39 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mimo_jax.nn.remat import POLICIES as REMAT_POLICIES
+from mimo_jax.nn.stack import StackConfig
+
 ARCHITECTURE = "MiMoAudioForCausalLM"
 TOKEN_ID_KEYS = ("sosp_idx", "eosp_idx", "sostm_idx", "eostm_idx", "eot_idx", "empty_idx")
-REMAT_POLICIES = ("none", "full", "minimal", "save_dot_except_mlp", "save_qkv_proj")
 _POSITIVE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "head_dim", "intermediate_size", "group_size",
                   "audio_channels", "local_dim", "local_layers", "local_attn_heads",
                   "local_ffn_dim", "input_local_layers", "input_local_dim")
 
 
-@dataclasses.dataclass(frozen=True)
-class StackConfig:
-    """One Qwen2-style stack: the backbone, the patch encoder or the patch decoder."""
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    ffn: int
-    rope_theta: float
-    rms_eps: float
-    causal: bool = True
-    attn_dropout: float = 0.0
+def parse_dashed(value: str | Any, kind: type = int) -> tuple:
+    """`"1-2-3"` -> `(1, 2, 3)`, the official config's spelling of a list; sequences pass through
+    (converted element-wise)."""
+    if isinstance(value, str):
+        return tuple(kind(v) for v in value.split("-"))
+    return tuple(kind(v) for v in value)
+
+
+def join_dashed(values: tuple) -> str:
+    return "-".join(str(v) for v in values)
 
 
 def _parse_list(value: str | int, length: int, key: str) -> tuple[int, ...]:
+    """A dashed list of `length` ints, or one int for every channel."""
     if isinstance(value, str) and "-" in value:
-        out = tuple(int(s) for s in value.split("-"))
+        out = parse_dashed(value)
     else:
         out = (int(value),) * length
     if len(out) != length:
         raise ValueError(f"config {key}={value!r}: expected {length} values "
                          f"(audio_channels={length})")
     return out
-
-
-def _join(values: tuple[int, ...]) -> str:
-    return "-".join(str(v) for v in values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +107,7 @@ class MiMoAudioConfig:
             (0 <= self.empty_idx < self.vocab_size,
              f"empty_idx {self.empty_idx} outside the text vocabulary of {self.vocab_size}"),
             (self.remat_policy in REMAT_POLICIES,
-             f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}"),
+             f"remat_policy {self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -201,9 +197,9 @@ class MiMoAudioConfig:
             intermediate_size=self.intermediate_size, rms_norm_eps=self.rms_norm_eps,
             rope_theta=self.rope_theta, group_size=self.group_size,
             audio_channels=self.audio_channels,
-            speech_vocab_size=_join(self.speech_vocab_sizes),
-            speech_zeroemb_idx=_join(self.speech_empty_ids),
-            delay_pattern=_join(self.delay_pattern), local_dim=self.local_dim,
+            speech_vocab_size=join_dashed(self.speech_vocab_sizes),
+            speech_zeroemb_idx=join_dashed(self.speech_empty_ids),
+            delay_pattern=join_dashed(self.delay_pattern), local_dim=self.local_dim,
             local_layers=self.local_layers, local_attn_heads=self.local_attn_heads,
             local_ffn_dim=self.local_ffn_dim, local_attn_dropout=self.local_attn_dropout,
             input_local_layers=self.input_local_layers, input_local_dim=self.input_local_dim,

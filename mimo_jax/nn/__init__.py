@@ -1,2 +1,3 @@
-"""Shared building blocks: parameters with logical axes, dense layers, norms, RoPE, attention, MLPs,
-and the scanned transformer stack."""
+"""The transformer kit shared by the LM and the audio tokenizer: parameters with logical axes,
+dense layers, norms, RoPE, attention (`attention.attend`), stacks of layers (`stack`: config,
+building, scanning; `remat`: policies), dtypes by name, and the Qwen2 stack."""

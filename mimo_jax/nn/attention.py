@@ -3,7 +3,8 @@
 Masks are built from per-token positions and segment ids, so one mechanism covers causal decoding,
 bidirectional patches, packed rows (several documents in one row: segment ids differ across their
 boundary), sliding windows, and KV caches (cache slots carry the position and segment of the token
-they hold; empty slots have segment 0).
+they hold; empty slots have segment 0). `attend` is the one entry: given a MaskSpec, long query
+sequences run block by block (over the keys a window can reach, or over all keys).
 """
 import jax
 import jax.numpy as jnp
@@ -112,15 +113,56 @@ def blocked_attention(q, k, v, mask: MaskSpec, block: int) -> jax.Array:
     return jnp.moveaxis(out, 0, 1).reshape(batch, blocks * block, *q.shape[2:])[:, :time]
 
 
-# Query lengths above this run block by block.
+def windowed_attention(q, k, v, mask: MaskSpec, block: int) -> jax.Array:
+    """Sliding-window self-attention per query block over the keys its window can reach: memory
+    grows with time * (block + left + right) instead of time^2. Key j must hold the token of query
+    j (q and k of one sequence), and `mask.window` must bound both sides."""
+    batch, time = q.shape[:2]
+    left, right = mask.window
+    blocks = -(-time // block)
+    pad_t = blocks * block - time
+    width = block + left + right
+    ones = jnp.ones((batch, time), jnp.int32)
+    q_segments = mask.q_segments if mask.q_segments is not None else ones
+    k_segments = mask.k_segments if mask.k_segments is not None else ones
+
+    def pad(x, before, after):
+        return jnp.pad(x, [(0, 0), (before, after)] + [(0, 0)] * (x.ndim - 2))
+
+    qb = pad(q, 0, pad_t).reshape(batch * blocks, block, *q.shape[2:])
+    q_pos = pad(mask.q_positions, 0, pad_t).reshape(batch * blocks, block)
+    q_seg = pad(q_segments, 0, pad_t).reshape(batch * blocks, block)
+    gather = (jnp.arange(blocks)[:, None] * block + jnp.arange(width)[None, :])  # [blocks, width]
+
+    def windows(x):
+        x = pad(x, left, right + pad_t)[:, gather]  # [batch, blocks, width, ...]
+        return x.reshape(batch * blocks, width, *x.shape[3:])
+
+    dense = attention_mask(q_pos, windows(mask.k_positions), q_seg, windows(k_segments),
+                           causal=mask.causal, window=mask.window)
+    out = dot_product_attention(qb, windows(k), windows(v), dense)
+    return out.reshape(batch, blocks * block, *q.shape[2:])[:, :time]
+
+
+# Query lengths above these run block by block: over all keys, or (a window bounded on both sides,
+# self-attention) over the keys the window reaches.
 ATTENTION_BLOCK = 512
+WINDOW_BLOCK = 128
 
 
 def attend(q, k, v, mask: MaskSpec | jax.Array | None, *, dropout_rate: float = 0.0,
-           dropout_rng: jax.Array | None = None, block: int = ATTENTION_BLOCK) -> jax.Array:
-    """Attention with a dense mask, or a MaskSpec that long query sequences apply block by block."""
+           dropout_rng: jax.Array | None = None, block: int = ATTENTION_BLOCK,
+           window_block: int = WINDOW_BLOCK) -> jax.Array:
+    """Attention with a dense mask, or a MaskSpec that long query sequences apply block by block
+    (without dropout): windowed when the window is bounded and keys align with queries."""
     if isinstance(mask, MaskSpec):
-        if q.shape[1] > block and not (dropout_rate > 0 and dropout_rng is not None):
+        dropout = dropout_rate > 0 and dropout_rng is not None
+        left, right = mask.window
+        time = q.shape[1]
+        if (not dropout and left >= 0 and right >= 0 and time > window_block
+                and k.shape[1] == time):
+            return windowed_attention(q, k, v, mask, window_block)
+        if time > block and not dropout:
             return blocked_attention(q, k, v, mask, block)
         mask = mask.dense()
     return dot_product_attention(q, k, v, mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng)

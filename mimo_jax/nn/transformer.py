@@ -1,8 +1,7 @@
-"""The Qwen2 decoder block and a scanned stack of them (backbone, patch encoder, patch decoder).
+"""The Qwen2 decoder block and a stack of them (backbone, patch encoder, patch decoder).
 
-Stacked layers hold their parameters with a leading `layers` axis and run under `jax.lax.scan`
-(one compiled layer, whatever the depth), rematerialised by a named policy. A KV cache is a dict of
-arrays `k`, `v` [layers, batch, cache_len, kv_heads, head_dim] updated at `cache_index`.
+The stack is built and scanned by `nn.stack`. A KV cache is a dict of arrays `k`, `v`
+[layers, batch, cache_len, kv_heads, head_dim] updated at `cache_index`.
 """
 from typing import Any
 
@@ -14,15 +13,15 @@ from jax.ad_checkpoint import checkpoint_name
 from mimo_jax.nn.attention import attend
 from mimo_jax.nn.layers import Dense, Embed, RMSNorm
 from mimo_jax.nn.partitioning import constrain
-from mimo_jax.nn.remat import maybe_remat
 from mimo_jax.nn.rope import apply_rope, inv_frequencies, rope_tables
+from mimo_jax.nn.stack import StackConfig, scan_layers, stacked
 
 KVCache = dict[str, jax.Array]
 _ACTIVATION_AXES = ("activation_batch", "activation_length", None)
 
 
 class Qwen2Attention(nnx.Module):
-    def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: StackConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         h, k, d = cfg.heads, cfg.kv_heads, cfg.head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = Dense(cfg.hidden, h * d, axes=("embed", "q_heads"), use_bias=True, **kw)
@@ -64,12 +63,13 @@ class SwiGLU(nnx.Module):
 
 
 class Qwen2Layer(nnx.Module):
-    def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: StackConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.input_layernorm = RMSNorm(cfg.hidden, eps=cfg.rms_eps, param_dtype=param_dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(cfg.hidden, eps=cfg.norm_eps, param_dtype=param_dtype,
+                                       rngs=rngs)
         self.self_attn = Qwen2Attention(cfg, **kw)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden, eps=cfg.rms_eps, param_dtype=param_dtype,
-                                                rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden, eps=cfg.norm_eps,
+                                                param_dtype=param_dtype, rngs=rngs)
         self.mlp = SwiGLU(cfg.hidden, cfg.ffn, **kw)
 
     def __call__(self, x, cos, sin, mask, cache, cache_index, dropout_rng=None):
@@ -83,19 +83,15 @@ class Qwen2Layer(nnx.Module):
 class Qwen2Stack(nnx.Module):
     """`layers` Qwen2 blocks (stacked, scanned) and the final RMSNorm; optional token embedding."""
 
-    def __init__(self, cfg, *, vocab_size: int | None = None, dtype=jnp.float32,
+    def __init__(self, cfg: StackConfig, *, vocab_size: int | None = None, dtype=jnp.float32,
                  param_dtype=jnp.float32, remat_policy: str = "none", rngs: nnx.Rngs):
         self.embed_tokens = (Embed(vocab_size, cfg.hidden, axes=("vocab", "embed"), dtype=dtype,
                                    param_dtype=param_dtype, rngs=rngs)
                              if vocab_size is not None else None)
-
-        @nnx.split_rngs(splits=cfg.layers)
-        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_layers(r: nnx.Rngs):
-            return Qwen2Layer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r)
-
-        self.layers = make_layers(rngs)
-        self.norm = RMSNorm(cfg.hidden, eps=cfg.rms_eps, param_dtype=param_dtype, rngs=rngs)
+        self.layers = stacked(
+            lambda r: Qwen2Layer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), cfg.layers,
+            rngs)
+        self.norm = RMSNorm(cfg.hidden, eps=cfg.norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.cfg = cfg
         self.dtype = dtype
         self.remat_policy = remat_policy
@@ -117,22 +113,16 @@ class Qwen2Stack(nnx.Module):
         """
         cos, sin = rope_tables(positions, inv_frequencies(self.cfg.head_dim, self.cfg.rope_theta),
                                self.dtype)
-        graphdef, params = nnx.split(self.layers)
         layer_rngs = (jax.random.split(dropout_rng, self.cfg.layers)
                       if dropout_rng is not None else None)
 
-        def body(h, xs):
-            layer_params, layer_cache, rng = xs
-            layer = nnx.merge(graphdef, layer_params)
+        def step(layer, h, xs):
+            layer_cache, rng = xs
             h, layer_cache = layer(h, cos, sin, mask, layer_cache, cache_index, rng)
             return constrain(h.astype(self.dtype), _ACTIVATION_AXES), layer_cache
 
-        xs = (params, cache, layer_rngs)
-        if jnp.finfo(x.dtype).bits < jnp.finfo(self.dtype).bits:
-            x, first_cache = body(x, jax.tree.map(lambda a: a[0], xs))
-            x, rest_cache = jax.lax.scan(maybe_remat(body, self.remat_policy), x,
-                                         jax.tree.map(lambda a: a[1:], xs))
-            cache = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first_cache, rest_cache)
-        else:
-            x, cache = jax.lax.scan(maybe_remat(body, self.remat_policy), x.astype(self.dtype), xs)
+        narrow = jnp.finfo(x.dtype).bits < jnp.finfo(self.dtype).bits
+        x, cache = scan_layers(self.layers, step, x if narrow else x.astype(self.dtype),
+                               (cache, layer_rngs), remat_policy=self.remat_policy,
+                               first_apart=narrow)
         return self.norm(x), cache

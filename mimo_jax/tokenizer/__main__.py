@@ -11,16 +11,14 @@ import argparse
 import os
 import sys
 
-import jax.numpy as jnp
 import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
 from mimo_jax import logs
+from mimo_jax.nn.dtypes import DTYPES
 from mimo_jax.tokenizer.api import Tokenizer
 from mimo_jax.tokenizer.audio_io import InputError, read_audio, read_codes, write_audio
-
-_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="files read and processed together (default 32)")
         p.add_argument("--checkpoint", required=True,
                        help="tokenizer checkpoint directory (official safetensors or Orbax)")
-        p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32",
+        p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                        help="compute dtype (parameters stay float32)")
     return parser
 
@@ -74,7 +72,7 @@ def _duration(path: str) -> float:
 
 def encode(args) -> int:
     _check_unique(args.audio, args.out, ".npy")
-    tokenizer = Tokenizer.load(args.checkpoint, dtype=_DTYPES[args.dtype],
+    tokenizer = Tokenizer.load(args.checkpoint, dtype=DTYPES[args.dtype],
                                segment_frames=args.segment_frames)
     config = tokenizer.config
     if not 1 <= args.codebooks <= config.num_quantizers:
@@ -108,7 +106,7 @@ def decode(args) -> int:
     single = len(args.codes) == 1 and args.out.lower().endswith(".wav")
     if not single:
         _check_unique(args.codes, args.out, ".wav")
-    tokenizer = Tokenizer.load(args.checkpoint, dtype=_DTYPES[args.dtype],
+    tokenizer = Tokenizer.load(args.checkpoint, dtype=DTYPES[args.dtype],
                                decode_chunk=args.decode_chunk)
     config = tokenizer.config
     failed = 0

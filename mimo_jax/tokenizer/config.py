@@ -9,6 +9,8 @@ import json
 import os
 from typing import Any
 
+from mimo_jax.nn.stack import StackConfig
+
 ARCHITECTURE = "MiMoAudioTokenizer"
 
 
@@ -122,6 +124,26 @@ class TokenizerConfig:
     def min_samples(self) -> int:
         """The reflect padding of the centred STFT needs more than nfft // 2 samples."""
         return self.nfft // 2 + 1
+
+    # The three transformer stacks.
+    def encoder_stack(self) -> StackConfig:
+        return self._stack(self.encoder_layers, self.d_model, self.encoder_attention_heads,
+                           self.encoder_ffn_dim, self.encoder_causal,
+                           self.encoder_attn_window_size)
+
+    def decoder_stack(self) -> StackConfig:
+        return self._stack(self.decoder_layers, self.d_model, self.decoder_attention_heads,
+                           self.decoder_ffn_dim, self.decoder_causal,
+                           self.decoder_attn_window_size)
+
+    def vocoder_stack(self) -> StackConfig:
+        return self._stack(self.vocoder_num_layers, self.vocoder_dim,
+                           self.vocoder_attention_heads, self.vocoder_intermediate_dim, False,
+                           self.vocoder_attn_window_size)
+
+    def _stack(self, layers, dim, heads, ffn, causal, window) -> StackConfig:
+        return StackConfig(dim, layers, heads, heads, dim // heads, ffn, self.rope_theta,
+                           self.ln_eps, causal=causal, window=tuple(window))
 
 
 # Keys of config.json that the architecture is checked against but that have no field.

@@ -15,7 +15,7 @@ from mimo_jax.nn.conv import ConvTranspose1d
 from mimo_jax.nn.layers import LayerNorm
 from mimo_jax.nn.params import ones, param, zeros
 from mimo_jax.tokenizer.config import TokenizerConfig
-from mimo_jax.tokenizer.transformer import StackSpec, make_stack, run_stack, time_mask
+from mimo_jax.tokenizer.transformer import make_stack, run_stack, time_mask
 from mimo_jax.tokenizer.vocoder import TransformerVocos
 
 
@@ -66,8 +66,8 @@ class AudioDecoder(nnx.Module):
         self.dtype = dtype
         self.dconv1 = CausalConvTranspose1d(c.d_model, c.d_model, c.avg_pooler, c.avg_pooler,
                                             dtype=dtype, rngs=rngs)
-        self.spec = StackSpec.of(c, "decoder")
-        self.layers = make_stack(self.spec, dtype=dtype, rngs=rngs)
+        self.stack_config = c.decoder_stack()
+        self.layers = make_stack(self.stack_config, dtype=dtype, rngs=rngs)
         self.layer_norm = LayerNorm(c.d_model, eps=c.ln_eps, rngs=rngs)
         self.dconv2 = CausalConvTranspose1d(c.d_model, c.n_mels, c.decoder_kernel_size,
                                             c.decoder_stride_size, dtype=dtype, rngs=rngs)
@@ -77,8 +77,7 @@ class AudioDecoder(nnx.Module):
         """x [batch, codes, d_model] -> (coarse mel [batch, frames, n_mels], frame lengths)."""
         x = x.astype(self.dtype or jnp.float32)
         h, lengths = self.dconv1(x, lengths)
-        h = run_stack(self.layers, h, lengths, rope_theta=self.spec.rope_theta,
-                      inv_freq_dtype=inv_freq_dtype)
+        h = run_stack(self.layers, self.stack_config, h, lengths, inv_freq_dtype=inv_freq_dtype)
         return self.dconv2(self.layer_norm(h), lengths)
 
     def __call__(self, x: jax.Array, lengths: jax.Array, *, inv_freq_dtype=None):

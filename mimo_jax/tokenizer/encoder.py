@@ -15,7 +15,7 @@ from mimo_jax.nn.conv import Conv1d
 from mimo_jax.nn.layers import LayerNorm
 from mimo_jax.tokenizer.config import TokenizerConfig
 from mimo_jax.tokenizer.quantizer import ResidualVectorQuantizer
-from mimo_jax.tokenizer.transformer import StackSpec, make_stack, run_stack, time_mask
+from mimo_jax.tokenizer.transformer import make_stack, run_stack, time_mask
 
 
 def _gelu(x):
@@ -30,8 +30,8 @@ class AudioEncoder(nnx.Module):
         self.conv1 = Conv1d(c.n_mels, c.d_model, c.kernel_size, padding=1, dtype=dtype, rngs=rngs)
         self.conv2 = Conv1d(c.d_model, c.d_model, c.kernel_size, stride=c.stride_size, padding=1,
                             dtype=dtype, rngs=rngs)
-        self.spec = StackSpec.of(c, "encoder")
-        self.layers = make_stack(self.spec, dtype=dtype, rngs=rngs)
+        self.stack_config = c.encoder_stack()
+        self.layers = make_stack(self.stack_config, dtype=dtype, rngs=rngs)
         self.layer_norm = LayerNorm(c.d_model, eps=c.ln_eps, rngs=rngs)
         if c.avg_pooler > 1:
             self.down_sample_layer = Conv1d(c.d_model, c.d_model, c.avg_pooler,
@@ -71,12 +71,11 @@ class AudioEncoder(nnx.Module):
 
     def _transformer(self, h, lengths, inv_freq_dtype):
         skip_at = self.config.encoder_skip_layer_id
-        run = lambda x, start, stop: run_stack(self.layers, x, lengths,
-                                               rope_theta=self.spec.rope_theta,
+        run = lambda x, start, stop: run_stack(self.layers, self.stack_config, x, lengths,
                                                inv_freq_dtype=inv_freq_dtype, start=start,
                                                stop=stop)
         if not skip_at:
             return run(h, 0, None)
         skip = run(h, 0, skip_at)  # the output of layer index skip_at - 1
-        rest = run(skip, skip_at, None) if skip_at < self.spec.layers else skip
+        rest = run(skip, skip_at, None) if skip_at < self.stack_config.layers else skip
         return rest + skip

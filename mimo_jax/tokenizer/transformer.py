@@ -2,85 +2,30 @@
 
 Activations are padded batches [batch, time, dim] with per-sequence lengths: positions restart at 0
 for every sequence and attention never reads a padded frame, so a sequence gets the same result in
-any batch. A stack is one module whose parameters have a leading `layers` axis, run with lax.scan.
+any batch. Stacks are built and scanned by `nn.stack`, attention runs through `nn.attention.attend`.
 """
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mimo_jax.nn.attention import MaskSpec, attention_mask, blocked_attention, dot_product_attention
+from mimo_jax.nn.attention import MaskSpec, attend
 from mimo_jax.nn.layers import Dense, LayerNorm
 from mimo_jax.nn.rope import apply_rope, inv_frequencies, rope_tables
-
-# Query block of the sliding-window attention: keys are gathered per block, so memory grows with
-# time * (block + window) instead of time^2.
-WINDOW_BLOCK = 128
-# Beyond this length, attention without a window runs over query blocks one after the other, so
-# that the logits of a 60 s segment (3000 frames) are never materialised at once.
-FULL_BLOCK = 512
-
-
-@dataclasses.dataclass(frozen=True)
-class StackSpec:
-    layers: int
-    dim: int
-    heads: int
-    ffn_dim: int
-    causal: bool
-    window: tuple[int, int]
-    rope_theta: float
-    eps: float = 1e-5
-
-    @classmethod
-    def of(cls, config, part: str) -> "StackSpec":
-        """The encoder's or decoder's transformer (`part` = "encoder" or "decoder") of a config."""
-        get = lambda key: getattr(config, f"{part}_{key}")
-        return cls(get("layers"), config.d_model, get("attention_heads"), get("ffn_dim"),
-                   get("causal"), tuple(get("attn_window_size")), config.rope_theta,
-                   config.ln_eps)
-
-
-def _windowed_attention(q, k, v, positions, segments, *, causal, window, block):
-    """Sliding-window attention computed per query block over the keys the window can reach.
-    q, k, v [batch, time, heads, head_dim]; positions, segments [batch, time]."""
-    batch, time = positions.shape
-    left, right = window
-    blocks = -(-time // block)
-    pad_t = blocks * block - time
-    width = block + left + right
-
-    def pad(x, before, after):
-        return jnp.pad(x, [(0, 0), (before, after)] + [(0, 0)] * (x.ndim - 2))
-
-    qb = pad(q, 0, pad_t).reshape(batch * blocks, block, *q.shape[2:])
-    q_pos = pad(positions, 0, pad_t).reshape(batch * blocks, block)
-    q_seg = pad(segments, 0, pad_t).reshape(batch * blocks, block)
-    gather = (jnp.arange(blocks)[:, None] * block + jnp.arange(width)[None, :])  # [blocks, width]
-
-    def windows(x):
-        x = pad(x, left, right + pad_t)[:, gather]  # [batch, blocks, width, ...]
-        return x.reshape(batch * blocks, width, *x.shape[3:])
-
-    mask = attention_mask(q_pos, windows(positions), q_seg, windows(segments), causal=causal,
-                          window=window)
-    out = dot_product_attention(qb, windows(k), windows(v), mask)
-    return out.reshape(batch, blocks * block, *q.shape[2:])[:, :time]
+from mimo_jax.nn.stack import StackConfig, scan_layers, stacked
 
 
 class SelfAttention(nnx.Module):
-    def __init__(self, spec: StackSpec, *, dtype, rngs: nnx.Rngs):
-        d = spec.dim
+    def __init__(self, cfg: StackConfig, *, dtype, rngs: nnx.Rngs):
+        d = cfg.hidden
         self.q_proj = Dense(d, d, axes=("embed", "q_heads"), use_bias=True, dtype=dtype, rngs=rngs)
         self.k_proj = Dense(d, d, axes=("embed", "kv_heads"), use_bias=False, dtype=dtype,
                             rngs=rngs)
         self.v_proj = Dense(d, d, axes=("embed", "kv_heads"), use_bias=True, dtype=dtype, rngs=rngs)
         self.out_proj = Dense(d, d, axes=("q_heads", "embed"), use_bias=True, dtype=dtype,
                               rngs=rngs)
-        self.heads = spec.heads
-        self.causal = spec.causal
-        self.window = tuple(spec.window)
+        self.heads = cfg.heads
+        self.causal = cfg.causal
+        self.window = tuple(cfg.window)
 
     def __call__(self, x, cos, sin, positions, segments):
         batch, time, dim = x.shape
@@ -88,18 +33,9 @@ class SelfAttention(nnx.Module):
         q = apply_rope(split(self.q_proj(x)), cos, sin)
         k = apply_rope(split(self.k_proj(x)), cos, sin)
         v = split(self.v_proj(x))
-        left, right = self.window
-        if left >= 0 and right >= 0 and time > WINDOW_BLOCK:
-            out = _windowed_attention(q, k, v, positions, segments, causal=self.causal,
-                                      window=self.window, block=WINDOW_BLOCK)
-        elif time > FULL_BLOCK:
-            mask = MaskSpec(positions, positions, segments, segments, causal=self.causal,
-                            window=self.window)
-            out = blocked_attention(q, k, v, mask, FULL_BLOCK)
-        else:
-            mask = attention_mask(positions, positions, segments, segments, causal=self.causal,
-                                  window=self.window)
-            out = dot_product_attention(q, k, v, mask)
+        mask = MaskSpec(positions, positions, segments, segments, causal=self.causal,
+                        window=self.window)
+        out = attend(q, k, v, mask)
         return self.out_proj(out.reshape(batch, time, dim).astype(x.dtype))
 
 
@@ -107,14 +43,14 @@ class TransformerLayer(nnx.Module):
     """x += attn(LN(x)); x += fc2(gelu(fc1(LN(x)))). In half precision, a tensor holding an
     infinity or NaN is clamped to +-(max - 1000) as the official layer does."""
 
-    def __init__(self, spec: StackSpec, *, dtype, rngs: nnx.Rngs):
-        self.self_attn = SelfAttention(spec, dtype=dtype, rngs=rngs)
-        self.self_attn_layer_norm = LayerNorm(spec.dim, eps=spec.eps, rngs=rngs)
-        self.fc1 = Dense(spec.dim, spec.ffn_dim, axes=("embed", "mlp"), use_bias=True, dtype=dtype,
+    def __init__(self, cfg: StackConfig, *, dtype, rngs: nnx.Rngs):
+        self.self_attn = SelfAttention(cfg, dtype=dtype, rngs=rngs)
+        self.self_attn_layer_norm = LayerNorm(cfg.hidden, eps=cfg.norm_eps, rngs=rngs)
+        self.fc1 = Dense(cfg.hidden, cfg.ffn, axes=("embed", "mlp"), use_bias=True, dtype=dtype,
                          rngs=rngs)
-        self.fc2 = Dense(spec.ffn_dim, spec.dim, axes=("mlp", "embed"), use_bias=True, dtype=dtype,
+        self.fc2 = Dense(cfg.ffn, cfg.hidden, axes=("mlp", "embed"), use_bias=True, dtype=dtype,
                          rngs=rngs)
-        self.final_layer_norm = LayerNorm(spec.dim, eps=spec.eps, rngs=rngs)
+        self.final_layer_norm = LayerNorm(cfg.hidden, eps=cfg.norm_eps, rngs=rngs)
 
     def __call__(self, x, cos, sin, positions, segments):
         x = x + self.self_attn(self.self_attn_layer_norm(x), cos, sin, positions, segments)
@@ -126,37 +62,26 @@ class TransformerLayer(nnx.Module):
         return x
 
 
-def make_stack(spec: StackSpec, *, dtype, rngs: nnx.Rngs) -> TransformerLayer:
-    """`spec.layers` layers as one module whose parameters have a leading `layers` axis."""
-
-    @nnx.split_rngs(splits=spec.layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def create(r):
-        return TransformerLayer(spec, dtype=dtype, rngs=r)
-
-    return create(rngs)
+def make_stack(cfg: StackConfig, *, dtype, rngs: nnx.Rngs) -> TransformerLayer:
+    """`cfg.layers` layers as one module whose parameters have a leading `layers` axis."""
+    return stacked(lambda r: TransformerLayer(cfg, dtype=dtype, rngs=r), cfg.layers, rngs)
 
 
-def run_stack(stack: TransformerLayer, x, lengths, *, rope_theta: float, inv_freq_dtype=None,
+def run_stack(stack: TransformerLayer, cfg: StackConfig, x, lengths, *, inv_freq_dtype=None,
               start: int = 0, stop: int | None = None):
     """Apply layers [start, stop) of a stack to x [batch, time, dim] with per-sequence lengths."""
     batch, time, _ = x.shape
-    graphdef, state = nnx.split(stack)
-    if start or stop is not None:
-        state = jax.tree.map(lambda a: a[start:stop], state)
     positions = jnp.broadcast_to(jnp.arange(time), (batch, time))
     segments = (positions < lengths[:, None]).astype(jnp.int32)
-    head_dim = stack.self_attn.q_proj.kernel.shape[-1] // stack.self_attn.heads
-    inv_freq = inv_frequencies(head_dim, rope_theta)
+    inv_freq = inv_frequencies(cfg.head_dim, cfg.rope_theta)
     if inv_freq_dtype is not None:  # the reference pipeline rounds inv_freq with the model
         inv_freq = inv_freq.astype(inv_freq_dtype)
     cos, sin = rope_tables(positions, inv_freq, x.dtype)
 
-    def body(h, layer_state):
-        layer = nnx.merge(graphdef, layer_state)
+    def step(layer, h, _):
         return layer(h, cos, sin, positions, segments), None
 
-    x, _ = jax.lax.scan(body, x, state)
+    x, _ = scan_layers(stack, step, x, start=start, stop=stop)
     return x
 
 

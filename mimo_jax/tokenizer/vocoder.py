@@ -12,7 +12,7 @@ from flax import nnx
 from mimo_jax.nn.layers import Dense, LayerNorm
 from mimo_jax.tokenizer.config import TokenizerConfig
 from mimo_jax.tokenizer.frontend import periodic_hann
-from mimo_jax.tokenizer.transformer import StackSpec, make_stack, run_stack, time_mask
+from mimo_jax.tokenizer.transformer import make_stack, run_stack, time_mask
 
 
 class Buffer(nnx.Param):
@@ -82,16 +82,13 @@ class TransformerVocos(nnx.Module):
         self.dtype = dtype
         self.embeddings = Dense(c.n_mels, c.vocoder_dim, axes=("conv_in", "embed"),
                                 use_bias=False, dtype=dtype, rngs=rngs)
-        self.spec = StackSpec(c.vocoder_num_layers, c.vocoder_dim, c.vocoder_attention_heads,
-                              c.vocoder_intermediate_dim, False,
-                              tuple(c.vocoder_attn_window_size), c.rope_theta, c.ln_eps)
-        self.layers = make_stack(self.spec, dtype=dtype, rngs=rngs)
+        self.stack_config = c.vocoder_stack()
+        self.layers = make_stack(self.stack_config, dtype=dtype, rngs=rngs)
         self.layer_norm = LayerNorm(c.vocoder_dim, eps=c.ln_eps, rngs=rngs)
         self.head = ISTFTHead(c.vocoder_dim, c.nfft, c.hop_length, dtype=dtype, rngs=rngs)
 
     def __call__(self, mel: jax.Array, lengths: jax.Array, *, inv_freq_dtype=None) -> jax.Array:
         """mel [batch, frames, mels], lengths [batch] -> waveform [batch, frames * hop] float32."""
         x = self.embeddings(mel.astype(self.dtype or mel.dtype))
-        x = run_stack(self.layers, x, lengths, rope_theta=self.spec.rope_theta,
-                      inv_freq_dtype=inv_freq_dtype)
+        x = run_stack(self.layers, self.stack_config, x, lengths, inv_freq_dtype=inv_freq_dtype)
         return self.head(self.layer_norm(x), lengths)

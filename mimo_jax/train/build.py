@@ -6,27 +6,20 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from mimo_jax import model_checkpoint as model_ckpt
 from mimo_jax.lm.config import MiMoAudioConfig
 from mimo_jax.lm.model import MiMoAudioLM
+from mimo_jax.nn.dtypes import dtype_named
 from mimo_jax.nn.partitioning import batch_sharding, state_shardings
 from mimo_jax.train.losses import LossConfig
 from mimo_jax.train.optimizer import OptimizerConfig
 from mimo_jax.train.step import Trainer, TrainState
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 BATCH_FIELDS = ("text", "codes", "positions", "segment_ids", "text_targets", "text_weights",
                 "code_targets", "code_weights")
-
-
-def _dtype(name: str, key: str):
-    if name not in DTYPES:
-        raise ValueError(f"config {key}={name!r}: expected one of {sorted(DTYPES)}")
-    return DTYPES[name]
 
 
 def check_batch_divides(global_batch: int, grad_accum: int, mesh) -> None:
@@ -57,8 +50,8 @@ def lm_architecture(config) -> MiMoAudioConfig:
 
 def build_model(config, mesh, rules) -> tuple[MiMoAudioConfig, nnx.Module]:
     """From `model.init_checkpoint` (a converted checkpoint) or randomly from `model.hf`."""
-    dtype = _dtype(config.model.dtype, "model.dtype")
-    param_dtype = _dtype(config.model.param_dtype, "model.param_dtype")
+    dtype = dtype_named(config.model.dtype, "config model.dtype")
+    param_dtype = dtype_named(config.model.param_dtype, "config model.param_dtype")
     if config.model.init_checkpoint:
         return model_ckpt.load(config.model.init_checkpoint, mesh=mesh, rules=rules, dtype=dtype,
                                param_dtype=param_dtype, remat_policy=config.model.remat_policy)

@@ -1,6 +1,7 @@
 """Analytic training FLOPs of the MiMo-Audio LM, for model FLOPs utilisation (6 * N * tokens plus
 attention), counted per LLM position (group) of a packed row."""
-from mimo_jax.lm.config import MiMoAudioConfig, StackConfig
+from mimo_jax.lm.config import MiMoAudioConfig
+from mimo_jax.nn.stack import StackConfig
 
 
 def _stack_params(s: StackConfig) -> int:

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mimo_jax.lm.config import parse_dashed
+
 _TINY = 1e-9
 
 
@@ -43,8 +45,8 @@ class LossConfig:
     def from_string(cls, weights: str, **kw) -> "LossConfig":
         """From the official spelling `"100-12-8-6-4-2-2-1-1"`: text, then one per codebook."""
         try:
-            values = tuple(float(v) for v in weights.split("-"))
-        except (ValueError, AttributeError):
+            values = parse_dashed(weights, float)
+        except (ValueError, AttributeError, TypeError):
             raise ValueError(f"loss weights {weights!r}: expected numbers joined by '-'") from None
         if min(values) < 0:
             raise ValueError(f"loss weights {weights!r}: expected numbers >= 0")
