@@ -31,7 +31,7 @@ from data_pipelines.pipeline import Source, make_dataset
 from data_pipelines.shards import Record
 from data_pipelines.text_tokenizer import train_demo_tokenizer
 
-# Stage-2 7B run (SPEC §4.1: batch 16.8 M tokens = groups, context 8192).
+# Stage-2 7B run (the report: batch 16.8 M tokens = groups, context 8192).
 GLOBAL_BATCH_GROUPS = 16.8e6
 CONTEXT = 8192
 PARAMS = 7.6e9  # LLM 7B + patch encoder and decoder

@@ -9,7 +9,7 @@ A document is a list of groups (LLM positions). Per group g of a document of L g
 (field names and meaning are documented in `data_pipelines.packing`).
 
 The prompt part of every task comes from the inference prompt builders (`mimo_jax.tasks.prompts`),
-segments as `mimo_jax.tasks.segments` defines them (SPEC §2.2/2.3), so that a model is trained on
+segments as `mimo_jax.tasks.segments` defines them (as the official `InputSegment`), so that a model is trained on
 the text it is prompted with.
 
 Tasks (`TASKS`): `continuation` (speech only), `interleave` (5:5 stream), `asr`, `tts`, `caption`,
@@ -125,7 +125,7 @@ class SequenceBuilder:
                 self._stream(doc, seg.text, seg.patches, target)
 
     def _stream(self, doc: _Doc, text: str, patches: np.ndarray, target: bool):
-        """SPEC §2.2 streaming segment: the fixed 5:5 text-guided interleave."""
+        """The official streaming segment: the fixed 5:5 text-guided interleave."""
         ids = self.tok.encode(text) + [self.tok.eot_id]  # <|eot|> joins the last chunk
         text_out, rows = stream_groups(ids, len(patches), self.tok.empty_id)
         doc.add_text([self.tok.sostm_id], target)

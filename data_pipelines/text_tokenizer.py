@@ -2,7 +2,7 @@
 small tokenizers of the tests and the demo.
 
 `train_demo_tokenizer` builds the small byte-level BPE tokenizer of the tests and the demo: the
-same special-token strings as the released MiMo tokenizer (SPEC §2.1), trained on the demo
+same special-token strings as the released MiMo tokenizer (its added tokens), trained on the demo
 sentences, deterministic for a given list of sentences.
 """
 
@@ -22,7 +22,7 @@ __all__ = ["SPECIAL_TOKENS", "TextTokenizer", "tokenizer_digest", "train_demo_to
 
 
 def train_demo_tokenizer(sentences: Sequence[str], vocab_size: int = 1024) -> TextTokenizer:
-    """Byte-level BPE with every SPEC §2.1 special token, trained on `sentences` (deterministic).
+    """Byte-level BPE with every special token of the released tokenizer, trained on `sentences` (deterministic).
 
     The chat-format words of the task prompts are added to the training text so that the
     prompts do not fall back to single bytes.

@@ -1,5 +1,5 @@
 """Local transformers whose width the head count does not divide (head_dim = width // heads, as the
-official code computes it): built, written in the official layout (SPEC §1.2), converted back,
+official code computes it): built, written in the official layout (the official state_dict names), converted back,
 loaded and run against a NumPy Qwen2 reference. Configs the official code refuses are refused."""
 import json
 

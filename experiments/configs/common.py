@@ -39,8 +39,8 @@ def _boolean(key: str, value: str) -> bool:
 
 
 def mimo_7b_hf() -> dict:
-    """MiMo-Audio-7B's architecture (SPEC §1.1; the released config.json is what a converted
-    checkpoint carries, this is for from-scratch runs and ahead-of-time checks)."""
+    """MiMo-Audio-7B's architecture (the released config.json, which a converted
+    checkpoint carries; this copy is for from-scratch runs and ahead-of-time checks)."""
     return dict(
         architectures=["MiMoAudioForCausalLM"], model_type="qwen2", vocab_size=151680,
         hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,

@@ -1,4 +1,4 @@
-"""The audio front end of the official demo (`preprocess_input`, SPEC §2.3): a file is read as
+"""The audio front end of the official demo (`preprocess_input`): a file is read as
 float32, its channels averaged and resampled to the tokenizer's rate with the windowed-sinc
 resampler of `torchaudio.functional.resample` (its defaults); a waveform array is taken as it is
 (24 kHz mono). Codes come from the tokenizer in 6000-frame segments; the first `channels`

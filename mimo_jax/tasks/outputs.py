@@ -1,4 +1,4 @@
-"""Generated ids -> text and speech as the official `forward` returns them (SPEC §2.6).
+"""Generated ids -> text and speech as the official `forward` returns them.
 
 `text` and `codes` are the generated groups only (prompt excluded), the stop group included: the
 official code drops the last generated group, whatever ended the generation.

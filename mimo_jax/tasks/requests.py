@@ -35,7 +35,7 @@ class TaskSpec:
     stop_tokens: tuple[str, ...]  # besides the tokenizer's eos
     sampler: str  # key of the official per-task sampler presets
     speech_out: bool
-    speech_start: str | None = "<|sostm|>"  # the output speech span (SPEC §2.6)
+    speech_start: str | None = "<|sostm|>"  # the output speech span
     speech_end: str = "<|eostm|>"
 
 
@@ -128,7 +128,7 @@ def _one_input(request) -> bool:
 
 def segments(request: dict, *, history: bool = False) -> list:
     """The prompt segments of a checked request; audio stays as given (paths or arrays) until
-    encoded. `history`: a dialogue turn appended to the previous sequence (SPEC §2.4)."""
+    encoded. `history`: a dialogue turn appended to the previous sequence (the official history rule)."""
     spec = task_of(request)
     r = request
     name = spec.name

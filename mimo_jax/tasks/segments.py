@@ -1,4 +1,4 @@
-"""Prompt segments (SPEC §2.2) and their assembly into groups, for training and inference alike.
+"""Prompt segments (the official `InputSegment`) and their assembly into groups, for training and inference alike.
 
 A prompt is a list of segments; assembled, it is one group (LLM position) per text token or patch:
   text   int32 [L]                       the text id; `<|empty|>` for a speech group
@@ -84,7 +84,7 @@ class Prompt:
 
     def input_ids(self) -> np.ndarray:
         """The official layout [1 + channels, L * group_size]: row 0 the text id in each group's
-        first column and -100 in the others, rows 1.. the codes (SPEC §1.4)."""
+        first column and -100 in the others, rows 1.. the codes (the official layout)."""
         length, gs, ch = self.codes.shape
         text = np.full((length, gs), IGNORE, np.int64)
         text[:, 0] = self.text

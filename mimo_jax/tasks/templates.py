@@ -1,4 +1,4 @@
-"""Fixed strings of the task prompts (SPEC §2.4): the official template lists and chat strings,
+"""Fixed strings of the task prompts: the official template lists and chat strings,
 shared by the prompt builders, the training sequences and the demo tokenizer."""
 
 ASR_TEMPLATES_ZH = (

@@ -1,6 +1,6 @@
 """Text tokenizer: HF `tokenizers` from a `tokenizer.json`, special tokens looked up by name.
 
-The ids of the special tokens are never hard-coded (SPEC §2.1): they are read from the tokenizer.
+The ids of the special tokens are never hard-coded: they are read from the tokenizer.
 The eos token is the one `tokenizer_config.json` beside `tokenizer.json` declares (as the official
 `AutoTokenizer` reads it), else `<|endoftext|>`.
 """
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import tokenizers
 from etils import epath
 
-# SPEC §2.1, in the order the released tokenizer assigns their ids.
+# The released tokenizer's special tokens, in the order it assigns their ids.
 SPECIAL_TOKENS = (
     "<|endoftext|>",
     "<|im_start|>",
