@@ -15,11 +15,6 @@ from mimo_jax.tokenizer.config import TokenizerConfig
 from mimo_jax.tokenizer.decoder import AudioDecoder
 from mimo_jax.tokenizer.encoder import AudioEncoder
 from mimo_jax.tokenizer.frontend import log_mel, mel_lengths
-from mimo_jax.tokenizer.quantizer import Codebook
-from mimo_jax.tokenizer.vocoder import Buffer
-
-# What an optimizer may update: codebooks are EMA-trained and the ISTFT window is a constant.
-TRAINABLE = nnx.All(nnx.Param, nnx.Not(nnx.Any(Codebook, Buffer)))
 
 
 class MiMoAudioTokenizer(nnx.Module):

@@ -3,7 +3,7 @@
 Encode: for each codebook in order, take the nearest entry (squared L2, first index on ties) and
 subtract it from the residual. Decode: the sum of the chosen entries. Codebooks are `Codebook`
 variables: checkpoint state like parameters (the converter maps them), but trained by EMA rather
-than by gradients, so optimizers must leave them out (see `model.TRAINABLE`).
+than by gradients, so an optimizer must filter them out by their type.
 """
 import jax
 import jax.numpy as jnp

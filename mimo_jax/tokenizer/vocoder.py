@@ -17,7 +17,7 @@ from mimo_jax.tokenizer.transformer import make_stack, run_stack, time_mask
 
 class Buffer(nnx.Param):
     """A constant stored in checkpoints (the ISTFT window): converted like a parameter, never
-    trained (see `model.TRAINABLE`)."""
+    trained (an optimizer filters it out by its type)."""
 
 
 def overlap_add(frames: jax.Array, hop: int) -> jax.Array:
