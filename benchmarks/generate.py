@@ -1,7 +1,10 @@
 """Generation throughput: groups per second of KV-cached generation (prompt prefill included),
 greedy and sampled, after compilation, next to PyTorch `transformers`' Qwen2ForCausalLM.generate
 of the same backbone (KV cache, greedy; the official loop runs it one request at a time). Every
-generated group is speech, so ours also runs the patch decoder (11 local steps) per group.
+generated group is speech, so ours also runs the patch decoder (11 local steps) per group. Then
+streaming TTS at batch 1 (sampled): the time to first audio (generation handed back every
+--stream-chunk groups, its frames through the streaming decoder of a random audio tokenizer, the
+demo's size) beside the end-to-end time of the same stream.
 
     python benchmarks/generate.py [--quick] [--batches 1,8,32 --prompt 16 --new 32]
 
@@ -18,9 +21,10 @@ import numpy as np
 from flax import nnx
 from small_lm import build_config, torch_config
 
-from mimo_jax.inference.generate import GenerationConfig, generate
+from mimo_jax.inference.generate import GenerationConfig, generate, generate_chunks
 from mimo_jax.inference.sampling import SamplerConfig
 from mimo_jax.lm.model import MiMoAudioLM
+from mimo_jax.tokenizer.streaming import StreamingDecoder
 
 # The official demo's default patch sampler (SPEC 1.9: T 0.9, top-k 50, top-p 0.95). The text token
 # is drawn at T 0.6 without top-k/top-p: they could filter out `<|empty|>`, the one id allowed here.
@@ -44,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=2, help="timed repetitions")
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--torch-batches", default="1,8")
+    p.add_argument("--stream-chunk", type=int, default=4,
+                   help="streaming TTS: groups generated between hand-backs")
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny model, few steps")
     a = p.parse_args(argv)
@@ -62,13 +68,17 @@ def _prompt(config, batch, groups):
     return text, codes.astype(np.int32)
 
 
-def bench_jax(model, config, batch, a, sampler):
-    text, codes = _prompt(config, batch, a.prompt)
-    # Every generated group is speech (all other text ids are forbidden until the end), so each
-    # one runs the patch decoder: the TTS case, the heaviest.
+def _speech_only(config, a, sampler):
+    """Every generated group is speech (all other text ids are forbidden until the end), so each
+    one runs the patch decoder: the TTS case, the heaviest."""
     total = a.prompt + a.new
     others = tuple(i for i in range(config.vocab_size) if i != config.empty_idx)
-    gen = GenerationConfig(max_length=total, min_length=total, stop_ids=others, **sampler)
+    return GenerationConfig(max_length=total, min_length=total, stop_ids=others, **sampler)
+
+
+def bench_jax(model, config, batch, a, sampler):
+    text, codes = _prompt(config, batch, a.prompt)
+    gen = _speech_only(config, a, sampler)
     t0 = time.perf_counter()
     out = generate(model, text, codes, gen)
     compile_s = time.perf_counter() - t0
@@ -78,6 +88,38 @@ def bench_jax(model, config, batch, a, sampler):
     step_s = (time.perf_counter() - t0) / a.reps
     speech = float((out.text[:, a.prompt:] == config.empty_idx).mean())
     return compile_s, batch * a.new / step_s, speech
+
+
+def _audio_tokenizer():
+    from experiments.demo import TOKENIZER_HF
+    from mimo_jax.tokenizer.api import Tokenizer
+    from mimo_jax.tokenizer.config import from_hf
+    from mimo_jax.tokenizer.model import MiMoAudioTokenizer
+
+    config = from_hf(TOKENIZER_HF)
+    return Tokenizer(config, MiMoAudioTokenizer(config, rngs=nnx.Rngs(0)))
+
+
+def bench_stream(model, config, a, tokenizer):
+    """(seconds to the first audio, seconds to the end) of one streamed TTS request, after a
+    first run that compiles."""
+    text, codes = _prompt(config, 1, a.prompt)
+    gen = _speech_only(config, a, SAMPLED)
+
+    def run(seed):
+        decoder, first = StreamingDecoder(tokenizer), None
+        t0 = time.perf_counter()
+        for chunk in generate_chunks(model, text, codes, gen, chunk_groups=a.stream_chunk,
+                                     rng=jax.random.key(seed)):
+            wav = decoder.push([chunk.codes[0].reshape(-1, config.audio_channels)])[0]
+            if first is None and len(wav):
+                first = time.perf_counter() - t0
+        decoder.finish()
+        end = time.perf_counter() - t0
+        return end if first is None else first, end
+
+    run(0)
+    return run(1)
 
 
 def bench_torch(config, batch, a):
@@ -133,6 +175,9 @@ def main(argv=None):
     print(f"\n{'':14s}{'batch':>6s}{'compile s':>11s}{'groups/s':>11s}{'speech':>8s}")
     for (name, batch), (compile_s, gps, speech) in rows.items():
         print(f"{name:14s}{batch:6d}{compile_s:11.2f}{gps:11.1f}{speech:8.2f}")
+    first_s, end_s = bench_stream(model, config, a, _audio_tokenizer())
+    print(f"\nstreaming TTS, batch 1, sampled, {a.stream_chunk} groups per chunk: first audio "
+          f"after {first_s:.2f} s, end to end {end_s:.2f} s ({a.new} groups)")
     print("\ntargets:")
     for name in ("greedy", "sampled"):
         ours = {b: r[1] for (n, b), r in rows.items() if n == f"jax {name}"}

@@ -1,4 +1,5 @@
-"""`benchmarks/generate.py --quick` runs end to end and prints its table and targets."""
+"""`benchmarks/generate.py --quick` runs end to end and prints its table, the streaming time to
+first audio and the targets."""
 import importlib.util
 import os
 import re
@@ -20,6 +21,9 @@ def test_generate_benchmark_quick_prints_the_table():
     for name in ("jax greedy", "jax sampled"):
         row = re.search(rf"^{name}\s+1\s+[\d.]+\s+([\d.]+)\s+1\.00$", text, re.M)
         assert row and float(row.group(1)) > 0, text  # every generated group is speech
+    stream = re.search(r"^streaming TTS.*first audio after ([\d.]+) s, end to end ([\d.]+) s",
+                       text, re.M)
+    assert stream and 0 < float(stream.group(1)) <= float(stream.group(2)), text
     if importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):
         assert re.search(r"^torch greedy\s+1\s+[\d.]+\s+[\d.]+", text, re.M), text
         assert "jax batch 1 >= torch batch 1" in text

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mimo_jax.inference import sampling
 from mimo_jax.inference.generate import GenerationConfig, generate
-from mimo_jax.inference.sampling import SamplerConfig, process
+from mimo_jax.inference.sampling import SamplerConfig, process, sample
 
 ROWS = 512  # identical rows, one draw each
 
@@ -133,3 +134,17 @@ def test_max_length_ends_generation_at_its_group(lm, prompt, filler):
                                                     stop_ids=stops))
     assert out.text.shape[1] == gp + 2 and out.lengths.tolist() == [gp + 2]
     assert out.text[0, gp:].tolist() == [f, f]
+
+
+def test_top_p_of_one_is_skipped_without_changing_a_choice():
+    # Logits spread so widely that many probabilities underflow to exactly 0: top_p = 1 removes
+    # those (the official filter), which `process` skips as no choice can fall on them.
+    logits = 40.0 * jax.random.normal(jax.random.key(0), (64, 300))
+    for do_sample in (False, True):
+        cfg = SamplerConfig(do_sample, 0.7, None, 1.0)
+        scores = logits / 0.7
+        filtered = sampling._top_p(scores, sampling._ordered_keys(scores), 1.0)
+        assert (~jnp.isfinite(filtered)).any() and jnp.isfinite(process(logits, cfg)).all()
+        for key in jax.random.split(jax.random.key(1), 20 if do_sample else 1):
+            want = sampling._draw(filtered, key) if do_sample else jnp.argmax(filtered, -1)
+            np.testing.assert_array_equal(sample(logits, cfg, key), want)

@@ -40,12 +40,15 @@ def process(logits: jax.Array, cfg: SamplerConfig) -> jax.Array:
         scores = scores / cfg.temperature
     scores = jnp.where(scores == 0, 0.0, scores)  # -0.0 and 0.0 get one key
     keys = _ordered_keys(scores)
-    if cfg.top_k:
-        k = min(cfg.top_k, scores.shape[-1])
+    # top_k >= V keeps every entry, and top_p = 1 removes only entries of probability 0, which
+    # neither argmax nor a draw can pick: both searches are skipped then (the presets of most
+    # tasks have top_p = 1).
+    if cfg.top_k and cfg.top_k < scores.shape[-1]:
+        k = cfg.top_k
         # The k-th largest key: the largest u with at least k keys >= u.
         kth = _largest(lambda u: jnp.sum(keys >= u, -1, keepdims=True) >= k, keys.shape[0])
         scores = jnp.where(keys < kth, -jnp.inf, scores)
-    if cfg.top_p is not None and 0.0 < cfg.top_p <= 1.0:
+    if cfg.top_p is not None and 0.0 < cfg.top_p < 1.0:
         scores = _top_p(scores, keys, cfg.top_p)
     return scores
 

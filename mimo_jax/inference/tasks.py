@@ -18,11 +18,12 @@ from __future__ import annotations
 import dataclasses
 import random
 from pathlib import Path
+from typing import Iterator
 
 import jax
 import numpy as np
 
-from mimo_jax.inference.generate import GenerationConfig, generate
+from mimo_jax.inference.generate import GenerationConfig, generate, generate_chunks
 from mimo_jax.inference.sampling import GREEDY, SamplerConfig
 from mimo_jax.lm.layout import empty_patch
 from mimo_jax.tasks import outputs, requests, segments
@@ -30,6 +31,7 @@ from mimo_jax.tasks.audio import AudioFrontEnd
 from mimo_jax.tasks.requests import RequestError
 from mimo_jax.tasks.text_tokenizer import TextTokenizer, model_id_problems
 from mimo_jax.tokenizer.audio_io import InputError
+from mimo_jax.tokenizer.streaming import StreamingDecoder
 
 MAX_GROUPS = 8192  # the official GenerationConfig's max_length: prompt and generation together
 WIDTH_QUANTUM = 32  # prompt batches are left-padded to a multiple of this: fewer compilations
@@ -59,6 +61,14 @@ class Result:
     @property
     def generated_groups(self) -> int:
         return self.sequence.groups - self.prompt_groups if self.sequence else 0
+
+
+@dataclasses.dataclass
+class AudioChunk:
+    """What `MimoAudio.stream` hands out: audio of one request, as soon as it is ready."""
+    index: int  # the request's position in the call
+    wav: np.ndarray  # 24 kHz float32 samples following the request's earlier chunks
+    result: Result | None = None  # on the request's last chunk only
 
 
 @dataclasses.dataclass
@@ -148,6 +158,44 @@ class MimoAudio:
         With `raise_errors=False` a bad request gets its `error` and the others still run.
         Requests are sorted by prompt length into batches of `batch_size` (default: one batch
         per sampler setting); `progress(n)` is called after each batch of n requests."""
+        results, batches = self._plan(reqs, task, history, text_sampler, patch_sampler,
+                                      batch_size, raise_errors)
+        for key, jobs in batches:
+            self._generate(key, jobs, results)
+            if progress is not None:
+                progress(len(jobs))
+        self._decode([r for r in results if r.speech is not None])
+        return results
+
+    def stream(self, reqs, *, task: str | None = None, history=None,
+               text_sampler: SamplerConfig | None = None,
+               patch_sampler: SamplerConfig | None = None, batch_size: int | None = None,
+               raise_errors: bool = True, chunk_groups: int = 8, left_context: int = 250,
+               right_context: int = 40) -> Iterator[AudioChunk]:
+        """`run`, with the speech handed out while it is generated.
+
+        Generation stops every `chunk_groups` groups; the new speech frames of each request (the
+        frames `run` would decode, between `<|sostm|>` and `<|eostm|>` where the task has them)
+        go through a `StreamingDecoder` (its `left_context` and `right_context`, in code frames)
+        and the audio that is ready comes out as an `AudioChunk` per request. A request's last
+        chunk carries its `Result`, whose `wav` is the joined stream (1 s of zeros when there is
+        no speech, as in `run`); a bad request (with `raise_errors=False`) gets one empty chunk
+        with its Result first. The generated ids equal those of `run`.
+        """
+        if chunk_groups < 1:
+            raise ValueError(f"chunk_groups {chunk_groups}: expected at least 1")
+        results, batches = self._plan(reqs, task, history, text_sampler, patch_sampler,
+                                      batch_size, raise_errors)
+        for i, r in enumerate(results):
+            if r.error is not None:
+                yield AudioChunk(i, np.zeros(0, np.float32), r)
+        for key, jobs in batches:
+            decoder = StreamingDecoder(self.audio.tokenizer, len(jobs),
+                                       left_context=left_context, right_context=right_context)
+            yield from self._stream_batch(key, jobs, results, chunk_groups, decoder)
+
+    def _plan(self, reqs, task, history, text_sampler, patch_sampler, batch_size, raise_errors):
+        """Results (errors filled in) and the batches to generate: [(key, jobs)]."""
         reqs = [r if isinstance(r, dict) else {"input": r} for r in reqs]
         if task is not None:
             reqs = [{**r, "task": task} for r in reqs]
@@ -164,15 +212,12 @@ class MimoAudio:
         groups: dict[tuple, list[_Job]] = {}
         for job in jobs:
             groups.setdefault(self._key(job, text_sampler, patch_sampler), []).append(job)
+        batches = []
         for key, members in groups.items():
             members.sort(key=lambda j: j.prompt.groups)
             step = batch_size or len(members)
-            for s in range(0, len(members), step):
-                self._generate(key, members[s:s + step], results)
-                if progress is not None:
-                    progress(len(members[s:s + step]))
-        self._decode([r for r in results if r.speech is not None])
-        return results
+            batches += [(key, members[s:s + step]) for s in range(0, len(members), step)]
+        return results, batches
 
     def _fail(self, result: Result, error: Exception, raise_errors: bool):
         if raise_errors:
@@ -242,7 +287,8 @@ class MimoAudio:
         return (stops, self._samplers(job, text_sampler, patch_sampler),
                 int(r.get("min_new_groups", 0) or 0), r.get("max_new_groups"), job.seed)
 
-    def _generate(self, key, jobs: list[_Job], results: list[Result]):
+    def _batch(self, key, jobs: list[_Job]):
+        """The left-padded prompt batch of `jobs`: (width, generate's arguments)."""
         stops, (text_s, patch_s), min_new, max_new, seed = key
         longest = max(j.prompt.groups for j in jobs)
         width = -(-longest // WIDTH_QUANTUM) * WIDTH_QUANTUM
@@ -257,21 +303,72 @@ class MimoAudio:
             codes[row, width - j.prompt.groups:] = j.prompt.codes
         limit = self.context_groups
         max_length = limit if max_new is None else min(limit, width + int(max_new))
-        gen = generate(self.model, text, codes, GenerationConfig(
-            max_length=max_length, min_length=width + min_new, stop_ids=stops,
-            text_sampler=text_s, patch_sampler=patch_s),
+        gen = GenerationConfig(max_length=max_length, min_length=width + min_new, stop_ids=stops,
+                               text_sampler=text_s, patch_sampler=patch_s)
+        return width, (self.model, text, codes, gen), dict(
             prompt_lengths=[j.prompt.groups for j in jobs], rng=jax.random.key(seed))
+
+    def _generate(self, key, jobs: list[_Job], results: list[Result]):
+        width, args, kw = self._batch(key, jobs)
+        gen = generate(*args, **kw)
         for row, j in enumerate(jobs):
             end = int(gen.lengths[row])
-            new = segments.Prompt(gen.text[row, width:end], gen.codes[row, width:end])
-            res = results[j.index]
-            res.text = outputs.text_of(self.tok, new.text)
-            res.sequence, res.prompt_groups = j.prompt + new, j.prompt.groups
-            if j.spec.speech_out:
-                start = (self.tok.special_id(j.spec.speech_start) if j.spec.speech_start
-                         else None)
-                res.speech = outputs.speech_of(new.text, new.codes, c.speech_empty_ids, start,
-                                               self.tok.special_id(j.spec.speech_end))
+            self._finish(j, gen.text[row, width:end], gen.codes[row, width:end], results[j.index])
+
+    def _speech(self, job: _Job, text, codes, complete: bool = True) -> np.ndarray:
+        """The speech frames of a request's generated groups (see `outputs.speech_of`)."""
+        spec = job.spec
+        start = self.tok.special_id(spec.speech_start) if spec.speech_start else None
+        return outputs.speech_of(text, codes, self.config.speech_empty_ids, start,
+                                 self.tok.special_id(spec.speech_end), complete=complete)
+
+    def _finish(self, job: _Job, text, codes, res: Result):
+        """A request's result from its generated groups (up to its stop group)."""
+        new = segments.Prompt(text, codes)
+        res.text = outputs.text_of(self.tok, new.text)
+        res.sequence, res.prompt_groups = job.prompt + new, job.prompt.groups
+        if job.spec.speech_out:
+            res.speech = self._speech(job, new.text, new.codes)
+
+    def _stream_batch(self, key, jobs: list[_Job], results: list[Result], chunk_groups: int,
+                      decoder: StreamingDecoder) -> Iterator[AudioChunk]:
+        width, args, kw = self._batch(key, jobs)
+        rows = range(len(jobs))
+        text, codes = [[] for _ in rows], [[] for _ in rows]
+        sent, pieces, live = [0] * len(jobs), [[] for _ in rows], set(rows)
+        for chunk in generate_chunks(*args, chunk_groups=chunk_groups, **kw):
+            new, ending = [None] * len(jobs), []
+            for row in sorted(live):
+                text[row].append(chunk.text[row])
+                codes[row].append(chunk.codes[row])
+                if chunk.done[row] or chunk.last:
+                    ending.append(row)
+                if not jobs[row].spec.speech_out:
+                    continue
+                end = int(chunk.lengths[row]) - width if row in ending else None
+                frames = self._speech(jobs[row], np.concatenate(text[row])[:end],
+                                      np.concatenate(codes[row])[:end], complete=row in ending)
+                new[row], sent[row] = frames[sent[row]:], len(frames)
+            ready = decoder.push(new)
+            tails = decoder.finish(ending)
+            for row in sorted(live):
+                wav = np.concatenate([ready[row], tails[row]])
+                if len(wav):
+                    pieces[row].append(wav)
+                if row not in ending:
+                    if len(wav):
+                        yield AudioChunk(jobs[row].index, wav)
+                    continue
+                live.discard(row)
+                job, res = jobs[row], results[jobs[row].index]
+                end = int(chunk.lengths[row]) - width
+                self._finish(job, np.concatenate(text[row])[:end],
+                             np.concatenate(codes[row])[:end], res)
+                if res.speech is not None:
+                    res.wav = (np.concatenate(pieces[row]) if pieces[row] else
+                               outputs.wav_of(self.audio.tokenizer, res.speech))
+                    wav = wav if pieces[row] else res.wav
+                yield AudioChunk(job.index, wav, res)
 
     def _decode(self, results: list[Result]):
         """All speech of a call through the audio tokenizer at once (1500-frame chunks)."""

@@ -147,36 +147,35 @@ class MiMoAudioLM(nnx.Module):
         """Autoregressive patch decoding with a KV cache. local_hidden [N, D_local] -> codes
         [N, gs, C]. `sample_fn(logits [N, V], forbidden_id, rng) -> ids [N]` picks each code.
         With `return_logits`, also the logits each code was picked from, per channel
-        [N, gs, vocab_c] (as `patch_logits` returns them)."""
+        [N, gs, vocab_c] (as `patch_logits` returns them).
+
+        The delay schedule is static, so the steps are unrolled and a channel's head and sampler
+        run only at the group_size steps where it emits a frame (not at all C x steps). The key is
+        still split once per (step, channel) pair in order, so the draws equal those of a loop
+        that samples every pair."""
         c = self.config
         n = local_hidden.shape[0]
         steps, gs = c.patch_steps, c.group_size
-        active = jnp.asarray(delay_schedule(c.delay_pattern, gs))
+        active = delay_schedule(c.delay_pattern, gs)
         cache = self.local_transformer.init_cache(n, steps)
         key_pos = jnp.broadcast_to(jnp.arange(steps), (n, steps))
-
-        def step(carry, t):
-            x, cache, codes, rng = carry
+        heads = list(zip(self.local_transformer_lm_heads, self.speech_embeddings))
+        codes, logits = [[] for _ in heads], [[] for _ in heads]
+        x = local_hidden[:, None].astype(self.dtype)
+        for t in range(steps):
             q_pos = jnp.full((n, 1), t)
             out, cache = self.local_transformer(x, q_pos, attention_mask(q_pos, key_pos, causal=True),
                                                 cache, t)
             nxt = jnp.zeros((n, 1, self.speech_embeddings[0].embedding.shape[1]), self.dtype)
-            step_logits = []
-            for ch, (head, table) in enumerate(zip(self.local_transformer_lm_heads,
-                                                   self.speech_embeddings)):
+            for ch, (head, table) in enumerate(heads):
                 rng, sub = jax.random.split(rng)
-                step_logits.append(head(out[:, 0]))
-                tok = sample_fn(step_logits[-1], c.speech_empty_ids[ch], sub)
-                frame = jnp.clip(t - c.delay_pattern[ch], 0, gs - 1)
-                on = active[t, ch]
-                codes = codes.at[:, frame, ch].set(jnp.where(on, tok, codes[:, frame, ch]))
-                nxt = nxt + jnp.where(on, table(tok)[:, None].astype(self.dtype), 0.0)
-            ys = step_logits if return_logits else None
-            return (self._to_local(nxt), cache, codes, rng), ys
-
-        codes = jnp.zeros((n, gs, len(c.speech_vocab_sizes)), jnp.int32)
-        x0 = local_hidden[:, None].astype(self.dtype)
-        (_, _, codes, _), logits = jax.lax.scan(step, (x0, cache, codes, rng), jnp.arange(steps))
+                if not active[t, ch]:
+                    continue
+                logits[ch].append(head(out[:, 0]))
+                codes[ch].append(sample_fn(logits[ch][-1], c.speech_empty_ids[ch], sub))
+                nxt = nxt + table(codes[ch][-1])[:, None].astype(self.dtype)
+            x = self._to_local(nxt)
+        codes = jnp.stack([jnp.stack(frames, 1) for frames in codes], -1)
         if not return_logits:
             return codes
-        return codes, [jnp.moveaxis(lg[d:d + gs], 0, 1) for d, lg in zip(c.delay_pattern, logits)]
+        return codes, [jnp.stack(lg, 1) for lg in logits]

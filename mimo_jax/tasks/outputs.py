@@ -19,13 +19,19 @@ def text_of(tok, text: np.ndarray) -> str:
 
 
 def speech_of(text: np.ndarray, codes: np.ndarray, empty_ids, start_id: int | None,
-              end_id: int) -> np.ndarray:
+              end_id: int, *, complete: bool = True) -> np.ndarray:
     """The speech frames [F, channels] of the generated groups: those between the first
     `start_id` (exclusive; the beginning if absent or None) and the first `end_id` (exclusive; the
-    end if absent) whose channel-0 code is not its empty id."""
-    text = np.asarray(text)[:-1]
+    end if absent) whose channel-0 code is not its empty id.
+
+    `complete=False`: the groups are the beginning of a generation that goes on (streaming). None
+    is dropped as the last, and only frames sure to be in the final result are returned: none
+    while a `start_id` is awaited (if it never comes, the result starts at the beginning)."""
+    text = np.asarray(text)[:-1] if complete else np.asarray(text)
     codes = np.asarray(codes)[:text.size]
     starts = np.flatnonzero(text == start_id) if start_id is not None else []
+    if not complete and start_id is not None and not len(starts):
+        return codes[:0].reshape(0, codes.shape[-1])
     ends = np.flatnonzero(text == end_id)
     start = int(starts[0]) + 1 if len(starts) else 0
     end = int(ends[0]) if len(ends) else text.size

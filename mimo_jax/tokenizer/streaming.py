@@ -53,12 +53,14 @@ class StreamingDecoder:
                 self.emitted[i] -= total - self.left
         return out
 
-    def finish(self) -> list[np.ndarray]:
-        """The rest of every stream; the decoder is then empty again."""
-        live = [i for i, w in enumerate(self.windows) if w is not None]
+    def finish(self, streams: Sequence[int] | None = None) -> list[np.ndarray]:
+        """The rest of the given streams (default: all), which are then empty again; the others'
+        entries are empty."""
+        streams = range(len(self.windows)) if streams is None else streams
+        live = [i for i in streams if self.windows[i] is not None]
         out = self._emit(live, final=True)
-        self.windows = [None] * len(self.windows)
-        self.emitted = [0] * len(self.windows)
+        for i in streams:
+            self.windows[i], self.emitted[i] = None, 0
         return out
 
     def _emit(self, streams: list[int], final: bool) -> list[np.ndarray]:
