@@ -26,7 +26,7 @@ from mimo_jax.inference.sampling import SamplerConfig
 from mimo_jax.lm.model import MiMoAudioLM
 from mimo_jax.tokenizer.streaming import StreamingDecoder
 
-# The official demo's default patch sampler (SPEC 1.9: T 0.9, top-k 50, top-p 0.95). The text token
+# The official demo's default patch sampler (T 0.9, top-k 50, top-p 0.95). The text token
 # is drawn at T 0.6 without top-k/top-p: they could filter out `<|empty|>`, the one id allowed here.
 SAMPLED = dict(text_sampler=SamplerConfig(True, 0.6),
                patch_sampler=SamplerConfig(True, 0.9, 50, 0.95))

@@ -8,7 +8,7 @@
 A task method takes a list of requests (`mimo_jax.tasks.requests`; a bare value is the `input`)
 and runs them as batched, KV-cached generations: requests that share their stop tokens, samplers,
 lengths and seed form one left-padded batch (prompts of different lengths, each row stopping on
-its own). Samplers default to the official per-task presets (`task_sampler_configs`, SPEC §1.9),
+its own). Samplers default to the official per-task presets (`task_sampler_configs`),
 overridable per instance or per call; `greedy` makes both greedy. Multi-turn spoken dialogue
 follows the official history: pass the previous `Result` as `history` and the next user turn is
 appended to its whole sequence (prompt and generation).
@@ -36,7 +36,8 @@ from mimo_jax.tokenizer.streaming import StreamingDecoder
 MAX_GROUPS = 8192  # the official GenerationConfig's max_length: prompt and generation together
 WIDTH_QUANTUM = 32  # prompt batches are left-padded to a multiple of this: fewer compilations
 _LOCAL = SamplerConfig(do_sample=True, temperature=0.9, top_p=0.95)
-# SPEC §1.9: (text sampler, patch sampler) per official task name; others use "default".
+# The official `task_sampler_configs`: (text sampler, patch sampler) per task name; others use
+# "default".
 TASK_SAMPLERS = {
     "asr": (SamplerConfig(False, 1.0, None, 1.0), _LOCAL),
     "tts": (SamplerConfig(True, 0.6, None, 1.0), _LOCAL),

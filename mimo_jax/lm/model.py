@@ -116,9 +116,6 @@ class MiMoAudioLM(nnx.Module):
     def _to_local(self, e: jax.Array) -> jax.Array:
         return self.speech_embeddings_to_local(e) if self.speech_embeddings_to_local is not None else e
 
-    def _heads(self, out: jax.Array) -> list[jax.Array]:
-        return [head(out) for head in self.local_transformer_lm_heads]
-
     def patch_logits(self, local_hidden: jax.Array, target_codes: jax.Array, dropout_rng=None
                      ) -> list[jax.Array]:
         """Teacher-forced patch decoder over all group_size + max(delay) steps in one causal pass.
