@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from small_lm import build_config, torch_config
+from small_lm import add_size_args, build_config, torch_config
 
 from mimo_jax.inference.generate import GenerationConfig, generate, generate_chunks
 from mimo_jax.inference.sampling import SamplerConfig
@@ -36,12 +36,7 @@ QUICK = dict(hidden=64, layers=2, heads=4, kv_heads=2, ffn=128, vocab=512, local
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--ffn", type=int, default=2048)
-    p.add_argument("--vocab", type=int, default=16384)
+    add_size_args(p)
     p.add_argument("--local-dim", type=int, default=256)
     p.add_argument("--prompt", type=int, default=16, help="prompt groups per row")
     p.add_argument("--new", type=int, default=32, help="generated groups per row")

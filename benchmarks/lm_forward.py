@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from small_lm import build_config, torch_config
+from small_lm import add_size_args, build_config, torch_config
 
 from mimo_jax.lm.model import MiMoAudioLM
 from mimo_jax.nn.attention import attention_mask
@@ -23,12 +23,7 @@ from mimo_jax.nn.attention import attention_mask
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--ffn", type=int, default=2048)
-    p.add_argument("--vocab", type=int, default=16384)
+    add_size_args(p)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--groups", type=int, default=512, help="LLM positions per row")
     p.add_argument("--steps", type=int, default=5, help="timed repetitions")

@@ -3,6 +3,16 @@ vocabulary) and the same backbone as a transformers Qwen2Config."""
 from mimo_jax.lm.config import MiMoAudioConfig, small_config
 
 
+def add_size_args(p) -> None:
+    """The backbone size flags (default: a ~100M-parameter Qwen2 backbone)."""
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--ffn", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=16384)
+
+
 def build_config(a, local_dim: int = 256) -> MiMoAudioConfig:
     """From the arguments hidden, layers, heads, kv_heads, ffn and vocab."""
     v = a.vocab

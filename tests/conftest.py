@@ -59,3 +59,25 @@ def fixtures_root() -> Path:
     if not FIXTURES.is_dir():
         raise FileNotFoundError(f"MIMO_FIXTURES={FIXTURES} is not a directory")
     return FIXTURES
+
+
+@pytest.fixture(scope="module")
+def fx(fixtures_root):
+    """The tasks/ fixture: prompts, generations and outputs of every task."""
+    from tasks_support import TasksFixture
+
+    return TasksFixture(fixtures_root)
+
+
+@pytest.fixture(scope="module")
+def mimo(fx):
+    """MimoAudio over the tasks/ fixture's LM, audio tokenizer and text tokenizer."""
+    from tasks_support import fixture_lm
+
+    from mimo_jax.inference.tasks import MimoAudio
+    from mimo_jax.tokenizer.api import Tokenizer
+
+    config, model = fixture_lm(fx)
+    return MimoAudio(config, model, Tokenizer.load(str(fx.dir / fx.meta["audio_tokenizer"])),
+                     fx.tok)
+

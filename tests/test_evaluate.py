@@ -7,17 +7,12 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
-from tasks_support import TasksFixture, causal_lm_dir, fixture_lm
+from tasks_support import causal_lm_dir, fixture_lm
 from test_readme import readme_command
 
 from mimo_jax import evaluate
 from mimo_jax.evaluation import asr_metrics, choice
 from mimo_jax.tasks import prompts, segments
-
-
-@pytest.fixture(scope="module")
-def fx(fixtures_root):
-    return TasksFixture(fixtures_root)
 
 
 @pytest.fixture(scope="module")

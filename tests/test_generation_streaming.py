@@ -10,15 +10,13 @@ import jax
 import numpy as np
 import pytest
 import soundfile as sf
-from tasks_support import TasksFixture, causal_lm_dir, fixture_lm
+from tasks_support import causal_lm_dir
 from test_tokenizer_streaming import MIN_SER_DB, stream_quality
 
 from mimo_jax import generate as cli
 from mimo_jax.inference.generate import GenerationConfig, generate, generate_chunks
 from mimo_jax.inference.sampling import GREEDY, SamplerConfig
-from mimo_jax.inference.tasks import MimoAudio
 from mimo_jax.lm.layout import empty_patch, from_official
-from mimo_jax.tokenizer.api import Tokenizer
 
 SAMPLED = SamplerConfig(True, 0.9, 50, 0.95)
 NEW = 10  # generated groups per row at most
@@ -81,16 +79,6 @@ def test_chunk_size_must_be_positive(lm, batch):
         next(generate_chunks(model, text, codes, GenerationConfig(max_length=20), chunk_groups=0))
 
 
-@pytest.fixture(scope="module")
-def fx(fixtures_root):
-    return TasksFixture(fixtures_root)
-
-
-@pytest.fixture(scope="module")
-def mimo(fx):
-    config, model = fixture_lm(fx)
-    return MimoAudio(config, model, Tokenizer.load(str(fx.dir / fx.meta["audio_tokenizer"])),
-                     fx.tok)
 
 
 # Speech continuation of two clips of different lengths (one left-padded batch), sampled: its

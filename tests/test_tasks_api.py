@@ -5,24 +5,10 @@ import dataclasses
 
 import numpy as np
 import pytest
-from tasks_support import TasksFixture, fixture_lm
 
 from mimo_jax.inference.tasks import TASK_SAMPLERS, MimoAudio
 from mimo_jax.lm.layout import to_official
 from mimo_jax.tasks import outputs
-from mimo_jax.tokenizer.api import Tokenizer
-
-
-@pytest.fixture(scope="module")
-def fx(fixtures_root):
-    return TasksFixture(fixtures_root)
-
-
-@pytest.fixture(scope="module")
-def mimo(fx):
-    config, model = fixture_lm(fx)
-    return MimoAudio(config, model, Tokenizer.load(str(fx.dir / fx.meta["audio_tokenizer"])),
-                     fx.tok)
 
 
 def _greedy(fx, gen):

@@ -6,14 +6,9 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
-from tasks_support import TasksFixture, causal_lm_dir
+from tasks_support import causal_lm_dir
 
 from mimo_jax import generate
-
-
-@pytest.fixture(scope="module")
-def fx(fixtures_root):
-    return TasksFixture(fixtures_root)
 
 
 @pytest.fixture(scope="module")

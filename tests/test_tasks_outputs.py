@@ -2,17 +2,12 @@
 the tasks/ fixture's cases token for token, from its prompts."""
 import numpy as np
 import pytest
-from tasks_support import TASK_OF_GENERATION, TasksFixture, fixture_lm, generated_groups
+from tasks_support import TASK_OF_GENERATION, fixture_lm, generated_groups
 
 from mimo_jax.inference.generate import GenerationConfig, generate
 from mimo_jax.lm.layout import from_official, to_official
 from mimo_jax.tasks import outputs, requests
 from mimo_jax.tokenizer.api import Tokenizer
-
-
-@pytest.fixture(scope="module")
-def fx(fixtures_root):
-    return TasksFixture(fixtures_root)
 
 
 @pytest.fixture(scope="module")

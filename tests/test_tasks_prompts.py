@@ -2,16 +2,10 @@
 (from the fixture's audio codes, and end to end from its audio through our tokenizer)."""
 import numpy as np
 import pytest
-from tasks_support import TasksFixture
 
 from mimo_jax.tasks import prompts, requests, segments, templates
 from mimo_jax.tasks.audio import AudioFrontEnd
 from mimo_jax.tokenizer.api import Tokenizer
-
-
-@pytest.fixture(scope="module")
-def fx(fixtures_root):
-    return TasksFixture(fixtures_root)
 
 
 def _prompt(fx, req, history, patches_of):
