@@ -31,7 +31,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mimo_jax.tasks.requests import TASKS
+from mimo_jax.tasks.requests import TASKS, read_jsonl
 
 CHUNK = 512  # requests read, sorted by length and generated together
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
@@ -79,20 +79,10 @@ def _read_requests(path: str, errors: list) -> list[tuple[int, dict]]:
     """(line number, request) of every well-formed line; the others go to `errors`."""
     out, seen = [], set()
     try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as e:
-        raise SystemExit(f"--requests {path}: cannot read ({e.strerror})") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            req = json.loads(line)
-        except json.JSONDecodeError as e:
-            errors.append({"line": n, "error": f"not a JSON object ({e})"})
-            continue
-        if not isinstance(req, dict):
-            errors.append({"line": n, "error": f"not a JSON object but {type(req).__name__}"})
-            continue
+        objects = read_jsonl(path, errors)
+    except FileNotFoundError as e:
+        raise SystemExit(f"--requests {e}") from None
+    for n, req in objects:
         rid = str(req.get("id", n))
         if not _ID.match(rid) or rid in seen:
             why = "is used by an earlier line" if rid in seen else (

@@ -19,41 +19,17 @@ run.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 from pathlib import Path
 
 from mimo_jax.evaluation import asr_metrics, choice
 from mimo_jax.tasks import prompts, segments, templates
-from mimo_jax.tasks.requests import RequestError
+from mimo_jax.tasks.requests import RequestError, read_jsonl
 from mimo_jax.tokenizer.audio_io import InputError
 
 
 def error(line: int, item_id, message: str) -> dict:
     return {"line": line, "id": item_id, "error": message}
-
-
-def read_jsonl(path: str | Path, errors: list) -> list[tuple[int, dict]]:
-    """(line number, object) of every JSON-object line; blank lines are skipped, the others that
-    are not objects go to `errors`."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise FileNotFoundError(f"{path}: cannot read ({e})") from None
-    out = []
-    for n, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            errors.append(error(n, None, f"not a JSON object ({e})"))
-            continue
-        if not isinstance(obj, dict):
-            errors.append(error(n, None, f"not a JSON object but {type(obj).__name__}"))
-            continue
-        out.append((n, obj))
-    return out
 
 
 def _path(value, base: Path, key: str) -> str:
