@@ -29,7 +29,9 @@ def speech_of(text: np.ndarray, codes: np.ndarray, empty_ids, start_id: int | No
     while a `start_id` is awaited (if it never comes, the result starts at the beginning)."""
     text = np.asarray(text)[:-1] if complete else np.asarray(text)
     codes = np.asarray(codes)[:text.size]
-    starts = np.flatnonzero(text == start_id) if start_id is not None else []
+    starts: np.ndarray | list[int] = []
+    if start_id is not None:
+        starts = np.flatnonzero(text == start_id)
     if not complete and start_id is not None and not len(starts):
         return codes[:0].reshape(0, codes.shape[-1])
     ends = np.flatnonzero(text == end_id)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 
 from mimo_jax.tasks import templates as t
-from mimo_jax.tasks.segments import Audio, Stream, Text
+from mimo_jax.tasks.segments import Audio, Segment, Stream, Text
 
 STREAM_OPEN = "<|sostm|>"
 INSTRUCTION = "[Int]:"
@@ -99,10 +99,12 @@ def tts(text: str, template: str | None = None, instruct: str | None = None,
     (plain TTS ignores it, as the official builder does). `template` is needed where
     `read_text_only` is set."""
     text = normalize_text(text)
-    if read_text_only and template is None:
-        raise ValueError("tts: read_text_only needs a template (see choose_template)")
-    if read_text_only and instruct is None:
-        return [tts_user_turn(text, template), Text(t.ASSISTANT + STREAM_OPEN)]
+    if read_text_only:
+        if template is None:
+            raise ValueError("tts: read_text_only needs a template (see choose_template)")
+        if instruct is None:
+            return [tts_user_turn(text, template), Text(t.ASSISTANT + STREAM_OPEN)]
+    system: list[Segment]
     if prompt_speech is None:
         system = [Text(t.SYSTEM), Text(t.INSTRUCT_TTS_SYSTEM), Text(t.END)]
     else:
@@ -150,7 +152,7 @@ def spoken_dialogue_multiturn(messages, system_prompt: str | None = None,
 def in_context_s2s(instruction: str, examples, audio) -> list:
     """Few-shot speech-to-speech: `examples` of {"input_audio", "output_transcription",
     "output_audio"} (patches), then the query `audio`."""
-    out = [Text(f"{INSTRUCTION}{instruction}\n")]
+    out: list[Segment] = [Text(f"{INSTRUCTION}{instruction}\n")]
     for ex in examples:
         out += [Audio(ex["input_audio"]), Text("\n"),
                 Stream(ex["output_transcription"], ex["output_audio"]), Text(" \n\n")]

@@ -142,11 +142,11 @@ def segments(request: dict, *, history: bool = False) -> list:
     if name == "tts":
         text = _text(r, "input")
         read_only = bool(r.get("read_text_only", True))
-        template = (prompts.choose_template(prompts.tts_templates(text), r.get("template"),
-                                            r.get("seed")) if read_only else None)
+        tts_template = (prompts.choose_template(prompts.tts_templates(text), r.get("template"),
+                                                r.get("seed")) if read_only else None)
         voice = _audio(r, "prompt_speech") if r.get("prompt_speech") is not None else None
         instruct = _text(r, "instruct") if r.get("instruct") is not None else None
-        return prompts.tts(text, template, instruct, read_only, voice)
+        return prompts.tts(text, tts_template, instruct, read_only, voice)
     if name == "understand":
         return prompts.understanding(_audio(r, "input"), _text(r, "input_text"),
                                      bool(r.get("thinking", False)))
@@ -170,8 +170,8 @@ def segments(request: dict, *, history: bool = False) -> list:
         thinking = bool(r.get("thinking", False))
         if _one_input(r):
             return prompts.text_dialogue(_text(r, "input"), thinking)
-        text = lambda m, k: _text(m, "content")  # noqa: E731
-        return prompts.text_dialogue_multiturn(_messages(r, text, text), thinking)
+        content = lambda m, k: _text(m, "content")  # noqa: E731
+        return prompts.text_dialogue_multiturn(_messages(r, content, content), thinking)
     if name == "few_shot":
         examples = r.get("prompt_examples")
         if not isinstance(examples, list):

@@ -57,19 +57,19 @@ class TextTokenizer:
     @classmethod
     def from_file(cls, path: str) -> "TextTokenizer":
         """From a `tokenizer.json` or a directory holding one (maybe with tokenizer_config.json)."""
-        path = epath.Path(path)
-        if path.is_dir():
-            path = path / "tokenizer.json"
-        if not path.exists():
-            raise FileNotFoundError(f"text tokenizer: {path} does not exist")
+        file = epath.Path(path)
+        if file.is_dir():
+            file = file / "tokenizer.json"
+        if not file.exists():
+            raise FileNotFoundError(f"text tokenizer: {file} does not exist")
         eos = DEFAULT_EOS
-        config = path.parent / "tokenizer_config.json"
+        config = file.parent / "tokenizer_config.json"
         if config.exists():
             declared = json.loads(config.read_text()).get("eos_token")
             if isinstance(declared, dict):  # an AddedToken serialised as a mapping
                 declared = declared.get("content")
             eos = declared or DEFAULT_EOS
-        return cls(tokenizers.Tokenizer.from_str(path.read_text()), str(path), eos)
+        return cls(tokenizers.Tokenizer.from_str(file.read_text()), str(file), eos)
 
     def special_id(self, token: str) -> int:
         tid = self.tokenizer.token_to_id(token)
