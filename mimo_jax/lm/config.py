@@ -149,6 +149,9 @@ class MiMoAudioConfig:
                 raise ValueError(f"config.json has no {key!r}, which a MiMo-Audio LM config needs")
             return hf[key]
 
+        def token_ids() -> dict[str, Any]:  # int or None each; Any as `**` could fill any field
+            return {k: (int(hf[k]) if hf.get(k) is not None else None) for k in TOKEN_ID_KEYS[:-1]}
+
         channels = int(hf.get("audio_channels", 8))
         local_dim = int(hf.get("local_dim", 1024))
         hidden = int(need("hidden_size"))
@@ -181,7 +184,7 @@ class MiMoAudioConfig:
             input_local_dim=int(hf.get("input_local_dim") or local_dim),
             input_full_attention=bool(hf.get("input_full_attention")),
             empty_idx=int(need("empty_idx")),
-            **{k: (int(hf[k]) if hf.get(k) is not None else None) for k in TOKEN_ID_KEYS[:-1]},
+            **token_ids(),
             hf_config=dict(hf),
             **runtime,
         )

@@ -6,6 +6,8 @@ boundary), sliding windows, and KV caches (cache slots carry the position and se
 they hold; empty slots have segment 0). `attend` is the one entry: given a MaskSpec, long query
 sequences run block by block (over the keys a window can reach, or over all keys).
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -84,7 +86,7 @@ class MaskSpec:
                               causal=self.causal, window=self.window)
 
     def rows(self, q_positions, q_segments) -> "MaskSpec":
-        return self.replace(q_positions=q_positions, q_segments=q_segments)
+        return dataclasses.replace(self, q_positions=q_positions, q_segments=q_segments)
 
 
 def blocked_attention(q, k, v, mask: MaskSpec, block: int) -> jax.Array:
@@ -102,7 +104,7 @@ def blocked_attention(q, k, v, mask: MaskSpec, block: int) -> jax.Array:
                                                                               jnp.int32)
     k_segments = mask.k_segments if mask.k_segments is not None else jnp.ones(k.shape[:2],
                                                                               jnp.int32)
-    full = mask.replace(q_segments=q_segments, k_segments=k_segments)
+    full = dataclasses.replace(mask, q_segments=q_segments, k_segments=k_segments)
 
     @jax.checkpoint
     def one(args):

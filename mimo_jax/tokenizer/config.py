@@ -169,7 +169,7 @@ def from_hf(hf: dict, where: str = "config.json") -> TokenizerConfig:
     missing = [k for k in _FIELDS if k not in hf and k not in ("fmax", "encoder_skip_layer_id")]
     if missing:
         raise ValueError(f"{where}: missing keys {missing}")
-    values = {}
+    values: dict[str, Any] = {}
     for key in _FIELDS:
         if key in hf:
             value = hf[key]

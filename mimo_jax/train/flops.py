@@ -15,7 +15,7 @@ def _attention_flops(s: StackConfig, context: int) -> float:
 
 
 def train_flops_per_group(c: MiMoAudioConfig, context: int, patch_decoder: bool = True) -> float:
-    backbone = 6 * (_stack_params(c.backbone()) + c.hidden_size * c.vocab_size)
+    backbone: float = 6 * (_stack_params(c.backbone()) + c.hidden_size * c.vocab_size)
     backbone += _attention_flops(c.backbone(), context)
     enc = c.patch_encoder()
     encoder = c.group_size * (6 * _stack_params(enc) + _attention_flops(enc, c.group_size))

@@ -78,7 +78,8 @@ class MetricsWriter:
                  hparams: dict | None = None, remote_flush_seconds: float = 60.0):
         self.enabled = jax.process_index() == 0
         self.total_steps = total_steps
-        self._t0, self._step0 = time.time(), None
+        self._t0 = time.time()
+        self._step0: int | None = None
         if not self.enabled:
             return
         from tensorboardX import SummaryWriter
@@ -110,7 +111,7 @@ class MetricsWriter:
             return
         record = {"step": int(step), **{k: float(v) for k, v in values.items()}}
         line = json.dumps(record) + "\n"
-        if self._local:
+        if self._jsonl is not None:  # local: appended as it goes
             self._jsonl.write(line)
             self._jsonl.flush()
         else:
@@ -167,7 +168,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         self._tb.close()
-        if self._local:
+        if self._jsonl is not None:
             self._jsonl.close()
         else:
             self._upload()

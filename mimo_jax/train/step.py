@@ -83,7 +83,9 @@ class Trainer:
     def create(cls, model: nnx.Module, loss: LossConfig, optimizer: OptimizerConfig,
                grad_accum: int = 1) -> tuple["Trainer", TrainState]:
         groups = optimizer.trainable_groups
-        graphdef, params, frozen = nnx.split(model, trainable_filter(groups), ...)
+        # nnx.split with two filters is typed as returning a tuple of any length.
+        graphdef, params, frozen = nnx.split(  # type: ignore[misc]
+            model, trainable_filter(groups), ...)
         trainer = cls(graphdef, loss, optimizer, grad_accum)
         mesh = _mesh_of(params)
         if mesh is None:
@@ -132,9 +134,9 @@ class Trainer:
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        state = state.replace(step=state.step + finite.astype(jnp.int32),
-                              params=keep(params, state.params),
-                              opt_state=keep(opt_state, state.opt_state))
+        state = dataclasses.replace(state, step=state.step + finite.astype(jnp.int32),
+                                    params=keep(params, state.params),
+                                    opt_state=keep(opt_state, state.opt_state))
         metrics = dict(metrics, grad_norm=grad_norm, update_skipped=1.0 - finite.astype(jnp.float32),
                        **rates)
         return state, metrics
