@@ -9,7 +9,7 @@ import dataclasses
 import json
 import os
 import struct
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import ml_dtypes
 import numpy as np
@@ -76,17 +76,17 @@ def _read_header(path: epath.Path) -> dict[str, TensorInfo]:
 
 def read_index(src: str | os.PathLike) -> dict[str, TensorInfo]:
     """Every tensor of an HF-style directory (single file or sharded with an index)."""
-    src = paths.resolve(src)
-    index = src / INDEX_FILE
+    root = paths.resolve(src)
+    index = root / INDEX_FILE
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (src / SINGLE_FILE).exists():
+    elif (root / SINGLE_FILE).exists():
         files = [SINGLE_FILE]
     else:
-        raise FileNotFoundError(f"{src}: no {SINGLE_FILE} or {INDEX_FILE}")
+        raise FileNotFoundError(f"{root}: no {SINGLE_FILE} or {INDEX_FILE}")
     tensors: dict[str, TensorInfo] = {}
     for name in files:
-        path = src / name
+        path = root / name
         if not path.exists():
             raise FileNotFoundError(f"{index}: lists {name}, which does not exist")
         for key, info in _read_header(path).items():
@@ -121,7 +121,8 @@ class PendingTensor:
 
 
 def _write_file(path: epath.Path, tensors: list[PendingTensor], on_written: Callable[[int], None]):
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    header: dict[str, dict[str, Any]] = {"__metadata__": {"format": "pt"}}
+    offset = 0
     for t in tensors:
         header[t.name] = {"dtype": dtype_name(t.dtype), "shape": list(t.shape),
                           "data_offsets": [offset, offset + t.nbytes]}
@@ -143,7 +144,7 @@ def write_checkpoint(dst: str | os.PathLike, tensors: Iterable[PendingTensor],
                      max_shard_bytes: int = 5 * 2**30,
                      on_written: Callable[[int], None] = lambda n: None) -> list[epath.Path]:
     """Writes `model.safetensors`, or shards plus `model.safetensors.index.json` when larger."""
-    dst = paths.resolve(dst)
+    out = paths.resolve(dst)
     shards: list[list[PendingTensor]] = [[]]
     size = 0
     for t in tensors:
@@ -153,14 +154,14 @@ def write_checkpoint(dst: str | os.PathLike, tensors: Iterable[PendingTensor],
         shards[-1].append(t)
         size += t.nbytes
     if len(shards) == 1:
-        _write_file(dst / SINGLE_FILE, shards[0], on_written)
-        return [dst / SINGLE_FILE]
+        _write_file(out / SINGLE_FILE, shards[0], on_written)
+        return [out / SINGLE_FILE]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for name, shard in zip(names, shards):
-        _write_file(dst / name, shard, on_written)
+        _write_file(out / name, shard, on_written)
         weight_map.update({t.name: name for t in shard})
     total = sum(t.nbytes for s in shards for t in s)
-    (dst / INDEX_FILE).write_text(json.dumps(
+    (out / INDEX_FILE).write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + os.linesep)
-    return [dst / n for n in names] + [dst / INDEX_FILE]
+    return [out / n for n in names] + [out / INDEX_FILE]
