@@ -34,8 +34,8 @@ PathLike = str | os.PathLike
 
 
 def is_model_checkpoint(path: PathLike) -> bool:
-    path = paths.resolve(path)
-    return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
+    root = paths.resolve(path)
+    return (root / CONFIG_FILE).is_file() and (root / PARAMS_DIR).is_dir()
 
 
 def flat_params(model_or_state) -> list[tuple[tuple[str, ...], nnx.Variable]]:
@@ -100,8 +100,8 @@ def save(model: nnx.Module, hf_config: dict, path: PathLike) -> epath.Path:
     directory. Staged in `.NAME.partial` next to it and committed whole (`paths.commit_dir`: a
     rename locally; on gs:// a copy with config.json last, so an interrupted commit leaves no
     config.json and no directory that passes for a model checkpoint)."""
-    path = paths.resolve(path)
-    tmp = path.parent / f".{path.name}.partial"
+    out = paths.resolve(path)
+    tmp = out.parent / f".{out.name}.partial"
     if tmp.exists():
         tmp.rmtree()
     tmp.mkdir(parents=True)
@@ -109,8 +109,8 @@ def save(model: nnx.Module, hf_config: dict, path: PathLike) -> epath.Path:
         save_param(tmp / PARAMS_DIR, p, var.get_value())
     if jax.process_index() == 0:
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
-        paths.commit_dir(tmp, path, marker=CONFIG_FILE)
-    return path
+        paths.commit_dir(tmp, out, marker=CONFIG_FILE)
+    return out
 
 
 def check_params(path: PathLike, shapes: dict[tuple[str, ...], tuple[int, ...]]) -> dict:
@@ -141,20 +141,20 @@ def load(path: PathLike, *, mesh: jax.sharding.Mesh | None = None, rules=None, d
     if mesh is not None and rules is None:
         raise ValueError("checkpoint.load: a mesh needs logical axis rules (e.g. "
                          "sharding.rules.PRESETS['fsdp_tensor'])")
-    path = paths.resolve(path)
-    if not is_model_checkpoint(path):
-        raise FileNotFoundError(f"{path}: not a model checkpoint (expected {CONFIG_FILE} and "
+    root = paths.resolve(path)
+    if not is_model_checkpoint(root):
+        raise FileNotFoundError(f"{root}: not a model checkpoint (expected {CONFIG_FILE} and "
                                 f"{PARAMS_DIR}/); convert an official checkpoint with "
                                 f"convert_torch_weights.py first")
-    family, config = read_config(path)
+    family, config = read_config(root)
     if config_overrides:
         config = config.replace(**config_overrides)
     build_kw = {} if dtype is None else {"dtype": dtype}
     abstract = nnx.eval_shape(lambda: family.build(config, rngs=nnx.Rngs(0), **build_kw))
     graphdef, abs_state = nnx.split(abstract)
-    params_dir = path / PARAMS_DIR
+    params_dir = root / PARAMS_DIR
     flat = flat_params(abs_state)
-    check_params(path, {p: tuple(v.get_value().shape) for p, v in flat})
+    check_params(root, {p: tuple(v.get_value().shape) for p, v in flat})
     for p, var in flat:
         sharding = (named_sharding(mesh, var, rules) if mesh is not None
                     else jax.sharding.SingleDeviceSharding(jax.devices()[0]))

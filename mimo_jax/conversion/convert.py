@@ -181,10 +181,12 @@ def _torch_tensors(src_params: epath.Path, stored: dict, needed: list[Placement]
         value = value if p.layer is None else value[p.layer]
         return TRANSFORMS[p.transform].to_torch(value).astype(out_dtype, copy=False)
 
-    return [st.PendingTensor(p.torch_name, np.dtype(dtype or stored[p.param_path].dtype),
-                             p.torch_shape,
-                             lambda p=p: produce(p, np.dtype(dtype or stored[p.param_path].dtype)))
-            for p in needed]
+    def pending(p: Placement) -> st.PendingTensor:
+        out_dtype = np.dtype(dtype or stored[p.param_path].dtype)
+        return st.PendingTensor(p.torch_name, out_dtype, p.torch_shape,
+                                lambda: produce(p, out_dtype))
+
+    return [pending(p) for p in needed]
 
 
 def orbax_to_torch(src: epath.Path, dst: epath.Path, dtype=None, overwrite=False,
@@ -214,18 +216,18 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = 
             overwrite: bool = False, progress: bool = True) -> epath.Path:
     """Converts in the direction that SRC implies: official directory -> model checkpoint, or back.
     Either may be local (relative or absolute) or on gs://."""
-    src, dst = paths.resolve(src), paths.resolve(dst)
-    if not src.is_dir():
-        raise FileNotFoundError(f"{src}: no such directory")
+    source, target = paths.resolve(src), paths.resolve(dst)
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source}: no such directory")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     np_dtype = np.dtype(DTYPES[dtype]).type if dtype else None  # np.float32, ml_dtypes.bfloat16
-    if paths.same(src, dst):
-        raise ValueError(f"source and destination are the same directory: {src}")
-    if model_ckpt.is_model_checkpoint(src):
-        return orbax_to_torch(src, dst, np_dtype, overwrite, progress)
-    if not (src / model_ckpt.CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{src}: no {model_ckpt.CONFIG_FILE}; expected an official checkpoint "
-                                f"directory (config.json + model.safetensors) or a model checkpoint "
-                                f"(config.json + params/)")
-    return torch_to_orbax(src, dst, np_dtype, overwrite, progress)
+    if paths.same(source, target):
+        raise ValueError(f"source and destination are the same directory: {source}")
+    if model_ckpt.is_model_checkpoint(source):
+        return orbax_to_torch(source, target, np_dtype, overwrite, progress)
+    if not (source / model_ckpt.CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{source}: no {model_ckpt.CONFIG_FILE}; expected an official "
+                                f"checkpoint directory (config.json + model.safetensors) or a "
+                                f"model checkpoint (config.json + params/)")
+    return torch_to_orbax(source, target, np_dtype, overwrite, progress)

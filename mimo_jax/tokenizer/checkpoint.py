@@ -23,14 +23,14 @@ def with_compute_dtype(config: TokenizerConfig, model: MiMoAudioTokenizer,
 
 def load_tokenizer(path: str | Path, *, dtype=None) -> tuple[TokenizerConfig, MiMoAudioTokenizer]:
     """(config, model) with compute dtype `dtype`; errors name the directory and the problem."""
-    path = paths.resolve(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: checkpoint directory does not exist")
-    if model_checkpoint.is_model_checkpoint(path):
-        config, model = model_checkpoint.load(path, dtype=dtype)
+    root = paths.resolve(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: checkpoint directory does not exist")
+    if model_checkpoint.is_model_checkpoint(root):
+        config, model = model_checkpoint.load(root, dtype=dtype)
     else:
-        config, model = convert.load_torch_checkpoint(path)
+        config, model = convert.load_torch_checkpoint(root)
         model = with_compute_dtype(config, model, dtype)
     if not isinstance(model, MiMoAudioTokenizer):
-        raise ValueError(f"{path}: holds a {type(model).__name__}, not a MiMo-Audio tokenizer")
+        raise ValueError(f"{root}: holds a {type(model).__name__}, not a MiMo-Audio tokenizer")
     return config, model
