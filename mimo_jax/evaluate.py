@@ -85,21 +85,25 @@ def main(argv=None) -> int:
 
     errors: list[dict] = []
     source = args.manifest if args.mode == "asr" else args.items
+    utterances: list[run.Utterance] = []  # asr
+    items: list[run.ChoiceItem] = []  # choice
     try:
-        inputs = (run.read_manifest(source, errors) if args.mode == "asr"
-                  else run.read_choice_items(source, errors))
+        if args.mode == "asr":
+            utterances = run.read_manifest(source, errors)
+        else:
+            items = run.read_choice_items(source, errors)
         mimo = MimoAudio.load(args.lm, args.audio_tokenizer, args.text_tokenizer,
                               context_groups=args.context_groups)
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise SystemExit(f"error: {e}") from None
-    with tqdm(total=len(inputs), unit="item", desc=args.mode) as bar:
+    with tqdm(total=len(utterances) + len(items), unit="item", desc=args.mode) as bar:
         if args.mode == "asr":
-            report = run.evaluate_asr(mimo, inputs, errors, seed=args.seed,
+            report = run.evaluate_asr(mimo, utterances, errors, seed=args.seed,
                                       template=args.template, min_new_groups=args.min_new_groups,
                                       max_new_groups=args.max_new_groups, greedy=args.greedy,
                                       batch_size=args.batch_size, progress=bar.update)
         else:
-            report = run.evaluate_choices(mimo, inputs, errors, progress=bar.update)
+            report = run.evaluate_choices(mimo, items, errors, progress=bar.update)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     errors.sort(key=lambda e: e["line"])
@@ -107,8 +111,8 @@ def main(argv=None) -> int:
     (out / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     (out / "errors.jsonl").write_text("".join(json.dumps(e, ensure_ascii=False) + "\n"
                                               for e in errors))
-    for e in errors:
-        print(f"error: line {e['line']}: {e['error']}", file=sys.stderr)
+    for err in errors:  # not `e`: an `except ... as e` above unbinds that name
+        print(f"error: line {err['line']}: {err['error']}", file=sys.stderr)
     print("\n".join(lines(args.mode, report) + [summary(args.mode, report["totals"])]))
     return 1 if errors else 0
 

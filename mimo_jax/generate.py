@@ -204,8 +204,8 @@ def main(argv=None) -> int:
     errors.sort(key=lambda e: e["line"])
     (out / "errors.jsonl").write_text("".join(json.dumps(e, ensure_ascii=False) + "\n"
                                               for e in errors))
-    for e in errors:
-        print(f"error: line {e['line']}: {e['error']}", file=sys.stderr)
+    for err in errors:  # not `e`: an `except ... as e` above unbinds that name
+        print(f"error: line {err['line']}: {err['error']}", file=sys.stderr)
     return 1 if errors else 0
 
 

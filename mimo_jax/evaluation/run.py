@@ -62,7 +62,8 @@ def utterance(line: int, obj: dict, base: Path) -> Utterance:
 
 
 def read_manifest(path: str | Path, errors: list) -> list[Utterance]:
-    out, seen = [], {}
+    out: list[Utterance] = []
+    seen: dict[str, int] = {}  # id -> line
     for n, obj in read_jsonl(path, errors):
         try:
             u = utterance(n, obj, Path(path).parent)
