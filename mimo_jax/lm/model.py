@@ -80,7 +80,9 @@ class MiMoAudioLM(nnx.Module):
 
     def embed_inputs(self, text: jax.Array, codes: jax.Array, dropout_rng=None) -> jax.Array:
         """Text embedding (zero for `<|empty|>`) plus the patch encoder's output. -> [B, G, hidden]"""
-        text_vec = self.model.embed_tokens(text).astype(self.dtype)
+        embed_tokens = self.model.embed_tokens
+        assert embed_tokens is not None  # the backbone is built with a vocabulary
+        text_vec = embed_tokens(text).astype(self.dtype)
         text_vec = jnp.where((text == self.config.empty_idx)[..., None], 0.0, text_vec)
         return text_vec + self.encode_patches(text, codes, dropout_rng)
 
@@ -97,7 +99,9 @@ class MiMoAudioLM(nnx.Module):
         """Backbone over new groups against a KV cache whose slots carry positions and segments
         (after this call's groups have been written to them)."""
         mask = attention_mask(positions, cache_positions, segments, cache_segments, causal=True)
-        return self.model(embeds, positions, mask, cache, cache_index)
+        hidden, new_cache = self.model(embeds, positions, mask, cache, cache_index)
+        assert new_cache is not None  # given a cache, the stack returns it updated
+        return hidden, new_cache
 
     def __call__(self, text: jax.Array, codes: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
@@ -154,10 +158,11 @@ class MiMoAudioLM(nnx.Module):
         n = local_hidden.shape[0]
         steps, gs = c.patch_steps, c.group_size
         active = delay_schedule(c.delay_pattern, gs)
-        cache = self.local_transformer.init_cache(n, steps)
+        cache: KVCache | None = self.local_transformer.init_cache(n, steps)
         key_pos = jnp.broadcast_to(jnp.arange(steps), (n, steps))
         heads = list(zip(self.local_transformer_lm_heads, self.speech_embeddings))
-        codes, logits = [[] for _ in heads], [[] for _ in heads]
+        codes: list[list[jax.Array]] = [[] for _ in heads]
+        logits: list[list[jax.Array]] = [[] for _ in heads]
         x = local_hidden[:, None].astype(self.dtype)
         for t in range(steps):
             q_pos = jnp.full((n, 1), t)
@@ -172,7 +177,7 @@ class MiMoAudioLM(nnx.Module):
                 codes[ch].append(sample_fn(logits[ch][-1], c.speech_empty_ids[ch], sub))
                 nxt = nxt + table(codes[ch][-1])[:, None].astype(self.dtype)
             x = self._to_local(nxt)
-        codes = jnp.stack([jnp.stack(frames, 1) for frames in codes], -1)
+        patch = jnp.stack([jnp.stack(frames, 1) for frames in codes], -1)
         if not return_logits:
-            return codes
-        return codes, [jnp.stack(lg, 1) for lg in logits]
+            return patch
+        return patch, [jnp.stack(lg, 1) for lg in logits]

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from mimo_jax.nn.attention import attend
+from mimo_jax.nn.attention import MaskSpec, attend
 from mimo_jax.nn.layers import Dense, Embed, RMSNorm
 from mimo_jax.nn.partitioning import constrain
 from mimo_jax.nn.rope import apply_rope, inv_frequencies, rope_tables
@@ -101,7 +101,7 @@ class Qwen2Stack(nnx.Module):
         shape = (c.layers, batch, length, c.kv_heads, c.head_dim)
         return {"k": jnp.zeros(shape, dtype or self.dtype), "v": jnp.zeros(shape, dtype or self.dtype)}
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | MaskSpec,
                  cache: KVCache | None = None, cache_index: Any = 0,
                  dropout_rng: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """x [batch, time, hidden]; positions [batch, time] (RoPE); mask [batch, time, keys] or a
