@@ -165,7 +165,7 @@ class MimoAudio:
             self._generate(key, jobs, results)
             if progress is not None:
                 progress(len(jobs))
-        self._decode([r for r in results if r.speech is not None])
+        self._decode([(r, r.speech) for r in results if r.speech is not None])
         return results
 
     def stream(self, reqs, *, task: str | None = None, history=None,
@@ -228,7 +228,8 @@ class MimoAudio:
     def _encode(self, jobs, results, raise_errors, call_seed: int) -> list[_Job]:
         """Reads and checks every audio input, encodes all of them in one batch, assembles.
         Requests without a seed share `call_seed`, so that they can share a batch."""
-        ready, wavs = [], []
+        ready: list[tuple] = []
+        wavs: list[np.ndarray] = []
         for i, r, spec, segs, hist in jobs:
             try:
                 audio = segments.audio_inputs(segs)
@@ -335,10 +336,13 @@ class MimoAudio:
                       decoder: StreamingDecoder) -> Iterator[AudioChunk]:
         width, args, kw = self._batch(key, jobs)
         rows = range(len(jobs))
-        text, codes = [[] for _ in rows], [[] for _ in rows]
-        sent, pieces, live = [0] * len(jobs), [[] for _ in rows], set(rows)
+        text: list[list[np.ndarray]] = [[] for _ in rows]
+        codes: list[list[np.ndarray]] = [[] for _ in rows]
+        pieces: list[list[np.ndarray]] = [[] for _ in rows]
+        sent, live = [0] * len(jobs), set(rows)
         for chunk in generate_chunks(*args, chunk_groups=chunk_groups, **kw):
-            new, ending = [None] * len(jobs), []
+            new: list[np.ndarray | None] = [None] * len(jobs)
+            ending: list[int] = []
             for row in sorted(live):
                 text[row].append(chunk.text[row])
                 codes[row].append(chunk.codes[row])
@@ -371,13 +375,14 @@ class MimoAudio:
                     wav = wav if pieces[row] else res.wav
                 yield AudioChunk(job.index, wav, res)
 
-    def _decode(self, results: list[Result]):
-        """All speech of a call through the audio tokenizer at once (1500-frame chunks)."""
+    def _decode(self, results: list[tuple[Result, np.ndarray]]):
+        """All speech of a call through the audio tokenizer at once (1500-frame chunks); each
+        result comes with its speech frames."""
         tokenizer = self.audio.tokenizer
-        spoken = [r for r in results if r.speech.shape[0]]
-        wavs = tokenizer.decode([r.speech for r in spoken]) if spoken else []
-        for r, wav in zip(spoken, wavs):
+        spoken = [(r, speech) for r, speech in results if speech.shape[0]]
+        wavs = tokenizer.decode([speech for _, speech in spoken]) if spoken else []
+        for (r, _), wav in zip(spoken, wavs):
             r.wav = wav
-        for r in results:
-            if not r.speech.shape[0]:
-                r.wav = outputs.wav_of(tokenizer, r.speech)
+        for r, speech in results:
+            if not speech.shape[0]:
+                r.wav = outputs.wav_of(tokenizer, speech)
