@@ -34,10 +34,10 @@ class AudioEncoder(nnx.Module):
         self.layers = make_stack(self.stack_config, dtype=dtype, rngs=rngs)
         self.layer_norm = LayerNorm(c.d_model, eps=c.ln_eps, rngs=rngs)
         if c.avg_pooler > 1:
-            self.down_sample_layer = Conv1d(c.d_model, c.d_model, c.avg_pooler,
-                                            stride=c.avg_pooler, use_bias=False, dtype=dtype,
-                                            rngs=rngs)
-            self.down_sample_norm = LayerNorm(c.d_model, eps=c.ln_eps, rngs=rngs)
+            self.down_sample_layer: Conv1d | None = Conv1d(
+                c.d_model, c.d_model, c.avg_pooler, stride=c.avg_pooler, use_bias=False,
+                dtype=dtype, rngs=rngs)
+            self.down_sample_norm: LayerNorm | None = LayerNorm(c.d_model, eps=c.ln_eps, rngs=rngs)
         else:
             self.down_sample_layer = None
             self.down_sample_norm = None
@@ -62,7 +62,7 @@ class AudioEncoder(nnx.Module):
         h = _gelu(self.conv2(h))
         h = self._transformer(h, len2, inv_freq_dtype)
         h = self.layer_norm(h)
-        if self.down_sample_layer is not None:
+        if self.down_sample_layer is not None and self.down_sample_norm is not None:  # both or none
             h = jnp.where(time_mask(len2, h.shape[1]), h, 0.0)
             extra = -h.shape[1] % c.avg_pooler
             h = jnp.pad(h, ((0, 0), (0, extra), (0, 0)))

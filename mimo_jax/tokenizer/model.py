@@ -28,7 +28,7 @@ class MiMoAudioTokenizer(nnx.Module):
         self.encoder = AudioEncoder(config, dtype=dtype, rngs=rngs)
         self.decoder = AudioDecoder(config, dtype=dtype, rngs=rngs)
 
-    def mel(self, wav: jax.Array, lengths: jax.Array):
+    def mel(self, wav: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
         """wav [batch, samples] float32 24 kHz, lengths [batch] -> (log-mel [batch, frames, mels],
         frame lengths)."""
         return log_mel(self.config, wav, lengths), mel_lengths(self.config, lengths)

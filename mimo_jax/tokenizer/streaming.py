@@ -42,16 +42,24 @@ class StreamingDecoder:
             if window is not None and window.shape[1] != chunk.shape[1]:
                 raise ValueError(f"stream {i}: chunk has {chunk.shape[1]} codebooks, earlier "
                                  f"chunks had {window.shape[1]}")
-            self.windows[i] = chunk if window is None else np.concatenate([window, chunk])
-            if len(self.windows[i]) > self.right:
+            window = chunk if window is None else np.concatenate([window, chunk])
+            self.windows[i] = window
+            if len(window) > self.right:
                 ready.append(i)
         out = self._emit(ready, final=False)
         for i in ready:
-            total = len(self.windows[i])
+            window = self._window(i)
+            total = len(window)
             if total > self.left:  # keep only the left context for the next push
-                self.windows[i] = self.windows[i][total - self.left:]
+                self.windows[i] = window[total - self.left:]
                 self.emitted[i] -= total - self.left
         return out
+
+    def _window(self, i: int) -> np.ndarray:
+        """Stream i's window, where the caller knows it holds frames."""
+        window = self.windows[i]
+        assert window is not None, f"stream {i} has no frames"
+        return window
 
     def finish(self, streams: Sequence[int] | None = None) -> list[np.ndarray]:
         """The rest of the given streams (default: all), which are then empty again; the others'
@@ -66,13 +74,14 @@ class StreamingDecoder:
     def _emit(self, streams: list[int], final: bool) -> list[np.ndarray]:
         spc = self.tokenizer.config.samples_per_code
         out = [np.zeros(0, np.float32) for _ in self.windows]
+        windows = {i: self._window(i) for i in streams}
         by_width: dict[int, list[int]] = {}
         for i in streams:
-            by_width.setdefault(self.windows[i].shape[1], []).append(i)
+            by_width.setdefault(windows[i].shape[1], []).append(i)
         for group in by_width.values():
-            wavs = self.tokenizer.decode_windows([self.windows[i] for i in group])
+            wavs = self.tokenizer.decode_windows([windows[i] for i in group])
             for i, wav in zip(group, wavs):
-                end = len(self.windows[i]) if final else len(self.windows[i]) - self.right
+                end = len(windows[i]) if final else len(windows[i]) - self.right
                 out[i] = wav[self.emitted[i] * spc:end * spc]
                 self.emitted[i] = end
         return out
