@@ -29,13 +29,16 @@ class GenerationEvalConfig:
 def log_mel_image(tokenizer_config, wav: np.ndarray) -> np.ndarray:
     """The log-mel spectrogram the audio tokenizer computes, as an image [mels, frames] in
     [0, 1], low frequencies at the bottom."""
+    import jax.numpy as jnp
+
     from mimo_jax.tokenizer.frontend import log_mel
 
     wav = np.asarray(wav, np.float32)
     need = tokenizer_config.nfft // 2 + 1  # the front end's shortest clip
     if wav.size < need:
         wav = np.pad(wav, (0, need - wav.size))
-    mel = np.asarray(log_mel(tokenizer_config, wav[None], np.array([wav.size], np.int32)))[0]
+    mel = np.asarray(log_mel(tokenizer_config, jnp.asarray(wav[None]),
+                             jnp.asarray([wav.size], jnp.int32)))[0]
     image = mel.T[::-1]
     span = float(image.max() - image.min())
     return (image - image.min()) / span if span > 0 else np.zeros_like(image)
@@ -64,15 +67,18 @@ class GenerationEval:
 
         mimo = MimoAudio(self.lm_config, model, self.audio_tokenizer, self.text_tokenizer)
         opts = {"seed": self.cfg.seed, "max_new_groups": self.cfg.max_new_groups}
-        audio, texts, scalars = {}, {}, {}
+        audio: dict[str, np.ndarray] = {}
+        texts, scalars = {}, {}
         if self.cfg.tts_texts:
             for i, (text, res) in enumerate(zip(self.cfg.tts_texts, mimo.tts(
                     [{"input": t, **opts} for t in self.cfg.tts_texts]))):
+                assert res.wav is not None  # a speech task's result (errors raise)
                 audio[f"eval_tts/{i}"] = res.wav
                 texts[f"eval_tts/{i}"] = f"**text:** {text}\n\n**output text:** {res.text}"
         if self.cfg.continuation_audio:
             for i, res in enumerate(mimo.continue_speech(
                     [{"input": p, **opts} for p in self.cfg.continuation_audio])):
+                assert res.wav is not None
                 audio[f"eval_continuation/{i}"] = res.wav
         if self.utterances:
             errors: list[dict] = []
