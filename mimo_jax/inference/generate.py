@@ -167,7 +167,8 @@ def _window(state: _State, start, groups: int):
             state.lengths, state.done)
 
 
-def _inputs(text, codes, gen: GenerationConfig, prompt_lengths, rng):
+def _inputs(text, codes, gen: GenerationConfig, prompt_lengths, rng
+            ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     text, codes = jnp.asarray(text, jnp.int32), jnp.asarray(codes, jnp.int32)
     b, gp = text.shape
     if gen.max_length <= gp:
