@@ -195,21 +195,22 @@ class MimoAudio:
                                        left_context=left_context, right_context=right_context)
             yield from self._stream_batch(key, jobs, results, chunk_groups, decoder)
 
-    def _plan(self, reqs, task, history, text_sampler, patch_sampler, batch_size, raise_errors):
+    def _plan(self, reqs, task, history, text_sampler, patch_sampler, batch_size, raise_errors
+              ) -> tuple[list[Result], list[tuple[tuple, list[_Job]]]]:
         """Results (errors filled in) and the batches to generate: [(key, jobs)]."""
         reqs = [r if isinstance(r, dict) else {"input": r} for r in reqs]
         if task is not None:
             reqs = [{**r, "task": task} for r in reqs]
         history = history or [None] * len(reqs)
         results = [Result(dict(r)) for r in reqs]
-        jobs = []
+        parsed = []  # (index, request, spec, segments, history) of the well-formed requests
         for i, (r, h) in enumerate(zip(reqs, history)):
             try:
-                jobs.append((i, r, requests.task_of(r), requests.segments(r, history=h is not None),
-                             h))
+                parsed.append((i, r, requests.task_of(r),
+                               requests.segments(r, history=h is not None), h))
             except (RequestError, InputError, ValueError, KeyError, TypeError) as e:
                 self._fail(results[i], e, raise_errors)
-        jobs = self._encode(jobs, results, raise_errors, random.randrange(2**31))
+        jobs = self._encode(parsed, results, raise_errors, random.randrange(2**31))
         groups: dict[tuple, list[_Job]] = {}
         for job in jobs:
             groups.setdefault(self._key(job, text_sampler, patch_sampler), []).append(job)
