@@ -23,6 +23,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from mimo_jax.inference.model_args import add_model_args, load_mimo
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mimo_jax.evaluate",
@@ -30,9 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("mode", choices=("asr", "few_shot"))
     p.add_argument("--manifest", help="asr: JSONL of audio and transcripts")
     p.add_argument("--items", help="few_shot: JSONL of multiple-choice items")
-    p.add_argument("--lm", required=True, help="LM checkpoint (official or converted)")
-    p.add_argument("--audio-tokenizer", required=True, help="audio tokenizer checkpoint")
-    p.add_argument("--text-tokenizer", required=True, help="tokenizer.json (or its directory)")
+    add_model_args(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--batch-size", type=int, default=8, help="asr: utterances per batch")
     p.add_argument("--min-new-groups", type=int, default=0,
@@ -42,8 +42,6 @@ def _parser() -> argparse.ArgumentParser:
                                       "the official list of its language, drawn with --seed)")
     p.add_argument("--greedy", action="store_true", help="asr: both samplers greedy")
     p.add_argument("--seed", type=int, default=0, help="asr: templates and sampling")
-    p.add_argument("--context-groups", type=int, default=8192,
-                   help="prompt and generation together, in groups")
     return p
 
 
@@ -81,7 +79,6 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     _check(args)
     from mimo_jax.evaluation import run
-    from mimo_jax.inference.tasks import MimoAudio
 
     errors: list[dict] = []
     source = args.manifest if args.mode == "asr" else args.items
@@ -92,10 +89,9 @@ def main(argv=None) -> int:
             utterances = run.read_manifest(source, errors)
         else:
             items = run.read_choice_items(source, errors)
-        mimo = MimoAudio.load(args.lm, args.audio_tokenizer, args.text_tokenizer,
-                              context_groups=args.context_groups)
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise SystemExit(f"error: {e}") from None
+    mimo = load_mimo(args)
     with tqdm(total=len(utterances) + len(items), unit="item", desc=args.mode) as bar:
         if args.mode == "asr":
             report = run.evaluate_asr(mimo, utterances, errors, seed=args.seed,

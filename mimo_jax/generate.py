@@ -31,6 +31,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from mimo_jax.inference.model_args import add_model_args, load_mimo
 from mimo_jax.tasks.requests import TASKS, read_jsonl
 
 CHUNK = 512  # requests read, sorted by length and generated together
@@ -46,14 +47,9 @@ def _parser() -> argparse.ArgumentParser:
                                 description="MiMo-Audio tasks: requests -> text and speech")
     p.add_argument("task", nargs="?", choices=sorted(TASKS), help="the task of one request")
     p.add_argument("--requests", help="a JSONL file of requests (instead of TASK)")
-    p.add_argument("--lm", required=True, help="LM checkpoint (official or converted)")
-    p.add_argument("--audio-tokenizer", required=True, help="audio tokenizer checkpoint")
-    p.add_argument("--text-tokenizer", required=True, help="tokenizer.json (or its directory)")
+    add_model_args(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--batch-size", type=int, default=8, help="requests per generation batch")
-    p.add_argument("--context-groups", type=int, default=8192,
-                   help="prompt and generation together, in groups (default 8192, as the "
-                        "official generation)")
     p.add_argument("--id", default="output", help="the id (file name) of the one request")
     p.add_argument("--stream", action="store_true",
                    help="write each DIR/<id>.wav while it is generated (a valid WAV at every "
@@ -177,13 +173,7 @@ def main(argv=None) -> int:
     else:
         one = {k: getattr(args, k) for k in _ARGS if getattr(args, k) is not None}
         lines = [(0, {"id": args.id, "task": args.task, **one})]
-    from mimo_jax.inference.tasks import MimoAudio
-
-    try:
-        mimo = MimoAudio.load(args.lm, args.audio_tokenizer, args.text_tokenizer,
-                              context_groups=args.context_groups)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        raise SystemExit(f"error: {e}") from None
+    mimo = load_mimo(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rate = mimo.audio.rate

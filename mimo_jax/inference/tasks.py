@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from mimo_jax.inference.generate import GenerationConfig, generate, generate_chunks
+from mimo_jax.inference.model_args import MAX_GROUPS
 from mimo_jax.inference.sampling import GREEDY, SamplerConfig
 from mimo_jax.lm.layout import empty_patch
 from mimo_jax.tasks import outputs, requests, segments
@@ -33,7 +34,6 @@ from mimo_jax.tasks.text_tokenizer import TextTokenizer, model_id_problems
 from mimo_jax.tokenizer.audio_io import InputError
 from mimo_jax.tokenizer.streaming import StreamingDecoder
 
-MAX_GROUPS = 8192  # the official GenerationConfig's max_length: prompt and generation together
 WIDTH_QUANTUM = 32  # prompt batches are left-padded to a multiple of this: fewer compilations
 _LOCAL = SamplerConfig(do_sample=True, temperature=0.9, top_p=0.95)
 # The official `task_sampler_configs`: (text sampler, patch sampler) per task name; others use

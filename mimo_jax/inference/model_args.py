@@ -1,0 +1,27 @@
+"""The command-line flags that name a MimoAudio (the LM, the audio tokenizer, the text tokenizer and
+the context), shared by `python -m mimo_jax.generate` and `python -m mimo_jax.evaluate`. Light to
+import: JAX and the models load only in `load_mimo`."""
+import argparse
+
+MAX_GROUPS = 8192  # the official GenerationConfig's max_length: prompt and generation together
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lm", required=True, help="LM checkpoint (official or converted)")
+    p.add_argument("--audio-tokenizer", required=True, help="audio tokenizer checkpoint")
+    p.add_argument("--text-tokenizer", required=True, help="tokenizer.json (or its directory)")
+    p.add_argument("--context-groups", type=int, default=MAX_GROUPS,
+                   help=f"prompt and generation together, in groups (default {MAX_GROUPS}, as "
+                        f"the official generation)")
+
+
+def load_mimo(args: argparse.Namespace):
+    """The MimoAudio the flags name; a checkpoint or tokenizer that cannot be used ends the
+    command with one line."""
+    from mimo_jax.inference.tasks import MimoAudio
+
+    try:
+        return MimoAudio.load(args.lm, args.audio_tokenizer, args.text_tokenizer,
+                              context_groups=args.context_groups)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise SystemExit(f"error: {e}") from None
