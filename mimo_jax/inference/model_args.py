@@ -3,7 +3,7 @@ the context), shared by `python -m mimo_jax.generate` and `python -m mimo_jax.ev
 import: JAX and the models load only in `load_mimo`."""
 import argparse
 
-MAX_GROUPS = 8192  # the official GenerationConfig's max_length: prompt and generation together
+from mimo_jax.tasks.requests import MAX_GROUPS
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -24,12 +24,11 @@ import jax
 import numpy as np
 
 from mimo_jax.inference.generate import GenerationConfig, generate, generate_chunks
-from mimo_jax.inference.model_args import MAX_GROUPS
 from mimo_jax.inference.sampling import GREEDY, SamplerConfig
 from mimo_jax.lm.layout import empty_patch
 from mimo_jax.tasks import outputs, requests, segments
 from mimo_jax.tasks.audio import AudioFrontEnd
-from mimo_jax.tasks.requests import RequestError
+from mimo_jax.tasks.requests import MAX_GROUPS, RequestError
 from mimo_jax.tasks.text_tokenizer import TextTokenizer, model_id_problems
 from mimo_jax.tokenizer.audio_io import InputError
 from mimo_jax.tokenizer.streaming import StreamingDecoder

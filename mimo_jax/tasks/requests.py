@@ -24,6 +24,8 @@ from etils import epath
 
 from mimo_jax.tasks import prompts, templates
 
+MAX_GROUPS = 8192  # the official GenerationConfig's max_length: prompt and generation together
+
 OPTIONS = ("id", "task", "template", "min_new_groups", "max_new_groups", "greedy", "seed")
 
 
