@@ -20,9 +20,9 @@ from flax import nnx
 
 from data_pipelines.espeak import synthesize
 from mimo_jax.nn.dtypes import DTYPES
-from mimo_jax.tokenizer.checkpoint import with_compute_dtype
 from mimo_jax.tokenizer.config import TokenizerConfig
 from mimo_jax.tokenizer.model import MiMoAudioTokenizer
+from mimo_jax.tokenizer.tokenizer_checkpoint import with_compute_dtype
 
 _TEXT = ("The audio tokenizer turns speech into discrete codes at twenty five frames per second, "
          "and turns those codes back into speech. ")

@@ -13,8 +13,8 @@ from tokenizer_support import CHECKPOINT, clip_codes, reference
 import convert_torch_weights
 from mimo_jax.conversion.family import is_ignored
 from mimo_jax.tokenizer import config as config_lib
-from mimo_jax.tokenizer.checkpoint import load_tokenizer
 from mimo_jax.tokenizer.conversion import TokenizerFamily
+from mimo_jax.tokenizer.tokenizer_checkpoint import load_tokenizer
 
 
 def _convert(src, dst):

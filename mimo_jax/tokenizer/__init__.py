@@ -4,8 +4,8 @@ Modules: config (official config.json), frontend (log-mel in JAX), encoder, quan
 decoder (transposed convs + causal transformer), vocoder (transformer vocoder + ISTFT head), model
 (MiMoAudioTokenizer over padded batches with lengths), api (whole clips: segmenting, batching by
 length; `load_encoder` / `load_decoder`), streaming (chunked decode with context), audio_io (files
-and their errors), conversion (the converter family), checkpoint (loading), __main__ (command line:
-`python -m mimo_jax.tokenizer encode|decode`).
+and their errors), conversion (the converter family), tokenizer_checkpoint (loading from an official or a model
+checkpoint), __main__ (command line: `python -m mimo_jax.tokenizer encode|decode`).
 """
 
 

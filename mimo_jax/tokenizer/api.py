@@ -18,9 +18,9 @@ import numpy as np
 from flax import nnx
 
 from mimo_jax.tokenizer.audio_io import check_codes, check_waveform
-from mimo_jax.tokenizer.checkpoint import load_tokenizer
 from mimo_jax.tokenizer.config import TokenizerConfig
 from mimo_jax.tokenizer.frontend import log_mel_frames, window_bounds
+from mimo_jax.tokenizer.tokenizer_checkpoint import load_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
