@@ -75,7 +75,7 @@ def mimo(fx):
     from tasks_support import fixture_lm
 
     from mimo_jax.inference.tasks import MimoAudio
-    from mimo_jax.tokenizer.api import Tokenizer
+    from mimo_jax.tokenizer.clips import Tokenizer
 
     config, model = fixture_lm(fx)
     return MimoAudio(config, model, Tokenizer.load(str(fx.dir / fx.meta["audio_tokenizer"])),

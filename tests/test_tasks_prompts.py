@@ -5,7 +5,7 @@ import pytest
 
 from mimo_jax.tasks import prompts, requests, segments, templates
 from mimo_jax.tasks.audio import AudioFrontEnd
-from mimo_jax.tokenizer.api import Tokenizer
+from mimo_jax.tokenizer.clips import Tokenizer
 
 
 def _prompt(fx, req, history, patches_of):

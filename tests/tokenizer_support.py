@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from mimo_jax.tokenizer.api import Tokenizer
+from mimo_jax.tokenizer.clips import Tokenizer
 from mimo_jax.tokenizer.tokenizer_checkpoint import load_tokenizer
 
 FIXTURES = os.environ.get("MIMO_FIXTURES",

@@ -118,7 +118,7 @@ class MimoAudio:
              dtype=None, **options) -> "MimoAudio":
         """From checkpoint directories (official or converted) and a tokenizer.json (or the
         directory holding it)."""
-        from mimo_jax.tokenizer.api import Tokenizer
+        from mimo_jax.tokenizer.clips import Tokenizer
 
         config, model = load_lm(lm, dtype)
         return cls(config, model, Tokenizer.load(str(audio_tokenizer)),

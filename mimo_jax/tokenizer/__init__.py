@@ -2,16 +2,17 @@
 
 Modules: config (official config.json), frontend (log-mel in JAX), encoder, quantizer (RVQ),
 decoder (transposed convs + causal transformer), vocoder (transformer vocoder + ISTFT head), model
-(MiMoAudioTokenizer over padded batches with lengths), api (whole clips: segmenting, batching by
-length; `load_encoder` / `load_decoder`), streaming (chunked decode with context), audio_io (files
-and their errors), conversion (the converter family), tokenizer_checkpoint (loading from an official or a model
-checkpoint), __main__ (command line: `python -m mimo_jax.tokenizer encode|decode`).
+(MiMoAudioTokenizer over padded batches with lengths), clips (`Tokenizer` on whole clips:
+segmenting, batching by length; `load_encoder` / `load_decoder`), streaming (chunked decode with
+context), audio_io (files and their errors), conversion (the converter family),
+tokenizer_checkpoint (loading from an official or a model checkpoint), __main__ (command line:
+`python -m mimo_jax.tokenizer encode|decode`).
 """
 
 
 def __getattr__(name):
     # `load_encoder` / `load_decoder` without importing the model when only the config is needed.
     if name in ("load_encoder", "load_decoder", "Tokenizer"):
-        from mimo_jax.tokenizer import api
-        return getattr(api, name)
+        from mimo_jax.tokenizer import clips
+        return getattr(clips, name)
     raise AttributeError(f"module 'mimo_jax.tokenizer' has no attribute {name!r}")

@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from mimo_jax import logs
 from mimo_jax.nn.dtypes import DTYPES
-from mimo_jax.tokenizer.api import Tokenizer
 from mimo_jax.tokenizer.audio_io import InputError, read_audio, read_codes, write_audio
+from mimo_jax.tokenizer.clips import Tokenizer
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -12,8 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from mimo_jax.tokenizer.api import Tokenizer
 from mimo_jax.tokenizer.audio_io import check_codes
+from mimo_jax.tokenizer.clips import Tokenizer
 
 
 class StreamingDecoder:

@@ -50,7 +50,7 @@ class GenerationEval:
 
     def __init__(self, cfg: GenerationEvalConfig, lm_config):
         from mimo_jax.tasks.text_tokenizer import TextTokenizer
-        from mimo_jax.tokenizer.api import Tokenizer
+        from mimo_jax.tokenizer.clips import Tokenizer
 
         self.cfg, self.lm_config = cfg, lm_config
         self.audio_tokenizer = Tokenizer.load(cfg.audio_tokenizer)
