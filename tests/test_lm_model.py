@@ -25,7 +25,7 @@ def test_config_round_trip_keeps_every_key():
     config = small_config(**VARIANT)
     again = MiMoAudioConfig.from_hf(config.to_hf())
     assert again == config and again.to_hf() == config.to_hf()
-    assert config.patch_encoder().causal and config.patch_steps == 3 + 3
+    assert config.patch_encoder_stack().causal and config.patch_steps == 3 + 3
 
 
 def test_invalid_config_is_named():

@@ -119,18 +119,20 @@ class MiMoAudioConfig:
         """Steps of the patch decoder for one patch: group_size + max(delay)."""
         return self.group_size + max(self.delay_pattern)
 
-    def backbone(self) -> StackConfig:
+    def backbone_stack(self) -> StackConfig:
+        """The Qwen2 backbone's stack (the module `MiMoAudioLM.model`; its forward pass is
+        `MiMoAudioLM.backbone`)."""
         return StackConfig(self.hidden_size, self.num_hidden_layers, self.num_attention_heads,
                            self.num_key_value_heads, self.head_dim, self.intermediate_size,
                            self.rope_theta, self.rms_norm_eps)
 
-    def patch_decoder(self) -> StackConfig:
+    def patch_decoder_stack(self) -> StackConfig:
         return StackConfig(self.local_dim, self.local_layers, self.local_attn_heads,
                            self.local_attn_heads, self.local_dim // self.local_attn_heads,
                            self.local_ffn_dim, self.rope_theta, self.rms_norm_eps,
                            attn_dropout=self.local_attn_dropout)
 
-    def patch_encoder(self) -> StackConfig:
+    def patch_encoder_stack(self) -> StackConfig:
         return StackConfig(self.input_local_dim, self.input_local_layers, self.local_attn_heads,
                            self.local_attn_heads, self.input_local_dim // self.local_attn_heads,
                            4 * self.input_local_dim, self.rope_theta, self.rms_norm_eps,

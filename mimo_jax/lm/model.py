@@ -30,8 +30,8 @@ class MiMoAudioLM(nnx.Module):
         c = config
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         stack_kw = dict(remat_policy=c.remat_policy, **kw)
-        enc, dec = c.patch_encoder(), c.patch_decoder()
-        self.model = Qwen2Stack(c.backbone(), vocab_size=c.vocab_size, **stack_kw)
+        enc, dec = c.patch_encoder_stack(), c.patch_decoder_stack()
+        self.model = Qwen2Stack(c.backbone_stack(), vocab_size=c.vocab_size, **stack_kw)
         self.lm_head = Dense(c.hidden_size, c.vocab_size, axes=("embed", "vocab"), **kw)
         self.input_local_transformer = Qwen2Stack(enc, **stack_kw)
         self.local_transformer = Qwen2Stack(dec, **stack_kw)

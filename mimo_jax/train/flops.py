@@ -15,14 +15,14 @@ def _attention_flops(s: StackConfig, context: int) -> float:
 
 
 def train_flops_per_group(c: MiMoAudioConfig, context: int, patch_decoder: bool = True) -> float:
-    backbone: float = 6 * (_stack_params(c.backbone()) + c.hidden_size * c.vocab_size)
-    backbone += _attention_flops(c.backbone(), context)
-    enc = c.patch_encoder()
+    backbone: float = 6 * (_stack_params(c.backbone_stack()) + c.hidden_size * c.vocab_size)
+    backbone += _attention_flops(c.backbone_stack(), context)
+    enc = c.patch_encoder_stack()
     encoder = c.group_size * (6 * _stack_params(enc) + _attention_flops(enc, c.group_size))
     encoder += 6 * c.group_size * enc.hidden * c.hidden_size
     total = backbone + encoder
     if patch_decoder:
-        dec = c.patch_decoder()
+        dec = c.patch_decoder_stack()
         heads = sum(c.speech_vocab_sizes) * dec.hidden * c.group_size
         total += c.patch_steps * (6 * _stack_params(dec) + _attention_flops(dec, c.patch_steps))
         total += 6 * (heads + c.hidden_size * dec.hidden)
@@ -30,5 +30,5 @@ def train_flops_per_group(c: MiMoAudioConfig, context: int, patch_decoder: bool 
 
 
 def parameter_count(c: MiMoAudioConfig) -> int:
-    return (_stack_params(c.backbone()) + _stack_params(c.patch_encoder())
-            + _stack_params(c.patch_decoder()) + 2 * c.hidden_size * c.vocab_size)
+    return (_stack_params(c.backbone_stack()) + _stack_params(c.patch_encoder_stack())
+            + _stack_params(c.patch_decoder_stack()) + 2 * c.hidden_size * c.vocab_size)
