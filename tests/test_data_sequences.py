@@ -127,20 +127,22 @@ def test_interleave_exactly_five_tokens_puts_eot_in_first_chunk():
     ]
 
 
-def test_asr_supervises_only_the_answer():
-    b = SequenceBuilder(TOK, CFG)
-    doc = b.build(_rec(8, "w1 w2"), "asr")
+def _supervised_tail(task, tail):
+    """A two-word record built as `task`: its text ends in `tail`, and only `tail` is a target."""
+    doc = SequenceBuilder(TOK, CFG).build(_rec(8, "w1 w2"), task)
     text = doc["text"].tolist()
-    answer = text.index(W["w1"])
-    assert text[answer:] == [
-        W["w1"],
-        W["w2"],
-        S["<|im_end|>"],
-    ]  # "\n" is <unk> in the word tokenizer
+    start = text.index(tail[0])
+    assert text[start:] == tail
+    assert not doc["target"][:start].any() and doc["target"][start:].all()
+    return doc, text, start
+
+
+def test_asr_supervises_only_the_answer():
+    doc, text, answer = _supervised_tail("asr", [W["w1"], W["w2"], S["<|im_end|>"]])
+    # "\n" is <unk> in the word tokenizer
     assert text[:2] == [S["<|im_start|>"], TOK.tokenizer.token_to_id("<unk>")]
     assert text[2:6] == [S["<|sosp|>"], E, E, S["<|eosp|>"]]
     assert S["<think>"] in text[:answer] and S["</think>"] in text[:answer]
-    assert not doc["target"][:answer].any() and doc["target"][answer:].all()
     ex = example_from_document(doc, CFG, E, TOK.pad_id)
     supervised = np.flatnonzero(ex["text_weights"])
     assert supervised.tolist() == list(range(answer - 1, len(text) - 1))
@@ -148,21 +150,9 @@ def test_asr_supervises_only_the_answer():
 
 
 def test_tts_stream_is_supervised_and_patches_get_code_weights():
-    b = SequenceBuilder(TOK, CFG)
-    doc = b.build(_rec(8, "w1 w2"), "tts")
-    text = doc["text"].tolist()
-    start = text.index(S["<|sostm|>"])
-    assert text[start:] == [
-        S["<|sostm|>"],
-        W["w1"],
-        W["w2"],
-        S["<|eot|>"],
-        E,
-        E,
-        S["<|eostm|>"],
-        S["<|im_end|>"],
-    ]  # the word tokenizer drops "\n"
-    assert not doc["target"][:start].any() and doc["target"][start:].all()
+    # The word tokenizer drops "\n".
+    stream = [S["<|sostm|>"], W["w1"], W["w2"], S["<|eot|>"], E, E, S["<|eostm|>"]]
+    doc, text, start = _supervised_tail("tts", stream + [S["<|im_end|>"]])
     ex = example_from_document(doc, CFG, E, TOK.pad_id)
     speech = [start + 4, start + 5]
     assert np.flatnonzero(ex["code_weights"][:, 0]).tolist() == [s - 1 for s in speech]
