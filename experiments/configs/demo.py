@@ -44,10 +44,10 @@ def get_config(arg=None):
     c.optimizer.learning_rates = {"patch_encoder": 3e-3, "llm": 3e-3, "patch_decoder": 3e-3}
     c.optimizer.warmup_ratio = 0.05
     c.optimizer.weight_decay = 0.01
-    c.total_steps = 20 if a.smoke else 300
-    c.log_every = 5 if a.smoke else 20
-    c.checkpoint_every = 10 if a.smoke else 100
-    c.eval_every = 0 if a.smoke else 100
+    c.total_steps = 20 if a.smoke else 150
+    c.log_every = 5 if a.smoke else 15
+    c.checkpoint_every = 10 if a.smoke else 75
+    c.eval_every = 0 if a.smoke else 75
     c.eval_steps = 2
     c.checkpoint.async_save = not a.smoke
     return c
