@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile
 from etils import epath
-from train_support import run_sigterm_at_step
+from train_support import run_sigterm_at_step, xla_env
 from train_support import train_cmd as _train_cmd
 
 import convert_torch_weights
@@ -137,7 +137,7 @@ def test_training_run_is_preempted_resumes_and_exports_on_gcs(gs_dir, demo_data)
     workdir = f"{gs_dir}/run"
     cmd = _train_cmd(demo_data, workdir, "--config.total_steps=6",
                      "--config.checkpoint_every=1000")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = xla_env(1)
     out = run_sigterm_at_step(cmd, env)
     assert "preempted: checkpoint saved at step" in out
     names = _objects(workdir)

@@ -1,13 +1,12 @@
 """The train entry point on the demo corpus: stages, evaluation, metrics, interrupt (SIGTERM) and
 resume, multi-process runs, and the errors that stop a run before it starts."""
 import json
-import os
 import socket
 import subprocess
 from pathlib import Path
 
 import pytest
-from train_support import ROOT, run_sigterm_at_step
+from train_support import ROOT, run_sigterm_at_step, xla_env
 from train_support import train_cmd as _train_cmd
 
 from experiments import train
@@ -53,7 +52,7 @@ def test_stage1_then_stage2_from_its_weights(demo_data, tmp_path):
 
 def test_sigterm_saves_and_resume_continues_identically(demo_data, tmp_path):
     steps = ["--config.total_steps=30", "--config.checkpoint_every=1000"]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = xla_env(1)
     straight = subprocess.run(_train_cmd(demo_data, tmp_path / "straight", *steps), cwd=ROOT,
                               env=env, capture_output=True, text=True, timeout=300)
     assert straight.returncode == 0, straight.stdout + straight.stderr
@@ -77,7 +76,7 @@ def test_two_processes_of_four_devices_equal_one_of_eight(demo_data, tmp_path):
     # Every process reads the global batch and keeps its rows, so both runs see the same data.
     args = {"total_steps": 2, "data.split_by_process": False, "export_model": False}
     assert train.run(smoke(demo_data, **args), str(tmp_path / "one")) == 0
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = xla_env(4)
     port = _free_port()
     logs = [open(tmp_path / f"process{i}.log", "w") for i in range(2)]  # pipes could fill and block
     flags = [f"--config.{k}={v}" for k, v in args.items()]

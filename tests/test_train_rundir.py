@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from test_train_loop import metrics, smoke, train_losses
-from train_support import ROOT
+from train_support import ROOT, xla_env
 from train_support import train_cmd as _train_cmd
 
 from experiments import train
@@ -207,7 +207,7 @@ def _wait_for(predicate, timeout: float = 120) -> None:
 
 
 def test_second_run_on_a_workdir_is_refused_and_metrics_never_interleave(demo_data, tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = xla_env(1)
     steps = ["--config.total_steps=200", "--config.checkpoint_every=1000"]
     first = subprocess.Popen(_train_cmd(demo_data, tmp_path / "w", *steps), cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -1,10 +1,21 @@
 """Smoke training runs in a subprocess, shared by the train-loop, run-directory and gs:// tests."""
+import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The suite is compile-bound on two cores: LLVM's cheap pipeline halves the train step's compile
+# time and keeps every parity test within its tolerance. conftest sets it for the whole suite.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def xla_env(devices: int) -> dict:
+    """The environment of a subprocess that simulates `devices` CPU devices."""
+    return dict(os.environ,
+                XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count={devices}")
 
 
 def train_cmd(data, workdir, *extra) -> list[str]:
