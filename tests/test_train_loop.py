@@ -51,7 +51,7 @@ def test_stage1_then_stage2_from_its_weights(demo_data, tmp_path):
 
 
 def test_sigterm_saves_and_resume_continues_identically(demo_data, tmp_path):
-    steps = ["--config.total_steps=30", "--config.checkpoint_every=1000"]
+    steps = ["--config.total_steps=12", "--config.checkpoint_every=1000"]
     env = xla_env(1)
     straight = subprocess.run(_train_cmd(demo_data, tmp_path / "straight", *steps), cwd=ROOT,
                               env=env, capture_output=True, text=True, timeout=300)
@@ -59,7 +59,7 @@ def test_sigterm_saves_and_resume_continues_identically(demo_data, tmp_path):
     out = run_sigterm_at_step(_train_cmd(demo_data, tmp_path / "cut", *steps), env)
     assert "preempted: checkpoint saved at step" in out
     cut_at = max(train_losses(tmp_path / "cut"))
-    assert cut_at < 30 and (tmp_path / "cut" / "checkpoints" / str(cut_at)).is_dir()
+    assert cut_at < 12 and (tmp_path / "cut" / "checkpoints" / str(cut_at)).is_dir()
     resumed = subprocess.run(_train_cmd(demo_data, tmp_path / "cut", *steps), cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
