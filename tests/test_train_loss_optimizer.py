@@ -21,7 +21,7 @@ class FixedLogits:
     def embed_inputs(self, text, codes, rng=None):
         return jnp.zeros(text.shape + (1,))
 
-    def backbone(self, embeds, positions, segments):
+    def backbone(self, embeds, positions, segments, rng=None):
         return embeds
 
     def text_logits(self, hidden):  # hidden: the loss's one chunk of all (flattened) positions

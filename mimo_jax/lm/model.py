@@ -87,11 +87,12 @@ class MiMoAudioLM(nnx.Module):
         return text_vec + self.encode_patches(text, codes, dropout_rng)
 
     # Backbone ----------------------------------------------------------------------------------
-    def backbone(self, embeds: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None
-                 ) -> jax.Array:
-        """Causal backbone over whole rows; packed rows keep documents apart by segment id."""
+    def backbone(self, embeds: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
+                 dropout_rng: jax.Array | None = None) -> jax.Array:
+        """Causal backbone over whole rows; packed rows keep documents apart by segment id.
+        `dropout_rng` (training): the key of the adapters' dropout (the backbone has no other)."""
         mask = MaskSpec(positions, positions, segment_ids, segment_ids, causal=True)
-        hidden, _ = self.model(embeds, positions, mask)
+        hidden, _ = self.model(embeds, positions, mask, dropout_rng=dropout_rng)
         return hidden
 
     def backbone_cached(self, embeds, positions, segments, cache: KVCache, cache_positions,

@@ -3,6 +3,7 @@
 The stack is built and scanned by `nn.stack`. A KV cache is a dict of arrays `k`, `v`
 [layers, batch, cache_len, kv_heads, head_dim] updated at `cache_index`.
 """
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -20,6 +21,15 @@ KVCache = dict[str, jax.Array]
 _ACTIVATION_AXES = ("activation_batch", "activation_length", None)
 
 
+def _project(layer: Callable[..., jax.Array], x: jax.Array, rng: jax.Array | None,
+             index: int) -> jax.Array:
+    """layer(x). A layer that drops its input in training (a LoRA adapter, `train.lora`) is also
+    given a dropout key of its own (`index` tells the block's projections apart)."""
+    if rng is None or not getattr(layer, "takes_dropout_rng", False):
+        return layer(x)
+    return layer(x, dropout_rng=jax.random.fold_in(rng, index))
+
+
 class Qwen2Attention(nnx.Module):
     def __init__(self, cfg: StackConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         h, k, d = cfg.heads, cfg.kv_heads, cfg.head_dim
@@ -33,9 +43,13 @@ class Qwen2Attention(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, cache: KVCache | None, cache_index, dropout_rng=None):
         b, t, _ = x.shape
-        q = checkpoint_name(self.q_proj(x), "query_proj").reshape(b, t, self.heads, self.head_dim)
-        k = checkpoint_name(self.k_proj(x), "key_proj").reshape(b, t, self.kv_heads, self.head_dim)
-        v = checkpoint_name(self.v_proj(x), "value_proj").reshape(b, t, self.kv_heads, self.head_dim)
+        proj = lambda layer, h, i: _project(layer, h, dropout_rng, i)
+        q = checkpoint_name(proj(self.q_proj, x, 0), "query_proj").reshape(b, t, self.heads,
+                                                                           self.head_dim)
+        k = checkpoint_name(proj(self.k_proj, x, 1), "key_proj").reshape(b, t, self.kv_heads,
+                                                                         self.head_dim)
+        v = checkpoint_name(proj(self.v_proj, x, 2), "value_proj").reshape(b, t, self.kv_heads,
+                                                                           self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             start = (0, cache_index, 0, 0)
@@ -45,7 +59,7 @@ class Qwen2Attention(nnx.Module):
         rate = self.dropout if dropout_rng is not None else 0.0
         out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, dropout_rate=rate,
                      dropout_rng=dropout_rng)
-        out = self.o_proj(out.reshape(b, t, self.heads * self.head_dim))
+        out = proj(self.o_proj, out.reshape(b, t, self.heads * self.head_dim), 3)
         return checkpoint_name(out, "out_proj"), cache
 
 
@@ -56,10 +70,10 @@ class SwiGLU(nnx.Module):
         self.up_proj = Dense(hidden, ffn, axes=("embed", "mlp"), **kw)
         self.down_proj = Dense(ffn, hidden, axes=("mlp", "embed"), **kw)
 
-    def __call__(self, x):
-        h = jax.nn.silu(checkpoint_name(self.gate_proj(x), "mlpwi_0"))
-        h = h * checkpoint_name(self.up_proj(x), "mlpwi_1")
-        return checkpoint_name(self.down_proj(h), "mlpwo")
+    def __call__(self, x, dropout_rng=None):
+        h = jax.nn.silu(checkpoint_name(_project(self.gate_proj, x, dropout_rng, 4), "mlpwi_0"))
+        h = h * checkpoint_name(_project(self.up_proj, x, dropout_rng, 5), "mlpwi_1")
+        return checkpoint_name(_project(self.down_proj, h, dropout_rng, 6), "mlpwo")
 
 
 class Qwen2Layer(nnx.Module):
@@ -76,7 +90,7 @@ class Qwen2Layer(nnx.Module):
         h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index,
                                   dropout_rng)
         x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.mlp(self.post_attention_layernorm(x), dropout_rng)
         return x, cache
 
 

@@ -124,11 +124,12 @@ def codebook_losses(model, hidden, batch, cfg: "LossConfig", dropout_rng=None):
 
 def mimo_loss(model, batch, cfg: LossConfig, dropout_rng=None):
     """(total loss, metrics) of a batch. Without codebook weights the patch decoder is not run."""
-    rng_enc = rng_dec = None
+    rng_enc = rng_dec = rng_llm = None
     if dropout_rng is not None:
         rng_enc, rng_dec = jax.random.split(dropout_rng)
+        rng_llm = jax.random.fold_in(dropout_rng, 2)  # used by adapters' dropout only
     embeds = model.embed_inputs(batch["text"], batch["codes"], rng_enc)
-    hidden = model.backbone(embeds, batch["positions"], batch["segment_ids"])
+    hidden = model.backbone(embeds, batch["positions"], batch["segment_ids"], rng_llm)
     tw = batch["text_weights"].astype(jnp.float32)
     ce_sum, correct = text_cross_entropy(model, hidden, batch["text_targets"], tw, cfg.text_chunk)
     text_total = jnp.sum(tw)
