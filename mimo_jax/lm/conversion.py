@@ -13,7 +13,7 @@ _LEAF = {"kernel": ("weight", "linear"), "bias": ("bias", "identity"),
 class LMFamily:
     name = "MiMo-Audio LM"
     architecture = ARCHITECTURE
-    ignored = (
+    ignored: tuple[str, ...] = (
         r".*\.rotary_emb\.inv_freq",  # a non-persistent buffer, recomputed from rope_theta
         # Deleted right after construction by the official code; present only in odd exports.
         r"(local_transformer|input_local_transformer)\.embed_tokens\.weight",

@@ -1,5 +1,6 @@
 """AdamW with one learning rate (and schedule) per module group, weight decay that spares norms and
-biases, global-norm clipping, and frozen groups that get neither gradients nor optimizer state.
+biases, global-norm clipping, and frozen groups that get neither gradients nor optimizer state (nor
+do the base weights of a group trained through LoRA adapters: only its adapters do).
 
 Groups of the MiMo-Audio LM (the report's learning rates: pretraining 2e-4 / 3e-5 / 2e-4,
 fine-tuning 5e-5 / 1e-5 / 5e-5):
@@ -44,15 +45,22 @@ class OptimizerConfig:
     eps: float = 1e-8
     clip_norm: float = 1.0  # 0 disables clipping
     frozen: tuple[str, ...] = ()
+    # Groups whose base weights are frozen and whose LoRA adapters (train.lora) train at the
+    # group's learning rate.
+    lora_groups: tuple[str, ...] = ()
 
     def __post_init__(self):
-        unknown = (set(self.learning_rates) | set(self.frozen)) - set(GROUPS)
+        named = set(self.learning_rates) | set(self.frozen) | set(self.lora_groups)
+        unknown = named - set(GROUPS)
         if unknown:
             raise ValueError(f"optimizer: unknown module groups {sorted(unknown)}; expected {GROUPS}")
         missing = set(GROUPS) - set(self.learning_rates) - set(self.frozen)
         if missing:
             raise ValueError(f"optimizer: no learning rate for {sorted(missing)} (or list them in "
                              f"`frozen`)")
+        if set(self.lora_groups) & set(self.frozen):
+            raise ValueError(f"optimizer: groups {sorted(set(self.lora_groups) & set(self.frozen))}"
+                             f" are both frozen and trained through LoRA adapters")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"optimizer.schedule={self.schedule!r}: expected 'cosine' or 'constant'")
         if not 0.0 <= self.warmup_ratio <= 1.0:

@@ -34,9 +34,13 @@ class TrainState:
     opt_state: Any
 
 
-def trainable_filter(groups: tuple[str, ...]):
+def trainable_filter(groups: tuple[str, ...], lora_groups: tuple[str, ...] = ()):
+    """Parameters of the trainable groups; in a LoRA group only its adapters (nnx.LoRAParam)."""
     def keep(path, value) -> bool:
-        return isinstance(value, nnx.Param) and group_of(tuple(str(p) for p in path)) in groups
+        if not isinstance(value, nnx.Param):
+            return False
+        group = group_of(tuple(str(p) for p in path))
+        return group in groups and (group not in lora_groups or isinstance(value, nnx.LoRAParam))
     return keep
 
 
@@ -85,7 +89,7 @@ class Trainer:
         groups = optimizer.trainable_groups
         # nnx.split with two filters is typed as returning a tuple of any length.
         graphdef, params, frozen = nnx.split(  # type: ignore[misc]
-            model, trainable_filter(groups), ...)
+            model, trainable_filter(groups, optimizer.lora_groups), ...)
         trainer = cls(graphdef, loss, optimizer, grad_accum)
         mesh = _mesh_of(params)
         if mesh is None:
