@@ -81,7 +81,7 @@ def abstract_state(config, mesh, rules):
 
     def make():
         model = MiMoAudioLM(lm, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(config.seed))
-        built["trainer"], state = build.build_trainer(config, model)
+        built["trainer"], state = build.build_trainer(config, build.apply_adapters(config, model))
         return state
 
     state = jax.eval_shape(make)

@@ -7,18 +7,22 @@ and `optimizer.clip_norm` (no clipping).
 """
 import difflib
 import json
+import re
 from collections.abc import Callable
 
 import ml_collections
 from etils import epath
+from flax import nnx
 
 from data_pipelines.pipeline import parse_sources
 from data_pipelines.shards import MANIFEST
 from mimo_jax import model_checkpoint as checkpoint
+from mimo_jax.lm.model import MiMoAudioLM
 from mimo_jax.nn.dtypes import DTYPES
 from mimo_jax.nn.remat import policy as remat_policy
 from mimo_jax.tasks.text_tokenizer import TextTokenizer, model_id_problems
-from mimo_jax.train.build import lm_architecture
+from mimo_jax.train.build import groups_in_mode, lm_architecture, lora_config
+from mimo_jax.train.lora import MODES, linear_layers, select
 from mimo_jax.train.losses import LossConfig
 from mimo_jax.train.optimizer import GROUPS
 from sharding.rules import PRESETS
@@ -87,6 +91,9 @@ CHECKS: dict[str, Callable] = {
     "optimizer.grad_accum": _int_at_least(1),
     "mesh.rules": _one_of(sorted(PRESETS)),
     "checkpoint.keep": _int_at_least(2),
+    "lora.rank": _int_at_least(0),
+    "lora.alpha": _positive,
+    "lora.dropout": _in_range(0, 1, high_open=True),
     "eval_generation.max_new_groups": _int_at_least(1),
 }
 
@@ -144,6 +151,51 @@ def _value_problems(config) -> list[str]:
     return out
 
 
+def _lora_problems(config) -> list[str]:
+    """The adapters' modes and target patterns (checked while `lora.rank` > 0)."""
+    lora, out = config.lora, []
+    if not (isinstance(lora.rank, int) and lora.rank > 0):
+        return out
+    for group in lora.modes:
+        if group not in GROUPS:
+            out.append(_problem(f"lora.modes.{group}", lora.modes[group],
+                                f"a module group: one of {', '.join(GROUPS)}"))
+    for group in GROUPS:
+        mode = lora.modes.get(group)
+        if mode not in MODES:
+            out.append(_problem(f"lora.modes.{group}", mode, f"one of {', '.join(MODES)}"))
+        elif mode != "frozen" and group in config.optimizer.frozen:
+            out.append(_problem(f"lora.modes.{group}", mode,
+                                f"'frozen' (optimizer.frozen lists {group})"))
+    if "lora" not in [lora.modes.get(g) for g in GROUPS]:
+        out.append(_problem("lora.modes", lora.modes.to_dict(),
+                            "at least one group in 'lora' mode while lora.rank > 0"))
+    targets = lora.targets
+    if not (isinstance(targets, (tuple, list)) and targets
+            and all(isinstance(t, str) and t for t in targets)):
+        out.append(_problem("lora.targets", targets, "a tuple of regular expressions over module "
+                                                     "names"))
+        return out
+    for pattern in targets:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            out.append(_problem("lora.targets", pattern, f"a regular expression ({e})"))
+    return out
+
+
+def _target_problems(config, lm) -> list[str]:
+    """What the targets choose in the model's layers: patterns matching nothing, part of a stack,
+    a layer narrower than the rank, a layer outside the LoRA groups."""
+    values = [CHECKS[k](get(config, k)) for k in ("lora.rank", "lora.alpha", "lora.dropout")]
+    if any(values) or not config.lora.rank or _lora_problems(config):
+        return []  # off, or named by _value_problems and _lora_problems
+    model = nnx.eval_shape(lambda: MiMoAudioLM(lm, rngs=nnx.Rngs(0)))
+    cfg = lora_config(config)
+    assert cfg is not None
+    return select(linear_layers(model), cfg, groups_in_mode(config, "lora"))[1]
+
+
 def _model_problems(config) -> list[str]:
     """What the LM a run trains implies (its config.json or `model.hf`): one loss weight per
     codebook, the text tokenizer's special ids, shards of the audio tokenizer it models."""
@@ -156,7 +208,7 @@ def _model_problems(config) -> list[str]:
     except (ValueError, TypeError, KeyError) as e:
         return [f"{key}: expected a MiMo-Audio LM architecture ({e})"]
     return (_loss_problems(config, lm) + _tokenizer_problems(config, lm)
-            + _shard_problems(config, lm))
+            + _shard_problems(config, lm) + _target_problems(config, lm))
 
 
 def _loss_problems(config, lm) -> list[str]:
@@ -277,7 +329,7 @@ def _generation_problems(config) -> list[str]:
 
 def check(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError naming every problem of the config (one line each)."""
-    problems = (_value_problems(config) + _path_problems(config) + _model_problems(config)
-                + _generation_problems(config))
+    problems = (_value_problems(config) + _lora_problems(config) + _path_problems(config)
+                + _model_problems(config) + _generation_problems(config))
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

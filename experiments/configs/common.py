@@ -106,6 +106,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.grad_accum = 1
     c.optimizer.frozen = ()
 
+    # LoRA adapters (mimo_jax.train.lora), off while `rank` is 0. `targets`: regular expressions,
+    # each fully matching official module names (`model.layers.3.self_attn.q_proj`; default: the
+    # backbone's attention and MLP); `modes`: per module group, "lora" (base frozen, its targeted
+    # layers adapted), "full" (every parameter trained) or "frozen". Adapters train at their
+    # group's learning rate. The run ends with workdir/adapter (a PEFT directory) beside
+    # workdir/model (adapters merged).
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0
+    c.lora.alpha = 16.0
+    c.lora.dropout = 0.0
+    c.lora.targets = (r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)",)
+    c.lora.modes = ml_collections.ConfigDict(
+        {"patch_encoder": "frozen", "llm": "lora", "patch_decoder": "frozen"})
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.ici = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "sequence": 1})
     c.mesh.dcn = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})

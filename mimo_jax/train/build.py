@@ -14,8 +14,9 @@ from mimo_jax.lm.config import MiMoAudioConfig
 from mimo_jax.lm.model import MiMoAudioLM
 from mimo_jax.nn.dtypes import dtype_named
 from mimo_jax.nn.partitioning import batch_sharding, state_shardings
+from mimo_jax.train.lora import LoraConfig, apply_lora
 from mimo_jax.train.losses import LossConfig
-from mimo_jax.train.optimizer import OptimizerConfig
+from mimo_jax.train.optimizer import GROUPS, OptimizerConfig
 from mimo_jax.train.step import Trainer, TrainState
 
 BATCH_FIELDS = ("text", "codes", "positions", "segment_ids", "text_targets", "text_weights",
@@ -67,6 +68,41 @@ def build_model(config, mesh, rules) -> tuple[MiMoAudioConfig, nnx.Module]:
     return lm_config, nnx.merge(graphdef, state)
 
 
+def lora_config(config) -> LoraConfig | None:
+    """The adapters of a run (`lora`), or None while `lora.rank` is 0 (no adapters)."""
+    if not config.lora.rank:
+        return None
+    return LoraConfig(config.lora.rank, float(config.lora.alpha), float(config.lora.dropout),
+                      tuple(config.lora.targets))
+
+
+def groups_in_mode(config, mode: str) -> tuple[str, ...]:
+    """The module groups of a LoRA mode (`lora.modes`: "lora", "full", "frozen"); none without
+    adapters."""
+    if not config.lora.rank:
+        return ()
+    return tuple(g for g in GROUPS if config.lora.modes[g] == mode)
+
+
+def apply_adapters(config, model: nnx.Module) -> nnx.Module:
+    """The model with the config's LoRA adapters (none while `lora.rank` is 0)."""
+    cfg = lora_config(config)
+    if cfg is not None:
+        apply_lora(model, cfg, rngs=nnx.Rngs(config.seed + 1),
+                   lora_groups=groups_in_mode(config, "lora"))
+    return model
+
+
+def add_adapters(config, model: nnx.Module, mesh, rules) -> nnx.Module:
+    """`apply_adapters`, the adapters placed by the rules like the layers they adapt."""
+    if lora_config(config) is None:
+        return model
+    apply_adapters(config, model)
+    adapters = nnx.state(model, nnx.LoRAParam)
+    nnx.update(model, jax.device_put(adapters, state_shardings(adapters, mesh, rules)))
+    return model
+
+
 def _shardings_of(tree):
     return jax.tree.map(lambda a: a.sharding, tree)
 
@@ -76,7 +112,7 @@ def build_trainer(config, model) -> tuple[Trainer, TrainState]:
     loss = LossConfig.from_string(config.loss.weights, text_chunk=config.loss.text_chunk,
                                   patch_fraction=config.loss.patch_fraction,
                                   patch_chunk=config.loss.patch_chunk)
-    frozen = tuple(config.optimizer.frozen)
+    frozen = tuple(dict.fromkeys(tuple(config.optimizer.frozen) + groups_in_mode(config, "frozen")))
     if not loss.trains_patch_decoder and "patch_decoder" not in frozen:
         frozen += ("patch_decoder",)  # stage 1: no patch decoder in the graph, nothing to train
     opt = OptimizerConfig(
@@ -84,7 +120,8 @@ def build_trainer(config, model) -> tuple[Trainer, TrainState]:
         schedule=config.optimizer.schedule, warmup_ratio=config.optimizer.warmup_ratio,
         end_lr_ratio=config.optimizer.end_lr_ratio, weight_decay=config.optimizer.weight_decay,
         b1=config.optimizer.b1, b2=config.optimizer.b2, eps=config.optimizer.eps,
-        clip_norm=config.optimizer.clip_norm, frozen=frozen)
+        clip_norm=config.optimizer.clip_norm, frozen=frozen,
+        lora_groups=groups_in_mode(config, "lora"))
     return Trainer.create(model, loss, opt, config.optimizer.grad_accum)
 
 
