@@ -15,6 +15,7 @@ metrics.jsonl, audio, log-mel images and transcripts to TensorBoard. Multi-host:
 `jax.distributed.initialize()` runs from the environment on TPU pods and SLURM clusters, or from
 --coordinator/--num_processes/--process_id.
 """
+import json
 import os
 import signal
 import sys
@@ -161,7 +162,7 @@ def _run(config, workdir) -> int:
     # Built outside the mesh context: parameters are placed by explicit shardings, and
     # nnx.eval_shape would read the logical axis names as mesh axes inside it.
     lm_config, model = build.build_model(config, mesh, rules)
-    trainer, state = build.build_trainer(config, model)
+    trainer, state = build.build_trainer(config, build.add_adapters(config, model, mesh, rules))
     del model
     # Built outside the mesh context (the tokenizers' axis names are not the LM's rules).
     generation_eval = _generation_eval(config, lm_config)
@@ -169,6 +170,8 @@ def _run(config, workdir) -> int:
         train_it, eval_factory, local_rows = data_iterators(config, lm_config)
         identity = {"model": lm_config.to_hf(), "trainable": trainer.optimizer.trainable_groups,
                     "loss_weights": config.loss.weights, "remat": lm_config.remat_policy}
+        if config.lora.rank:  # a resumed run must train the same adapters
+            identity["lora"] = json.loads(config.lora.to_json())
         ckpts = TrainCheckpoints(workdir, identity, keep=config.checkpoint.keep,
                                  async_save=config.checkpoint.async_save)
         try:
@@ -193,7 +196,7 @@ def _run(config, workdir) -> int:
                 state, finished = _loop(config, state, steps, train_it, eval_factory, local_rows,
                                         mesh, ckpts, writer, flops, start or 0, generation)
             if finished and config.export_model:
-                export_model(trainer, state, lm_config, workdir)
+                export_model(config, trainer, state, lm_config, workdir)
             return 0
         finally:
             ckpts.close()
@@ -298,11 +301,22 @@ def _loop(config, state, steps, train_it, eval_factory, local_rows, mesh, ckpts,
     return state, True
 
 
-def export_model(trainer, state, lm_config, workdir) -> None:
+def export_model(config, trainer, state, lm_config, workdir) -> None:
     """The final weights as a model checkpoint (workdir/model): the init_checkpoint of a next stage,
-    or an official directory through convert_torch_weights.py."""
+    or an official directory through convert_torch_weights.py. With LoRA adapters, the model has
+    them merged, and workdir/adapter holds what the run trained alone: the adapters, and the
+    modules of groups trained in full (a PEFT directory, `mimo_jax.lm.adapters`)."""
     from mimo_jax import model_checkpoint as model_ckpt
-    out = model_ckpt.save(trainer.model(state), lm_config.to_hf(), os.fspath(workdir / "model"))
+    from mimo_jax.lm import adapters
+    from mimo_jax.train import build
+    from mimo_jax.train.lora import merge_lora
+    model = trainer.model(state)
+    if build.lora_config(config) is not None:
+        out = adapters.save(model, workdir / "adapter",
+                            full_groups=build.groups_in_mode(config, "full"))
+        print(f"adapters: {out}", flush=True)
+        model = merge_lora(model)
+    out = model_ckpt.save(model, lm_config.to_hf(), os.fspath(workdir / "model"))
     print(f"final weights: {out}", flush=True)
 
 

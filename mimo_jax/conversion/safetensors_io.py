@@ -74,6 +74,11 @@ def _read_header(path: epath.Path) -> dict[str, TensorInfo]:
     return out
 
 
+def read_file(path: str | os.PathLike) -> dict[str, TensorInfo]:
+    """Every tensor of one safetensors file (its header checked against its size)."""
+    return _read_header(paths.resolve(path))
+
+
 def read_index(src: str | os.PathLike) -> dict[str, TensorInfo]:
     """Every tensor of an HF-style directory (single file or sharded with an index)."""
     root = paths.resolve(src)
@@ -138,6 +143,13 @@ def _write_file(path: epath.Path, tensors: list[PendingTensor], on_written: Call
                 raise ValueError(f"tensor {t.name}: produced shape {data.shape}, declared {t.shape}")
             f.write(data.tobytes())
             on_written(t.nbytes)
+
+
+def write_file(path: str | os.PathLike, tensors: list[PendingTensor]) -> epath.Path:
+    """Writes one safetensors file of these tensors."""
+    out = paths.resolve(path)
+    _write_file(out, tensors, lambda n: None)
+    return out
 
 
 def write_checkpoint(dst: str | os.PathLike, tensors: Iterable[PendingTensor],

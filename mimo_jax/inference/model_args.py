@@ -10,6 +10,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lm", required=True, help="LM checkpoint (official or converted)")
     p.add_argument("--audio-tokenizer", required=True, help="audio tokenizer checkpoint")
     p.add_argument("--text-tokenizer", required=True, help="tokenizer.json (or its directory)")
+    p.add_argument("--adapter", default=None,
+                   help="a LoRA adapter directory for the LM (PEFT format: adapter_config.json "
+                        "and adapter_model.safetensors, e.g. a LoRA run's workdir/adapter)")
     p.add_argument("--context-groups", type=int, default=MAX_GROUPS,
                    help=f"prompt and generation together, in groups (default {MAX_GROUPS}, as "
                         f"the official generation)")
@@ -22,6 +25,6 @@ def load_mimo(args: argparse.Namespace):
 
     try:
         return MimoAudio.load(args.lm, args.audio_tokenizer, args.text_tokenizer,
-                              context_groups=args.context_groups)
+                              adapter=args.adapter, context_groups=args.context_groups)
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise SystemExit(f"error: {e}") from None

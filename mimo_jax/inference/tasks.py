@@ -80,18 +80,27 @@ class _Job:
     seed: int
 
 
-def load_lm(path: str | Path, dtype=None):
-    """(config, model) from an official directory (converted in memory) or a converted one."""
+def load_lm(path: str | Path, dtype=None, adapter: str | Path | None = None):
+    """(config, model) from an official directory (converted in memory) or a converted one; with
+    `adapter` (a PEFT LoRA directory, `lm.adapters`), its adapters merged into the weights."""
     from mimo_jax import model_checkpoint as checkpoint
     from mimo_jax.conversion.convert import load_torch_checkpoint
 
     path = Path(path)
     if checkpoint.is_model_checkpoint(path):
-        return checkpoint.load(path, dtype=dtype)
-    if not (path / "config.json").is_file():
+        config, model = checkpoint.load(path, dtype=dtype)
+    elif not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not an LM checkpoint (expected config.json with "
                                 f"model*.safetensors, or a converted checkpoint with params/)")
-    return load_torch_checkpoint(path, dtype)
+    else:
+        config, model = load_torch_checkpoint(path, dtype)
+    if adapter is None:
+        return config, model
+    from mimo_jax.lm import adapters
+    from mimo_jax.train.lora import merge_lora
+
+    adapters.load(model, adapter)
+    return config, merge_lora(model)
 
 
 def check_special_ids(config, tok: TextTokenizer, source: str = "the LM checkpoint") -> None:
@@ -115,12 +124,12 @@ class MimoAudio:
 
     @classmethod
     def load(cls, lm: str | Path, audio_tokenizer: str | Path, text_tokenizer: str | Path, *,
-             dtype=None, **options) -> "MimoAudio":
-        """From checkpoint directories (official or converted) and a tokenizer.json (or the
-        directory holding it)."""
+             dtype=None, adapter: str | Path | None = None, **options) -> "MimoAudio":
+        """From checkpoint directories (official or converted), a tokenizer.json (or the
+        directory holding it) and optionally a LoRA adapter directory for the LM."""
         from mimo_jax.tokenizer.clips import Tokenizer
 
-        config, model = load_lm(lm, dtype)
+        config, model = load_lm(lm, dtype, adapter)
         return cls(config, model, Tokenizer.load(str(audio_tokenizer)),
                    TextTokenizer.from_file(str(text_tokenizer)), **options)
 
