@@ -91,6 +91,26 @@ MUTATIONS = [
              "out = out + self.layers[q].lookup(codes[..., q])",
              "out = out + self.layers[2 if q == 3 else q].lookup(codes[..., q])",
              ("tests/test_tokenizer_parity.py", "-k", "decode_from_reference")),
+    Mutation("LoRA adapter output without its alpha / r scale", "mimo_jax/train/lora.py",
+             "return y + (self.lora(x) * self.scale).astype(y.dtype)",
+             "return y + self.lora(x).astype(y.dtype)",
+             ("tests/test_lora.py", "-k", "peft_formula")),
+    Mutation("LoRA merge without its alpha / r scale", "mimo_jax/train/lora.py",
+             "delta = jnp.matmul(f32(module.lora.lora_a), f32(module.lora.lora_b)) * module.scale",
+             "delta = jnp.matmul(f32(module.lora.lora_a), f32(module.lora.lora_b))",
+             ("tests/test_lora_peft.py", "-k", "merges_to_our")),
+    Mutation("PEFT adapter names without the base_model.model. prefix", "mimo_jax/lm/adapters.py",
+             'PREFIX = "base_model.model."', 'PREFIX = "base_model."',
+             ("tests/test_lora_peft.py", "-k", "merges_to_our")),
+    Mutation("adapter dropout key never reaches the adapters", "mimo_jax/nn/transformer.py",
+             'if rng is None or not getattr(layer, "takes_dropout_rng", False):',
+             "if True:",
+             ("tests/test_lora.py", "-k", "merge_into")),
+    Mutation("base weights of a LoRA group trained too", "mimo_jax/train/step.py",
+             "return group in groups and (group not in lora_groups or "
+             "isinstance(value, nnx.LoRAParam))",
+             "return group in groups",
+             ("tests/test_lora.py", "-k", "only_adapters")),
 ]
 
 
