@@ -30,8 +30,8 @@ def _randomise(model, seed=1) -> None:
             var.set_value(jnp.asarray(rng.normal(0, 0.1, var.shape), var.dtype))
 
 
-def test_adapted_layer_computes_peft_formula_and_drops_only_the_adapter_input():
-    model = MiMoAudioLM(small_config(), rngs=nnx.Rngs(0))
+def test_adapted_layer_computes_peft_formula_and_drops_only_the_adapter_input(lm):
+    model = nnx.clone(lm[1])  # the fixture LM (hidden 64, 2 layers)
     q_proj = r"model\.layers\.\d+\.self_attn\.q_proj"
     apply_lora(model, _lora(rank=3, alpha=12.0, dropout=0.5, targets=[q_proj]), rngs=nnx.Rngs(1))
     _randomise(model)
@@ -51,9 +51,8 @@ def test_adapted_layer_computes_peft_formula_and_drops_only_the_adapter_input():
     np.testing.assert_allclose(dropped, want, rtol=1e-5, atol=1e-5)
 
 
-def test_adapters_start_as_the_base_model_and_merge_into_it():
-    config = small_config(local_attn_dropout=0.0)
-    model = MiMoAudioLM(config, rngs=nnx.Rngs(0))
+def test_adapters_start_as_the_base_model_and_merge_into_it(lm):
+    config, model = lm[0], nnx.clone(lm[1])
     rng = np.random.default_rng(0)
     text = jnp.asarray(rng.integers(0, config.vocab_size, (1, 6)))
     codes = jnp.asarray(rng.integers(0, 128, (1, 6, config.group_size, config.audio_channels)))
@@ -115,9 +114,8 @@ def test_bad_choices_are_named_and_change_nothing():
     assert "lora.dropout=0.1: layer lm_head is outside the transformer stacks" in text
 
 
-def test_only_adapters_and_fully_trained_groups_train():
-    config = small_config(local_attn_dropout=0.0)
-    model = MiMoAudioLM(config, rngs=nnx.Rngs(0))
+def test_only_adapters_and_fully_trained_groups_train(lm):
+    config, model = lm[0], nnx.clone(lm[1])
     apply_lora(model, _lora(dropout=0.1), rngs=nnx.Rngs(1), lora_groups=("llm",))
     before = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     opt = OptimizerConfig({"patch_encoder": 1e-3, "llm": 1e-2}, total_steps=10,
@@ -202,33 +200,33 @@ def test_config_checks_name_bad_adapters(demo_config, overrides, expected):
     assert expected in str(err.value)
 
 
-def test_a_lora_run_builds_its_groups_and_exports_adapters_and_merged_model(demo_config,
-                                                                            tmp_path):
+def test_a_lora_run_builds_its_groups_and_exports_adapters_and_merged_model(demo_config, lm,
+                                                                            tmp_path, monkeypatch):
+    """The run's wiring on the fixture LM (one device: the sharded build and the checkpoint
+    write are tested elsewhere; the merged model's save and conversion in test_lora_peft)."""
     import json
 
     from experiments.train import export_model
     from mimo_jax import model_checkpoint as model_ckpt
     from mimo_jax.lm import adapters
     from mimo_jax.train import build
-    from sharding.mesh import mesh_and_rules
+    from sharding.rules import PRESETS
 
     config = demo_config(**{"lora.modes.patch_encoder": "full"})
-    mesh, rules = mesh_and_rules(config)
-    lm_config, model = build.build_model(config, mesh, rules)
-    trainer, state = build.build_trainer(config, build.add_adapters(config, model, mesh, rules))
+    lm_config, model = lm[0], nnx.clone(lm[1])
+    mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+    model = build.add_adapters(config, model, mesh, PRESETS["data"])
+    trainer, state = build.build_trainer(config, model)
     opt = trainer.optimizer
     assert (opt.lora_groups, opt.frozen) == (("llm",), ("patch_decoder",))
-    for path, var in nnx.to_flat_state(state.params):
-        assert var.get_value().sharding.mesh == mesh, path
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
+        assert var.get_value().sharding.mesh == mesh, path  # placed by the rules
+    saved = {}
+    monkeypatch.setattr(model_ckpt, "save", lambda m, hf, path: saved.update(model=m, path=path))
     export_model(config, trainer, state, lm_config, tmp_path)
+    assert saved["path"] == str(tmp_path / "model") and not adapted(saved["model"])
     peft_config = json.loads((tmp_path / "adapter" / adapters.CONFIG_FILE).read_text())
     assert peft_config["r"] == 4 and len(peft_config["target_modules"]) == 7 * 2
     assert peft_config["modules_to_save"] == (["input_local_transformer"]
                                               + [f"speech_embeddings.{c}" for c in range(8)]
                                               + ["speech_group_downcast"])
-    _, merged = model_ckpt.load(tmp_path / "model")
-    assert not adapted(merged)
-    fresh = MiMoAudioLM(lm_config, rngs=nnx.Rngs(5))
-    adapters.load(fresh, tmp_path / "adapter")
-    np.testing.assert_array_equal(fresh.speech_group_downcast.kernel[...],
-                                  merged.speech_group_downcast.kernel[...])
