@@ -1,5 +1,6 @@
 """Ahead-of-time compilation of the train step from abstract values (see experiments/aot.py)."""
 import dataclasses
+import math
 import resource
 import time
 
@@ -104,6 +105,14 @@ class Compiled:
     flops: float  # XLA's count for one device's program
     devices: int
     compile_s: float
+    trainable: int  # parameters the step updates (LoRA: the adapters and fully trained groups)
+    total: int  # every parameter of the train state, adapters included
+
+
+def size_of(tree) -> int:
+    """Parameters (floating-point entries) of a state tree."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree)
+               if jnp.issubdtype(x.dtype, jnp.floating))
 
 
 def compile_train_step(config) -> Compiled:
@@ -122,7 +131,8 @@ def compile_train_step(config) -> Compiled:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return Compiled(lm, trainer.loss.trains_patch_decoder, compiled.memory_analysis(),
-                    float((cost or {}).get("flops", 0.0)), mesh.size, seconds)
+                    float((cost or {}).get("flops", 0.0)), mesh.size, seconds,
+                    size_of(state.params), size_of(state.params) + size_of(state.frozen))
 
 
 def total_bytes(m) -> int:
@@ -146,6 +156,8 @@ def report(config, r: Compiled, elapsed_s: float) -> str:
         f"remat {config.model.remat_policy}, dtype {config.model.dtype}/{config.model.param_dtype}",
         f"global batch {config.data.batch_size} rows x {config.data.context_length} groups "
         f"(grad_accum {config.optimizer.grad_accum}); parameters {n / 1e9:.3f} B",
+        f"trainable parameters {r.trainable:,} of {r.total:,} "
+        f"({100 * r.trainable / r.total:.2f} %)",
         f"compile {r.compile_s:.1f} s (all {elapsed_s:.1f} s); peak host RAM {rss_gib:.2f} GiB",
         "FLOPs per device per step:",
         f"  compiled (XLA cost analysis)     {r.flops:.4e}",

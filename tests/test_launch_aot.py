@@ -1,4 +1,5 @@
-"""experiments.aot on the demo model for 8 simulated devices, and the optimizer state's placement."""
+"""experiments.aot on the demo model for 8 simulated devices, the optimizer state's placement, and
+the trainable-parameter count of a LoRA state."""
 import re
 import subprocess
 import sys
@@ -37,6 +38,29 @@ def test_aot_reports_sharded_per_device_memory():
     assert _bytes(out, "arguments") < 3 * 4 * n / 2
     compiled = float(re.search(r"compiled \(XLA cost analysis\)\s+(\S+)", out).group(1))
     assert compiled > 0
+    trained = re.search(r"^trainable parameters (\S+) of (\S+) \((\S+) %\)$", out, re.M)
+    assert trained and trained.group(1) == trained.group(2), out  # stage 2 trains everything
+    assert int(trained.group(1).replace(",", "")) >= n
+
+
+def test_a_lora_state_trains_only_its_adapters():
+    """The counts `experiments.aot` prints, on the recipe's targets at a small rank: the step
+    updates r * (in + out) parameters per adapted projection, and the frozen base is all there."""
+    from experiments.configs import lora_sft_7b
+    config = demo.get_config("smoke=True")
+    mesh, rules = mesh_and_rules(config)
+    _, _, full = aot_lib.abstract_state(config, mesh, rules)
+    config.lora = lora_sft_7b.get_config().lora
+    config.lora.rank = 2
+    lm, _, state = aot_lib.abstract_state(config, mesh, rules)
+    per_layer = sum(i + o for i, o in (
+        (lm.hidden_size, lm.num_attention_heads * lm.head_dim),
+        (lm.hidden_size, lm.num_key_value_heads * lm.head_dim),
+        (lm.hidden_size, lm.num_key_value_heads * lm.head_dim),
+        (lm.num_attention_heads * lm.head_dim, lm.hidden_size)))
+    trainable = aot_lib.size_of(state.params)
+    assert trainable == 2 * per_layer * lm.num_hidden_layers
+    assert aot_lib.size_of(state.frozen) == aot_lib.size_of(full.params)
 
 
 def demo_lm():
