@@ -1,9 +1,9 @@
 """LoRA fine-tuning of MiMo-Audio-7B with the defaults of the public PyTorch trainer
 (OpenT2S/MiMo-Audio-Training, its arguments.py and train_multiGPU_torchrun.sh): rank 64, alpha 16,
-dropout 0.05 on the backbone's q/k/v/o projections, everything else frozen; AdamW (Hugging Face
-defaults: b2 0.999, clipping at 1.0) at 2e-5 for every group, cosine with 3 % warmup, weight decay
-0.01; loss weights 100-12-8-6-4-2-2-1-1; rows of 8192 groups, 32 a step (16 per device, 2
-accumulated, on its one GPU).
+dropout 0.05 on the backbone's q/k/v/o projections, everything else frozen, weights in bfloat16
+(its model.to(torch.bfloat16)); AdamW (Hugging Face defaults: b2 0.999, clipping at 1.0) at 2e-5
+for every group, cosine with 3 % warmup, weight decay 0.01; loss weights 100-12-8-6-4-2-2-1-1; rows
+of 8192 groups, 32 a step (16 per device, 2 accumulated, on its one GPU).
 
     python -m experiments.train --config experiments/configs/lora_sft_7b.py --workdir runs/lora \
         --config.model.init_checkpoint=ckpt/mimo-7b --config.data.sources=DIR:tts:1
@@ -18,6 +18,7 @@ from experiments.configs import common
 
 def get_config(arg=None):
     c = common.lm_7b("sft", 32 * 8192 * 1000, arg, batch_size=32)
+    c.model.param_dtype = "bfloat16"
     c.lora.rank, c.lora.alpha, c.lora.dropout = 64, 16.0, 0.05
     c.lora.targets = (r"model\.layers\.\d+\.self_attn\.[qkvo]_proj",)
     c.lora.modes = ml_collections.ConfigDict(
