@@ -4,7 +4,6 @@ tokenize and the shard reader, and a training run that is SIGTERMed, resumes and
 there."""
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -128,11 +127,6 @@ def test_tokenize_to_gcs_and_read_the_shards_back(gs_dir, tmp_path):
     assert "5 records" in shown.stdout and "1 errors" in shown.stdout
 
 
-@pytest.mark.skipif(
-    os.environ.get("MIMO_GCS_TRAIN") != "1",
-    reason="set MIMO_GCS_TRAIN=1: over 11 minutes on the 2-core machine (every array of the train "
-           "state goes through the emulator); its resume from gs:// has not yet been seen to "
-           "finish (300 s were too short under load)")
 def test_training_run_is_preempted_resumes_and_exports_on_gcs(gs_dir, demo_data):
     workdir = f"{gs_dir}/run"
     cmd = _train_cmd(demo_data, workdir, "--config.total_steps=6",
