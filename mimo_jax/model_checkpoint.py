@@ -49,10 +49,7 @@ def read_config(path: PathLike) -> tuple[ModelFamily, Any]:
     cfg_path = paths.resolve(path) / CONFIG_FILE
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{path}: no {CONFIG_FILE}")
-    try:
-        hf = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    hf = paths.read_json(cfg_path)
     family = family_for(hf, str(cfg_path))
     try:
         return family, family.config_from_hf(hf)

@@ -8,6 +8,7 @@ directory is built in a hidden staging directory next to it and committed whole:
                  into place with `marker` last: the directory counts as complete only once its
                  marker exists, and an interrupted commit leaves no marker.
 """
+import json
 import os
 import socket
 import uuid
@@ -116,3 +117,11 @@ def remove_stale_staging(dst: epath.Path) -> list[epath.Path]:
               f"(its process has ended)", flush=True)
         path.rmtree()
     return stale
+
+
+def read_json(path: epath.PathLike):
+    """A JSON file's content; a file that is not JSON is named in one line."""
+    try:
+        return json.loads(epath.Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None

@@ -138,10 +138,7 @@ def _read_config(root) -> dict:
     cfg_path = root / CONFIG_FILE
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{root}: no {CONFIG_FILE}; expected a PEFT LoRA adapter directory")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    config = paths.read_json(cfg_path)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{cfg_path}: peft_type {config.get('peft_type')!r}, expected 'LORA'")
     for key, plain in _UNSUPPORTED.items():
