@@ -3,9 +3,9 @@ the parity fixture root."""
 import os
 from pathlib import Path
 
-from train_support import FAST_COMPILE  # (imports no JAX)
+from train_support import TEST_XLA_FLAGS  # (imports no JAX)
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {FAST_COMPILE}"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {TEST_XLA_FLAGS}"
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for every test process and the training subprocesses they start:
