@@ -23,7 +23,7 @@ from small_lm import add_size_args, build_config, torch_config
 
 from mimo_jax.inference.generate import GenerationConfig, generate, generate_chunks
 from mimo_jax.inference.sampling import SamplerConfig
-from mimo_jax.lm.model import MiMoAudioLM
+from mimo_jax.lm.model import MiMoAudioLM, unstack_for_decoding
 from mimo_jax.tokenizer.streaming import StreamingDecoder
 
 # The official demo's default patch sampler (T 0.9, top-k 50, top-p 0.95). The text token
@@ -155,7 +155,8 @@ def torch_available(a):
 def main(argv=None):
     a = parse_args(argv)
     config = build_config(a, a.local_dim)
-    model = MiMoAudioLM(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    # As MimoAudio.load holds it: the transformer stacks' layers unstacked for decoding.
+    model = unstack_for_decoding(MiMoAudioLM(config, dtype=jnp.float32, rngs=nnx.Rngs(0)))
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     print(f"devices: {jax.devices()}  {n_params / 1e6:.1f}M parameters, float32, "
           f"{a.prompt} prompt + {a.new} new groups per row")

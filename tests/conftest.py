@@ -77,9 +77,11 @@ def mimo(fx):
     from tasks_support import fixture_lm
 
     from mimo_jax.inference.tasks import MimoAudio
+    from mimo_jax.lm.model import unstack_for_decoding
     from mimo_jax.tokenizer.clips import Tokenizer
 
     config, model = fixture_lm(fx)
-    return MimoAudio(config, model, Tokenizer.load(str(fx.dir / fx.meta["audio_tokenizer"])),
-                     fx.tok)
+    # Decoding with the stacks' layers unstacked, as MimoAudio.load holds the model.
+    return MimoAudio(config, unstack_for_decoding(model),
+                     Tokenizer.load(str(fx.dir / fx.meta["audio_tokenizer"])), fx.tok)
 

@@ -3,10 +3,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from mimo_jax.inference.generate import GenerationConfig, generate
 from mimo_jax.inference.sampling import SamplerConfig, process, sample
 from mimo_jax.lm.layout import empty_patch
+from mimo_jax.lm.model import unstack_for_decoding
 
 
 def test_top_k_is_per_row():
@@ -91,3 +93,22 @@ def test_prompt_too_long_for_max_length(lm, prompt):
     _, model = lm
     with pytest.raises(ValueError, match="max_length"):
         generate(model, *prompt, GenerationConfig(max_length=6))
+
+
+def test_unstacked_layers_generate_as_the_scanned_stack(lm, prompt):
+    """`MimoAudio.load` decodes with each stack's layers unstacked: the same tokens, greedy and
+    sampled, and the same teacher-forced logits as the scanned stack."""
+    config, model = lm
+    loose = unstack_for_decoding(nnx.clone(model))
+    assert isinstance(loose.model.layers, nnx.List)
+    assert len(loose.model.layers) == config.num_hidden_layers
+    assert not isinstance(model.model.layers, nnx.List)  # the shared fixture is left scanned
+    text, codes = prompt
+    for gen in (GenerationConfig(max_length=12),
+                GenerationConfig(max_length=12, text_sampler=SamplerConfig(True, 0.9),
+                                 patch_sampler=SamplerConfig(True, 0.9, 50, 0.95))):
+        want = generate(model, text, codes, gen, rng=jax.random.key(3))
+        got = generate(loose, text, codes, gen, rng=jax.random.key(3))
+        np.testing.assert_array_equal(got.text, want.text)
+        np.testing.assert_array_equal(got.codes, want.codes)
+    np.testing.assert_allclose(loose(text, codes), model(text, codes), rtol=1e-5, atol=1e-5)

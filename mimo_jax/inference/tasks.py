@@ -26,6 +26,7 @@ import numpy as np
 from mimo_jax.inference.generate import GenerationConfig, generate, generate_chunks
 from mimo_jax.inference.sampling import GREEDY, SamplerConfig
 from mimo_jax.lm.layout import empty_patch
+from mimo_jax.lm.model import unstack_for_decoding
 from mimo_jax.tasks import outputs, requests, segments
 from mimo_jax.tasks.audio import AudioFrontEnd
 from mimo_jax.tasks.requests import MAX_GROUPS, RequestError
@@ -130,7 +131,7 @@ class MimoAudio:
         from mimo_jax.tokenizer.clips import Tokenizer
 
         config, model = load_lm(lm, dtype, adapter)
-        return cls(config, model, Tokenizer.load(str(audio_tokenizer)),
+        return cls(config, unstack_for_decoding(model), Tokenizer.load(str(audio_tokenizer)),
                    TextTokenizer.from_file(str(text_tokenizer)), **options)
 
     # ---- one method per task -------------------------------------------------------------------

@@ -102,7 +102,8 @@ class Qwen2Stack(nnx.Module):
         self.embed_tokens = (Embed(vocab_size, cfg.hidden, axes=("vocab", "embed"), dtype=dtype,
                                    param_dtype=param_dtype, rngs=rngs)
                              if vocab_size is not None else None)
-        self.layers = stacked(
+        # Stacked (one scanned module), or a list of layers once unstacked for decoding.
+        self.layers: Qwen2Layer | nnx.List = stacked(
             lambda r: Qwen2Layer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), cfg.layers,
             rngs)
         self.norm = RMSNorm(cfg.hidden, eps=cfg.norm_eps, param_dtype=param_dtype, rngs=rngs)
