@@ -1,14 +1,18 @@
 """Groups per second and model FLOPs utilisation of the stage-2 train step (patch encoder, backbone,
-patch decoder, loss, AdamW) for a model size given on the command line, on the devices present.
+patch decoder, loss, AdamW) for a model size given on the command line, on the devices present:
+full fine-tuning and LoRA (adapters of rank --lora-rank on the backbone's attention and MLP, the
+patch encoder and decoder frozen: the config's default `lora` block) in the same run.
 
     python -m benchmarks.train_step [--hidden 256 --layers 4 --heads 4 --kv-heads 2 --ffn 768
         --vocab 4096 --local-dim 128 --local-layers 2 --input-local-layers 2 --local-heads 4
-        --context 256 --batch N --steps 5 --dtypes float32,bfloat16 --peak-tflops T]
+        --context 256 --batch N --steps 5 --dtypes float32,bfloat16 --methods full,lora
+        --lora-rank 16 --peak-tflops T]
 
 The defaults take about a minute on a small CPU. Compile time is measured apart from the steps.
 MFU = groups/s x analytic FLOPs per group (mimo_jax.train.flops) / (peak x devices); the peak is
 --peak-tflops, or the bf16 dense peak of the device kind from PEAK_TFLOPS (CPU: an assumed figure,
-see cpu_peak_tflops), used for both dtypes.
+see cpu_peak_tflops), used for both dtypes. MFU counts the full step's FLOPs for LoRA too, so
+the two are comparable as throughput.
 """
 import argparse
 import os
@@ -17,6 +21,7 @@ import time
 import jax
 import numpy as np
 
+from experiments.aot_lib import size_of
 from experiments.configs import common
 from mimo_jax.lm.config import parse_dashed
 from mimo_jax.nn.partitioning import use_rules
@@ -45,8 +50,9 @@ def peak_tflops(device, given: float | None) -> tuple[float, str]:
     raise ValueError(f"no peak TFLOP/s known for {device.device_kind!r}: pass --peak-tflops")
 
 
-def make_config(a, dtype: str):
+def make_config(a, dtype: str, method: str = "full"):
     c = common.stage(common.base_config(), "stage2")
+    c.lora.rank = a.lora_rank if method == "lora" else 0
     c.model.hf.update(
         vocab_size=a.vocab, hidden_size=a.hidden, num_hidden_layers=a.layers,
         num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, head_dim=a.hidden // a.heads,
@@ -82,11 +88,12 @@ def synthetic_batch(c, lm, rng: np.random.Generator) -> dict[str, np.ndarray]:
             "code_weights": (targets == lm.empty_idx)[..., None] * weights}
 
 
-def measure(a, dtype: str) -> dict[str, float]:
-    c = make_config(a, dtype)
+def measure(a, dtype: str, method: str) -> dict[str, float]:
+    c = make_config(a, dtype, method)
     mesh, rules = mesh_and_rules(c)
     build.check_batch_divides(c.data.batch_size, 1, mesh)
     lm, model = build.build_model(c, mesh, rules)
+    model = build.add_adapters(c, model, mesh, rules)  # none for full fine-tuning
     trainer, state = build.build_trainer(c, model)
     del model
     with jax.set_mesh(mesh), use_rules(rules):
@@ -105,7 +112,9 @@ def measure(a, dtype: str) -> dict[str, float]:
     groups = c.data.batch_size * c.data.context_length
     return {"compile_s": compile_s, "step_s": seconds, "groups_per_s": groups / seconds,
             "flops_per_group": flops.train_flops_per_group(lm, c.data.context_length, True),
-            "params": flops.parameter_count(lm), "loss": float(metrics["loss"]),
+            "params": size_of(state.params) + size_of(state.frozen),
+            "trainable": size_of(state.params),
+            "loss": float(metrics["loss"]),
             "batch": c.data.batch_size}
 
 
@@ -118,6 +127,9 @@ def parser() -> argparse.ArgumentParser:
                           ("batch", 0), ("steps", 5)):
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--dtypes", default="float32,bfloat16", help="compute dtypes to measure")
+    p.add_argument("--methods", default="full,lora",
+                   help="full (every parameter trained) and/or lora (adapters only)")
+    p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--remat", default="minimal", help="remat policy (none, minimal, full, ...)")
     p.add_argument("--rules", default="fsdp", choices=("fsdp", "fsdp_tensor", "data"))
     p.add_argument("--peak-tflops", type=float, default=None,
@@ -125,19 +137,31 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def report(a, dtype: str, method: str, r: dict, peak: float) -> None:
+    mfu = r["groups_per_s"] * r["flops_per_group"] / (peak * 1e12 * jax.device_count())
+    print(f"{dtype:>9} {method:>4}: {r['params'] / 1e6:.2f} M params "
+          f"({r['trainable'] / 1e6:.3f} M trained), batch {r['batch']} x {a.context} groups | "
+          f"compile {r['compile_s']:.1f} s | step {r['step_s'] * 1e3:.1f} ms | "
+          f"{r['groups_per_s']:.1f} groups/s | {r['flops_per_group'] / 1e6:.1f} MFLOP/group | "
+          f"MFU {100 * mfu:.2f}% | loss {r['loss']:.3f}", flush=True)
+
+
 def main(argv=None) -> None:
     a = parser().parse_args(argv)
+    methods = a.methods.split(",")
+    if not set(methods) <= {"full", "lora"}:
+        raise SystemExit(f"--methods {a.methods}: expected full and/or lora, comma-separated")
     device = jax.devices()[0]
     peak, source = peak_tflops(device, a.peak_tflops)
     print(f"devices: {jax.device_count()} x {device.device_kind}; peak {peak:.3g} TFLOP/s per "
           f"device ({source})")
     for dtype in a.dtypes.split(","):
-        r = measure(a, dtype)
-        mfu = r["groups_per_s"] * r["flops_per_group"] / (peak * 1e12 * jax.device_count())
-        print(f"{dtype:>9}: {r['params'] / 1e6:.2f} M params, batch {r['batch']} x {a.context} "
-              f"groups | compile {r['compile_s']:.1f} s | step {r['step_s'] * 1e3:.1f} ms | "
-              f"{r['groups_per_s']:.1f} groups/s | {r['flops_per_group'] / 1e6:.1f} MFLOP/group | "
-              f"MFU {100 * mfu:.2f}% | loss {r['loss']:.3f}", flush=True)
+        results = {m: measure(a, dtype, m) for m in methods}
+        for method, r in results.items():
+            report(a, dtype, method, r, peak)
+        if len(results) == 2:
+            ratio = results["lora"]["groups_per_s"] / results["full"]["groups_per_s"]
+            print(f"{dtype:>9}: the LoRA step runs {ratio:.2f}x the full step's groups/s")
 
 
 if __name__ == "__main__":
