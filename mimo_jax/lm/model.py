@@ -188,7 +188,7 @@ class MiMoAudioLM(nnx.Module):
 def unstack_for_decoding(model: MiMoAudioLM) -> MiMoAudioLM:
     """`model`, changed in place, with each transformer stack's layers unstacked
     (`nn.stack.unstack`): the form `MimoAudio.load` generates with (a 100M-parameter model decodes
-    about 1.6 times faster on the CPU). A stack's stacked weights are dropped as it is replaced,
+    a group 1.5 times faster at batch 1 on the CPU). A stack's stacked weights are dropped as it is replaced,
     so the peak is one stack's copy. Training keeps the scanned form."""
     for _, node in list(nnx.iter_graph(model)):
         if isinstance(node, Qwen2Stack) and not isinstance(node.layers, nnx.List):

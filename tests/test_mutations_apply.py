@@ -1,0 +1,19 @@
+"""Every deliberate bug of the mutation check (benchmarks/mutations.py) still finds the one place
+it patches: code that moves on must not silently retire a mutation."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("mutations", ROOT / "benchmarks" / "mutations.py")
+mutations = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(mutations)
+
+
+@pytest.mark.parametrize("m", mutations.MUTATIONS, ids=lambda m: m.name)
+def test_each_mutation_patches_exactly_one_place(m):
+    assert (ROOT / m.file).read_text().count(m.old) == 1, f"{m.file} no longer holds {m.old!r}"
+    for arg in m.tests:
+        if arg.startswith("tests/"):
+            assert (ROOT / arg).is_file(), arg
