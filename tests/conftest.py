@@ -81,7 +81,7 @@ def mimo(fx):
     from mimo_jax.tokenizer.clips import Tokenizer
 
     config, model = fixture_lm(fx)
-    # Decoding with the stacks' layers unstacked, as MimoAudio.load holds the model.
+    # Decoding with the stacks' layers unstacked, as MimoAudio.load holds the model on the CPU.
     return MimoAudio(config, unstack_for_decoding(model),
                      Tokenizer.load(str(fx.dir / fx.meta["audio_tokenizer"])), fx.tok)
 

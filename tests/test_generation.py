@@ -96,8 +96,8 @@ def test_prompt_too_long_for_max_length(lm, prompt):
 
 
 def test_unstacked_layers_generate_as_the_scanned_stack(lm, prompt):
-    """`MimoAudio.load` decodes with each stack's layers unstacked: the same tokens, greedy and
-    sampled, and the same teacher-forced hidden states as the scanned stack."""
+    """On the CPU `MimoAudio.load` decodes with each stack's layers unstacked: the same tokens,
+    greedy and sampled, and the same teacher-forced hidden states as the scanned stack."""
     config, model = lm
     loose = unstack_for_decoding(nnx.clone(model))
     assert isinstance(loose.model.layers, nnx.List)

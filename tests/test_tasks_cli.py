@@ -88,3 +88,16 @@ def test_checkpoint_with_other_special_ids_is_refused(fx, lm_dir, tmp_path):
     (other / "model.safetensors").symlink_to((lm_dir / "model.safetensors").resolve())
     with pytest.raises(SystemExit, match=r"eostm_idx=\d+ but .* eot_idx=\d+ but"):
         generate.main(["tts", "--input", "Hi."] + _args(fx, other, tmp_path / "out"))
+
+
+def test_load_unstacks_the_layers_on_the_cpu(fx, lm_dir):
+    """The command line's model decodes with separate layer weights on the CPU (faster there; the
+    tokens are the scanned stack's, test_generation.py)."""
+    from flax import nnx
+
+    from mimo_jax.inference.tasks import MimoAudio
+
+    mimo = MimoAudio.load(lm_dir, fx.dir / fx.meta["audio_tokenizer"],
+                          fx.dir / "text_tokenizer" / "tokenizer.json")
+    assert isinstance(mimo.model.model.layers, nnx.List)
+    assert isinstance(mimo.model.local_transformer.layers, nnx.List)

@@ -187,8 +187,8 @@ def generate(model, text, codes, gen: GenerationConfig, *, prompt_lengths=None,
 
     text [B, Gp] int, codes [B, Gp, group_size, channels] int (the prompt, left-padded when rows
     differ in length; `prompt_lengths` [B] then gives each row's real groups). A model whose
-    stacks are unstacked (`lm.model.unstack_for_decoding`, as `MimoAudio.load` holds it) decodes
-    faster on the CPU; a scanned one (a training model) gives the same tokens.
+    stacks are unstacked (`lm.model.unstack_for_decoding`, as `MimoAudio.load` holds it on the
+    CPU) decodes faster there; a scanned one (a training model) gives the same tokens.
     """
     split = nnx.split(model)
     state = _prefill_jit(*split, *_inputs(text, codes, gen, prompt_lengths, rng), gen)

@@ -131,7 +131,9 @@ class MimoAudio:
         from mimo_jax.tokenizer.clips import Tokenizer
 
         config, model = load_lm(lm, dtype, adapter)
-        return cls(config, unstack_for_decoding(model), Tokenizer.load(str(audio_tokenizer)),
+        if jax.default_backend() == "cpu":  # a CPU cost; elsewhere not worth a stack's copy
+            model = unstack_for_decoding(model)
+        return cls(config, model, Tokenizer.load(str(audio_tokenizer)),
                    TextTokenizer.from_file(str(text_tokenizer)), **options)
 
     # ---- one method per task -------------------------------------------------------------------

@@ -187,9 +187,10 @@ class MiMoAudioLM(nnx.Module):
 
 def unstack_for_decoding(model: MiMoAudioLM) -> MiMoAudioLM:
     """`model`, changed in place, with each transformer stack's layers unstacked
-    (`nn.stack.unstack`): the form `MimoAudio.load` generates with (a 100M-parameter model decodes
-    a group 1.5 times faster at batch 1 on the CPU). A stack's stacked weights are dropped as it is replaced,
-    so the peak is one stack's copy. Training keeps the scanned form."""
+    (`nn.stack.unstack`): the form `MimoAudio.load` generates with on the CPU, where a
+    100M-parameter model then decodes a group 1.5 times faster at batch 1. A stack's stacked
+    weights are dropped as it is replaced, so the peak is one stack's copy (for the 7B backbone,
+    13 GiB in bf16: too much for a 24 GB card, hence CPU only). Training keeps the scanned form."""
     for _, node in list(nnx.iter_graph(model)):
         if isinstance(node, Qwen2Stack) and not isinstance(node.layers, nnx.List):
             node.layers = unstack(node.layers)
