@@ -121,6 +121,15 @@ MUTATIONS = [
 ]
 
 
+def mutated(m: Mutation, root: Path = ROOT) -> str:
+    """The text of m.file under `root` with the mutation applied; its text must occur once."""
+    text = (root / m.file).read_text()
+    if text.count(m.old) != 1:
+        raise RuntimeError(f"{m.name}: the patch's text occurs {text.count(m.old)} times "
+                           f"in {m.file} (expected once); update the mutation")
+    return text.replace(m.old, m.new)
+
+
 def copy_project(dst: Path) -> None:
     for name in COPIED:
         src = ROOT / name
@@ -161,12 +170,7 @@ def main(argv=None) -> int:
                 ok, failed, _ = run_tests(work, m.tests, env)
                 if not ok:
                     raise RuntimeError(f"{m.name}: tests fail without the mutation: {failed}")
-            path = work / m.file
-            text = path.read_text()
-            if text.count(m.old) != 1:
-                raise RuntimeError(f"{m.name}: the patch's text occurs {text.count(m.old)} times "
-                                   f"in {m.file} (expected once); update the mutation")
-            path.write_text(text.replace(m.old, m.new))
+            (work / m.file).write_text(mutated(m, work))
             ok, failed, seconds = run_tests(work, m.tests, env)
         finally:
             if not args.keep:
