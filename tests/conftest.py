@@ -1,27 +1,18 @@
-"""Test setup: 8 simulated CPU devices, a compilation cache shared by the subprocesses the tests
-start (set before JAX starts), and the parity fixture root."""
+"""Test setup: 8 simulated CPU devices and a shared compilation cache (set before JAX starts), and
+the parity fixture root."""
 import os
 from pathlib import Path
 
-from train_support import TEST_XLA_FLAGS  # (imports no JAX)
-
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {TEST_XLA_FLAGS}"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent compilation cache for the subprocesses the tests start: the same smoke train step
-# is compiled by dozens of them, and on two cores the compiles dominate the suite. A max size turns
-# on the cache's file lock (processes share it).
+# One persistent compilation cache for every test process and the training subprocesses they start:
+# the same smoke train step and LM programs are compiled by dozens of tests, and on two cores the
+# compiles dominate the suite. A max size turns on the cache's file lock (xdist workers share it).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"))
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-
-import jax  # noqa: E402  (after the flags and cache variables above)
-
-# Not the test processes themselves (the subprocesses inherit only the variables): writing an
-# entry (executable.serialize) segfaulted an xdist worker mid-suite in CI, and an earlier crashed
-# worker looks the same.
-jax.config.update("jax_enable_compilation_cache", False)
 
 import pytest  # noqa: E402
 from gcs_emulator import gcs, gs_dir  # noqa: E402,F401  (a GCS emulator for gs:// tests)

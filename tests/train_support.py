@@ -7,20 +7,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The suite is compile-bound on two cores: LLVM's cheap pipeline halves the train step's compile
-# time and keeps every parity test within its tolerance. conftest sets it for the whole suite.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-# A guard: eight simulated devices share two cores with the other test worker, so one device's
-# thread may reach a collective long after the rest, and past XLA:CPU's default 40 s rendezvous
-# timeout the process aborts; the suite waits as long as a test may run.
-PATIENT_COLLECTIVES = "--xla_cpu_collective_call_terminate_timeout_seconds=900"
-TEST_XLA_FLAGS = f"{FAST_COMPILE} {PATIENT_COLLECTIVES}"
-
 
 def xla_env(devices: int) -> dict:
     """The environment of a subprocess that simulates `devices` CPU devices."""
-    return dict(os.environ,
-                XLA_FLAGS=f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}")
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
 def train_cmd(data, workdir, *extra) -> list[str]:
