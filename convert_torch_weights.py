@@ -7,6 +7,7 @@ checkpoint (config.json + Orbax params/). SRC a model checkpoint: DST becomes an
 with the official tensor names, shapes and config.json. The model (LM or audio tokenizer) is read
 from SRC's config.json.
 """
+
 import argparse
 import sys
 
@@ -17,8 +18,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="official checkpoint directory, or model checkpoint directory")
     parser.add_argument("dst", help="output directory (refused if it exists, unless --overwrite)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                        help="dtype of the written parameters (default: as stored in SRC)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="dtype of the written parameters (default: as stored in SRC)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     logs.add_flag(parser)
@@ -26,6 +31,7 @@ def main(argv=None) -> int:
     logs.configure(args.log_level)
 
     from mimo_jax.conversion.convert import convert
+
     try:
         out = convert(args.src, args.dst, args.dtype, args.overwrite, progress=not args.quiet)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

@@ -12,6 +12,7 @@ The default is about 100M parameters with random weights, float32 on both sides.
 tiny model for a few steps (a smoke test). The PyTorch side needs the `bench` extra (torch,
 transformers); without it those columns are skipped with a note.
 """
+
 import argparse
 import time
 
@@ -28,10 +29,23 @@ from mimo_jax.tokenizer.streaming import StreamingDecoder
 
 # The official demo's default patch sampler (T 0.9, top-k 50, top-p 0.95). The text token
 # is drawn at T 0.6 without top-k/top-p: they could filter out `<|empty|>`, the one id allowed here.
-SAMPLED = dict(text_sampler=SamplerConfig(True, 0.6),
-               patch_sampler=SamplerConfig(True, 0.9, 50, 0.95))
-QUICK = dict(hidden=64, layers=2, heads=4, kv_heads=2, ffn=128, vocab=512, local_dim=32,
-             prompt=4, new=4, reps=1, batches="1", torch_batches="1")
+SAMPLED = dict(
+    text_sampler=SamplerConfig(True, 0.6), patch_sampler=SamplerConfig(True, 0.9, 50, 0.95)
+)
+QUICK = dict(
+    hidden=64,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    ffn=128,
+    vocab=512,
+    local_dim=32,
+    prompt=4,
+    new=4,
+    reps=1,
+    batches="1",
+    torch_batches="1",
+)
 
 
 def parse_args(argv=None):
@@ -43,8 +57,12 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=2, help="timed repetitions")
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--torch-batches", default="1,8")
-    p.add_argument("--stream-chunk", type=int, default=4,
-                   help="streaming TTS: groups generated between hand-backs")
+    p.add_argument(
+        "--stream-chunk",
+        type=int,
+        default=4,
+        help="streaming TTS: groups generated between hand-backs",
+    )
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny model, few steps")
     a = p.parse_args(argv)
@@ -58,8 +76,11 @@ def _prompt(config, batch, groups):
     rng = np.random.default_rng(0)
     text = rng.integers(0, config.vocab_size - 8, (batch, groups)).astype(np.int32)
     text[:, ::2] = config.empty_idx  # half the prompt groups are speech
-    codes = rng.integers(0, min(config.speech_vocab_sizes) - 1,
-                         (batch, groups, config.group_size, config.audio_channels))
+    codes = rng.integers(
+        0,
+        min(config.speech_vocab_sizes) - 1,
+        (batch, groups, config.group_size, config.audio_channels),
+    )
     return text, codes.astype(np.int32)
 
 
@@ -81,7 +102,7 @@ def bench_jax(model, config, batch, a, sampler):
     for i in range(a.reps):
         out = generate(model, text, codes, gen, rng=jax.random.key(i + 1))
     step_s = (time.perf_counter() - t0) / a.reps
-    speech = float((out.text[:, a.prompt:] == config.empty_idx).mean())
+    speech = float((out.text[:, a.prompt :] == config.empty_idx).mean())
     return compile_s, batch * a.new / step_s, speech
 
 
@@ -104,8 +125,9 @@ def bench_stream(model, config, a, tokenizer):
     def run(seed):
         decoder, first = StreamingDecoder(tokenizer), None
         t0 = time.perf_counter()
-        for chunk in generate_chunks(model, text, codes, gen, chunk_groups=a.stream_chunk,
-                                     rng=jax.random.key(seed)):
+        for chunk in generate_chunks(
+            model, text, codes, gen, chunk_groups=a.stream_chunk, rng=jax.random.key(seed)
+        ):
             wav = decoder.push([chunk.codes[0].reshape(-1, config.audio_channels)])[0]
             if first is None and len(wav):
                 first = time.perf_counter() - t0
@@ -120,12 +142,14 @@ def bench_stream(model, config, a, tokenizer):
 def bench_torch(config, batch, a):
     import torch
     from transformers import Qwen2ForCausalLM
+
     torch.manual_seed(0)
     cfg = torch_config(config)
     model = Qwen2ForCausalLM(cfg).eval()
     ids = torch.as_tensor(_prompt(config, batch, a.prompt)[0], dtype=torch.long)
-    kw = dict(max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False, use_cache=True,
-              pad_token_id=0)
+    kw = dict(
+        max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False, use_cache=True, pad_token_id=0
+    )
     with torch.inference_mode():
         t0 = time.perf_counter()
         model.generate(ids, **kw)
@@ -144,11 +168,15 @@ def torch_available(a):
         import torch
         import transformers
     except ImportError:
-        print("PyTorch comparison skipped: torch/transformers not importable "
-              "(install the `bench` extra: pip install -e '.[bench]')")
+        print(
+            "PyTorch comparison skipped: torch/transformers not importable "
+            "(install the `bench` extra: pip install -e '.[bench]')"
+        )
         return False
-    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"transformers {transformers.__version__}")
+    print(
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"transformers {transformers.__version__}"
+    )
     return True
 
 
@@ -158,8 +186,10 @@ def main(argv=None):
     # As MimoAudio.load holds it: the transformer stacks' layers unstacked for decoding.
     model = unstack_for_decoding(MiMoAudioLM(config, dtype=jnp.float32, rngs=nnx.Rngs(0)))
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    print(f"devices: {jax.devices()}  {n_params / 1e6:.1f}M parameters, float32, "
-          f"{a.prompt} prompt + {a.new} new groups per row")
+    print(
+        f"devices: {jax.devices()}  {n_params / 1e6:.1f}M parameters, float32, "
+        f"{a.prompt} prompt + {a.new} new groups per row"
+    )
     use_torch = torch_available(a)
     rows = {}
     for batch in (int(b) for b in a.batches.split(",")):
@@ -172,18 +202,24 @@ def main(argv=None):
     for (name, batch), (compile_s, gps, speech) in rows.items():
         print(f"{name:14s}{batch:6d}{compile_s:11.2f}{gps:11.1f}{speech:8.2f}")
     first_s, end_s = bench_stream(model, config, a, _audio_tokenizer())
-    print(f"\nstreaming TTS, batch 1, sampled, {a.stream_chunk} groups per chunk: first audio "
-          f"after {first_s:.2f} s, end to end {end_s:.2f} s ({a.new} groups)")
+    print(
+        f"\nstreaming TTS, batch 1, sampled, {a.stream_chunk} groups per chunk: first audio "
+        f"after {first_s:.2f} s, end to end {end_s:.2f} s ({a.new} groups)"
+    )
     print("\ntargets:")
     for name in ("greedy", "sampled"):
         ours = {b: r[1] for (n, b), r in rows.items() if n == f"jax {name}"}
         if ("torch greedy", 1) in rows and 1 in ours:
             theirs = rows["torch greedy", 1][1]
-            print(f"  {name}: jax batch 1 >= torch batch 1: {ours[1]:.1f} vs {theirs:.1f} "
-                  f"{'met' if ours[1] >= theirs else 'NOT met'}")
+            print(
+                f"  {name}: jax batch 1 >= torch batch 1: {ours[1]:.1f} vs {theirs:.1f} "
+                f"{'met' if ours[1] >= theirs else 'NOT met'}"
+            )
         if 1 in ours and 8 in ours:
-            print(f"  {name}: jax batch 8 >= 4x jax batch 1: {ours[8] / ours[1]:.2f}x "
-                  f"{'met' if ours[8] >= 4 * ours[1] else 'NOT met'}")
+            print(
+                f"  {name}: jax batch 8 >= 4x jax batch 1: {ours[8] / ours[1]:.2f}x "
+                f"{'met' if ours[8] >= 4 * ours[1] else 'NOT met'}"
+            )
 
 
 if __name__ == "__main__":

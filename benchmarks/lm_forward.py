@@ -8,6 +8,7 @@ the same backbone in the same process (what the official model runs).
 The default is about 100M parameters. The PyTorch side needs the `bench` extra (torch, transformers);
 without it that column is skipped with a note.
 """
+
 import argparse
 import time
 
@@ -47,8 +48,10 @@ def bench_jax(config, dtype, a):
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     rng = np.random.default_rng(0)
     text = jnp.asarray(rng.integers(0, config.vocab_size - 8, (a.batch, a.groups)), jnp.int32)
-    codes = jnp.asarray(rng.integers(0, 128, (a.batch, a.groups, config.group_size,
-                                              config.audio_channels)), jnp.int32)
+    codes = jnp.asarray(
+        rng.integers(0, 128, (a.batch, a.groups, config.group_size, config.audio_channels)),
+        jnp.int32,
+    )
     text = text.at[:, ::2].set(config.empty_idx)  # half the groups are speech
     pos = jnp.broadcast_to(jnp.arange(a.groups), (a.batch, a.groups))
     embeds = jax.random.normal(jax.random.key(0), (a.batch, a.groups, config.hidden_size), dtype)
@@ -71,6 +74,7 @@ def bench_jax(config, dtype, a):
             m = nnx.merge(graphdef, state)
             logits = m.text_logits(m(text, codes)).astype(jnp.float32)
             return jax.nn.logsumexp(logits, -1).mean() - logits[..., 0].mean()
+
         return jax.grad(loss)(state)
 
     return n_params, {
@@ -83,6 +87,7 @@ def bench_jax(config, dtype, a):
 def bench_torch(config, dtype_name, a):
     import torch
     from transformers import Qwen2Model
+
     torch.manual_seed(0)
     cfg = torch_config(config)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
@@ -108,22 +113,31 @@ def main():
         try:
             import torch
             import transformers
-            print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
-                  f"transformers {transformers.__version__}")
+
+            print(
+                f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
+                f"transformers {transformers.__version__}"
+            )
         except ImportError:
-            print("PyTorch comparison skipped: install the `bench` extra (pip install -e '.[bench]')")
+            print(
+                "PyTorch comparison skipped: install the `bench` extra (pip install -e '.[bench]')"
+            )
             torch_ok = False
     for dtype_name, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16)):
         n_params, results = bench_jax(config, dtype, a)
         print(f"\n== {dtype_name}: {n_params / 1e6:.1f}M parameters")
         print(f"{'':24s}{'compile s':>11s}{'step ms':>10s}{'groups/s':>11s}")
         for name, (compile_s, step_s) in results.items():
-            print(f"{'jax ' + name:24s}{compile_s:11.2f}{step_s * 1e3:10.1f}{groups / step_s:11.0f}")
+            print(
+                f"{'jax ' + name:24s}{compile_s:11.2f}{step_s * 1e3:10.1f}{groups / step_s:11.0f}"
+            )
         if torch_ok:
             first_s, step_s = bench_torch(config, dtype_name, a)
             ours = results["backbone forward"][1]
-            print(f"{'torch Qwen2Model fwd':24s}{first_s:11.2f}{step_s * 1e3:10.1f}"
-                  f"{groups / step_s:11.0f}")
+            print(
+                f"{'torch Qwen2Model fwd':24s}{first_s:11.2f}{step_s * 1e3:10.1f}"
+                f"{groups / step_s:11.0f}"
+            )
             print(f"backbone forward, jax / torch groups per second: {step_s / ours:.2f}x")
 
 

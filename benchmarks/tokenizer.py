@@ -7,6 +7,7 @@ synthesises --seconds of speech with eSpeak NG (24 kHz), and for each compute dt
 compile time of encode (waveform -> 8 codebooks) and decode (8 codebooks -> waveform), then their
 steady-state wall time and real-time factor (seconds of audio processed per second of wall time).
 """
+
 import argparse
 import os
 import sys
@@ -24,15 +25,17 @@ from mimo_jax.tokenizer.config import TokenizerConfig
 from mimo_jax.tokenizer.model import MiMoAudioTokenizer
 from mimo_jax.tokenizer.tokenizer_checkpoint import with_compute_dtype
 
-_TEXT = ("The audio tokenizer turns speech into discrete codes at twenty five frames per second, "
-         "and turns those codes back into speech. ")
+_TEXT = (
+    "The audio tokenizer turns speech into discrete codes at twenty five frames per second, "
+    "and turns those codes back into speech. "
+)
 
 
 def speech(seconds: float, rate: int) -> np.ndarray:
     wav, sr = synthesize(_TEXT * 8)
     wav = librosa.resample(wav, orig_sr=sr, target_sr=rate, res_type="soxr_hq")
     reps = int(np.ceil(seconds * rate / wav.size))
-    return np.tile(wav, reps)[:int(seconds * rate)].astype(np.float32)
+    return np.tile(wav, reps)[: int(seconds * rate)].astype(np.float32)
 
 
 def timed(fn, *args, repeats: int):
@@ -61,13 +64,19 @@ def main() -> None:
     start = time.perf_counter()
     model = MiMoAudioTokenizer(config, rngs=nnx.Rngs(0))
     params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} "
-          f"({os.cpu_count()} host cores)")
-    print(f"model: released size, random weights, {params / 1e9:.3f} B parameters "
-          f"(built in {time.perf_counter() - start:.1f} s)")
+    print(
+        f"device: {jax.devices()[0].device_kind} x{jax.device_count()} "
+        f"({os.cpu_count()} host cores)"
+    )
+    print(
+        f"model: released size, random weights, {params / 1e9:.3f} B parameters "
+        f"(built in {time.perf_counter() - start:.1f} s)"
+    )
     wav = speech(args.seconds, config.sampling_rate)
-    print(f"input: {args.seconds:.1f} s of eSpeak NG speech at {config.sampling_rate} Hz, batch 1, "
-          f"{args.codebooks} codebooks")
+    print(
+        f"input: {args.seconds:.1f} s of eSpeak NG speech at {config.sampling_rate} Hz, batch 1, "
+        f"{args.codebooks} codebooks"
+    )
     wav_in, lengths = jnp.asarray(wav)[None], jnp.asarray([wav.size])
 
     for name in args.dtypes.split(","):
@@ -80,14 +89,19 @@ def main() -> None:
         def decode(state, codes, lengths):
             return nnx.merge(graphdef, state).decode(codes, lengths)
 
-        c_enc, t_enc, (codes, code_lengths) = timed(encode, state, wav_in, lengths,
-                                                    repeats=args.repeats)
+        c_enc, t_enc, (codes, code_lengths) = timed(
+            encode, state, wav_in, lengths, repeats=args.repeats
+        )
         c_dec, t_dec, (out, _) = timed(decode, state, codes, code_lengths, repeats=args.repeats)
         audio = out.shape[1] / config.sampling_rate
-        print(f"[{name}] encode: compile {c_enc:6.1f} s, run {t_enc:6.2f} s, "
-              f"real-time factor {args.seconds / t_enc:6.2f}x ({codes.shape[1]} frames)")
-        print(f"[{name}] decode: compile {c_dec:6.1f} s, run {t_dec:6.2f} s, "
-              f"real-time factor {audio / t_dec:6.2f}x ({audio:.2f} s of audio)")
+        print(
+            f"[{name}] encode: compile {c_enc:6.1f} s, run {t_enc:6.2f} s, "
+            f"real-time factor {args.seconds / t_enc:6.2f}x ({codes.shape[1]} frames)"
+        )
+        print(
+            f"[{name}] decode: compile {c_dec:6.1f} s, run {t_dec:6.2f} s, "
+            f"real-time factor {audio / t_dec:6.2f}x ({audio:.2f} s of audio)"
+        )
 
 
 if __name__ == "__main__":

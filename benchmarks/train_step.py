@@ -14,6 +14,7 @@ MFU = groups/s x analytic FLOPs per group (mimo_jax.train.flops) / (peak x devic
 see cpu_peak_tflops), used for both dtypes. MFU counts the full step's FLOPs for LoRA too, so
 the two are comparable as throughput.
 """
+
 import argparse
 import os
 import time
@@ -29,9 +30,17 @@ from mimo_jax.train import build, flops
 from sharding.mesh import mesh_and_rules
 
 # Dense bf16 peak TFLOP/s per device (vendor figures, without sparsity).
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0,
-               "TPU v6 lite": 918.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0,
-               "TPU v4": 275.0}
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L4": 121.0,
+    "TPU v6 lite": 918.0,
+    "TPU v5p": 459.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5e": 197.0,
+    "TPU v4": 275.0,
+}
 
 
 def cpu_peak_tflops() -> float:
@@ -54,13 +63,26 @@ def make_config(a, dtype: str, method: str = "full"):
     c = common.stage(common.base_config(), "stage2")
     c.lora.rank = a.lora_rank if method == "lora" else 0
     c.model.hf.update(
-        vocab_size=a.vocab, hidden_size=a.hidden, num_hidden_layers=a.layers,
-        num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, head_dim=a.hidden // a.heads,
-        intermediate_size=a.ffn, local_dim=a.local_dim, local_layers=a.local_layers,
-        local_attn_heads=a.local_heads, local_ffn_dim=4 * a.local_dim,
-        input_local_layers=a.input_local_layers, input_local_dim=a.local_dim,
-        sosp_idx=a.vocab - 8, eosp_idx=a.vocab - 7, empty_idx=a.vocab - 6, sostm_idx=a.vocab - 5,
-        eostm_idx=a.vocab - 4, eot_idx=a.vocab - 3)
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.kv_heads,
+        head_dim=a.hidden // a.heads,
+        intermediate_size=a.ffn,
+        local_dim=a.local_dim,
+        local_layers=a.local_layers,
+        local_attn_heads=a.local_heads,
+        local_ffn_dim=4 * a.local_dim,
+        input_local_layers=a.input_local_layers,
+        input_local_dim=a.local_dim,
+        sosp_idx=a.vocab - 8,
+        eosp_idx=a.vocab - 7,
+        empty_idx=a.vocab - 6,
+        sostm_idx=a.vocab - 5,
+        eostm_idx=a.vocab - 4,
+        eot_idx=a.vocab - 3,
+    )
     c.model.dtype, c.model.remat_policy = dtype, a.remat
     c.data.batch_size, c.data.context_length = a.batch or jax.device_count(), a.context
     c.mesh.ici = {"data": 1, "fsdp": -1, "tensor": 1, "sequence": 1}
@@ -80,12 +102,16 @@ def synthetic_batch(c, lm, rng: np.random.Generator) -> dict[str, np.ndarray]:
     codes = (rng.random((b, g, gs, len(vocab))) * (vocab - 1)).astype(np.int32)
     targets = np.roll(text, -1, axis=1)
     weights = np.asarray(parse_dashed(c.loss.weights, float)[1:], np.float32)
-    return {"text": text, "codes": codes,
-            "positions": np.broadcast_to(np.arange(g, dtype=np.int32), (b, g)).copy(),
-            "segment_ids": np.ones((b, g), np.int32), "text_targets": targets,
-            "text_weights": np.where(targets == lm.empty_idx, 0.01, 1.0).astype(np.float32),
-            "code_targets": np.roll(codes, -1, axis=1),
-            "code_weights": (targets == lm.empty_idx)[..., None] * weights}
+    return {
+        "text": text,
+        "codes": codes,
+        "positions": np.broadcast_to(np.arange(g, dtype=np.int32), (b, g)).copy(),
+        "segment_ids": np.ones((b, g), np.int32),
+        "text_targets": targets,
+        "text_weights": np.where(targets == lm.empty_idx, 0.01, 1.0).astype(np.float32),
+        "code_targets": np.roll(codes, -1, axis=1),
+        "code_weights": (targets == lm.empty_idx)[..., None] * weights,
+    }
 
 
 def measure(a, dtype: str, method: str) -> dict[str, float]:
@@ -110,40 +136,68 @@ def measure(a, dtype: str, method: str) -> dict[str, float]:
         jax.block_until_ready(metrics)
         seconds = (time.perf_counter() - start) / a.steps
     groups = c.data.batch_size * c.data.context_length
-    return {"compile_s": compile_s, "step_s": seconds, "groups_per_s": groups / seconds,
-            "flops_per_group": flops.train_flops_per_group(lm, c.data.context_length, True),
-            "params": size_of(state.params) + size_of(state.frozen),
-            "trainable": size_of(state.params),
-            "loss": float(metrics["loss"]),
-            "batch": c.data.batch_size}
+    return {
+        "compile_s": compile_s,
+        "step_s": seconds,
+        "groups_per_s": groups / seconds,
+        "flops_per_group": flops.train_flops_per_group(lm, c.data.context_length, True),
+        "params": size_of(state.params) + size_of(state.frozen),
+        "trainable": size_of(state.params),
+        "loss": float(metrics["loss"]),
+        "batch": c.data.batch_size,
+    }
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, default in (("hidden", 256), ("layers", 4), ("heads", 4), ("kv-heads", 2),
-                          ("ffn", 768), ("vocab", 4096), ("local-dim", 128), ("local-layers", 2),
-                          ("input-local-layers", 2), ("local-heads", 4), ("context", 256),
-                          ("batch", 0), ("steps", 5)):
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.train_step",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for name, default in (
+        ("hidden", 256),
+        ("layers", 4),
+        ("heads", 4),
+        ("kv-heads", 2),
+        ("ffn", 768),
+        ("vocab", 4096),
+        ("local-dim", 128),
+        ("local-layers", 2),
+        ("input-local-layers", 2),
+        ("local-heads", 4),
+        ("context", 256),
+        ("batch", 0),
+        ("steps", 5),
+    ):
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--dtypes", default="float32,bfloat16", help="compute dtypes to measure")
-    p.add_argument("--methods", default="full,lora",
-                   help="full (every parameter trained) and/or lora (adapters only)")
+    p.add_argument(
+        "--methods",
+        default="full,lora",
+        help="full (every parameter trained) and/or lora (adapters only)",
+    )
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--remat", default="minimal", help="remat policy (none, minimal, full, ...)")
     p.add_argument("--rules", default="fsdp", choices=("fsdp", "fsdp_tensor", "data"))
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="peak TFLOP/s per device for MFU (default: by device kind)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="peak TFLOP/s per device for MFU (default: by device kind)",
+    )
     return p
 
 
 def report(a, dtype: str, method: str, r: dict, peak: float) -> None:
     mfu = r["groups_per_s"] * r["flops_per_group"] / (peak * 1e12 * jax.device_count())
-    print(f"{dtype:>9} {method:>4}: {r['params'] / 1e6:.2f} M params "
-          f"({r['trainable'] / 1e6:.3f} M trained), batch {r['batch']} x {a.context} groups | "
-          f"compile {r['compile_s']:.1f} s | step {r['step_s'] * 1e3:.1f} ms | "
-          f"{r['groups_per_s']:.1f} groups/s | {r['flops_per_group'] / 1e6:.1f} MFLOP/group | "
-          f"MFU {100 * mfu:.2f}% | loss {r['loss']:.3f}", flush=True)
+    print(
+        f"{dtype:>9} {method:>4}: {r['params'] / 1e6:.2f} M params "
+        f"({r['trainable'] / 1e6:.3f} M trained), batch {r['batch']} x {a.context} groups | "
+        f"compile {r['compile_s']:.1f} s | step {r['step_s'] * 1e3:.1f} ms | "
+        f"{r['groups_per_s']:.1f} groups/s | {r['flops_per_group'] / 1e6:.1f} MFLOP/group | "
+        f"MFU {100 * mfu:.2f}% | loss {r['loss']:.3f}",
+        flush=True,
+    )
 
 
 def main(argv=None) -> None:
@@ -153,8 +207,10 @@ def main(argv=None) -> None:
         raise SystemExit(f"--methods {a.methods}: expected full and/or lora, comma-separated")
     device = jax.devices()[0]
     peak, source = peak_tflops(device, a.peak_tflops)
-    print(f"devices: {jax.device_count()} x {device.device_kind}; peak {peak:.3g} TFLOP/s per "
-          f"device ({source})")
+    print(
+        f"devices: {jax.device_count()} x {device.device_kind}; peak {peak:.3g} TFLOP/s per "
+        f"device ({source})"
+    )
     for dtype in a.dtypes.split(","):
         results = {m: measure(a, dtype, m) for m in methods}
         for method, r in results.items():

@@ -35,15 +35,20 @@ class DataConfig:
 
     def __post_init__(self):
         if len(self.empty_ids) != self.audio_channels:
-            raise ValueError(f"data config: {len(self.empty_ids)} empty ids {self.empty_ids} for "
-                             f"{self.audio_channels} audio channels")
+            raise ValueError(
+                f"data config: {len(self.empty_ids)} empty ids {self.empty_ids} for "
+                f"{self.audio_channels} audio channels"
+            )
 
     @classmethod
     def for_model(cls, model, section: Mapping[str, Any] | None = None) -> "DataConfig":
         """The layout of `model` (a MiMoAudioConfig) and the packing keys of a `data` config
         section (other keys of the section are ignored)."""
-        layout = dict(group_size=model.group_size, audio_channels=model.audio_channels,
-                      empty_ids=tuple(model.speech_empty_ids))
+        layout = dict(
+            group_size=model.group_size,
+            audio_channels=model.audio_channels,
+            empty_ids=tuple(model.speech_empty_ids),
+        )
         names = {f.name for f in dataclasses.fields(cls)} - set(layout)
         items = dict(section.items()) if section is not None else {}
         return cls(**layout, **{k: v for k, v in items.items() if k in names})

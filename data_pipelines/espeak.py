@@ -86,4 +86,6 @@ def synthesize(text: str, voice: str = "en", words_per_minute: int = 175) -> tup
     """(float32 mono waveform in [-1, 1], sample rate (22050)): real speech for tests and
     benchmarks, no downloads."""
     tts = ESpeak()
-    return tts.synth(text, voice, rate=words_per_minute).astype(np.float32) / 32768.0, tts.sample_rate
+    return tts.synth(text, voice, rate=words_per_minute).astype(
+        np.float32
+    ) / 32768.0, tts.sample_rate

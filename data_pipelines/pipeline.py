@@ -57,8 +57,10 @@ def parse_sources(text: str) -> list[Source]:
         except ValueError:
             pass
         if not head or last not in TASK_NAMES:
-            raise ValueError(f"data source {item!r}: expected DIR:TASK[:WEIGHT] with TASK one of "
-                             f"{', '.join(TASK_NAMES)}")
+            raise ValueError(
+                f"data source {item!r}: expected DIR:TASK[:WEIGHT] with TASK one of "
+                f"{', '.join(TASK_NAMES)}"
+            )
         sources.append(Source(head, last, weight))
     return sources
 

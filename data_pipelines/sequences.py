@@ -143,8 +143,12 @@ class SequenceBuilder:
         self._add(doc, [Stream(rec.text, self._patches(rec))], True)
 
     def asr(self, rec: Record, doc: _Doc):
-        self._answer(rec, doc, prompts.asr(self._patches(rec),
-                                           self._pick(rec, templates.ASR_TEMPLATES)), rec.text)
+        self._answer(
+            rec,
+            doc,
+            prompts.asr(self._patches(rec), self._pick(rec, templates.ASR_TEMPLATES)),
+            rec.text,
+        )
 
     def caption(self, rec: Record, doc: _Doc):
         caption = rec.text if rec.task == "caption" else rec.meta.get("caption")
@@ -181,8 +185,11 @@ class SequenceBuilder:
             )
         template = self._pick(rec, prompts.tts_templates(text))
         self._add(doc, prompts.tts(text, template, instruct=instruct), False)
-        self._add(doc, [Text(templates.THINK_CLOSE), Stream(text, self._patches(rec)),
-                        Text(templates.END)], True)
+        self._add(
+            doc,
+            [Text(templates.THINK_CLOSE), Stream(text, self._patches(rec)), Text(templates.END)],
+            True,
+        )
 
     def text(self, rec: Record, doc: _Doc):
         doc.add_text(self.tok.encode(self._need_text(rec)), True)

@@ -181,8 +181,13 @@ def write_json_atomic(path: epath.Path, obj: Any) -> None:
     paths.write_whole(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
-def write_manifest(directory: str, shards: Sequence[dict], codebook_sizes: Sequence[int],
-                   frame_rate: float, **extra) -> dict:
+def write_manifest(
+    directory: str,
+    shards: Sequence[dict],
+    codebook_sizes: Sequence[int],
+    frame_rate: float,
+    **extra,
+) -> dict:
     """`shards`: dicts with `path` (relative to `directory`), `records`, `hours`, `frames`, `errors`;
     `codebook_sizes` and `frame_rate` are the audio tokenizer's (checked against the LM when it
     trains on the shards)."""
@@ -201,7 +206,10 @@ def write_manifest(directory: str, shards: Sequence[dict], codebook_sizes: Seque
 
 
 def write_shards(
-    directory: str, records: Sequence[Record], records_per_shard: int, codebooks: int,
+    directory: str,
+    records: Sequence[Record],
+    records_per_shard: int,
+    codebooks: int,
     audio: TokenizerConfig | None = None,
 ) -> dict:
     """Writes `records` into consecutive shards and the manifest (synthetic data, tests, tools);
@@ -217,8 +225,9 @@ def write_shards(
         for rec in records[k * records_per_shard : (k + 1) * records_per_shard]:
             writer.write(rec)
         entries.append({"path": name, **writer.close(), "errors": 0})
-    return write_manifest(str(directory), entries, audio.codebook_sizes[:codebooks],
-                          audio.frame_rate)
+    return write_manifest(
+        str(directory), entries, audio.codebook_sizes[:codebooks], audio.frame_rate
+    )
 
 
 def read_manifest(directory: str) -> dict:

@@ -17,8 +17,13 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from mimo_jax.tasks import templates
 from mimo_jax.tasks.text_tokenizer import SPECIAL_TOKENS, TextTokenizer
 
-__all__ = ["SPECIAL_TOKENS", "TextTokenizer", "tokenizer_digest", "train_demo_tokenizer",
-           "word_level_tokenizer"]
+__all__ = [
+    "SPECIAL_TOKENS",
+    "TextTokenizer",
+    "tokenizer_digest",
+    "train_demo_tokenizer",
+    "word_level_tokenizer",
+]
 
 
 def train_demo_tokenizer(sentences: Sequence[str], vocab_size: int = 1024) -> TextTokenizer:

@@ -67,8 +67,12 @@ def parse_manifest_line(raw: bytes, line: int, base: epath.Path) -> Item | dict:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        return error_entry(line, None, f"not UTF-8: byte 0x{raw[e.start]:02x} at column "
-                                       f"{e.start + 1} ({e.reason}); expected UTF-8 JSON")
+        return error_entry(
+            line,
+            None,
+            f"not UTF-8: byte 0x{raw[e.start]:02x} at column "
+            f"{e.start + 1} ({e.reason}); expected UTF-8 JSON",
+        )
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -182,15 +186,19 @@ class ShardJob:
         wavs = {}
         for line in batch:
             try:
-                wavs[line] = audio_io.read_audio(items[line].audio, self.audio.sampling_rate,
-                                                 min_samples=self.audio.min_samples,
-                                                 allow_silence=True)
+                wavs[line] = audio_io.read_audio(
+                    items[line].audio,
+                    self.audio.sampling_rate,
+                    min_samples=self.audio.min_samples,
+                    allow_silence=True,
+                )
             except Exception as e:
                 errors.append(error_entry(line, items[line].audio, f"bad audio: {e}"))
         return self._encode_wavs(wavs, items, errors)
 
-    def _encode_wavs(self, wavs: dict[int, np.ndarray], items: dict, errors: list
-                     ) -> dict[int, np.ndarray]:
+    def _encode_wavs(
+        self, wavs: dict[int, np.ndarray], items: dict, errors: list
+    ) -> dict[int, np.ndarray]:
         """Codes of each wav; when the encoder refuses the batch (ValueError: e.g. a clip below its
         minimum length), each clip is retried alone and the refused ones become error entries."""
         if not wavs:
@@ -201,12 +209,20 @@ class ShardJob:
         except ValueError as e:
             if len(lines) == 1:
                 line = lines[0]
-                errors.append(error_entry(line, items[line].audio,
-                                          f"refused by the encoder ({len(wavs[line])} samples at "
-                                          f"{self.audio.sampling_rate} Hz): {e}"))
+                errors.append(
+                    error_entry(
+                        line,
+                        items[line].audio,
+                        f"refused by the encoder ({len(wavs[line])} samples at "
+                        f"{self.audio.sampling_rate} Hz): {e}",
+                    )
+                )
                 return {}
-            return {k: v for line in lines
-                    for k, v in self._encode_wavs({line: wavs[line]}, items, errors).items()}
+            return {
+                k: v
+                for line in lines
+                for k, v in self._encode_wavs({line: wavs[line]}, items, errors).items()
+            }
         result = {}
         for line, c in zip(lines, outs):
             c = np.asarray(c)
@@ -243,7 +259,7 @@ class ShardJob:
             "errors": len(errors),
             "lines": len(self.entries),
             "lines_crc32": self.checksum,
-            "codebook_sizes": list(self.audio.codebook_sizes[:self.args.codebooks]),
+            "codebook_sizes": list(self.audio.codebook_sizes[: self.args.codebooks]),
             "frame_rate": self.audio.frame_rate,
             "error_entries": errors,
         }
@@ -260,13 +276,15 @@ def finalize(out: epath.Path, n: int, total_lines: int) -> dict | None:
             return None
         infos.append(json.loads(side.read_text()))
     errors = [e for info in infos for e in info["error_entries"]]
-    paths.write_whole(out / ERRORS, "".join(json.dumps(e, ensure_ascii=False) + "\n"
-                                            for e in errors))
+    paths.write_whole(
+        out / ERRORS, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors)
+    )
     shards = [
         {k: info[k] for k in ("path", "records", "hours", "frames", "errors")} for info in infos
     ]
-    return write_manifest(str(out), shards, infos[0]["codebook_sizes"], infos[0]["frame_rate"],
-                          lines=total_lines)
+    return write_manifest(
+        str(out), shards, infos[0]["codebook_sizes"], infos[0]["frame_rate"], lines=total_lines
+    )
 
 
 def _process_slice(args) -> tuple[int, int]:

@@ -11,6 +11,7 @@ devices are host CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N
 JAX starts), so the figures are those of XLA's CPU compiler: a guide to what fits, not a TPU/GPU
 measurement (those backends fuse and schedule differently).
 """
+
 import os
 import sys
 
@@ -28,8 +29,9 @@ def _simulate_devices(argv: list[str]) -> None:
     """The device count must reach XLA before JAX initialises its CPU backend."""
     n = _devices_from_argv(argv)
     if n is not None and "jax" not in sys.modules:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                   + f" --xla_force_host_platform_device_count={n}").strip()
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
+        ).strip()
         os.environ["JAX_PLATFORMS"] = "cpu"
 
 
@@ -43,15 +45,24 @@ from ml_collections import config_flags  # noqa: E402
 
 from experiments import aot_lib  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:arg]",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "experiment config file[:arg]", lock_config=True
+)
 _DEVICES = flags.DEFINE_integer("devices", None, "simulated CPU devices to compile for")
-_MESH = flags.DEFINE_string("mesh", "fsdp=-1", "ICI mesh axes, e.g. fsdp=64 or fsdp=32,tensor=2 "
-                            "(unnamed axes are 1; one axis may be -1)")
-_RULES = flags.DEFINE_enum("rules", None, ["fsdp", "fsdp_tensor", "data"],
-                           "sharding rules (default: the config's mesh.rules)")
-_BATCH_PER_DEVICE = flags.DEFINE_integer("batch-per-device", 1,
-                                         "rows of `context` groups per data-parallel device")
+_MESH = flags.DEFINE_string(
+    "mesh",
+    "fsdp=-1",
+    "ICI mesh axes, e.g. fsdp=64 or fsdp=32,tensor=2 (unnamed axes are 1; one axis may be -1)",
+)
+_RULES = flags.DEFINE_enum(
+    "rules",
+    None,
+    ["fsdp", "fsdp_tensor", "data"],
+    "sharding rules (default: the config's mesh.rules)",
+)
+_BATCH_PER_DEVICE = flags.DEFINE_integer(
+    "batch-per-device", 1, "rows of `context` groups per data-parallel device"
+)
 
 
 def main(argv) -> int:
@@ -60,12 +71,16 @@ def main(argv) -> int:
     if _CONFIG.value is None or _DEVICES.value is None:
         raise app.UsageError("--config and --devices are required")
     if jax.device_count() != _DEVICES.value:
-        print(f"error: {jax.device_count()} devices present, {_DEVICES.value} asked for: JAX was "
-              "initialised before --devices could set XLA_FLAGS", file=sys.stderr)
+        print(
+            f"error: {jax.device_count()} devices present, {_DEVICES.value} asked for: JAX was "
+            "initialised before --devices could set XLA_FLAGS",
+            file=sys.stderr,
+        )
         return 1
     try:
-        config = aot_lib.configure(_CONFIG.value, aot_lib.parse_mesh(_MESH.value), _RULES.value,
-                                   _BATCH_PER_DEVICE.value)
+        config = aot_lib.configure(
+            _CONFIG.value, aot_lib.parse_mesh(_MESH.value), _RULES.value, _BATCH_PER_DEVICE.value
+        )
         start = time.perf_counter()
         result = aot_lib.compile_train_step(config)
     except ValueError as e:
@@ -77,4 +92,5 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
     from experiments.cli import parse_flags
+
     app.run(main, flags_parser=parse_flags)

@@ -1,4 +1,5 @@
 """Ahead-of-time compilation of the train step from abstract values (see experiments/aot.py)."""
+
 import dataclasses
 import math
 import resource
@@ -19,7 +20,7 @@ from mimo_jax.train import build, flops
 from mimo_jax.train.step import opt_state_shardings
 from sharding.mesh import AXES, mesh_and_rules
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -40,8 +41,9 @@ def data_ways(mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
 
 
-def configure(config, ici: dict[str, int], rules: str | None,
-              batch_per_device: int) -> ml_collections.ConfigDict:
+def configure(
+    config, ici: dict[str, int], rules: str | None, batch_per_device: int
+) -> ml_collections.ConfigDict:
     """A copy of the config on a single-slice mesh `ici`, with a global batch of
     `batch_per_device` rows per data-parallel device per micro-batch."""
     if batch_per_device < 1:
@@ -59,18 +61,27 @@ def configure(config, ici: dict[str, int], rules: str | None,
 def abstract_batch(config, lm: MiMoAudioConfig, mesh) -> dict[str, jax.ShapeDtypeStruct]:
     b, g = config.data.batch_size, config.data.context_length
     gs, c = lm.group_size, len(lm.speech_vocab_sizes)
-    shapes = {"text": (b, g), "codes": (b, g, gs, c), "positions": (b, g), "segment_ids": (b, g),
-              "text_targets": (b, g), "text_weights": (b, g), "code_targets": (b, g, gs, c),
-              "code_weights": (b, g, c)}
+    shapes = {
+        "text": (b, g),
+        "codes": (b, g, gs, c),
+        "positions": (b, g),
+        "segment_ids": (b, g),
+        "text_targets": (b, g),
+        "text_weights": (b, g),
+        "code_targets": (b, g, gs, c),
+        "code_weights": (b, g, c),
+    }
     dtype = lambda k: jnp.float32 if k.endswith("weights") else jnp.int32
-    return {k: jax.ShapeDtypeStruct(shapes[k], dtype(k),
-                                    sharding=batch_sharding(mesh, len(shapes[k])))
-            for k in build.BATCH_FIELDS}
+    return {
+        k: jax.ShapeDtypeStruct(shapes[k], dtype(k), sharding=batch_sharding(mesh, len(shapes[k])))
+        for k in build.BATCH_FIELDS
+    }
 
 
 def _with_shardings(abstract, shardings):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
 
 
 def abstract_state(config, mesh, rules):
@@ -91,9 +102,12 @@ def abstract_state(config, mesh, rules):
     frozen = _with_shardings(state.frozen, state_shardings(state.frozen, mesh, rules))
     opt_shardings = opt_state_shardings(trainer.tx, params, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
-    state = state.replace(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-                          params=params, frozen=frozen,
-                          opt_state=_with_shardings(state.opt_state, opt_shardings))
+    state = state.replace(
+        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+        params=params,
+        frozen=frozen,
+        opt_state=_with_shardings(state.opt_state, opt_shardings),
+    )
     return lm, trainer, state
 
 
@@ -111,8 +125,9 @@ class Compiled:
 
 def size_of(tree) -> int:
     """Parameters (floating-point entries) of a state tree."""
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree)
-               if jnp.issubdtype(x.dtype, jnp.floating))
+    return sum(
+        math.prod(x.shape) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)
+    )
 
 
 def compile_train_step(config) -> Compiled:
@@ -130,16 +145,27 @@ def compile_train_step(config) -> Compiled:
         seconds = time.perf_counter() - start
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return Compiled(lm, trainer.loss.trains_patch_decoder, compiled.memory_analysis(),
-                    float((cost or {}).get("flops", 0.0)), mesh.size, seconds,
-                    size_of(state.params), size_of(state.params) + size_of(state.frozen))
+    return Compiled(
+        lm,
+        trainer.loss.trains_patch_decoder,
+        compiled.memory_analysis(),
+        float((cost or {}).get("flops", 0.0)),
+        mesh.size,
+        seconds,
+        size_of(state.params),
+        size_of(state.params) + size_of(state.frozen),
+    )
 
 
 def total_bytes(m) -> int:
     """What one device holds at the peak: arguments, outputs and temporaries, less the outputs
     that reuse donated argument buffers."""
-    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-            - m.alias_size_in_bytes)
+    return (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
+        - m.alias_size_in_bytes
+    )
 
 
 def report(config, r: Compiled, elapsed_s: float) -> str:
@@ -147,8 +173,10 @@ def report(config, r: Compiled, elapsed_s: float) -> str:
     groups = config.data.batch_size * config.data.context_length
     n = flops.parameter_count(r.lm)
     six_n = 6.0 * n * groups
-    analytic = flops.train_flops_per_group(r.lm, config.data.context_length,
-                                           r.trains_patch_decoder) * groups
+    analytic = (
+        flops.train_flops_per_group(r.lm, config.data.context_length, r.trains_patch_decoder)
+        * groups
+    )
     rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
     gib = lambda b: f"{b / GIB:8.3f} GiB  ({b} bytes)"
     lines = [

@@ -1,6 +1,7 @@
 """Command-line parsing for the entry points that take an experiment config (`--config FILE[:arg]`
 plus `--config.KEY=VALUE` overrides): a user's mistake ends in one line that names the flag, the
 value and what was expected, never in a traceback."""
+
 import importlib.util
 import os
 import sys
@@ -51,7 +52,7 @@ def _explain(argv: list[str]) -> str | None:
     for arg in argv[1:]:
         if not arg.startswith("--config.") or "=" not in arg:
             continue
-        key = arg[len("--config."):].split("=", 1)[0]
+        key = arg[len("--config.") :].split("=", 1)[0]
         try:
             get(config, key)
         except (KeyError, AttributeError):

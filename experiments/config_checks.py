@@ -5,6 +5,7 @@ with the value and what was expected, one line each, all at once.
 `checkpoint_every` (only the last step is logged / saved), `eval_every` (no periodic evaluation)
 and `optimizer.clip_norm` (no clipping).
 """
+
 import difflib
 import json
 import re
@@ -40,6 +41,7 @@ def _in_range(low: float, high: float, high_open: bool = False) -> Callable:
     def check(v):
         ok = isinstance(v, (int, float)) and low <= v and (v < high if high_open else v <= high)
         return None if ok else f"a number in [{low}, {high}{')' if high_open else ']'}"
+
     return check
 
 
@@ -140,14 +142,24 @@ def _value_problems(config) -> list[str]:
             out.append(_problem(key, value, expected))
     for group, lr in config.optimizer.learning_rates.items():
         if group not in GROUPS:
-            out.append(_problem(f"optimizer.learning_rates.{group}", lr,
-                                f"a module group: one of {', '.join(GROUPS)}"))
+            out.append(
+                _problem(
+                    f"optimizer.learning_rates.{group}",
+                    lr,
+                    f"a module group: one of {', '.join(GROUPS)}",
+                )
+            )
         elif _non_negative(lr):
             out.append(_problem(f"optimizer.learning_rates.{group}", lr, "a number >= 0"))
     for group in config.optimizer.frozen:
         if group not in GROUPS:
-            out.append(_problem("optimizer.frozen", tuple(config.optimizer.frozen),
-                                f"module groups among {', '.join(GROUPS)}"))
+            out.append(
+                _problem(
+                    "optimizer.frozen",
+                    tuple(config.optimizer.frozen),
+                    f"module groups among {', '.join(GROUPS)}",
+                )
+            )
     return out
 
 
@@ -158,23 +170,38 @@ def _lora_problems(config) -> list[str]:
         return out
     for group in lora.modes:
         if group not in GROUPS:
-            out.append(_problem(f"lora.modes.{group}", lora.modes[group],
-                                f"a module group: one of {', '.join(GROUPS)}"))
+            out.append(
+                _problem(
+                    f"lora.modes.{group}",
+                    lora.modes[group],
+                    f"a module group: one of {', '.join(GROUPS)}",
+                )
+            )
     for group in GROUPS:
         mode = lora.modes.get(group)
         if mode not in MODES:
             out.append(_problem(f"lora.modes.{group}", mode, f"one of {', '.join(MODES)}"))
         elif mode != "frozen" and group in config.optimizer.frozen:
-            out.append(_problem(f"lora.modes.{group}", mode,
-                                f"'frozen' (optimizer.frozen lists {group})"))
+            out.append(
+                _problem(f"lora.modes.{group}", mode, f"'frozen' (optimizer.frozen lists {group})")
+            )
     if "lora" not in [lora.modes.get(g) for g in GROUPS]:
-        out.append(_problem("lora.modes", lora.modes.to_dict(),
-                            "at least one group in 'lora' mode while lora.rank > 0"))
+        out.append(
+            _problem(
+                "lora.modes",
+                lora.modes.to_dict(),
+                "at least one group in 'lora' mode while lora.rank > 0",
+            )
+        )
     targets = lora.targets
-    if not (isinstance(targets, (tuple, list)) and targets
-            and all(isinstance(t, str) and t for t in targets)):
-        out.append(_problem("lora.targets", targets, "a tuple of regular expressions over module "
-                                                     "names"))
+    if not (
+        isinstance(targets, (tuple, list))
+        and targets
+        and all(isinstance(t, str) and t for t in targets)
+    ):
+        out.append(
+            _problem("lora.targets", targets, "a tuple of regular expressions over module names")
+        )
         return out
     for pattern in targets:
         try:
@@ -201,19 +228,26 @@ def _model_problems(config) -> list[str]:
     codebook, the text tokenizer's special ids, shards of the audio tokenizer it models."""
     key = "model.init_checkpoint" if config.model.init_checkpoint else "model.hf"
     if config.model.init_checkpoint and not checkpoint.is_model_checkpoint(
-            config.model.init_checkpoint):
+        config.model.init_checkpoint
+    ):
         return []  # named by _path_problems
     try:
         lm = lm_architecture(config)
     except (ValueError, TypeError, KeyError) as e:
         return [f"{key}: expected a MiMo-Audio LM architecture ({e})"]
-    return (_loss_problems(config, lm) + _tokenizer_problems(config, lm)
-            + _shard_problems(config, lm) + _target_problems(config, lm))
+    return (
+        _loss_problems(config, lm)
+        + _tokenizer_problems(config, lm)
+        + _shard_problems(config, lm)
+        + _target_problems(config, lm)
+    )
 
 
 def _loss_problems(config, lm) -> list[str]:
-    want = f"{lm.audio_channels + 1} numbers >= 0 joined by '-' (text, then one per codebook " \
-           f"of the model's {lm.audio_channels})"
+    want = (
+        f"{lm.audio_channels + 1} numbers >= 0 joined by '-' (text, then one per codebook "
+        f"of the model's {lm.audio_channels})"
+    )
     try:
         loss = LossConfig.from_string(config.loss.weights)
     except ValueError:
@@ -231,10 +265,21 @@ def _tokenizer_problems(config, lm) -> list[str]:
     except KeyError as e:  # a special token missing from the tokenizer
         problems = [str(e.args[0])]
     except Exception as e:  # noqa: BLE001  (what the tokenizers library says of the file)
-        return [_problem("data.tokenizer", config.data.tokenizer,
-                         f"a tokenizer.json the tokenizers library reads ({e})")]
-    return [_problem("data.tokenizer", config.data.tokenizer,
-                     f"the text tokenizer of the model's special ids: {p}") for p in problems]
+        return [
+            _problem(
+                "data.tokenizer",
+                config.data.tokenizer,
+                f"a tokenizer.json the tokenizers library reads ({e})",
+            )
+        ]
+    return [
+        _problem(
+            "data.tokenizer",
+            config.data.tokenizer,
+            f"the text tokenizer of the model's special ids: {p}",
+        )
+        for p in problems
+    ]
 
 
 def _shard_problems(config, lm) -> list[str]:
@@ -252,30 +297,55 @@ def _shard_problems(config, lm) -> list[str]:
                 facts = json.loads(manifest.read_text())
                 facts["codebooks"], facts["codebook_sizes"]
             except (ValueError, KeyError, TypeError):
-                out.append(_problem(key, path, f"a {MANIFEST} written by data_pipelines.tokenize "
-                                               f"(with codebooks and codebook_sizes)"))
+                out.append(
+                    _problem(
+                        key,
+                        path,
+                        f"a {MANIFEST} written by data_pipelines.tokenize "
+                        f"(with codebooks and codebook_sizes)",
+                    )
+                )
                 continue
             if facts["codebooks"] < lm.audio_channels:
-                out.append(_problem(key, path, f"shards of at least the model's "
-                                               f"{lm.audio_channels} codebooks; they have "
-                                               f"{facts['codebooks']}"))
-            sizes = tuple(facts["codebook_sizes"][:lm.audio_channels])
-            if sizes != tuple(lm.speech_empty_ids[:len(sizes)]):
-                out.append(_problem(key, path, f"codes of the model's audio tokenizer (codebook "
-                                               f"sizes {tuple(lm.speech_empty_ids)}, the model's "
-                                               f"empty ids); they have codebook sizes {sizes}"))
+                out.append(
+                    _problem(
+                        key,
+                        path,
+                        f"shards of at least the model's "
+                        f"{lm.audio_channels} codebooks; they have "
+                        f"{facts['codebooks']}",
+                    )
+                )
+            sizes = tuple(facts["codebook_sizes"][: lm.audio_channels])
+            if sizes != tuple(lm.speech_empty_ids[: len(sizes)]):
+                out.append(
+                    _problem(
+                        key,
+                        path,
+                        f"codes of the model's audio tokenizer (codebook "
+                        f"sizes {tuple(lm.speech_empty_ids)}, the model's "
+                        f"empty ids); they have codebook sizes {sizes}",
+                    )
+                )
     return out
 
 
 def _path_problems(config) -> list[str]:
     out = []
     if not config.data.tokenizer:
-        out.append(_problem("data.tokenizer", "", "the path of the text tokenizer's tokenizer.json"))
+        out.append(
+            _problem("data.tokenizer", "", "the path of the text tokenizer's tokenizer.json")
+        )
     elif not epath.Path(config.data.tokenizer).is_file():
         out.append(_problem("data.tokenizer", config.data.tokenizer, "an existing tokenizer.json"))
     if config.model.init_checkpoint and not epath.Path(config.model.init_checkpoint).is_dir():
-        out.append(_problem("model.init_checkpoint", config.model.init_checkpoint,
-                            "an existing model checkpoint directory (convert_torch_weights.py)"))
+        out.append(
+            _problem(
+                "model.init_checkpoint",
+                config.model.init_checkpoint,
+                "an existing model checkpoint directory (convert_torch_weights.py)",
+            )
+        )
     for key in ("data.sources", "data.eval_sources"):
         text = get(config, key)
         if key == "data.eval_sources" and not (text and config.eval_every):
@@ -289,8 +359,9 @@ def _path_problems(config) -> list[str]:
             out.append(_problem(key, text, "one or more shard sources DIR:TASK[:WEIGHT],..."))
         for path in dict.fromkeys(s.path for s in sources):
             if not (epath.Path(path) / "manifest.json").is_file():
-                out.append(_problem(key, text, f"shard directories with a manifest.json; "
-                                               f"{path} has none"))
+                out.append(
+                    _problem(key, text, f"shard directories with a manifest.json; {path} has none")
+                )
         for s in sources:
             if s.weight <= 0:
                 out.append(_problem(key, text, f"weights > 0; {s.path}:{s.task} has {s.weight}"))
@@ -307,29 +378,50 @@ def _generation_problems(config) -> list[str]:
     g, out = config.eval_generation, []
     for key in ("eval_generation.tts_texts", "eval_generation.continuation_audio"):
         value = get(config, key)
-        if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) and v.strip()
-                                                           for v in value):
+        if not isinstance(value, (tuple, list)) or not all(
+            isinstance(v, str) and v.strip() for v in value
+        ):
             out.append(_problem(key, value, "a tuple of non-empty texts"))
     if not generation_eval_on(config) or out:
         return out
     if config.eval_every == 0:
         out.append(_problem("eval_every", 0, "an integer >= 1 (eval_generation has prompts)"))
     if not (epath.Path(g.audio_tokenizer or "/nonexistent") / "config.json").is_file():
-        out.append(_problem("eval_generation.audio_tokenizer", g.audio_tokenizer,
-                            "an audio tokenizer checkpoint directory (with config.json)"))
+        out.append(
+            _problem(
+                "eval_generation.audio_tokenizer",
+                g.audio_tokenizer,
+                "an audio tokenizer checkpoint directory (with config.json)",
+            )
+        )
     if g.asr_manifest and not epath.Path(g.asr_manifest).is_file():
-        out.append(_problem("eval_generation.asr_manifest", g.asr_manifest,
-                            "an existing JSONL manifest of audio and transcripts"))
+        out.append(
+            _problem(
+                "eval_generation.asr_manifest",
+                g.asr_manifest,
+                "an existing JSONL manifest of audio and transcripts",
+            )
+        )
     for path in g.continuation_audio:
         if not epath.Path(path).is_file():
-            out.append(_problem("eval_generation.continuation_audio", tuple(g.continuation_audio),
-                                f"existing audio files; {path} is not one"))
+            out.append(
+                _problem(
+                    "eval_generation.continuation_audio",
+                    tuple(g.continuation_audio),
+                    f"existing audio files; {path} is not one",
+                )
+            )
     return out
 
 
 def check(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError naming every problem of the config (one line each)."""
-    problems = (_value_problems(config) + _lora_problems(config) + _path_problems(config)
-                + _model_problems(config) + _generation_problems(config))
+    problems = (
+        _value_problems(config)
+        + _lora_problems(config)
+        + _path_problems(config)
+        + _model_problems(config)
+        + _generation_problems(config)
+    )
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

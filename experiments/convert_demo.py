@@ -7,6 +7,7 @@ weights back to the official format, checking the round trip.
 The default checkpoint is the small randomly initialised one in tests/fixtures/lm (official names
 and shapes); point --checkpoint at a released MiMo-Audio directory to run the real model.
 """
+
 import argparse
 import time
 from pathlib import Path
@@ -47,9 +48,11 @@ def main(argv=None):
     t0 = time.time()
     convert_torch_weights.main([str(a.checkpoint), str(orbax_dir), "--overwrite", "--quiet"])
     config, model = checkpoint.load(orbax_dir)
-    print(f"[demo] converted and loaded {a.checkpoint} in {time.time() - t0:.1f}s: "
-          f"{config.num_hidden_layers}-layer backbone, hidden {config.hidden_size}, "
-          f"{config.audio_channels} codebooks, group size {config.group_size}")
+    print(
+        f"[demo] converted and loaded {a.checkpoint} in {time.time() - t0:.1f}s: "
+        f"{config.num_hidden_layers}-layer backbone, hidden {config.hidden_size}, "
+        f"{config.audio_channels} codebooks, group size {config.group_size}"
+    )
 
     text, codes = demo_prompt(config, np.random.default_rng(0))
     sampler = SamplerConfig(do_sample=True, temperature=0.9, top_k=50, top_p=0.95)
@@ -60,8 +63,10 @@ def main(argv=None):
     prompt_len = text.shape[1]
     new = out.text[0, prompt_len:]
     speech = int((new == config.empty_idx).sum())
-    print(f"[demo] generated {len(new)} groups ({speech} speech patches, {len(new) - speech} text "
-          f"tokens) in {secs:.1f}s including compilation")
+    print(
+        f"[demo] generated {len(new)} groups ({speech} speech patches, {len(new) - speech} text "
+        f"tokens) in {secs:.1f}s including compilation"
+    )
     print(f"[demo] text channel: {out.text[0].tolist()}")
     first = prompt_len + int(np.argmax(new == config.empty_idx)) if speech else None
     if first is not None:
@@ -69,10 +74,14 @@ def main(argv=None):
 
     convert_torch_weights.main([str(orbax_dir), str(back_dir), "--overwrite", "--quiet"])
     original, restored = st.read_index(a.checkpoint), st.read_index(back_dir)
-    same = all(st.read_tensor(info).tobytes() == st.read_tensor(restored[name]).tobytes()
-               for name, info in original.items())
-    print(f"[demo] round trip back to official tensors: {len(original)} tensors, "
-          f"{'bit-identical' if same else 'DIFFERENT'}")
+    same = all(
+        st.read_tensor(info).tobytes() == st.read_tensor(restored[name]).tobytes()
+        for name, info in original.items()
+    )
+    print(
+        f"[demo] round trip back to official tensors: {len(original)} tensors, "
+        f"{'bit-identical' if same else 'DIFFERENT'}"
+    )
     return 0 if same else 1
 
 

@@ -7,6 +7,7 @@ and speech), and show the loss falling.
 `--smoke` runs the same pipeline at the smallest size (a few steps, for tests). Each step is skipped
 when its output exists, so a rerun resumes. The runs use experiments/configs/demo.py.
 """
+
 import argparse
 import json
 from pathlib import Path
@@ -20,24 +21,54 @@ from mimo_jax import logs
 
 # A small audio tokenizer (the released layout at toy width; random weights).
 TOKENIZER_HF = {
-    "architectures": ["MiMoAudioTokenizer"], "model_type": "mimo_audio_tokenizer",
-    "activation_function": "gelu", "avg_pooler": 2, "codebook_size": [1024, 1024] + [128] * 18,
-    "d_model": 64, "decoder_attention_heads": 4, "decoder_attn_window_size": [-1, -1],
-    "decoder_causal": True, "decoder_ffn_dim": 128, "decoder_kernel_size": 3, "decoder_layers": 2,
-    "decoder_stride_size": 2, "encoder_attention_heads": 4, "encoder_attn_window_size": [-1, -1],
-    "encoder_causal": False, "encoder_ffn_dim": 128, "encoder_layers": 2,
-    "encoder_skip_layer_id": 1, "fmax": None, "fmin": 0, "hop_length": 240, "kernel_size": 3,
-    "ln_type": "LayerNorm", "max_audio_seconds": 1800, "n_mels": 128, "nfft": 960,
-    "num_quantizers": 20, "position_embedding_type": "rope", "rope_theta": 10000,
-    "rope_type": "default", "sampling_rate": 24000, "scale_embedding": False, "stride_size": 2,
-    "threshold_ema_dead_code": 2, "vocoder_attention_heads": 4, "vocoder_attn_window_size": [40, 10],
-    "vocoder_dim": 32, "vocoder_intermediate_dim": 64, "vocoder_num_layers": 2,
-    "vocoder_padding": "same", "window_size": 960,
+    "architectures": ["MiMoAudioTokenizer"],
+    "model_type": "mimo_audio_tokenizer",
+    "activation_function": "gelu",
+    "avg_pooler": 2,
+    "codebook_size": [1024, 1024] + [128] * 18,
+    "d_model": 64,
+    "decoder_attention_heads": 4,
+    "decoder_attn_window_size": [-1, -1],
+    "decoder_causal": True,
+    "decoder_ffn_dim": 128,
+    "decoder_kernel_size": 3,
+    "decoder_layers": 2,
+    "decoder_stride_size": 2,
+    "encoder_attention_heads": 4,
+    "encoder_attn_window_size": [-1, -1],
+    "encoder_causal": False,
+    "encoder_ffn_dim": 128,
+    "encoder_layers": 2,
+    "encoder_skip_layer_id": 1,
+    "fmax": None,
+    "fmin": 0,
+    "hop_length": 240,
+    "kernel_size": 3,
+    "ln_type": "LayerNorm",
+    "max_audio_seconds": 1800,
+    "n_mels": 128,
+    "nfft": 960,
+    "num_quantizers": 20,
+    "position_embedding_type": "rope",
+    "rope_theta": 10000,
+    "rope_type": "default",
+    "sampling_rate": 24000,
+    "scale_embedding": False,
+    "stride_size": 2,
+    "threshold_ema_dead_code": 2,
+    "vocoder_attention_heads": 4,
+    "vocoder_attn_window_size": [40, 10],
+    "vocoder_dim": 32,
+    "vocoder_intermediate_dim": 64,
+    "vocoder_num_layers": 2,
+    "vocoder_padding": "same",
+    "window_size": 960,
 }
 
 
 def build_corpus(data: Path, sentences: int) -> None:
     from data_pipelines import demo_corpus
+
     if not (data / "manifest.jsonl").exists():
         entries = demo_corpus.build(str(data), sentences)
         print(f"[demo] corpus: {len(entries)} utterances in {data}", flush=True)
@@ -47,6 +78,7 @@ def random_tokenizer(path: Path) -> None:
     from mimo_jax import model_checkpoint as checkpoint
     from mimo_jax.tokenizer.config import from_hf
     from mimo_jax.tokenizer.model import MiMoAudioTokenizer
+
     if not checkpoint.is_model_checkpoint(path):
         model = MiMoAudioTokenizer(from_hf(TOKENIZER_HF), rngs=nnx.Rngs(0))
         checkpoint.save(model, TOKENIZER_HF, path)
@@ -55,9 +87,18 @@ def random_tokenizer(path: Path) -> None:
 
 def tokenize(data: Path, tokenizer: Path) -> None:
     from data_pipelines import tokenize as tokenize_cmd
+
     if not (data / "shards" / "manifest.json").exists():
-        code = tokenize_cmd.main(["--manifest", str(data / "manifest.jsonl"), "--checkpoint",
-                                  str(tokenizer), "--out", str(data / "shards")])
+        code = tokenize_cmd.main(
+            [
+                "--manifest",
+                str(data / "manifest.jsonl"),
+                "--checkpoint",
+                str(tokenizer),
+                "--out",
+                str(data / "shards"),
+            ]
+        )
         if code:
             raise SystemExit(f"[demo] tokenizing failed (exit {code})")
 
@@ -72,13 +113,18 @@ def run_stage(name: str, data: Path, workdir: Path, smoke: bool, init: Path | No
     if init is not None:
         config.model.init_checkpoint = str(init)
     if not (workdir / "model").exists():
-        print(f"[demo] training {name}: {config.total_steps} steps, batch {config.data.batch_size} "
-              f"x {config.data.context_length} groups", flush=True)
+        print(
+            f"[demo] training {name}: {config.total_steps} steps, batch {config.data.batch_size} "
+            f"x {config.data.context_length} groups",
+            flush=True,
+        )
         if train.run(config, str(workdir)):
             raise SystemExit(f"[demo] {name} failed")
     curve = losses(workdir)
-    print(f"[demo] {name}: loss {curve[0]:.3f} -> {curve[-1]:.3f} over {len(curve)} logged steps",
-          flush=True)
+    print(
+        f"[demo] {name}: loss {curve[0]:.3f} -> {curve[-1]:.3f} over {len(curve)} logged steps",
+        flush=True,
+    )
 
 
 def main(argv=None) -> int:

@@ -12,6 +12,7 @@ Every process runs `python -m experiments.train` with the same arguments; jax.di
 peers from the environment (the TPU runtime on a pod, SLURM_* variables under srun). `--dry-run`
 prints the exact commands (and the sbatch script) without running anything.
 """
+
 import argparse
 import shlex
 import subprocess
@@ -20,8 +21,14 @@ from pathlib import Path
 
 
 def train_command(config: str, workdir: str, overrides: list[str], python: str) -> list[str]:
-    return [python, "-m", "experiments.train", f"--config={config}", f"--workdir={workdir}",
-            *overrides]
+    return [
+        python,
+        "-m",
+        "experiments.train",
+        f"--config={config}",
+        f"--workdir={workdir}",
+        *overrides,
+    ]
 
 
 def _env_pairs(env: list[str]) -> list[tuple[str, str]]:
@@ -62,10 +69,17 @@ def tpu_commands(args, command: list[str]) -> list[list[str]]:
 
 def slurm_script(args, command: list[str]) -> str:
     """An sbatch script: one task per GPU, every task running the trainer."""
-    directives = [("job-name", args.job_name), ("nodes", args.nodes),
-                  ("ntasks-per-node", args.gpus_per_node), ("gpus-per-node", args.gpus_per_node),
-                  ("cpus-per-task", args.cpus_per_task), ("partition", args.partition),
-                  ("account", args.account), ("time", args.time), ("output", args.output)]
+    directives = [
+        ("job-name", args.job_name),
+        ("nodes", args.nodes),
+        ("ntasks-per-node", args.gpus_per_node),
+        ("gpus-per-node", args.gpus_per_node),
+        ("cpus-per-task", args.cpus_per_task),
+        ("partition", args.partition),
+        ("account", args.account),
+        ("time", args.time),
+        ("output", args.output),
+    ]
     lines = ["#!/bin/bash"]
     lines += [f"#SBATCH --{k}={v}" for k, v in directives if v]
     if args.exclusive:
@@ -83,11 +97,20 @@ def slurm_commands(args, command: list[str]) -> tuple[str, list[list[str]]]:
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--repo-dir", default=None, help="the repository on the workers (TPU default "
-                   "~/mimo-jax; SLURM default: the directory sbatch is called from)")
+    p.add_argument(
+        "--repo-dir",
+        default=None,
+        help="the repository on the workers (TPU default "
+        "~/mimo-jax; SLURM default: the directory sbatch is called from)",
+    )
     p.add_argument("--setup", default="", help="shell command run first (e.g. install the repo)")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment variable for the trainer (repeatable)")
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment variable for the trainer (repeatable)",
+    )
     p.add_argument("--python", default="python3", help="interpreter on the workers")
     p.add_argument("--dry-run", action="store_true", help="print what would run; run nothing")
 
@@ -96,8 +119,11 @@ def add_tpu(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tpu", required=True, help="TPU VM (pod slice) name")
     p.add_argument("--zone", required=True)
     p.add_argument("--project", default="", help="GCP project (default: gcloud's)")
-    p.add_argument("--detach", action="store_true",
-                   help="start the trainer in the background on each worker (logs to --log)")
+    p.add_argument(
+        "--detach",
+        action="store_true",
+        help="start the trainer in the background on each worker (logs to --log)",
+    )
     p.add_argument("--log", default="mimo-jax-train.log", help="log file on each worker (--detach)")
 
 
@@ -111,14 +137,20 @@ def add_slurm(p: argparse.ArgumentParser) -> None:
     p.add_argument("--job-name", default="mimo-jax")
     p.add_argument("--output", default="%x-%j.out", help="SLURM log path")
     p.add_argument("--exclusive", action="store_true", help="whole nodes only")
-    p.add_argument("--script", default="", help="where to write the sbatch script "
-                   "(default: JOB_NAME.sbatch in the current directory)")
+    p.add_argument(
+        "--script",
+        default="",
+        help="where to write the sbatch script (default: JOB_NAME.sbatch in the current directory)",
+    )
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.launch", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.launch",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
     sub = p.add_subparsers(dest="target", required=True)
     for name, add in (("tpu", add_tpu), ("slurm", add_slurm)):
         s = sub.add_parser(name, allow_abbrev=False)
@@ -141,8 +173,10 @@ def plan(args, overrides: list[str]) -> tuple[str | None, list[list[str]]]:
     """(sbatch script or None, the commands to run) of a launch."""
     if args.target == "slurm":
         if args.nodes < 1 or args.gpus_per_node < 1:
-            raise ValueError(f"--nodes {args.nodes} and --gpus-per-node {args.gpus_per_node}: "
-                             "expected at least 1 each")
+            raise ValueError(
+                f"--nodes {args.nodes} and --gpus-per-node {args.gpus_per_node}: "
+                "expected at least 1 each"
+            )
         args.script = args.script or f"{args.job_name}.sbatch"
     command = train_command(args.config, args.workdir, overrides, args.python)
     if args.target == "tpu":

@@ -8,6 +8,7 @@ Every override is checked against the config (the key exists, the value has its 
 run starts. `local` runs the trainer once per point, one after another; `tpu` and `slurm` hand each
 point to experiments.launch (one ssh command / one sbatch job per point).
 """
+
 import argparse
 import re
 import shlex
@@ -36,8 +37,10 @@ def _node(config: ml_collections.ConfigDict, key: str):
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
             where = ".".join(parts[:i]) or "the config"
             options = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-            raise ValueError(f"sweep override {key!r}: {where} has no key {part!r}"
-                             + (f" (expected one of {options})" if options else ""))
+            raise ValueError(
+                f"sweep override {key!r}: {where} has no key {part!r}"
+                + (f" (expected one of {options})" if options else "")
+            )
         if i < len(parts) - 1:
             node = node[part]
     return node, parts[-1]
@@ -60,11 +63,15 @@ def validate(config: ml_collections.ConfigDict, overrides: dict) -> None:
         parent, leaf = _node(config, key)
         current = parent[leaf]
         if isinstance(current, ml_collections.ConfigDict) or isinstance(value, dict):
-            raise ValueError(f"sweep override {key!r}: override the leaves of a sub-config "
-                             f"({key}.NAME), not the sub-config itself")
+            raise ValueError(
+                f"sweep override {key!r}: override the leaves of a sub-config "
+                f"({key}.NAME), not the sub-config itself"
+            )
         if not _compatible(current, value):
-            raise ValueError(f"sweep override {key!r}={value!r}: expected type "
-                             f"{type(current).__name__}, as the config's {current!r}")
+            raise ValueError(
+                f"sweep override {key!r}={value!r}: expected type "
+                f"{type(current).__name__}, as the config's {current!r}"
+            )
 
 
 def flag_value(value) -> str:
@@ -107,8 +114,10 @@ def plan_runs(spec: str, root: str) -> list[tuple[str, list[str]]]:
     for point in points:
         validate(config, point)
     short = _short_keys(sorted({k for p in points for k in p}))
-    runs = [(run_name(p, short), [f"--config.{k}={flag_value(v)}" for k, v in p.items()])
-            for p in points]
+    runs = [
+        (run_name(p, short), [f"--config.{k}={flag_value(v)}" for k, v in p.items()])
+        for p in points
+    ]
     names = [n for n, _ in runs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -117,21 +126,29 @@ def plan_runs(spec: str, root: str) -> list[tuple[str, list[str]]]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.sweep",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
     p.add_argument("--config", required=True, help="experiment config file[:arg]")
     p.add_argument("--workdir", required=True, help="root directory; each run gets ROOT/NAME")
     p.add_argument("--launcher", choices=("local", "tpu", "slurm"), default="local")
-    p.add_argument("--python", default=None, help="interpreter of the runs (default: this one "
-                   "for local runs, python3 on TPU workers and SLURM nodes)")
+    p.add_argument(
+        "--python",
+        default=None,
+        help="interpreter of the runs (default: this one "
+        "for local runs, python3 on TPU workers and SLURM nodes)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the commands; run nothing")
     return p
 
 
 def _launcher_args(launcher: str, rest: list[str], python: str | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=f"python -m experiments.sweep --launcher {launcher}",
-                                allow_abbrev=False)
+    p = argparse.ArgumentParser(
+        prog=f"python -m experiments.sweep --launcher {launcher}", allow_abbrev=False
+    )
     (launch.add_tpu if launcher == "tpu" else launch.add_slurm)(p)
     launch.add_common(p)
     args = p.parse_args(rest)

@@ -15,6 +15,7 @@ metrics.jsonl, audio, log-mel images and transcripts to TensorBoard. Multi-host:
 `jax.distributed.initialize()` runs from the environment on TPU pods and SLURM clusters, or from
 --coordinator/--num_processes/--process_id.
 """
+
 import json
 import os
 import signal
@@ -28,8 +29,9 @@ from ml_collections import config_flags
 
 from mimo_jax import logs
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:arg]",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "experiment config file[:arg]", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics)")
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (local runs)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes of a local multi-host run")
@@ -46,8 +48,15 @@ def init_distributed() -> None:
         # Cross-process collectives for CPU devices (local runs); no effect on GPUs and TPUs.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    elif any(k in os.environ for k in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
-                                       "JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")):
+    elif any(
+        k in os.environ
+        for k in (
+            "SLURM_NTASKS",
+            "TPU_WORKER_HOSTNAMES",
+            "JAX_COORDINATOR_ADDRESS",
+            "MEGASCALE_COORDINATOR_ADDRESS",
+        )
+    ):
         jax.distributed.initialize()
 
 
@@ -64,6 +73,7 @@ class Preemption:
     def due(self, step: int) -> bool:
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
+
             try:
                 if multihost_utils.reached_preemption_sync_point(step):
                     return True
@@ -84,20 +94,28 @@ def data_iterators(config, lm_config):
     per_process = config.data.batch_size // procs
 
     def make(sources, seed, shuffle):
-        ds = make_dataset(parse_sources(sources), cfg, tokenizer,
-                          batch_size=per_process if split else config.data.batch_size,
-                          seed=seed, process_index=index if split else 0,
-                          process_count=procs if split else 1, workers=config.data.workers,
-                          shuffle=shuffle)
+        ds = make_dataset(
+            parse_sources(sources),
+            cfg,
+            tokenizer,
+            batch_size=per_process if split else config.data.batch_size,
+            seed=seed,
+            process_index=index if split else 0,
+            process_count=procs if split else 1,
+            workers=config.data.workers,
+            shuffle=shuffle,
+        )
         return iter(ds)
 
     def local_rows(batch):  # every process read the global batch: keep this process's rows
         if split:
             return batch
-        return {k: v[index * per_process:(index + 1) * per_process] for k, v in batch.items()}
+        return {k: v[index * per_process : (index + 1) * per_process] for k, v in batch.items()}
 
     train = make(config.data.sources, config.seed, True)
-    evaluate = (lambda: make(config.data.eval_sources, 0, False)) if config.data.eval_sources else None
+    evaluate = (
+        (lambda: make(config.data.eval_sources, 0, False)) if config.data.eval_sources else None
+    )
     return train, evaluate, local_rows
 
 
@@ -127,8 +145,10 @@ def run(config, workdir: str) -> int:
 def _exit_on_sigterm():
     """SIGTERM before the training loop (which saves first) exits through the cleanups (the
     lock's release); returns the previous handler, None where signals cannot be set."""
+
     def stop(*_):
         raise SystemExit(128 + signal.SIGTERM)
+
     try:
         return signal.signal(signal.SIGTERM, stop)
     except ValueError:  # not the main thread
@@ -145,6 +165,7 @@ def _hparams(config) -> dict:
                 walk(value, f"{prefix}{key}.")
             elif isinstance(value, (bool, int, float, str)):
                 out[prefix + key] = value
+
     walk(config, "")
     return out
 
@@ -168,12 +189,17 @@ def _run(config, workdir) -> int:
     generation_eval = _generation_eval(config, lm_config)
     with jax.set_mesh(mesh), use_rules(rules):
         train_it, eval_factory, local_rows = data_iterators(config, lm_config)
-        identity = {"model": lm_config.to_hf(), "trainable": trainer.optimizer.trainable_groups,
-                    "loss_weights": config.loss.weights, "remat": lm_config.remat_policy}
+        identity = {
+            "model": lm_config.to_hf(),
+            "trainable": trainer.optimizer.trainable_groups,
+            "loss_weights": config.loss.weights,
+            "remat": lm_config.remat_policy,
+        }
         if config.lora.rank:  # a resumed run must train the same adapters
             identity["lora"] = json.loads(config.lora.to_json())
-        ckpts = TrainCheckpoints(workdir, identity, keep=config.checkpoint.keep,
-                                 async_save=config.checkpoint.async_save)
+        ckpts = TrainCheckpoints(
+            workdir, identity, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
+        )
         try:
             start, restored = ckpts.restore_latest(abstract_like(state), train_it)
         except BaseException:
@@ -182,19 +208,39 @@ def _run(config, workdir) -> int:
         if start is not None:
             state = restored
             logging.info("resumed from %s at step %d", ckpts.directory, start)
-        writer = MetricsWriter(workdir, config.total_steps, start or 0,
-                               config_json=config.to_json_best_effort(indent=2),
-                               hparams=_hparams(config))
+        writer = MetricsWriter(
+            workdir,
+            config.total_steps,
+            start or 0,
+            config_json=config.to_json_best_effort(indent=2),
+            hparams=_hparams(config),
+        )
         try:
-            generation = (_generation_writer(generation_eval, trainer, writer)
-                          if generation_eval is not None else None)
+            generation = (
+                _generation_writer(generation_eval, trainer, writer)
+                if generation_eval is not None
+                else None
+            )
             finished = (start or 0) >= config.total_steps  # done before: nothing to compile
             if not finished:
                 steps = build.compile_steps(trainer, state)
-                flops = train_flops_per_group(lm_config, config.data.context_length,
-                                              trainer.loss.trains_patch_decoder)
-                state, finished = _loop(config, state, steps, train_it, eval_factory, local_rows,
-                                        mesh, ckpts, writer, flops, start or 0, generation)
+                flops = train_flops_per_group(
+                    lm_config, config.data.context_length, trainer.loss.trains_patch_decoder
+                )
+                state, finished = _loop(
+                    config,
+                    state,
+                    steps,
+                    train_it,
+                    eval_factory,
+                    local_rows,
+                    mesh,
+                    ckpts,
+                    writer,
+                    flops,
+                    start or 0,
+                    generation,
+                )
             if finished and config.export_model:
                 export_model(config, trainer, state, lm_config, workdir)
             return 0
@@ -205,6 +251,7 @@ def _run(config, workdir) -> int:
 
 def _evaluate(config, state, steps, eval_factory, local_rows, mesh) -> dict[str, float]:
     from mimo_jax.train.build import global_batch
+
     it, totals = eval_factory(), {}
     for _ in range(config.eval_steps):
         metrics = jax.device_get(steps.eval(state, global_batch(local_rows(next(it)), mesh)))
@@ -217,33 +264,45 @@ def _sum_over_processes(count: int) -> int:
     if jax.process_count() == 1:
         return count
     from jax.experimental import multihost_utils
+
     return int(np.sum(multihost_utils.process_allgather(np.int64(count))))
 
 
 def _generation_eval(config, lm_config):
     """The eval prompts of `eval_generation`, loaded; None when the config has none."""
     from experiments.config_checks import generation_eval_on
+
     if not generation_eval_on(config):
         return None
     from mimo_jax.train.eval_generation import GenerationEval, GenerationEvalConfig
+
     g = config.eval_generation
-    return GenerationEval(GenerationEvalConfig(
-        audio_tokenizer=g.audio_tokenizer, text_tokenizer=config.data.tokenizer,
-        tts_texts=tuple(g.tts_texts), asr_manifest=g.asr_manifest,
-        continuation_audio=tuple(g.continuation_audio), max_new_groups=g.max_new_groups,
-        seed=config.seed), lm_config)
+    return GenerationEval(
+        GenerationEvalConfig(
+            audio_tokenizer=g.audio_tokenizer,
+            text_tokenizer=config.data.tokenizer,
+            tts_texts=tuple(g.tts_texts),
+            asr_manifest=g.asr_manifest,
+            continuation_audio=tuple(g.continuation_audio),
+            max_new_groups=g.max_new_groups,
+            seed=config.seed,
+        ),
+        lm_config,
+    )
 
 
 def _generation_writer(evaluate, trainer, writer):
     """`generation(state, step)`: the eval prompts run with the state's weights, written out.
     Outside the training mesh: the audio tokenizer lives on one device, and the LM's batches of
     a few prompts are not split by the training rules."""
+
     def generation(state, step: int) -> None:
         with jax.set_mesh(None):
             scalars, media = evaluate(trainer.model(state))
         if scalars:
             writer.write(step, scalars)
         writer.media(step, **media)
+
     return generation
 
 
@@ -251,9 +310,22 @@ def _due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0  # every=0: off
 
 
-def _loop(config, state, steps, train_it, eval_factory, local_rows, mesh, ckpts, writer, flops,
-          step, generation=None) -> int:
+def _loop(
+    config,
+    state,
+    steps,
+    train_it,
+    eval_factory,
+    local_rows,
+    mesh,
+    ckpts,
+    writer,
+    flops,
+    step,
+    generation=None,
+) -> int:
     from mimo_jax.train.build import global_batch
+
     preemption = Preemption()
     rng = jax.random.key(config.seed)
     groups = config.data.batch_size * config.data.context_length
@@ -274,14 +346,21 @@ def _loop(config, state, steps, train_it, eval_factory, local_rows, mesh, ckpts,
                 raise NonFiniteLoss(
                     f"non-finite loss {values['loss']} (grad norm {values['grad_norm']}) at step "
                     f"{step}: stopping; the last good checkpoint is "
-                    + (f"step {ckpts.good_step} in {ckpts.directory}" if ckpts.good_step is not None
-                       else "none (no checkpoint was saved or restored)"))
+                    + (
+                        f"step {ckpts.good_step} in {ckpts.directory}"
+                        if ckpts.good_step is not None
+                        else "none (no checkpoint was saved or restored)"
+                    )
+                )
         if _due(step, config.log_every) or last:
             elapsed = time.time() - t_last
             rate = (step - last_logged) * groups / max(elapsed, 1e-9)
-            values.update(groups_per_second=rate, mfu=rate * flops / peak if peak else 0.0,
-                          tokens_per_second=rate * values["tokens"] / groups,  # non-padding
-                          skipped_documents=_sum_over_processes(skipped))
+            values.update(
+                groups_per_second=rate,
+                mfu=rate * flops / peak if peak else 0.0,
+                tokens_per_second=rate * values["tokens"] / groups,  # non-padding
+                skipped_documents=_sum_over_processes(skipped),
+            )
             t_last, last_logged = time.time(), step
             writer.write(step, values)
             writer.progress(step, values)
@@ -310,10 +389,12 @@ def export_model(config, trainer, state, lm_config, workdir) -> None:
     from mimo_jax.lm import adapters
     from mimo_jax.train import build
     from mimo_jax.train.lora import merge_lora
+
     model = trainer.model(state)
     if build.lora_config(config) is not None:
-        out = adapters.save(model, workdir / "adapter",
-                            full_groups=build.groups_in_mode(config, "full"))
+        out = adapters.save(
+            model, workdir / "adapter", full_groups=build.groups_in_mode(config, "full")
+        )
         print(f"adapters: {out}", flush=True)
         model = merge_lora(model)
     out = model_ckpt.save(model, lm_config.to_hf(), os.fspath(workdir / "model"))
@@ -337,6 +418,7 @@ def main(argv) -> int:
 
 def cli() -> None:
     from experiments.cli import parse_flags
+
     app.run(main, flags_parser=parse_flags)
 
 

@@ -14,6 +14,7 @@
 and DIR/errors.jsonl (one line per bad input line: missing audio, bad JSON, empty transcript...;
 exit status 1 when there is any).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,19 +28,28 @@ from mimo_jax.inference.model_args import add_model_args, load_mimo
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mimo_jax.evaluate",
-                                description="ASR error rates and few-shot accuracy of a checkpoint")
+    p = argparse.ArgumentParser(
+        prog="python -m mimo_jax.evaluate",
+        description="ASR error rates and few-shot accuracy of a checkpoint",
+    )
     p.add_argument("mode", choices=("asr", "few_shot"))
     p.add_argument("--manifest", help="asr: JSONL of audio and transcripts")
     p.add_argument("--items", help="few_shot: JSONL of multiple-choice items")
     add_model_args(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--batch-size", type=int, default=8, help="asr: utterances per batch")
-    p.add_argument("--min-new-groups", type=int, default=0,
-                   help="asr: groups generated before a stop token is allowed")
+    p.add_argument(
+        "--min-new-groups",
+        type=int,
+        default=0,
+        help="asr: groups generated before a stop token is allowed",
+    )
     p.add_argument("--max-new-groups", type=int, help="asr: generated groups per utterance")
-    p.add_argument("--template", help="asr: one prompt template for every utterance (default: "
-                                      "the official list of its language, drawn with --seed)")
+    p.add_argument(
+        "--template",
+        help="asr: one prompt template for every utterance (default: "
+        "the official list of its language, drawn with --seed)",
+    )
     p.add_argument("--greedy", action="store_true", help="asr: both samplers greedy")
     p.add_argument("--seed", type=int, default=0, help="asr: templates and sampling")
     return p
@@ -60,18 +70,26 @@ def _check(args) -> None:
 def lines(mode: str, report: dict) -> list[str]:
     """One line per scored utterance or item."""
     if mode == "asr":
-        return [f"{u['id']}: WER {u['wer']:.3f} CER {u['cer']:.3f} | ref: {u['reference']} | "
-                f"hyp: {u['hypothesis']}" for u in report["utterances"]]
-    return [f"{r['id']}: {'correct' if r['correct'] else 'wrong'} (chose {r['prediction']}, "
-            f"answer {r['answer']})" for r in report["items"]]
+        return [
+            f"{u['id']}: WER {u['wer']:.3f} CER {u['cer']:.3f} | ref: {u['reference']} | "
+            f"hyp: {u['hypothesis']}"
+            for u in report["utterances"]
+        ]
+    return [
+        f"{r['id']}: {'correct' if r['correct'] else 'wrong'} (chose {r['prediction']}, "
+        f"answer {r['answer']})"
+        for r in report["items"]
+    ]
 
 
 def summary(mode: str, totals: dict) -> str:
     if mode == "asr":
         if not totals["utterances"]:
             return "asr: no utterance scored"
-        return (f"asr: {totals['utterances']} utterances, WER {totals['wer']:.4f}, "
-                f"CER {totals['cer']:.4f} (mean utterance WER {totals['mean_wer']:.4f})")
+        return (
+            f"asr: {totals['utterances']} utterances, WER {totals['wer']:.4f}, "
+            f"CER {totals['cer']:.4f} (mean utterance WER {totals['mean_wer']:.4f})"
+        )
     return f"few_shot: accuracy {totals['accuracy']:.4f} ({totals['correct']}/{totals['items']})"
 
 
@@ -94,10 +112,18 @@ def main(argv=None) -> int:
     mimo = load_mimo(args)
     with tqdm(total=len(utterances) + len(items), unit="item", desc=args.mode) as bar:
         if args.mode == "asr":
-            report = run.evaluate_asr(mimo, utterances, errors, seed=args.seed,
-                                      template=args.template, min_new_groups=args.min_new_groups,
-                                      max_new_groups=args.max_new_groups, greedy=args.greedy,
-                                      batch_size=args.batch_size, progress=bar.update)
+            report = run.evaluate_asr(
+                mimo,
+                utterances,
+                errors,
+                seed=args.seed,
+                template=args.template,
+                min_new_groups=args.min_new_groups,
+                max_new_groups=args.max_new_groups,
+                greedy=args.greedy,
+                batch_size=args.batch_size,
+                progress=bar.update,
+            )
         else:
             report = run.evaluate_choices(mimo, items, errors, progress=bar.update)
     out = Path(args.out)
@@ -105,8 +131,9 @@ def main(argv=None) -> int:
     errors.sort(key=lambda e: e["line"])
     report = {"mode": args.mode, "source": str(source), **report, "errors": len(errors)}
     (out / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
-    (out / "errors.jsonl").write_text("".join(json.dumps(e, ensure_ascii=False) + "\n"
-                                              for e in errors))
+    (out / "errors.jsonl").write_text(
+        "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors)
+    )
     for err in errors:  # not `e`: an `except ... as e` above unbinds that name
         print(f"error: line {err['line']}: {err['error']}", file=sys.stderr)
     print("\n".join(lines(args.mode, report) + [summary(args.mode, report["totals"])]))

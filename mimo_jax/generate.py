@@ -19,6 +19,7 @@ request ends; the time to each request's first audio is printed. The streamed au
 streaming decoder (left 250, right 40 code frames of context), within 40 dB SNR of the one-shot
 decode.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,35 +38,70 @@ from mimo_jax.tasks.requests import TASKS, read_jsonl
 CHUNK = 512  # requests read, sorted by length and generated together
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _JSON_ARGS = ("message_list", "prompt_examples")
-_ARGS = ("input", "instruct", "read_text_only", "prompt_speech", "input_text", "thinking",
-         "message_list", "system_prompt", "instruction", "prompt_examples", "template",
-         "min_new_groups", "max_new_groups", "greedy", "seed")
+_ARGS = (
+    "input",
+    "instruct",
+    "read_text_only",
+    "prompt_speech",
+    "input_text",
+    "thinking",
+    "message_list",
+    "system_prompt",
+    "instruction",
+    "prompt_examples",
+    "template",
+    "min_new_groups",
+    "max_new_groups",
+    "greedy",
+    "seed",
+)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mimo_jax.generate",
-                                description="MiMo-Audio tasks: requests -> text and speech")
+    p = argparse.ArgumentParser(
+        prog="python -m mimo_jax.generate",
+        description="MiMo-Audio tasks: requests -> text and speech",
+    )
     p.add_argument("task", nargs="?", choices=sorted(TASKS), help="the task of one request")
     p.add_argument("--requests", help="a JSONL file of requests (instead of TASK)")
     add_model_args(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--batch-size", type=int, default=8, help="requests per generation batch")
     p.add_argument("--id", default="output", help="the id (file name) of the one request")
-    p.add_argument("--stream", action="store_true",
-                   help="write each DIR/<id>.wav while it is generated (a valid WAV at every "
-                        "point, whole at the end) and print the time to its first audio")
-    p.add_argument("--stream-chunk", type=int, default=8,
-                   help="with --stream: groups generated between writes (default 8)")
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="write each DIR/<id>.wav while it is generated (a valid WAV at every "
+        "point, whole at the end) and print the time to its first audio",
+    )
+    p.add_argument(
+        "--stream-chunk",
+        type=int,
+        default=8,
+        help="with --stream: groups generated between writes (default 8)",
+    )
     g = p.add_argument_group("the one request's inputs and options (see the request fields)")
-    for name in ("input", "instruct", "prompt_speech", "input_text", "system_prompt",
-                 "instruction", "template"):
+    for name in (
+        "input",
+        "instruct",
+        "prompt_speech",
+        "input_text",
+        "system_prompt",
+        "instruction",
+        "template",
+    ):
         g.add_argument(f"--{name.replace('_', '-')}", dest=name)
     for name in _JSON_ARGS:
-        g.add_argument(f"--{name.replace('_', '-')}", dest=name, type=json.loads,
-                       help="JSON, as in a request line")
+        g.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            type=json.loads,
+            help="JSON, as in a request line",
+        )
     for name in ("read_text_only", "thinking", "greedy"):
-        g.add_argument(f"--{name.replace('_', '-')}", dest=name,
-                       action=argparse.BooleanOptionalAction)
+        g.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, action=argparse.BooleanOptionalAction
+        )
     for name in ("min_new_groups", "max_new_groups", "seed"):
         g.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int)
     return p
@@ -81,8 +117,11 @@ def _read_requests(path: str, errors: list) -> list[tuple[int, dict]]:
     for n, req in objects:
         rid = str(req.get("id", n))
         if not _ID.match(rid) or rid in seen:
-            why = "is used by an earlier line" if rid in seen else (
-                "is not a file name (letters, digits, '.', '_', '-')")
+            why = (
+                "is used by an earlier line"
+                if rid in seen
+                else ("is not a file name (letters, digits, '.', '_', '-')")
+            )
             errors.append({"line": n, "id": rid, "error": f"id {rid!r} {why}"})
             continue
         seen.add(rid)
@@ -111,9 +150,14 @@ class GrowingWav:
     def _header(self):
         data = 4 * self.samples
         self.file.seek(0)
-        self.file.write(b"RIFF" + struct.pack("<I", 36 + data) + b"WAVEfmt " +
-                        struct.pack("<IHHIIHH", 16, 3, 1, self.rate, 4 * self.rate, 4, 32) +
-                        b"data" + struct.pack("<I", data))
+        self.file.write(
+            b"RIFF"
+            + struct.pack("<I", 36 + data)
+            + b"WAVEfmt "
+            + struct.pack("<IHHIIHH", 16, 3, 1, self.rate, 4 * self.rate, 4, 32)
+            + b"data"
+            + struct.pack("<I", data)
+        )
         self.file.seek(0, 2)
         self.file.flush()
 
@@ -138,8 +182,12 @@ class GrowingWav:
 def _stream(mimo, chunk: list, out: Path, args, bar, errors: list) -> None:
     """Runs a chunk of request lines as a stream, writing the WAVs as their audio comes."""
     t0, writers = time.perf_counter(), {}
-    for piece in mimo.stream([r for _, r in chunk], batch_size=args.batch_size,
-                             raise_errors=False, chunk_groups=args.stream_chunk):
+    for piece in mimo.stream(
+        [r for _, r in chunk],
+        batch_size=args.batch_size,
+        raise_errors=False,
+        chunk_groups=args.stream_chunk,
+    ):
         n, req = chunk[piece.index]
         rid, res = req["id"], piece.result
         if res is not None and res.error is not None:
@@ -149,8 +197,9 @@ def _stream(mimo, chunk: list, out: Path, args, bar, errors: list) -> None:
         if len(piece.wav):
             if rid not in writers:
                 writers[rid] = GrowingWav(out / f"{rid}.wav", mimo.audio.rate)
-                bar.write(f"first audio of {rid} after {time.perf_counter() - t0:.2f} s",
-                          file=sys.stderr)
+                bar.write(
+                    f"first audio of {rid} after {time.perf_counter() - t0:.2f} s", file=sys.stderr
+                )
             writers[rid].append(piece.wav)
         if res is not None:
             (out / f"{rid}.txt").write_text(res.text)
@@ -179,12 +228,16 @@ def main(argv=None) -> int:
     rate = mimo.audio.rate
     with tqdm(total=len(lines), unit="request", desc="generate") as bar:
         for start in range(0, len(lines), CHUNK):
-            chunk = lines[start:start + CHUNK]
+            chunk = lines[start : start + CHUNK]
             if args.stream:
                 _stream(mimo, chunk, out, args, bar, errors)
                 continue
-            results = mimo.run([r for _, r in chunk], batch_size=args.batch_size,
-                               raise_errors=False, progress=bar.update)
+            results = mimo.run(
+                [r for _, r in chunk],
+                batch_size=args.batch_size,
+                raise_errors=False,
+                progress=bar.update,
+            )
             for (n, req), res in zip(chunk, results):
                 if res.error is not None:
                     errors.append({"line": n, "id": req["id"], "error": res.error})
@@ -192,8 +245,9 @@ def main(argv=None) -> int:
                 else:
                     _write(out, res, rate)
     errors.sort(key=lambda e: e["line"])
-    (out / "errors.jsonl").write_text("".join(json.dumps(e, ensure_ascii=False) + "\n"
-                                              for e in errors))
+    (out / "errors.jsonl").write_text(
+        "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors)
+    )
     for err in errors:  # not `e`: an `except ... as e` above unbinds that name
         print(f"error: line {err['line']}: {err['error']}", file=sys.stderr)
     return 1 if errors else 0

@@ -1,6 +1,7 @@
 """Log levels of the command-line entry points: the project's own progress and summary lines at
 INFO, the libraries beneath (absl, Orbax, JAX, Grain, ...) at WARNING unless asked otherwise; left
 alone, Orbax and absl print about a thousand INFO lines per run and hide the progress lines."""
+
 import logging
 
 from absl import logging as absl_logging
@@ -28,5 +29,9 @@ def configure(library_level: str = "warning") -> None:
 
 def add_flag(parser) -> None:
     """`--log-level` for an argparse command."""
-    parser.add_argument("--log-level", default="warning", choices=LEVELS,
-                        help="level of the libraries' logs (the command's own lines always show)")
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        choices=LEVELS,
+        help="level of the libraries' logs (the command's own lines always show)",
+    )

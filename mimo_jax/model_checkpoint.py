@@ -11,6 +11,7 @@ its shards on a device mesh.
 Every path goes through `mimo_jax.paths` (etils.epath): a model checkpoint may be local or on gs://.
 `config.json` is written last, so a directory holding it is complete (see `save`).
 """
+
 import json
 import os
 from typing import Any
@@ -40,8 +41,11 @@ def is_model_checkpoint(path: PathLike) -> bool:
 
 def flat_params(model_or_state) -> list[tuple[tuple[str, ...], nnx.Variable]]:
     """(path, variable) of every parameter, paths as strings."""
-    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state,
-                                                                                    nnx.Param)
+    state = (
+        model_or_state
+        if isinstance(model_or_state, nnx.State)
+        else nnx.state(model_or_state, nnx.Param)
+    )
     return [(tuple(str(p) for p in path), var) for path, var in nnx.to_flat_state(state)]
 
 
@@ -86,8 +90,9 @@ def restore_param(params_dir: PathLike, path: tuple[str, ...], sharding=None, dt
         args = ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)
     else:
         args = ocp.ArrayRestoreArgs(sharding=sharding, dtype=dtype)
-    out = _checkpointer().restore(_leaf_dir(params_dir, path),
-                                  args=ocp.args.PyTreeRestore(restore_args={"value": args}))
+    out = _checkpointer().restore(
+        _leaf_dir(params_dir, path), args=ocp.args.PyTreeRestore(restore_args={"value": args})
+    )
     return out["value"]
 
 
@@ -116,19 +121,33 @@ def check_params(path: PathLike, shapes: dict[tuple[str, ...], tuple[int, ...]])
     misshapen parameter."""
     saved = param_metadata(paths.resolve(path) / PARAMS_DIR)
     problems = [f"parameter {'.'.join(p)} is missing" for p in shapes if p not in saved]
-    problems += [f"parameter {'.'.join(p)} has shape {tuple(saved[p].shape)}, the config implies "
-                 f"{shape}" for p, shape in shapes.items()
-                 if p in saved and tuple(saved[p].shape) != shape]
-    problems += [f"parameter {'.'.join(p)} is not described by its {CONFIG_FILE}"
-                 for p in saved if p not in shapes]
+    problems += [
+        f"parameter {'.'.join(p)} has shape {tuple(saved[p].shape)}, the config implies {shape}"
+        for p, shape in shapes.items()
+        if p in saved and tuple(saved[p].shape) != shape
+    ]
+    problems += [
+        f"parameter {'.'.join(p)} is not described by its {CONFIG_FILE}"
+        for p in saved
+        if p not in shapes
+    ]
     if problems:
-        raise ValueError(f"{path} holds another architecture than its {CONFIG_FILE} describes:\n  "
-                         + "\n  ".join(problems))
+        raise ValueError(
+            f"{path} holds another architecture than its {CONFIG_FILE} describes:\n  "
+            + "\n  ".join(problems)
+        )
     return saved
 
 
-def load(path: PathLike, *, mesh: jax.sharding.Mesh | None = None, rules=None, dtype=None,
-         param_dtype=None, **config_overrides):
+def load(
+    path: PathLike,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    rules=None,
+    dtype=None,
+    param_dtype=None,
+    **config_overrides,
+):
     """(config, model) from a model checkpoint directory.
 
     With `mesh`, every parameter is restored straight into its shards (no host copy of the whole
@@ -136,13 +155,17 @@ def load(path: PathLike, *, mesh: jax.sharding.Mesh | None = None, rules=None, d
     the compute dtype; `param_dtype` casts the stored parameters on restore.
     """
     if mesh is not None and rules is None:
-        raise ValueError("checkpoint.load: a mesh needs logical axis rules (e.g. "
-                         "sharding.rules.PRESETS['fsdp_tensor'])")
+        raise ValueError(
+            "checkpoint.load: a mesh needs logical axis rules (e.g. "
+            "sharding.rules.PRESETS['fsdp_tensor'])"
+        )
     root = paths.resolve(path)
     if not is_model_checkpoint(root):
-        raise FileNotFoundError(f"{root}: not a model checkpoint (expected {CONFIG_FILE} and "
-                                f"{PARAMS_DIR}/); convert an official checkpoint with "
-                                f"convert_torch_weights.py first")
+        raise FileNotFoundError(
+            f"{root}: not a model checkpoint (expected {CONFIG_FILE} and "
+            f"{PARAMS_DIR}/); convert an official checkpoint with "
+            f"convert_torch_weights.py first"
+        )
     family, config = read_config(root)
     if config_overrides:
         config = config.replace(**config_overrides)
@@ -153,7 +176,10 @@ def load(path: PathLike, *, mesh: jax.sharding.Mesh | None = None, rules=None, d
     flat = flat_params(abs_state)
     check_params(root, {p: tuple(v.get_value().shape) for p, v in flat})
     for p, var in flat:
-        sharding = (named_sharding(mesh, var, rules) if mesh is not None
-                    else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        sharding = (
+            named_sharding(mesh, var, rules)
+            if mesh is not None
+            else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        )
         var.set_value(restore_param(params_dir, p, sharding, param_dtype))
     return config, nnx.merge(graphdef, abs_state)

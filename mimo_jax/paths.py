@@ -8,6 +8,7 @@ directory is built in a hidden staging directory next to it and committed whole:
                  into place with `marker` last: the directory counts as complete only once its
                  marker exists, and an interrupted commit leaves no marker.
 """
+
 import json
 import os
 import socket
@@ -113,8 +114,11 @@ def remove_stale_staging(dst: epath.Path) -> list[epath.Path]:
     """Removes what interrupted writes of `dst` left behind, saying so in one line each."""
     stale = stale_staging_dirs(dst)
     for path in stale:
-        print(f"removing {path}: staging directory of an interrupted write of {dst.name} "
-              f"(its process has ended)", flush=True)
+        print(
+            f"removing {path}: staging directory of an interrupted write of {dst.name} "
+            f"(its process has ended)",
+            flush=True,
+        )
         path.rmtree()
     return stale
 

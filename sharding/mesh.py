@@ -1,4 +1,5 @@
 """Device meshes with the project's axis names, within a slice (ICI) and across slices (DCN)."""
+
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
@@ -11,7 +12,9 @@ AXES = ("data", "fsdp", "tensor", "sequence")
 def _sizes(shape: dict[str, int], devices: int, what: str) -> list[int]:
     unknown = set(shape) - set(AXES)
     if unknown:
-        raise ValueError(f"{what}: unknown mesh axes {sorted(unknown)}; expected a subset of {AXES}")
+        raise ValueError(
+            f"{what}: unknown mesh axes {sorted(unknown)}; expected a subset of {AXES}"
+        )
     sizes = {a: int(shape.get(a, 1)) for a in AXES}
     free = [a for a, s in sizes.items() if s == -1]
     if len(free) > 1:
@@ -29,8 +32,9 @@ def _sizes(shape: dict[str, int], devices: int, what: str) -> list[int]:
     return [sizes[a] for a in AXES]
 
 
-def make_mesh(ici: dict[str, int], dcn: dict[str, int] | None = None,
-              devices=None) -> jax.sharding.Mesh:
+def make_mesh(
+    ici: dict[str, int], dcn: dict[str, int] | None = None, devices=None
+) -> jax.sharding.Mesh:
     """A mesh over `devices` (default: all) with named axis sizes; unnamed axes have size 1.
 
     `ici` shapes the devices of one slice, `dcn` the slices (multi-slice TPU pods, or GPU hosts
@@ -52,5 +56,7 @@ def make_mesh(ici: dict[str, int], dcn: dict[str, int] | None = None,
 def mesh_and_rules(config):
     """The mesh and the rule preset of an experiment config (`mesh.ici`, `mesh.dcn`, `mesh.rules`)."""
     if config.mesh.rules not in PRESETS:
-        raise ValueError(f"config mesh.rules={config.mesh.rules!r}: expected one of {sorted(PRESETS)}")
+        raise ValueError(
+            f"config mesh.rules={config.mesh.rules!r}: expected one of {sorted(PRESETS)}"
+        )
     return make_mesh(dict(config.mesh.ici), dict(config.mesh.dcn)), PRESETS[config.mesh.rules]

@@ -1,6 +1,7 @@
 """Rule presets: which mesh axes each logical axis of a parameter (`embed`, `mlp`, ...) may take.
 `mimo_jax.nn.partitioning` applies a table (first fitting candidate per dimension, else replicated);
 the experiment config picks one by name (`mesh.rules`)."""
+
 from mimo_jax.nn.partitioning import Rules
 
 # Pure FSDP: shard every large parameter along one axis over `fsdp` (and `data` when it is used
@@ -26,5 +27,8 @@ FSDP_TENSOR_RULES: Rules = {
 # Data parallel only: every parameter replicated.
 DATA_RULES: Rules = {}
 
-PRESETS: dict[str, Rules] = {"fsdp": FSDP_RULES, "fsdp_tensor": FSDP_TENSOR_RULES,
-                             "data": DATA_RULES}
+PRESETS: dict[str, Rules] = {
+    "fsdp": FSDP_RULES,
+    "fsdp_tensor": FSDP_TENSOR_RULES,
+    "data": DATA_RULES,
+}

@@ -1,16 +1,19 @@
 """Test setup: 8 simulated CPU devices and a shared compilation cache (set before JAX starts), and
 the parity fixture root."""
+
 import os
 from pathlib import Path
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for every test process and the training subprocesses they start:
 # the same smoke train step and LM programs are compiled by dozens of tests, and on two cores the
 # compiles dominate the suite. A max size turns on the cache's file lock (xdist workers share it).
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"))
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax")
+)
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
@@ -80,6 +83,9 @@ def mimo(fx):
 
     config, model = fixture_lm(fx)
     # Decoding with the stacks' layers unstacked, as MimoAudio.load holds the model on the CPU.
-    return MimoAudio(config, unstack_for_decoding(model),
-                     Tokenizer.load(str(fx.dir / fx.meta["audio_tokenizer"])), fx.tok)
-
+    return MimoAudio(
+        config,
+        unstack_for_decoding(model),
+        Tokenizer.load(str(fx.dir / fx.meta["audio_tokenizer"])),
+        fx.tok,
+    )

@@ -18,6 +18,7 @@ The emulator runs in a subprocess (`serve`), not a thread: Orbax and tensorstore
 Python thread while their C++ threads talk to the server, and the emulator must not wait for the
 GIL of the process it serves.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -115,8 +116,7 @@ def serve(bucket: str) -> None:
     def download_with_generation(request, response, storage, *args, **kwargs):
         download(request, response, storage, *args, **kwargs)
         try:
-            obj = storage.get_file_obj(request.params["bucket_name"],
-                                       request.params["object_id"])
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
         except NotFound:
             return
         response["x-goog-generation"] = obj["generation"]
@@ -138,8 +138,9 @@ def start(bucket: str = BUCKET, timeout: float = 30.0) -> Emulator:
     # stderr to a file, never a pipe nobody reads: the server prints a traceback for each
     # connection a client drops, and a full pipe would stop it mid-request.
     log = tempfile.NamedTemporaryFile("w+", prefix="gcs-emulator-", suffix=".log", delete=False)
-    proc = subprocess.Popen([sys.executable, __file__, bucket], stdout=subprocess.PIPE,
-                            stderr=log, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, bucket], stdout=subprocess.PIPE, stderr=log, text=True
+    )
     port = proc.stdout.readline().strip()
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
@@ -153,8 +154,10 @@ def start(bucket: str = BUCKET, timeout: float = 30.0) -> Emulator:
         if not port or proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             log.seek(0)
-            raise RuntimeError(f"gcp-storage-emulator did not serve {url} within {timeout} s "
-                               f"(exit status {proc.poll()}): {log.read()[-2000:]}")
+            raise RuntimeError(
+                f"gcp-storage-emulator did not serve {url} within {timeout} s "
+                f"(exit status {proc.poll()}): {log.read()[-2000:]}"
+            )
         time.sleep(0.1)
 
 

@@ -9,6 +9,7 @@ pattern and head counts (a floor-division head_dim, a causal patch encoder) in t
 with `reference.npz` computed by this implementation (so the parity tests only check consistency
 there). The other folders are copied from SRC.
 """
+
 import argparse
 import shutil
 import sys
@@ -22,22 +23,44 @@ from flax import nnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-VARIANT = dict(vocab_size=100, hidden_size=48, num_hidden_layers=3, num_attention_heads=6,
-               num_key_value_heads=2, head_dim=8, intermediate_size=96, group_size=3,
-               audio_channels=4, delay_pattern="0-2-2-3", speech_vocab_size="33-17-17-9",
-               speech_zeroemb_idx="32-16-16-8", local_dim=40, local_attn_heads=6, local_ffn_dim=72,
-               local_layers=3, input_local_dim=28, input_local_layers=1,
-               input_full_attention=False, empty_idx=99, sosp_idx=94, eosp_idx=95, sostm_idx=96,
-               eostm_idx=97, eot_idx=98)
+VARIANT = dict(
+    vocab_size=100,
+    hidden_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    head_dim=8,
+    intermediate_size=96,
+    group_size=3,
+    audio_channels=4,
+    delay_pattern="0-2-2-3",
+    speech_vocab_size="33-17-17-9",
+    speech_zeroemb_idx="32-16-16-8",
+    local_dim=40,
+    local_attn_heads=6,
+    local_ffn_dim=72,
+    local_layers=3,
+    input_local_dim=28,
+    input_local_layers=1,
+    input_full_attention=False,
+    empty_idx=99,
+    sosp_idx=94,
+    eosp_idx=95,
+    sostm_idx=96,
+    eostm_idx=97,
+    eot_idx=98,
+)
 
 
 def _ids(config, rng, groups: int, speech) -> np.ndarray:
     """Official layout [1 + C, groups * G] with the given groups as speech (others text)."""
     from mimo_jax.lm.layout import to_official
+
     text = rng.integers(0, config.vocab_size - 6, groups)
     text[speech] = config.empty_idx
-    codes = np.stack([rng.integers(0, v - 1, (groups, config.group_size))
-                      for v in config.speech_vocab_sizes], -1)
+    codes = np.stack(
+        [rng.integers(0, v - 1, (groups, config.group_size)) for v in config.speech_vocab_sizes], -1
+    )
     codes[~speech] = config.speech_empty_ids
     codes[speech.argmax(), 0, 0] = config.speech_empty_ids[0]  # one empty entry in a speech group
     return to_official(text[None], codes[None])[0]
@@ -72,29 +95,42 @@ def write_lm(dst: Path, seed: int = 0) -> None:
     hidden = model.backbone(embeds, jnp.broadcast_to(jnp.arange(t), text.shape))
     local = model.local_hidden(hidden)
     position = 5
-    targets = np.stack([rng.integers(0, v - 1, (2, config.group_size))
-                        for v in config.speech_vocab_sizes], -1)
+    targets = np.stack(
+        [rng.integers(0, v - 1, (2, config.group_size)) for v in config.speech_vocab_sizes], -1
+    )
     logits = model.patch_logits(local[:, position], jnp.asarray(targets))
-    full = np.full((2, config.patch_steps, config.audio_channels,
-                    max(config.speech_vocab_sizes)), np.nan, np.float32)
+    full = np.full(
+        (2, config.patch_steps, config.audio_channels, max(config.speech_vocab_sizes)),
+        np.nan,
+        np.float32,
+    )
     for ch, lg in enumerate(logits):
         d = config.delay_pattern[ch]
-        full[:, d:d + config.group_size, ch, :lg.shape[-1]] = lg
+        full[:, d : d + config.group_size, ch, : lg.shape[-1]] = lg
 
     def greedy(lg, forbidden_id, key):
         return sample(lg, GREEDY, key, forbid_one(lg.shape[-1], forbidden_id))
 
     patch = model.decode_patch(local[:, position], greedy, jax.random.key(0))
-    prompt = ids[1:2, :, :6 * config.group_size]
-    out = generate(model, *from_official(prompt, config.group_size),
-                   GenerationConfig(max_length=16))
-    np.savez(dst / "reference.npz", input_ids=ids.astype(np.int64),
-             speech_mask=np.stack(speech), input_embeds=np.asarray(embeds, np.float32),
-             hidden=np.asarray(hidden), text_logits=np.asarray(model.text_logits(hidden)),
-             local_hidden=np.asarray(local), local_hidden_position=np.int64(position),
-             local_targets=targets.astype(np.int64), local_logits=full,
-             greedy_patch=np.asarray(patch, np.int64), prompt_ids=prompt.astype(np.int64),
-             generated_ids=to_official(out.text, out.codes).astype(np.int64))
+    prompt = ids[1:2, :, : 6 * config.group_size]
+    out = generate(
+        model, *from_official(prompt, config.group_size), GenerationConfig(max_length=16)
+    )
+    np.savez(
+        dst / "reference.npz",
+        input_ids=ids.astype(np.int64),
+        speech_mask=np.stack(speech),
+        input_embeds=np.asarray(embeds, np.float32),
+        hidden=np.asarray(hidden),
+        text_logits=np.asarray(model.text_logits(hidden)),
+        local_hidden=np.asarray(local),
+        local_hidden_position=np.int64(position),
+        local_targets=targets.astype(np.int64),
+        local_logits=full,
+        greedy_patch=np.asarray(patch, np.int64),
+        prompt_ids=prompt.astype(np.int64),
+        generated_ids=to_official(out.text, out.codes).astype(np.int64),
+    )
 
 
 def main(argv=None) -> int:

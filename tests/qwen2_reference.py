@@ -1,5 +1,6 @@
 """A plain NumPy Qwen2 stack (transformers 4.49 semantics) read from official tensor names, with an
 explicit mask: the independent reference for configurations the fixtures do not cover."""
+
 import numpy as np
 
 
@@ -14,12 +15,22 @@ def _rope(x, positions, theta):
     ang = positions[..., None].astype(np.float64) * inv  # [batch, time, d/2]
     cos = np.cos(np.concatenate([ang, ang], -1))[:, :, None]
     sin = np.sin(np.concatenate([ang, ang], -1))[:, :, None]
-    half = np.concatenate([-x[..., d // 2:], x[..., :d // 2]], -1)
+    half = np.concatenate([-x[..., d // 2 :], x[..., : d // 2]], -1)
     return x * cos + half * sin
 
 
-def qwen2_stack(tensors: dict, prefix: str, x, positions, mask, *, heads: int, kv_heads: int,
-                theta: float, eps: float):
+def qwen2_stack(
+    tensors: dict,
+    prefix: str,
+    x,
+    positions,
+    mask,
+    *,
+    heads: int,
+    kv_heads: int,
+    theta: float,
+    eps: float,
+):
     """x [batch, time, hidden]; mask [batch, time, time] bool (True = visible). float64 math."""
     x = np.asarray(x, np.float64)
     t = {k: np.asarray(v, np.float64) for k, v in tensors.items() if k.startswith(prefix)}
@@ -28,8 +39,10 @@ def qwen2_stack(tensors: dict, prefix: str, x, positions, mask, *, heads: int, k
     for i in range(layers):
         p = f"{prefix}.layers.{i}."
         h = _rms(x, t[p + "input_layernorm.weight"], eps)
-        q, k, v = (h @ t[p + f"self_attn.{n}.weight"].T + t[p + f"self_attn.{n}.bias"]
-                   for n in ("q_proj", "k_proj", "v_proj"))
+        q, k, v = (
+            h @ t[p + f"self_attn.{n}.weight"].T + t[p + f"self_attn.{n}.bias"]
+            for n in ("q_proj", "k_proj", "v_proj")
+        )
         head_dim = q.shape[-1] // heads
         q = _rope(q.reshape(b, n, heads, head_dim), positions, theta)
         k = _rope(k.reshape(b, n, kv_heads, head_dim), positions, theta)

@@ -1,4 +1,5 @@
 """The tasks/ fixture as the tests read it: its cases as requests of `mimo_jax.tasks.requests`."""
+
 import json
 
 import numpy as np
@@ -31,8 +32,9 @@ class TasksFixture:
         self.group_size = self.meta["group_size"]
         self.channels = self.meta["audio_channels"]
         self.empty_ids = self.meta["speech_empty_ids"]
-        self.wavs = {name: self.ref[w["array"]] for name, w in self.meta["wavs"].items()
-                     if "array" in w}
+        self.wavs = {
+            name: self.ref[w["array"]] for name, w in self.meta["wavs"].items() if "array" in w
+        }
 
     def audio(self, value):
         """A fixture audio argument -> what a request holds (an array, or a file path)."""
@@ -75,17 +77,22 @@ class TasksFixture:
 
 
 # The official wrapper's task_name of a generation -> our task.
-TASK_OF_GENERATION = {"tts": "tts", "asr": "asr", "in_context_learning_s2s": "few_shot",
-                      "audio_understanding": "understand", "spoken_dialogue": "dialogue",
-                      "text_chat": "text_dialogue"}
+TASK_OF_GENERATION = {
+    "tts": "tts",
+    "asr": "asr",
+    "in_context_learning_s2s": "few_shot",
+    "audio_understanding": "understand",
+    "spoken_dialogue": "dialogue",
+    "text_chat": "text_dialogue",
+}
 
 
 def generated_groups(fx: TasksFixture, gen: dict):
     """(text [S], codes [S, group_size, channels]) of a generation's generated groups."""
     ids = fx.ref[f"{gen['case']}__generated_ids"]
     p, g = gen["prompt_groups"], fx.group_size
-    text = ids[0, p * g::g]
-    codes = ids[1:, p * g:].T.reshape(-1, g, fx.channels)
+    text = ids[0, p * g :: g]
+    codes = ids[1:, p * g :].T.reshape(-1, g, fx.channels)
     return text, codes
 
 

@@ -1,6 +1,7 @@
 """The one attention entry (`nn.attention.attend`): its block-by-block paths (all keys, or the keys
 a sliding window reaches) give the dense mask's result and never form [time, time] logits; a
 bounded window reads only the keys it reaches."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,8 +31,9 @@ def test_blocked_attention_paths_equal_the_full_mask():
     q, k, v, positions, segments = _inputs()
     valid = np.asarray(segments, bool)
     for causal, window in CASES:
-        mask = attention_mask(positions, positions, segments, segments, causal=causal,
-                              window=window)
+        mask = attention_mask(
+            positions, positions, segments, segments, causal=causal, window=window
+        )
         want = np.asarray(dot_product_attention(q, k, v, mask))
         spec = MaskSpec(positions, positions, segments, segments, causal=causal, window=window)
         blocked = blocked_attention(q, k, v, spec, 16)
@@ -50,8 +52,9 @@ def test_long_queries_never_form_time_by_time_logits():
         spec = MaskSpec(positions, positions, segments, segments, causal=causal, window=window)
         short = jax.make_jaxpr(lambda q, k, v: attend(q, k, v, spec))(q, k, v)
         assert square in str(short)  # below the block sizes: one dense [time, time] mask
-        long = jax.make_jaxpr(lambda q, k, v: attend(q, k, v, spec, block=16,
-                                                     window_block=16))(q, k, v)
+        long = jax.make_jaxpr(lambda q, k, v: attend(q, k, v, spec, block=16, window_block=16))(
+            q, k, v
+        )
         assert square not in str(long), (causal, window)
         left, right = window
         # Windowed: each block of 16 queries reads 16 + left + right keys, not all of them.

@@ -1,6 +1,7 @@
 """KV-cached decoding equals the uncached forward numerically (not only in its greedy tokens): every
 generated step's text logits and local hidden state, every cached patch-decoder step's logits, for
 prompts of several lengths, left-padded batches and packed rows."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,8 +41,9 @@ def test_generated_steps_equal_uncached_forward(lm, rows, prompt):
     config, model = lm
     text, codes = rows
     sampler = SamplerConfig(do_sample=True)  # varied groups: speech and text, not one greedy path
-    gen = GenerationConfig(max_length=prompt + NEW, output_scores=True, text_sampler=sampler,
-                           patch_sampler=sampler)
+    gen = GenerationConfig(
+        max_length=prompt + NEW, output_scores=True, text_sampler=sampler, patch_sampler=sampler
+    )
     out = generate(model, text[:, :prompt], codes[:, :prompt], gen, rng=jax.random.key(prompt))
     for row in range(text.shape[0]):
         _check_scores(model, out, row, 0, prompt)
@@ -53,14 +55,23 @@ def test_left_padded_batch_steps_equal_uncached_forward(lm, rows):
     long, short = 6, 2
     pad = long - short
     pad_text = np.concatenate([np.full((pad,), config.empty_idx), text[1, :short]])
-    pad_codes = np.concatenate([np.repeat(empty_patch(config.speech_empty_ids,
-                                                      config.group_size)[None], pad, 0),
-                                codes[1, :short]])
-    gen = GenerationConfig(max_length=long + NEW, output_scores=True,
-                           text_sampler=SamplerConfig(do_sample=True))
-    out = generate(model, np.stack([text[0, :long], pad_text]),
-                   np.stack([codes[0, :long], pad_codes]), gen, prompt_lengths=[long, short],
-                   rng=jax.random.key(5))
+    pad_codes = np.concatenate(
+        [
+            np.repeat(empty_patch(config.speech_empty_ids, config.group_size)[None], pad, 0),
+            codes[1, :short],
+        ]
+    )
+    gen = GenerationConfig(
+        max_length=long + NEW, output_scores=True, text_sampler=SamplerConfig(do_sample=True)
+    )
+    out = generate(
+        model,
+        np.stack([text[0, :long], pad_text]),
+        np.stack([codes[0, :long], pad_codes]),
+        gen,
+        prompt_lengths=[long, short],
+        rng=jax.random.key(5),
+    )
     _check_scores(model, out, 0, 0, long)
     _check_scores(model, out, 1, pad, long)
 
@@ -79,14 +90,26 @@ def test_packed_row_cached_steps_equal_documents_alone(lm, rows):
     pos = jnp.asarray([list(range(cut_a)) + list(range(len_b))])
     prefill = cut_a + start_b
     hidden, cache = model.backbone_cached(
-        jnp.concatenate([emb[0, :cut_a], emb[1, :start_b]])[None], pos[:, :prefill],
-        seg[:, :prefill], cache, pos, jnp.where(jnp.arange(width) < prefill, seg, 0), 0)
+        jnp.concatenate([emb[0, :cut_a], emb[1, :start_b]])[None],
+        pos[:, :prefill],
+        seg[:, :prefill],
+        cache,
+        pos,
+        jnp.where(jnp.arange(width) < prefill, seg, 0),
+        0,
+    )
     steps = [hidden[0, cut_a:]]
     for g in range(start_b, len_b):
         at = cut_a + g
-        out, cache = model.backbone_cached(emb[1, g][None, None], pos[:, at:at + 1],
-                                           seg[:, at:at + 1], cache, pos,
-                                           jnp.where(jnp.arange(width) <= at, seg, 0), at)
+        out, cache = model.backbone_cached(
+            emb[1, g][None, None],
+            pos[:, at : at + 1],
+            seg[:, at : at + 1],
+            cache,
+            pos,
+            jnp.where(jnp.arange(width) <= at, seg, 0),
+            at,
+        )
         steps.append(out[0])
     cached_b = jnp.concatenate(steps)
     alone_a = model(jnp.asarray(text[:1, :cut_a]), jnp.asarray(codes[:1, :cut_a]))[0]
@@ -96,8 +119,9 @@ def test_packed_row_cached_steps_equal_documents_alone(lm, rows):
     np.testing.assert_allclose(model.local_hidden(cached_b), model.local_hidden(alone_b), **TOL)
 
 
-@pytest.mark.parametrize("sampler", [GREEDY, SamplerConfig(do_sample=True)],
-                         ids=["greedy", "drawn"])
+@pytest.mark.parametrize(
+    "sampler", [GREEDY, SamplerConfig(do_sample=True)], ids=["greedy", "drawn"]
+)
 def test_patch_decoder_cached_steps_equal_teacher_forcing(lm, rows, sampler):
     config, model = lm
     text, codes = rows
@@ -111,6 +135,5 @@ def test_patch_decoder_cached_steps_equal_teacher_forcing(lm, rows, sampler):
     forced = model.patch_logits(seeds, decoded)
     assert len(cached) == len(forced) == config.audio_channels
     for ch, (a, b) in enumerate(zip(cached, forced)):
-        assert a.shape == b.shape == (len(seeds), config.group_size,
-                                      config.speech_vocab_sizes[ch])
+        assert a.shape == b.shape == (len(seeds), config.group_size, config.speech_vocab_sizes[ch])
         np.testing.assert_allclose(a, b, **TOL)

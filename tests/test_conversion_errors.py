@@ -1,5 +1,6 @@
 """Bad input to the converter stops it with a message naming the file or tensor, and leaves nothing
 half-written behind."""
+
 import json
 import shutil
 
@@ -83,6 +84,7 @@ def test_every_bad_tensor_is_named(official, tmp_path, capsys):
         del t[f"model.layers.{cfg['num_hidden_layers'] - 1}.mlp.up_proj.weight"]  # missing
         t["model.layers.0.mlp.extra.weight"] = np.zeros(3, np.float32)  # unexpected
         t["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.zeros(8, np.float32)  # ignored
+
     _edit_tensors(official, edit)
     code, err = _convert(capsys, official, tmp_path / "out")
     assert code == 1
@@ -101,7 +103,9 @@ def test_checkpoint_of_the_other_model_is_named(official, fixtures_root, tmp_pat
     (official / "config.json").write_text((fixtures_root / "tokenizer" / "config.json").read_text())
     code, err = _convert(capsys, official, tmp_path / "out")
     assert code == 1 and "tokenizer" in err
-    assert "missing tensor encoder.conv1.weight" in err and "unexpected tensor lm_head.weight" in err
+    assert (
+        "missing tensor encoder.conv1.weight" in err and "unexpected tensor lm_head.weight" in err
+    )
 
 
 def test_existing_destination_needs_overwrite(official, tmp_path, capsys):
@@ -116,13 +120,16 @@ def test_existing_destination_needs_overwrite(official, tmp_path, capsys):
 
 def test_bfloat16_conversion_loads_and_runs(official, tmp_path, capsys):
     import jax.numpy as jnp
+
     code, _ = _convert(capsys, official, tmp_path / "bf16", "--dtype", "bfloat16")
     assert code == 0
     config, model = checkpoint.load(tmp_path / "bf16")
     assert model.lm_head.kernel[...].dtype == jnp.bfloat16
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    hidden = model(jnp.zeros((1, 3), jnp.int32), jnp.zeros((1, 3, config.group_size,
-                                                           config.audio_channels), jnp.int32))
+    hidden = model(
+        jnp.zeros((1, 3), jnp.int32),
+        jnp.zeros((1, 3, config.group_size, config.audio_channels), jnp.int32),
+    )
     assert bool(jnp.isfinite(hidden).all())
 
 
@@ -133,7 +140,10 @@ def test_checkpoint_of_other_size_is_refused_on_load(official, tmp_path, capsys)
     layers, ffn, hidden = cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["hidden_size"]
     cfg["intermediate_size"] = ffn + 1
     (dst / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=rf"model\.layers\.mlp\.down_proj\.kernel has shape "
-                                         rf"\({layers}, {ffn}, {hidden}\), the config implies "
-                                         rf"\({layers}, {ffn + 1}, {hidden}\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"model\.layers\.mlp\.down_proj\.kernel has shape "
+        rf"\({layers}, {ffn}, {hidden}\), the config implies "
+        rf"\({layers}, {ffn + 1}, {hidden}\)",
+    ):
         checkpoint.load(dst)

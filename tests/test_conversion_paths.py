@@ -1,5 +1,6 @@
 """The converter's paths: relative SRC and DST, and the staging directories of interrupted runs
 (removed by the next run on the same DST when their process has ended)."""
+
 import json
 import os
 import shutil
@@ -37,8 +38,7 @@ def test_relative_paths_both_ways(fixtures_root, tmp_path, monkeypatch, capsys):
     assert not list(Path("out").glob(".orbax.partial-*")) and not list(Path(".").glob(".back.*"))
 
 
-def test_stale_staging_of_dead_processes_is_removed_live_ones_kept(fixtures_root, tmp_path,
-                                                                   capsys):
+def test_stale_staging_of_dead_processes_is_removed_live_ones_kept(fixtures_root, tmp_path, capsys):
     host = socket.gethostname().replace("-", "_")
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
@@ -49,14 +49,17 @@ def test_stale_staging_of_dead_processes_is_removed_live_ones_kept(fixtures_root
         unrelated = tmp_path / ".ckpt2.partial-x7y8z9w0"
         for d in (dead, older, running, elsewhere, unrelated):
             (d / "params").mkdir(parents=True)
-        code = convert_torch_weights.main([str(fixtures_root / "lm"), str(tmp_path / "ckpt"),
-                                           "--quiet"])
+        code = convert_torch_weights.main(
+            [str(fixtures_root / "lm"), str(tmp_path / "ckpt"), "--quiet"]
+        )
         assert code == 0
         out = capsys.readouterr().out
         removed = [line for line in out.splitlines() if line.startswith("removing ")]
         assert sorted(removed) == sorted(
             f"removing {d}: staging directory of an interrupted write of ckpt (its process has "
-            f"ended)" for d in (dead, older))
+            f"ended)"
+            for d in (dead, older)
+        )
         assert not dead.exists() and not older.exists()
         assert running.exists() and elsewhere.exists() and unrelated.exists()
     finally:
@@ -66,8 +69,13 @@ def test_stale_staging_of_dead_processes_is_removed_live_ones_kept(fixtures_root
 
 def test_killed_conversion_leaves_a_staging_dir_the_next_run_removes(fixtures_root, tmp_path):
     dst = tmp_path / "ckpt"
-    cmd = [sys.executable, str(ROOT / "convert_torch_weights.py"), str(fixtures_root / "lm"),
-           str(dst), "--quiet"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "convert_torch_weights.py"),
+        str(fixtures_root / "lm"),
+        str(dst),
+        "--quiet",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".ckpt.partial-*")):  # killed as soon as it starts writing
@@ -82,5 +90,6 @@ def test_killed_conversion_leaves_a_staging_dir_the_next_run_removes(fixtures_ro
     assert f"removing {partial}: staging directory of an interrupted write of ckpt" in done.stdout
     assert not list(tmp_path.glob(".ckpt.partial-*"))
     assert json.loads((dst / "config.json").read_text()) == json.loads(
-        (fixtures_root / "lm" / "config.json").read_text())
+        (fixtures_root / "lm" / "config.json").read_text()
+    )
     assert os.path.isdir(dst / "params")

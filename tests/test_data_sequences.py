@@ -196,4 +196,3 @@ def test_layout_comes_from_the_model_config():
     assert cfg.empty_ids == tuple(model.speech_empty_ids) and cfg.context_length == 32
     with pytest.raises(ValueError, match=r"2 empty ids \(1, 2\) for 8 audio channels"):
         DataConfig(empty_ids=(1, 2))
-

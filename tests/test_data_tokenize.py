@@ -103,7 +103,9 @@ def test_tokenize_writes_shards_and_reports_every_bad_line(corpus, tmp_path, cap
     assert [e["line"] for e in errors] == bad
     reasons = [e["reason"] for e in errors]
     assert reasons[0].startswith("not JSON") and reasons[1] == "no 'audio' path"
-    assert reasons[2].endswith("missing.wav: no such file") and errors[2]["audio"].endswith("missing.wav")
+    assert reasons[2].endswith("missing.wav: no such file") and errors[2]["audio"].endswith(
+        "missing.wav"
+    )
     assert reasons[3].startswith("bad audio") and errors[3]["audio"].endswith("garbage.wav")
     assert reasons[4] == "duplicate id 's000b' (first on line 2)"
     manifest_json = json.loads((tmp_path / "out" / "manifest.json").read_text())
@@ -118,8 +120,9 @@ def test_tokenize_writes_shards_and_reports_every_bad_line(corpus, tmp_path, cap
     assert "12 records" in out and "5 errors" in out
     # Codes are the encoder's codes of the 24 kHz audio, with the tokenizer's frame count.
     recs = {r.id: r for r in ShardSet(str(tmp_path / "out"), codebooks=8)}
-    wav = audio_io.read_audio(str(corpus / "wav" / "s002f.wav"), AUDIO.sampling_rate,
-                              min_samples=AUDIO.min_samples)
+    wav = audio_io.read_audio(
+        str(corpus / "wav" / "s002f.wav"), AUDIO.sampling_rate, min_samples=AUDIO.min_samples
+    )
     np.testing.assert_array_equal(recs["s002f"].codes, EnergyEncoder(8)([wav])[0])
     assert recs["s002f"].frames == AUDIO.clip_code_frames(len(wav))
     assert recs["s002f"].meta["pair"] == "s002" and recs["s002f"].language == "de"
@@ -311,7 +314,8 @@ def test_relative_manifest_audio_and_out(tmp_path, monkeypatch):
         wav = 0.1 * np.random.default_rng(i).standard_normal(6000 + 2400 * i).astype(np.float32)
         soundfile.write(tmp_path / "data" / "wav" / f"r{i}.wav", wav, 24000)
     (tmp_path / "data" / "corpus.jsonl").write_text(
-        "".join(json.dumps({"audio": f"wav/r{i}.wav"}) + "\n" for i in range(3)))
+        "".join(json.dumps({"audio": f"wav/r{i}.wav"}) + "\n" for i in range(3))
+    )
     monkeypatch.chdir(tmp_path)
     assert tokenize.run(_args("data/corpus.jsonl", "shards/out")) == 0
     assert sorted(r.id for r in ShardSet("shards/out")) == ["r0", "r1", "r2"]

@@ -26,14 +26,27 @@ FIXTURE_TOKENIZER = os.path.join(
 def _wav(path, seconds, seed=0):
     rng = np.random.default_rng(seed)
     samples = max(1, int(seconds * AUDIO.sampling_rate))
-    soundfile.write(path, 0.1 * rng.standard_normal(samples).astype(np.float32), AUDIO.sampling_rate)
+    soundfile.write(
+        path, 0.1 * rng.standard_normal(samples).astype(np.float32), AUDIO.sampling_rate
+    )
     return path
 
 
 def _args(manifest, out, per_shard, *extra):
     return tokenize.parse_args(
-        ["--manifest", str(manifest), "--out", str(out), "--records-per-shard", str(per_shard),
-         "--process-index", "0", "--process-count", "1", *extra]
+        [
+            "--manifest",
+            str(manifest),
+            "--out",
+            str(out),
+            "--records-per-shard",
+            str(per_shard),
+            "--process-index",
+            "0",
+            "--process-count",
+            "1",
+            *extra,
+        ]
     )
 
 
@@ -64,20 +77,29 @@ def test_bad_lines_are_reported_and_their_shard_keeps_its_good_lines(tmp_path):
     assert tokenize.run(_args(manifest, out, 16, "--encoder", "energy")) == 0
     errors = _errors(out)
     assert [e["line"] for e in errors] == [2, 4, 6]
-    assert errors[0]["reason"] == ("not UTF-8: byte 0xe9 at column 15 (invalid continuation "
-                                   "byte); expected UTF-8 JSON")
+    assert errors[0]["reason"] == (
+        "not UTF-8: byte 0xe9 at column 15 (invalid continuation byte); expected UTF-8 JSON"
+    )
     assert errors[1]["reason"] == "not JSON: Expecting value at column 32"
-    assert errors[2]["reason"].endswith("missing.wav: no such file") and errors[2]["audio"].endswith("missing.wav")
+    assert errors[2]["reason"].endswith("missing.wav: no such file") and errors[2][
+        "audio"
+    ].endswith("missing.wav")
     recs = {r.id: r for r in ShardSet(str(out))}
     assert sorted(recs) == ["good0", "good1", "good2", "good3"]
-    wav = audio_io.read_audio(str(tmp_path / "good3.wav"), AUDIO.sampling_rate,
-                              min_samples=AUDIO.min_samples)
+    wav = audio_io.read_audio(
+        str(tmp_path / "good3.wav"), AUDIO.sampling_rate, min_samples=AUDIO.min_samples
+    )
     np.testing.assert_array_equal(recs["good3"].codes, EnergyEncoder(8)([wav])[0])
     manifest_json = json.loads((out / "manifest.json").read_text())
     assert (manifest_json["records"], manifest_json["errors"], manifest_json["lines"]) == (4, 3, 7)
     # A rerun finds the shard done (the checksum of the raw lines, the bad bytes included).
-    assert tokenize.run(_args(manifest, out, 16, "--encoder", "energy"),
-                        encode=lambda ws: pytest.fail("a finished shard was encoded again")) == 0
+    assert (
+        tokenize.run(
+            _args(manifest, out, 16, "--encoder", "energy"),
+            encode=lambda ws: pytest.fail("a finished shard was encoded again"),
+        )
+        == 0
+    )
 
 
 def test_clip_below_the_encoder_minimum_is_one_error(tmp_path):
@@ -98,10 +120,13 @@ def test_clip_below_the_encoder_minimum_is_one_error(tmp_path):
     assert error["reason"] == (
         f"bad audio: {tmp_path / 'short.wav'}: too short for one frame ({short} samples at "
         f"{config.sampling_rate} Hz give {short} at {config.sampling_rate} Hz; at least "
-        f"{config.min_samples} are needed)")
+        f"{config.min_samples} are needed)"
+    )
     recs = {r.id: r for r in ShardSet(str(out))}
     assert sorted(recs) == ["a", "b"]
-    assert all(r.frames == config.clip_code_frames(int(round(r.duration * 24000))) for r in recs.values())
+    assert all(
+        r.frames == config.clip_code_frames(int(round(r.duration * 24000))) for r in recs.values()
+    )
 
 
 def test_a_clip_the_encoder_refuses_is_one_error(tmp_path):
@@ -119,6 +144,9 @@ def test_a_clip_the_encoder_refuses_is_one_error(tmp_path):
     assert tokenize.run(_args(manifest, out, 8), encode=Picky(8)) == 0
     (error,) = _errors(out)
     samples = int(0.3 * AUDIO.sampling_rate)
-    assert error == {"line": 2, "audio": str(tmp_path / "b.wav"), "reason":
-                     f"refused by the encoder ({samples} samples at 24000 Hz): clip under 0.35 s"}
+    assert error == {
+        "line": 2,
+        "audio": str(tmp_path / "b.wav"),
+        "reason": f"refused by the encoder ({samples} samples at 24000 Hz): clip under 0.35 s",
+    }
     assert sorted(r.id for r in ShardSet(str(out))) == ["a", "c"]

@@ -1,6 +1,7 @@
 """The eSpeak NG synthesiser keeps working when other code in the process registers its own output
 callback with the library (a process-wide setting): the demo corpus must never come out silent
 because of what ran before it."""
+
 import ctypes
 
 import espeakng_loader

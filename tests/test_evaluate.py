@@ -2,6 +2,7 @@
 option scores equal an independent per-option forward pass, single-token options pick the model's
 most likely next token, ASR end to end gives the fixture's greedy transcript, and bad lines are
 each one line of errors.jsonl."""
+
 import json
 
 import numpy as np
@@ -21,16 +22,21 @@ def tasks_lm(fx):
 
 
 def _text_prompt(fx, config):
-    segs = prompts.few_shot([("Two plus two?", "Four"), ("Capital of France?", "Paris")],
-                            "Colour of the sky?", speech_output=False)
+    segs = prompts.few_shot(
+        [("Two plus two?", "Four"), ("Capital of France?", "Paris")],
+        "Colour of the sky?",
+        speech_output=False,
+    )
     return segments.assemble(segs, fx.tok, config.group_size, config.speech_empty_ids)
 
 
 def _alone(model, config, prompt, ids) -> float:
     """One option, unpadded, its log-likelihood from a plain forward pass and numpy."""
     text = np.concatenate([prompt.text, ids])[None]
-    empty = np.broadcast_to(np.asarray(config.speech_empty_ids, np.int32),
-                            (len(ids), config.group_size, config.audio_channels))
+    empty = np.broadcast_to(
+        np.asarray(config.speech_empty_ids, np.int32),
+        (len(ids), config.group_size, config.audio_channels),
+    )
     codes = np.concatenate([prompt.codes, empty])[None]
     logits = np.asarray(model.text_logits(model(text, codes)), np.float64)[0]
     shifted = logits - logits.max(-1, keepdims=True)
@@ -54,8 +60,9 @@ def test_single_token_options_pick_the_most_likely_next_token(fx, tasks_lm):
     logits = np.asarray(model.text_logits(model(prompt.text[None], prompt.codes[None])))[0, -1]
     order = np.argsort(logits)
     best, others = int(order[-1]), [int(i) for i in order[:3]]
-    pick, _ = choice.choose(model, prompt, [[others[0]], [others[1]], [best], [others[2]]],
-                            fx.tok.pad_id)
+    pick, _ = choice.choose(
+        model, prompt, [[others[0]], [others[1]], [best], [others[2]]], fx.tok.pad_id
+    )
     assert pick == 2
 
 
@@ -67,11 +74,15 @@ def lm_dir(fx, tmp_path_factory):
 def _readme_argv(fx, lm_dir, mode: str, inputs, out) -> list[str]:
     """The README's evaluate command of `mode` (optional parts left out) on the fixture."""
     words = readme_command("Evaluation", f"python -m mimo_jax.evaluate {mode}")[3:]
-    paths = {"--manifest": inputs, "--items": inputs, "--lm": lm_dir,
-             "--audio-tokenizer": fx.dir / fx.meta["audio_tokenizer"],
-             "--text-tokenizer": fx.dir / "text_tokenizer" / "tokenizer.json", "--out": out}
-    return [str(paths[words[i - 1]]) if words[i - 1] in paths else w
-            for i, w in enumerate(words)]
+    paths = {
+        "--manifest": inputs,
+        "--items": inputs,
+        "--lm": lm_dir,
+        "--audio-tokenizer": fx.dir / fx.meta["audio_tokenizer"],
+        "--text-tokenizer": fx.dir / "text_tokenizer" / "tokenizer.json",
+        "--out": out,
+    }
+    return [str(paths[words[i - 1]]) if words[i - 1] in paths else w for i, w in enumerate(words)]
 
 
 def _lines(path):
@@ -84,17 +95,25 @@ def test_asr_on_a_manifest(fx, lm_dir, tmp_path, capsys):
     rate = fx.meta["wavs"]["q1"]["sampling_rate"]
     sf.write(tmp_path / "q1.wav", fx.wavs["q1"], rate)
     reference = fx.meta["wavs"]["q1"]["spoken_text"]
-    lines = [json.dumps({"audio": "q1.wav", "text": reference}),  # relative to the manifest
-             json.dumps({"id": "gone", "audio": "nope.wav", "text": "Hello."}),
-             "{not json",
-             json.dumps({"id": "blank", "audio": "q1.wav", "text": "  "}),
-             json.dumps({"id": "fr", "audio": "q1.wav", "text": "Bonjour.", "language": "fr"}),
-             json.dumps({"id": "dot", "audio": "q1.wav", "text": "..."})]
+    lines = [
+        json.dumps({"audio": "q1.wav", "text": reference}),  # relative to the manifest
+        json.dumps({"id": "gone", "audio": "nope.wav", "text": "Hello."}),
+        "{not json",
+        json.dumps({"id": "blank", "audio": "q1.wav", "text": "  "}),
+        json.dumps({"id": "fr", "audio": "q1.wav", "text": "Bonjour.", "language": "fr"}),
+        json.dumps({"id": "dot", "audio": "q1.wav", "text": "..."}),
+    ]
     (tmp_path / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
     argv = _readme_argv(fx, lm_dir, "asr", tmp_path / "manifest.jsonl", out) + [
-        "--template", template, "--greedy", "--min-new-groups", str(gen["min_new_tokens"]),
-        "--max-new-groups", str(gen["max_new_tokens"])]
+        "--template",
+        template,
+        "--greedy",
+        "--min-new-groups",
+        str(gen["min_new_tokens"]),
+        "--max-new-groups",
+        str(gen["max_new_tokens"]),
+    ]
     assert evaluate.main(argv) == 1
     printed = capsys.readouterr().out
     assert "q1: WER 1.000" in printed and "asr: 1 utterances, WER 1.0000" in printed
@@ -107,8 +126,16 @@ def test_asr_on_a_manifest(fx, lm_dir, tmp_path, capsys):
     assert report["totals"]["wer"] == want.wer and report["totals"]["cer"] == want.cer
     errors = _lines(out / "errors.jsonl")
     assert [e["line"] for e in errors] == [2, 3, 4, 5, 6] and report["errors"] == 5
-    for e, text in zip(errors, ["no such file", "not a JSON object", "not a non-empty transcript",
-                                "language 'fr'", "nothing left to score"]):
+    for e, text in zip(
+        errors,
+        [
+            "no such file",
+            "not a JSON object",
+            "not a non-empty transcript",
+            "language 'fr'",
+            "nothing left to score",
+        ],
+    ):
         assert text in e["error"], (e, text)
 
 
@@ -119,17 +146,29 @@ def test_few_shot_items(fx, lm_dir, tasks_lm, tmp_path, capsys):
     options = ["Blue", "Green and yellow", "It is red"]
     prompt = _text_prompt(fx, config)
     want = [_alone(model, config, prompt, fx.tok.encode(o)) for o in options]
-    text_item = {"id": "sky", "subject": "nature", "options": options, "answer": 0,
-                 "examples": [["Two plus two?", "Four"], ["Capital of France?", "Paris"]],
-                 "question": "Colour of the sky?"}
-    speech_item = {"id": "heard", "options": ["Now", "Later"], "answer": 1,
-                   "examples": [[{"audio": "q1.wav"}, "A question"]],
-                   "question": {"text": "What time is it now?", "audio": "q1.wav"}}
-    lines = [json.dumps(text_item), json.dumps(speech_item),
-             json.dumps({**speech_item, "id": "gone", "question": {"audio": "nope.wav"}}),
-             json.dumps({**text_item, "id": "one", "options": ["Only"]}),
-             json.dumps({**text_item, "id": "far", "answer": 3}),
-             "[1, 2]"]
+    text_item = {
+        "id": "sky",
+        "subject": "nature",
+        "options": options,
+        "answer": 0,
+        "examples": [["Two plus two?", "Four"], ["Capital of France?", "Paris"]],
+        "question": "Colour of the sky?",
+    }
+    speech_item = {
+        "id": "heard",
+        "options": ["Now", "Later"],
+        "answer": 1,
+        "examples": [[{"audio": "q1.wav"}, "A question"]],
+        "question": {"text": "What time is it now?", "audio": "q1.wav"},
+    }
+    lines = [
+        json.dumps(text_item),
+        json.dumps(speech_item),
+        json.dumps({**speech_item, "id": "gone", "question": {"audio": "nope.wav"}}),
+        json.dumps({**text_item, "id": "one", "options": ["Only"]}),
+        json.dumps({**text_item, "id": "far", "answer": 3}),
+        "[1, 2]",
+    ]
     (tmp_path / "items.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
     assert evaluate.main(_readme_argv(fx, lm_dir, "few_shot", tmp_path / "items.jsonl", out)) == 1
@@ -144,6 +183,7 @@ def test_few_shot_items(fx, lm_dir, tasks_lm, tmp_path, capsys):
     assert report["totals"]["subjects"] == {"nature": float(correct[0])}
     errors = _lines(out / "errors.jsonl")
     assert [e["line"] for e in errors] == [3, 4, 5, 6]
-    for e, text in zip(errors, ["no such file", "options: ['Only']", "answer: 3",
-                                "not a JSON object"]):
+    for e, text in zip(
+        errors, ["no such file", "options: ['Only']", "answer: 3", "not a JSON object"]
+    ):
         assert text in e["error"], (e, text)

@@ -1,6 +1,7 @@
 """ASR error rates with MiMo-Audio-Eval's normalisation, on hand-made cases whose rates are
 counted by hand: punctuation (ASCII and Chinese) removed with the apostrophe kept, English
 lower-cased and scored per word, Chinese scored per character."""
+
 import pytest
 
 from mimo_jax.evaluation import asr_metrics as m
@@ -33,8 +34,13 @@ def test_hand_counted_rates(ref, hyp, lang, words, chars):
 
 
 def test_normalisation():
-    assert m.normalize("Hello, World! It's (fine) — ok…", "en") == ["hello", "world", "it's",
-                                                                   "fine", "ok"]
+    assert m.normalize("Hello, World! It's (fine) — ok…", "en") == [
+        "hello",
+        "world",
+        "it's",
+        "fine",
+        "ok",
+    ]
     assert m.normalize("「你好」，世界！", "zh") == list("你好世界")
     assert m.language_of("今天 ok") == "zh" and m.language_of("ok") == "en"
     assert m.language_of("ok", "ZH_tw") == "zh"
@@ -42,18 +48,23 @@ def test_normalisation():
 
 
 def test_totals_are_corpus_rates_and_the_official_mean():
-    scores = [m.score("The cat sat, on the MAT.", "the cat sit on the mat"),
-              m.score("Good morning!", "good good morning")]
+    scores = [
+        m.score("The cat sat, on the MAT.", "the cat sit on the mat"),
+        m.score("Good morning!", "good good morning"),
+    ]
     t = m.totals(scores)
     assert t["wer"] == pytest.approx(2 / 8) and t["cer"] == pytest.approx(6 / 34)
     assert t["mean_wer"] == pytest.approx((1 / 6 + 1 / 2) / 2)
     assert (t["substitutions"], t["deletions"], t["insertions"]) == (1, 0, 1)
 
 
-@pytest.mark.parametrize("ref,lang,message", [
-    ("?!。", None, "nothing left to score"),
-    ("bonjour", "fr", "language 'fr'"),
-])
+@pytest.mark.parametrize(
+    "ref,lang,message",
+    [
+        ("?!。", None, "nothing left to score"),
+        ("bonjour", "fr", "language 'fr'"),
+    ],
+)
 def test_bad_references_are_named(ref, lang, message):
     with pytest.raises(ValueError, match=message):
         m.score(ref, "x", lang)

@@ -1,6 +1,7 @@
 """Experiment configs are checked before anything is built: config arguments (bare booleans),
 data sources from the command line, every invalid value named in one line, and command-line
 mistakes reported in one line without a traceback."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -38,11 +39,14 @@ def test_bare_boolean_argument_sets_true():
     assert a.flag is True and a.n == 3
 
 
-@pytest.mark.parametrize("arg,message", [
-    ("smok", "config argument 'smok': expected one of"),
-    ("smoke=maybe", "expected true or false"),
-    ("stage", "expected stage=VALUE"),
-])
+@pytest.mark.parametrize(
+    "arg,message",
+    [
+        ("smok", "config argument 'smok': expected one of"),
+        ("smoke=maybe", "expected true or false"),
+        ("stage", "expected stage=VALUE"),
+    ],
+)
 def test_bad_config_arguments(arg, message):
     with pytest.raises(ValueError, match=message):
         demo_config.get_config(arg)
@@ -50,8 +54,10 @@ def test_bad_config_arguments(arg, message):
 
 def test_sources_parse_from_text():
     assert parse_sources("a/shards:tts:0.5, gs://b/x:asr,gs://b/y:record:2") == [
-        Source("a/shards", "tts", 0.5), Source("gs://b/x", "asr", 1.0),
-        Source("gs://b/y", "record", 2.0)]
+        Source("a/shards", "tts", 0.5),
+        Source("gs://b/x", "asr", 1.0),
+        Source("gs://b/y", "record", 2.0),
+    ]
     assert parse_sources("") == []
     with pytest.raises(ValueError, match="'a/shards:speech': expected DIR:TASK"):
         parse_sources("a/shards:speech")
@@ -68,31 +74,44 @@ def test_valid_config_passes(data_dir):
     config_checks.check(config_with(data_dir))
 
 
-@pytest.mark.parametrize("key,value,expected", [
-    ("total_steps", 0, "total_steps=0: expected an integer >= 1"),
-    ("log_every", -1, "log_every=-1: expected an integer >= 0"),
-    ("checkpoint_every", -2, "checkpoint_every=-2: expected an integer >= 0"),
-    ("eval_every", -1, "eval_every=-1: expected an integer >= 0"),
-    ("checkpoint.keep", 1, "checkpoint.keep=1: expected an integer >= 2"),
-    ("checkpoint.keep", 0, "checkpoint.keep=0: expected an integer >= 2"),
-    ("optimizer.learning_rates.llm", -1e-4, "optimizer.learning_rates.llm=-0.0001: expected a "
-                                            "number >= 0"),
-    ("optimizer.warmup_ratio", 1.5, "optimizer.warmup_ratio=1.5: expected a number in [0, 1]"),
-    ("optimizer.b2", 1.0, "optimizer.b2=1.0: expected a number in [0, 1)"),
-    ("optimizer.schedule", "linear", "optimizer.schedule='linear': expected one of cosine"),
-    ("model.dtype", "float16", "model.dtype='float16': expected one of float32, bfloat16"),
-    ("model.remat_policy", "most", "model.remat_policy='most': expected one of"),
-    ("mesh.rules", "pipeline", "mesh.rules='pipeline': expected one of"),
-    ("loss.weights", "1-2", "loss.weights='1-2': expected 9 numbers >= 0 joined by '-' (text, "
-                            "then one per codebook of the model's 8)"),
-    ("loss.weights", "1-a", "loss.weights='1-a': expected 9 numbers"),
-    ("data.tokenizer", "", "data.tokenizer='': expected the path"),
-    ("data.sources", "", "data.sources='': expected one or more shard sources"),
-    ("data.sources", "nowhere:tts", "nowhere has none"),
-    ("data.sources", "x:speech", "data.sources='x:speech': expected DIR:TASK"),
-    ("model.init_checkpoint", "no/such/ckpt", "model.init_checkpoint='no/such/ckpt': expected an "
-                                              "existing model checkpoint"),
-])
+@pytest.mark.parametrize(
+    "key,value,expected",
+    [
+        ("total_steps", 0, "total_steps=0: expected an integer >= 1"),
+        ("log_every", -1, "log_every=-1: expected an integer >= 0"),
+        ("checkpoint_every", -2, "checkpoint_every=-2: expected an integer >= 0"),
+        ("eval_every", -1, "eval_every=-1: expected an integer >= 0"),
+        ("checkpoint.keep", 1, "checkpoint.keep=1: expected an integer >= 2"),
+        ("checkpoint.keep", 0, "checkpoint.keep=0: expected an integer >= 2"),
+        (
+            "optimizer.learning_rates.llm",
+            -1e-4,
+            "optimizer.learning_rates.llm=-0.0001: expected a number >= 0",
+        ),
+        ("optimizer.warmup_ratio", 1.5, "optimizer.warmup_ratio=1.5: expected a number in [0, 1]"),
+        ("optimizer.b2", 1.0, "optimizer.b2=1.0: expected a number in [0, 1)"),
+        ("optimizer.schedule", "linear", "optimizer.schedule='linear': expected one of cosine"),
+        ("model.dtype", "float16", "model.dtype='float16': expected one of float32, bfloat16"),
+        ("model.remat_policy", "most", "model.remat_policy='most': expected one of"),
+        ("mesh.rules", "pipeline", "mesh.rules='pipeline': expected one of"),
+        (
+            "loss.weights",
+            "1-2",
+            "loss.weights='1-2': expected 9 numbers >= 0 joined by '-' (text, "
+            "then one per codebook of the model's 8)",
+        ),
+        ("loss.weights", "1-a", "loss.weights='1-a': expected 9 numbers"),
+        ("data.tokenizer", "", "data.tokenizer='': expected the path"),
+        ("data.sources", "", "data.sources='': expected one or more shard sources"),
+        ("data.sources", "nowhere:tts", "nowhere has none"),
+        ("data.sources", "x:speech", "data.sources='x:speech': expected DIR:TASK"),
+        (
+            "model.init_checkpoint",
+            "no/such/ckpt",
+            "model.init_checkpoint='no/such/ckpt': expected an existing model checkpoint",
+        ),
+    ],
+)
 def test_each_invalid_value_is_named(data_dir, key, value, expected):
     with pytest.raises(config_checks.ConfigError) as e:
         config_checks.check(config_with(data_dir, **{key: value}))
@@ -105,14 +124,22 @@ def test_the_text_tokenizer_must_hold_the_models_special_ids(data_dir):
     with pytest.raises(config_checks.ConfigError) as e:
         config_checks.check(config)
     (line,) = str(e.value).splitlines()[1:]
-    assert line.endswith("expected the text tokenizer of the model's special ids: sosp_idx=7 but "
-                         f"{data_dir / 'tokenizer.json'} has <|sosp|> = 3"), line
+    assert line.endswith(
+        "expected the text tokenizer of the model's special ids: sosp_idx=7 but "
+        f"{data_dir / 'tokenizer.json'} has <|sosp|> = 3"
+    ), line
 
 
-@pytest.mark.parametrize("sizes,expected", [
-    ((1024,) * 8, "they have codebook sizes (1024, 1024, 1024, 1024, 1024, 1024, 1024, 1024)"),
-    ((1024, 1024, 128, 128), "expected shards of at least the model's 8 codebooks; they have 4"),
-])
+@pytest.mark.parametrize(
+    "sizes,expected",
+    [
+        ((1024,) * 8, "they have codebook sizes (1024, 1024, 1024, 1024, 1024, 1024, 1024, 1024)"),
+        (
+            (1024, 1024, 128, 128),
+            "expected shards of at least the model's 8 codebooks; they have 4",
+        ),
+    ],
+)
 def test_shards_must_hold_the_codes_the_model_models(data_dir, sizes, expected):
     write_manifest(str(data_dir / "shards"), [], sizes, 25.0)
     with pytest.raises(config_checks.ConfigError) as e:
@@ -132,32 +159,52 @@ def test_closest_key():
     config = demo_config.get_config("smoke")
     assert config_checks.closest_key(config, "data.sorces") == "data.sources"
     assert config_checks.closest_key(config, "optimizer.learning_rate.llm") == (
-        "optimizer.learning_rates.llm")
+        "optimizer.learning_rates.llm"
+    )
 
 
 def _train(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.train", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--config.data.sorces=x"], "error: --config.data.sorces: the config has no key "
-                                 "'data.sorces'; did you mean --config.data.sources?"),
-    (["--config.total_steps=abc"], "error: flag --config.total_steps=abc: invalid literal"),
-    (["--config.total_steps=0"], "total_steps=0: expected an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--config.data.sorces=x"],
+            "error: --config.data.sorces: the config has no key "
+            "'data.sorces'; did you mean --config.data.sources?",
+        ),
+        (["--config.total_steps=abc"], "error: flag --config.total_steps=abc: invalid literal"),
+        (["--config.total_steps=0"], "total_steps=0: expected an integer >= 1"),
+    ],
+)
 def test_command_line_mistakes_are_one_line(data_dir, tmp_path, args, message):
-    out = _train("--config", f"experiments/configs/demo.py:smoke,data={data_dir}",
-                 "--workdir", str(tmp_path / "w"), *args)
+    out = _train(
+        "--config",
+        f"experiments/configs/demo.py:smoke,data={data_dir}",
+        "--workdir",
+        str(tmp_path / "w"),
+        *args,
+    )
     assert out.returncode != 0 and message in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "w").exists()
 
 
-@pytest.mark.parametrize("spec,message", [
-    ("experiments/configs/nope.py", "no config file 'experiments/configs/nope.py'"),
-    ("experiments/configs/demo.py:smok", "config argument 'smok': expected one of"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("experiments/configs/nope.py", "no config file 'experiments/configs/nope.py'"),
+        ("experiments/configs/demo.py:smok", "config argument 'smok': expected one of"),
+    ],
+)
 def test_bad_config_file_or_argument_is_one_line(tmp_path, spec, message):
     out = _train("--config", spec, "--workdir", str(tmp_path / "w"))
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr

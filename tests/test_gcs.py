@@ -2,6 +2,7 @@
 fixtures `gcs` and `gs_dir` of gcs_emulator.py): model checkpoints, the converter both ways,
 tokenize and the shard reader, and a training run that is SIGTERMed, resumes and exports its model
 there."""
+
 import io
 import json
 import subprocess
@@ -33,9 +34,9 @@ def _objects(url: str) -> list[str]:
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
-    bucket, _, prefix = url[len("gs://"):].partition("/")
+    bucket, _, prefix = url[len("gs://") :].partition("/")
     client = storage.Client(credentials=AnonymousCredentials(), project="test")
-    return sorted(b.name[len(prefix) + 1:] for b in client.list_blobs(bucket, prefix=prefix + "/"))
+    return sorted(b.name[len(prefix) + 1 :] for b in client.list_blobs(bucket, prefix=prefix + "/"))
 
 
 def _params(model) -> dict:
@@ -84,7 +85,8 @@ def test_convert_both_ways(gs_dir, fixtures_root, capsys):
         assert info.dtype == source[name].dtype, name
         np.testing.assert_array_equal(st.read_tensor(info), st.read_tensor(source[name]), name)
     assert json.loads(epath.Path(f"{gs_dir}/official/config.json").read_text()) == json.loads(
-        (src / "config.json").read_text())
+        (src / "config.json").read_text()
+    )
     # From gs:// back to local, and an official directory read from gs://.
     _, from_gcs = load_torch_checkpoint(f"{gs_dir}/official")
     _assert_same_params(from_gcs, loaded)
@@ -106,13 +108,24 @@ def test_tokenize_to_gcs_and_read_the_shards_back(gs_dir, tmp_path):
     (epath.Path(gs_dir) / "wav").mkdir(parents=True)
     _corpus(epath.Path(gs_dir))
     out = f"{gs_dir}/shards"
-    args = ["--manifest", f"{gs_dir}/corpus.jsonl", "--encoder", "energy",
-            "--records-per-shard", "2", "--process-index", "0", "--process-count", "1"]
+    args = [
+        "--manifest",
+        f"{gs_dir}/corpus.jsonl",
+        "--encoder",
+        "energy",
+        "--records-per-shard",
+        "2",
+        "--process-index",
+        "0",
+        "--process-count",
+        "1",
+    ]
     assert tokenize.run(tokenize.parse_args(args + ["--out", out])) == 0
     names = _objects(out)
-    assert names == sorted(["manifest.json", "errors.jsonl"]
-                           + [f"shard-0000{k}-of-00003.{x}" for k in range(3)
-                              for x in ("array_record", "json")])
+    assert names == sorted(
+        ["manifest.json", "errors.jsonl"]
+        + [f"shard-0000{k}-of-00003.{x}" for k in range(3) for x in ("array_record", "json")]
+    )
     errors = [json.loads(x) for x in epath.Path(out, "errors.jsonl").read_text().splitlines()]
     assert [(e["line"], e["audio"]) for e in errors] == [(3, f"{gs_dir}/wav/missing.wav")]
     records = {r.id: r for r in ShardSet(out)}  # array_record's own GCS reader
@@ -121,22 +134,31 @@ def test_tokenize_to_gcs_and_read_the_shards_back(gs_dir, tmp_path):
     np.testing.assert_array_equal(records["u4"].codes, EnergyEncoder(8)([wav])[0])
     assert records["u4"].text == "utterance 4"
     # The shard command in a fresh process (the emulator settings are inherited).
-    shown = subprocess.run([sys.executable, "-m", "data_pipelines.shards", out, "--show", "1"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    shown = subprocess.run(
+        [sys.executable, "-m", "data_pipelines.shards", out, "--show", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert shown.returncode == 0, shown.stderr
     assert "5 records" in shown.stdout and "1 errors" in shown.stdout
 
 
 def test_training_run_is_preempted_resumes_and_exports_on_gcs(gs_dir, demo_data):
     workdir = f"{gs_dir}/run"
-    cmd = _train_cmd(demo_data, workdir, "--config.total_steps=6",
-                     "--config.checkpoint_every=1000")
+    cmd = _train_cmd(demo_data, workdir, "--config.total_steps=6", "--config.checkpoint_every=1000")
     env = xla_env(1)
     out = run_sigterm_at_step(cmd, env)
     assert "preempted: checkpoint saved at step" in out
     names = _objects(workdir)
-    steps = sorted({int(n.split("/")[1]) for n in names if n.startswith("checkpoints/")
-                    and n.split("/")[1].isdigit()})
+    steps = sorted(
+        {
+            int(n.split("/")[1])
+            for n in names
+            if n.startswith("checkpoints/") and n.split("/")[1].isdigit()
+        }
+    )
     assert steps and steps[-1] < 6, names
     assert "metrics.jsonl" in names and "config.json" in names
     assert any(n.startswith("tensorboard/") for n in names), names

@@ -1,4 +1,5 @@
 """The sampler's filters, and batched generation: left-padded rows, stop tokens, min_length."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,8 +15,9 @@ from mimo_jax.lm.model import unstack_for_decoding
 def test_top_k_is_per_row():
     logits = jnp.array([[1.0, 5.0, 3.0, 4.0], [9.0, 0.0, 8.0, 1.0]])
     out = process(logits, SamplerConfig(top_k=2))
-    np.testing.assert_array_equal(jnp.isfinite(out), [[False, True, False, True],
-                                                      [True, False, True, False]])
+    np.testing.assert_array_equal(
+        jnp.isfinite(out), [[False, True, False, True], [True, False, True, False]]
+    )
 
 
 def test_top_p_keeps_smallest_set_reaching_p():
@@ -32,7 +34,8 @@ def test_temperature_forbidden_and_draws():
     forbid = jnp.array([True, False, False])
     assert int(sample(logits, SamplerConfig(), jax.random.key(0), forbid)[0]) == 1
     draws = jax.vmap(lambda k: sample(logits, SamplerConfig(do_sample=True), k, forbid)[0])(
-        jax.random.split(jax.random.key(1), 400))
+        jax.random.split(jax.random.key(1), 400)
+    )
     counts = np.bincount(np.asarray(draws), minlength=3)
     assert counts[0] == 0 and counts[1] > counts[2] > 0
 
@@ -49,12 +52,20 @@ def test_left_padded_batch_equals_rows_alone(lm, prompt):
     text, codes = prompt
     short_text, short_codes = text[:, 2:], codes[:, 2:]
     pad_text = np.concatenate([np.full((1, 2), config.empty_idx), short_text], axis=1)
-    pad_codes = np.concatenate([np.repeat(empty_patch(config.speech_empty_ids, config.group_size)
-                                          [None, None], 2, axis=1), short_codes], axis=1)
+    pad_codes = np.concatenate(
+        [
+            np.repeat(
+                empty_patch(config.speech_empty_ids, config.group_size)[None, None], 2, axis=1
+            ),
+            short_codes,
+        ],
+        axis=1,
+    )
     batch_text = np.concatenate([text, pad_text])
     batch_codes = np.concatenate([codes, pad_codes])
-    both = generate(model, batch_text, batch_codes, GenerationConfig(max_length=12),
-                    prompt_lengths=[6, 4])
+    both = generate(
+        model, batch_text, batch_codes, GenerationConfig(max_length=12), prompt_lengths=[6, 4]
+    )
     full = generate(model, text, codes, GenerationConfig(max_length=12))
     short = generate(model, short_text, short_codes, GenerationConfig(max_length=10))
     np.testing.assert_array_equal(both.text[0], full.text[0])
@@ -82,8 +93,9 @@ def test_stop_tokens_and_min_length(lm, prompt):
     first_text = int(free.text[0, 6])  # the first generated group's token
     stopped = generate(model, text, codes, GenerationConfig(max_length=16, stop_ids=(first_text,)))
     assert stopped.lengths.tolist() == [7] and int(stopped.text[0, 6]) == first_text
-    held = generate(model, text, codes,
-                    GenerationConfig(max_length=16, min_length=10, stop_ids=(first_text,)))
+    held = generate(
+        model, text, codes, GenerationConfig(max_length=16, min_length=10, stop_ids=(first_text,))
+    )
     assert int(held.text[0, 6]) != first_text
     assert held.lengths[0] >= 10 or held.lengths[0] == 16
     assert first_text not in held.text[0, 6:9].tolist()
@@ -104,9 +116,14 @@ def test_unstacked_layers_generate_as_the_scanned_stack(lm, prompt):
     assert len(loose.model.layers) == config.num_hidden_layers
     assert not isinstance(model.model.layers, nnx.List)  # the shared fixture is left scanned
     text, codes = prompt
-    for gen in (GenerationConfig(max_length=12),
-                GenerationConfig(max_length=12, text_sampler=SamplerConfig(True, 0.9),
-                                 patch_sampler=SamplerConfig(True, 0.9, 50, 0.95))):
+    for gen in (
+        GenerationConfig(max_length=12),
+        GenerationConfig(
+            max_length=12,
+            text_sampler=SamplerConfig(True, 0.9),
+            patch_sampler=SamplerConfig(True, 0.9, 50, 0.95),
+        ),
+    ):
         want = generate(model, text, codes, gen, rng=jax.random.key(3))
         got = generate(loose, text, codes, gen, rng=jax.random.key(3))
         np.testing.assert_array_equal(got.text, want.text)

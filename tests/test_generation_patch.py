@@ -1,6 +1,7 @@
 """The patch decoder runs its heads and sampler only where the delay schedule emits a frame; its
 codes and logits equal those of the dense loop that samples every (step, channel) pair, greedy
 and sampled with the same key."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,12 +25,14 @@ def _dense_decode_patch(model, local_hidden, sample_fn, rng):
     def step(carry, t):
         x, cache, codes, rng = carry
         q_pos = jnp.full((n, 1), t)
-        out, cache = model.local_transformer(x, q_pos, attention_mask(q_pos, key_pos, causal=True),
-                                             cache, t)
+        out, cache = model.local_transformer(
+            x, q_pos, attention_mask(q_pos, key_pos, causal=True), cache, t
+        )
         nxt = jnp.zeros((n, 1, model.speech_embeddings[0].embedding.shape[1]), model.dtype)
         step_logits = []
-        for ch, (head, table) in enumerate(zip(model.local_transformer_lm_heads,
-                                               model.speech_embeddings)):
+        for ch, (head, table) in enumerate(
+            zip(model.local_transformer_lm_heads, model.speech_embeddings)
+        ):
             rng, sub = jax.random.split(rng)
             step_logits.append(head(out[:, 0]))
             tok = sample_fn(step_logits[-1], c.speech_empty_ids[ch], sub)
@@ -42,11 +45,12 @@ def _dense_decode_patch(model, local_hidden, sample_fn, rng):
     codes = jnp.zeros((n, gs, len(c.speech_vocab_sizes)), jnp.int32)
     x0 = local_hidden[:, None].astype(model.dtype)
     (_, _, codes, _), logits = jax.lax.scan(step, (x0, cache, codes, rng), jnp.arange(steps))
-    return codes, [jnp.moveaxis(lg[d:d + gs], 0, 1) for d, lg in zip(c.delay_pattern, logits)]
+    return codes, [jnp.moveaxis(lg[d : d + gs], 0, 1) for d, lg in zip(c.delay_pattern, logits)]
 
 
-@pytest.mark.parametrize("sampler", [GREEDY, SamplerConfig(True, 0.9, 50, 0.95)],
-                         ids=["greedy", "sampled"])
+@pytest.mark.parametrize(
+    "sampler", [GREEDY, SamplerConfig(True, 0.9, 50, 0.95)], ids=["greedy", "sampled"]
+)
 def test_unrolled_patch_decoder_equals_the_dense_loop(lm, sampler):
     config, model = lm
     rows = 5
@@ -58,7 +62,8 @@ def test_unrolled_patch_decoder_equals_the_dense_loop(lm, sampler):
     rng = jax.random.key(7)
     codes, logits = jax.jit(lambda h, k: model.decode_patch(h, sample_fn, k, True))(hidden, rng)
     want_codes, want_logits = jax.jit(lambda h, k: _dense_decode_patch(model, h, sample_fn, k))(
-        hidden, rng)
+        hidden, rng
+    )
     assert codes.shape == (rows, config.group_size, config.audio_channels)
     np.testing.assert_array_equal(codes, want_codes)
     if sampler.do_sample:  # the draws differ between rows: not one greedy path

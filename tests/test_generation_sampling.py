@@ -1,6 +1,7 @@
 """Generation applies its samplers (temperature, top-k, top-p of the text and of the patch
 sampler: the draws of many rows follow the filtered distribution), and stops at exactly the group
 that min_length and max_length allow."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,8 +16,10 @@ ROWS = 512  # identical rows, one draw each
 
 def _speech_next(config, gp):
     """min_length and stop ids that leave `<|empty|>` the only choice for the next group."""
-    return dict(min_length=gp + 1,
-                stop_ids=tuple(t for t in range(config.vocab_size) if t != config.empty_idx))
+    return dict(
+        min_length=gp + 1,
+        stop_ids=tuple(t for t in range(config.vocab_size) if t != config.empty_idx),
+    )
 
 
 def _expected(logits, cfg, forbidden=None):
@@ -40,16 +43,19 @@ def _batched(prompt, rows=ROWS):
 
 # (temperature in units of the gap between the best and the 5th best logit, top_k, top_p): the
 # random fixture's logits are peaked, so the temperature is scaled to leave several live choices.
-SAMPLERS = {"t0.5-k5": (0.5, 5, None), "t1-k5": (1.0, 5, None), "t0.5-p0.6": (0.5, None, 0.6),
-            "t1-k8-p0.8": (1.0, 8, 0.8)}
+SAMPLERS = {
+    "t0.5-k5": (0.5, 5, None),
+    "t1-k5": (1.0, 5, None),
+    "t0.5-p0.6": (0.5, None, 0.6),
+    "t1-k8-p0.8": (1.0, 8, 0.8),
+}
 
 
 def _sampler(logits, forbidden, name):
     scale, top_k, top_p = SAMPLERS[name]
     live = np.sort(np.delete(logits, forbidden) if forbidden is not None else logits)[::-1]
     gap = live[0] - live[min(4, len(live) - 1)]
-    return SamplerConfig(do_sample=True, temperature=float(scale * gap),
-                         top_k=top_k, top_p=top_p)
+    return SamplerConfig(do_sample=True, temperature=float(scale * gap), top_k=top_k, top_p=top_p)
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +72,18 @@ def test_text_sampler_draws_follow_the_filtered_distribution(lm, prompt, first_s
     config, model = lm
     gp = prompt[0].shape[1]
     cfg = _sampler(first_step[0], None, name)
-    out = generate(model, *_batched(prompt), GenerationConfig(
-        max_length=gp + 1, text_sampler=cfg, output_scores=True), rng=jax.random.key(1))
+    out = generate(
+        model,
+        *_batched(prompt),
+        GenerationConfig(max_length=gp + 1, text_sampler=cfg, output_scores=True),
+        rng=jax.random.key(1),
+    )
     # Identical rows decide from identical logits (those of one row may differ from a batch of
     # one in the last bits: another matmul blocking).
     logits = out.text_logits[0, gp]
-    np.testing.assert_array_equal(out.text_logits[:, gp], np.broadcast_to(logits, (ROWS,) +
-                                                                           logits.shape))
+    np.testing.assert_array_equal(
+        out.text_logits[:, gp], np.broadcast_to(logits, (ROWS,) + logits.shape)
+    )
     probs = _expected(logits, cfg)
     assert 1 < (probs > 0).sum() < len(probs)  # the filter leaves a choice and removes some
     _assert_draws_follow(out.text[:, gp], probs)
@@ -88,9 +99,14 @@ def test_patch_sampler_draws_follow_the_filtered_distribution(lm, prompt, first_
     logits = np.asarray(model.patch_logits(jnp.asarray(first_step[1])[None], dummy)[ch][0, 0])
     empty = config.speech_empty_ids[ch]
     cfg = _sampler(logits, empty, name)
-    out = generate(model, *_batched(prompt), GenerationConfig(
-        max_length=gp + 1, patch_sampler=cfg, output_scores=True, **_speech_next(config, gp)),
-        rng=jax.random.key(2))
+    out = generate(
+        model,
+        *_batched(prompt),
+        GenerationConfig(
+            max_length=gp + 1, patch_sampler=cfg, output_scores=True, **_speech_next(config, gp)
+        ),
+        rng=jax.random.key(2),
+    )
     assert (out.text[:, gp] == config.empty_idx).all()  # every row is speech
     seeds = out.local_hidden[:, gp]
     np.testing.assert_array_equal(seeds, np.broadcast_to(seeds[0], seeds.shape))
@@ -117,8 +133,11 @@ def test_min_length_allows_a_stop_exactly_at_its_group(lm, prompt, filler, extra
     gp = prompt[0].shape[1]
     f, stops = filler
     min_length, max_length = gp + extra, gp + extra + 3
-    out = generate(model, *prompt, GenerationConfig(max_length=max_length, min_length=min_length,
-                                                    stop_ids=stops))
+    out = generate(
+        model,
+        *prompt,
+        GenerationConfig(max_length=max_length, min_length=min_length, stop_ids=stops),
+    )
     # Groups before min_length are the filler (every stop id forbidden), the group at index
     # min_length is the first that may stop, and greedy decoding stops there.
     assert out.text[0, gp:min_length].tolist() == [f] * extra
@@ -130,8 +149,9 @@ def test_max_length_ends_generation_at_its_group(lm, prompt, filler):
     config, model = lm
     gp = prompt[0].shape[1]
     f, stops = filler
-    out = generate(model, *prompt, GenerationConfig(max_length=gp + 2, min_length=gp + 2,
-                                                    stop_ids=stops))
+    out = generate(
+        model, *prompt, GenerationConfig(max_length=gp + 2, min_length=gp + 2, stop_ids=stops)
+    )
     assert out.text.shape[1] == gp + 2 and out.lengths.tolist() == [gp + 2]
     assert out.text[0, gp:].tolist() == [f, f]
 

@@ -3,6 +3,7 @@
 through the streaming decoder as it is generated meets the streaming criterion against the one-shot
 decode of the same codes, and its first audio comes while groups remain; `--stream` writes WAVs
 that are valid at every point and whole at the end."""
+
 import io
 import json
 
@@ -31,12 +32,21 @@ def batch(lm, fixtures_root):
     short = text.shape[1] // 2
     pad = text.shape[1] - short
     pad_text = np.concatenate([np.full((1, pad), config.empty_idx), text[1:, :short]], 1)
-    pad_codes = np.concatenate([np.broadcast_to(
-        empty_patch(config.speech_empty_ids, config.group_size), (1, pad) + codes.shape[2:]),
-        codes[1:, :short]], 1)
+    pad_codes = np.concatenate(
+        [
+            np.broadcast_to(
+                empty_patch(config.speech_empty_ids, config.group_size), (1, pad) + codes.shape[2:]
+            ),
+            codes[1:, :short],
+        ],
+        1,
+    )
     lengths = [text.shape[1]] * len(text) + [short]
-    return (np.concatenate([text, pad_text]), np.concatenate([codes, pad_codes]),
-            np.asarray(lengths))
+    return (
+        np.concatenate([text, pad_text]),
+        np.concatenate([codes, pad_codes]),
+        np.asarray(lengths),
+    )
 
 
 def _joined(chunks, gp):
@@ -54,8 +64,13 @@ def test_chunked_generation_equals_one_shot(lm, batch, sampler):
     gp = text.shape[1]
     # Stop at every odd text id but `<|empty|>`: the rows stop at different groups (checked).
     stops = tuple(t for t in range(1, config.vocab_size, 2) if t != config.empty_idx)
-    gen = GenerationConfig(max_length=gp + NEW, min_length=gp + 1, stop_ids=stops,
-                           text_sampler=sampler, patch_sampler=sampler)
+    gen = GenerationConfig(
+        max_length=gp + NEW,
+        min_length=gp + 1,
+        stop_ids=stops,
+        text_sampler=sampler,
+        patch_sampler=sampler,
+    )
     kw = dict(prompt_lengths=lengths, rng=jax.random.key(11))
     one = generate(model, text, codes, gen, **kw)
     assert len(set(one.lengths.tolist())) > 1 and one.lengths.min() < gp + NEW, one.lengths
@@ -79,8 +94,6 @@ def test_chunk_size_must_be_positive(lm, batch):
         next(generate_chunks(model, text, codes, GenerationConfig(max_length=20), chunk_groups=0))
 
 
-
-
 # Speech continuation of two clips of different lengths (one left-padded batch), sampled: its
 # speech starts with the first generated group, and <|eosp|> is held back long enough for the
 # speech to outlast the decoder's right context.
@@ -89,8 +102,16 @@ LEFT, RIGHT = 250, 40  # the official streaming scheme's context, in code frames
 
 
 def _requests(fx):
-    return [{"task": "continue", "input": fx.wavs[w], "seed": 5, "min_new_groups": 32,
-             "max_new_groups": 40} for w in ("q1", "q2")]
+    return [
+        {
+            "task": "continue",
+            "input": fx.wavs[w],
+            "seed": 5,
+            "min_new_groups": 32,
+            "max_new_groups": 40,
+        }
+        for w in ("q1", "q2")
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +119,9 @@ def streamed(fx, mimo):
     """(the chunks of each request in order, the one-shot results)."""
     reqs = _requests(fx)
     chunks = [[] for _ in reqs]
-    for chunk in mimo.stream(reqs, chunk_groups=CHUNK_GROUPS, left_context=LEFT,
-                             right_context=RIGHT):
+    for chunk in mimo.stream(
+        reqs, chunk_groups=CHUNK_GROUPS, left_context=LEFT, right_context=RIGHT
+    ):
         assert not chunks[chunk.index] or chunks[chunk.index][-1].result is None
         chunks[chunk.index].append(chunk)
     return chunks, mimo.run(reqs)
@@ -141,15 +163,17 @@ def test_first_audio_comes_while_groups_remain(streamed, mimo):
         res = mine[-1].result
         # The first audio was decoded from (its frames + the right context) frames, at least a
         # whole chunk of groups before the last frame.
-        heard = sum(len(c.wav) for c in mine[:first + 1]) // spc
+        heard = sum(len(c.wav) for c in mine[: first + 1]) // spc
         assert heard + RIGHT <= res.speech.shape[0] - CHUNK_GROUPS * mimo.config.group_size
 
 
 def test_text_task_streams_its_result_without_audio(fx, mimo):
-    [chunk] = list(mimo.stream([{"task": "asr", "input": fx.wavs["q1"], "greedy": True,
-                                 "max_new_groups": 3}]))
-    [want] = mimo.run([{"task": "asr", "input": fx.wavs["q1"], "greedy": True,
-                        "max_new_groups": 3}])
+    [chunk] = list(
+        mimo.stream([{"task": "asr", "input": fx.wavs["q1"], "greedy": True, "max_new_groups": 3}])
+    )
+    [want] = mimo.run(
+        [{"task": "asr", "input": fx.wavs["q1"], "greedy": True, "max_new_groups": 3}]
+    )
     assert chunk.index == 0 and chunk.wav.size == 0 and chunk.result.wav is None
     assert chunk.result.text == want.text
 
@@ -163,21 +187,37 @@ def test_growing_wav_is_valid_after_every_append(tmp_path):
             wav.append(pieces[i])
             got, rate = sf.read(io.BytesIO(path.read_bytes()), dtype="float32")
             assert rate == 24000
-            np.testing.assert_array_equal(got, np.concatenate(pieces[:i + 1]))
+            np.testing.assert_array_equal(got, np.concatenate(pieces[: i + 1]))
 
 
 def test_cli_streams_the_fixture_tts(fx, tmp_path, capsys):
     lm_dir = causal_lm_dir(fx, tmp_path / "lm")
     (gen,) = [g for g in fx.meta["generations"] if g["case"] == "tts_sft_en"]
     req, _ = fx.request(fx.cases["tts_sft_en"])
-    line = {**req, "id": "tts", "greedy": True, "min_new_groups": gen["min_new_tokens"],
-            "max_new_groups": gen["max_new_tokens"]}
+    line = {
+        **req,
+        "id": "tts",
+        "greedy": True,
+        "min_new_groups": gen["min_new_tokens"],
+        "max_new_groups": gen["max_new_tokens"],
+    }
     (tmp_path / "r.jsonl").write_text(json.dumps(line) + "\n")
     out = tmp_path / "out"
-    argv = ["--requests", str(tmp_path / "r.jsonl"), "--stream", "--stream-chunk", "2",
-            "--lm", str(lm_dir), "--audio-tokenizer", str(fx.dir / fx.meta["audio_tokenizer"]),
-            "--text-tokenizer", str(fx.dir / "text_tokenizer" / "tokenizer.json"),
-            "--out", str(out)]
+    argv = [
+        "--requests",
+        str(tmp_path / "r.jsonl"),
+        "--stream",
+        "--stream-chunk",
+        "2",
+        "--lm",
+        str(lm_dir),
+        "--audio-tokenizer",
+        str(fx.dir / fx.meta["audio_tokenizer"]),
+        "--text-tokenizer",
+        str(fx.dir / "text_tokenizer" / "tokenizer.json"),
+        "--out",
+        str(out),
+    ]
     assert cli.main(argv) == 0
     assert (out / "tts.txt").read_text() == gen["text"]
     wav, rate = sf.read(out / "tts.wav")

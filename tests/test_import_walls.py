@@ -1,5 +1,6 @@
 """The one-way walls between the project's packages, read from the source: every `import` (at module
 level or inside a function) is an edge of the import graph."""
+
 import ast
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def import_graph() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    up = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join(up + ([base] if base else []))
                 names = [f"{base}.{a.name}" for a in node.names]
                 # `from pkg import submodule` imports the submodule, not what pkg/__init__ holds
@@ -83,8 +84,12 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_packages_import_only_what_stands_below_them():
-    crossings = [f"{src} imports {dst}" for src, dsts in import_graph().items() for dst in dsts
-                 if dst.split(".")[0] not in ALLOWED[src.split(".")[0]]]
+    crossings = [
+        f"{src} imports {dst}"
+        for src, dsts in import_graph().items()
+        for dst in dsts
+        if dst.split(".")[0] not in ALLOWED[src.split(".")[0]]
+    ]
     assert not crossings, "\n".join(sorted(crossings))
 
 
@@ -95,8 +100,12 @@ def test_no_module_imports_itself_back():
 def test_model_families_register_downward():
     graph = import_graph()
     assert "mimo_jax.lm.conversion" in graph["mimo_jax.conversion.registry"]
-    users = [m for m, deps in graph.items() if "mimo_jax.conversion.registry" in deps
-             and m.startswith(("mimo_jax.lm", "mimo_jax.tokenizer", "mimo_jax.nn"))]
+    users = [
+        m
+        for m, deps in graph.items()
+        if "mimo_jax.conversion.registry" in deps
+        and m.startswith(("mimo_jax.lm", "mimo_jax.tokenizer", "mimo_jax.nn"))
+    ]
     assert users == []
 
 

@@ -1,5 +1,6 @@
 """experiments.aot on the demo model for 8 simulated devices, the optimizer state's placement, and
 the trainable-parameter count of a LoRA state."""
+
 import re
 import subprocess
 import sys
@@ -23,8 +24,19 @@ def _bytes(out: str, name: str) -> int:
 
 
 def test_aot_reports_sharded_per_device_memory():
-    cmd = [sys.executable, "-m", "experiments.aot", "--config",
-           "experiments/configs/demo.py:smoke=True", "--devices", "8", "--mesh", "fsdp=8", "--rules", "fsdp"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.aot",
+        "--config",
+        "experiments/configs/demo.py:smoke=True",
+        "--devices",
+        "8",
+        "--mesh",
+        "fsdp=8",
+        "--rules",
+        "fsdp",
+    ]
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -47,17 +59,22 @@ def test_a_lora_state_trains_only_its_adapters():
     """The counts `experiments.aot` prints, on the recipe's targets at a small rank: the step
     updates r * (in + out) parameters per adapted projection, and the frozen base is all there."""
     from experiments.configs import lora_sft_7b
+
     config = demo.get_config("smoke=True")
     mesh, rules = mesh_and_rules(config)
     _, _, full = aot_lib.abstract_state(config, mesh, rules)
     config.lora = lora_sft_7b.get_config().lora
     config.lora.rank = 2
     lm, _, state = aot_lib.abstract_state(config, mesh, rules)
-    per_layer = sum(i + o for i, o in (
-        (lm.hidden_size, lm.num_attention_heads * lm.head_dim),
-        (lm.hidden_size, lm.num_key_value_heads * lm.head_dim),
-        (lm.hidden_size, lm.num_key_value_heads * lm.head_dim),
-        (lm.num_attention_heads * lm.head_dim, lm.hidden_size)))
+    per_layer = sum(
+        i + o
+        for i, o in (
+            (lm.hidden_size, lm.num_attention_heads * lm.head_dim),
+            (lm.hidden_size, lm.num_key_value_heads * lm.head_dim),
+            (lm.hidden_size, lm.num_key_value_heads * lm.head_dim),
+            (lm.num_attention_heads * lm.head_dim, lm.hidden_size),
+        )
+    )
     trainable = aot_lib.size_of(state.params)
     assert trainable == 2 * per_layer * lm.num_hidden_layers
     assert aot_lib.size_of(state.frozen) == aot_lib.size_of(full.params)
@@ -89,14 +106,19 @@ def test_build_trainer_places_adam_moments_like_their_parameters():
     mesh, rules = mesh_and_rules(config)
     _, model = build.build_model(config, mesh, rules)
     _, state = build.build_trainer(config, model)
-    params = {path_of(kp): a.sharding
-              for kp, a in jax.tree_util.tree_leaves_with_path(state.params)}
-    moments = [(path_of(kp), a) for kp, a in
-               jax.tree_util.tree_leaves_with_path(state.opt_state) if a.ndim > 0]
+    params = {
+        path_of(kp): a.sharding for kp, a in jax.tree_util.tree_leaves_with_path(state.params)
+    }
+    moments = [
+        (path_of(kp), a)
+        for kp, a in jax.tree_util.tree_leaves_with_path(state.opt_state)
+        if a.ndim > 0
+    ]
     assert len(moments) == 2 * len(params)
     for path, a in moments:
-        own = [s for p, s in params.items() if path[-len(p):] == p]
+        own = [s for p, s in params.items() if path[-len(p) :] == p]
         assert own and a.sharding == own[0], path
     assert any(not s.is_fully_replicated for s in params.values())
     assert state.step.sharding.is_equivalent_to(
-        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), 0)
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), 0
+    )

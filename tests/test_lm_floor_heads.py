@@ -1,6 +1,7 @@
 """Local transformers whose width the head count does not divide (head_dim = width // heads, as the
 official code computes it): built, written in the official layout (the official state_dict names), converted back,
 loaded and run against a NumPy Qwen2 reference. Configs the official code refuses are refused."""
+
 import json
 
 import jax.numpy as jnp
@@ -33,11 +34,11 @@ def randomize(model, seed=0):
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: f"enc{c[0]}-dec{c[1]}-heads{c[2]}")
 def official(request, tmp_path_factory):
     enc, dec, heads = request.param
-    config = small_config(input_local_dim=enc, local_dim=dec, local_attn_heads=heads,
-                          input_full_attention=False)
+    config = small_config(
+        input_local_dim=enc, local_dim=dec, local_attn_heads=heads, input_full_attention=False
+    )
     root = tmp_path_factory.mktemp("floor")
-    checkpoint.save(randomize(MiMoAudioLM(config, rngs=nnx.Rngs(0))), config.to_hf(),
-                    root / "ckpt")
+    checkpoint.save(randomize(MiMoAudioLM(config, rngs=nnx.Rngs(0))), config.to_hf(), root / "ckpt")
     assert convert_torch_weights.main([str(root / "ckpt"), str(root / "official"), "--quiet"]) == 0
     assert convert_torch_weights.main([str(root / "official"), str(root / "back"), "--quiet"]) == 0
     return root, (enc, dec, heads)
@@ -63,16 +64,26 @@ def test_loaded_model_matches_numpy_reference(official):
     config, model = checkpoint.load(root / "back")
     tensors = load_file(root / "official" / "model.safetensors")
     rng = np.random.default_rng(1)
-    kw = dict(heads=config.local_attn_heads, kv_heads=config.local_attn_heads,
-              theta=config.rope_theta, eps=config.rms_norm_eps)
-    for stack, width in ((model.input_local_transformer, config.input_local_dim),
-                         (model.local_transformer, config.local_dim)):
-        prefix = "input_local_transformer" if stack is model.input_local_transformer \
+    kw = dict(
+        heads=config.local_attn_heads,
+        kv_heads=config.local_attn_heads,
+        theta=config.rope_theta,
+        eps=config.rms_norm_eps,
+    )
+    for stack, width in (
+        (model.input_local_transformer, config.input_local_dim),
+        (model.local_transformer, config.local_dim),
+    ):
+        prefix = (
+            "input_local_transformer"
+            if stack is model.input_local_transformer
             else "local_transformer"
+        )
         x = rng.normal(size=(2, config.group_size, width)).astype(np.float32)
         pos = np.broadcast_to(np.arange(config.group_size), (2, config.group_size))
-        mask = np.broadcast_to(np.tril(np.ones((config.group_size,) * 2, bool)),
-                               (2,) + (config.group_size,) * 2)
+        mask = np.broadcast_to(
+            np.tril(np.ones((config.group_size,) * 2, bool)), (2,) + (config.group_size,) * 2
+        )
         got, _ = stack(jnp.asarray(x), jnp.asarray(pos), jnp.asarray(mask))
         want = qwen2_stack(tensors, prefix, x, pos, mask, **kw)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
@@ -89,10 +100,20 @@ def test_generation_runs(official):
     assert (out.codes[0, 2:][speech] < np.asarray(config.speech_empty_ids)).all()
 
 
-@pytest.mark.parametrize("key, value", [
-    ("local_attn_heads", 0), ("num_attention_heads", 0), ("num_key_value_heads", 0),
-    ("hidden_size", -64), ("local_dim", -32), ("input_local_dim", -8), ("intermediate_size", -1),
-    ("group_size", 0), ("audio_channels", 0)])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("local_attn_heads", 0),
+        ("num_attention_heads", 0),
+        ("num_key_value_heads", 0),
+        ("hidden_size", -64),
+        ("local_dim", -32),
+        ("input_local_dim", -8),
+        ("intermediate_size", -1),
+        ("group_size", 0),
+        ("audio_channels", 0),
+    ],
+)
 def test_config_the_official_code_refuses_is_named(key, value):
     with pytest.raises(ValueError, match=rf"\b{key}={value}\b"):
         small_config(**{key: value})

@@ -1,5 +1,6 @@
 """The LM on configurations other than the fixture's: widths that need `speech_embeddings_to_local`,
 a causal patch encoder, other delay patterns and GQA ratios; the config round trip; remat policies."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,10 +11,21 @@ from mimo_jax.inference.sampling import GREEDY, forbid_one, sample
 from mimo_jax.lm.config import MiMoAudioConfig, small_config
 from mimo_jax.lm.model import MiMoAudioLM, delay_schedule
 
-VARIANT = dict(input_local_dim=24, local_dim=32, input_full_attention=False, group_size=3,
-               audio_channels=4, delay_pattern="0-2-2-3", speech_vocab_size="33-17-17-17",
-               speech_zeroemb_idx="32-16-16-16", num_attention_heads=6, num_key_value_heads=2,
-               head_dim=8, hidden_size=48, local_attn_heads=4)
+VARIANT = dict(
+    input_local_dim=24,
+    local_dim=32,
+    input_full_attention=False,
+    group_size=3,
+    audio_channels=4,
+    delay_pattern="0-2-2-3",
+    speech_vocab_size="33-17-17-17",
+    speech_zeroemb_idx="32-16-16-16",
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    head_dim=8,
+    hidden_size=48,
+    local_attn_heads=4,
+)
 
 
 def _model(**overrides):
@@ -66,9 +78,11 @@ def test_causal_patch_encoder_ignores_later_frames():
     changed = codes.copy()
     changed[:, :, -1] = (changed[:, :, -1] + 1) % 16  # only the last frame of each patch
     enc = model.input_local_transformer
-    frames = lambda c: enc(model.embed_speech(jnp.asarray(c)).reshape(2, config.group_size, -1),
-                           jnp.arange(config.group_size)[None],
-                           jnp.tril(jnp.ones((1, config.group_size, config.group_size), bool)))[0]
+    frames = lambda c: enc(
+        model.embed_speech(jnp.asarray(c)).reshape(2, config.group_size, -1),
+        jnp.arange(config.group_size)[None],
+        jnp.tril(jnp.ones((1, config.group_size, config.group_size), bool)),
+    )[0]
     a, b = frames(codes), frames(changed)
     np.testing.assert_allclose(a[:, :-1], b[:, :-1], atol=1e-6)
     assert not np.allclose(a[:, -1], b[:, -1])
@@ -111,6 +125,7 @@ def test_remat_policies_give_the_same_gradients(policy):
 
         def loss(model):
             return jnp.mean(model.text_logits(model(text, codes)) ** 2)
+
         return jax.tree.leaves(nnx.grad(loss)(model))
 
     for a, b in zip(grads("none"), grads(policy)):

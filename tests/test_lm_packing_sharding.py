@@ -1,4 +1,5 @@
 """Packed rows and sharded execution give the same outputs as plain single-device runs."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,8 +39,12 @@ def test_packed_row_equals_documents_one_by_one(converted, ref):
     packed_codes = np.concatenate([doc_a[1], doc_b[1]])[None]
     segments = np.array([[1] * cut + [2] * 7])
     positions = np.array([list(range(cut)) + list(range(7))])
-    packed = model(jnp.asarray(packed_text), jnp.asarray(packed_codes), jnp.asarray(positions),
-                   jnp.asarray(segments))
+    packed = model(
+        jnp.asarray(packed_text),
+        jnp.asarray(packed_codes),
+        jnp.asarray(positions),
+        jnp.asarray(segments),
+    )
     alone_a = model(jnp.asarray(doc_a[0][None]), jnp.asarray(doc_a[1][None]))
     alone_b = model(jnp.asarray(doc_b[0][None]), jnp.asarray(doc_b[1][None]))
     np.testing.assert_allclose(packed[0, :cut], alone_a[0], **TOL)

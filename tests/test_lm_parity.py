@@ -3,6 +3,7 @@
 Each stage is checked from its own reference input (the backbone from `input_embeds`, the patch
 decoder from `local_hidden`), then end to end from `input_ids`.
 """
+
 import json
 
 import jax
@@ -50,8 +51,9 @@ def test_input_embeds(lm, ref):
     config, model = lm
     text, codes = from_official(ref["input_ids"], config.group_size)
     np.testing.assert_array_equal(text == config.empty_idx, ref["speech_mask"])
-    np.testing.assert_allclose(model.embed_inputs(jnp.asarray(text), jnp.asarray(codes)),
-                               ref["input_embeds"], **TOL)
+    np.testing.assert_allclose(
+        model.embed_inputs(jnp.asarray(text), jnp.asarray(codes)), ref["input_embeds"], **TOL
+    )
 
 
 def test_backbone_from_reference_embeds(lm, ref):
@@ -81,8 +83,8 @@ def test_teacher_forced_patch_logits(lm, ref):
     checked = np.zeros(want.shape, bool)
     for ch, got in enumerate(logits):
         d, vocab = config.delay_pattern[ch], config.speech_vocab_sizes[ch]
-        np.testing.assert_allclose(got, want[:, d:d + config.group_size, ch, :vocab], **TOL)
-        checked[:, d:d + config.group_size, ch, :vocab] = True
+        np.testing.assert_allclose(got, want[:, d : d + config.group_size, ch, :vocab], **TOL)
+        checked[:, d : d + config.group_size, ch, :vocab] = True
     # Every active entry was compared, and every entry not compared is inactive (NaN).
     np.testing.assert_array_equal(checked, ~np.isnan(want))
 
@@ -117,7 +119,8 @@ def test_round_trip_to_official_is_bit_exact(lm_dir, converted, tmp_path):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert a.tobytes() == b.tobytes(), name
     assert json.loads((back / "config.json").read_text()) == json.loads(
-        (lm_dir / "config.json").read_text())
+        (lm_dir / "config.json").read_text()
+    )
 
 
 # bfloat16 compute (float32 parameters) against the float32 reference: relative RMS error and
@@ -131,15 +134,18 @@ def test_bfloat16_compute_stays_within_its_bound(lm, ref):
     from flax import nnx
 
     from mimo_jax.lm.model import MiMoAudioLM
+
     config, model = lm
     graphdef = nnx.split(MiMoAudioLM(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))[0]
     bf16 = nnx.merge(graphdef, nnx.state(model))
     text, codes = from_official(ref["input_ids"], config.group_size)
     hidden = bf16(jnp.asarray(text), jnp.asarray(codes))
-    for name, got in (("text_logits", bf16.text_logits(hidden)),
-                      ("local_hidden", bf16.local_hidden(hidden))):
+    for name, got in (
+        ("text_logits", bf16.text_logits(hidden)),
+        ("local_hidden", bf16.local_hidden(hidden)),
+    ):
         want, got = ref[name], np.asarray(got, np.float32)
-        rms = np.sqrt(np.mean((got - want) ** 2) / np.mean(want ** 2))
+        rms = np.sqrt(np.mean((got - want) ** 2) / np.mean(want**2))
         worst = np.abs(got - want).max() / np.abs(want).max()
         assert rms <= BF16_RMS and worst <= BF16_MAX, (name, rms, worst)
         assert rms > 1e-4  # bfloat16 really was used

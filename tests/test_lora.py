@@ -2,6 +2,7 @@
 merge, the layers their patterns choose and the errors of a bad choice, that training gives
 gradients and optimizer state to the adapters and fully trained groups only, and a LoRA run's
 config checks and exports."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,11 +57,15 @@ def test_adapters_start_as_the_base_model_and_merge_into_it(lm):
     rng = np.random.default_rng(0)
     text = jnp.asarray(rng.integers(0, config.vocab_size, (1, 6)))
     codes = jnp.asarray(rng.integers(0, 128, (1, 6, config.group_size, config.audio_channels)))
-    forward = nnx.jit(lambda m, key=None: m.backbone(m.embed_inputs(text, codes),
-                                                     jnp.arange(6)[None], None, key))
+    forward = nnx.jit(
+        lambda m, key=None: m.backbone(m.embed_inputs(text, codes), jnp.arange(6)[None], None, key)
+    )
     base = forward(model)
-    targets = (BACKBONE, r"input_local_transformer\.layers\.\d+\.mlp\.up_proj",
-               r"speech_group_downcast")
+    targets = (
+        BACKBONE,
+        r"input_local_transformer\.layers\.\d+\.mlp\.up_proj",
+        r"speech_group_downcast",
+    )
     apply_lora(model, _lora(targets=targets), rngs=nnx.Rngs(1))
     assert len(adapted(model)) == 9
     # lora_b = 0: the model computes what it did
@@ -74,9 +79,11 @@ def test_adapters_start_as_the_base_model_and_merge_into_it(lm):
     # The merged kernel is W + alpha/r * A @ B, per stacked layer.
     up = model.input_local_transformer.layers.mlp.up_proj
     want = np.asarray(up.kernel[1]) + 2.0 * np.asarray(up.lora.lora_a[1]) @ np.asarray(
-        up.lora.lora_b[1])
-    np.testing.assert_allclose(merged.input_local_transformer.layers.mlp.up_proj.kernel[1], want,
-                               rtol=1e-6, atol=1e-6)
+        up.lora.lora_b[1]
+    )
+    np.testing.assert_allclose(
+        merged.input_local_transformer.layers.mlp.up_proj.kernel[1], want, rtol=1e-6, atol=1e-6
+    )
     # The backbone passes its dropout key to the adapters (and to nothing else).
     for _, module in adapted(model):
         module.dropout = 0.5
@@ -94,22 +101,38 @@ def test_bad_choices_are_named_and_change_nothing():
     model = nnx.eval_shape(lambda: MiMoAudioLM(small_config(), rngs=nnx.Rngs(0)))
     text = _messages(model, _lora(targets=[r"model\.layers\.\d+\.attn\.q"]))
     assert r"lora.targets pattern 'model\.layers\.\d+\.attn\.q' matches no linear layer" in text
-    for name in ("model.layers.{i}.self_attn.q_proj (i = 0..1)", "lm_head",
-                 "local_transformer_lm_heads.7",
-                 "input_local_transformer.layers.{i}.mlp.down_proj"):
+    for name in (
+        "model.layers.{i}.self_attn.q_proj (i = 0..1)",
+        "lm_head",
+        "local_transformer_lm_heads.7",
+        "input_local_transformer.layers.{i}.mlp.down_proj",
+    ):
         assert name in text
     text = _messages(model, _lora(targets=[r"model\.layers\.0\.self_attn\.q_proj"]))
-    assert ("lora.targets match layers [0] of model.layers.{i}.self_attn.q_proj (i = 0..1), not "
-            "all 2") in text
-    text = _messages(model, _lora(rank=33, targets=[r"local_transformer\.layers\.\d+\.self_attn"
-                                                    r"\.o_proj"]))
-    assert ("lora.rank=33: wider than layer local_transformer.layers.{i}.self_attn.o_proj "
-            "[in 32, out 32]; expected a rank <= 32") in text
+    assert (
+        "lora.targets match layers [0] of model.layers.{i}.self_attn.q_proj (i = 0..1), not all 2"
+    ) in text
+    text = _messages(
+        model,
+        _lora(
+            rank=33,
+            targets=[
+                r"local_transformer\.layers\.\d+\.self_attn"
+                r"\.o_proj"
+            ],
+        ),
+    )
+    assert (
+        "lora.rank=33: wider than layer local_transformer.layers.{i}.self_attn.o_proj "
+        "[in 32, out 32]; expected a rank <= 32"
+    ) in text
     text = _messages(model, _lora(targets=[BACKBONE, "lm_head"]), groups=("llm", "patch_decoder"))
     assert "lora.modes.patch_decoder='lora': lora.targets match none of its layers" in text
     text = _messages(model, _lora(targets=[BACKBONE, "hidden_states_downcast"]), groups=("llm",))
-    assert ("lora.targets match hidden_states_downcast of module group 'patch_decoder', which is "
-            "not in LoRA mode") in text
+    assert (
+        "lora.targets match hidden_states_downcast of module group 'patch_decoder', which is "
+        "not in LoRA mode"
+    ) in text
     text = _messages(model, _lora(dropout=0.1, targets=[BACKBONE, "lm_head"]))
     assert "lora.dropout=0.1: layer lm_head is outside the transformer stacks" in text
 
@@ -118,9 +141,15 @@ def test_only_adapters_and_fully_trained_groups_train(lm):
     config, model = lm[0], nnx.clone(lm[1])
     apply_lora(model, _lora(dropout=0.1), rngs=nnx.Rngs(1), lora_groups=("llm",))
     before = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    opt = OptimizerConfig({"patch_encoder": 1e-3, "llm": 1e-2}, total_steps=10,
-                          schedule="constant", warmup_ratio=0.0, clip_norm=0.0,
-                          frozen=("patch_decoder",), lora_groups=("llm",))
+    opt = OptimizerConfig(
+        {"patch_encoder": 1e-3, "llm": 1e-2},
+        total_steps=10,
+        schedule="constant",
+        warmup_ratio=0.0,
+        clip_norm=0.0,
+        frozen=("patch_decoder",),
+        lora_groups=("llm",),
+    )
     trainer, state = Trainer.create(model, LossConfig.from_string("100-12-8-6-4-2-2-1-1"), opt)
     trained = {tuple(map(str, p)) for p, _ in nnx.to_flat_state(state.params)}
     for path, value in before.items():
@@ -128,23 +157,32 @@ def test_only_adapters_and_fully_trained_groups_train(lm):
         adapter = path[-2] == "lora"
         assert (path in trained) == (adapter or group_of(path) == "patch_encoder"), path
     # Adam's two moments exist for the trained parameters only (besides integer step counts).
-    sizes = lambda tree: sum(x.size for x in jax.tree.leaves(tree)
-                             if jnp.issubdtype(x.dtype, jnp.floating))
+    sizes = lambda tree: sum(
+        x.size for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)
+    )
     assert sizes(state.opt_state) == 2 * sizes(state.params)
     rng = np.random.default_rng(0)
     gs, c, g = config.group_size, config.audio_channels, 6
     text = rng.integers(0, config.vocab_size, (2, g))
     text[:, ::2] = config.empty_idx
-    batch = {k: jnp.asarray(v) for k, v in dict(
-        text=text, codes=rng.integers(0, 128, (2, g, gs, c)),
-        positions=np.tile(np.arange(g), (2, 1)), segment_ids=np.ones((2, g), np.int32),
-        text_targets=rng.integers(0, config.vocab_size, (2, g)),
-        text_weights=np.ones((2, g), np.float32), code_targets=rng.integers(0, 128, (2, g, gs, c)),
-        code_weights=np.ones((2, g, c), np.float32)).items()}
+    batch = {
+        k: jnp.asarray(v)
+        for k, v in dict(
+            text=text,
+            codes=rng.integers(0, 128, (2, g, gs, c)),
+            positions=np.tile(np.arange(g), (2, 1)),
+            segment_ids=np.ones((2, g), np.int32),
+            text_targets=rng.integers(0, config.vocab_size, (2, g)),
+            text_weights=np.ones((2, g), np.float32),
+            code_targets=rng.integers(0, 128, (2, g, gs, c)),
+            code_weights=np.ones((2, g, c), np.float32),
+        ).items()
+    }
     state, metrics = jax.jit(trainer.train_step)(state, batch, jax.random.key(0))
     assert np.isfinite(float(metrics["loss"]))
-    after = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(trainer.model(state),
-                                                                      nnx.Param))}
+    after = {
+        p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(trainer.model(state), nnx.Param))
+    }
     for path, value in before.items():
         moved = float(np.max(np.abs(np.asarray(after[path]) - np.asarray(value))))
         name = tuple(map(str, path))
@@ -174,23 +212,37 @@ def demo_config(tmp_path):
         for key, value in overrides.items():
             set_value(config, key, value)
         return config
+
     return make
 
 
-@pytest.mark.parametrize("overrides,expected", [
-    ({"lora.rank": -1}, "lora.rank=-1: expected an integer >= 0"),
-    ({"lora.dropout": 1.0}, "lora.dropout=1.0: expected a number in [0, 1)"),
-    ({"lora.modes.llm": "half"}, "lora.modes.llm='half': expected one of lora, full, frozen"),
-    ({"lora.modes.llm": "full"}, "expected at least one group in 'lora' mode while lora.rank > 0"),
-    ({"optimizer.frozen": ("patch_encoder",), "lora.modes.patch_encoder": "full"},
-     "lora.modes.patch_encoder='full': expected 'frozen' (optimizer.frozen lists patch_encoder)"),
-    ({"lora.targets": ("(",)}, "lora.targets='(': expected a regular expression"),
-    ({"lora.targets": (r"model\.layers\.\d+\.mlp\.gate",)},
-     r"lora.targets pattern 'model\.layers\.\d+\.mlp\.gate' matches no linear layer; the model's "
-     "linear layers are: hidden_states_downcast; input_local_transformer.layers.{i}.mlp.down_proj"),
-    ({"lora.rank": 20}, "lora.rank=20: wider than layer model.layers.{i}.self_attn.k_proj "
-                        "[in 32, out 16]; expected a rank <= 16"),
-])
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        ({"lora.rank": -1}, "lora.rank=-1: expected an integer >= 0"),
+        ({"lora.dropout": 1.0}, "lora.dropout=1.0: expected a number in [0, 1)"),
+        ({"lora.modes.llm": "half"}, "lora.modes.llm='half': expected one of lora, full, frozen"),
+        (
+            {"lora.modes.llm": "full"},
+            "expected at least one group in 'lora' mode while lora.rank > 0",
+        ),
+        (
+            {"optimizer.frozen": ("patch_encoder",), "lora.modes.patch_encoder": "full"},
+            "lora.modes.patch_encoder='full': expected 'frozen' (optimizer.frozen lists patch_encoder)",
+        ),
+        ({"lora.targets": ("(",)}, "lora.targets='(': expected a regular expression"),
+        (
+            {"lora.targets": (r"model\.layers\.\d+\.mlp\.gate",)},
+            r"lora.targets pattern 'model\.layers\.\d+\.mlp\.gate' matches no linear layer; the model's "
+            "linear layers are: hidden_states_downcast; input_local_transformer.layers.{i}.mlp.down_proj",
+        ),
+        (
+            {"lora.rank": 20},
+            "lora.rank=20: wider than layer model.layers.{i}.self_attn.k_proj "
+            "[in 32, out 16]; expected a rank <= 16",
+        ),
+    ],
+)
 def test_config_checks_name_bad_adapters(demo_config, overrides, expected):
     from experiments import config_checks
 
@@ -200,8 +252,9 @@ def test_config_checks_name_bad_adapters(demo_config, overrides, expected):
     assert expected in str(err.value)
 
 
-def test_a_lora_run_builds_its_groups_and_exports_adapters_and_merged_model(demo_config, lm,
-                                                                            tmp_path, monkeypatch):
+def test_a_lora_run_builds_its_groups_and_exports_adapters_and_merged_model(
+    demo_config, lm, tmp_path, monkeypatch
+):
     """The run's wiring on the fixture LM (one device: the sharded build and the checkpoint
     write are tested elsewhere; the merged model's save and conversion in test_lora_peft)."""
     import json
@@ -227,6 +280,8 @@ def test_a_lora_run_builds_its_groups_and_exports_adapters_and_merged_model(demo
     assert saved["path"] == str(tmp_path / "model") and not adapted(saved["model"])
     peft_config = json.loads((tmp_path / "adapter" / adapters.CONFIG_FILE).read_text())
     assert peft_config["r"] == 4 and len(peft_config["target_modules"]) == 7 * 2
-    assert peft_config["modules_to_save"] == (["input_local_transformer"]
-                                              + [f"speech_embeddings.{c}" for c in range(8)]
-                                              + ["speech_group_downcast"])
+    assert peft_config["modules_to_save"] == (
+        ["input_local_transformer"]
+        + [f"speech_embeddings.{c}" for c in range(8)]
+        + ["speech_group_downcast"]
+    )

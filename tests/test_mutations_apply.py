@@ -1,5 +1,6 @@
 """Every deliberate bug of the mutation check (benchmarks/mutations.py) still finds the one place
 it patches: code that moves on must not silently retire a mutation."""
+
 import importlib.util
 from pathlib import Path
 

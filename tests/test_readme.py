@@ -1,6 +1,7 @@
 """The README's commands and its Python example run as written (paths swapped for small local
 ones, sizes shrunk where a command names a 7B run), from a fresh directory with relative paths; and
 every command the README shows is run here, by another named test, or by CI."""
+
 import json
 import os
 import re
@@ -16,10 +17,8 @@ README = (ROOT / "README.md").read_text()
 # Where each README command runs, by its first words (the quick start runs in .ci/run).
 RUN_BY = {
     "python3 -m venv .venv": ".ci/run (the quick-start block)",
-    "python -m experiments.train --config experiments/configs/lm_stage2_7b.py":
-        "test_readme.py::test_training_command",
-    "python -m experiments.train --config experiments/configs/demo.py":
-        "test_readme.py::test_data_commands",
+    "python -m experiments.train --config experiments/configs/lm_stage2_7b.py": "test_readme.py::test_training_command",
+    "python -m experiments.train --config experiments/configs/demo.py": "test_readme.py::test_data_commands",
     "python -m data_pipelines.": "test_readme.py::test_data_commands",
     "python -m experiments.aot": "test_launch_aot.py",
     "python -m experiments.sweep": "test_launch_sweep.py",
@@ -44,8 +43,11 @@ def blocks(language: str, section: str | None = None) -> list[str]:
 def commands(block: str) -> list[str]:
     """The block's commands, continuation lines joined, comments dropped."""
     joined = re.sub(r"\\\n\s*", "", block)
-    return [re.sub(r"\s+#.*$", "", line).strip() for line in joined.splitlines()
-            if line.strip() and not line.lstrip().startswith("#")]
+    return [
+        re.sub(r"\s+#.*$", "", line).strip()
+        for line in joined.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 def readme_command(section: str, start: str) -> list[str]:
@@ -64,11 +66,20 @@ def test_every_command_is_run_somewhere():
 def _run(args, cwd, timeout=600):
     # As on a user's CPU machine: one device, not the suite's eight simulated ones.
     # (Every occurrence: under pytest-xdist the workers' conftest appends the flag once more.)
-    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                     if not f.startswith("--xla_force_host_platform_device_count"))
+    flags = " ".join(
+        f
+        for f in os.environ.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    )
     env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=flags)
-    out = subprocess.run([sys.executable if a == "python" else a for a in args], cwd=cwd, env=env,
-                         capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(
+        [sys.executable if a == "python" else a for a in args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert out.returncode == 0, f"{' '.join(args)}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
     return out
 
@@ -95,8 +106,12 @@ def readme_data(workspace, fixtures_root) -> Path:
 
 def assert_quiet(out) -> None:
     """No INFO lines of the libraries (absl's `I1129 ...`, logging's `INFO absl: ...`)."""
-    noisy = re.findall(r"^(?:[IDV]\d{4} .*|(?:INFO|DEBUG) (?!data_pipelines|experiments|mimo_jax"
-                       r"|__main__).*)$", out.stdout + out.stderr, re.M)
+    noisy = re.findall(
+        r"^(?:[IDV]\d{4} .*|(?:INFO|DEBUG) (?!data_pipelines|experiments|mimo_jax"
+        r"|__main__).*)$",
+        out.stdout + out.stderr,
+        re.M,
+    )
     assert noisy == [], noisy[:5]
 
 
@@ -123,11 +138,21 @@ def test_training_command(workspace, readme_data):
     (workspace / "MiMo-Audio-7B-Base").mkdir()
     (workspace / "MiMo-Audio-7B-Base" / "tokenizer.json").symlink_to(readme_data / "tokenizer.json")
     command = readme_command("Training", "python -m experiments.train")
-    command = [a.replace("gs://bucket/run", "runs/stage2").replace("data/shards", "data/demo/shards")
-               for a in command]
-    _run(command + ["--config.data.batch_size=8", "--config.data.context_length=256",
-                    "--config.total_steps=3", "--config.checkpoint_every=2", "--config.log_every=1"],
-         workspace)
+    command = [
+        a.replace("gs://bucket/run", "runs/stage2").replace("data/shards", "data/demo/shards")
+        for a in command
+    ]
+    _run(
+        command
+        + [
+            "--config.data.batch_size=8",
+            "--config.data.context_length=256",
+            "--config.total_steps=3",
+            "--config.checkpoint_every=2",
+            "--config.log_every=1",
+        ],
+        workspace,
+    )
     lines = (workspace / "runs" / "stage2" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
     assert (workspace / "runs" / "stage2" / "model" / "config.json").is_file()
@@ -135,14 +160,21 @@ def test_training_command(workspace, readme_data):
 
 def test_conversion_commands(workspace, fixtures_root):
     """Both conversion commands, relative paths (the official directory: the LM fixture)."""
-    to_orbax, back = (readme_command("Converting checkpoints", f"python convert_torch_weights.py {s}")
-                      for s in ("MiMo-Audio-7B-Base/", "ckpt/mimo-7b exported/"))
+    to_orbax, back = (
+        readme_command("Converting checkpoints", f"python convert_torch_weights.py {s}")
+        for s in ("MiMo-Audio-7B-Base/", "ckpt/mimo-7b exported/")
+    )
     official = workspace / "official"
     official.mkdir()
     for name in ("config.json", "model.safetensors"):
         (official / name).symlink_to(fixtures_root / "lm" / name)
-    _run([a.replace("MiMo-Audio-7B-Base/", "official/").replace("ckpt/mimo-7b", "converted/lm")
-          for a in to_orbax], workspace)
+    _run(
+        [
+            a.replace("MiMo-Audio-7B-Base/", "official/").replace("ckpt/mimo-7b", "converted/lm")
+            for a in to_orbax
+        ],
+        workspace,
+    )
     _run([a.replace("ckpt/mimo-7b", "converted/lm") for a in back], workspace)
     assert (workspace / "exported" / "model.safetensors").is_file()
 
@@ -164,11 +196,13 @@ def test_tasks_example(tmp_path, fixtures_root):
     tasks = fixtures_root / "tasks"
     script = example
     text_tokenizer = tasks / "text_tokenizer" / "tokenizer.json"
-    for name, path in {'"MiMo-Audio-7B-Instruct/tokenizer.json"': text_tokenizer,
-                       '"MiMo-Audio-7B-Instruct"': tasks / "lm",
-                       '"MiMo-Audio-Tokenizer"': fixtures_root / "tokenizer",
-                       '"question.wav"': tasks / "stereo16k.wav",
-                       '"max_new_groups": 750': '"max_new_groups": 6'}.items():
+    for name, path in {
+        '"MiMo-Audio-7B-Instruct/tokenizer.json"': text_tokenizer,
+        '"MiMo-Audio-7B-Instruct"': tasks / "lm",
+        '"MiMo-Audio-Tokenizer"': fixtures_root / "tokenizer",
+        '"question.wav"': tasks / "stereo16k.wav",
+        '"max_new_groups": 750': '"max_new_groups": 6',
+    }.items():
         assert name in script, name
         script = script.replace(name, repr(str(path)) if isinstance(path, Path) else path)
     (tmp_path / "example.py").write_text(script)

@@ -1,6 +1,7 @@
 """The Python API (`MimoAudio`) on the tasks/ fixture: every fixture generation end to end from
 its request (audio through our tokenizer), a batch of mixed requests equal to each request alone,
 the official multi-turn history, and a checkpoint whose special ids disagree with the tokenizer."""
+
 import dataclasses
 
 import numpy as np
@@ -13,8 +14,12 @@ from mimo_jax.tasks import outputs
 
 def _greedy(fx, gen):
     req, _ = fx.request(fx.cases[gen["case"]])
-    return {**req, "greedy": True, "min_new_groups": gen["min_new_tokens"],
-            "max_new_groups": gen["max_new_tokens"]}
+    return {
+        **req,
+        "greedy": True,
+        "min_new_groups": gen["min_new_tokens"],
+        "max_new_groups": gen["max_new_tokens"],
+    }
 
 
 def test_fixture_generations_end_to_end(fx, mimo):
@@ -25,14 +30,19 @@ def test_fixture_generations_end_to_end(fx, mimo):
         assert p == gen["prompt_groups"] and r.generated_groups == gen["generated_groups"], name
         ids = r.sequence.input_ids()
         want = fx.ref[f"{name}__generated_ids"]
-        np.testing.assert_array_equal(ids[:, :p * fx.group_size], want[:, :p * fx.group_size])
+        np.testing.assert_array_equal(ids[:, : p * fx.group_size], want[:, : p * fx.group_size])
         got = to_official(r.sequence.text[None, p:], r.sequence.codes[None, p:])[0]
-        np.testing.assert_array_equal(got, want[:, p * fx.group_size:], err_msg=name)
+        np.testing.assert_array_equal(got, want[:, p * fx.group_size :], err_msg=name)
         assert r.text == gen["text"], name
         if r.speech is None:  # a text task: the official forward would still extract speech
             assert r.request["task"] == "asr" and r.wav is None
-            speech = outputs.speech_of(r.sequence.text[p:], r.sequence.codes[p:], fx.empty_ids,
-                                       fx.tok.sostm_id, fx.tok.eostm_id)
+            speech = outputs.speech_of(
+                r.sequence.text[p:],
+                r.sequence.codes[p:],
+                fx.empty_ids,
+                fx.tok.sostm_id,
+                fx.tok.eostm_id,
+            )
             r.wav = outputs.wav_of(mimo.audio.tokenizer, speech)
             r.speech = speech
         np.testing.assert_array_equal(r.speech.T, fx.ref[f"{name}__speech_codes"], err_msg=name)
@@ -51,8 +61,11 @@ def test_mixed_batch_equals_each_request_alone(fx, mimo):
     opts = {"greedy": True, "min_new_groups": 2, "max_new_groups": 6}
     q1, q2 = fx.wavs["q1"], fx.wavs["q2"]
     batch = [
-        {"task": "tts", "input": "Good night, sleep well.",
-         "template": "Read this content out loud"},
+        {
+            "task": "tts",
+            "input": "Good night, sleep well.",
+            "template": "Read this content out loud",
+        },
         {"task": "asr", "input": q1, "template": "Transcribe this voice recording"},
         {"task": "tts", "input": "今天天气很好，我们去海边散步吧。", "template": "请朗读这段内容"},
         {"task": "asr", "input": q2, "template": "Transcribe this voice recording"},
@@ -75,36 +88,42 @@ def test_dialogue_history_appends_the_next_turn_to_the_whole_sequence(fx, mimo):
     opts = {"greedy": True, "max_new_groups": 4}
     [first] = mimo.dialogue([{**first_req, **opts}])
     [second] = mimo.dialogue([{**req, **opts}], history=[first])
-    turn = second.sequence.input_ids()[:, first.sequence.groups * fx.group_size:]
-    turn = turn[:, :case["groups"] * fx.group_size]
+    turn = second.sequence.input_ids()[:, first.sequence.groups * fx.group_size :]
+    turn = turn[:, : case["groups"] * fx.group_size]
     np.testing.assert_array_equal(turn, fx.ref[f"{case['name']}__input_ids"])
-    np.testing.assert_array_equal(second.sequence.text[:first.sequence.groups],
-                                  first.sequence.text)
+    np.testing.assert_array_equal(
+        second.sequence.text[: first.sequence.groups], first.sequence.text
+    )
     assert second.prompt_groups == first.sequence.groups + case["groups"]
 
 
 def test_sampler_presets_are_the_official_ones(mimo):
     tts_text, tts_patch = mimo.task_sampler_configs["tts"]
     assert (tts_text.do_sample, tts_text.temperature, tts_text.top_k, tts_text.top_p) == (
-        True, 0.6, None, 1.0)
+        True,
+        0.6,
+        None,
+        1.0,
+    )
     assert (tts_patch.temperature, tts_patch.top_p) == (0.9, 0.95)
     assert not mimo.task_sampler_configs["asr"][0].do_sample
     assert TASK_SAMPLERS["default"][0].top_k == 50
 
 
 def test_checkpoint_whose_special_ids_disagree_is_refused(fx, mimo):
-    config = dataclasses.replace(mimo.config, sostm_idx=mimo.config.sostm_idx + 1,
-                                 eot_idx=mimo.config.eot_idx + 1)
+    config = dataclasses.replace(
+        mimo.config, sostm_idx=mimo.config.sostm_idx + 1, eot_idx=mimo.config.eot_idx + 1
+    )
     with pytest.raises(ValueError, match=r"sostm_idx=.*<\|sostm\|>.*eot_idx=.*<\|eot\|>"):
         MimoAudio(config, mimo.model, mimo.audio.tokenizer, fx.tok)
 
 
 def test_continue_speech_extends_the_given_audio(fx, mimo):
     [r] = mimo.continue_speech([{"input": fx.wavs["q1"], "greedy": True, "max_new_groups": 4}])
-    prompt = r.sequence.text[:r.prompt_groups]
+    prompt = r.sequence.text[: r.prompt_groups]
     assert prompt[0] == fx.tok.sosp_id and fx.tok.eosp_id not in prompt.tolist()
     assert (prompt[1:] == fx.tok.empty_id).all()
-    new = r.sequence.text[r.prompt_groups:].tolist()
+    new = r.sequence.text[r.prompt_groups :].tolist()
     frames = sum(fx.group_size for t in new[:-1] if t == fx.tok.empty_id)
     end = new.index(fx.tok.eosp_id) if fx.tok.eosp_id in new else len(new) - 1
     assert r.speech.shape[0] == fx.group_size * new[:end].count(fx.tok.empty_id) <= frames

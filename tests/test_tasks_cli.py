@@ -1,6 +1,7 @@
 """`python -m mimo_jax.generate` end to end on the tasks/ fixture: a JSONL of good and bad
 requests (the good ones give the fixture's text and a WAV of its length; each bad one is one line
 of errors.jsonl), one request from the command line, and a checkpoint refused for its ids."""
+
 import json
 
 import numpy as np
@@ -17,9 +18,16 @@ def lm_dir(fx, tmp_path_factory):
 
 
 def _args(fx, lm_dir, out):
-    return ["--lm", str(lm_dir), "--audio-tokenizer", str(fx.dir / fx.meta["audio_tokenizer"]),
-            "--text-tokenizer", str(fx.dir / "text_tokenizer" / "tokenizer.json"),
-            "--out", str(out)]
+    return [
+        "--lm",
+        str(lm_dir),
+        "--audio-tokenizer",
+        str(fx.dir / fx.meta["audio_tokenizer"]),
+        "--text-tokenizer",
+        str(fx.dir / "text_tokenizer" / "tokenizer.json"),
+        "--out",
+        str(out),
+    ]
 
 
 def _generation(fx, name):
@@ -30,8 +38,13 @@ def _generation(fx, name):
 def test_requests_file(fx, lm_dir, tmp_path):
     gen = _generation(fx, "tts_sft_en")
     req, _ = fx.request(fx.cases["tts_sft_en"])
-    good = {**req, "id": "tts", "greedy": True, "min_new_groups": gen["min_new_tokens"],
-            "max_new_groups": gen["max_new_tokens"]}
+    good = {
+        **req,
+        "id": "tts",
+        "greedy": True,
+        "min_new_groups": gen["min_new_tokens"],
+        "max_new_groups": gen["max_new_tokens"],
+    }
     rate = fx.meta["wavs"]["q1"]["sampling_rate"]
     sf.write(tmp_path / "silent.wav", np.zeros(rate, np.float32), rate)
     sf.write(tmp_path / "short.wav", np.full(8, 0.1, np.float32), rate)
@@ -47,15 +60,27 @@ def test_requests_file(fx, lm_dir, tmp_path):
         json.dumps({"task": "sing", "id": "sing", "input": "la"}): "task 'sing'",
         json.dumps({"task": "tts", "id": "key", "input": "Hi.", "volume": 3}): "'volume'",
         json.dumps({"task": "tts", "id": "n", "input": "Hi.", "max_new_groups": 0}): "max_new",
-        json.dumps({"task": "dialogue", "id": "long", "input": str(tmp_path / "voice.wav"),
-                    "prompt_speech": str(tmp_path / "voice.wav")}): "context of 64",
+        json.dumps(
+            {
+                "task": "dialogue",
+                "id": "long",
+                "input": str(tmp_path / "voice.wav"),
+                "prompt_speech": str(tmp_path / "voice.wav"),
+            }
+        ): "context of 64",
         "{not json": "not a JSON object",
     }
     lines = [json.dumps(good)] + list(bad)
     (tmp_path / "requests.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
-    argv = ["--requests", str(tmp_path / "requests.jsonl"), "--context-groups", "64",
-            "--batch-size", "2"] + _args(fx, lm_dir, out)
+    argv = [
+        "--requests",
+        str(tmp_path / "requests.jsonl"),
+        "--context-groups",
+        "64",
+        "--batch-size",
+        "2",
+    ] + _args(fx, lm_dir, out)
     assert generate.main(argv) == 1
     assert (out / "tts.txt").read_text() == gen["text"]
     wav, sr = sf.read(out / "tts.wav")
@@ -71,9 +96,20 @@ def test_one_request_from_the_command_line(fx, lm_dir, tmp_path):
     gen = _generation(fx, "asr_sft")
     case = fx.cases["asr_sft"]
     sf.write(tmp_path / "q1.wav", fx.wavs["q1"], fx.meta["wavs"]["q1"]["sampling_rate"])
-    argv = ["asr", "--input", str(tmp_path / "q1.wav"), "--template", case["template"]["value"],
-            "--greedy", "--min-new-groups", str(gen["min_new_tokens"]),
-            "--max-new-groups", str(gen["max_new_tokens"]), "--id", "q1"]
+    argv = [
+        "asr",
+        "--input",
+        str(tmp_path / "q1.wav"),
+        "--template",
+        case["template"]["value"],
+        "--greedy",
+        "--min-new-groups",
+        str(gen["min_new_tokens"]),
+        "--max-new-groups",
+        str(gen["max_new_tokens"]),
+        "--id",
+        "q1",
+    ]
     assert generate.main(argv + _args(fx, lm_dir, tmp_path / "out")) == 0
     assert (tmp_path / "out" / "q1.txt").read_text() == gen["text"]
     assert not (tmp_path / "out" / "q1.wav").exists()  # a text task
@@ -97,7 +133,8 @@ def test_load_unstacks_the_layers_on_the_cpu(fx, lm_dir):
 
     from mimo_jax.inference.tasks import MimoAudio
 
-    mimo = MimoAudio.load(lm_dir, fx.dir / fx.meta["audio_tokenizer"],
-                          fx.dir / "text_tokenizer" / "tokenizer.json")
+    mimo = MimoAudio.load(
+        lm_dir, fx.dir / fx.meta["audio_tokenizer"], fx.dir / "text_tokenizer" / "tokenizer.json"
+    )
     assert isinstance(mimo.model.model.layers, nnx.List)
     assert isinstance(mimo.model.local_transformer.layers, nnx.List)

@@ -1,5 +1,6 @@
 """Generated ids -> text, speech codes and WAV as the official `forward`, and greedy generation of
 the tasks/ fixture's cases token for token, from its prompts."""
+
 import numpy as np
 import pytest
 from tasks_support import TASK_OF_GENERATION, fixture_lm, generated_groups
@@ -39,8 +40,9 @@ def test_text_speech_and_wav_from_the_generated_ids(fx, audio_tokenizer):
         assert outputs.text_of(fx.tok, text) == gen["text"], name
         spec = requests.TASKS[TASK_OF_GENERATION[gen["task_name"]]]
         start = fx.tok.special_id(spec.speech_start) if spec.speech_start else None
-        frames = outputs.speech_of(text, codes, fx.empty_ids, start,
-                                   fx.tok.special_id(spec.speech_end))
+        frames = outputs.speech_of(
+            text, codes, fx.empty_ids, start, fx.tok.special_id(spec.speech_end)
+        )
         np.testing.assert_array_equal(frames.T, fx.ref[f"{name}__speech_codes"], err_msg=name)
         assert frames.shape[0] == gen["speech_frames"], name
         wav = outputs.wav_of(audio_tokenizer, frames)
@@ -60,11 +62,18 @@ def test_greedy_generation_from_the_reference_prompts(fx, lm):
         spec = requests.TASKS[TASK_OF_GENERATION[gen["task_name"]]]
         text, codes = from_official(fx.ref[f"{name}__input_ids"][None], config.group_size)
         assert text.shape[1] == p, name
-        out = generate(model, text, codes, GenerationConfig(
-            max_length=p + gen["max_new_tokens"], min_length=p + gen["min_new_tokens"],
-            stop_ids=tuple(_stop_ids(fx, spec))))
+        out = generate(
+            model,
+            text,
+            codes,
+            GenerationConfig(
+                max_length=p + gen["max_new_tokens"],
+                min_length=p + gen["min_new_tokens"],
+                stop_ids=tuple(_stop_ids(fx, spec)),
+            ),
+        )
         length = int(out.lengths[0])
         assert length - p == gen["generated_groups"], name
         want = fx.ref[f"{name}__generated_ids"]
         got = to_official(out.text[:, p:length], out.codes[:, p:length])[0]
-        np.testing.assert_array_equal(got, want[:, p * config.group_size:], err_msg=name)
+        np.testing.assert_array_equal(got, want[:, p * config.group_size :], err_msg=name)

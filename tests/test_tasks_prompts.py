@@ -1,5 +1,6 @@
 """Task prompts against the official builders on the tasks/ fixture: prompt ids for every case
 (from the fixture's audio codes, and end to end from its audio through our tokenizer)."""
+
 import numpy as np
 import pytest
 
@@ -37,12 +38,15 @@ def test_every_case_end_to_end_from_audio(fx, front_end):
         audio = segments.audio_inputs(segs)
         patches = front_end.patches(audio)
         for a, got in zip(audio, patches):  # each input's codes first, then the whole prompt
-            np.testing.assert_array_equal(got, fx.reference_patches(case, a),
-                                          err_msg=f"{case['name']}: {fx.source(a)}")
-        prompt = segments.assemble(segments.with_audio(segs, patches), fx.tok, fx.group_size,
-                                   fx.empty_ids)
-        np.testing.assert_array_equal(prompt.input_ids(), fx.ref[f"{case['name']}__input_ids"],
-                                      err_msg=case["name"])
+            np.testing.assert_array_equal(
+                got, fx.reference_patches(case, a), err_msg=f"{case['name']}: {fx.source(a)}"
+            )
+        prompt = segments.assemble(
+            segments.with_audio(segs, patches), fx.tok, fx.group_size, fx.empty_ids
+        )
+        np.testing.assert_array_equal(
+            prompt.input_ids(), fx.ref[f"{case['name']}__input_ids"], err_msg=case["name"]
+        )
 
 
 def test_template_choice_is_explicit_or_seeded(fx):
@@ -50,14 +54,18 @@ def test_template_choice_is_explicit_or_seeded(fx):
         if "template" not in case:
             continue
         req, _ = fx.request(case)
-        options = (prompts.tts_templates(req["input"]) if req["task"] == "tts"
-                   else templates.ASR_TEMPLATES)
+        options = (
+            prompts.tts_templates(req["input"]) if req["task"] == "tts" else templates.ASR_TEMPLATES
+        )
         assert len(options) == case["template"]["of"], case["name"]
         assert options[case["template"]["index"]] == case["template"]["value"], case["name"]
     draws = {prompts.choose_template(templates.ASR_TEMPLATES, seed=s) for s in range(50)}
     assert len(draws) > 1
-    assert all(prompts.choose_template(templates.ASR_TEMPLATES, seed=7) ==
-               prompts.choose_template(templates.ASR_TEMPLATES, seed=7) for _ in range(3))
+    assert all(
+        prompts.choose_template(templates.ASR_TEMPLATES, seed=7)
+        == prompts.choose_template(templates.ASR_TEMPLATES, seed=7)
+        for _ in range(3)
+    )
 
 
 def test_text_preprocessing_matches_the_fixture(fx):

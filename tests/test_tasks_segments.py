@@ -1,4 +1,5 @@
 """Segments and their assembly; the training sequences use the inference prompt builders."""
+
 import zlib
 
 import numpy as np
@@ -51,8 +52,10 @@ def test_training_prompts_are_the_inference_prompts():
     patches = patchify(rec.codes, 4, 8)
     cases = {
         "asr": prompts.asr(patches, _pick(templates.ASR_TEMPLATES)),
-        "tts": [prompts.tts_user_turn(rec.text, _pick(templates.TTS_TEMPLATES_EN)),
-                Text(templates.ASSISTANT)],
+        "tts": [
+            prompts.tts_user_turn(rec.text, _pick(templates.TTS_TEMPLATES_EN)),
+            Text(templates.ASSISTANT),
+        ],
         "instruct_tts": prompts.tts(rec.text, _pick(templates.TTS_TEMPLATES_EN), "w9 w10"),
     }
     for task, segs in cases.items():
@@ -64,7 +67,7 @@ def test_training_prompts_are_the_inference_prompts():
         np.testing.assert_array_equal(doc["codes"][:n], want.codes, err_msg=task)
     inference = _assemble(prompts.tts(rec.text, _pick(templates.TTS_TEMPLATES_EN)))
     training = b.build(rec, "tts")["text"]
-    np.testing.assert_array_equal(inference.text, training[:inference.groups])
+    np.testing.assert_array_equal(inference.text, training[: inference.groups])
 
 
 def test_continuation_prompt_is_the_training_sequence_without_its_end():
@@ -81,8 +84,13 @@ def test_input_ids_layout():
     p = _assemble([Text("w1"), Audio(patches)])
     ids = p.input_ids()
     assert ids.shape == (9, 5 * 4)
-    assert ids[0, ::4].tolist() == [TOK.encode("w1")[0], TOK.sosp_id, TOK.empty_id, TOK.empty_id,
-                                    TOK.eosp_id]
+    assert ids[0, ::4].tolist() == [
+        TOK.encode("w1")[0],
+        TOK.sosp_id,
+        TOK.empty_id,
+        TOK.empty_id,
+        TOK.eosp_id,
+    ]
     assert (ids[0].reshape(-1, 4)[:, 1:] == -100).all()
     np.testing.assert_array_equal(ids[1:, 8:16].T, patches.reshape(8, 8))
     np.testing.assert_array_equal(ids[1:, :4].T, np.tile(CFG.empty_ids, (4, 1)))
@@ -93,8 +101,16 @@ def test_pretraining_few_shot_and_audio_qa_layouts():
     out = {"text": "w3", "audio": speech}
     # every item speech: <Spe>:, inputs as audio segments, speech outputs as streams
     segs = prompts.few_shot([(speech, out)], speech, speech_output=True)
-    assert [type(s).__name__ for s in segs] == ["Text", "Audio", "Text", "Stream", "Text",
-                                                "Audio", "Text", "Text"]
+    assert [type(s).__name__ for s in segs] == [
+        "Text",
+        "Audio",
+        "Text",
+        "Stream",
+        "Text",
+        "Audio",
+        "Text",
+        "Text",
+    ]
     assert segs[0].text == prompts.SPEECH_ONLY and segs[-1].text == prompts.STREAM_OPEN
     # speech and text mixed: [Int]:, no stream opener for a text answer
     segs = prompts.few_shot([(speech, "w1")], speech, speech_output=False)

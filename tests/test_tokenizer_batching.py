@@ -1,5 +1,6 @@
 """Padding and batching never change a clip's result; long audio is split into segments that are
 each encoded alone; building blocks against their textbook definitions."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,13 +54,14 @@ def test_segments_are_encoded_alone_and_concatenated():
     mel = np.asarray(mel)[0]
     want = []
     for start in range(0, mel.shape[0], segment):
-        piece = mel[start:start + segment]
+        piece = mel[start : start + segment]
         codes, n = model.encode_mel(jnp.asarray(piece)[None], jnp.asarray([len(piece)]), 8)
-        want.append(np.asarray(codes)[0, :int(n[0])])
+        want.append(np.asarray(codes)[0, : int(n[0])])
     np.testing.assert_array_equal(got, np.concatenate(want))
     assert len(want) > 1
-    assert got.shape[0] == sum(config.code_frames(min(segment, mel.shape[0] - s))
-                               for s in range(0, mel.shape[0], segment))
+    assert got.shape[0] == sum(
+        config.code_frames(min(segment, mel.shape[0] - s)) for s in range(0, mel.shape[0], segment)
+    )
 
 
 def test_conv_transpose_matches_the_definition():
@@ -80,8 +82,9 @@ def test_istft_window_is_the_stored_periodic_hann():
     _, model = fixture_model()
     window = np.asarray(model.decoder.vocoder.head.istft.window[...])
     # Stored as torch computes it in float32: equal to the exact window within 2 ulp of 1.0.
-    np.testing.assert_allclose(window, periodic_hann(window.size), rtol=0,
-                               atol=2 * np.finfo(np.float32).eps)
+    np.testing.assert_allclose(
+        window, periodic_hann(window.size), rtol=0, atol=2 * np.finfo(np.float32).eps
+    )
     assert np.abs(window - np.hanning(window.size)).max() > 1e-4  # symmetric Hann differs
 
 
@@ -91,31 +94,36 @@ def test_istft_inverts_an_stft_and_ignores_frames_past_the_length():
     rng = np.random.default_rng(1)
     signal = rng.normal(size=(frames - 1) * hop + n).astype(np.float32)
     starts = np.arange(frames) * hop
-    spec = np.fft.rfft(np.stack([signal[s:s + n] for s in starts]) * window, axis=-1)
-    full = np.asarray(istft_same(jnp.asarray(spec)[None], jnp.asarray([frames]),
-                                 jnp.asarray(window), hop))[0]
+    spec = np.fft.rfft(np.stack([signal[s : s + n] for s in starts]) * window, axis=-1)
+    full = np.asarray(
+        istft_same(jnp.asarray(spec)[None], jnp.asarray([frames]), jnp.asarray(window), hop)
+    )[0]
     pad = (n - hop) // 2
-    np.testing.assert_allclose(full, signal[pad:pad + frames * hop], atol=1e-5)
+    np.testing.assert_allclose(full, signal[pad : pad + frames * hop], atol=1e-5)
     noisy = spec.copy()
     noisy[12:] = rng.normal(size=noisy[12:].shape)
-    short = np.asarray(istft_same(jnp.asarray(noisy)[None], jnp.asarray([12]),
-                                  jnp.asarray(window), hop))[0]
-    alone = np.asarray(istft_same(jnp.asarray(spec[:12])[None], jnp.asarray([12]),
-                                  jnp.asarray(window), hop))[0]
-    np.testing.assert_allclose(short[:12 * hop], alone, atol=1e-6)
-    assert not short[12 * hop:].any()
+    short = np.asarray(
+        istft_same(jnp.asarray(noisy)[None], jnp.asarray([12]), jnp.asarray(window), hop)
+    )[0]
+    alone = np.asarray(
+        istft_same(jnp.asarray(spec[:12])[None], jnp.asarray([12]), jnp.asarray(window), hop)
+    )[0]
+    np.testing.assert_allclose(short[: 12 * hop], alone, atol=1e-6)
+    assert not short[12 * hop :].any()
 
 
 def test_bfloat16_compute_tracks_float32():
     config, model = fixture_model()
     from mimo_jax.tokenizer.model import MiMoAudioTokenizer
-    bf16 = nnx.merge(*nnx.split(MiMoAudioTokenizer(config, dtype=jnp.bfloat16,
-                                                   rngs=nnx.Rngs(0)))[:1], nnx.state(model))
+
+    bf16 = nnx.merge(
+        *nnx.split(MiMoAudioTokenizer(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))[:1],
+        nnx.state(model),
+    )
     codes = jnp.asarray(clip_codes(0)[None, :, :8])
     lengths = jnp.asarray([codes.shape[1]])
     wav16 = np.asarray(jax.jit(lambda c, n: bf16.decode(c, n)[0])(codes, lengths))[0]
     want = reference()["decoded_8"]
     assert wav16.dtype == np.float32
-    snr = 10 * np.log10(np.sum(want ** 2) / np.sum((wav16 - want) ** 2))
+    snr = 10 * np.log10(np.sum(want**2) / np.sum((wav16 - want) ** 2))
     assert snr > 15, f"bfloat16 decode SNR {snr:.1f} dB"
-

@@ -1,4 +1,5 @@
 """The command line on generated speech (eSpeak NG, 22.05 kHz stereo) and on bad inputs."""
+
 import os
 import subprocess
 import sys
@@ -19,8 +20,10 @@ def speech_files(tmp_path_factory):
     """Two stereo 22.05 kHz utterances (WAV and FLAC) and a set of bad inputs."""
     root = tmp_path_factory.mktemp("audio")
     good = {}
-    for name, text, voice, fmt in [("hello", "Hello, this is a tokenizer test.", "en", "WAV"),
-                                   ("bonjour", "Bonjour, voici un essai.", "fr", "FLAC")]:
+    for name, text, voice, fmt in [
+        ("hello", "Hello, this is a tokenizer test.", "en", "WAV"),
+        ("bonjour", "Bonjour, voici un essai.", "fr", "FLAC"),
+    ]:
         wav, rate = synthesize(text, voice)
         stereo = np.stack([wav, 0.6 * wav], axis=1)
         path = root / f"{name}.{fmt.lower()}"
@@ -36,7 +39,7 @@ def speech_files(tmp_path_factory):
     sf.write(root / "nan.wav", noisy, 22050, subtype="FLOAT")
     bad["nan"] = (root / "nan.wav", "1 NaN or infinite samples (first at frame 1234)")
     whole = open(good["hello"][0], "rb").read()
-    (root / "truncated.wav").write_bytes(whole[:len(whole) // 2])
+    (root / "truncated.wav").write_bytes(whole[: len(whole) // 2])
     bad["truncated"] = (root / "truncated.wav", "truncated")
     (root / "garbage.wav").write_bytes(b"this is not audio" * 10)
     bad["garbage"] = (root / "garbage.wav", "cannot read audio")
@@ -80,8 +83,19 @@ def test_decode_writes_24khz_audio_and_rejects_bad_codes(speech_files, tmp_path,
     wav = read_audio(good["hello"][0], 24000, min_samples=481)
     codes = tokenizer().encode([wav], num_codebooks=8)[0]
     np.save(tmp_path / "hello.npy", codes)
-    assert main(["decode", "--checkpoint", CHECKPOINT, str(tmp_path / "hello.npy"),
-                 "--out", str(tmp_path / "hello.wav")]) == 0
+    assert (
+        main(
+            [
+                "decode",
+                "--checkpoint",
+                CHECKPOINT,
+                str(tmp_path / "hello.npy"),
+                "--out",
+                str(tmp_path / "hello.wav"),
+            ]
+        )
+        == 0
+    )
     audio, rate = sf.read(tmp_path / "hello.wav", dtype="float32")
     assert rate == 24000 and audio.shape == (len(codes) * 960,)
     np.testing.assert_allclose(audio, tokenizer().decode([codes])[0], rtol=0, atol=1e-6)
@@ -91,8 +105,16 @@ def test_decode_writes_24khz_audio_and_rejects_bad_codes(speech_files, tmp_path,
     np.save(tmp_path / "outside.npy", outside)
     np.save(tmp_path / "wide.npy", np.zeros((10, 21), np.int64))
     np.save(tmp_path / "flat.npy", codes[:, 0])
-    status = main(["decode", "--checkpoint", CHECKPOINT, *(str(tmp_path / f"{n}.npy") for n in
-                   ("outside", "wide", "flat", "absent")), "--out", str(tmp_path / "out")])
+    status = main(
+        [
+            "decode",
+            "--checkpoint",
+            CHECKPOINT,
+            *(str(tmp_path / f"{n}.npy") for n in ("outside", "wide", "flat", "absent")),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     err = capsys.readouterr().err
     assert status == 1
     assert "outside.npy: codebook 2 has 1 codes outside [0, 128) (first: 128 at frame 3)" in err
@@ -102,7 +124,11 @@ def test_decode_writes_24khz_audio_and_rejects_bad_codes(speech_files, tmp_path,
 
 
 def test_module_entry_point():
-    out = subprocess.run([sys.executable, "-m", "mimo_jax.tokenizer", "encode", "--help"],
-                         capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run(
+        [sys.executable, "-m", "mimo_jax.tokenizer", "encode", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert "--codebooks" in out.stdout and "--checkpoint" in out.stdout

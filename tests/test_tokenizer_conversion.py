@@ -1,5 +1,6 @@
 """Tokenizer checkpoints through convert_torch_weights.py, both ways, with the same strictness as
 the LM: every tensor used or ignored by a rule, round trip bit for bit."""
+
 import json
 import os
 import shutil
@@ -32,8 +33,10 @@ def test_round_trip_is_bit_for_bit(tmp_path):
     family = TokenizerFamily()
     kept = {k for k in source if not is_ignored(family, k)}
     assert set(written) == kept
-    assert kept >= {"decoder.vocoder.head.istft.window",
-                    "encoder.quantizer.vq.layers.19._codebook.embed"}
+    assert kept >= {
+        "decoder.vocoder.head.istft.window",
+        "encoder.quantizer.vq.layers.19._codebook.embed",
+    }
     for name in kept:
         assert written[name].dtype == source[name].dtype, name
         np.testing.assert_array_equal(written[name], source[name], err_msg=name)
@@ -55,8 +58,9 @@ def test_ignored_tensors_are_only_rotary_and_rvq_training_state():
     family = TokenizerFamily()
     source = load_file(os.path.join(CHECKPOINT, "model.safetensors"))
     ignored = sorted(k for k in source if is_ignored(family, k))
-    assert ignored and all(k.split(".")[-1] in ("embed_avg", "cluster_size", "inited")
-                           for k in ignored)
+    assert ignored and all(
+        k.split(".")[-1] in ("embed_avg", "cluster_size", "inited") for k in ignored
+    )
     assert is_ignored(family, "decoder.vocoder.layers.0.self_attn.rotary_emb.inv_freq")
     assert not is_ignored(family, "encoder.quantizer.vq.layers.0._codebook.embed")
 
@@ -73,8 +77,12 @@ def test_bad_checkpoint_names_every_bad_tensor(tmp_path):
     with pytest.raises(ValueError) as err:
         load_tokenizer(bad)
     message = str(err.value)
-    for name in ("encoder.conv1.bias", "encoder.extra.weight", "decoder.vocoder.head.out.bias",
-                 "encoder.layers.1.fc1.weight"):
+    for name in (
+        "encoder.conv1.bias",
+        "encoder.extra.weight",
+        "decoder.vocoder.head.out.bias",
+        "encoder.layers.1.fc1.weight",
+    ):
         assert name in message
     assert convert_torch_weights.main([str(bad), str(tmp_path / "out"), "--quiet"]) == 1
     assert not (tmp_path / "out").exists()

@@ -1,5 +1,6 @@
 """Parity with the official tokenizer's float32 outputs (fixtures/tokenizer/reference.npz): each
 stage from its own reference input, then end to end, in padded batches of both clips."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -26,11 +27,12 @@ def test_log_mel_batched():
     mel = np.asarray(mel)
     for i, want in enumerate(_mels()):
         assert mel_lengths[i] == len(want)
-        got = mel[i, :len(want)]
-        np.testing.assert_allclose(np.exp(got), np.exp(want), rtol=0,
-                                   atol=1e-5 * np.exp(want).max())
+        got = mel[i, : len(want)]
+        np.testing.assert_allclose(
+            np.exp(got), np.exp(want), rtol=0, atol=1e-5 * np.exp(want).max()
+        )
         np.testing.assert_allclose(got, want, rtol=0, atol=5e-3)
-        assert not mel[i, len(want):].any()
+        assert not mel[i, len(want) :].any()
 
 
 def test_encoder_hidden_from_reference_mel():
@@ -49,7 +51,7 @@ def test_codes_from_reference_mel():
     codes = np.asarray(codes)
     assert codes.shape[2] == config.num_quantizers
     for i in range(2):
-        assert_codes_match(codes[i, :code_lengths[i]], i)
+        assert_codes_match(codes[i, : code_lengths[i]], i)
 
 
 @pytest.mark.parametrize("books", [8, 20])

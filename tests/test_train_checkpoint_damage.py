@@ -2,6 +2,7 @@
 flipped in an array's stored bytes, bytes overwritten, a cut data file, a deleted _METADATA, a
 missing meta item, a changed data-iterator state) is named and set aside, and the run resumes from
 the newest intact step; with none intact it stops naming each step."""
+
 import json
 import shutil
 from pathlib import Path
@@ -19,10 +20,12 @@ IDENTITY = {"model": {"hidden_size": 8}, "trainable": ["llm"]}
 
 def _state(step: int) -> dict:
     rng = np.random.default_rng(step)  # random bits: stored uncompressed, found by their bytes
-    return {"w": jnp.asarray(rng.integers(0, 2**32, (128, 64), dtype=np.uint32)),
-            "v": jnp.asarray(rng.standard_normal((64, 32)), jnp.float32),
-            "b": jnp.asarray(rng.standard_normal((16,)), jnp.bfloat16),
-            "step": jnp.int32(step)}
+    return {
+        "w": jnp.asarray(rng.integers(0, 2**32, (128, 64), dtype=np.uint32)),
+        "v": jnp.asarray(rng.standard_normal((64, 32)), jnp.float32),
+        "b": jnp.asarray(rng.standard_normal((16,)), jnp.bfloat16),
+        "step": jnp.int32(step),
+    }
 
 
 def _iterator():
@@ -71,13 +74,13 @@ def flip_bytes(step_dir: Path) -> None:
     path = _data_files(step_dir)[-1]
     data = bytearray(path.read_bytes())
     middle = len(data) // 2
-    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+    data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
     path.write_bytes(bytes(data))
 
 
 def truncate(step_dir: Path) -> None:
     path = _data_files(step_dir)[-1]
-    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 def delete_metadata(step_dir: Path) -> None:
@@ -96,8 +99,10 @@ def change_iterator(step_dir: Path) -> None:
 
 
 DAMAGE = {
-    "flipped bit": (lambda d: flip_bit_in_array(d, _state(3)["w"]),
-                    "differ from their saved checksums"),
+    "flipped bit": (
+        lambda d: flip_bit_in_array(d, _state(3)["w"]),
+        "differ from their saved checksums",
+    ),
     "flipped bytes": (flip_bytes, ""),
     "truncated data file": (truncate, "cannot be read"),
     "missing meta": (delete_meta, "meta item cannot be read"),

@@ -1,6 +1,7 @@
 """Generation on eval prompts during training: a smoke run of the demo config with TTS, ASR and
 continuation prompts writes ASR WER/CER to metrics.jsonl and audio, log-mel images and transcripts
 to TensorBoard; bad prompt settings stop the run before it starts."""
+
 import json
 import struct
 from pathlib import Path
@@ -19,8 +20,8 @@ def events(directory: Path) -> list:
     for path in sorted(directory.iterdir()):
         data, at = path.read_bytes(), 0
         while at < len(data):
-            (length,) = struct.unpack("<Q", data[at:at + 8])
-            out.append(event_pb2.Event.FromString(data[at + 12:at + 12 + length]))
+            (length,) = struct.unpack("<Q", data[at : at + 8])
+            out.append(event_pb2.Event.FromString(data[at + 12 : at + 12 + length]))
             at += 12 + length + 4
     return out
 
@@ -30,13 +31,21 @@ def _generation_config(data: Path, tmp_path: Path, **overrides):
     clip = str(data / first["audio"])
     manifest = tmp_path / "eval.jsonl"
     manifest.write_text(json.dumps({"id": "clip", "audio": clip, "text": first["text"]}) + "\n")
-    config = smoke(data, **{
-        "total_steps": 2, "eval_every": 2, "export_model": False, "data.eval_sources": "",
-        "eval_generation.audio_tokenizer": str(data.parent / "audio_tokenizer"),
-        "eval_generation.tts_texts": ("Hello there.",),
-        "eval_generation.asr_manifest": str(manifest),
-        "eval_generation.continuation_audio": (clip,),
-        "eval_generation.max_new_groups": 3, **overrides})
+    config = smoke(
+        data,
+        **{
+            "total_steps": 2,
+            "eval_every": 2,
+            "export_model": False,
+            "data.eval_sources": "",
+            "eval_generation.audio_tokenizer": str(data.parent / "audio_tokenizer"),
+            "eval_generation.tts_texts": ("Hello there.",),
+            "eval_generation.asr_manifest": str(manifest),
+            "eval_generation.continuation_audio": (clip,),
+            "eval_generation.max_new_groups": 3,
+            **overrides,
+        },
+    )
     return config, first["text"]
 
 
@@ -74,14 +83,17 @@ def summaries_by_kind(tmp_path: Path, kind: str) -> dict:
     return out
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ({"eval_every": 0}, "eval_every=0: expected an integer >= 1"),
-    ({"eval_generation.audio_tokenizer": "/nowhere"}, "eval_generation.audio_tokenizer"),
-    ({"eval_generation.asr_manifest": "/nowhere.jsonl"}, "eval_generation.asr_manifest"),
-    ({"eval_generation.continuation_audio": ("/nowhere.wav",)}, "/nowhere.wav is not one"),
-    ({"eval_generation.tts_texts": ("",)}, "eval_generation.tts_texts"),
-    ({"eval_generation.max_new_groups": 0}, "eval_generation.max_new_groups=0"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"eval_every": 0}, "eval_every=0: expected an integer >= 1"),
+        ({"eval_generation.audio_tokenizer": "/nowhere"}, "eval_generation.audio_tokenizer"),
+        ({"eval_generation.asr_manifest": "/nowhere.jsonl"}, "eval_generation.asr_manifest"),
+        ({"eval_generation.continuation_audio": ("/nowhere.wav",)}, "/nowhere.wav is not one"),
+        ({"eval_generation.tts_texts": ("",)}, "eval_generation.tts_texts"),
+        ({"eval_generation.max_new_groups": 0}, "eval_generation.max_new_groups=0"),
+    ],
+)
 def test_bad_generation_settings_stop_before_training(demo_data, tmp_path, overrides, message):
     config, _ = _generation_config(demo_data, tmp_path, **overrides)
     with pytest.raises(ConfigError, match=message):

@@ -1,5 +1,6 @@
 """The train entry point on the demo corpus: stages, evaluation, metrics, interrupt (SIGTERM) and
 resume, multi-process runs, and the errors that stop a run before it starts."""
+
 import json
 import socket
 import subprocess
@@ -43,8 +44,15 @@ def test_stage1_then_stage2_from_its_weights(demo_data, tmp_path):
     second = metrics(tmp_path / "s2")
     assert "codebook7_loss" in second[0] and "codebook7_accuracy" in second[0]
     assert any("eval/loss" in m for m in second)
-    for key in ("text_accuracy", "grad_norm", "groups_per_second", "mfu", "lr/llm", "tokens",
-                "skipped_documents"):
+    for key in (
+        "text_accuracy",
+        "grad_norm",
+        "groups_per_second",
+        "mfu",
+        "lr/llm",
+        "tokens",
+        "skipped_documents",
+    ):
         assert key in second[0], key
     assert (tmp_path / "s2" / "tensorboard").is_dir()
     assert (tmp_path / "s2" / "model" / "config.json").exists()
@@ -53,15 +61,27 @@ def test_stage1_then_stage2_from_its_weights(demo_data, tmp_path):
 def test_sigterm_saves_and_resume_continues_identically(demo_data, tmp_path):
     steps = ["--config.total_steps=12", "--config.checkpoint_every=1000"]
     env = xla_env(1)
-    straight = subprocess.run(_train_cmd(demo_data, tmp_path / "straight", *steps), cwd=ROOT,
-                              env=env, capture_output=True, text=True, timeout=300)
+    straight = subprocess.run(
+        _train_cmd(demo_data, tmp_path / "straight", *steps),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert straight.returncode == 0, straight.stdout + straight.stderr
     out = run_sigterm_at_step(_train_cmd(demo_data, tmp_path / "cut", *steps), env)
     assert "preempted: checkpoint saved at step" in out
     cut_at = max(train_losses(tmp_path / "cut"))
     assert cut_at < 12 and (tmp_path / "cut" / "checkpoints" / str(cut_at)).is_dir()
-    resumed = subprocess.run(_train_cmd(demo_data, tmp_path / "cut", *steps), cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        _train_cmd(demo_data, tmp_path / "cut", *steps),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "straight")
 
@@ -80,11 +100,23 @@ def test_two_processes_of_four_devices_equal_one_of_eight(demo_data, tmp_path):
     port = _free_port()
     logs = [open(tmp_path / f"process{i}.log", "w") for i in range(2)]  # pipes could fill and block
     flags = [f"--config.{k}={v}" for k, v in args.items()]
-    procs = [subprocess.Popen(_train_cmd(demo_data, tmp_path / "two", *flags,
-                                         f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
-                                         f"--process_id={i}"),
-                              cwd=ROOT, env=env, stdout=logs[i], stderr=subprocess.STDOUT)
-              for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            _train_cmd(
+                demo_data,
+                tmp_path / "two",
+                *flags,
+                f"--coordinator=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ),
+            cwd=ROOT,
+            env=env,
+            stdout=logs[i],
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
     codes = [p.wait(timeout=600) for p in procs]
     outs = [(tmp_path / f"process{i}.log").read_text()[-3000:] for i in range(2)]
     assert codes == [0, 0], outs
@@ -94,13 +126,21 @@ def test_two_processes_of_four_devices_equal_one_of_eight(demo_data, tmp_path):
         assert a[step] == pytest.approx(b[step], rel=1e-5), step
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--config.nope=1"], "nope"),
-    (["--config.total_steps=abc"], "total_steps"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--config.nope=1"], "nope"),
+        (["--config.total_steps=abc"], "total_steps"),
+    ],
+)
 def test_bad_overrides_stop_before_training(demo_data, tmp_path, args, message):
-    out = subprocess.run(_train_cmd(demo_data, tmp_path / "w", *args), cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        _train_cmd(demo_data, tmp_path / "w", *args),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode != 0 and message in out.stderr
     assert not (tmp_path / "w" / "checkpoints").exists()
 
@@ -125,8 +165,15 @@ def test_workdir_of_another_experiment_is_refused(demo_data, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(demo_data, tmp_path):
-    config = smoke(demo_data, total_steps=30, checkpoint_every=2, **{
-        "optimizer.learning_rates": {"patch_encoder": 1e12, "llm": 1e12, "patch_decoder": 1e12},
-        "optimizer.clip_norm": 0.0, "optimizer.warmup_ratio": 0.0})
+    config = smoke(
+        demo_data,
+        total_steps=30,
+        checkpoint_every=2,
+        **{
+            "optimizer.learning_rates": {"patch_encoder": 1e12, "llm": 1e12, "patch_decoder": 1e12},
+            "optimizer.clip_norm": 0.0,
+            "optimizer.warmup_ratio": 0.0,
+        },
+    )
     with pytest.raises(train.NonFiniteLoss, match="non-finite loss .* the last good checkpoint"):
         train.run(config, str(tmp_path / "w"))

@@ -1,4 +1,5 @@
 """The loss on a hand-computed case; optimizer groups, learning rates and frozen groups; stages."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +26,7 @@ class FixedLogits:
         return embeds
 
     def text_logits(self, hidden):  # hidden: the loss's one chunk of all (flattened) positions
-        return self._text.reshape(-1, self._text.shape[-1])[:hidden.shape[0]]
+        return self._text.reshape(-1, self._text.shape[-1])[: hidden.shape[0]]
 
     def local_hidden(self, hidden):
         return hidden
@@ -36,22 +37,31 @@ class FixedLogits:
 
 def _log_softmax(x):
     x = np.asarray(x, np.float64)
-    return x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(
-        -1, keepdims=True)
+    return (
+        x
+        - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - x.max(-1, keepdims=True)
+    )
 
 
 def test_loss_by_hand():
     rng = np.random.default_rng(0)
     text_logits = rng.normal(size=(1, 3, 5)).astype(np.float32)
     patch = [rng.normal(size=(3, 2, 4)).astype(np.float32) for _ in range(2)]  # 2 codebooks, gs 2
-    batch = dict(text=jnp.zeros((1, 3), jnp.int32), codes=jnp.zeros((1, 3, 2, 2), jnp.int32),
-                 positions=jnp.arange(3)[None], segment_ids=jnp.ones((1, 3), jnp.int32),
-                 text_targets=jnp.array([[1, 4, 2]]), text_weights=jnp.array([[1.0, 0.5, 0.0]]),
-                 code_targets=jnp.array([[[[0, 1], [2, 3]], [[3, 3], [1, 0]], [[0, 0], [0, 0]]]]),
-                 code_weights=jnp.array([[[12.0, 8.0], [12.0, 8.0], [0.0, 0.0]]]))
+    batch = dict(
+        text=jnp.zeros((1, 3), jnp.int32),
+        codes=jnp.zeros((1, 3, 2, 2), jnp.int32),
+        positions=jnp.arange(3)[None],
+        segment_ids=jnp.ones((1, 3), jnp.int32),
+        text_targets=jnp.array([[1, 4, 2]]),
+        text_weights=jnp.array([[1.0, 0.5, 0.0]]),
+        code_targets=jnp.array([[[[0, 1], [2, 3]], [[3, 3], [1, 0]], [[0, 0], [0, 0]]]]),
+        code_weights=jnp.array([[[12.0, 8.0], [12.0, 8.0], [0.0, 0.0]]]),
+    )
     cfg = LossConfig(100.0, (12.0, 8.0))
-    loss, m = mimo_loss(FixedLogits(jnp.asarray(text_logits), [jnp.asarray(p) for p in patch]),
-                        batch, cfg)
+    loss, m = mimo_loss(
+        FixedLogits(jnp.asarray(text_logits), [jnp.asarray(p) for p in patch]), batch, cfg
+    )
     lt = _log_softmax(text_logits)[0]
     text = -(1.0 * lt[0, 1] + 0.5 * lt[1, 4]) / 1.5
     targets = np.asarray(batch["code_targets"])[0]
@@ -66,8 +76,9 @@ def test_loss_by_hand():
     np.testing.assert_allclose(m["codebook1_loss"], cb[1], rtol=1e-5)
     np.testing.assert_allclose(loss, want, rtol=1e-5)
     # Stage 1 weights: the text loss alone, and no patch decoder is called.
-    loss1, m1 = mimo_loss(FixedLogits(jnp.asarray(text_logits), None), batch,
-                          LossConfig(1.0, (0.0, 0.0)))
+    loss1, m1 = mimo_loss(
+        FixedLogits(jnp.asarray(text_logits), None), batch, LossConfig(1.0, (0.0, 0.0))
+    )
     np.testing.assert_allclose(loss1, text, rtol=1e-5)
     assert "codebook0_loss" not in m1
 
@@ -82,14 +93,23 @@ def test_loss_by_hand_with_per_position_per_channel_weights():
     weights = np.array([[3.0, 0.5, 1.0], [1.0, 2.0, 0.0], [0.25, 4.0, 2.0], [2.0, 1.0, 3.0]])
     targets = rng.integers(0, vocab, (g, gs, channels))
     text_targets, text_weights = rng.integers(0, 7, g), np.array([2.0, 0.0, 1.0, 0.5])
-    batch = {k: jnp.asarray(v) for k, v in dict(
-        text=np.zeros((1, g), np.int32), codes=np.zeros((1, g, gs, channels), np.int32),
-        positions=np.arange(g)[None], segment_ids=np.ones((1, g), np.int32),
-        text_targets=text_targets[None], text_weights=text_weights[None],
-        code_targets=targets[None], code_weights=weights[None]).items()}
+    batch = {
+        k: jnp.asarray(v)
+        for k, v in dict(
+            text=np.zeros((1, g), np.int32),
+            codes=np.zeros((1, g, gs, channels), np.int32),
+            positions=np.arange(g)[None],
+            segment_ids=np.ones((1, g), np.int32),
+            text_targets=text_targets[None],
+            text_weights=text_weights[None],
+            code_targets=targets[None],
+            code_weights=weights[None],
+        ).items()
+    }
     cfg = LossConfig(5.0, (4.0, 2.0, 1.0))
-    loss, m = mimo_loss(FixedLogits(jnp.asarray(text_logits), [jnp.asarray(p) for p in patch]),
-                        batch, cfg)
+    loss, m = mimo_loss(
+        FixedLogits(jnp.asarray(text_logits), [jnp.asarray(p) for p in patch]), batch, cfg
+    )
     lt = _log_softmax(text_logits)[0]
     text = -sum(text_weights[n] * lt[n, text_targets[n]] for n in range(g)) / text_weights.sum()
     cb, acc = [], []
@@ -97,8 +117,11 @@ def test_loss_by_hand_with_per_position_per_channel_weights():
         lp = _log_softmax(patch[c])
         per_patch = [-np.mean([lp[n, f, targets[n, f, c]] for f in range(gs)]) for n in range(g)]
         cb.append(sum(weights[n, c] * per_patch[n] for n in range(g)) / weights[:, c].sum())
-        hits = [np.mean(patch[c][n].argmax(-1) == targets[n, :, c]) for n in range(g)
-                if weights[n, c] > 0]
+        hits = [
+            np.mean(patch[c][n].argmax(-1) == targets[n, :, c])
+            for n in range(g)
+            if weights[n, c] > 0
+        ]
         acc.append(np.mean(hits))
     want = (5 * text + 4 * cb[0] + 2 * cb[1] + 1 * cb[2]) / 12
     np.testing.assert_allclose(m["text_loss"], text, rtol=1e-5)
@@ -113,13 +136,19 @@ def _batch(config, b=2, g=6, seed=0):
     gs, c = config.group_size, config.audio_channels
     text = rng.integers(0, config.vocab_size, (b, g))
     text[:, ::2] = config.empty_idx  # half the groups are speech
-    return {k: jnp.asarray(v) for k, v in dict(
-        text=text, codes=rng.integers(0, 128, (b, g, gs, c)),
-        positions=np.tile(np.arange(g), (b, 1)), segment_ids=np.ones((b, g), np.int32),
-        text_targets=rng.integers(0, config.vocab_size, (b, g)),
-        text_weights=np.ones((b, g), np.float32),
-        code_targets=rng.integers(0, 128, (b, g, gs, c)),
-        code_weights=np.ones((b, g, c), np.float32)).items()}
+    return {
+        k: jnp.asarray(v)
+        for k, v in dict(
+            text=text,
+            codes=rng.integers(0, 128, (b, g, gs, c)),
+            positions=np.tile(np.arange(g), (b, 1)),
+            segment_ids=np.ones((b, g), np.int32),
+            text_targets=rng.integers(0, config.vocab_size, (b, g)),
+            text_weights=np.ones((b, g), np.float32),
+            code_targets=rng.integers(0, 128, (b, g, gs, c)),
+            code_weights=np.ones((b, g, c), np.float32),
+        ).items()
+    }
 
 
 def _changed_groups(before, after):
@@ -131,15 +160,24 @@ def _changed_groups(before, after):
     return changed
 
 
-@pytest.mark.parametrize("weights,frozen", [("1-0-0-0-0-0-0-0-0", ("patch_decoder",)),
-                                            ("100-12-8-6-4-2-2-1-1", ("llm",))])
+@pytest.mark.parametrize(
+    "weights,frozen",
+    [("1-0-0-0-0-0-0-0-0", ("patch_decoder",)), ("100-12-8-6-4-2-2-1-1", ("llm",))],
+)
 def test_groups_get_their_learning_rates_and_frozen_groups_stay(weights, frozen):
     config = small_config()
     model = MiMoAudioLM(config, rngs=nnx.Rngs(0))
     before = nnx.state(model, nnx.Param)
     lrs = {"patch_encoder": 1e-3, "llm": 1e-4, "patch_decoder": 3e-3}
-    opt = OptimizerConfig(lrs, total_steps=10, schedule="constant", warmup_ratio=0.0,
-                          weight_decay=0.0, clip_norm=0.0, frozen=frozen)
+    opt = OptimizerConfig(
+        lrs,
+        total_steps=10,
+        schedule="constant",
+        warmup_ratio=0.0,
+        weight_decay=0.0,
+        clip_norm=0.0,
+        frozen=frozen,
+    )
     trainer, state = Trainer.create(model, LossConfig.from_string(weights), opt)
     state, metrics = jax.jit(trainer.train_step)(state, _batch(config), jax.random.key(0))
     after = nnx.state(trainer.model(state), nnx.Param)
@@ -151,43 +189,64 @@ def test_groups_get_their_learning_rates_and_frozen_groups_stay(weights, frozen)
             # Adam's first step moves each parameter by at most lr (exactly lr where it moves).
             np.testing.assert_allclose(changed[group], lr, rtol=1e-3, err_msg=group)
             assert float(metrics[f"lr/{group}"]) == pytest.approx(lr)
-    trainable = {group_of(tuple(str(p) for p in path)) for path, _ in nnx.to_flat_state(state.params)}
+    trainable = {
+        group_of(tuple(str(p) for p in path)) for path, _ in nnx.to_flat_state(state.params)
+    }
     assert trainable == set(lrs) - set(frozen)
 
 
 def test_weight_decay_spares_norms_and_biases():
     config = small_config()
     model = MiMoAudioLM(config, rngs=nnx.Rngs(0))
-    opt = OptimizerConfig({"patch_encoder": 1.0, "llm": 1.0, "patch_decoder": 1.0}, total_steps=2,
-                          schedule="constant", warmup_ratio=0.0, weight_decay=0.5, clip_norm=0.0)
+    opt = OptimizerConfig(
+        {"patch_encoder": 1.0, "llm": 1.0, "patch_decoder": 1.0},
+        total_steps=2,
+        schedule="constant",
+        warmup_ratio=0.0,
+        weight_decay=0.5,
+        clip_norm=0.0,
+    )
     trainer, state = Trainer.create(model, LossConfig.from_string("1-0-0-0-0-0-0-0-0"), opt)
     zero = jax.tree.map(jnp.zeros_like, state.params)
     updates, _ = trainer.tx.update(zero, state.opt_state, state.params)
     for (path, u), (_, p) in zip(nnx.to_flat_state(updates), nnx.to_flat_state(state.params)):
         leaf = str(path[-1])
         want = 0.0 if leaf in ("bias", "scale") else -0.5
-        np.testing.assert_allclose(u.get_value(), want * p.get_value(), atol=1e-7, err_msg=str(path))
+        np.testing.assert_allclose(
+            u.get_value(), want * p.get_value(), atol=1e-7, err_msg=str(path)
+        )
 
 
 def test_schedules_and_invalid_values():
-    opt = OptimizerConfig({"patch_encoder": 1.0, "llm": 2.0, "patch_decoder": 1.0}, total_steps=100,
-                          schedule="cosine", warmup_ratio=0.1)
+    opt = OptimizerConfig(
+        {"patch_encoder": 1.0, "llm": 2.0, "patch_decoder": 1.0},
+        total_steps=100,
+        schedule="cosine",
+        warmup_ratio=0.1,
+    )
     sched = opt.schedule_of("llm")
     assert float(sched(0)) == 0.0 and float(sched(10)) == pytest.approx(2.0)
-    assert float(sched(55)) == pytest.approx(1.0, rel=1e-3) and float(sched(100)) == pytest.approx(0)
+    assert float(sched(55)) == pytest.approx(1.0, rel=1e-3) and float(sched(100)) == pytest.approx(
+        0
+    )
     with pytest.raises(ValueError, match="unknown module groups"):
         OptimizerConfig({"encoder": 1.0}, total_steps=1)
     with pytest.raises(ValueError, match="no learning rate for"):
         OptimizerConfig({"llm": 1.0}, total_steps=1)
     with pytest.raises(ValueError, match="schedule"):
-        OptimizerConfig({g: 1.0 for g in ("patch_encoder", "llm", "patch_decoder")},
-                        total_steps=1, schedule="linear")
+        OptimizerConfig(
+            {g: 1.0 for g in ("patch_encoder", "llm", "patch_decoder")},
+            total_steps=1,
+            schedule="linear",
+        )
 
 
 def test_non_finite_step_keeps_the_state():
     config = small_config()
     model = MiMoAudioLM(config, rngs=nnx.Rngs(0))
-    opt = OptimizerConfig({"patch_encoder": 1e-3, "llm": 1e-3, "patch_decoder": 1e-3}, total_steps=5)
+    opt = OptimizerConfig(
+        {"patch_encoder": 1e-3, "llm": 1e-3, "patch_decoder": 1e-3}, total_steps=5
+    )
     trainer, state = Trainer.create(model, LossConfig.from_string("100-12-8-6-4-2-2-1-1"), opt)
     batch = _batch(config)
     batch["text_weights"] = batch["text_weights"].at[0, 0].set(jnp.nan)
@@ -199,8 +258,9 @@ def test_non_finite_step_keeps_the_state():
 
 def test_gradient_accumulation_matches_the_full_batch():
     config = small_config(local_attn_dropout=0.0)  # dropout masks differ per micro-batch
-    opt = OptimizerConfig({"patch_encoder": 1e-3, "llm": 1e-3, "patch_decoder": 1e-3}, total_steps=5,
-                          clip_norm=0.0)
+    opt = OptimizerConfig(
+        {"patch_encoder": 1e-3, "llm": 1e-3, "patch_decoder": 1e-3}, total_steps=5, clip_norm=0.0
+    )
     loss = LossConfig.from_string("100-12-8-6-4-2-2-1-1")
     batch = _batch(config, b=4)
     out = []

@@ -1,6 +1,7 @@
 """The training run directory: relative paths, the workdir lock (in-process and across real
 processes, SIGTERM included), workdir/config.json, metrics.jsonl cut back on resume, leftovers of
 interrupted saves and exports, and a smoke run resuming past a damaged newest checkpoint."""
+
 import json
 import os
 import shutil
@@ -37,6 +38,7 @@ def _write_lock(workdir: Path, **holder) -> None:
 
 # --- paths, lock, leftovers, metrics (no training) ---
 
+
 def test_resolve_makes_local_paths_absolute_and_keeps_uris(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert str(paths.resolve("runs/x")) == str(tmp_path / "runs" / "x")
@@ -47,8 +49,9 @@ def test_resolve_makes_local_paths_absolute_and_keeps_uris(tmp_path, monkeypatch
 def test_lock_refuses_a_live_holder_naming_host_and_pid(tmp_path):
     first = rundir.WorkdirLock(paths.resolve(tmp_path))
     first.acquire()
-    with pytest.raises(ValueError, match=f"in use by the run of pid {os.getpid()} on host "
-                                         f"{socket.gethostname()}"):
+    with pytest.raises(
+        ValueError, match=f"in use by the run of pid {os.getpid()} on host {socket.gethostname()}"
+    ):
         rundir.WorkdirLock(paths.resolve(tmp_path)).acquire()
     first.release()
     assert not (tmp_path / rundir.LOCK_FILE).exists()
@@ -97,8 +100,13 @@ def test_metrics_are_cut_back_to_the_restored_step(tmp_path, capsys):
 def test_metrics_writer_appends_after_the_cut_and_logs_the_config(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 4)))
-    writer = MetricsWriter(str(tmp_path), 10, start_step=2, config_json='{"total_steps": 10}',
-                           hparams={"total_steps": 10, "optimizer.b1": 0.9, "mesh.rules": "data"})
+    writer = MetricsWriter(
+        str(tmp_path),
+        10,
+        start_step=2,
+        config_json='{"total_steps": 10}',
+        hparams={"total_steps": 10, "optimizer.b1": 0.9, "mesh.rules": "data"},
+    )
     writer.write(3, {"loss": 0.5})
     writer.close()
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
@@ -108,12 +116,14 @@ def test_metrics_writer_appends_after_the_cut_and_logs_the_config(tmp_path):
 
 # --- smoke runs ---
 
+
 def _flip_a_bit_of_a_stored_array(step_dir: Path) -> list[str]:
     """Rewrites the step's state item with one bit of one array flipped (what a silent storage
     fault leaves: readable, one value changed). Orbax compresses and
     deduplicates what it stores, so flipping a bit in its files cannot target an array reliably.
     Returns the names along the array's path."""
     import jax
+
     checkpointer = ocp.StandardCheckpointer()
     tree = checkpointer.restore(step_dir / "state")
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
@@ -133,20 +143,22 @@ def _cut_data_files(state_dir: Path) -> None:
     """Every data file of the step cut to half (a full disk); OCDBT may hold files that the
     restore does not read, so one cut file alone could go unnoticed."""
     for path in state_dir.glob("ocdbt.process_*/d/*"):
-        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 def _resume(data, workdir, *flags) -> subprocess.CompletedProcess:
     """A resume is a new process (in-process, Orbax could serve what it just wrote from memory)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))  # run from the cwd, the workdir relative to it
-    out = subprocess.run(_train_cmd(data, workdir, *flags), env=env, capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run(
+        _train_cmd(data, workdir, *flags), env=env, capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
 
-def test_relative_workdir_resumes_past_a_damaged_newest_checkpoint(demo_data, tmp_path,
-                                                                   monkeypatch):
+def test_relative_workdir_resumes_past_a_damaged_newest_checkpoint(
+    demo_data, tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)  # the README's runs/... workdirs are relative
     config = smoke(demo_data, total_steps=6, checkpoint_every=2, **{"checkpoint.keep": 3})
     assert train.run(config, "runs/x") == 0
@@ -155,14 +167,17 @@ def test_relative_workdir_resumes_past_a_damaged_newest_checkpoint(demo_data, tm
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4", "6"]
     assert json.loads((workdir / "config.json").read_text())["total_steps"] == 6
     assert (workdir / "model" / "config.json").exists() and not (workdir / "lock").exists()
-    for name, damage_fn in {"_METADATA": lambda d: (d / "state" / "_METADATA").unlink(),
-                            "data_files": lambda d: _cut_data_files(d / "state")}.items():
+    for name, damage_fn in {
+        "_METADATA": lambda d: (d / "state" / "_METADATA").unlink(),
+        "data_files": lambda d: _cut_data_files(d / "state"),
+    }.items():
         copy = tmp_path / "runs" / name
         shutil.copytree(workdir, copy)
         damage_fn(copy / "checkpoints" / "6")
         # total_steps=4: resuming at step 4 only exports, nothing to compile
-        out = _resume(demo_data, Path("runs") / name, "--config.total_steps=4",
-                      "--config.export_model=False").stdout
+        out = _resume(
+            demo_data, Path("runs") / name, "--config.total_steps=4", "--config.export_model=False"
+        ).stdout
         assert "checkpoint step 6 is damaged: cannot be read" in out, (name, out[-2000:])
         assert (copy / "checkpoints_damaged" / "6" / "state").is_dir(), name
 
@@ -171,8 +186,13 @@ def test_relative_workdir_resumes_past_a_damaged_newest_checkpoint(demo_data, tm
         f.write('{"step": 7, "loss": 1.')  # a run killed mid-write
     (workdir / "checkpoints" / "8.orbax-checkpoint-tmp-1700000000" / "state").mkdir(parents=True)
     (workdir / rundir.EXPORT_TMP).mkdir()
-    out = _resume(demo_data, Path("runs") / "x", "--config.total_steps=6",
-                  "--config.checkpoint_every=2", "--config.checkpoint.keep=3").stdout
+    out = _resume(
+        demo_data,
+        Path("runs") / "x",
+        "--config.total_steps=6",
+        "--config.checkpoint_every=2",
+        "--config.checkpoint.keep=3",
+    ).stdout
     line = next(x for x in out.splitlines() if "checkpoint step 6 is damaged" in x)
     assert "1 arrays differ from their saved checksums: " in line, line
     assert "resuming from step 4" in line and all(name in line for name in damaged)
@@ -184,8 +204,9 @@ def test_relative_workdir_resumes_past_a_damaged_newest_checkpoint(demo_data, tm
 
 
 def test_off_intervals_do_not_divide_by_zero(demo_data, tmp_path):
-    config = smoke(demo_data, total_steps=2, log_every=0, checkpoint_every=0, eval_every=0,
-                   export_model=False)
+    config = smoke(
+        demo_data, total_steps=2, log_every=0, checkpoint_every=0, eval_every=0, export_model=False
+    )
     assert train.run(config, str(tmp_path / "w")) == 0
     assert [m["step"] for m in metrics(tmp_path / "w")] == [2]  # the last step is always logged
     assert [p.name for p in (tmp_path / "w" / "checkpoints").iterdir()] == ["2"]
@@ -199,6 +220,7 @@ def test_errors_release_the_lock(demo_data, tmp_path):
 
 # --- real processes ---
 
+
 def _wait_for(predicate, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while not predicate():
@@ -209,19 +231,32 @@ def _wait_for(predicate, timeout: float = 120) -> None:
 def test_second_run_on_a_workdir_is_refused_and_metrics_never_interleave(demo_data, tmp_path):
     env = xla_env(1)
     steps = ["--config.total_steps=200", "--config.checkpoint_every=1000"]
-    first = subprocess.Popen(_train_cmd(demo_data, tmp_path / "w", *steps), cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        _train_cmd(demo_data, tmp_path / "w", *steps),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         for line in first.stdout:
             if line.startswith("step 2/"):
                 break
-        second = subprocess.run(_train_cmd(demo_data, tmp_path / "w", *steps), cwd=ROOT, env=env,
-                                capture_output=True, text=True, timeout=120)
+        second = subprocess.run(
+            _train_cmd(demo_data, tmp_path / "w", *steps),
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert second.returncode == 1
         assert second.stderr.strip().splitlines() == [
             f"error: {tmp_path / 'w'} is in use by the run of pid {first.pid} on host "
             f"{socket.gethostname()}; wait for it to end or use another --workdir (remove "
-            f"{tmp_path / 'w' / 'lock'} only if that run is gone)"]
+            f"{tmp_path / 'w' / 'lock'} only if that run is gone)"
+        ]
         first.send_signal(signal.SIGTERM)
         out = first.stdout.read()
         assert first.wait(timeout=300) == 0, out
@@ -234,8 +269,13 @@ def test_second_run_on_a_workdir_is_refused_and_metrics_never_interleave(demo_da
 
 
 def test_sigterm_before_training_releases_the_lock(demo_data, tmp_path):
-    run = subprocess.Popen(_train_cmd(demo_data, tmp_path / "w", "--config.total_steps=2"),
-                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = subprocess.Popen(
+        _train_cmd(demo_data, tmp_path / "w", "--config.total_steps=2"),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         _wait_for(lambda: (tmp_path / "w" / "config.json").exists())  # written after the lock
         run.send_signal(signal.SIGTERM)

@@ -1,5 +1,6 @@
 """The same train step gives the same loss and parameters on one device and on a simulated
 8-device mesh, under every preset of logical-axis rules."""
+
 import jax
 import numpy as np
 import pytest
@@ -22,17 +23,34 @@ def _batch(config, b=8, g=8):
     gs, c = config.group_size, config.audio_channels
     text = rng.integers(0, config.vocab_size, (b, g))
     text[:, 1::2] = config.empty_idx
-    return dict(text=text, codes=rng.integers(0, 128, (b, g, gs, c)),
-                positions=np.tile(np.arange(g), (b, 1)), segment_ids=np.ones((b, g), np.int32),
-                text_targets=rng.integers(0, config.vocab_size, (b, g)),
-                text_weights=np.ones((b, g), np.float32),
-                code_targets=rng.integers(0, 128, (b, g, gs, c)),
-                code_weights=np.ones((b, g, c), np.float32))
+    return dict(
+        text=text,
+        codes=rng.integers(0, 128, (b, g, gs, c)),
+        positions=np.tile(np.arange(g), (b, 1)),
+        segment_ids=np.ones((b, g), np.int32),
+        text_targets=rng.integers(0, config.vocab_size, (b, g)),
+        text_weights=np.ones((b, g), np.float32),
+        code_targets=rng.integers(0, 128, (b, g, gs, c)),
+        code_weights=np.ones((b, g, c), np.float32),
+    )
 
 
-TINY = dict(vocab_size=128, hidden_size=32, head_dim=8, intermediate_size=64, local_dim=16,
-            input_local_dim=16, local_ffn_dim=32, local_attn_dropout=0.0, empty_idx=127,
-            sosp_idx=122, eosp_idx=123, sostm_idx=124, eostm_idx=125, eot_idx=126)
+TINY = dict(
+    vocab_size=128,
+    hidden_size=32,
+    head_dim=8,
+    intermediate_size=64,
+    local_dim=16,
+    input_local_dim=16,
+    local_ffn_dim=32,
+    local_attn_dropout=0.0,
+    empty_idx=127,
+    sosp_idx=122,
+    eosp_idx=123,
+    sostm_idx=124,
+    eostm_idx=125,
+    eot_idx=126,
+)
 
 
 def _one_step(preset: str, devices):
@@ -42,9 +60,12 @@ def _one_step(preset: str, devices):
     model = MiMoAudioLM(config, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     model = nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh, rules)))
-    opt = OptimizerConfig({"patch_encoder": 1e-3, "llm": 1e-3, "patch_decoder": 1e-3},
-                          total_steps=10)
-    trainer, train_state = Trainer.create(model, LossConfig.from_string("100-12-8-6-4-2-2-1-1"), opt)
+    opt = OptimizerConfig(
+        {"patch_encoder": 1e-3, "llm": 1e-3, "patch_decoder": 1e-3}, total_steps=10
+    )
+    trainer, train_state = Trainer.create(
+        model, LossConfig.from_string("100-12-8-6-4-2-2-1-1"), opt
+    )
     batch = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in _batch(config).items()}
     with jax.set_mesh(mesh), use_rules(rules):
         new, metrics = jax.jit(trainer.train_step)(train_state, batch, jax.random.key(0))

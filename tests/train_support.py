@@ -1,4 +1,5 @@
 """Smoke training runs in a subprocess, shared by the train-loop, run-directory and gs:// tests."""
+
 import os
 import signal
 import subprocess
@@ -15,16 +16,25 @@ def xla_env(devices: int) -> dict:
 
 def train_cmd(data, workdir, *extra) -> list[str]:
     """The train entry point on the demo's smoke config (one row per simulated device)."""
-    return [sys.executable, "-u", "-m", "experiments.train",
-            f"--config={ROOT}/experiments/configs/demo.py:stage=stage2,data={data},smoke=True",
-            f"--workdir={workdir}", "--config.data.batch_size=8", "--config.log_every=1",
-            "--config.checkpoint.async_save=False", *extra]
+    return [
+        sys.executable,
+        "-u",
+        "-m",
+        "experiments.train",
+        f"--config={ROOT}/experiments/configs/demo.py:stage=stage2,data={data},smoke=True",
+        f"--workdir={workdir}",
+        "--config.data.batch_size=8",
+        "--config.log_every=1",
+        "--config.checkpoint.async_save=False",
+        *extra,
+    ]
 
 
 def run_sigterm_at_step(cmd, env, step: int = 2) -> str:
     """Runs `cmd`, sends SIGTERM once it logs `step`, and returns its output; it must exit 0."""
-    run = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
+    run = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     for line in run.stdout:
         if line.startswith(f"step {step}/"):
             run.send_signal(signal.SIGTERM)

@@ -1,6 +1,7 @@
 """The parts every experiment config shares: the schema with its defaults, `parse_arg`, and the
 report's model sizes and recipes. An experiment file starts from `base_config()` and sets what
 differs; the train entry point reads only keys defined here (an unknown override is an error)."""
+
 import ml_collections
 
 # Loss weights, text then one per codebook (the report's Table 3).
@@ -25,8 +26,9 @@ def parse_arg(arg: str | None, **defaults):
             try:
                 out[key] = kind(value)
             except ValueError:
-                raise ValueError(f"config argument {key}={value!r}: expected a {kind.__name__}"
-                                 ) from None
+                raise ValueError(
+                    f"config argument {key}={value!r}: expected a {kind.__name__}"
+                ) from None
     return out
 
 
@@ -42,17 +44,41 @@ def mimo_7b_hf() -> dict:
     """MiMo-Audio-7B's architecture (the released config.json, which a converted
     checkpoint carries; this copy is for from-scratch runs and ahead-of-time checks)."""
     return dict(
-        architectures=["MiMoAudioForCausalLM"], model_type="qwen2", vocab_size=151680,
-        hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-        head_dim=128, intermediate_size=11008, rms_norm_eps=1e-6, rope_theta=640000.0,
-        max_position_embeddings=8192, tie_word_embeddings=False, sliding_window=None,
-        use_sliding_window=False, group_size=4, audio_channels=8,
+        architectures=["MiMoAudioForCausalLM"],
+        model_type="qwen2",
+        vocab_size=151680,
+        hidden_size=4096,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=11008,
+        rms_norm_eps=1e-6,
+        rope_theta=640000.0,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+        sliding_window=None,
+        use_sliding_window=False,
+        group_size=4,
+        audio_channels=8,
         speech_vocab_size="1025-1025-129-129-129-129-129-129",
-        speech_zeroemb_idx="1024-1024-128-128-128-128-128-128", delay_pattern="0-1-2-3-4-5-6-7",
-        local_dim=1024, local_layers=16, local_attn_heads=64, local_ffn_dim=4096,
-        local_attn_dropout=0.1, input_local_layers=6, input_local_dim=1024,
-        input_full_attention=True, sosp_idx=151665, eosp_idx=151666, empty_idx=151667,
-        sostm_idx=151670, eostm_idx=151671, eot_idx=151672)
+        speech_zeroemb_idx="1024-1024-128-128-128-128-128-128",
+        delay_pattern="0-1-2-3-4-5-6-7",
+        local_dim=1024,
+        local_layers=16,
+        local_attn_heads=64,
+        local_ffn_dim=4096,
+        local_attn_dropout=0.1,
+        input_local_layers=6,
+        input_local_dim=1024,
+        input_full_attention=True,
+        sosp_idx=151665,
+        eosp_idx=151666,
+        empty_idx=151667,
+        sostm_idx=151670,
+        eostm_idx=151671,
+        eot_idx=151672,
+    )
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -71,7 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.init_checkpoint = ""  # a converted checkpoint (convert_torch_weights.py) to start from
     c.model.dtype = "bfloat16"  # compute
     c.model.param_dtype = "float32"  # parameters and optimizer state
-    c.model.remat_policy = "full"  # a 7B stage-2 row of 8192 groups fits 16 GiB per device (experiments.aot)
+    c.model.remat_policy = (
+        "full"  # a 7B stage-2 row of 8192 groups fits 16 GiB per device (experiments.aot)
+    )
 
     c.data = ml_collections.ConfigDict()
     c.data.tokenizer = ""  # tokenizer.json of the text tokenizer
@@ -94,7 +122,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rates = ml_collections.ConfigDict(
-        {"patch_encoder": 2e-4, "llm": 3e-5, "patch_decoder": 2e-4})
+        {"patch_encoder": 2e-4, "llm": 3e-5, "patch_decoder": 2e-4}
+    )
     c.optimizer.schedule = "cosine"
     c.optimizer.warmup_ratio = 0.01
     c.optimizer.end_lr_ratio = 0.0
@@ -118,7 +147,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora.dropout = 0.0
     c.lora.targets = (r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)",)
     c.lora.modes = ml_collections.ConfigDict(
-        {"patch_encoder": "frozen", "llm": "lora", "patch_decoder": "frozen"})
+        {"patch_encoder": "frozen", "llm": "lora", "patch_decoder": "frozen"}
+    )
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.ici = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "sequence": 1})
@@ -147,18 +177,21 @@ def stage(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
     if name == "stage1":
         c.loss.weights = STAGE1_WEIGHTS
         c.optimizer.learning_rates = ml_collections.ConfigDict(
-            {"patch_encoder": 2e-4, "llm": 3e-5, "patch_decoder": 2e-4})
+            {"patch_encoder": 2e-4, "llm": 3e-5, "patch_decoder": 2e-4}
+        )
         c.optimizer.schedule = "constant"
         c.optimizer.frozen = ("patch_decoder",)
     elif name == "stage2":
         c.loss.weights = STAGE2_WEIGHTS
         c.optimizer.learning_rates = ml_collections.ConfigDict(
-            {"patch_encoder": 2e-4, "llm": 3e-5, "patch_decoder": 2e-4})
+            {"patch_encoder": 2e-4, "llm": 3e-5, "patch_decoder": 2e-4}
+        )
         c.optimizer.schedule = "cosine"
     elif name == "sft":
         c.loss.weights = STAGE2_WEIGHTS
         c.optimizer.learning_rates = ml_collections.ConfigDict(
-            {"patch_encoder": 5e-5, "llm": 1e-5, "patch_decoder": 5e-5})
+            {"patch_encoder": 5e-5, "llm": 1e-5, "patch_decoder": 5e-5}
+        )
         c.optimizer.schedule = "cosine"
     else:
         raise ValueError(f"unknown stage {name!r}: expected stage1, stage2 or sft")
@@ -166,8 +199,9 @@ def stage(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
     return c
 
 
-def lm_7b(stage_name: str, tokens: float, arg: str | None, batch_size: int,
-          checkpoint_every: int = 1000) -> ml_collections.ConfigDict:
+def lm_7b(
+    stage_name: str, tokens: float, arg: str | None, batch_size: int, checkpoint_every: int = 1000
+) -> ml_collections.ConfigDict:
     """A 7B run of one of the report's stages over `tokens` groups (arg: batch_size, context)."""
     a = parse_arg(arg, batch_size=batch_size, context=8192)
     c = stage(base_config(), stage_name)

@@ -8,6 +8,7 @@ tokenizer.json), `smoke` (the smallest size, about a second a step, for tests).
 The special token ids are those of the demo BPE tokenizer (its special tokens come first, in the
 order of data_pipelines.text_tokenizer.SPECIAL_TOKENS); training checks them against the tokenizer.
 """
+
 from experiments.configs import common
 
 DEMO_IDS = dict(sosp_idx=3, eosp_idx=4, empty_idx=5, sostm_idx=8, eostm_idx=9, eot_idx=10)
@@ -16,11 +17,22 @@ DEMO_IDS = dict(sosp_idx=3, eosp_idx=4, empty_idx=5, sostm_idx=8, eostm_idx=9, e
 def demo_hf(smoke: bool) -> dict:
     hf = common.mimo_7b_hf()
     width = 32 if smoke else 128
-    hf.update(vocab_size=1024, hidden_size=width, num_hidden_layers=2 if smoke else 4,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=width // 4,
-              intermediate_size=3 * width, local_dim=width // 2, local_layers=2,
-              local_attn_heads=4, local_ffn_dim=3 * width // 2, input_local_layers=1 if smoke else 2,
-              input_local_dim=width // 2, **DEMO_IDS)
+    hf.update(
+        vocab_size=1024,
+        hidden_size=width,
+        num_hidden_layers=2 if smoke else 4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=width // 4,
+        intermediate_size=3 * width,
+        local_dim=width // 2,
+        local_layers=2,
+        local_attn_heads=4,
+        local_ffn_dim=3 * width // 2,
+        input_local_layers=1 if smoke else 2,
+        input_local_dim=width // 2,
+        **DEMO_IDS,
+    )
     return hf
 
 

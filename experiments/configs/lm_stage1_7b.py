@@ -2,6 +2,7 @@
 1-0-...-0, no patch decoder in the graph), constant LR 2e-4 / 3e-5, batch 16.8M groups (2048 rows of
 8192), 2.6T tokens, warmup ratio 0.01 (the report's Table 3). Initialise from a converted checkpoint
 with --config.model.init_checkpoint=DIR (the report starts from MiMo-7B-Base)."""
+
 from experiments.configs import common
 
 
@@ -11,5 +12,8 @@ def get_config(arg=None):
 
 def sweep(arg=None):
     """Learning-rate x warmup sweep around the report's values."""
-    return [{"optimizer.learning_rates.llm": lr, "optimizer.warmup_ratio": w}
-            for lr in (1e-5, 3e-5, 1e-4) for w in (0.01, 0.03)]
+    return [
+        {"optimizer.learning_rates.llm": lr, "optimizer.warmup_ratio": w}
+        for lr in (1e-5, 3e-5, 1e-4)
+        for w in (0.01, 0.03)
+    ]

@@ -11,6 +11,7 @@ of 8192 groups, 32 a step (16 per device, 2 accumulated, on its one GPU).
 
 Arguments: `batch_size` (rows a step), `context` (groups a row).
 """
+
 import ml_collections
 
 from experiments.configs import common
@@ -22,9 +23,11 @@ def get_config(arg=None):
     c.lora.rank, c.lora.alpha, c.lora.dropout = 64, 16.0, 0.05
     c.lora.targets = (r"model\.layers\.\d+\.self_attn\.[qkvo]_proj",)
     c.lora.modes = ml_collections.ConfigDict(
-        {"patch_encoder": "frozen", "llm": "lora", "patch_decoder": "frozen"})
+        {"patch_encoder": "frozen", "llm": "lora", "patch_decoder": "frozen"}
+    )
     c.optimizer.learning_rates = ml_collections.ConfigDict(
-        {"patch_encoder": 2e-5, "llm": 2e-5, "patch_decoder": 2e-5})
+        {"patch_encoder": 2e-5, "llm": 2e-5, "patch_decoder": 2e-5}
+    )
     c.optimizer.warmup_ratio = 0.03
     c.optimizer.weight_decay = 0.01
     c.optimizer.b2 = 0.999

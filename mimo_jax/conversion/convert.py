@@ -9,6 +9,7 @@ preallocated (stacked) parameters, and the output is written to a staging direct
 locally, a copy with config.json last on gs://). Staging directories of dead processes (an earlier
 run killed mid-way) are removed when the next conversion to the same DST starts.
 """
+
 import dataclasses
 import json
 import os
@@ -36,6 +37,7 @@ class ConversionError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Placement:
     """One official tensor and where it lands in an NNX parameter."""
+
     torch_name: str
     param_path: tuple[str, ...]
     layer: int | None  # index into the leading `layers` axis, or None
@@ -61,8 +63,9 @@ def placements(family: ModelFamily, abstract_state) -> tuple[list[Placement], di
     return out, shapes
 
 
-def check_tensors(family: ModelFamily, needed: list[Placement], found: dict[str, st.TensorInfo],
-                  where: str) -> None:
+def check_tensors(
+    family: ModelFamily, needed: list[Placement], found: dict[str, st.TensorInfo], where: str
+) -> None:
     """Raises one error naming every missing, unexpected, misshapen or non-float tensor."""
     problems = []
     needed_names = {p.torch_name for p in needed}
@@ -71,18 +74,26 @@ def check_tensors(family: ModelFamily, needed: list[Placement], found: dict[str,
         if info is None:
             problems.append(f"missing tensor {p.torch_name} (expected shape {list(p.torch_shape)})")
         elif info.shape != p.torch_shape:
-            problems.append(f"tensor {p.torch_name} has shape {list(info.shape)}, expected "
-                            f"{list(p.torch_shape)}")
+            problems.append(
+                f"tensor {p.torch_name} has shape {list(info.shape)}, expected "
+                f"{list(p.torch_shape)}"
+            )
         elif info.dtype not in st.FLOAT_DTYPES:
-            problems.append(f"tensor {p.torch_name} has dtype {info.dtype}, expected a float dtype "
-                            f"({', '.join(st.FLOAT_DTYPES)})")
+            problems.append(
+                f"tensor {p.torch_name} has dtype {info.dtype}, expected a float dtype "
+                f"({', '.join(st.FLOAT_DTYPES)})"
+            )
     for name in sorted(set(found) - needed_names):
         if not is_ignored(family, name):
-            problems.append(f"unexpected tensor {name} {found[name].dtype}{list(found[name].shape)}: "
-                            f"no rule of the {family.name} uses or ignores it")
+            problems.append(
+                f"unexpected tensor {name} {found[name].dtype}{list(found[name].shape)}: "
+                f"no rule of the {family.name} uses or ignores it"
+            )
     if problems:
-        raise ConversionError(f"{where} does not match the {family.name} its config.json describes "
-                              f"({len(problems)} problems):\n  " + "\n  ".join(problems))
+        raise ConversionError(
+            f"{where} does not match the {family.name} its config.json describes "
+            f"({len(problems)} problems):\n  " + "\n  ".join(problems)
+        )
 
 
 def _abstract(family: ModelFamily, config) -> Any:
@@ -95,8 +106,9 @@ def read_hf_config(src: epath.Path) -> tuple[ModelFamily, Any, dict]:
     return family, config, json.loads((src / model_ckpt.CONFIG_FILE).read_text())
 
 
-def stream_torch_params(src: str | os.PathLike, dtype=None, progress: bool = False
-                        ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+def stream_torch_params(
+    src: str | os.PathLike, dtype=None, progress: bool = False
+) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
     """(path, array) of every NNX parameter, one at a time, from an official HF-style directory
     whose tensors have been checked against the family's rules first."""
     src = paths.resolve(src)
@@ -106,14 +118,18 @@ def stream_torch_params(src: str | os.PathLike, dtype=None, progress: bool = Fal
     check_tensors(family, needed, found, str(src))
     total = sum(found[p.torch_name].nbytes for p in needed)
     current: tuple[tuple[str, ...], np.ndarray] | None = None
-    with tqdm(total=total, unit="B", unit_scale=True, desc="converting",
-              disable=not progress) as bar:
+    with tqdm(
+        total=total, unit="B", unit_scale=True, desc="converting", disable=not progress
+    ) as bar:
         for p in needed:  # grouped by parameter: all layers of one parameter in a row
             info = found[p.torch_name]
             if current is None or current[0] != p.param_path:
                 if current is not None:
                     yield current
-                current = (p.param_path, np.empty(shapes[p.param_path], dtype or st.DTYPES[info.dtype]))
+                current = (
+                    p.param_path,
+                    np.empty(shapes[p.param_path], dtype or st.DTYPES[info.dtype]),
+                )
             value = TRANSFORMS[p.transform].to_nnx(st.read_tensor(info))
             if p.layer is None:
                 current[1][...] = value
@@ -138,7 +154,9 @@ def load_torch_checkpoint(src: str | os.PathLike, dtype=None):
 def _staging(dst: epath.Path, overwrite: bool) -> epath.Path:
     paths.remove_stale_staging(dst)
     if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise FileExistsError(f"{dst} already exists and is not empty; pass --overwrite to replace it")
+        raise FileExistsError(
+            f"{dst} already exists and is not empty; pass --overwrite to replace it"
+        )
     return paths.staging_dir(dst)
 
 
@@ -147,8 +165,9 @@ def _discard(tmp: epath.Path) -> None:
         tmp.rmtree()
 
 
-def torch_to_orbax(src: epath.Path, dst: epath.Path, dtype=None, overwrite=False,
-                   progress=True) -> epath.Path:
+def torch_to_orbax(
+    src: epath.Path, dst: epath.Path, dtype=None, overwrite=False, progress=True
+) -> epath.Path:
     family, config, hf = read_hf_config(src)
     tmp = _staging(dst, overwrite)
     try:
@@ -164,8 +183,9 @@ def torch_to_orbax(src: epath.Path, dst: epath.Path, dtype=None, overwrite=False
     return dst
 
 
-def _torch_tensors(src_params: epath.Path, stored: dict, needed: list[Placement], dtype
-                   ) -> list[st.PendingTensor]:
+def _torch_tensors(
+    src_params: epath.Path, stored: dict, needed: list[Placement], dtype
+) -> list[st.PendingTensor]:
     """The official tensors, each produced on demand from a partial restore of its parameter (only
     one parameter is held at a time: placements come grouped by parameter)."""
     held: dict[tuple[str, ...], np.ndarray] = {}
@@ -183,14 +203,16 @@ def _torch_tensors(src_params: epath.Path, stored: dict, needed: list[Placement]
 
     def pending(p: Placement) -> st.PendingTensor:
         out_dtype = np.dtype(dtype or stored[p.param_path].dtype)
-        return st.PendingTensor(p.torch_name, out_dtype, p.torch_shape,
-                                lambda: produce(p, out_dtype))
+        return st.PendingTensor(
+            p.torch_name, out_dtype, p.torch_shape, lambda: produce(p, out_dtype)
+        )
 
     return [pending(p) for p in needed]
 
 
-def orbax_to_torch(src: epath.Path, dst: epath.Path, dtype=None, overwrite=False,
-                   progress=True) -> epath.Path:
+def orbax_to_torch(
+    src: epath.Path, dst: epath.Path, dtype=None, overwrite=False, progress=True
+) -> epath.Path:
     family, config = model_ckpt.read_config(src)
     needed, shapes = placements(family, _abstract(family, config))
     params_dir = src / model_ckpt.PARAMS_DIR
@@ -202,8 +224,13 @@ def orbax_to_torch(src: epath.Path, dst: epath.Path, dtype=None, overwrite=False
             hf["torch_dtype"] = "bfloat16" if dtype == ml_dtypes.bfloat16 else "float32"
         (tmp / model_ckpt.CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
         pending = _torch_tensors(params_dir, stored, needed, dtype)
-        with tqdm(total=sum(t.nbytes for t in pending), unit="B", unit_scale=True,
-                  desc="writing", disable=not progress) as bar:
+        with tqdm(
+            total=sum(t.nbytes for t in pending),
+            unit="B",
+            unit_scale=True,
+            desc="writing",
+            disable=not progress,
+        ) as bar:
             st.write_checkpoint(tmp, pending, on_written=bar.update)
         paths.commit_dir(tmp, dst, marker=model_ckpt.CONFIG_FILE)
     except BaseException:
@@ -212,8 +239,13 @@ def orbax_to_torch(src: epath.Path, dst: epath.Path, dtype=None, overwrite=False
     return dst
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = None,
-            overwrite: bool = False, progress: bool = True) -> epath.Path:
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> epath.Path:
     """Converts in the direction that SRC implies: official directory -> model checkpoint, or back.
     Either may be local (relative or absolute) or on gs://."""
     source, target = paths.resolve(src), paths.resolve(dst)
@@ -227,7 +259,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = 
     if model_ckpt.is_model_checkpoint(source):
         return orbax_to_torch(source, target, np_dtype, overwrite, progress)
     if not (source / model_ckpt.CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{source}: no {model_ckpt.CONFIG_FILE}; expected an official "
-                                f"checkpoint directory (config.json + model.safetensors) or a "
-                                f"model checkpoint (config.json + params/)")
+        raise FileNotFoundError(
+            f"{source}: no {model_ckpt.CONFIG_FILE}; expected an official "
+            f"checkpoint directory (config.json + model.safetensors) or a "
+            f"model checkpoint (config.json + params/)"
+        )
     return torch_to_orbax(source, target, np_dtype, overwrite, progress)

@@ -5,6 +5,7 @@ index of a stacked layer, whose parameter then has a leading `layers` axis) and 
 by regular expression the official tensors it deliberately does not use. The converter checks that
 these rules account for every tensor of a checkpoint, in both directions.
 """
+
 import dataclasses
 import re
 from typing import Any, Protocol

@@ -1,5 +1,6 @@
 """The model families `convert_torch_weights.py` and `checkpoint.load` know, by the official
 config.json's architecture. The registry imports the families; no model imports the registry."""
+
 from mimo_jax.conversion.family import ModelFamily
 from mimo_jax.lm.conversion import LMFamily
 from mimo_jax.tokenizer.conversion import TokenizerFamily
@@ -13,5 +14,7 @@ def family_for(hf_config: dict, where: str) -> ModelFamily:
     for arch in archs:
         if arch in FAMILIES:
             return FAMILIES[arch]()
-    raise ValueError(f"{where}: architectures {archs} is not a model mimo-jax can convert "
-                     f"(expected one of: {', '.join(sorted(FAMILIES))})")
+    raise ValueError(
+        f"{where}: architectures {archs} is not a model mimo-jax can convert "
+        f"(expected one of: {', '.join(sorted(FAMILIES))})"
+    )

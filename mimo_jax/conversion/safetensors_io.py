@@ -5,6 +5,7 @@ corrupt file is reported up front with the file and tensor it affects. Writing l
 first from shapes and dtypes alone, then streams each tensor's bytes: a checkpoint is never held
 twice in memory. Files are read and written through etils.epath (local or gs://).
 """
+
 import dataclasses
 import json
 import os
@@ -17,9 +18,18 @@ from etils import epath
 
 from mimo_jax import paths
 
-DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-          "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-          "BOOL": np.bool_}
+DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 _NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 SINGLE_FILE = "model.safetensors"
@@ -48,8 +58,10 @@ def _read_header(path: epath.Path) -> dict[str, TensorInfo]:
             raise ValueError(f"{path}: not a safetensors file ({size} bytes, no header length)")
         (n,) = struct.unpack("<Q", raw)
         if n > size - 8:
-            raise ValueError(f"{path}: truncated or not a safetensors file (header of {n} bytes, "
-                             f"file of {size} bytes)")
+            raise ValueError(
+                f"{path}: truncated or not a safetensors file (header of {n} bytes, "
+                f"file of {size} bytes)"
+            )
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -61,15 +73,19 @@ def _read_header(path: epath.Path) -> dict[str, TensorInfo]:
             continue
         begin, end = meta["data_offsets"]
         if end > data_size:
-            raise ValueError(f"{path}: truncated: tensor {name} ends at data byte {end} but the file "
-                             f"holds {data_size} data bytes")
+            raise ValueError(
+                f"{path}: truncated: tensor {name} ends at data byte {end} but the file "
+                f"holds {data_size} data bytes"
+            )
         if meta["dtype"] not in DTYPES:
             raise ValueError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
         shape = tuple(meta["shape"])
         expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES[meta["dtype"]]).itemsize
         if end - begin != expected:
-            raise ValueError(f"{path}: tensor {name} holds {end - begin} bytes, expected {expected} "
-                             f"for {meta['dtype']}{list(shape)}")
+            raise ValueError(
+                f"{path}: tensor {name} holds {end - begin} bytes, expected {expected} "
+                f"for {meta['dtype']}{list(shape)}"
+            )
         out[name] = TensorInfo(name, meta["dtype"], shape, path, data_start + begin, end - begin)
     return out
 
@@ -107,14 +123,17 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
         f.seek(info.offset)
         raw = f.read(info.nbytes)
     if len(raw) != info.nbytes:
-        raise ValueError(f"{info.file}: tensor {info.name} has {len(raw)} of its {info.nbytes} "
-                         f"bytes (file truncated while reading)")
+        raise ValueError(
+            f"{info.file}: tensor {info.name} has {len(raw)} of its {info.nbytes} "
+            f"bytes (file truncated while reading)"
+        )
     return np.frombuffer(raw, dtype).reshape(info.shape)
 
 
 @dataclasses.dataclass(frozen=True)
 class PendingTensor:
     """A tensor to write: its name, dtype and shape now, its data when `produce` is called."""
+
     name: str
     dtype: np.dtype
     shape: tuple[int, ...]
@@ -129,8 +148,11 @@ def _write_file(path: epath.Path, tensors: list[PendingTensor], on_written: Call
     header: dict[str, dict[str, Any]] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for t in tensors:
-        header[t.name] = {"dtype": dtype_name(t.dtype), "shape": list(t.shape),
-                          "data_offsets": [offset, offset + t.nbytes]}
+        header[t.name] = {
+            "dtype": dtype_name(t.dtype),
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -140,7 +162,9 @@ def _write_file(path: epath.Path, tensors: list[PendingTensor], on_written: Call
         for t in tensors:
             data = np.ascontiguousarray(t.produce(), dtype=t.dtype)
             if data.shape != t.shape:
-                raise ValueError(f"tensor {t.name}: produced shape {data.shape}, declared {t.shape}")
+                raise ValueError(
+                    f"tensor {t.name}: produced shape {data.shape}, declared {t.shape}"
+                )
             f.write(data.tobytes())
             on_written(t.nbytes)
 
@@ -152,9 +176,12 @@ def write_file(path: str | os.PathLike, tensors: list[PendingTensor]) -> epath.P
     return out
 
 
-def write_checkpoint(dst: str | os.PathLike, tensors: Iterable[PendingTensor],
-                     max_shard_bytes: int = 5 * 2**30,
-                     on_written: Callable[[int], None] = lambda n: None) -> list[epath.Path]:
+def write_checkpoint(
+    dst: str | os.PathLike,
+    tensors: Iterable[PendingTensor],
+    max_shard_bytes: int = 5 * 2**30,
+    on_written: Callable[[int], None] = lambda n: None,
+) -> list[epath.Path]:
     """Writes `model.safetensors`, or shards plus `model.safetensors.index.json` when larger."""
     out = paths.resolve(dst)
     shards: list[list[PendingTensor]] = [[]]
@@ -174,6 +201,8 @@ def write_checkpoint(dst: str | os.PathLike, tensors: Iterable[PendingTensor],
         _write_file(out / name, shard, on_written)
         weight_map.update({t.name: name for t in shard})
     total = sum(t.nbytes for s in shards for t in s)
-    (out / INDEX_FILE).write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + os.linesep)
+    (out / INDEX_FILE).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        + os.linesep
+    )
     return [out / n for n in names] + [out / INDEX_FILE]

@@ -3,6 +3,7 @@
 A rule names one of these; the converter applies `to_nnx` reading an official checkpoint and
 `to_torch` writing one, so a round trip is exact.
 """
+
 import dataclasses
 from typing import Callable
 
@@ -24,5 +25,7 @@ TRANSFORMS: dict[str, Transform] = {
     # nn.Conv1d weight [out, in, k] <-> kernel [k, in, out].
     "conv1d": Transform(lambda a: a.transpose(2, 1, 0), lambda a: a.transpose(2, 1, 0), 3),
     # nn.ConvTranspose1d weight [in, out, k] <-> kernel [k, in, out].
-    "conv_transpose1d": Transform(lambda a: a.transpose(2, 0, 1), lambda a: a.transpose(1, 2, 0), 3),
+    "conv_transpose1d": Transform(
+        lambda a: a.transpose(2, 0, 1), lambda a: a.transpose(1, 2, 0), 3
+    ),
 }

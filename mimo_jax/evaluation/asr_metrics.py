@@ -12,6 +12,7 @@ Totals are corpus rates (errors over reference length) and the official `mean_we
 the utterances' WER). The language is the utterance's (`zh...` or `en...`) or, when not given,
 Chinese if the reference holds a CJK ideograph, as the task templates decide.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,7 +42,7 @@ LANGUAGES = ("en", "zh")
 
 
 def language_of(reference: str, language: str | None = None) -> str:
-    """"zh" or "en": from a language tag (`zh-CN`, `en_us`, ...) or from the reference text."""
+    """ "zh" or "en": from a language tag (`zh-CN`, `en_us`, ...) or from the reference text."""
     if language:
         tag = language.lower()[:2]
         if tag not in LANGUAGES:
@@ -67,6 +68,7 @@ def hypothesis_text(output: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class Score:
     """One utterance: edit counts against the reference, for words and characters."""
+
     language: str
     reference: list[str]  # the normalised units
     hypothesis: list[str]
@@ -87,11 +89,18 @@ class Score:
         return self.char_errors / self.chars
 
     def as_dict(self) -> dict:
-        return {"language": self.language, "wer": self.wer, "cer": self.cer,
-                "substitutions": self.substitutions, "deletions": self.deletions,
-                "insertions": self.insertions, "words": self.words, "chars": self.chars,
-                "normalized_reference": _joined(self.reference, self.language),
-                "normalized_hypothesis": _joined(self.hypothesis, self.language)}
+        return {
+            "language": self.language,
+            "wer": self.wer,
+            "cer": self.cer,
+            "substitutions": self.substitutions,
+            "deletions": self.deletions,
+            "insertions": self.insertions,
+            "words": self.words,
+            "chars": self.chars,
+            "normalized_reference": _joined(self.reference, self.language),
+            "normalized_hypothesis": _joined(self.hypothesis, self.language),
+        }
 
 
 def _joined(units: list[str], language: str) -> str:
@@ -104,15 +113,25 @@ def score(reference: str, hypothesis: str, language: str | None = None) -> Score
     lang = language_of(reference, language)
     ref, hyp = normalize(reference, lang), normalize(hypothesis, lang)
     if not ref:
-        raise ValueError(f"transcript {reference!r}: nothing left to score after removing "
-                         f"punctuation (expected words or characters)")
+        raise ValueError(
+            f"transcript {reference!r}: nothing left to score after removing "
+            f"punctuation (expected words or characters)"
+        )
     # jiwer aligns lists of units: a sentence of one "word" per unit.
     words = jiwer.process_words(" ".join(ref), " ".join(hyp) if hyp else "")
     chars = jiwer.process_characters(_joined(ref, lang), _joined(hyp, lang))
-    return Score(lang, ref, hyp, words.substitutions + words.deletions + words.insertions,
-                 len(ref), words.substitutions, words.deletions, words.insertions,
-                 chars.substitutions + chars.deletions + chars.insertions,
-                 len(_joined(ref, lang)))
+    return Score(
+        lang,
+        ref,
+        hyp,
+        words.substitutions + words.deletions + words.insertions,
+        len(ref),
+        words.substitutions,
+        words.deletions,
+        words.insertions,
+        chars.substitutions + chars.deletions + chars.insertions,
+        len(_joined(ref, lang)),
+    )
 
 
 def totals(scores: list[Score]) -> dict:
@@ -120,11 +139,14 @@ def totals(scores: list[Score]) -> dict:
     if not scores:
         return {"utterances": 0}
     words, chars = sum(s.words for s in scores), sum(s.chars for s in scores)
-    return {"utterances": len(scores),
-            "wer": sum(s.word_errors for s in scores) / words,
-            "cer": sum(s.char_errors for s in scores) / chars,
-            "mean_wer": sum(s.wer for s in scores) / len(scores),
-            "substitutions": sum(s.substitutions for s in scores),
-            "deletions": sum(s.deletions for s in scores),
-            "insertions": sum(s.insertions for s in scores),
-            "words": words, "chars": chars}
+    return {
+        "utterances": len(scores),
+        "wer": sum(s.word_errors for s in scores) / words,
+        "cer": sum(s.char_errors for s in scores) / chars,
+        "mean_wer": sum(s.wer for s in scores) / len(scores),
+        "substitutions": sum(s.substitutions for s in scores),
+        "deletions": sum(s.deletions for s in scores),
+        "insertions": sum(s.insertions for s in scores),
+        "words": words,
+        "chars": chars,
+    }

@@ -7,6 +7,7 @@ options of an item are the rows of one batch, right-padded (a causal model never
 padding after a row's tokens), to a width rounded up to WIDTH_QUANTUM so that items of similar
 length share one compilation.
 """
+
 from __future__ import annotations
 
 import jax
@@ -37,14 +38,16 @@ def option_logprobs(model, prompt: Prompt, options: list[list[int]], pad_id: int
     need = p + max(len(o) for o in options)
     width = -(-need // WIDTH_QUANTUM) * WIDTH_QUANTUM
     text = np.full((len(options), width), pad_id, np.int32)
-    codes = np.broadcast_to(empty_patch(c.speech_empty_ids, c.group_size),
-                            (len(options), width, c.group_size, c.audio_channels)).copy()
+    codes = np.broadcast_to(
+        empty_patch(c.speech_empty_ids, c.group_size),
+        (len(options), width, c.group_size, c.audio_channels),
+    ).copy()
     text[:, :p], codes[:, :p] = prompt.text, prompt.codes
     for row, ids in enumerate(options):
-        text[row, p:p + len(ids)] = ids
+        text[row, p : p + len(ids)] = ids
     logp = np.asarray(_next_token_logprobs(model, jnp.asarray(text), jnp.asarray(codes)))
     # Token k of an option sits at group p + k and is predicted at group p + k - 1.
-    return np.array([logp[row, p - 1:p - 1 + len(ids)].sum() for row, ids in enumerate(options)])
+    return np.array([logp[row, p - 1 : p - 1 + len(ids)].sum() for row, ids in enumerate(options)])
 
 
 def choose(model, prompt: Prompt, options: list[list[int]], pad_id: int) -> tuple[int, np.ndarray]:

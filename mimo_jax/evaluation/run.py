@@ -16,6 +16,7 @@ A bad line (not a JSON object, a field missing or of the wrong kind, audio that 
 unreadable, an empty transcript) becomes one entry {"line", "id", "error"} and the others still
 run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -84,18 +85,33 @@ def asr_template(language: str, seed: int) -> str:
     return prompts.choose_template(options, None, random.Random(seed))
 
 
-def evaluate_asr(mimo, utterances: list[Utterance], errors: list, *, seed: int = 0,
-                 template: str | None = None, min_new_groups: int = 0,
-                 max_new_groups: int | None = None, greedy: bool = False,
-                 batch_size: int | None = None, progress=None) -> dict:
+def evaluate_asr(
+    mimo,
+    utterances: list[Utterance],
+    errors: list,
+    *,
+    seed: int = 0,
+    template: str | None = None,
+    min_new_groups: int = 0,
+    max_new_groups: int | None = None,
+    greedy: bool = False,
+    batch_size: int | None = None,
+    progress=None,
+) -> dict:
     """Transcribes and scores; {"totals", "utterances": [per utterance]}. Failures go to
     `errors`. `template`: one template for all (default: drawn per utterance by language)."""
     options = {"seed": seed, "greedy": greedy, "min_new_groups": min_new_groups}
     if max_new_groups:
         options["max_new_groups"] = max_new_groups
-    reqs = [{"id": u.id, "input": u.audio,
-             "template": template or asr_template(u.language, seed + i), **options}
-            for i, u in enumerate(utterances)]
+    reqs = [
+        {
+            "id": u.id,
+            "input": u.audio,
+            "template": template or asr_template(u.language, seed + i),
+            **options,
+        }
+        for i, u in enumerate(utterances)
+    ]
     results = mimo.asr(reqs, raise_errors=False, batch_size=batch_size, progress=progress)
     rows, scores = [], []
     for u, res in zip(utterances, results):
@@ -109,8 +125,16 @@ def evaluate_asr(mimo, utterances: list[Utterance], errors: list, *, seed: int =
             errors.append(error(u.line, u.id, str(e)))
             continue
         scores.append(s)
-        rows.append({"id": u.id, "line": u.line, "reference": u.text, "hypothesis": hyp,
-                     "output": res.text, **s.as_dict()})
+        rows.append(
+            {
+                "id": u.id,
+                "line": u.line,
+                "reference": u.text,
+                "hypothesis": hyp,
+                "output": res.text,
+                **s.as_dict(),
+            }
+        )
     return {"totals": asr_metrics.totals(scores), "utterances": rows}
 
 
@@ -137,27 +161,40 @@ def _part(value, base: Path, key: str):
                 raise RequestError(f"{key}.text: {value['text']!r} is not a non-empty text")
             out["text"] = value["text"]
         return out
-    raise RequestError(f"{key}: {value!r} is not a text, {{'audio': path}} or "
-                       f"{{'text', 'audio': path}}")
+    raise RequestError(
+        f"{key}: {value!r} is not a text, {{'audio': path}} or {{'text', 'audio': path}}"
+    )
 
 
 def choice_item(line: int, obj: dict, base: Path) -> ChoiceItem:
     options = obj.get("options")
-    if (not isinstance(options, list) or len(options) < 2
-            or not all(isinstance(o, str) and o.strip() for o in options)):
+    if (
+        not isinstance(options, list)
+        or len(options) < 2
+        or not all(isinstance(o, str) and o.strip() for o in options)
+    ):
         raise RequestError(f"options: {options!r} is not a list of two or more non-empty texts")
     answer = obj.get("answer")
     if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(options):
         raise RequestError(f"answer: {answer!r} is not an option index in 0..{len(options) - 1}")
     examples = obj.get("examples", [])
-    if not isinstance(examples, list) or not all(isinstance(e, list) and len(e) == 2
-                                                 for e in examples):
+    if not isinstance(examples, list) or not all(
+        isinstance(e, list) and len(e) == 2 for e in examples
+    ):
         raise RequestError(f"examples: {examples!r} is not a list of [input, output] pairs")
-    pairs = [(_part(a, base, f"examples[{i}][0]"), _part(b, base, f"examples[{i}][1]"))
-             for i, (a, b) in enumerate(examples)]
-    return ChoiceItem(line, str(obj.get("id", line)), pairs,
-                      _part(obj.get("question"), base, "question"), options, answer,
-                      str(obj.get("subject", "")))
+    pairs = [
+        (_part(a, base, f"examples[{i}][0]"), _part(b, base, f"examples[{i}][1]"))
+        for i, (a, b) in enumerate(examples)
+    ]
+    return ChoiceItem(
+        line,
+        str(obj.get("id", line)),
+        pairs,
+        _part(obj.get("question"), base, "question"),
+        options,
+        answer,
+        str(obj.get("subject", "")),
+    )
 
 
 def read_choice_items(path: str | Path, errors: list) -> list[ChoiceItem]:
@@ -180,10 +217,13 @@ def _with_patches(part, audio, name: str):
 
 def choice_prompt(mimo, item: ChoiceItem) -> segments.Prompt:
     name = f"item {item.id}"
-    parts = [(_with_patches(a, mimo.audio, name), _with_patches(b, mimo.audio, name))
-             for a, b in item.examples]
-    segs = prompts.few_shot(parts, _with_patches(item.question, mimo.audio, name),
-                            speech_output=False)
+    parts = [
+        (_with_patches(a, mimo.audio, name), _with_patches(b, mimo.audio, name))
+        for a, b in item.examples
+    ]
+    segs = prompts.few_shot(
+        parts, _with_patches(item.question, mimo.audio, name), speech_output=False
+    )
     c = mimo.config
     return segments.assemble(segs, mimo.tok, c.group_size, c.speech_empty_ids)
 
@@ -197,11 +237,20 @@ def evaluate_choices(mimo, items: list[ChoiceItem], errors: list, progress=None)
         except (InputError, RequestError, ValueError) as e:
             errors.append(error(item.line, item.id, str(e)))
             continue
-        pick, scores = choice.choose(mimo.model, prompt,
-                                     [mimo.tok.encode(o) for o in item.options], mimo.tok.pad_id)
-        rows.append({"id": item.id, "line": item.line, "subject": item.subject,
-                     "prediction": pick, "answer": item.answer, "correct": pick == item.answer,
-                     "scores": [float(s) for s in scores]})
+        pick, scores = choice.choose(
+            mimo.model, prompt, [mimo.tok.encode(o) for o in item.options], mimo.tok.pad_id
+        )
+        rows.append(
+            {
+                "id": item.id,
+                "line": item.line,
+                "subject": item.subject,
+                "prediction": pick,
+                "answer": item.answer,
+                "correct": pick == item.answer,
+                "scores": [float(s) for s in scores],
+            }
+        )
         if progress is not None:
             progress(1)
     return {"totals": accuracy(rows), "items": rows}
@@ -212,6 +261,9 @@ def accuracy(rows: list[dict]) -> dict:
     for r in rows:
         subjects.setdefault(r["subject"], []).append(r["correct"])
     correct = sum(r["correct"] for r in rows)
-    return {"items": len(rows), "correct": correct,
-            "accuracy": correct / len(rows) if rows else 0.0,
-            "subjects": {k: sum(v) / len(v) for k, v in sorted(subjects.items()) if k}}
+    return {
+        "items": len(rows),
+        "correct": correct,
+        "accuracy": correct / len(rows) if rows else 0.0,
+        "subjects": {k: sum(v) / len(v) for k, v in sorted(subjects.items()) if k},
+    }

@@ -9,6 +9,7 @@ or a chunk of groups at a time (`generate_chunks`, for streaming).
 Prompts of different lengths are left-padded: `prompt_lengths[b]` counts the real groups at the end
 of row b; padding groups are never attended to and positions start at 0 at each row's first real group.
 """
+
 import dataclasses
 from functools import partial
 from typing import Iterator, NamedTuple
@@ -82,16 +83,33 @@ def _prefill(model, text, codes, prompt_lengths, rng, gen: GenerationConfig) -> 
     cache = model.model.init_cache(b, total)
     cache_seg = jnp.zeros((b, total), jnp.int32).at[:, :gp].set(segments)
     cache_pos = jnp.zeros((b, total), jnp.int32).at[:, :gp].set(positions)
-    hidden, cache = model.backbone_cached(model.embed_inputs(text, codes), positions, segments,
-                                          cache, cache_pos, cache_seg, 0)
+    hidden, cache = model.backbone_cached(
+        model.embed_inputs(text, codes), positions, segments, cache, cache_pos, cache_seg, 0
+    )
     out_text = jnp.zeros((b, total), jnp.int32).at[:, :gp].set(text)
     out_codes = jnp.zeros((b, total, c.group_size, c.audio_channels), jnp.int32)
     out_codes = out_codes.at[:, :gp].set(codes)
-    scores = ((jnp.zeros((b, total, c.vocab_size), jnp.float32),
-               jnp.zeros((b, total, c.local_dim), jnp.float32))
-              if gen.output_scores else ())
-    return _State(jnp.asarray(gp), hidden[:, -1], cache, cache_pos, cache_seg, out_text,
-                  out_codes, rng, jnp.full((b,), total, jnp.int32), jnp.zeros((b,), bool), scores)
+    scores = (
+        (
+            jnp.zeros((b, total, c.vocab_size), jnp.float32),
+            jnp.zeros((b, total, c.local_dim), jnp.float32),
+        )
+        if gen.output_scores
+        else ()
+    )
+    return _State(
+        jnp.asarray(gp),
+        hidden[:, -1],
+        cache,
+        cache_pos,
+        cache_seg,
+        out_text,
+        out_codes,
+        rng,
+        jnp.full((b,), total, jnp.int32),
+        jnp.zeros((b,), bool),
+        scores,
+    )
 
 
 def _advance(model, state: _State, until, gen: GenerationConfig) -> _State:
@@ -99,8 +117,9 @@ def _advance(model, state: _State, until, gen: GenerationConfig) -> _State:
     c = model.config
     b = state.out_text.shape[0]
     total = gen.max_length
-    empty_patch = jnp.broadcast_to(jnp.asarray(c.speech_empty_ids, jnp.int32),
-                                   (b, c.group_size, c.audio_channels))
+    empty_patch = jnp.broadcast_to(
+        jnp.asarray(c.speech_empty_ids, jnp.int32), (b, c.group_size, c.audio_channels)
+    )
     stop_mask = _stop_mask(model, gen)
 
     def patch_sampler(logits, forbidden_id, key):
@@ -116,14 +135,17 @@ def _advance(model, state: _State, until, gen: GenerationConfig) -> _State:
         text_logits = model.text_logits(s.last_hidden)
         local_hidden = model.local_hidden(s.last_hidden)
         if gen.output_scores:
-            scores = (scores[0].at[:, cur].set(text_logits.astype(jnp.float32)),
-                      scores[1].at[:, cur].set(local_hidden.astype(jnp.float32)))
+            scores = (
+                scores[0].at[:, cur].set(text_logits.astype(jnp.float32)),
+                scores[1].at[:, cur].set(local_hidden.astype(jnp.float32)),
+            )
         tok = sample(text_logits, gen.text_sampler, k_text, forbidden)
         is_speech = tok == c.empty_idx
         patch = jax.lax.cond(
             jnp.any(is_speech & ~done),
             lambda: model.decode_patch(local_hidden, patch_sampler, k_patch),
-            lambda: empty_patch)
+            lambda: empty_patch,
+        )
         patch = jnp.where(is_speech[:, None, None], patch, empty_patch)
         tok = jnp.where(done, out_text[:, cur - 1], tok)  # finished rows repeat their stop group
         patch = jnp.where(done[:, None, None], empty_patch, patch)
@@ -137,10 +159,28 @@ def _advance(model, state: _State, until, gen: GenerationConfig) -> _State:
         seg = jnp.ones((b, 1), jnp.int32)
         cache_pos = jax.lax.dynamic_update_slice(s.cache_pos, pos, (0, cur))
         cache_seg = jax.lax.dynamic_update_slice(s.cache_seg, seg, (0, cur))
-        hidden, cache = model.backbone_cached(model.embed_inputs(tok[:, None], patch[:, None]), pos,
-                                              seg, s.cache, cache_pos, cache_seg, cur)
-        return _State(cur + 1, hidden[:, -1], cache, cache_pos, cache_seg, out_text, out_codes,
-                      rng, lengths, done, scores)
+        hidden, cache = model.backbone_cached(
+            model.embed_inputs(tok[:, None], patch[:, None]),
+            pos,
+            seg,
+            s.cache,
+            cache_pos,
+            cache_seg,
+            cur,
+        )
+        return _State(
+            cur + 1,
+            hidden[:, -1],
+            cache,
+            cache_pos,
+            cache_seg,
+            out_text,
+            out_codes,
+            rng,
+            lengths,
+            done,
+            scores,
+        )
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -165,24 +205,36 @@ def _window(state: _State, start, groups: int):
     """Groups [start, start + groups) of every row (start clipped to fit), and the row states."""
     total = state.out_text.shape[1]
     start = jnp.minimum(start, total - groups)
-    return (start, jax.lax.dynamic_slice_in_dim(state.out_text, start, groups, axis=1),
-            jax.lax.dynamic_slice_in_dim(state.out_codes, start, groups, axis=1), state.cur,
-            state.lengths, state.done)
+    return (
+        start,
+        jax.lax.dynamic_slice_in_dim(state.out_text, start, groups, axis=1),
+        jax.lax.dynamic_slice_in_dim(state.out_codes, start, groups, axis=1),
+        state.cur,
+        state.lengths,
+        state.done,
+    )
 
 
-def _inputs(text, codes, gen: GenerationConfig, prompt_lengths, rng
-            ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def _inputs(
+    text, codes, gen: GenerationConfig, prompt_lengths, rng
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     text, codes = jnp.asarray(text, jnp.int32), jnp.asarray(codes, jnp.int32)
     b, gp = text.shape
     if gen.max_length <= gp:
-        raise ValueError(f"max_length {gen.max_length} groups leaves no room after a prompt of {gp}")
-    lengths = jnp.full((b,), gp, jnp.int32) if prompt_lengths is None else jnp.asarray(
-        prompt_lengths, jnp.int32)
+        raise ValueError(
+            f"max_length {gen.max_length} groups leaves no room after a prompt of {gp}"
+        )
+    lengths = (
+        jnp.full((b,), gp, jnp.int32)
+        if prompt_lengths is None
+        else jnp.asarray(prompt_lengths, jnp.int32)
+    )
     return text, codes, lengths, jax.random.key(0) if rng is None else rng
 
 
-def generate(model, text, codes, gen: GenerationConfig, *, prompt_lengths=None,
-             rng: jax.Array | None = None) -> Generation:
+def generate(
+    model, text, codes, gen: GenerationConfig, *, prompt_lengths=None, rng: jax.Array | None = None
+) -> Generation:
     """Generates up to `gen.max_length` groups per row.
 
     text [B, Gp] int, codes [B, Gp, group_size, channels] int (the prompt, left-padded when rows
@@ -193,8 +245,12 @@ def generate(model, text, codes, gen: GenerationConfig, *, prompt_lengths=None,
     split = nnx.split(model)
     state = _prefill_jit(*split, *_inputs(text, codes, gen, prompt_lengths, rng), gen)
     state = _advance_jit(*split, state, gen.max_length, gen)
-    return Generation(np.asarray(state.out_text), np.asarray(state.out_codes),
-                      np.asarray(state.lengths), *(np.asarray(a) for a in state.scores))
+    return Generation(
+        np.asarray(state.out_text),
+        np.asarray(state.out_codes),
+        np.asarray(state.lengths),
+        *(np.asarray(a) for a in state.scores),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,9 +263,16 @@ class GenerationChunk:
     last: bool  # no chunk follows
 
 
-def generate_chunks(model, text, codes, gen: GenerationConfig, *, chunk_groups: int = 8,
-                    prompt_lengths=None, rng: jax.Array | None = None
-                    ) -> Iterator[GenerationChunk]:
+def generate_chunks(
+    model,
+    text,
+    codes,
+    gen: GenerationConfig,
+    *,
+    chunk_groups: int = 8,
+    prompt_lengths=None,
+    rng: jax.Array | None = None,
+) -> Iterator[GenerationChunk]:
     """`generate`, handing back the new groups every `chunk_groups` groups.
 
     The loop runs on the device `chunk_groups` groups at a time and stops in between to yield;
@@ -226,12 +289,17 @@ def generate_chunks(model, text, codes, gen: GenerationConfig, *, chunk_groups: 
     size = min(chunk_groups, gen.max_length)
     while True:
         state = _advance_jit(*split, state, cur + chunk_groups, gen)
-        start, new_text, new_codes, end, lengths, done = jax.device_get(
-            _window(state, cur, size))
+        start, new_text, new_codes, end, lengths, done = jax.device_get(_window(state, cur, size))
         end, off = int(end), cur - int(start)
         last = end >= gen.max_length or bool(done.all())
-        yield GenerationChunk(cur, new_text[:, off:off + end - cur],
-                              new_codes[:, off:off + end - cur], lengths, done, last)
+        yield GenerationChunk(
+            cur,
+            new_text[:, off : off + end - cur],
+            new_codes[:, off : off + end - cur],
+            lengths,
+            done,
+            last,
+        )
         if last:
             return
         cur = end

@@ -1,6 +1,7 @@
 """The command-line flags that name a MimoAudio (the LM, the audio tokenizer, the text tokenizer and
 the context), shared by `python -m mimo_jax.generate` and `python -m mimo_jax.evaluate`. Light to
 import: JAX and the models load only in `load_mimo`."""
+
 import argparse
 
 from mimo_jax.tasks.requests import MAX_GROUPS
@@ -10,12 +11,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lm", required=True, help="LM checkpoint (official or converted)")
     p.add_argument("--audio-tokenizer", required=True, help="audio tokenizer checkpoint")
     p.add_argument("--text-tokenizer", required=True, help="tokenizer.json (or its directory)")
-    p.add_argument("--adapter", default=None,
-                   help="a LoRA adapter directory for the LM (PEFT format: adapter_config.json "
-                        "and adapter_model.safetensors, e.g. a LoRA run's workdir/adapter)")
-    p.add_argument("--context-groups", type=int, default=MAX_GROUPS,
-                   help=f"prompt and generation together, in groups (default {MAX_GROUPS}, as "
-                        f"the official generation)")
+    p.add_argument(
+        "--adapter",
+        default=None,
+        help="a LoRA adapter directory for the LM (PEFT format: adapter_config.json "
+        "and adapter_model.safetensors, e.g. a LoRA run's workdir/adapter)",
+    )
+    p.add_argument(
+        "--context-groups",
+        type=int,
+        default=MAX_GROUPS,
+        help=f"prompt and generation together, in groups (default {MAX_GROUPS}, as "
+        f"the official generation)",
+    )
 
 
 def load_mimo(args: argparse.Namespace):
@@ -24,7 +32,12 @@ def load_mimo(args: argparse.Namespace):
     from mimo_jax.inference.tasks import MimoAudio
 
     try:
-        return MimoAudio.load(args.lm, args.audio_tokenizer, args.text_tokenizer,
-                              adapter=args.adapter, context_groups=args.context_groups)
+        return MimoAudio.load(
+            args.lm,
+            args.audio_tokenizer,
+            args.text_tokenizer,
+            adapter=args.adapter,
+            context_groups=args.context_groups,
+        )
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise SystemExit(f"error: {e}") from None

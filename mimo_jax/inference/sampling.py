@@ -4,6 +4,7 @@ Order as in the official `MiMoSampler`: temperature, then top-k, then top-p, the
 are set to -inf, then argmax (first maximal index) or a draw. Unlike the official top-k, the
 threshold is taken per row, so batches are correct.
 """
+
 import dataclasses
 
 import jax
@@ -61,9 +62,11 @@ def _ordered_keys(scores):
 
 def _largest(ok, rows):
     """The largest uint32 u [rows, 1] with ok(u); ok is monotone (true up to some u, ok(0))."""
+
     def bit(i, u):
         cand = u | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
         return jnp.where(ok(cand), cand, u)
+
     return jax.lax.fori_loop(0, 32, bit, jnp.zeros((rows, 1), jnp.uint32))
 
 
@@ -75,8 +78,10 @@ def _top_p(scores, keys, top_p):
     probs = jax.nn.softmax(scores, axis=-1)
     budget = 1.0 - top_p
     # The threshold: the largest key with at most `budget` probability strictly below it.
-    thr = _largest(lambda u: jnp.sum(jnp.where(keys < u, probs, 0.0), -1, keepdims=True) <= budget,
-                   keys.shape[0])
+    thr = _largest(
+        lambda u: jnp.sum(jnp.where(keys < u, probs, 0.0), -1, keepdims=True) <= budget,
+        keys.shape[0],
+    )
     top = jnp.max(keys, -1, keepdims=True)
     thr = jnp.minimum(thr, top)  # rounding can leave even the total at or under the budget
     tied = keys == thr
@@ -84,16 +89,16 @@ def _top_p(scores, keys, top_p):
     p_tied = jnp.max(jnp.where(tied, probs, 0.0), -1, keepdims=True)
     mass_below = jnp.sum(jnp.where(keys < thr, probs, 0.0), -1, keepdims=True)
     # The j-th tied entry has cumulative probability mass_below + j * p_tied.
-    r = jnp.where(p_tied > 0, jnp.floor((budget - mass_below) / jnp.maximum(p_tied, 1e-38)),
-                  n_tied)
+    r = jnp.where(p_tied > 0, jnp.floor((budget - mass_below) / jnp.maximum(p_tied, 1e-38)), n_tied)
     r = jnp.clip(r, 0, jnp.where(thr == top, n_tied - 1, n_tied)).astype(jnp.int32)
     tie_rank = jnp.cumsum(tied, axis=-1, dtype=jnp.int32) - 1
     keep = (keys > thr) | (tied & (tie_rank >= r))
     return jnp.where(keep, scores, -jnp.inf)
 
 
-def sample(logits: jax.Array, cfg: SamplerConfig, rng: jax.Array,
-           forbidden: jax.Array | None = None) -> jax.Array:
+def sample(
+    logits: jax.Array, cfg: SamplerConfig, rng: jax.Array, forbidden: jax.Array | None = None
+) -> jax.Array:
     """Token ids [B] from logits [B, V]; `forbidden` is a bool mask [V] or [B, V] of ids never chosen."""
     scores = process(logits, cfg)
     if forbidden is not None:

@@ -13,6 +13,7 @@ overridable per instance or per call; `greedy` makes both greedy. Multi-turn spo
 follows the official history: pass the previous `Result` as `history` and the next user turn is
 appended to its whole sequence (prompt and generation).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -67,6 +68,7 @@ class Result:
 @dataclasses.dataclass
 class AudioChunk:
     """What `MimoAudio.stream` hands out: audio of one request, as soon as it is ready."""
+
     index: int  # the request's position in the call
     wav: np.ndarray  # 24 kHz float32 samples following the request's earlier chunks
     result: Result | None = None  # on the request's last chunk only
@@ -91,8 +93,10 @@ def load_lm(path: str | Path, dtype=None, adapter: str | Path | None = None):
     if checkpoint.is_model_checkpoint(path):
         config, model = checkpoint.load(path, dtype=dtype)
     elif not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not an LM checkpoint (expected config.json with "
-                                f"model*.safetensors, or a converted checkpoint with params/)")
+        raise FileNotFoundError(
+            f"{path}: not an LM checkpoint (expected config.json with "
+            f"model*.safetensors, or a converted checkpoint with params/)"
+        )
     else:
         config, model = load_torch_checkpoint(path, dtype)
     if adapter is None:
@@ -114,8 +118,15 @@ def check_special_ids(config, tok: TextTokenizer, source: str = "the LM checkpoi
 class MimoAudio:
     """The LM, the audio tokenizer and the text tokenizer, with a method per task."""
 
-    def __init__(self, config, model, audio_tokenizer, text_tokenizer: TextTokenizer, *,
-                 context_groups: int = MAX_GROUPS):
+    def __init__(
+        self,
+        config,
+        model,
+        audio_tokenizer,
+        text_tokenizer: TextTokenizer,
+        *,
+        context_groups: int = MAX_GROUPS,
+    ):
         check_special_ids(config, text_tokenizer)
         self.context_groups = context_groups  # prompt and generation together, in groups
         self.config, self.model = config, model
@@ -124,8 +135,16 @@ class MimoAudio:
         self.task_sampler_configs = dict(TASK_SAMPLERS)
 
     @classmethod
-    def load(cls, lm: str | Path, audio_tokenizer: str | Path, text_tokenizer: str | Path, *,
-             dtype=None, adapter: str | Path | None = None, **options) -> "MimoAudio":
+    def load(
+        cls,
+        lm: str | Path,
+        audio_tokenizer: str | Path,
+        text_tokenizer: str | Path,
+        *,
+        dtype=None,
+        adapter: str | Path | None = None,
+        **options,
+    ) -> "MimoAudio":
         """From checkpoint directories (official or converted), a tokenizer.json (or the
         directory holding it) and optionally a LoRA adapter directory for the LM."""
         from mimo_jax.tokenizer.clips import Tokenizer
@@ -133,8 +152,13 @@ class MimoAudio:
         config, model = load_lm(lm, dtype, adapter)
         if jax.default_backend() == "cpu":  # a CPU cost; elsewhere not worth a stack's copy
             model = unstack_for_decoding(model)
-        return cls(config, model, Tokenizer.load(str(audio_tokenizer)),
-                   TextTokenizer.from_file(str(text_tokenizer)), **options)
+        return cls(
+            config,
+            model,
+            Tokenizer.load(str(audio_tokenizer)),
+            TextTokenizer.from_file(str(text_tokenizer)),
+            **options,
+        )
 
     # ---- one method per task -------------------------------------------------------------------
     def asr(self, reqs, **kw) -> list[Result]:
@@ -162,16 +186,25 @@ class MimoAudio:
         return self.run(reqs, task="continue", **kw)
 
     # ---- the engine ----------------------------------------------------------------------------
-    def run(self, reqs, *, task: str | None = None, history=None,
-            text_sampler: SamplerConfig | None = None,
-            patch_sampler: SamplerConfig | None = None, batch_size: int | None = None,
-            raise_errors: bool = True, progress=None) -> list[Result]:
+    def run(
+        self,
+        reqs,
+        *,
+        task: str | None = None,
+        history=None,
+        text_sampler: SamplerConfig | None = None,
+        patch_sampler: SamplerConfig | None = None,
+        batch_size: int | None = None,
+        raise_errors: bool = True,
+        progress=None,
+    ) -> list[Result]:
         """Results in the order of `reqs`. `history`: one previous Result (or None) per request.
         With `raise_errors=False` a bad request gets its `error` and the others still run.
         Requests are sorted by prompt length into batches of `batch_size` (default: one batch
         per sampler setting); `progress(n)` is called after each batch of n requests."""
-        results, batches = self._plan(reqs, task, history, text_sampler, patch_sampler,
-                                      batch_size, raise_errors)
+        results, batches = self._plan(
+            reqs, task, history, text_sampler, patch_sampler, batch_size, raise_errors
+        )
         for key, jobs in batches:
             self._generate(key, jobs, results)
             if progress is not None:
@@ -179,11 +212,20 @@ class MimoAudio:
         self._decode([(r, r.speech) for r in results if r.speech is not None])
         return results
 
-    def stream(self, reqs, *, task: str | None = None, history=None,
-               text_sampler: SamplerConfig | None = None,
-               patch_sampler: SamplerConfig | None = None, batch_size: int | None = None,
-               raise_errors: bool = True, chunk_groups: int = 8, left_context: int = 250,
-               right_context: int = 40) -> Iterator[AudioChunk]:
+    def stream(
+        self,
+        reqs,
+        *,
+        task: str | None = None,
+        history=None,
+        text_sampler: SamplerConfig | None = None,
+        patch_sampler: SamplerConfig | None = None,
+        batch_size: int | None = None,
+        raise_errors: bool = True,
+        chunk_groups: int = 8,
+        left_context: int = 250,
+        right_context: int = 40,
+    ) -> Iterator[AudioChunk]:
         """`run`, with the speech handed out while it is generated.
 
         Generation stops every `chunk_groups` groups; the new speech frames of each request (the
@@ -196,18 +238,24 @@ class MimoAudio:
         """
         if chunk_groups < 1:
             raise ValueError(f"chunk_groups {chunk_groups}: expected at least 1")
-        results, batches = self._plan(reqs, task, history, text_sampler, patch_sampler,
-                                      batch_size, raise_errors)
+        results, batches = self._plan(
+            reqs, task, history, text_sampler, patch_sampler, batch_size, raise_errors
+        )
         for i, r in enumerate(results):
             if r.error is not None:
                 yield AudioChunk(i, np.zeros(0, np.float32), r)
         for key, jobs in batches:
-            decoder = StreamingDecoder(self.audio.tokenizer, len(jobs),
-                                       left_context=left_context, right_context=right_context)
+            decoder = StreamingDecoder(
+                self.audio.tokenizer,
+                len(jobs),
+                left_context=left_context,
+                right_context=right_context,
+            )
             yield from self._stream_batch(key, jobs, results, chunk_groups, decoder)
 
-    def _plan(self, reqs, task, history, text_sampler, patch_sampler, batch_size, raise_errors
-              ) -> tuple[list[Result], list[tuple[tuple, list[_Job]]]]:
+    def _plan(
+        self, reqs, task, history, text_sampler, patch_sampler, batch_size, raise_errors
+    ) -> tuple[list[Result], list[tuple[tuple, list[_Job]]]]:
         """Results (errors filled in) and the batches to generate: [(key, jobs)]."""
         reqs = [r if isinstance(r, dict) else {"input": r} for r in reqs]
         if task is not None:
@@ -217,8 +265,9 @@ class MimoAudio:
         parsed = []  # (index, request, spec, segments, history) of the well-formed requests
         for i, (r, h) in enumerate(zip(reqs, history)):
             try:
-                parsed.append((i, r, requests.task_of(r),
-                               requests.segments(r, history=h is not None), h))
+                parsed.append(
+                    (i, r, requests.task_of(r), requests.segments(r, history=h is not None), h)
+                )
             except (RequestError, InputError, ValueError, KeyError, TypeError) as e:
                 self._fail(results[i], e, raise_errors)
         jobs = self._encode(parsed, results, raise_errors, random.randrange(2**31))
@@ -229,7 +278,7 @@ class MimoAudio:
         for key, members in groups.items():
             members.sort(key=lambda j: j.prompt.groups)
             step = batch_size or len(members)
-            batches += [(key, members[s:s + step]) for s in range(0, len(members), step)]
+            batches += [(key, members[s : s + step]) for s in range(0, len(members), step)]
         return results, batches
 
     def _fail(self, result: Result, error: Exception, raise_errors: bool):
@@ -245,8 +294,10 @@ class MimoAudio:
         for i, r, spec, segs, hist in jobs:
             try:
                 audio = segments.audio_inputs(segs)
-                mine = [self.audio.waveform(a, f"request {r.get('id', i)}: audio {k}")
-                        for k, a in enumerate(audio)]
+                mine = [
+                    self.audio.waveform(a, f"request {r.get('id', i)}: audio {k}")
+                    for k, a in enumerate(audio)
+                ]
             except InputError as e:
                 self._fail(results[i], e, raise_errors)
                 continue
@@ -260,10 +311,16 @@ class MimoAudio:
         codes = self.audio.codes(wavs)
         out = []
         for i, r, spec, segs, hist, start, n in ready:
-            patches = [segments.patchify(c, self.config.group_size, self.config.audio_channels)
-                       for c in codes[start:start + n]]
-            prompt = segments.assemble(segments.with_audio(segs, patches), self.tok,
-                                       self.config.group_size, self.config.speech_empty_ids)
+            patches = [
+                segments.patchify(c, self.config.group_size, self.config.audio_channels)
+                for c in codes[start : start + n]
+            ]
+            prompt = segments.assemble(
+                segments.with_audio(segs, patches),
+                self.tok,
+                self.config.group_size,
+                self.config.speech_empty_ids,
+            )
             if hist is not None:
                 prompt = hist.sequence + prompt
             seed = r.get("seed")
@@ -276,30 +333,39 @@ class MimoAudio:
         c, tc = self.config, self.audio.tokenizer.config
         frames = [tc.code_frames(tc.mel_frames(w.size)) for w in wavs]
         audio_groups = sum(-(-f // c.group_size) + 2 for f in frames)
-        text_groups = sum(len(self.tok.encode(s.text)) for s in segs
-                          if isinstance(s, segments.Text))
+        text_groups = sum(
+            len(self.tok.encode(s.text)) for s in segs if isinstance(s, segments.Text)
+        )
         return text_groups + audio_groups + (hist.sequence.groups if hist else 0)
 
     def _check_length(self, request, groups: int):
         room = self.context_groups - groups
         need = max(1, request.get("min_new_groups") or 0)
         if room < need:
-            raise RequestError(f"request {request.get('id', '')}: the prompt has about {groups} "
-                               f"groups (voice prompt and inputs included), which leaves no room "
-                               f"for {need} new groups in the context of {self.context_groups}")
+            raise RequestError(
+                f"request {request.get('id', '')}: the prompt has about {groups} "
+                f"groups (voice prompt and inputs included), which leaves no room "
+                f"for {need} new groups in the context of {self.context_groups}"
+            )
 
     def _samplers(self, job: _Job, text_sampler, patch_sampler):
         if job.request.get("greedy"):
             return GREEDY, GREEDY
-        preset = self.task_sampler_configs.get(job.spec.sampler,
-                                               self.task_sampler_configs["default"])
+        preset = self.task_sampler_configs.get(
+            job.spec.sampler, self.task_sampler_configs["default"]
+        )
         return text_sampler or preset[0], patch_sampler or preset[1]
 
     def _key(self, job: _Job, text_sampler, patch_sampler) -> tuple:
         r = job.request
         stops = (self.tok.eos_id,) + tuple(self.tok.special_id(t) for t in job.spec.stop_tokens)
-        return (stops, self._samplers(job, text_sampler, patch_sampler),
-                int(r.get("min_new_groups", 0) or 0), r.get("max_new_groups"), job.seed)
+        return (
+            stops,
+            self._samplers(job, text_sampler, patch_sampler),
+            int(r.get("min_new_groups", 0) or 0),
+            r.get("max_new_groups"),
+            job.seed,
+        )
 
     def _batch(self, key, jobs: list[_Job]):
         """The left-padded prompt batch of `jobs`: (width, generate's arguments)."""
@@ -310,17 +376,27 @@ class MimoAudio:
             width = longest  # padding must not take the room of the generation
         c = self.config
         text = np.full((len(jobs), width), self.tok.pad_id, np.int32)
-        codes = np.broadcast_to(empty_patch(c.speech_empty_ids, c.group_size),
-                                (len(jobs), width, c.group_size, c.audio_channels)).copy()
+        codes = np.broadcast_to(
+            empty_patch(c.speech_empty_ids, c.group_size),
+            (len(jobs), width, c.group_size, c.audio_channels),
+        ).copy()
         for row, j in enumerate(jobs):
-            text[row, width - j.prompt.groups:] = j.prompt.text
-            codes[row, width - j.prompt.groups:] = j.prompt.codes
+            text[row, width - j.prompt.groups :] = j.prompt.text
+            codes[row, width - j.prompt.groups :] = j.prompt.codes
         limit = self.context_groups
         max_length = limit if max_new is None else min(limit, width + int(max_new))
-        gen = GenerationConfig(max_length=max_length, min_length=width + min_new, stop_ids=stops,
-                               text_sampler=text_s, patch_sampler=patch_s)
-        return width, (self.model, text, codes, gen), dict(
-            prompt_lengths=[j.prompt.groups for j in jobs], rng=jax.random.key(seed))
+        gen = GenerationConfig(
+            max_length=max_length,
+            min_length=width + min_new,
+            stop_ids=stops,
+            text_sampler=text_s,
+            patch_sampler=patch_s,
+        )
+        return (
+            width,
+            (self.model, text, codes, gen),
+            dict(prompt_lengths=[j.prompt.groups for j in jobs], rng=jax.random.key(seed)),
+        )
 
     def _generate(self, key, jobs: list[_Job], results: list[Result]):
         width, args, kw = self._batch(key, jobs)
@@ -333,8 +409,14 @@ class MimoAudio:
         """The speech frames of a request's generated groups (see `outputs.speech_of`)."""
         spec = job.spec
         start = self.tok.special_id(spec.speech_start) if spec.speech_start else None
-        return outputs.speech_of(text, codes, self.config.speech_empty_ids, start,
-                                 self.tok.special_id(spec.speech_end), complete=complete)
+        return outputs.speech_of(
+            text,
+            codes,
+            self.config.speech_empty_ids,
+            start,
+            self.tok.special_id(spec.speech_end),
+            complete=complete,
+        )
 
     def _finish(self, job: _Job, text, codes, res: Result):
         """A request's result from its generated groups (up to its stop group)."""
@@ -344,8 +426,14 @@ class MimoAudio:
         if job.spec.speech_out:
             res.speech = self._speech(job, new.text, new.codes)
 
-    def _stream_batch(self, key, jobs: list[_Job], results: list[Result], chunk_groups: int,
-                      decoder: StreamingDecoder) -> Iterator[AudioChunk]:
+    def _stream_batch(
+        self,
+        key,
+        jobs: list[_Job],
+        results: list[Result],
+        chunk_groups: int,
+        decoder: StreamingDecoder,
+    ) -> Iterator[AudioChunk]:
         width, args, kw = self._batch(key, jobs)
         rows = range(len(jobs))
         text: list[list[np.ndarray]] = [[] for _ in rows]
@@ -363,9 +451,13 @@ class MimoAudio:
                 if not jobs[row].spec.speech_out:
                     continue
                 end = int(chunk.lengths[row]) - width if row in ending else None
-                frames = self._speech(jobs[row], np.concatenate(text[row])[:end],
-                                      np.concatenate(codes[row])[:end], complete=row in ending)
-                new[row], sent[row] = frames[sent[row]:], len(frames)
+                frames = self._speech(
+                    jobs[row],
+                    np.concatenate(text[row])[:end],
+                    np.concatenate(codes[row])[:end],
+                    complete=row in ending,
+                )
+                new[row], sent[row] = frames[sent[row] :], len(frames)
             ready = decoder.push(new)
             tails = decoder.finish(ending)
             for row in sorted(live):
@@ -379,11 +471,15 @@ class MimoAudio:
                 live.discard(row)
                 job, res = jobs[row], results[jobs[row].index]
                 end = int(chunk.lengths[row]) - width
-                self._finish(job, np.concatenate(text[row])[:end],
-                             np.concatenate(codes[row])[:end], res)
+                self._finish(
+                    job, np.concatenate(text[row])[:end], np.concatenate(codes[row])[:end], res
+                )
                 if res.speech is not None:
-                    res.wav = (np.concatenate(pieces[row]) if pieces[row] else
-                               outputs.wav_of(self.audio.tokenizer, res.speech))
+                    res.wav = (
+                        np.concatenate(pieces[row])
+                        if pieces[row]
+                        else outputs.wav_of(self.audio.tokenizer, res.speech)
+                    )
                     wav = wav if pieces[row] else res.wav
                 yield AudioChunk(job.index, wav, res)
 

@@ -14,6 +14,7 @@ Linear weights are [out, in]); a stacked layer writes one pair per layer index. 
 trained in full travels as PEFT's `modules_to_save`, so the directory holds everything a run
 trained.
 """
+
 import functools
 import json
 import os
@@ -47,8 +48,15 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _KEY = re.compile(re.escape(PREFIX) + r"(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
 # PEFT options whose meaning this loader does not reproduce: refused rather than half-applied.
-_UNSUPPORTED = {"use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "bias": "none",
-                "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None}
+_UNSUPPORTED = {
+    "use_dora": False,
+    "use_rslora": False,
+    "fan_in_fan_out": False,
+    "bias": "none",
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "layers_to_transform": None,
+}
 
 
 def modules_of(model: nnx.Module, groups) -> list[str]:
@@ -58,7 +66,9 @@ def modules_of(model: nnx.Module, groups) -> list[str]:
     for name, group in GROUP_OF_MODULE.items():
         node = getattr(model, name, None)
         if group in groups and node is not None:
-            out += [f"{name}.{i}" for i in range(len(node))] if isinstance(node, nnx.List) else [name]
+            out += (
+                [f"{name}.{i}" for i in range(len(node))] if isinstance(node, nnx.List) else [name]
+            )
     return out
 
 
@@ -69,14 +79,24 @@ def peft_config(model: nnx.Module, base_model: str | None = None, full_groups=()
         raise ValueError("the model has no LoRA adapters to export")
     settings = {(m.rank, m.alpha, m.dropout) for _, m in layers}
     if len(settings) > 1:
-        raise ValueError(f"adapters with different (rank, alpha, dropout) {sorted(settings)}: a "
-                         f"PEFT directory holds one setting")
+        raise ValueError(
+            f"adapters with different (rank, alpha, dropout) {sorted(settings)}: a "
+            f"PEFT directory holds one setting"
+        )
     ((rank, alpha, dropout),) = settings
-    return {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model,
-            "r": rank, "lora_alpha": alpha, "lora_dropout": dropout,
-            "target_modules": sorted(n for layer, _ in layers for n in layer.names()),
-            "modules_to_save": modules_of(model, full_groups) or None,
-            "inference_mode": True, "init_lora_weights": True, **_UNSUPPORTED}
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": sorted(n for layer, _ in layers for n in layer.names()),
+        "modules_to_save": modules_of(model, full_groups) or None,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        **_UNSUPPORTED,
+    }
 
 
 def _host(x: jax.Array, dtype=np.float32) -> np.ndarray:
@@ -110,8 +130,7 @@ def peft_tensors(model: nnx.Module, full_groups=()) -> dict[str, np.ndarray]:
     return out
 
 
-def save(model: nnx.Module, path: str | os.PathLike, base_model: str | None = None,
-         full_groups=()):
+def save(model: nnx.Module, path: str | os.PathLike, base_model: str | None = None, full_groups=()):
     """Writes the model's adapters, and the modules of the groups trained in full, as a PEFT
     directory (staged, then committed whole). Every process calls it; process 0 writes."""
     config = peft_config(model, base_model, full_groups)
@@ -122,8 +141,10 @@ def save(model: nnx.Module, path: str | os.PathLike, base_model: str | None = No
     paths.remove_stale_staging(out)
     tmp = paths.staging_dir(out)
     try:
-        pending = [st.PendingTensor(k, v.dtype, v.shape, functools.partial(np.asarray, v))
-                   for k, v in sorted(tensors.items())]
+        pending = [
+            st.PendingTensor(k, v.dtype, v.shape, functools.partial(np.asarray, v))
+            for k, v in sorted(tensors.items())
+        ]
         st.write_file(tmp / WEIGHTS_FILE, pending)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         paths.commit_dir(tmp, out, marker=CONFIG_FILE)
@@ -143,8 +164,9 @@ def _read_config(root) -> dict:
         raise ValueError(f"{cfg_path}: peft_type {config.get('peft_type')!r}, expected 'LORA'")
     for key, plain in _UNSUPPORTED.items():
         if config.get(key, plain) not in (plain, None, [], {}):
-            raise ValueError(f"{cfg_path}: {key}={config[key]!r} is not supported; expected "
-                             f"{plain!r}")
+            raise ValueError(
+                f"{cfg_path}: {key}={config[key]!r} is not supported; expected {plain!r}"
+            )
     return config
 
 
@@ -152,8 +174,9 @@ def _read_weights(root) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.
     """({module: {"A": lora_A [r, in], "B": lora_B [out, r]}}, {official tensor name: array of a
     module to save}) of the weights file."""
     if not (root / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"{root}: no {WEIGHTS_FILE}; expected a PEFT LoRA adapter "
-                                f"directory")
+        raise FileNotFoundError(
+            f"{root}: no {WEIGHTS_FILE}; expected a PEFT LoRA adapter directory"
+        )
     lora: dict[str, dict[str, np.ndarray]] = {}
     saved = {}
     for name, info in sorted(st.read_file(root / WEIGHTS_FILE).items()):
@@ -163,8 +186,9 @@ def _read_weights(root) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.
         elif name.startswith(PREFIX):
             saved[name.removeprefix(PREFIX)] = st.read_tensor(info)
         else:
-            raise ValueError(f"{root / WEIGHTS_FILE}: tensor {name} is not a PEFT name "
-                             f"({PREFIX}...)")
+            raise ValueError(
+                f"{root / WEIGHTS_FILE}: tensor {name} is not a PEFT name ({PREFIX}...)"
+            )
     return lora, saved
 
 
@@ -181,14 +205,17 @@ def _lora_problems(layers: dict[str, LinearLayer], weights, rank: int) -> list[s
             if got is None:
                 problems.append(f"{name} has no lora_{which}.weight")
             elif tuple(got.shape) != want[which]:
-                problems.append(f"{name}.lora_{which}.weight has shape {list(got.shape)}; this "
-                                f"model's layer [in {layer.features[0]}, out {layer.features[1]}] "
-                                f"takes {list(want[which])}")
+                problems.append(
+                    f"{name}.lora_{which}.weight has shape {list(got.shape)}; this "
+                    f"model's layer [in {layer.features[0]}, out {layer.features[1]}] "
+                    f"takes {list(want[which])}"
+                )
     return problems
 
 
-def _saved_params(model, saved: dict[str, np.ndarray], modules: list[str]
-                  ) -> tuple[dict[tuple[str, ...], np.ndarray], list[str]]:
+def _saved_params(
+    model, saved: dict[str, np.ndarray], modules: list[str]
+) -> tuple[dict[tuple[str, ...], np.ndarray], list[str]]:
     """The parameters the modules_to_save tensors make up, and the problems: a tensor outside the
     listed modules or of no parameter of this model, a wrong shape, a stack with missing layers."""
     if not saved:
@@ -204,8 +231,9 @@ def _saved_params(model, saved: dict[str, np.ndarray], modules: list[str]
         elif p is None:
             problems.append(f"{name} is not a parameter of this model")
         elif tuple(value.shape) != p.torch_shape:
-            problems.append(f"{name} has shape {list(value.shape)}; this model's takes "
-                            f"{list(p.torch_shape)}")
+            problems.append(
+                f"{name} has shape {list(value.shape)}; this model's takes {list(p.torch_shape)}"
+            )
         else:
             parts.setdefault(p.param_path, {})[p.layer] = TRANSFORMS[p.transform].to_nnx(value)
     params: dict[tuple[str, ...], np.ndarray] = {}
@@ -240,8 +268,10 @@ def load(model: nnx.Module, path: str | os.PathLike) -> list[LinearLayer]:
     params, problems = _saved_params(model, saved, list(config.get("modules_to_save") or []))
     problems = _lora_problems(layers, weights, rank) + problems
     if problems:
-        raise ValueError(f"{root} holds adapters for another base model than this one "
-                         f"({len(problems)} problems):\n  " + "\n  ".join(problems))
+        raise ValueError(
+            f"{root} holds adapters for another base model than this one "
+            f"({len(problems)} problems):\n  " + "\n  ".join(problems)
+        )
     chosen = {layers[n].name: layers[n] for n in weights}
     targets = tuple(re.escape(t).replace(re.escape("{i}"), r"\d+") for t in sorted(chosen))
     # Adapter dropout runs inside the transformer stacks only (train.lora.select).

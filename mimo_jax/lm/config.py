@@ -4,6 +4,7 @@ The official `MiMoAudioConfig` is a Qwen2 config plus audio fields; the two loca
 patch encoder and the patch decoder) are Qwen2 stacks whose sizes derive from those fields. Every size
 here comes from the file; keys this code does not use are kept verbatim for the write-back.
 """
+
 import dataclasses
 import json
 from pathlib import Path
@@ -14,10 +15,23 @@ from mimo_jax.nn.stack import StackConfig
 
 ARCHITECTURE = "MiMoAudioForCausalLM"
 TOKEN_ID_KEYS = ("sosp_idx", "eosp_idx", "sostm_idx", "eostm_idx", "eot_idx", "empty_idx")
-_POSITIVE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "head_dim", "intermediate_size", "group_size",
-                  "audio_channels", "local_dim", "local_layers", "local_attn_heads",
-                  "local_ffn_dim", "input_local_layers", "input_local_dim")
+_POSITIVE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "group_size",
+    "audio_channels",
+    "local_dim",
+    "local_layers",
+    "local_attn_heads",
+    "local_ffn_dim",
+    "input_local_layers",
+    "input_local_dim",
+)
 
 
 def parse_dashed(value: str | Any, kind: type = int) -> tuple:
@@ -39,8 +53,9 @@ def _parse_list(value: str | int, length: int, key: str) -> tuple[int, ...]:
     else:
         out = (int(value),) * length
     if len(out) != length:
-        raise ValueError(f"config {key}={value!r}: expected {length} values "
-                         f"(audio_channels={length})")
+        raise ValueError(
+            f"config {key}={value!r}: expected {length} values (audio_channels={length})"
+        )
     return out
 
 
@@ -84,30 +99,45 @@ class MiMoAudioConfig:
         # Sizes the official code cannot build with (a zero division, a negative nn.Linear).
         for key in _POSITIVE_KEYS:
             if getattr(self, key) < 1:
-                raise ValueError(f"invalid MiMo-Audio config: {key}={getattr(self, key)} must be "
-                                 ">= 1")
+                raise ValueError(
+                    f"invalid MiMo-Audio config: {key}={getattr(self, key)} must be >= 1"
+                )
         # The local transformers take head_dim = width // heads (floor division, as the official
         # code does): any width of at least one head is valid, the projections are then narrower.
         local_head_dims = [("local_dim", self.local_dim), ("input_local_dim", self.input_local_dim)]
         checks = [
-            (self.num_attention_heads % self.num_key_value_heads == 0,
-             f"num_attention_heads {self.num_attention_heads} must be a multiple of "
-             f"num_key_value_heads {self.num_key_value_heads}"),
+            (
+                self.num_attention_heads % self.num_key_value_heads == 0,
+                f"num_attention_heads {self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}",
+            ),
             (self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even for RoPE"),
-            *[(width // self.local_attn_heads >= 1 and width // self.local_attn_heads % 2 == 0,
-               f"{key}={width} // local_attn_heads={self.local_attn_heads} gives head_dim "
-               f"{width // self.local_attn_heads}, which must be even and >= 2 for RoPE")
-              for key, width in local_head_dims],
+            *[
+                (
+                    width // self.local_attn_heads >= 1 and width // self.local_attn_heads % 2 == 0,
+                    f"{key}={width} // local_attn_heads={self.local_attn_heads} gives head_dim "
+                    f"{width // self.local_attn_heads}, which must be even and >= 2 for RoPE",
+                )
+                for key, width in local_head_dims
+            ],
             (min(self.delay_pattern) >= 0, f"delay_pattern {self.delay_pattern} must be >= 0"),
-            (all(v >= 1 for v in self.speech_vocab_sizes),
-             f"speech_vocab_size {self.speech_vocab_sizes} must be >= 1 in every channel"),
-            (all(0 <= e < v for e, v in zip(self.speech_empty_ids, self.speech_vocab_sizes)),
-             f"speech empty ids {self.speech_empty_ids} must lie inside the speech vocabularies "
-             f"{self.speech_vocab_sizes}"),
-            (0 <= self.empty_idx < self.vocab_size,
-             f"empty_idx {self.empty_idx} outside the text vocabulary of {self.vocab_size}"),
-            (self.remat_policy in REMAT_POLICIES,
-             f"remat_policy {self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}"),
+            (
+                all(v >= 1 for v in self.speech_vocab_sizes),
+                f"speech_vocab_size {self.speech_vocab_sizes} must be >= 1 in every channel",
+            ),
+            (
+                all(0 <= e < v for e, v in zip(self.speech_empty_ids, self.speech_vocab_sizes)),
+                f"speech empty ids {self.speech_empty_ids} must lie inside the speech vocabularies "
+                f"{self.speech_vocab_sizes}",
+            ),
+            (
+                0 <= self.empty_idx < self.vocab_size,
+                f"empty_idx {self.empty_idx} outside the text vocabulary of {self.vocab_size}",
+            ),
+            (
+                self.remat_policy in REMAT_POLICIES,
+                f"remat_policy {self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -122,22 +152,43 @@ class MiMoAudioConfig:
     def backbone_stack(self) -> StackConfig:
         """The Qwen2 backbone's stack (the module `MiMoAudioLM.model`; its forward pass is
         `MiMoAudioLM.backbone`)."""
-        return StackConfig(self.hidden_size, self.num_hidden_layers, self.num_attention_heads,
-                           self.num_key_value_heads, self.head_dim, self.intermediate_size,
-                           self.rope_theta, self.rms_norm_eps)
+        return StackConfig(
+            self.hidden_size,
+            self.num_hidden_layers,
+            self.num_attention_heads,
+            self.num_key_value_heads,
+            self.head_dim,
+            self.intermediate_size,
+            self.rope_theta,
+            self.rms_norm_eps,
+        )
 
     def patch_decoder_stack(self) -> StackConfig:
-        return StackConfig(self.local_dim, self.local_layers, self.local_attn_heads,
-                           self.local_attn_heads, self.local_dim // self.local_attn_heads,
-                           self.local_ffn_dim, self.rope_theta, self.rms_norm_eps,
-                           attn_dropout=self.local_attn_dropout)
+        return StackConfig(
+            self.local_dim,
+            self.local_layers,
+            self.local_attn_heads,
+            self.local_attn_heads,
+            self.local_dim // self.local_attn_heads,
+            self.local_ffn_dim,
+            self.rope_theta,
+            self.rms_norm_eps,
+            attn_dropout=self.local_attn_dropout,
+        )
 
     def patch_encoder_stack(self) -> StackConfig:
-        return StackConfig(self.input_local_dim, self.input_local_layers, self.local_attn_heads,
-                           self.local_attn_heads, self.input_local_dim // self.local_attn_heads,
-                           4 * self.input_local_dim, self.rope_theta, self.rms_norm_eps,
-                           causal=not self.input_full_attention,
-                           attn_dropout=self.local_attn_dropout)
+        return StackConfig(
+            self.input_local_dim,
+            self.input_local_layers,
+            self.local_attn_heads,
+            self.local_attn_heads,
+            self.input_local_dim // self.local_attn_heads,
+            4 * self.input_local_dim,
+            self.rope_theta,
+            self.rms_norm_eps,
+            causal=not self.input_full_attention,
+            attn_dropout=self.local_attn_dropout,
+        )
 
     def replace(self, **changes) -> "MiMoAudioConfig":
         return dataclasses.replace(self, **changes)
@@ -146,6 +197,7 @@ class MiMoAudioConfig:
     @classmethod
     def from_hf(cls, hf: dict, **runtime) -> "MiMoAudioConfig":
         """From the official config.json, with the official code's defaults for absent audio keys."""
+
         def need(key):
             if key not in hf:
                 raise ValueError(f"config.json has no {key!r}, which a MiMo-Audio LM config needs")
@@ -163,20 +215,28 @@ class MiMoAudioConfig:
             hidden_size=hidden,
             num_hidden_layers=int(need("num_hidden_layers")),
             num_attention_heads=heads,
-            num_key_value_heads=int(heads if hf.get("num_key_value_heads") is None
-                                    else hf["num_key_value_heads"]),
+            num_key_value_heads=int(
+                heads if hf.get("num_key_value_heads") is None else hf["num_key_value_heads"]
+            ),
             head_dim=int(hf.get("head_dim", 128)),
             intermediate_size=int(need("intermediate_size")),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope_theta=float(hf.get("rope_theta", 10000.0)),
             group_size=int(hf.get("group_size", 4)),
             audio_channels=channels,
-            speech_vocab_sizes=_parse_list(hf.get("speech_vocab_size", "1025-1025-129-129-129-129-129-129"),
-                                           channels, "speech_vocab_size"),
-            speech_empty_ids=_parse_list(hf.get("speech_zeroemb_idx", "1024-1024-128-128-128-128-128-128"),
-                                         channels, "speech_zeroemb_idx"),
-            delay_pattern=_parse_list(hf.get("delay_pattern", "0-1-2-3-4-5-6-7"), channels,
-                                      "delay_pattern"),
+            speech_vocab_sizes=_parse_list(
+                hf.get("speech_vocab_size", "1025-1025-129-129-129-129-129-129"),
+                channels,
+                "speech_vocab_size",
+            ),
+            speech_empty_ids=_parse_list(
+                hf.get("speech_zeroemb_idx", "1024-1024-128-128-128-128-128-128"),
+                channels,
+                "speech_zeroemb_idx",
+            ),
+            delay_pattern=_parse_list(
+                hf.get("delay_pattern", "0-1-2-3-4-5-6-7"), channels, "delay_pattern"
+            ),
             local_dim=local_dim,
             local_layers=int(hf.get("local_layers", 16)),
             local_attn_heads=int(hf.get("local_attn_heads", 64)),
@@ -195,19 +255,29 @@ class MiMoAudioConfig:
         """The official config.json: the original keys, with every architecture field from here."""
         hf = dict(self.hf_config)
         hf.update(
-            architectures=[ARCHITECTURE], model_type=hf.get("model_type", "qwen2"),
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
-            intermediate_size=self.intermediate_size, rms_norm_eps=self.rms_norm_eps,
-            rope_theta=self.rope_theta, group_size=self.group_size,
+            architectures=[ARCHITECTURE],
+            model_type=hf.get("model_type", "qwen2"),
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            intermediate_size=self.intermediate_size,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_theta=self.rope_theta,
+            group_size=self.group_size,
             audio_channels=self.audio_channels,
             speech_vocab_size=join_dashed(self.speech_vocab_sizes),
             speech_zeroemb_idx=join_dashed(self.speech_empty_ids),
-            delay_pattern=join_dashed(self.delay_pattern), local_dim=self.local_dim,
-            local_layers=self.local_layers, local_attn_heads=self.local_attn_heads,
-            local_ffn_dim=self.local_ffn_dim, local_attn_dropout=self.local_attn_dropout,
-            input_local_layers=self.input_local_layers, input_local_dim=self.input_local_dim,
+            delay_pattern=join_dashed(self.delay_pattern),
+            local_dim=self.local_dim,
+            local_layers=self.local_layers,
+            local_attn_heads=self.local_attn_heads,
+            local_ffn_dim=self.local_ffn_dim,
+            local_attn_dropout=self.local_attn_dropout,
+            input_local_layers=self.input_local_layers,
+            input_local_dim=self.input_local_dim,
             input_full_attention=self.input_full_attention,
             **{k: getattr(self, k) for k in TOKEN_ID_KEYS if getattr(self, k) is not None},
         )
@@ -225,12 +295,34 @@ class MiMoAudioConfig:
 
 def small_config(**overrides: Any) -> MiMoAudioConfig:
     """A tiny LM for demos, tests and benchmarks; every size can be overridden."""
-    hf = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, intermediate_size=160, rms_norm_eps=1e-6,
-              rope_theta=640000.0, group_size=4, audio_channels=8, local_dim=32, local_layers=2,
-              local_attn_heads=4, local_ffn_dim=96, input_local_layers=2, input_local_dim=32,
-              input_full_attention=True, empty_idx=511, sosp_idx=506, eosp_idx=507, sostm_idx=508,
-              eostm_idx=509, eot_idx=510, architectures=[ARCHITECTURE], model_type="qwen2")
+    hf = dict(
+        vocab_size=512,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=160,
+        rms_norm_eps=1e-6,
+        rope_theta=640000.0,
+        group_size=4,
+        audio_channels=8,
+        local_dim=32,
+        local_layers=2,
+        local_attn_heads=4,
+        local_ffn_dim=96,
+        input_local_layers=2,
+        input_local_dim=32,
+        input_full_attention=True,
+        empty_idx=511,
+        sosp_idx=506,
+        eosp_idx=507,
+        sostm_idx=508,
+        eostm_idx=509,
+        eot_idx=510,
+        architectures=[ARCHITECTURE],
+        model_type="qwen2",
+    )
     runtime = {k: overrides.pop(k) for k in ("remat_policy",) if k in overrides}
     hf.update(overrides)
     return MiMoAudioConfig.from_hf(hf, **runtime)

@@ -1,4 +1,5 @@
 """The LM's conversion family: NNX parameter paths <-> official `MiMoAudioForCausalLM` tensors."""
+
 import jax.numpy as jnp
 from flax import nnx
 
@@ -6,8 +7,12 @@ from mimo_jax.conversion.family import TensorRule
 from mimo_jax.lm.config import ARCHITECTURE, MiMoAudioConfig
 from mimo_jax.lm.model import MiMoAudioLM
 
-_LEAF = {"kernel": ("weight", "linear"), "bias": ("bias", "identity"),
-         "scale": ("weight", "identity"), "embedding": ("weight", "identity")}
+_LEAF = {
+    "kernel": ("weight", "linear"),
+    "bias": ("bias", "identity"),
+    "scale": ("weight", "identity"),
+    "embedding": ("weight", "identity"),
+}
 
 
 class LMFamily:
@@ -25,8 +30,9 @@ class LMFamily:
     def config_to_hf(self, config: MiMoAudioConfig) -> dict:
         return config.to_hf()
 
-    def build(self, config: MiMoAudioConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-              param_dtype=jnp.float32):
+    def build(
+        self, config: MiMoAudioConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32
+    ):
         return MiMoAudioLM(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def rule(self, path: tuple) -> TensorRule:
@@ -36,6 +42,5 @@ class LMFamily:
         suffix, transform = _LEAF[leaf]
         if "layers" in scope:  # a stacked Qwen2 block: one official tensor per layer
             at = scope.index("layers")
-            scope = scope[:at + 1] + ["{i}"] + scope[at + 1:]
+            scope = scope[: at + 1] + ["{i}"] + scope[at + 1 :]
         return TensorRule(".".join(scope + [suffix]), transform)
-

@@ -4,6 +4,7 @@ Official (conversion, prompts, fixtures): ids [batch, 1 + channels, groups * gro
 group's text token in its first column, rows 1.. the codes of its frames.
 Internal: text [batch, groups] and codes [batch, groups, group_size, channels].
 """
+
 import numpy as np
 
 
@@ -14,7 +15,9 @@ def from_official(ids, group_size: int):
     if width % group_size:
         raise ValueError(f"token matrix width {width} is not a multiple of group_size {group_size}")
     text = ids[:, 0, ::group_size]
-    codes = ids[:, 1:, :].reshape(b, rows - 1, width // group_size, group_size).transpose(0, 2, 3, 1)
+    codes = (
+        ids[:, 1:, :].reshape(b, rows - 1, width // group_size, group_size).transpose(0, 2, 3, 1)
+    )
     return text, codes
 
 

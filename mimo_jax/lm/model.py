@@ -5,6 +5,7 @@ Parameter names mirror the official state dict (`model`, `lm_head`, `input_local
 mechanical. Shapes: B batch, G groups (LLM positions), gs = group_size frames per patch,
 C = audio channels (codebooks), N patches.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,8 +27,9 @@ def delay_schedule(delay_pattern, group_size: int) -> np.ndarray:
 
 
 class MiMoAudioLM(nnx.Module):
-    def __init__(self, config: MiMoAudioConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, config: MiMoAudioConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs
+    ):
         c = config
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         stack_kw = dict(remat_policy=c.remat_policy, **kw)
@@ -36,17 +38,23 @@ class MiMoAudioLM(nnx.Module):
         self.lm_head = Dense(c.hidden_size, c.vocab_size, axes=("embed", "vocab"), **kw)
         self.input_local_transformer = Qwen2Stack(enc, **stack_kw)
         self.local_transformer = Qwen2Stack(dec, **stack_kw)
-        self.speech_embeddings = nnx.List([
-            Embed(v, enc.hidden, axes=("vocab", "embed"), **kw) for v in c.speech_vocab_sizes])
-        self.local_transformer_lm_heads = nnx.List([
-            Dense(dec.hidden, v, axes=("embed", "vocab"), **kw) for v in c.speech_vocab_sizes])
+        self.speech_embeddings = nnx.List(
+            [Embed(v, enc.hidden, axes=("vocab", "embed"), **kw) for v in c.speech_vocab_sizes]
+        )
+        self.local_transformer_lm_heads = nnx.List(
+            [Dense(dec.hidden, v, axes=("embed", "vocab"), **kw) for v in c.speech_vocab_sizes]
+        )
         self.speech_embeddings_to_local = (
             Dense(enc.hidden, dec.hidden, axes=("embed", "embed_local"), **kw)
-            if enc.hidden != dec.hidden else None)
-        self.speech_group_downcast = Dense(c.group_size * enc.hidden, c.hidden_size,
-                                           axes=("embed_local", "embed"), **kw)
-        self.hidden_states_downcast = Dense(c.hidden_size, dec.hidden, axes=("embed", "embed_local"),
-                                            **kw)
+            if enc.hidden != dec.hidden
+            else None
+        )
+        self.speech_group_downcast = Dense(
+            c.group_size * enc.hidden, c.hidden_size, axes=("embed_local", "embed"), **kw
+        )
+        self.hidden_states_downcast = Dense(
+            c.hidden_size, dec.hidden, axes=("embed", "embed_local"), **kw
+        )
         self.config = c
         self.dtype = dtype
 
@@ -60,8 +68,9 @@ class MiMoAudioLM(nnx.Module):
         Accumulated in bfloat16 channel by channel, whatever the model dtype: the official code
         allocates this sum as bf16, and its rounding is part of the reference numerics.
         """
-        total = jnp.zeros(codes.shape[:-1] + (self.speech_embeddings[0].embedding.shape[1],),
-                          jnp.bfloat16)
+        total = jnp.zeros(
+            codes.shape[:-1] + (self.speech_embeddings[0].embedding.shape[1],), jnp.bfloat16
+        )
         for ch, table in enumerate(self.speech_embeddings):
             ids = codes[..., ch]
             e = jnp.where((ids == self.config.speech_empty_ids[ch])[..., None], 0.0, table(ids))
@@ -88,16 +97,29 @@ class MiMoAudioLM(nnx.Module):
         return text_vec + self.encode_patches(text, codes, dropout_rng)
 
     # Backbone ----------------------------------------------------------------------------------
-    def backbone(self, embeds: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
-                 dropout_rng: jax.Array | None = None) -> jax.Array:
+    def backbone(
+        self,
+        embeds: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array | None = None,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
         """Causal backbone over whole rows; packed rows keep documents apart by segment id.
         `dropout_rng` (training): the key of the adapters' dropout (the backbone has no other)."""
         mask = MaskSpec(positions, positions, segment_ids, segment_ids, causal=True)
         hidden, _ = self.model(embeds, positions, mask, dropout_rng=dropout_rng)
         return hidden
 
-    def backbone_cached(self, embeds, positions, segments, cache: KVCache, cache_positions,
-                        cache_segments, cache_index) -> tuple[jax.Array, KVCache]:
+    def backbone_cached(
+        self,
+        embeds,
+        positions,
+        segments,
+        cache: KVCache,
+        cache_positions,
+        cache_segments,
+        cache_index,
+    ) -> tuple[jax.Array, KVCache]:
         """Backbone over new groups against a KV cache whose slots carry positions and segments
         (after this call's groups have been written to them)."""
         mask = attention_mask(positions, cache_positions, segments, cache_segments, causal=True)
@@ -105,8 +127,13 @@ class MiMoAudioLM(nnx.Module):
         assert new_cache is not None  # given a cache, the stack returns it updated
         return hidden, new_cache
 
-    def __call__(self, text: jax.Array, codes: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        text: jax.Array,
+        codes: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
         """Hidden states [B, G, hidden] (after the final norm) of whole rows."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(text.shape[1]), text.shape)
@@ -120,10 +147,13 @@ class MiMoAudioLM(nnx.Module):
 
     # Patch decoder -----------------------------------------------------------------------------
     def _to_local(self, e: jax.Array) -> jax.Array:
-        return self.speech_embeddings_to_local(e) if self.speech_embeddings_to_local is not None else e
+        return (
+            self.speech_embeddings_to_local(e) if self.speech_embeddings_to_local is not None else e
+        )
 
-    def patch_logits(self, local_hidden: jax.Array, target_codes: jax.Array, dropout_rng=None
-                     ) -> list[jax.Array]:
+    def patch_logits(
+        self, local_hidden: jax.Array, target_codes: jax.Array, dropout_rng=None
+    ) -> list[jax.Array]:
         """Teacher-forced patch decoder over all group_size + max(delay) steps in one causal pass.
 
         local_hidden [N, D_local] seeds step 0; step p > 0 is fed the sum of the embeddings of the
@@ -136,17 +166,22 @@ class MiMoAudioLM(nnx.Module):
         fed = jnp.zeros((n, steps, self.speech_embeddings[0].embedding.shape[1]), self.dtype)
         for ch, table in enumerate(self.speech_embeddings):
             d = c.delay_pattern[ch]
-            fed = fed.at[:, d:d + gs].add(table(target_codes[:, :, ch]).astype(self.dtype))
-        seq = jnp.concatenate([local_hidden[:, None].astype(self.dtype),
-                               self._to_local(fed[:, :steps - 1])], axis=1)
+            fed = fed.at[:, d : d + gs].add(table(target_codes[:, :, ch]).astype(self.dtype))
+        seq = jnp.concatenate(
+            [local_hidden[:, None].astype(self.dtype), self._to_local(fed[:, : steps - 1])], axis=1
+        )
         pos = jnp.arange(steps)[None, :]
-        out, _ = self.local_transformer(seq, pos, attention_mask(pos, pos, causal=True),
-                                        dropout_rng=dropout_rng)
-        return [head(out[:, d:d + gs]) for d, head in
-                zip(c.delay_pattern, self.local_transformer_lm_heads)]
+        out, _ = self.local_transformer(
+            seq, pos, attention_mask(pos, pos, causal=True), dropout_rng=dropout_rng
+        )
+        return [
+            head(out[:, d : d + gs])
+            for d, head in zip(c.delay_pattern, self.local_transformer_lm_heads)
+        ]
 
-    def decode_patch(self, local_hidden: jax.Array, sample_fn, rng: jax.Array,
-                     return_logits: bool = False):
+    def decode_patch(
+        self, local_hidden: jax.Array, sample_fn, rng: jax.Array, return_logits: bool = False
+    ):
         """Autoregressive patch decoding with a KV cache. local_hidden [N, D_local] -> codes
         [N, gs, C]. `sample_fn(logits [N, V], forbidden_id, rng) -> ids [N]` picks each code.
         With `return_logits`, also the logits each code was picked from, per channel
@@ -168,8 +203,9 @@ class MiMoAudioLM(nnx.Module):
         x = local_hidden[:, None].astype(self.dtype)
         for t in range(steps):
             q_pos = jnp.full((n, 1), t)
-            out, cache = self.local_transformer(x, q_pos, attention_mask(q_pos, key_pos, causal=True),
-                                                cache, t)
+            out, cache = self.local_transformer(
+                x, q_pos, attention_mask(q_pos, key_pos, causal=True), cache, t
+            )
             nxt = jnp.zeros((n, 1, self.speech_embeddings[0].embedding.shape[1]), self.dtype)
             for ch, (head, table) in enumerate(heads):
                 rng, sub = jax.random.split(rng)

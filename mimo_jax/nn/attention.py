@@ -6,6 +6,7 @@ boundary), sliding windows, and KV caches (cache slots carry the position and se
 they hold; empty slots have segment 0). `attend` is the one entry: given a MaskSpec, long query
 sequences run block by block (over the keys a window can reach, or over all keys).
 """
+
 import dataclasses
 
 import jax
@@ -16,9 +17,15 @@ from flax import struct
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def attention_mask(q_positions: jax.Array, k_positions: jax.Array,
-                   q_segments: jax.Array | None = None, k_segments: jax.Array | None = None, *,
-                   causal: bool, window: tuple[int, int] = (-1, -1)) -> jax.Array:
+def attention_mask(
+    q_positions: jax.Array,
+    k_positions: jax.Array,
+    q_segments: jax.Array | None = None,
+    k_segments: jax.Array | None = None,
+    *,
+    causal: bool,
+    window: tuple[int, int] = (-1, -1),
+) -> jax.Array:
     """Boolean mask [batch, q_len, k_len]: key j is visible to query i.
 
     Positions [batch, len] are per-document token indices. Segment ids [batch, len] (0 = padding)
@@ -42,9 +49,15 @@ def attention_mask(q_positions: jax.Array, k_positions: jax.Array,
     return mask
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-                          *, dropout_rate: float = 0.0,
-                          dropout_rng: jax.Array | None = None) -> jax.Array:
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None,
+    *,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array:
     """Softmax attention with grouped-query heads.
 
     q [batch, q_len, heads, head_dim]; k, v [batch, k_len, kv_heads, head_dim] with kv_heads
@@ -59,7 +72,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     logits = jnp.einsum("bkrtd,bksd->bkrts", q, k, preferred_element_type=jnp.float32)
-    logits = logits * (head_dim ** -0.5)
+    logits = logits * (head_dim**-0.5)
     if mask is not None:
         logits = jnp.where(mask[:, None, None, :, :], logits, _MASKED)
     probs = jax.nn.softmax(logits, axis=-1)
@@ -74,6 +87,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
 class MaskSpec:
     """A mask given by its ingredients instead of a [batch, q_len, k_len] array, so that long
     sequences can build it one block of queries at a time."""
+
     q_positions: jax.Array
     k_positions: jax.Array
     q_segments: jax.Array | None = None
@@ -82,8 +96,14 @@ class MaskSpec:
     window: tuple[int, int] = struct.field(pytree_node=False, default=(-1, -1))
 
     def dense(self) -> jax.Array:
-        return attention_mask(self.q_positions, self.k_positions, self.q_segments, self.k_segments,
-                              causal=self.causal, window=self.window)
+        return attention_mask(
+            self.q_positions,
+            self.k_positions,
+            self.q_segments,
+            self.k_segments,
+            causal=self.causal,
+            window=self.window,
+        )
 
     def rows(self, q_positions, q_segments) -> "MaskSpec":
         return dataclasses.replace(self, q_positions=q_positions, q_segments=q_segments)
@@ -100,10 +120,12 @@ def blocked_attention(q, k, v, mask: MaskSpec, block: int) -> jax.Array:
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         return jnp.moveaxis(x.reshape(batch, blocks, block, *x.shape[2:]), 1, 0)
 
-    q_segments = mask.q_segments if mask.q_segments is not None else jnp.ones((batch, time),
-                                                                              jnp.int32)
-    k_segments = mask.k_segments if mask.k_segments is not None else jnp.ones(k.shape[:2],
-                                                                              jnp.int32)
+    q_segments = (
+        mask.q_segments if mask.q_segments is not None else jnp.ones((batch, time), jnp.int32)
+    )
+    k_segments = (
+        mask.k_segments if mask.k_segments is not None else jnp.ones(k.shape[:2], jnp.int32)
+    )
     full = dataclasses.replace(mask, q_segments=q_segments, k_segments=k_segments)
 
     @jax.checkpoint
@@ -134,14 +156,20 @@ def windowed_attention(q, k, v, mask: MaskSpec, block: int) -> jax.Array:
     qb = pad(q, 0, pad_t).reshape(batch * blocks, block, *q.shape[2:])
     q_pos = pad(mask.q_positions, 0, pad_t).reshape(batch * blocks, block)
     q_seg = pad(q_segments, 0, pad_t).reshape(batch * blocks, block)
-    gather = (jnp.arange(blocks)[:, None] * block + jnp.arange(width)[None, :])  # [blocks, width]
+    gather = jnp.arange(blocks)[:, None] * block + jnp.arange(width)[None, :]  # [blocks, width]
 
     def windows(x):
         x = pad(x, left, right + pad_t)[:, gather]  # [batch, blocks, width, ...]
         return x.reshape(batch * blocks, width, *x.shape[3:])
 
-    dense = attention_mask(q_pos, windows(mask.k_positions), q_seg, windows(k_segments),
-                           causal=mask.causal, window=mask.window)
+    dense = attention_mask(
+        q_pos,
+        windows(mask.k_positions),
+        q_seg,
+        windows(k_segments),
+        causal=mask.causal,
+        window=mask.window,
+    )
     out = dot_product_attention(qb, windows(k), windows(v), dense)
     return out.reshape(batch, blocks * block, *q.shape[2:])[:, :time]
 
@@ -152,17 +180,24 @@ ATTENTION_BLOCK = 512
 WINDOW_BLOCK = 128
 
 
-def attend(q, k, v, mask: MaskSpec | jax.Array | None, *, dropout_rate: float = 0.0,
-           dropout_rng: jax.Array | None = None, block: int = ATTENTION_BLOCK,
-           window_block: int = WINDOW_BLOCK) -> jax.Array:
+def attend(
+    q,
+    k,
+    v,
+    mask: MaskSpec | jax.Array | None,
+    *,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    block: int = ATTENTION_BLOCK,
+    window_block: int = WINDOW_BLOCK,
+) -> jax.Array:
     """Attention with a dense mask, or a MaskSpec that long query sequences apply block by block
     (without dropout): windowed when the window is bounded and keys align with queries."""
     if isinstance(mask, MaskSpec):
         dropout = dropout_rate > 0 and dropout_rng is not None
         left, right = mask.window
         time = q.shape[1]
-        if (not dropout and left >= 0 and right >= 0 and time > window_block
-                and k.shape[1] == time):
+        if not dropout and left >= 0 and right >= 0 and time > window_block and k.shape[1] == time:
             return windowed_attention(q, k, v, mask, window_block)
         if time > block and not dropout:
             return blocked_attention(q, k, v, mask, block)

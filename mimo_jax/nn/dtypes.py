@@ -1,4 +1,5 @@
 """Compute and parameter dtypes by the names that configs and command lines use."""
+
 import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

@@ -3,6 +3,7 @@
 `dtype` is the compute dtype (None: that of the input); parameters keep `param_dtype` and are cast at
 use, so bf16 compute can run on fp32 parameters.
 """
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -17,9 +18,18 @@ def _compute_dtype(dtype, x):
 class Dense(nnx.Module):
     """y = x @ kernel (+ bias); kernel [in, out] (the transpose of a PyTorch Linear weight)."""
 
-    def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None],
-                 use_bias: bool = False, init_std: float = 0.02, dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        axes: tuple[str | None, str | None],
+        use_bias: bool = False,
+        init_std: float = 0.02,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.kernel = param(rngs, normal(init_std), (in_features, out_features), axes, param_dtype)
         self.bias = param(rngs, zeros, (out_features,), axes[1:], param_dtype) if use_bias else None
         self.dtype = dtype
@@ -35,9 +45,20 @@ class Dense(nnx.Module):
 class Embed(nnx.Module):
     """A lookup table [num_embeddings, features]."""
 
-    def __init__(self, num_embeddings: int, features: int, *, axes: tuple[str | None, str | None],
-                 init_std: float = 0.02, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.embedding = param(rngs, normal(init_std), (num_embeddings, features), axes, param_dtype)
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        axes: tuple[str | None, str | None],
+        init_std: float = 0.02,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.embedding = param(
+            rngs, normal(init_std), (num_embeddings, features), axes, param_dtype
+        )
         self.dtype = dtype
 
     def __call__(self, ids: jax.Array) -> jax.Array:
@@ -55,8 +76,15 @@ class RMSNorm(nnx.Module):
     """Qwen2 RMSNorm: statistics in float32, the normalised value cast back to the input dtype, then
     scaled with the usual dtype promotion (a bf16 input and an fp32 scale give fp32, as in PyTorch)."""
 
-    def __init__(self, features: int, *, eps: float, axis_name: str = "embed",
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        features: int,
+        *,
+        eps: float,
+        axis_name: str = "embed",
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.scale = param(rngs, ones, (features,), (axis_name,), param_dtype)
         self.eps = eps
 
@@ -70,8 +98,15 @@ class RMSNorm(nnx.Module):
 class LayerNorm(nnx.Module):
     """torch.nn.LayerNorm with affine parameters (`scale`, `bias`); statistics in float32."""
 
-    def __init__(self, features: int, *, eps: float = 1e-5, axis_name: str = "embed",
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        features: int,
+        *,
+        eps: float = 1e-5,
+        axis_name: str = "embed",
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.scale = param(rngs, ones, (features,), (axis_name,), param_dtype)
         self.bias = param(rngs, zeros, (features,), (axis_name,), param_dtype)
         self.eps = eps

@@ -4,6 +4,7 @@ Every parameter records its logical axes (`embed`, `mlp`, `heads`, `layers`, ...
 metadata. Placement on a device mesh is done explicitly by `sharding/` (rules -> NamedSharding), so
 parameters are created without eager sharding: a model builds the same way with or without a mesh.
 """
+
 from typing import Callable, Sequence
 
 import jax
@@ -13,12 +14,18 @@ from flax import nnx
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
 
-def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequence[str | None],
-          dtype=jnp.float32) -> nnx.Param:
+def param(
+    rngs: nnx.Rngs,
+    init: Initializer,
+    shape: Sequence[int],
+    axes: Sequence[str | None],
+    dtype=jnp.float32,
+) -> nnx.Param:
     if len(axes) != len(shape):
         raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}")
-    return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes),
-                     eager_sharding=False)
+    return nnx.Param(
+        init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes), eager_sharding=False
+    )
 
 
 def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...]:

@@ -7,6 +7,7 @@ candidate that exists in the mesh, is larger than 1, divides the dimension and i
 by another dimension of the same array is taken; otherwise the dimension is replicated. So one rule
 table serves any mesh shape, and a dimension too small to shard falls back instead of failing.
 """
+
 from typing import Sequence
 
 import jax
@@ -29,8 +30,9 @@ def _axes(candidate) -> tuple[str, ...]:
     return (candidate,) if isinstance(candidate, str) else tuple(candidate)
 
 
-def partition_spec(shape: Sequence[int], axes: Sequence[str | None], rules: Rules,
-                   mesh) -> PartitionSpec:
+def partition_spec(
+    shape: Sequence[int], axes: Sequence[str | None], rules: Rules, mesh
+) -> PartitionSpec:
     sizes = dict(mesh.shape)
     used: set[str] = set()
     spec = []
@@ -56,14 +58,21 @@ def named_sharding(mesh: jax.sharding.Mesh, variable, rules: Rules) -> NamedShar
 def state_shardings(state, mesh: jax.sharding.Mesh, rules: Rules):
     """The nnx.State with each variable's value replaced by its NamedSharding (for jit's
     out_shardings)."""
-    return jax.tree.map(lambda v: v.replace(named_sharding(mesh, v, rules)), state,
-                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(
+        lambda v: v.replace(named_sharding(mesh, v, rules)),
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, rank: int) -> NamedSharding:
     """A batch of rank `rank` with its leading axis split over the data-parallel mesh axes."""
-    spec = partition_spec((mesh.size,) + (1,) * (rank - 1),
-                          ("activation_batch",) + (None,) * (rank - 1), ACTIVATION_RULES, mesh)
+    spec = partition_spec(
+        (mesh.size,) + (1,) * (rank - 1),
+        ("activation_batch",) + (None,) * (rank - 1),
+        ACTIVATION_RULES,
+        mesh,
+    )
     return NamedSharding(mesh, spec)
 
 

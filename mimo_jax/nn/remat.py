@@ -2,6 +2,7 @@
 
 Layers tag their projections with `checkpoint_name`, so the named policies can keep exactly those.
 """
+
 import jax
 
 _SAVE_QKV = ("query_proj", "key_proj", "value_proj")

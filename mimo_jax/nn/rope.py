@@ -1,12 +1,13 @@
 """Rotary position embeddings in the rotate-half (non-interleaved) form of HF Qwen2 and the
 MiMo-Audio tokenizer: inv_freq[j] = theta^(-2j/d), angles in float32."""
+
 import jax
 import jax.numpy as jnp
 
 
 def inv_frequencies(head_dim: int, theta: float) -> jax.Array:
     exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
-    return 1.0 / (theta ** exponents)
+    return 1.0 / (theta**exponents)
 
 
 def rope_tables(positions: jax.Array, inv_freq: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:

@@ -5,6 +5,7 @@ constructor) and runs under `jax.lax.scan`: one compiled layer whatever the dept
 a named policy (`nn.remat`). The LM's backbone and patch transformers and the tokenizer's encoder,
 decoder and vocoder are all such stacks.
 """
+
 import dataclasses
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -22,6 +23,7 @@ Layer = TypeVar("Layer", bound=nnx.Module)
 class StackConfig:
     """The sizes and attention pattern of one stack. `window` = (left, right) limits attention to
     keys q - left <= k <= q + right (a negative bound is unlimited)."""
+
     hidden: int
     layers: int
     heads: int
@@ -46,9 +48,17 @@ def stacked(make_layer: Callable[[nnx.Rngs], Layer], count: int, rngs: nnx.Rngs)
     return create(rngs)
 
 
-def scan_layers(layers: nnx.Module, step: Callable[[Any, Any, Any], tuple[Any, Any]], carry,
-                xs: Any = None, *, remat_policy: str = "none", start: int = 0,
-                stop: int | None = None, first_apart: bool = False):
+def scan_layers(
+    layers: nnx.Module,
+    step: Callable[[Any, Any, Any], tuple[Any, Any]],
+    carry,
+    xs: Any = None,
+    *,
+    remat_policy: str = "none",
+    start: int = 0,
+    stop: int | None = None,
+    first_apart: bool = False,
+):
     """Run layers [start, stop) of a stacked module: `step(layer, carry, x) -> (carry, y)`, with x
     and y the per-layer slices of `xs` and of the stacked result. Returns (carry, ys).
 
@@ -81,8 +91,9 @@ def unstack(layers: nnx.Module) -> nnx.List:
     loop is not rematerialised."""
     graphdef, state = nnx.split(layers)
     count = jax.tree.leaves(state)[0].shape[0]
-    return nnx.List([nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
-                     for i in range(count)])
+    return nnx.List(
+        [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(count)]
+    )
 
 
 def _loop_layers(layers: list, step, carry, xs, start: int):

@@ -3,6 +3,7 @@
 The stack is built and scanned by `nn.stack`. A KV cache is a dict of arrays `k`, `v`
 [layers, batch, cache_len, kv_heads, head_dim] updated at `cache_index`.
 """
+
 from collections.abc import Callable
 from typing import Any
 
@@ -21,8 +22,9 @@ KVCache = dict[str, jax.Array]
 _ACTIVATION_AXES = ("activation_batch", "activation_length", None)
 
 
-def _project(layer: Callable[..., jax.Array], x: jax.Array, rng: jax.Array | None,
-             index: int) -> jax.Array:
+def _project(
+    layer: Callable[..., jax.Array], x: jax.Array, rng: jax.Array | None, index: int
+) -> jax.Array:
     """layer(x). A layer that drops its input in training (a LoRA adapter, `train.lora`) is also
     given a dropout key of its own (`index` tells the block's projections apart)."""
     if rng is None or not getattr(layer, "takes_dropout_rng", False):
@@ -44,12 +46,15 @@ class Qwen2Attention(nnx.Module):
     def __call__(self, x, cos, sin, mask, cache: KVCache | None, cache_index, dropout_rng=None):
         b, t, _ = x.shape
         proj = lambda layer, h, i: _project(layer, h, dropout_rng, i)
-        q = checkpoint_name(proj(self.q_proj, x, 0), "query_proj").reshape(b, t, self.heads,
-                                                                           self.head_dim)
-        k = checkpoint_name(proj(self.k_proj, x, 1), "key_proj").reshape(b, t, self.kv_heads,
-                                                                         self.head_dim)
-        v = checkpoint_name(proj(self.v_proj, x, 2), "value_proj").reshape(b, t, self.kv_heads,
-                                                                           self.head_dim)
+        q = checkpoint_name(proj(self.q_proj, x, 0), "query_proj").reshape(
+            b, t, self.heads, self.head_dim
+        )
+        k = checkpoint_name(proj(self.k_proj, x, 1), "key_proj").reshape(
+            b, t, self.kv_heads, self.head_dim
+        )
+        v = checkpoint_name(proj(self.v_proj, x, 2), "value_proj").reshape(
+            b, t, self.kv_heads, self.head_dim
+        )
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             start = (0, cache_index, 0, 0)
@@ -57,8 +62,14 @@ class Qwen2Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
             cache = {"k": k, "v": v}
         rate = self.dropout if dropout_rng is not None else 0.0
-        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, dropout_rate=rate,
-                     dropout_rng=dropout_rng)
+        out = attend(
+            q,
+            k.astype(q.dtype),
+            v.astype(q.dtype),
+            mask,
+            dropout_rate=rate,
+            dropout_rng=dropout_rng,
+        )
         out = proj(self.o_proj, out.reshape(b, t, self.heads * self.head_dim), 3)
         return checkpoint_name(out, "out_proj"), cache
 
@@ -79,16 +90,19 @@ class SwiGLU(nnx.Module):
 class Qwen2Layer(nnx.Module):
     def __init__(self, cfg: StackConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.input_layernorm = RMSNorm(cfg.hidden, eps=cfg.norm_eps, param_dtype=param_dtype,
-                                       rngs=rngs)
+        self.input_layernorm = RMSNorm(
+            cfg.hidden, eps=cfg.norm_eps, param_dtype=param_dtype, rngs=rngs
+        )
         self.self_attn = Qwen2Attention(cfg, **kw)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden, eps=cfg.norm_eps,
-                                                param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(
+            cfg.hidden, eps=cfg.norm_eps, param_dtype=param_dtype, rngs=rngs
+        )
         self.mlp = SwiGLU(cfg.hidden, cfg.ffn, **kw)
 
     def __call__(self, x, cos, sin, mask, cache, cache_index, dropout_rng=None):
-        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index,
-                                  dropout_rng)
+        h, cache = self.self_attn(
+            self.input_layernorm(x), cos, sin, mask, cache, cache_index, dropout_rng
+        )
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x), dropout_rng)
         return x, cache
@@ -97,15 +111,34 @@ class Qwen2Layer(nnx.Module):
 class Qwen2Stack(nnx.Module):
     """`layers` Qwen2 blocks (stacked, scanned) and the final RMSNorm; optional token embedding."""
 
-    def __init__(self, cfg: StackConfig, *, vocab_size: int | None = None, dtype=jnp.float32,
-                 param_dtype=jnp.float32, remat_policy: str = "none", rngs: nnx.Rngs):
-        self.embed_tokens = (Embed(vocab_size, cfg.hidden, axes=("vocab", "embed"), dtype=dtype,
-                                   param_dtype=param_dtype, rngs=rngs)
-                             if vocab_size is not None else None)
+    def __init__(
+        self,
+        cfg: StackConfig,
+        *,
+        vocab_size: int | None = None,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        remat_policy: str = "none",
+        rngs: nnx.Rngs,
+    ):
+        self.embed_tokens = (
+            Embed(
+                vocab_size,
+                cfg.hidden,
+                axes=("vocab", "embed"),
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
+            if vocab_size is not None
+            else None
+        )
         # Stacked (one scanned module), or a list of layers once unstacked for decoding.
         self.layers: Qwen2Layer | nnx.List = stacked(
-            lambda r: Qwen2Layer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), cfg.layers,
-            rngs)
+            lambda r: Qwen2Layer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r),
+            cfg.layers,
+            rngs,
+        )
         self.norm = RMSNorm(cfg.hidden, eps=cfg.norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.cfg = cfg
         self.dtype = dtype
@@ -114,11 +147,20 @@ class Qwen2Stack(nnx.Module):
     def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:
         c = self.cfg
         shape = (c.layers, batch, length, c.kv_heads, c.head_dim)
-        return {"k": jnp.zeros(shape, dtype or self.dtype), "v": jnp.zeros(shape, dtype or self.dtype)}
+        return {
+            "k": jnp.zeros(shape, dtype or self.dtype),
+            "v": jnp.zeros(shape, dtype or self.dtype),
+        }
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | MaskSpec,
-                 cache: KVCache | None = None, cache_index: Any = 0,
-                 dropout_rng: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array | MaskSpec,
+        cache: KVCache | None = None,
+        cache_index: Any = 0,
+        dropout_rng: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
         """x [batch, time, hidden]; positions [batch, time] (RoPE); mask [batch, time, keys] or a
         MaskSpec (long sequences then attend block by block).
 
@@ -126,10 +168,12 @@ class Qwen2Stack(nnx.Module):
         model) enters the first layer as it is, as in PyTorch, where that layer's input norm rounds
         to the input's dtype; every later layer runs in the compute dtype.
         """
-        cos, sin = rope_tables(positions, inv_frequencies(self.cfg.head_dim, self.cfg.rope_theta),
-                               self.dtype)
-        layer_rngs = (jax.random.split(dropout_rng, self.cfg.layers)
-                      if dropout_rng is not None else None)
+        cos, sin = rope_tables(
+            positions, inv_frequencies(self.cfg.head_dim, self.cfg.rope_theta), self.dtype
+        )
+        layer_rngs = (
+            jax.random.split(dropout_rng, self.cfg.layers) if dropout_rng is not None else None
+        )
 
         def step(layer, h, xs):
             layer_cache, rng = xs
@@ -137,7 +181,12 @@ class Qwen2Stack(nnx.Module):
             return constrain(h.astype(self.dtype), _ACTIVATION_AXES), layer_cache
 
         narrow = jnp.finfo(x.dtype).bits < jnp.finfo(self.dtype).bits
-        x, cache = scan_layers(self.layers, step, x if narrow else x.astype(self.dtype),
-                               (cache, layer_rngs), remat_policy=self.remat_policy,
-                               first_apart=narrow)
+        x, cache = scan_layers(
+            self.layers,
+            step,
+            x if narrow else x.astype(self.dtype),
+            (cache, layer_rngs),
+            remat_policy=self.remat_policy,
+            first_apart=narrow,
+        )
         return self.norm(x), cache

@@ -4,6 +4,7 @@ resampler of `torchaudio.functional.resample` (its defaults); a waveform array i
 (24 kHz mono). Codes come from the tokenizer in 6000-frame segments; the first `channels`
 codebooks are kept and padded to a multiple of the group size by repeating the last frame.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,7 @@ def _sinc_kernel(orig: int, new: int) -> tuple[np.ndarray, int]:
     base = min(orig, new) * ROLLOFF
     width = math.ceil(LOWPASS_WIDTH * orig / base)
     idx = np.arange(-width, width + orig, dtype=np.float32)[None] / np.float32(orig)
-    t = (np.arange(0, -new, -1, dtype=np.float32)[:, None] / np.float32(new) + idx)
+    t = np.arange(0, -new, -1, dtype=np.float32)[:, None] / np.float32(new) + idx
     t = np.clip(t * np.float32(base), -LOWPASS_WIDTH, LOWPASS_WIDTH)
     window = np.cos(t * np.float32(math.pi / LOWPASS_WIDTH / 2)) ** 2
     t = t * np.float32(math.pi)
@@ -42,7 +43,7 @@ def resample(wav: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
     padded = np.pad(wav, (width, width + orig))
     frames = np.lib.stride_tricks.sliding_window_view(padded, kernel.shape[1])[::orig]
     out = (frames @ kernel.T).reshape(-1)  # output i * new + j from frame i, phase j
-    return out[:math.ceil(new * wav.size / orig)].astype(np.float32)
+    return out[: math.ceil(new * wav.size / orig)].astype(np.float32)
 
 
 class AudioFrontEnd:
@@ -62,12 +63,18 @@ class AudioFrontEnd:
         empty, silent, non-finite or too short audio is an InputError naming `name`."""
         min_samples = self.tokenizer.config.min_samples
         if isinstance(audio, str):
-            return read_audio(audio, self.rate, min_samples=min_samples,
-                              resample=lambda w, r: resample(w, r, self.rate))
+            return read_audio(
+                audio,
+                self.rate,
+                min_samples=min_samples,
+                resample=lambda w, r: resample(w, r, self.rate),
+            )
         if isinstance(audio, np.ndarray):
             return check_waveform(audio, name, min_samples=min_samples)
-        raise InputError(f"{name}: {type(audio).__name__} is not audio (expected a file path "
-                         f"or a float array of 24 kHz samples)")
+        raise InputError(
+            f"{name}: {type(audio).__name__} is not audio (expected a file path "
+            f"or a float array of 24 kHz samples)"
+        )
 
     def codes(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
         """Checked waveforms -> codes [frames, channels] each, one batched encoder call."""

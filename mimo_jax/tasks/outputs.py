@@ -3,6 +3,7 @@
 `text` and `codes` are the generated groups only (prompt excluded), the stop group included: the
 official code drops the last generated group, whatever ended the generation.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,8 +19,15 @@ def text_of(tok, text: np.ndarray) -> str:
     return out
 
 
-def speech_of(text: np.ndarray, codes: np.ndarray, empty_ids, start_id: int | None,
-              end_id: int, *, complete: bool = True) -> np.ndarray:
+def speech_of(
+    text: np.ndarray,
+    codes: np.ndarray,
+    empty_ids,
+    start_id: int | None,
+    end_id: int,
+    *,
+    complete: bool = True,
+) -> np.ndarray:
     """The speech frames [F, channels] of the generated groups: those between the first
     `start_id` (exclusive; the beginning if absent or None) and the first `end_id` (exclusive; the
     end if absent) whose channel-0 code is not its empty id.
@@ -28,7 +36,7 @@ def speech_of(text: np.ndarray, codes: np.ndarray, empty_ids, start_id: int | No
     is dropped as the last, and only frames sure to be in the final result are returned: none
     while a `start_id` is awaited (if it never comes, the result starts at the beginning)."""
     text = np.asarray(text)[:-1] if complete else np.asarray(text)
-    codes = np.asarray(codes)[:text.size]
+    codes = np.asarray(codes)[: text.size]
     starts: np.ndarray | list[int] = []
     if start_id is not None:
         starts = np.flatnonzero(text == start_id)
@@ -42,8 +50,10 @@ def speech_of(text: np.ndarray, codes: np.ndarray, empty_ids, start_id: int | No
     bad = frames >= np.asarray(empty_ids)
     if bad.any():
         f, c = np.argwhere(bad)[0]
-        raise ValueError(f"generated speech frame {f} holds {frames[f, c]} in channel {c}, at or "
-                         f"above its empty id {empty_ids[c]}")
+        raise ValueError(
+            f"generated speech frame {f} holds {frames[f, c]} in channel {c}, at or "
+            f"above its empty id {empty_ids[c]}"
+        )
     return frames
 
 

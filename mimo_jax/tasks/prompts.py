@@ -6,6 +6,7 @@ The same builders make the inference prompts and the prompt part of the training
 official `preprocess_input`). Where the official code draws a template with `random.choice`, the
 builder takes the template text itself; `choose_template` makes that choice, seedable.
 """
+
 from __future__ import annotations
 
 import random
@@ -18,8 +19,9 @@ INSTRUCTION = "[Int]:"
 SPEECH_ONLY = "<Spe>:"
 
 
-def choose_template(options: tuple[str, ...], template: str | None = None,
-                    seed: int | random.Random | None = None) -> str:
+def choose_template(
+    options: tuple[str, ...], template: str | None = None, seed: int | random.Random | None = None
+) -> str:
     """`template` itself when given, else a draw from `options` (seeded by `seed`)."""
     if template is not None:
         if not template:
@@ -45,13 +47,25 @@ def _think(thinking: bool) -> Text:
 
 # ---- speech in, text out ----------------------------------------------------------------------
 def asr(audio, template: str) -> list:
-    return [Text(t.USER), Audio(audio), Text(template), Text(t.END), Text(t.ASSISTANT),
-            Text(t.THINK_OFF)]
+    return [
+        Text(t.USER),
+        Audio(audio),
+        Text(template),
+        Text(t.END),
+        Text(t.ASSISTANT),
+        Text(t.THINK_OFF),
+    ]
 
 
 def understanding(audio, question: str, thinking: bool = False) -> list:
-    return [Text(t.USER), Audio(audio), Text(question), Text(t.END), Text(t.ASSISTANT),
-            _think(thinking)]
+    return [
+        Text(t.USER),
+        Audio(audio),
+        Text(question),
+        Text(t.END),
+        Text(t.ASSISTANT),
+        _think(thinking),
+    ]
 
 
 def s2t_dialogue(audio, thinking: bool = False) -> list:
@@ -74,8 +88,11 @@ def text_dialogue(text: str, thinking: bool = False) -> list:
 def text_dialogue_multiturn(messages, thinking: bool = False) -> list:
     out = []
     for m in messages:
-        out += [Text(t.USER if _role(m) == "user" else t.ASSISTANT), Text(m["content"]),
-                Text(t.END)]
+        out += [
+            Text(t.USER if _role(m) == "user" else t.ASSISTANT),
+            Text(m["content"]),
+            Text(t.END),
+        ]
     return out + [Text(t.ASSISTANT), _think(thinking)]
 
 
@@ -92,8 +109,13 @@ def tts_user_turn(text: str, template: str) -> Text:
     return Text(f"{t.USER}{template}: {normalize_text(text)}{t.END}")
 
 
-def tts(text: str, template: str | None = None, instruct: str | None = None,
-        read_text_only: bool = True, prompt_speech=None) -> list:
+def tts(
+    text: str,
+    template: str | None = None,
+    instruct: str | None = None,
+    read_text_only: bool = True,
+    prompt_speech=None,
+) -> list:
     """TTS, instruct TTS (`instruct`), natural-instruction TTS (`read_text_only=False`, the text
     holds the instruction); `prompt_speech` (patches) is the voice prompt of the instruct forms
     (plain TTS ignores it, as the official builder does). `template` is needed where
@@ -108,8 +130,12 @@ def tts(text: str, template: str | None = None, instruct: str | None = None,
     if prompt_speech is None:
         system = [Text(t.SYSTEM), Text(t.INSTRUCT_TTS_SYSTEM), Text(t.END)]
     else:
-        system = [Text(t.SYSTEM), Text(t.INSTRUCT_TTS_VOICE_SYSTEM), Audio(prompt_speech),
-                  Text(t.END)]
+        system = [
+            Text(t.SYSTEM),
+            Text(t.INSTRUCT_TTS_VOICE_SYSTEM),
+            Audio(prompt_speech),
+            Text(t.END),
+        ]
     user = f"{template}: {text}({instruct})" if read_text_only else text
     return system + [Text(f"{t.USER}{user}{t.END}"), Text(t.ASSISTANT + t.THINK_ON)]
 
@@ -122,8 +148,9 @@ def _voice(prompt_speech) -> list:
 
 
 def spoken_dialogue(audio, system_prompt: str | None = None, prompt_speech=None) -> list:
-    return spoken_dialogue_multiturn([{"role": "user", "content": audio}], system_prompt,
-                                     prompt_speech)
+    return spoken_dialogue_multiturn(
+        [{"role": "user", "content": audio}], system_prompt, prompt_speech
+    )
 
 
 def spoken_dialogue_turn(audio) -> list:
@@ -132,8 +159,9 @@ def spoken_dialogue_turn(audio) -> list:
     return [Text(t.USER), Audio(audio), Text(t.END), Text(t.ASSISTANT + STREAM_OPEN)]
 
 
-def spoken_dialogue_multiturn(messages, system_prompt: str | None = None,
-                              prompt_speech=None) -> list:
+def spoken_dialogue_multiturn(
+    messages, system_prompt: str | None = None, prompt_speech=None
+) -> list:
     """User turns hold audio patches; assistant turns {"text": str, "audio": patches}."""
     out = _voice(prompt_speech)
     for i, m in enumerate(messages):
@@ -143,8 +171,11 @@ def spoken_dialogue_multiturn(messages, system_prompt: str | None = None,
                 out += [Text(system_prompt), Text("\n\n")]
             out += [Audio(m["content"]), Text(t.END)]
         else:
-            out += [Text(t.ASSISTANT), Stream(m["content"]["text"], m["content"]["audio"]),
-                    Text(t.END)]
+            out += [
+                Text(t.ASSISTANT),
+                Stream(m["content"]["text"], m["content"]["audio"]),
+                Text(t.END),
+            ]
     return out + [Text(t.ASSISTANT + STREAM_OPEN)]
 
 
@@ -154,8 +185,12 @@ def in_context_s2s(instruction: str, examples, audio) -> list:
     "output_audio"} (patches), then the query `audio`."""
     out: list[Segment] = [Text(f"{INSTRUCTION}{instruction}\n")]
     for ex in examples:
-        out += [Audio(ex["input_audio"]), Text("\n"),
-                Stream(ex["output_transcription"], ex["output_audio"]), Text(" \n\n")]
+        out += [
+            Audio(ex["input_audio"]),
+            Text("\n"),
+            Stream(ex["output_transcription"], ex["output_audio"]),
+            Text(" \n\n"),
+        ]
     return out + [Audio(audio), Text("\n"), Text(STREAM_OPEN)]
 
 

@@ -15,6 +15,7 @@ A request names its `task` and the task's inputs under the official builders' ar
 and generation options `template`, `min_new_groups`, `max_new_groups`, `greedy`, `seed` (and `id`).
 Every problem is a `RequestError` naming the field, its value and what was expected.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,21 +47,54 @@ class TaskSpec:
 
 TASKS = {
     "asr": TaskSpec("asr", ("input",), ("<|im_end|>",), "asr", False),
-    "tts": TaskSpec("tts", ("input", "instruct", "read_text_only", "prompt_speech"),
-                    ("<|eostm|>", "<|im_end|>"), "tts", True),
-    "understand": TaskSpec("understand", ("input", "input_text", "thinking"), ("<|im_end|>",),
-                           "audio_understanding", False),
-    "dialogue": TaskSpec("dialogue", ("input", "message_list", "system_prompt", "prompt_speech"),
-                         ("<|eostm|>", "<|im_end|>"), "spoken_dialogue", True),
-    "s2t_dialogue": TaskSpec("s2t_dialogue", ("input", "message_list", "thinking"),
-                             ("<|im_end|>",), "spoken_dialogue", False),
-    "text_dialogue": TaskSpec("text_dialogue", ("input", "message_list", "thinking"),
-                              ("<|im_end|>",), "text_chat", False),
-    "few_shot": TaskSpec("few_shot", ("instruction", "prompt_examples", "input"),
-                         ("<|eostm|>",), "in_context_learning_s2s", True),
+    "tts": TaskSpec(
+        "tts",
+        ("input", "instruct", "read_text_only", "prompt_speech"),
+        ("<|eostm|>", "<|im_end|>"),
+        "tts",
+        True,
+    ),
+    "understand": TaskSpec(
+        "understand",
+        ("input", "input_text", "thinking"),
+        ("<|im_end|>",),
+        "audio_understanding",
+        False,
+    ),
+    "dialogue": TaskSpec(
+        "dialogue",
+        ("input", "message_list", "system_prompt", "prompt_speech"),
+        ("<|eostm|>", "<|im_end|>"),
+        "spoken_dialogue",
+        True,
+    ),
+    "s2t_dialogue": TaskSpec(
+        "s2t_dialogue",
+        ("input", "message_list", "thinking"),
+        ("<|im_end|>",),
+        "spoken_dialogue",
+        False,
+    ),
+    "text_dialogue": TaskSpec(
+        "text_dialogue", ("input", "message_list", "thinking"), ("<|im_end|>",), "text_chat", False
+    ),
+    "few_shot": TaskSpec(
+        "few_shot",
+        ("instruction", "prompt_examples", "input"),
+        ("<|eostm|>",),
+        "in_context_learning_s2s",
+        True,
+    ),
     # The Base model continues the audio segment; its <|eosp|> ends the speech.
-    "continue": TaskSpec("continue", ("input",), ("<|eosp|>",), "continuation", True,
-                         speech_start=None, speech_end="<|eosp|>"),
+    "continue": TaskSpec(
+        "continue",
+        ("input",),
+        ("<|eosp|>",),
+        "continuation",
+        True,
+        speech_start=None,
+        speech_end="<|eosp|>",
+    ),
 }
 
 
@@ -71,8 +105,10 @@ def task_of(request: dict) -> TaskSpec:
     spec = TASKS[name]
     unknown = sorted(set(request) - set(spec.fields) - set(OPTIONS))
     if unknown:
-        raise RequestError(f"task {name}: unknown field {unknown[0]!r} (expected "
-                           f"{', '.join(spec.fields + OPTIONS)})")
+        raise RequestError(
+            f"task {name}: unknown field {unknown[0]!r} (expected "
+            f"{', '.join(spec.fields + OPTIONS)})"
+        )
     for key, kind in _TYPES.items():
         value = request.get(key)
         if value is not None and not _is(value, kind):
@@ -80,17 +116,31 @@ def task_of(request: dict) -> TaskSpec:
     return spec
 
 
-_TYPES = {"min_new_groups": "count", "max_new_groups": "positive", "seed": "count",
-          "greedy": bool, "thinking": bool, "read_text_only": bool, "template": str,
-          "system_prompt": str, "instruction": str, "input_text": str}
-_KIND_NAMES = {"count": "an integer >= 0", "positive": "an integer >= 1", bool: "true or false",
-               str: "a text"}
+_TYPES = {
+    "min_new_groups": "count",
+    "max_new_groups": "positive",
+    "seed": "count",
+    "greedy": bool,
+    "thinking": bool,
+    "read_text_only": bool,
+    "template": str,
+    "system_prompt": str,
+    "instruction": str,
+    "input_text": str,
+}
+_KIND_NAMES = {
+    "count": "an integer >= 0",
+    "positive": "an integer >= 1",
+    bool: "true or false",
+    str: "a text",
+}
 
 
 def _is(value, kind) -> bool:
     if kind in ("count", "positive"):
-        return (isinstance(value, int) and not isinstance(value, bool)
-                and value >= (kind == "positive"))
+        return (
+            isinstance(value, int) and not isinstance(value, bool) and value >= (kind == "positive")
+        )
     return isinstance(value, kind)
 
 
@@ -126,8 +176,10 @@ def _one_input(request) -> bool:
     """Whether the request gives `input` (else `message_list`); both or neither is an error."""
     has_input, has_list = "input" in request, "message_list" in request
     if has_input == has_list:
-        raise RequestError(f"task {request['task']}: give either input or message_list "
-                           f"({'both' if has_input else 'neither'} given)")
+        raise RequestError(
+            f"task {request['task']}: give either input or message_list "
+            f"({'both' if has_input else 'neither'} given)"
+        )
     return has_input
 
 
@@ -138,20 +190,25 @@ def segments(request: dict, *, history: bool = False) -> list:
     r = request
     name = spec.name
     if name == "asr":
-        template = prompts.choose_template(templates.ASR_TEMPLATES, r.get("template"),
-                                           r.get("seed"))
+        template = prompts.choose_template(
+            templates.ASR_TEMPLATES, r.get("template"), r.get("seed")
+        )
         return prompts.asr(_audio(r, "input"), template)
     if name == "tts":
         text = _text(r, "input")
         read_only = bool(r.get("read_text_only", True))
-        tts_template = (prompts.choose_template(prompts.tts_templates(text), r.get("template"),
-                                                r.get("seed")) if read_only else None)
+        tts_template = (
+            prompts.choose_template(prompts.tts_templates(text), r.get("template"), r.get("seed"))
+            if read_only
+            else None
+        )
         voice = _audio(r, "prompt_speech") if r.get("prompt_speech") is not None else None
         instruct = _text(r, "instruct") if r.get("instruct") is not None else None
         return prompts.tts(text, tts_template, instruct, read_only, voice)
     if name == "understand":
-        return prompts.understanding(_audio(r, "input"), _text(r, "input_text"),
-                                     bool(r.get("thinking", False)))
+        return prompts.understanding(
+            _audio(r, "input"), _text(r, "input_text"), bool(r.get("thinking", False))
+        )
     if name == "dialogue":
         voice = _audio(r, "prompt_speech") if r.get("prompt_speech") is not None else None
         system = r.get("system_prompt")
@@ -160,14 +217,16 @@ def segments(request: dict, *, history: bool = False) -> list:
                 return prompts.spoken_dialogue_turn(_audio(r, "input"))
             return prompts.spoken_dialogue(_audio(r, "input"), system, voice)
         return prompts.spoken_dialogue_multiturn(
-            _messages(r, lambda m, k: _audio(m, "content"), _stream_turn), system, voice)
+            _messages(r, lambda m, k: _audio(m, "content"), _stream_turn), system, voice
+        )
     if name == "s2t_dialogue":
         thinking = bool(r.get("thinking", False))
         if _one_input(r):
             return prompts.s2t_dialogue(_audio(r, "input"), thinking)
         return prompts.s2t_dialogue_multiturn(
             _messages(r, lambda m, k: _audio(m, "content"), lambda m, k: _text(m, "content")),
-            thinking)
+            thinking,
+        )
     if name == "text_dialogue":
         thinking = bool(r.get("thinking", False))
         if _one_input(r):
@@ -178,9 +237,11 @@ def segments(request: dict, *, history: bool = False) -> list:
         examples = r.get("prompt_examples")
         if not isinstance(examples, list):
             raise RequestError(f"prompt_examples: {examples!r} is not a list of examples")
-        return prompts.in_context_s2s(str(r.get("instruction", "")),
-                                      [_example(e, i) for i, e in enumerate(examples)],
-                                      _audio(r, "input"))
+        return prompts.in_context_s2s(
+            str(r.get("instruction", "")),
+            [_example(e, i) for i, e in enumerate(examples)],
+            _audio(r, "input"),
+        )
     return prompts.continuation(_audio(r, "input"))
 
 
@@ -194,11 +255,14 @@ def _stream_turn(message, key):
 def _example(example, i):
     keys = {"input_audio", "output_transcription", "output_audio"}
     if not isinstance(example, dict) or set(example) != keys:
-        raise RequestError(f"prompt_examples[{i}]: {example!r} is not an example with "
-                           f"{', '.join(sorted(keys))}")
-    return {"input_audio": _audio(example, "input_audio"),
-            "output_transcription": _text(example, "output_transcription"),
-            "output_audio": _audio(example, "output_audio")}
+        raise RequestError(
+            f"prompt_examples[{i}]: {example!r} is not an example with {', '.join(sorted(keys))}"
+        )
+    return {
+        "input_audio": _audio(example, "input_audio"),
+        "output_transcription": _text(example, "output_transcription"),
+        "output_audio": _audio(example, "output_audio"),
+    }
 
 
 def read_jsonl(path, errors: list) -> list[tuple[int, dict]]:
@@ -218,8 +282,9 @@ def read_jsonl(path, errors: list) -> list[tuple[int, dict]]:
             errors.append({"line": n, "id": None, "error": f"not a JSON object ({e})"})
             continue
         if not isinstance(obj, dict):
-            errors.append({"line": n, "id": None,
-                           "error": f"not a JSON object but {type(obj).__name__}"})
+            errors.append(
+                {"line": n, "id": None, "error": f"not a JSON object but {type(obj).__name__}"}
+            )
             continue
         out.append((n, obj))
     return out

@@ -13,6 +13,7 @@ Segments:
   Stream(s, patches) the fixed 5:5 text-guided interleave `<|sostm|>` 5 tokens, 5 patches, ...,
                      last tokens + `<|eot|>`, remaining patches (or tokens), `<|eostm|>`
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -88,12 +89,14 @@ class Prompt:
         length, gs, ch = self.codes.shape
         text = np.full((length, gs), IGNORE, np.int64)
         text[:, 0] = self.text
-        return np.concatenate([text.reshape(1, -1),
-                               self.codes.reshape(length * gs, ch).T.astype(np.int64)])
+        return np.concatenate(
+            [text.reshape(1, -1), self.codes.reshape(length * gs, ch).T.astype(np.int64)]
+        )
 
     def __add__(self, other: "Prompt") -> "Prompt":
-        return Prompt(np.concatenate([self.text, other.text]),
-                      np.concatenate([self.codes, other.codes]))
+        return Prompt(
+            np.concatenate([self.text, other.text]), np.concatenate([self.codes, other.codes])
+        )
 
 
 def assemble(segments, tok, group_size: int, empty_ids) -> Prompt:
@@ -121,8 +124,9 @@ def assemble(segments, tok, group_size: int, empty_ids) -> Prompt:
             add(np.full(n, tok.empty_id), seg.patches, np.arange(n))
             add([tok.eosp_id] * seg.close)
         elif isinstance(seg, Stream):
-            ids, rows = stream_groups(tok.encode(seg.text) + [tok.eot_id], len(seg.patches),
-                                      tok.empty_id)
+            ids, rows = stream_groups(
+                tok.encode(seg.text) + [tok.eot_id], len(seg.patches), tok.empty_id
+            )
             add([tok.sostm_id])
             add(ids, seg.patches, rows)
             add([tok.eostm_id])
@@ -145,8 +149,9 @@ def stream_groups(ids, num_patches: int, empty_id: int) -> tuple[np.ndarray, np.
 def _check_patches(patches, group_size: int, channels: int) -> None:
     shape = np.shape(patches)
     if shape[1:] != (group_size, channels):
-        raise ValueError(f"audio patches of shape {shape}: expected [patches, {group_size}, "
-                         f"{channels}]")
+        raise ValueError(
+            f"audio patches of shape {shape}: expected [patches, {group_size}, {channels}]"
+        )
 
 
 def audio_inputs(segments) -> list:
@@ -157,5 +162,7 @@ def audio_inputs(segments) -> list:
 def with_audio(segments, patches) -> list:
     """The segments with their audio, in order of appearance, replaced by `patches`."""
     patches = iter(patches)
-    return [dataclasses.replace(s, patches=next(patches)) if isinstance(s, (Audio, Stream))
-            else s for s in segments]
+    return [
+        dataclasses.replace(s, patches=next(patches)) if isinstance(s, (Audio, Stream)) else s
+        for s in segments
+    ]

@@ -63,10 +63,12 @@ CAPTION_QUESTIONS = (
 
 INSTRUCT_TTS_SYSTEM = "你需要根据指定的风格指令和文本内容来生成语音。"
 INSTRUCT_TTS_VOICE_SYSTEM = (
-    "你需要根据指定的风格指令和文本内容来生成和语音prompt具有相同音色的语音。你的音色应该是：")
+    "你需要根据指定的风格指令和文本内容来生成和语音prompt具有相同音色的语音。你的音色应该是："
+)
 VOICE_SYSTEM = "Your voice should be:"
 DEFAULT_SYSTEM_PROMPT = (
-    "You are MiMo-Audio, a friendly AI assistant and your response needs to be concise.")
+    "You are MiMo-Audio, a friendly AI assistant and your response needs to be concise."
+)
 THINK_OFF = "<think>\n\n</think>\n"
 THINK_ON = "<think>\n"
 THINK_CLOSE = "\n</think>\n"

@@ -31,15 +31,25 @@ SPECIAL_TOKENS = (
 )
 DEFAULT_EOS = "<|endoftext|>"
 # The LM config's special ids and the tokens they must be in the text tokenizer.
-MODEL_SPECIAL_IDS = {"sosp_idx": "<|sosp|>", "eosp_idx": "<|eosp|>", "sostm_idx": "<|sostm|>",
-                     "eostm_idx": "<|eostm|>", "eot_idx": "<|eot|>", "empty_idx": "<|empty|>"}
+MODEL_SPECIAL_IDS = {
+    "sosp_idx": "<|sosp|>",
+    "eosp_idx": "<|eosp|>",
+    "sostm_idx": "<|sostm|>",
+    "eostm_idx": "<|eostm|>",
+    "eot_idx": "<|eot|>",
+    "empty_idx": "<|empty|>",
+}
 
 
 class TextTokenizer:
     """A `tokenizers.Tokenizer` with named access to the special ids the prompt builders use."""
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer, source: str = "<memory>",
-                 eos_token: str = DEFAULT_EOS):
+    def __init__(
+        self,
+        tokenizer: tokenizers.Tokenizer,
+        source: str = "<memory>",
+        eos_token: str = DEFAULT_EOS,
+    ):
         self.tokenizer = tokenizer
         self.source = source
         self.eos_token = eos_token
@@ -99,8 +109,11 @@ class TextTokenizer:
         return {"json": self.tokenizer.to_str(), "source": self.source, "eos": self.eos_token}
 
     def __setstate__(self, state):
-        self.__init__(tokenizers.Tokenizer.from_str(state["json"]), state["source"],
-                      state.get("eos", DEFAULT_EOS))
+        self.__init__(
+            tokenizers.Tokenizer.from_str(state["json"]),
+            state["source"],
+            state.get("eos", DEFAULT_EOS),
+        )
 
 
 def model_id_problems(lm_config, tok: TextTokenizer) -> list[str]:
@@ -112,6 +125,7 @@ def model_id_problems(lm_config, tok: TextTokenizer) -> list[str]:
         if mine is not None and mine != tok.special_id(token):
             problems.append(f"{key}={mine} but {tok.source} has {token} = {tok.special_id(token)}")
     if tok.vocab_size > lm_config.vocab_size:
-        problems.append(f"vocab_size={lm_config.vocab_size} but {tok.source} has "
-                        f"{tok.vocab_size} tokens")
+        problems.append(
+            f"vocab_size={lm_config.vocab_size} but {tok.source} has {tok.vocab_size} tokens"
+        )
     return problems

@@ -14,5 +14,6 @@ def __getattr__(name):
     # `load_encoder` / `load_decoder` without importing the model when only the config is needed.
     if name in ("load_encoder", "load_decoder", "Tokenizer"):
         from mimo_jax.tokenizer import clips
+
         return getattr(clips, name)
     raise AttributeError(f"module 'mimo_jax.tokenizer' has no attribute {name!r}")

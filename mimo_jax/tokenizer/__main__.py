@@ -7,6 +7,7 @@ encode writes DIR/<name>.npy, int32 codes [frames, codebooks], per input; files 
 soundfile reads, any sample rate and channel count. Files are sorted by duration and encoded in
 batches; a bad file is reported (and the exit status is 1) while the others are still encoded.
 """
+
 import argparse
 import os
 import sys
@@ -22,30 +23,54 @@ from mimo_jax.tokenizer.clips import Tokenizer
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mimo_jax.tokenizer",
-                                     description="MiMo-Audio tokenizer: audio <-> RVQ codes")
+    parser = argparse.ArgumentParser(
+        prog="python -m mimo_jax.tokenizer", description="MiMo-Audio tokenizer: audio <-> RVQ codes"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     enc = sub.add_parser("encode", help="audio files -> .npy codes [frames, codebooks]")
     enc.add_argument("audio", nargs="+", help="audio files (any rate, any channel count)")
     enc.add_argument("--out", required=True, help="output directory")
     enc.add_argument("--codebooks", type=int, default=8, help="codebooks to keep (default 8)")
-    enc.add_argument("--segment-frames", type=int, default=6000,
-                     help="mel frames per encoder segment (default 6000, as the official code)")
-    enc.add_argument("--allow-silence", action="store_true",
-                     help="encode all-zero files instead of reporting them")
+    enc.add_argument(
+        "--segment-frames",
+        type=int,
+        default=6000,
+        help="mel frames per encoder segment (default 6000, as the official code)",
+    )
+    enc.add_argument(
+        "--allow-silence",
+        action="store_true",
+        help="encode all-zero files instead of reporting them",
+    )
     dec = sub.add_parser("decode", help=".npy codes -> 24 kHz audio")
     dec.add_argument("codes", nargs="+", help=".npy files of codes [frames, codebooks]")
-    dec.add_argument("--out", required=True,
-                     help="output .wav for one input, or a directory for several")
-    dec.add_argument("--decode-chunk", type=int, default=1500,
-                     help="code frames decoded at once (default 1500, as the official code)")
+    dec.add_argument(
+        "--out", required=True, help="output .wav for one input, or a directory for several"
+    )
+    dec.add_argument(
+        "--decode-chunk",
+        type=int,
+        default=1500,
+        help="code frames decoded at once (default 1500, as the official code)",
+    )
     for p in (enc, dec):
-        p.add_argument("--files-per-batch", type=int, default=32,
-                       help="files read and processed together (default 32)")
-        p.add_argument("--checkpoint", required=True,
-                       help="tokenizer checkpoint directory (official safetensors or Orbax)")
-        p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                       help="compute dtype (parameters stay float32)")
+        p.add_argument(
+            "--files-per-batch",
+            type=int,
+            default=32,
+            help="files read and processed together (default 32)",
+        )
+        p.add_argument(
+            "--checkpoint",
+            required=True,
+            help="tokenizer checkpoint directory (official safetensors or Orbax)",
+        )
+        p.add_argument(
+            "--dtype",
+            choices=sorted(DTYPES),
+            default="float32",
+            help="compute dtype (parameters stay float32)",
+        )
     return parser
 
 
@@ -72,23 +97,31 @@ def _duration(path: str) -> float:
 
 def encode(args) -> int:
     _check_unique(args.audio, args.out, ".npy")
-    tokenizer = Tokenizer.load(args.checkpoint, dtype=DTYPES[args.dtype],
-                               segment_frames=args.segment_frames)
+    tokenizer = Tokenizer.load(
+        args.checkpoint, dtype=DTYPES[args.dtype], segment_frames=args.segment_frames
+    )
     config = tokenizer.config
     if not 1 <= args.codebooks <= config.num_quantizers:
-        raise SystemExit(f"error: --codebooks {args.codebooks}: the checkpoint has "
-                         f"{config.num_quantizers} codebooks")
+        raise SystemExit(
+            f"error: --codebooks {args.codebooks}: the checkpoint has "
+            f"{config.num_quantizers} codebooks"
+        )
     os.makedirs(args.out, exist_ok=True)
     paths = sorted(args.audio, key=_duration)
     failed = 0
     with tqdm(total=len(paths), unit="file", desc="encode") as bar:
         for i in range(0, len(paths), args.files_per_batch):
             wavs, names = [], []
-            for path in paths[i:i + args.files_per_batch]:
+            for path in paths[i : i + args.files_per_batch]:
                 try:
-                    wavs.append(read_audio(path, config.sampling_rate,
-                                           min_samples=config.min_samples,
-                                           allow_silence=args.allow_silence))
+                    wavs.append(
+                        read_audio(
+                            path,
+                            config.sampling_rate,
+                            min_samples=config.min_samples,
+                            allow_silence=args.allow_silence,
+                        )
+                    )
                     names.append(path)
                 except InputError as e:
                     failed += 1
@@ -106,14 +139,15 @@ def decode(args) -> int:
     single = len(args.codes) == 1 and args.out.lower().endswith(".wav")
     if not single:
         _check_unique(args.codes, args.out, ".wav")
-    tokenizer = Tokenizer.load(args.checkpoint, dtype=DTYPES[args.dtype],
-                               decode_chunk=args.decode_chunk)
+    tokenizer = Tokenizer.load(
+        args.checkpoint, dtype=DTYPES[args.dtype], decode_chunk=args.decode_chunk
+    )
     config = tokenizer.config
     failed = 0
     with tqdm(total=len(args.codes), unit="file", desc="decode") as bar:
         for i in range(0, len(args.codes), args.files_per_batch):
             codes, names = [], []
-            for path in args.codes[i:i + args.files_per_batch]:
+            for path in args.codes[i : i + args.files_per_batch]:
                 try:
                     codes.append(read_codes(path, config.codebook_sizes))
                     names.append(path)

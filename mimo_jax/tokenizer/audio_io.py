@@ -6,6 +6,7 @@ float32 mono at the tokenizer's rate (channels averaged, resampled with soxr thr
 Every problem raises `InputError` with the file and what is wrong, so that a batch job can report
 it and go on.
 """
+
 import io
 import os
 import re
@@ -23,8 +24,9 @@ class InputError(ValueError):
     """A bad audio or codes input; the message names the input and the problem."""
 
 
-def check_waveform(wav: np.ndarray, name: str, *, min_samples: int,
-                   allow_silence: bool = False) -> np.ndarray:
+def check_waveform(
+    wav: np.ndarray, name: str, *, min_samples: int, allow_silence: bool = False
+) -> np.ndarray:
     """A 1-D finite float32 waveform long enough for one frame, or InputError naming `name`."""
     wav = np.asarray(wav)
     if wav.ndim != 1:
@@ -35,11 +37,15 @@ def check_waveform(wav: np.ndarray, name: str, *, min_samples: int,
         raise InputError(f"{name}: no audio samples (empty)")
     bad = ~np.isfinite(wav)
     if bad.any():
-        raise InputError(f"{name}: {int(bad.sum())} NaN or infinite samples (first at sample "
-                         f"{int(np.argmax(bad))})")
+        raise InputError(
+            f"{name}: {int(bad.sum())} NaN or infinite samples (first at sample "
+            f"{int(np.argmax(bad))})"
+        )
     if wav.size < min_samples:
-        raise InputError(f"{name}: {wav.size} samples is too short for one frame "
-                         f"(at least {min_samples} samples are needed)")
+        raise InputError(
+            f"{name}: {wav.size} samples is too short for one frame "
+            f"(at least {min_samples} samples are needed)"
+        )
     if not allow_silence and not np.any(wav):
         raise InputError(f"{name}: silent (every sample is zero)")
     return wav.astype(np.float32)
@@ -67,8 +73,9 @@ def audio_seconds(path: str) -> float:
     return info.frames / info.samplerate
 
 
-def read_audio(path: str, sampling_rate: int, *, min_samples: int,
-               allow_silence: bool = False, resample=None) -> np.ndarray:
+def read_audio(
+    path: str, sampling_rate: int, *, min_samples: int, allow_silence: bool = False, resample=None
+) -> np.ndarray:
     """The file (local or gs://) as float32 mono at `sampling_rate`, or InputError naming it.
 
     `resample(wav, rate)` -> wav at `sampling_rate` replaces the default resampler (soxr)."""
@@ -81,23 +88,29 @@ def read_audio(path: str, sampling_rate: int, *, min_samples: int,
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise InputError(f"{path}: cannot read audio ({e})") from None
     if short and int(short.group(2)) < int(short.group(1)):
-        raise InputError(f"{path}: truncated (its header announces {short.group(1)} bytes of "
-                         f"audio data, the file holds {short.group(2)})")
+        raise InputError(
+            f"{path}: truncated (its header announces {short.group(1)} bytes of "
+            f"audio data, the file holds {short.group(2)})"
+        )
     if data.shape[0] == 0:
         raise InputError(f"{path}: no audio samples (empty)")
     bad = ~np.isfinite(data)
     if bad.any():
-        raise InputError(f"{path}: {int(bad.sum())} NaN or infinite samples (first at frame "
-                         f"{int(np.argmax(bad.any(axis=1)))})")
+        raise InputError(
+            f"{path}: {int(bad.sum())} NaN or infinite samples (first at frame "
+            f"{int(np.argmax(bad.any(axis=1)))})"
+        )
     wav = data.mean(axis=1)
     if rate != sampling_rate and resample is not None:
         wav = resample(wav, rate)
     elif rate != sampling_rate:
         wav = librosa.resample(wav, orig_sr=rate, target_sr=sampling_rate, res_type="soxr_hq")
     if wav.size < min_samples:
-        raise InputError(f"{path}: too short for one frame ({data.shape[0]} samples at {rate} Hz "
-                         f"give {wav.size} at {sampling_rate} Hz; at least {min_samples} "
-                         f"are needed)")
+        raise InputError(
+            f"{path}: too short for one frame ({data.shape[0]} samples at {rate} Hz "
+            f"give {wav.size} at {sampling_rate} Hz; at least {min_samples} "
+            f"are needed)"
+        )
     if not allow_silence and not np.any(data):
         raise InputError(f"{path}: silent (every sample is zero)")
     return wav.astype(np.float32)
@@ -110,8 +123,10 @@ def check_codes(codes: np.ndarray, name: str, codebook_sizes: tuple[int, ...]) -
         raise InputError(f"{name}: codes have shape {codes.shape}, expected [frames, codebooks]")
     frames, books = codes.shape
     if not 1 <= books <= len(codebook_sizes):
-        raise InputError(f"{name}: codes have {books} codebooks, expected 1 to "
-                         f"{len(codebook_sizes)} (shape {codes.shape} is [frames, codebooks])")
+        raise InputError(
+            f"{name}: codes have {books} codebooks, expected 1 to "
+            f"{len(codebook_sizes)} (shape {codes.shape} is [frames, codebooks])"
+        )
     if frames == 0:
         raise InputError(f"{name}: no code frames (empty)")
     if not np.issubdtype(codes.dtype, np.integer):
@@ -121,8 +136,10 @@ def check_codes(codes: np.ndarray, name: str, codebook_sizes: tuple[int, ...]) -
         outside = (column < 0) | (column >= codebook_sizes[q])
         if outside.any():
             t = int(np.argmax(outside))
-            raise InputError(f"{name}: codebook {q} has {int(outside.sum())} codes outside "
-                             f"[0, {codebook_sizes[q]}) (first: {int(column[t])} at frame {t})")
+            raise InputError(
+                f"{name}: codebook {q} has {int(outside.sum())} codes outside "
+                f"[0, {codebook_sizes[q]}) (first: {int(column[t])} at frame {t})"
+            )
     return codes.astype(np.int32)
 
 

@@ -9,6 +9,7 @@ code) and concatenates their waveforms.
     encode_batch = load_encoder("path/to/MiMo-Audio-Tokenizer", codebooks=8)
     codes = encode_batch([wav_24k_mono_float32, ...])   # list of int32 [frames, 8]
 """
+
 import dataclasses
 import functools
 from typing import Callable, Sequence
@@ -43,7 +44,7 @@ def _batches(pieces: list[_Piece], quantum: int, cap: int, batch_frames: int, ma
         length = _bucket(order[i].frames, quantum, cap)
         size = max(1, min(max_batch, batch_frames // length))
         size = 1 << (size.bit_length() - 1)
-        yield length, size, order[i:i + size]
+        yield length, size, order[i : i + size]
         i += size
 
 
@@ -53,8 +54,9 @@ def _padded_size(count: int, size: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6, 7))
-def _encode_segments(graphdef, state, wav, clip_lengths, wav_start, first_frame, frames,
-                     num_codebooks, seg_frames):
+def _encode_segments(
+    graphdef, state, wav, clip_lengths, wav_start, first_frame, frames, num_codebooks, seg_frames
+):
     model = nnx.merge(graphdef, state)
     mel = log_mel_frames(model.config, wav, clip_lengths, wav_start, first_frame, frames)
     return model.encode_mel(mel, seg_frames, num_codebooks)
@@ -68,12 +70,23 @@ def _decode_chunks(graphdef, state, codes, lengths):
 class Tokenizer:
     """A loaded tokenizer with batched, bucketed encode and decode of numpy arrays."""
 
-    def __init__(self, config: TokenizerConfig, model: nnx.Module, *, segment_frames: int = 6000,
-                 decode_chunk: int = 1500, batch_frames: int = 48000, max_batch: int = 64,
-                 frame_quantum: int = 256, code_quantum: int = 64):
+    def __init__(
+        self,
+        config: TokenizerConfig,
+        model: nnx.Module,
+        *,
+        segment_frames: int = 6000,
+        decode_chunk: int = 1500,
+        batch_frames: int = 48000,
+        max_batch: int = 64,
+        frame_quantum: int = 256,
+        code_quantum: int = 64,
+    ):
         if segment_frames % config.mel_frames_per_code:
-            raise ValueError(f"segment_frames {segment_frames} must be a multiple of "
-                             f"{config.mel_frames_per_code} mel frames per code")
+            raise ValueError(
+                f"segment_frames {segment_frames} must be a multiple of "
+                f"{config.mel_frames_per_code} mel frames per code"
+            )
         self.config = config
         self.graphdef, self.state = nnx.split(model)
         self.segment_frames = segment_frames
@@ -92,23 +105,33 @@ class Tokenizer:
     def encode(self, wavs: Sequence[np.ndarray], num_codebooks: int = 8) -> list[np.ndarray]:
         """24 kHz mono float waveforms -> codes int32 [frames, num_codebooks] each."""
         c = self.config
-        wavs = [check_waveform(w, f"clip {i}", min_samples=c.min_samples, allow_silence=True)
-                for i, w in enumerate(wavs)]
+        wavs = [
+            check_waveform(w, f"clip {i}", min_samples=c.min_samples, allow_silence=True)
+            for i, w in enumerate(wavs)
+        ]
         if not 1 <= num_codebooks <= c.num_quantizers:
-            raise ValueError(f"num_codebooks {num_codebooks}: the tokenizer has "
-                             f"{c.num_quantizers} codebooks")
+            raise ValueError(
+                f"num_codebooks {num_codebooks}: the tokenizer has {c.num_quantizers} codebooks"
+            )
         pieces = []
         for i, wav in enumerate(wavs):
             total = c.mel_frames(wav.size)
-            pieces += [_Piece(i, s, min(self.segment_frames, total - s))
-                       for s in range(0, total, self.segment_frames)]
+            pieces += [
+                _Piece(i, s, min(self.segment_frames, total - s))
+                for s in range(0, total, self.segment_frames)
+            ]
         results: dict[_Piece, np.ndarray] = {}
-        for length, size, batch in _batches(pieces, self.frame_quantum, self.segment_frames,
-                                            self.batch_frames, self.max_batch):
-            results.update(self._encode_batch(wavs, batch, length, _padded_size(len(batch), size),
-                                              num_codebooks))
-        return [np.concatenate([results[p] for p in pieces if p.item == i])
-                for i in range(len(wavs))]
+        for length, size, batch in _batches(
+            pieces, self.frame_quantum, self.segment_frames, self.batch_frames, self.max_batch
+        ):
+            results.update(
+                self._encode_batch(
+                    wavs, batch, length, _padded_size(len(batch), size), num_codebooks
+                )
+            )
+        return [
+            np.concatenate([results[p] for p in pieces if p.item == i]) for i in range(len(wavs))
+        ]
 
     def _encode_batch(self, wavs, batch, length, rows, num_codebooks):
         c = self.config
@@ -122,40 +145,48 @@ class Tokenizer:
             clip = wavs[p.item]
             start, _ = window_bounds(c, p.start, length)
             lo, hi = max(start, 0), min(start + width, clip.size)
-            wav[r, lo - start:hi - start] = clip[lo:hi]
+            wav[r, lo - start : hi - start] = clip[lo:hi]
             clip_len[r], wav_start[r], first[r], seg[r] = clip.size, start, p.start, p.frames
-        codes, lengths = _encode_segments(self.graphdef, self.state, wav, clip_len, wav_start,
-                                          first, length, num_codebooks, seg)
+        codes, lengths = _encode_segments(
+            self.graphdef, self.state, wav, clip_len, wav_start, first, length, num_codebooks, seg
+        )
         codes, lengths = np.asarray(codes), np.asarray(lengths)
-        return {p: codes[r, :lengths[r]] for r, p in enumerate(batch)}
+        return {p: codes[r, : lengths[r]] for r, p in enumerate(batch)}
 
     # Decoding.
     def decode(self, codes: Sequence[np.ndarray]) -> list[np.ndarray]:
         """codes [frames, n] each (n <= num_quantizers) -> float32 waveforms of frames * 960."""
-        codes = [check_codes(x, f"codes {i}", self.config.codebook_sizes)
-                 for i, x in enumerate(codes)]
+        codes = [
+            check_codes(x, f"codes {i}", self.config.codebook_sizes) for i, x in enumerate(codes)
+        ]
         by_width: dict[int, list[_Piece]] = {}
         for i, x in enumerate(codes):
             by_width.setdefault(x.shape[1], []).extend(
                 _Piece(i, s, min(self.decode_chunk, x.shape[0] - s))
-                for s in range(0, x.shape[0], self.decode_chunk))
+                for s in range(0, x.shape[0], self.decode_chunk)
+            )
         results: dict[_Piece, np.ndarray] = {}
         spc = self.config.samples_per_code
         for width, pieces in by_width.items():
-            for length, size, batch in _batches(pieces, self.code_quantum, self.decode_chunk,
-                                                self.batch_frames // 4, self.max_batch):
+            for length, size, batch in _batches(
+                pieces, self.code_quantum, self.decode_chunk, self.batch_frames // 4, self.max_batch
+            ):
                 rows = _padded_size(len(batch), size)
                 array = np.zeros((rows, length, width), np.int32)
                 lengths = np.ones(rows, np.int32)
                 for r, p in enumerate(batch):
-                    array[r, :p.frames] = codes[p.item][p.start:p.start + p.frames]
+                    array[r, : p.frames] = codes[p.item][p.start : p.start + p.frames]
                     lengths[r] = p.frames
                 wav, _ = _decode_chunks(self.graphdef, self.state, array, lengths)
                 wav = np.asarray(wav)
-                results.update({p: wav[r, :p.frames * spc] for r, p in enumerate(batch)})
+                results.update({p: wav[r, : p.frames * spc] for r, p in enumerate(batch)})
         order = [p for w in by_width.values() for p in w]
-        return [np.concatenate([results[p] for p in sorted(order, key=lambda p: p.start)
-                                if p.item == i]) for i in range(len(codes))]
+        return [
+            np.concatenate(
+                [results[p] for p in sorted(order, key=lambda p: p.start) if p.item == i]
+            )
+            for i in range(len(codes))
+        ]
 
     def decode_windows(self, codes: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Decode each [frames, n] array whole, in one padded batch (no chunking): the streaming
@@ -166,22 +197,24 @@ class Tokenizer:
         array = np.zeros((rows, length, width), np.int32)
         lengths = np.ones(rows, np.int32)
         for r, x in enumerate(codes):
-            array[r, :x.shape[0]] = x
+            array[r, : x.shape[0]] = x
             lengths[r] = x.shape[0]
         wav, wav_lengths = _decode_chunks(self.graphdef, self.state, array, lengths)
         wav, wav_lengths = np.asarray(wav), np.asarray(wav_lengths)
-        return [wav[r, :wav_lengths[r]] for r in range(len(codes))]
+        return [wav[r, : wav_lengths[r]] for r in range(len(codes))]
 
 
-def load_encoder(checkpoint_path: str, codebooks: int = 8, *, dtype=None,
-                 **options) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+def load_encoder(
+    checkpoint_path: str, codebooks: int = 8, *, dtype=None, **options
+) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
     """`encode_batch(wavs)`: float32 24 kHz mono waveforms -> int32 codes [frames, codebooks],
     batched by length inside."""
     tokenizer = Tokenizer.load(checkpoint_path, dtype=dtype, **options)
     return functools.partial(tokenizer.encode, num_codebooks=codebooks)
 
 
-def load_decoder(checkpoint_path: str, *, dtype=None,
-                 **options) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+def load_decoder(
+    checkpoint_path: str, *, dtype=None, **options
+) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
     """`decode_batch(codes)`: int codes [frames, n] -> float32 24 kHz waveforms."""
     return Tokenizer.load(checkpoint_path, dtype=dtype, **options).decode

@@ -4,6 +4,7 @@ Only the keys the model uses become fields; every other key of the file is kept 
 writing the config back reproduces the original file. Values the implementation does not support
 (another activation, norm or position embedding) are rejected when the config is read.
 """
+
 import dataclasses
 import json
 import os
@@ -59,27 +60,40 @@ class TokenizerConfig:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
     def __post_init__(self):
-        for name, value in (("encoder_attn_window_size", self.encoder_attn_window_size),
-                            ("decoder_attn_window_size", self.decoder_attn_window_size),
-                            ("vocoder_attn_window_size", self.vocoder_attn_window_size)):
+        for name, value in (
+            ("encoder_attn_window_size", self.encoder_attn_window_size),
+            ("decoder_attn_window_size", self.decoder_attn_window_size),
+            ("vocoder_attn_window_size", self.vocoder_attn_window_size),
+        ):
             if len(value) != 2:
                 raise ValueError(f"config {name} must be [left, right], got {list(value)}")
-        for name, dim, heads in (("encoder", self.d_model, self.encoder_attention_heads),
-                                 ("decoder", self.d_model, self.decoder_attention_heads),
-                                 ("vocoder", self.vocoder_dim, self.vocoder_attention_heads)):
+        for name, dim, heads in (
+            ("encoder", self.d_model, self.encoder_attention_heads),
+            ("decoder", self.d_model, self.decoder_attention_heads),
+            ("vocoder", self.vocoder_dim, self.vocoder_attention_heads),
+        ):
             if dim % heads or (dim // heads) % 2:
-                raise ValueError(f"config: {name} width {dim} does not split into {heads} heads "
-                                 f"of an even size (RoPE needs one)")
+                raise ValueError(
+                    f"config: {name} width {dim} does not split into {heads} heads "
+                    f"of an even size (RoPE needs one)"
+                )
         if len(self.codebook_size) < self.num_quantizers:
-            raise ValueError(f"config: codebook_size lists {len(self.codebook_size)} codebooks, "
-                             f"num_quantizers is {self.num_quantizers}")
+            raise ValueError(
+                f"config: codebook_size lists {len(self.codebook_size)} codebooks, "
+                f"num_quantizers is {self.num_quantizers}"
+            )
         if self.encoder_skip_layer_id is not None and not (
-                0 <= self.encoder_skip_layer_id <= self.encoder_layers):
-            raise ValueError(f"config: encoder_skip_layer_id {self.encoder_skip_layer_id} is not "
-                             f"a layer of the {self.encoder_layers}-layer encoder")
+            0 <= self.encoder_skip_layer_id <= self.encoder_layers
+        ):
+            raise ValueError(
+                f"config: encoder_skip_layer_id {self.encoder_skip_layer_id} is not "
+                f"a layer of the {self.encoder_layers}-layer encoder"
+            )
         if self.vocoder_padding != "same":
-            raise ValueError(f"config: vocoder_padding {self.vocoder_padding!r} is not supported "
-                             f"(expected 'same')")
+            raise ValueError(
+                f"config: vocoder_padding {self.vocoder_padding!r} is not supported "
+                f"(expected 'same')"
+            )
         if (self.window_size - self.hop_length) % 2:
             raise ValueError("config: window_size - hop_length must be even for 'same' padding")
         if self.decoder_kernel_size < self.decoder_stride_size:
@@ -91,7 +105,7 @@ class TokenizerConfig:
     # Derived sizes.
     @property
     def codebook_sizes(self) -> tuple[int, ...]:
-        return tuple(self.codebook_size[:self.num_quantizers])
+        return tuple(self.codebook_size[: self.num_quantizers])
 
     @property
     def samples_per_code(self) -> int:
@@ -127,23 +141,48 @@ class TokenizerConfig:
 
     # The three transformer stacks.
     def encoder_stack(self) -> StackConfig:
-        return self._stack(self.encoder_layers, self.d_model, self.encoder_attention_heads,
-                           self.encoder_ffn_dim, self.encoder_causal,
-                           self.encoder_attn_window_size)
+        return self._stack(
+            self.encoder_layers,
+            self.d_model,
+            self.encoder_attention_heads,
+            self.encoder_ffn_dim,
+            self.encoder_causal,
+            self.encoder_attn_window_size,
+        )
 
     def decoder_stack(self) -> StackConfig:
-        return self._stack(self.decoder_layers, self.d_model, self.decoder_attention_heads,
-                           self.decoder_ffn_dim, self.decoder_causal,
-                           self.decoder_attn_window_size)
+        return self._stack(
+            self.decoder_layers,
+            self.d_model,
+            self.decoder_attention_heads,
+            self.decoder_ffn_dim,
+            self.decoder_causal,
+            self.decoder_attn_window_size,
+        )
 
     def vocoder_stack(self) -> StackConfig:
-        return self._stack(self.vocoder_num_layers, self.vocoder_dim,
-                           self.vocoder_attention_heads, self.vocoder_intermediate_dim, False,
-                           self.vocoder_attn_window_size)
+        return self._stack(
+            self.vocoder_num_layers,
+            self.vocoder_dim,
+            self.vocoder_attention_heads,
+            self.vocoder_intermediate_dim,
+            False,
+            self.vocoder_attn_window_size,
+        )
 
     def _stack(self, layers, dim, heads, ffn, causal, window) -> StackConfig:
-        return StackConfig(dim, layers, heads, heads, dim // heads, ffn, self.rope_theta,
-                           self.ln_eps, causal=causal, window=tuple(window))
+        return StackConfig(
+            dim,
+            layers,
+            heads,
+            heads,
+            dim // heads,
+            ffn,
+            self.rope_theta,
+            self.ln_eps,
+            causal=causal,
+            window=tuple(window),
+        )
 
 
 # Keys of config.json that the architecture is checked against but that have no field.
@@ -154,8 +193,12 @@ _REQUIRED_VALUES = {
     "rope_type": "default",
 }
 _FIELDS = [f.name for f in dataclasses.fields(TokenizerConfig) if f.name not in ("extra", "ln_eps")]
-_TUPLES = {"encoder_attn_window_size", "decoder_attn_window_size", "vocoder_attn_window_size",
-           "codebook_size"}
+_TUPLES = {
+    "encoder_attn_window_size",
+    "decoder_attn_window_size",
+    "vocoder_attn_window_size",
+    "codebook_size",
+}
 
 
 def from_hf(hf: dict, where: str = "config.json") -> TokenizerConfig:

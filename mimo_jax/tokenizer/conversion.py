@@ -5,6 +5,7 @@ with dots, `{i}` after a stacked `layers`, `kernel` -> `weight` with the transfo
 type, `scale` -> `weight`. Three renames remain: `down_sample_layer` is `down_sample_layer.0`
 (an nn.Sequential), and codebook q lives at `quantizer.vq.layers.{q}._codebook.embed`.
 """
+
 import jax.numpy as jnp
 from flax import nnx
 
@@ -34,11 +35,14 @@ class TokenizerFamily:
     def config_to_hf(self, config: TokenizerConfig) -> dict:
         return config_lib.to_hf(config)
 
-    def build(self, config: TokenizerConfig, *, rngs: nnx.Rngs, dtype=None,
-              param_dtype=None) -> nnx.Module:
+    def build(
+        self, config: TokenizerConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=None
+    ) -> nnx.Module:
         if param_dtype is not None and jnp.dtype(param_dtype) != jnp.float32:
-            raise ValueError(f"tokenizer parameters are float32 (asked for {param_dtype}); "
-                             f"choose the compute dtype with `dtype`")
+            raise ValueError(
+                f"tokenizer parameters are float32 (asked for {param_dtype}); "
+                f"choose the compute dtype with `dtype`"
+            )
         return MiMoAudioTokenizer(config, dtype=dtype, rngs=rngs)
 
     def rule(self, path: tuple) -> TensorRule:
@@ -68,4 +72,3 @@ class TokenizerFamily:
         elif leaf not in ("bias", "window"):
             raise KeyError(f"no official tensor for tokenizer parameter {'.'.join(names)}")
         return TensorRule(".".join(out + [leaf]), transform)
-

@@ -7,6 +7,7 @@ coarse mel [batch, 4 * codes, n_mels] -> vocoder.
 GroupNorm statistics cover each sequence's own un-trimmed output only, so a sequence decodes the same
 in any padded batch as alone (the official code, decoding one sequence, sees no padding).
 """
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -44,10 +45,19 @@ class CausalConvTranspose1d(nnx.Module):
     """ConvTranspose1d + GroupNorm(1) over the un-trimmed output, then the last max(0, k - s)
     steps dropped: L frames -> L * s frames."""
 
-    def __init__(self, in_features: int, out_features: int, kernel_size: int, stride: int, *,
-                 dtype=None, rngs: nnx.Rngs):
-        self.conv = ConvTranspose1d(in_features, out_features, kernel_size, stride=stride,
-                                    dtype=dtype, rngs=rngs)
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int,
+        stride: int,
+        *,
+        dtype=None,
+        rngs: nnx.Rngs,
+    ):
+        self.conv = ConvTranspose1d(
+            in_features, out_features, kernel_size, stride=stride, dtype=dtype, rngs=rngs
+        )
         self.norm = GroupNorm1(out_features, rngs=rngs)
         self.kernel_size = kernel_size
         self.stride = stride
@@ -56,7 +66,7 @@ class CausalConvTranspose1d(nnx.Module):
         x = jnp.where(time_mask(lengths, x.shape[1]), x, 0.0)
         y = self.norm(self.conv(x), (lengths - 1) * self.stride + self.kernel_size)
         out_lengths = lengths * self.stride
-        y = y[:, :x.shape[1] * self.stride]
+        y = y[:, : x.shape[1] * self.stride]
         return jnp.where(time_mask(out_lengths, y.shape[1]), y, 0.0), out_lengths
 
 
@@ -64,13 +74,20 @@ class AudioDecoder(nnx.Module):
     def __init__(self, config: TokenizerConfig, *, dtype=None, rngs: nnx.Rngs):
         c = config
         self.dtype = dtype
-        self.dconv1 = CausalConvTranspose1d(c.d_model, c.d_model, c.avg_pooler, c.avg_pooler,
-                                            dtype=dtype, rngs=rngs)
+        self.dconv1 = CausalConvTranspose1d(
+            c.d_model, c.d_model, c.avg_pooler, c.avg_pooler, dtype=dtype, rngs=rngs
+        )
         self.stack_config = c.decoder_stack()
         self.layers = make_stack(self.stack_config, dtype=dtype, rngs=rngs)
         self.layer_norm = LayerNorm(c.d_model, eps=c.ln_eps, rngs=rngs)
-        self.dconv2 = CausalConvTranspose1d(c.d_model, c.n_mels, c.decoder_kernel_size,
-                                            c.decoder_stride_size, dtype=dtype, rngs=rngs)
+        self.dconv2 = CausalConvTranspose1d(
+            c.d_model,
+            c.n_mels,
+            c.decoder_kernel_size,
+            c.decoder_stride_size,
+            dtype=dtype,
+            rngs=rngs,
+        )
         self.vocoder = TransformerVocos(c, dtype=dtype, rngs=rngs)
 
     def coarse_mel(self, x: jax.Array, lengths: jax.Array, *, inv_freq_dtype=None):

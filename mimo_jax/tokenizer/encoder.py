@@ -7,6 +7,7 @@ Every sequence of a padded batch is computed as if it were encoded alone: the fi
 past a sequence's end is zeroed before the strided conv (alone, that conv reads its zero padding),
 and pooling of an odd-length sequence pairs its last frame with a zero frame.
 """
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -28,15 +29,28 @@ class AudioEncoder(nnx.Module):
         self.config = c
         self.dtype = dtype
         self.conv1 = Conv1d(c.n_mels, c.d_model, c.kernel_size, padding=1, dtype=dtype, rngs=rngs)
-        self.conv2 = Conv1d(c.d_model, c.d_model, c.kernel_size, stride=c.stride_size, padding=1,
-                            dtype=dtype, rngs=rngs)
+        self.conv2 = Conv1d(
+            c.d_model,
+            c.d_model,
+            c.kernel_size,
+            stride=c.stride_size,
+            padding=1,
+            dtype=dtype,
+            rngs=rngs,
+        )
         self.stack_config = c.encoder_stack()
         self.layers = make_stack(self.stack_config, dtype=dtype, rngs=rngs)
         self.layer_norm = LayerNorm(c.d_model, eps=c.ln_eps, rngs=rngs)
         if c.avg_pooler > 1:
             self.down_sample_layer: Conv1d | None = Conv1d(
-                c.d_model, c.d_model, c.avg_pooler, stride=c.avg_pooler, use_bias=False,
-                dtype=dtype, rngs=rngs)
+                c.d_model,
+                c.d_model,
+                c.avg_pooler,
+                stride=c.avg_pooler,
+                use_bias=False,
+                dtype=dtype,
+                rngs=rngs,
+            )
             self.down_sample_norm: LayerNorm | None = LayerNorm(c.d_model, eps=c.ln_eps, rngs=rngs)
         else:
             self.down_sample_layer = None
@@ -71,9 +85,15 @@ class AudioEncoder(nnx.Module):
 
     def _transformer(self, h, lengths, inv_freq_dtype):
         skip_at = self.config.encoder_skip_layer_id
-        run = lambda x, start, stop: run_stack(self.layers, self.stack_config, x, lengths,
-                                               inv_freq_dtype=inv_freq_dtype, start=start,
-                                               stop=stop)
+        run = lambda x, start, stop: run_stack(
+            self.layers,
+            self.stack_config,
+            x,
+            lengths,
+            inv_freq_dtype=inv_freq_dtype,
+            start=start,
+            stop=stop,
+        )
         if not skip_at:
             return run(h, 0, None)
         skip = run(h, 0, skip_at)  # the output of layer index skip_at - 1

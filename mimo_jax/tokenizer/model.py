@@ -7,6 +7,7 @@ splits long audio into segments of 6000 mel frames; `clips.Tokenizer` does that 
 `dtype` is the compute dtype of convolutions, linears and attention (None: float32); parameters
 stay float32, the front end, the RVQ and the ISTFT always run in float32.
 """
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -18,8 +19,14 @@ from mimo_jax.tokenizer.frontend import log_mel, mel_lengths
 
 
 class MiMoAudioTokenizer(nnx.Module):
-    def __init__(self, config: TokenizerConfig, *, dtype=None, reference_bf16_rope: bool = False,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: TokenizerConfig,
+        *,
+        dtype=None,
+        reference_bf16_rope: bool = False,
+        rngs: nnx.Rngs,
+    ):
         """`reference_bf16_rope`: round RoPE inverse frequencies to bfloat16 as the official
         pipeline does after `.bfloat16()` (only for bfloat16 parity with it)."""
         self.config = config

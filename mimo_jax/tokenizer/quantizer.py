@@ -5,6 +5,7 @@ subtract it from the residual. Decode: the sum of the chosen entries. Codebooks 
 variables: checkpoint state like parameters (the converter maps them), but trained by EMA rather
 than by gradients, so an optimizer must filter them out by their type.
 """
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -49,7 +50,7 @@ class ResidualVectorQuantizer(nnx.Module):
         """x [..., dim] -> codes [..., num_codebooks] int32."""
         residual = x.astype(jnp.float32)
         codes = []
-        for layer in self.layers[:self._check(num_codebooks)]:
+        for layer in self.layers[: self._check(num_codebooks)]:
             idx = layer.nearest(residual)
             residual = residual - layer.lookup(idx)
             codes.append(idx)
@@ -63,8 +64,9 @@ class ResidualVectorQuantizer(nnx.Module):
             out = out + self.layers[q].lookup(codes[..., q])
         return out
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None,
-                 num_codebooks: int | None = None):
+    def __call__(
+        self, x: jax.Array, mask: jax.Array | None = None, num_codebooks: int | None = None
+    ):
         """Training forward: (quantized [..., dim] with straight-through gradients to x,
         codes [..., n], commitment loss). The loss is the mean over codebooks of the mean squared
         distance between each codebook's input residual and its (constant) chosen entry, over the
@@ -74,7 +76,7 @@ class ResidualVectorQuantizer(nnx.Module):
         denom = jnp.maximum(jnp.sum(weight) * x.shape[-1], 1.0)
         quantized = jnp.zeros_like(residual)
         codes, losses = [], []
-        for layer in self.layers[:self._check(num_codebooks)]:
+        for layer in self.layers[: self._check(num_codebooks)]:
             idx = layer.nearest(jax.lax.stop_gradient(residual))
             entry = jax.lax.stop_gradient(layer.lookup(idx))
             losses.append(jnp.sum(jnp.square(entry - residual) * weight[..., None]) / denom)

@@ -8,6 +8,7 @@ least `right_context` frames from its end and not yet emitted are emitted; the l
 This is the official streaming scheme (left 250, right 40 code frames). Several streams are
 decoded together in one padded batch, each exactly as if alone.
 """
+
 from typing import Sequence
 
 import numpy as np
@@ -17,11 +18,18 @@ from mimo_jax.tokenizer.clips import Tokenizer
 
 
 class StreamingDecoder:
-    def __init__(self, tokenizer: Tokenizer, num_streams: int = 1, *, left_context: int = 250,
-                 right_context: int = 40):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        num_streams: int = 1,
+        *,
+        left_context: int = 250,
+        right_context: int = 40,
+    ):
         if left_context <= right_context:
-            raise ValueError(f"left_context {left_context} must exceed right_context "
-                             f"{right_context}")
+            raise ValueError(
+                f"left_context {left_context} must exceed right_context {right_context}"
+            )
         self.tokenizer = tokenizer
         self.left = left_context
         self.right = right_context
@@ -40,8 +48,10 @@ class StreamingDecoder:
             chunk = check_codes(chunk, f"stream {i} chunk", self.tokenizer.config.codebook_sizes)
             window = self.windows[i]
             if window is not None and window.shape[1] != chunk.shape[1]:
-                raise ValueError(f"stream {i}: chunk has {chunk.shape[1]} codebooks, earlier "
-                                 f"chunks had {window.shape[1]}")
+                raise ValueError(
+                    f"stream {i}: chunk has {chunk.shape[1]} codebooks, earlier "
+                    f"chunks had {window.shape[1]}"
+                )
             window = chunk if window is None else np.concatenate([window, chunk])
             self.windows[i] = window
             if len(window) > self.right:
@@ -51,7 +61,7 @@ class StreamingDecoder:
             window = self._window(i)
             total = len(window)
             if total > self.left:  # keep only the left context for the next push
-                self.windows[i] = window[total - self.left:]
+                self.windows[i] = window[total - self.left :]
                 self.emitted[i] -= total - self.left
         return out
 
@@ -82,6 +92,6 @@ class StreamingDecoder:
             wavs = self.tokenizer.decode_windows([windows[i] for i in group])
             for i, wav in zip(group, wavs):
                 end = len(windows[i]) if final else len(windows[i]) - self.right
-                out[i] = wav[self.emitted[i] * spc:end * spc]
+                out[i] = wav[self.emitted[i] * spc : end * spc]
                 self.emitted[i] = end
         return out

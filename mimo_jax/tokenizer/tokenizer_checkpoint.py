@@ -1,6 +1,7 @@
 """Loading a tokenizer from a checkpoint directory: an official one (config.json + safetensors,
 read through the converter's checks) or a model checkpoint (config.json + Orbax params/) written by
 convert_torch_weights.py."""
+
 from pathlib import Path
 
 from flax import nnx
@@ -12,8 +13,9 @@ from mimo_jax.tokenizer.config import TokenizerConfig
 from mimo_jax.tokenizer.model import MiMoAudioTokenizer
 
 
-def with_compute_dtype(config: TokenizerConfig, model: MiMoAudioTokenizer,
-                       dtype) -> MiMoAudioTokenizer:
+def with_compute_dtype(
+    config: TokenizerConfig, model: MiMoAudioTokenizer, dtype
+) -> MiMoAudioTokenizer:
     """The same parameters in a model that computes in `dtype` (None: float32)."""
     if dtype == model.dtype:
         return model

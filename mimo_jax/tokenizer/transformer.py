@@ -4,6 +4,7 @@ Activations are padded batches [batch, time, dim] with per-sequence lengths: pos
 for every sequence and attention never reads a padded frame, so a sequence gets the same result in
 any batch. Stacks are built and scanned by `nn.stack`, attention runs through `nn.attention.attend`.
 """
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -18,11 +19,13 @@ class SelfAttention(nnx.Module):
     def __init__(self, cfg: StackConfig, *, dtype, rngs: nnx.Rngs):
         d = cfg.hidden
         self.q_proj = Dense(d, d, axes=("embed", "q_heads"), use_bias=True, dtype=dtype, rngs=rngs)
-        self.k_proj = Dense(d, d, axes=("embed", "kv_heads"), use_bias=False, dtype=dtype,
-                            rngs=rngs)
+        self.k_proj = Dense(
+            d, d, axes=("embed", "kv_heads"), use_bias=False, dtype=dtype, rngs=rngs
+        )
         self.v_proj = Dense(d, d, axes=("embed", "kv_heads"), use_bias=True, dtype=dtype, rngs=rngs)
-        self.out_proj = Dense(d, d, axes=("q_heads", "embed"), use_bias=True, dtype=dtype,
-                              rngs=rngs)
+        self.out_proj = Dense(
+            d, d, axes=("q_heads", "embed"), use_bias=True, dtype=dtype, rngs=rngs
+        )
         self.heads = cfg.heads
         self.causal = cfg.causal
         self.window = tuple(cfg.window)
@@ -33,8 +36,9 @@ class SelfAttention(nnx.Module):
         q = apply_rope(split(self.q_proj(x)), cos, sin)
         k = apply_rope(split(self.k_proj(x)), cos, sin)
         v = split(self.v_proj(x))
-        mask = MaskSpec(positions, positions, segments, segments, causal=self.causal,
-                        window=self.window)
+        mask = MaskSpec(
+            positions, positions, segments, segments, causal=self.causal, window=self.window
+        )
         out = attend(q, k, v, mask)
         return self.out_proj(out.reshape(batch, time, dim).astype(x.dtype))
 
@@ -46,10 +50,12 @@ class TransformerLayer(nnx.Module):
     def __init__(self, cfg: StackConfig, *, dtype, rngs: nnx.Rngs):
         self.self_attn = SelfAttention(cfg, dtype=dtype, rngs=rngs)
         self.self_attn_layer_norm = LayerNorm(cfg.hidden, eps=cfg.norm_eps, rngs=rngs)
-        self.fc1 = Dense(cfg.hidden, cfg.ffn, axes=("embed", "mlp"), use_bias=True, dtype=dtype,
-                         rngs=rngs)
-        self.fc2 = Dense(cfg.ffn, cfg.hidden, axes=("mlp", "embed"), use_bias=True, dtype=dtype,
-                         rngs=rngs)
+        self.fc1 = Dense(
+            cfg.hidden, cfg.ffn, axes=("embed", "mlp"), use_bias=True, dtype=dtype, rngs=rngs
+        )
+        self.fc2 = Dense(
+            cfg.ffn, cfg.hidden, axes=("mlp", "embed"), use_bias=True, dtype=dtype, rngs=rngs
+        )
         self.final_layer_norm = LayerNorm(cfg.hidden, eps=cfg.norm_eps, rngs=rngs)
 
     def __call__(self, x, cos, sin, positions, segments):
@@ -67,8 +73,16 @@ def make_stack(cfg: StackConfig, *, dtype, rngs: nnx.Rngs) -> TransformerLayer:
     return stacked(lambda r: TransformerLayer(cfg, dtype=dtype, rngs=r), cfg.layers, rngs)
 
 
-def run_stack(stack: TransformerLayer, cfg: StackConfig, x, lengths, *, inv_freq_dtype=None,
-              start: int = 0, stop: int | None = None):
+def run_stack(
+    stack: TransformerLayer,
+    cfg: StackConfig,
+    x,
+    lengths,
+    *,
+    inv_freq_dtype=None,
+    start: int = 0,
+    stop: int | None = None,
+):
     """Apply layers [start, stop) of a stack to x [batch, time, dim] with per-sequence lengths."""
     batch, time, _ = x.shape
     positions = jnp.broadcast_to(jnp.arange(time), (batch, time))

@@ -5,6 +5,7 @@ nfft + 2 channels (log-magnitude and phase of nfft // 2 + 1 bins) -> ISTFT with 
 irfft of each frame times the window, overlap-add with the hop, (nfft - hop) / 2 samples dropped at
 each end, division by the overlap-added squared window. A sequence of T frames gives T * hop samples.
 """
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -28,8 +29,8 @@ def overlap_add(frames: jax.Array, hop: int) -> jax.Array:
     chunks = chunks.reshape(batch, count, parts, hop)
     out = jnp.zeros((batch, count + parts - 1, hop), frames.dtype)
     for r in range(parts):
-        out = out.at[:, r:r + count].add(chunks[:, :, r])
-    return out.reshape(batch, -1)[:, :(count - 1) * hop + n]
+        out = out.at[:, r : r + count].add(chunks[:, :, r])
+    return out.reshape(batch, -1)[:, : (count - 1) * hop + n]
 
 
 def istft_same(spec: jax.Array, lengths: jax.Array, window: jax.Array, hop: int) -> jax.Array:
@@ -43,16 +44,17 @@ def istft_same(spec: jax.Array, lengths: jax.Array, window: jax.Array, hop: int)
     envelope = jnp.where(valid, jnp.square(window), 0.0)
     pad = (n - hop) // 2
     total = spec.shape[1] * hop
-    audio = overlap_add(frames, hop)[:, pad:pad + total]
-    envelope = overlap_add(envelope, hop)[:, pad:pad + total]
+    audio = overlap_add(frames, hop)[:, pad : pad + total]
+    envelope = overlap_add(envelope, hop)[:, pad : pad + total]
     inside = jnp.arange(total)[None, :] < (lengths * hop)[:, None]
     return jnp.where(inside, audio / jnp.where(inside, envelope, 1.0), 0.0)
 
 
 class ISTFT(nnx.Module):
     def __init__(self, n_fft: int, hop: int):
-        self.window = Buffer(jnp.asarray(periodic_hann(n_fft)), out_sharding=(None,),
-                             eager_sharding=False)
+        self.window = Buffer(
+            jnp.asarray(periodic_hann(n_fft)), out_sharding=(None,), eager_sharding=False
+        )
         self.hop = hop
 
     def __call__(self, spec, lengths):
@@ -61,8 +63,9 @@ class ISTFT(nnx.Module):
 
 class ISTFTHead(nnx.Module):
     def __init__(self, dim: int, n_fft: int, hop: int, *, dtype, rngs: nnx.Rngs):
-        self.out = Dense(dim, n_fft + 2, axes=("embed", "stft_bins"), use_bias=True, dtype=dtype,
-                         rngs=rngs)
+        self.out = Dense(
+            dim, n_fft + 2, axes=("embed", "stft_bins"), use_bias=True, dtype=dtype, rngs=rngs
+        )
         self.istft = ISTFT(n_fft, hop)
 
     def __call__(self, x: jax.Array, lengths: jax.Array) -> jax.Array:
@@ -80,8 +83,14 @@ class TransformerVocos(nnx.Module):
     def __init__(self, config: TokenizerConfig, *, dtype=None, rngs: nnx.Rngs):
         c = config
         self.dtype = dtype
-        self.embeddings = Dense(c.n_mels, c.vocoder_dim, axes=("conv_in", "embed"),
-                                use_bias=False, dtype=dtype, rngs=rngs)
+        self.embeddings = Dense(
+            c.n_mels,
+            c.vocoder_dim,
+            axes=("conv_in", "embed"),
+            use_bias=False,
+            dtype=dtype,
+            rngs=rngs,
+        )
         self.stack_config = c.vocoder_stack()
         self.layers = make_stack(self.stack_config, dtype=dtype, rngs=rngs)
         self.layer_norm = LayerNorm(c.vocoder_dim, eps=c.ln_eps, rngs=rngs)

@@ -2,6 +2,7 @@
 rules handed in: the model (random or from a converted checkpoint), the trainer and its sharded
 state, the compiled steps and the global batches. The data iterators are built by
 `data_pipelines`; the mesh and rule presets by `sharding`."""
+
 import dataclasses
 from typing import Any
 
@@ -19,22 +20,34 @@ from mimo_jax.train.losses import LossConfig
 from mimo_jax.train.optimizer import GROUPS, OptimizerConfig
 from mimo_jax.train.step import Trainer, TrainState
 
-BATCH_FIELDS = ("text", "codes", "positions", "segment_ids", "text_targets", "text_weights",
-                "code_targets", "code_weights")
+BATCH_FIELDS = (
+    "text",
+    "codes",
+    "positions",
+    "segment_ids",
+    "text_targets",
+    "text_weights",
+    "code_targets",
+    "code_weights",
+)
 
 
 def check_batch_divides(global_batch: int, grad_accum: int, mesh) -> None:
     data_ways = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
     if global_batch % grad_accum:
-        raise ValueError(f"data.batch_size {global_batch} is not a multiple of "
-                         f"optimizer.grad_accum {grad_accum}")
+        raise ValueError(
+            f"data.batch_size {global_batch} is not a multiple of optimizer.grad_accum {grad_accum}"
+        )
     micro = global_batch // grad_accum
     if micro % data_ways:
-        raise ValueError(f"the micro-batch of {micro} rows (data.batch_size / grad_accum) does not "
-                         f"divide over the {data_ways} data-parallel devices (mesh data x fsdp)")
+        raise ValueError(
+            f"the micro-batch of {micro} rows (data.batch_size / grad_accum) does not "
+            f"divide over the {data_ways} data-parallel devices (mesh data x fsdp)"
+        )
     if global_batch % jax.process_count():
-        raise ValueError(f"data.batch_size {global_batch} does not divide over "
-                         f"{jax.process_count()} processes")
+        raise ValueError(
+            f"data.batch_size {global_batch} does not divide over {jax.process_count()} processes"
+        )
 
 
 def lm_architecture(config) -> MiMoAudioConfig:
@@ -44,8 +57,10 @@ def lm_architecture(config) -> MiMoAudioConfig:
         return MiMoAudioConfig.from_hf(dict(config.model.hf))
     _, lm = model_ckpt.read_config(config.model.init_checkpoint)
     if not isinstance(lm, MiMoAudioConfig):
-        raise ValueError(f"model.init_checkpoint={config.model.init_checkpoint!r}: holds a "
-                         f"{type(lm).__name__}, expected a MiMo-Audio LM checkpoint")
+        raise ValueError(
+            f"model.init_checkpoint={config.model.init_checkpoint!r}: holds a "
+            f"{type(lm).__name__}, expected a MiMo-Audio LM checkpoint"
+        )
     return lm
 
 
@@ -54,17 +69,25 @@ def build_model(config, mesh, rules) -> tuple[MiMoAudioConfig, nnx.Module]:
     dtype = dtype_named(config.model.dtype, "config model.dtype")
     param_dtype = dtype_named(config.model.param_dtype, "config model.param_dtype")
     if config.model.init_checkpoint:
-        return model_ckpt.load(config.model.init_checkpoint, mesh=mesh, rules=rules, dtype=dtype,
-                               param_dtype=param_dtype, remat_policy=config.model.remat_policy)
+        return model_ckpt.load(
+            config.model.init_checkpoint,
+            mesh=mesh,
+            rules=rules,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            remat_policy=config.model.remat_policy,
+        )
     lm_config = lm_architecture(config).replace(remat_policy=config.model.remat_policy)
 
     def create():
-        return MiMoAudioLM(lm_config, dtype=dtype, param_dtype=param_dtype,
-                           rngs=nnx.Rngs(config.seed))
+        return MiMoAudioLM(
+            lm_config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(config.seed)
+        )
 
     graphdef, abstract = nnx.split(nnx.eval_shape(create))
-    state = jax.jit(lambda: nnx.state(create()),
-                    out_shardings=state_shardings(abstract, mesh, rules))()
+    state = jax.jit(
+        lambda: nnx.state(create()), out_shardings=state_shardings(abstract, mesh, rules)
+    )()
     return lm_config, nnx.merge(graphdef, state)
 
 
@@ -72,8 +95,12 @@ def lora_config(config) -> LoraConfig | None:
     """The adapters of a run (`lora`), or None while `lora.rank` is 0 (no adapters)."""
     if not config.lora.rank:
         return None
-    return LoraConfig(config.lora.rank, float(config.lora.alpha), float(config.lora.dropout),
-                      tuple(config.lora.targets))
+    return LoraConfig(
+        config.lora.rank,
+        float(config.lora.alpha),
+        float(config.lora.dropout),
+        tuple(config.lora.targets),
+    )
 
 
 def groups_in_mode(config, mode: str) -> tuple[str, ...]:
@@ -88,8 +115,9 @@ def apply_adapters(config, model: nnx.Module) -> nnx.Module:
     """The model with the config's LoRA adapters (none while `lora.rank` is 0)."""
     cfg = lora_config(config)
     if cfg is not None:
-        apply_lora(model, cfg, rngs=nnx.Rngs(config.seed + 1),
-                   lora_groups=groups_in_mode(config, "lora"))
+        apply_lora(
+            model, cfg, rngs=nnx.Rngs(config.seed + 1), lora_groups=groups_in_mode(config, "lora")
+        )
     return model
 
 
@@ -109,25 +137,36 @@ def _shardings_of(tree):
 
 def build_trainer(config, model) -> tuple[Trainer, TrainState]:
     """The trainer of the config's loss and optimizer, and its state placed like the model."""
-    loss = LossConfig.from_string(config.loss.weights, text_chunk=config.loss.text_chunk,
-                                  patch_fraction=config.loss.patch_fraction,
-                                  patch_chunk=config.loss.patch_chunk)
+    loss = LossConfig.from_string(
+        config.loss.weights,
+        text_chunk=config.loss.text_chunk,
+        patch_fraction=config.loss.patch_fraction,
+        patch_chunk=config.loss.patch_chunk,
+    )
     frozen = tuple(dict.fromkeys(tuple(config.optimizer.frozen) + groups_in_mode(config, "frozen")))
     if not loss.trains_patch_decoder and "patch_decoder" not in frozen:
         frozen += ("patch_decoder",)  # stage 1: no patch decoder in the graph, nothing to train
     opt = OptimizerConfig(
-        learning_rates=dict(config.optimizer.learning_rates), total_steps=config.total_steps,
-        schedule=config.optimizer.schedule, warmup_ratio=config.optimizer.warmup_ratio,
-        end_lr_ratio=config.optimizer.end_lr_ratio, weight_decay=config.optimizer.weight_decay,
-        b1=config.optimizer.b1, b2=config.optimizer.b2, eps=config.optimizer.eps,
-        clip_norm=config.optimizer.clip_norm, frozen=frozen,
-        lora_groups=groups_in_mode(config, "lora"))
+        learning_rates=dict(config.optimizer.learning_rates),
+        total_steps=config.total_steps,
+        schedule=config.optimizer.schedule,
+        warmup_ratio=config.optimizer.warmup_ratio,
+        end_lr_ratio=config.optimizer.end_lr_ratio,
+        weight_decay=config.optimizer.weight_decay,
+        b1=config.optimizer.b1,
+        b2=config.optimizer.b2,
+        eps=config.optimizer.eps,
+        clip_norm=config.optimizer.clip_norm,
+        frozen=frozen,
+        lora_groups=groups_in_mode(config, "lora"),
+    )
     return Trainer.create(model, loss, opt, config.optimizer.grad_accum)
 
 
 @dataclasses.dataclass
 class Steps:
     """The compiled train and eval steps, with the state's shardings kept across steps."""
+
     train: Any
     eval: Any
 
@@ -140,6 +179,9 @@ def compile_steps(trainer: Trainer, state: TrainState) -> Steps:
 
 def global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     """This process's rows placed as its part of the global batch (batch axis over data x fsdp)."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, local[k].ndim),
-                                                      np.asarray(local[k]))
-            for k in BATCH_FIELDS}
+    return {
+        k: jax.make_array_from_process_local_data(
+            batch_sharding(mesh, local[k].ndim), np.asarray(local[k])
+        )
+        for k in BATCH_FIELDS
+    }

@@ -6,6 +6,7 @@ continuation of the eval audio, through `MimoAudio` on the training model. Scala
 go to metrics.jsonl; audio, log-mel spectrogram images and transcripts to TensorBoard. The prompts
 use fixed seeds, so evaluations differ only by the weights.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,8 +38,9 @@ def log_mel_image(tokenizer_config, wav: np.ndarray) -> np.ndarray:
     need = tokenizer_config.nfft // 2 + 1  # the front end's shortest clip
     if wav.size < need:
         wav = np.pad(wav, (0, need - wav.size))
-    mel = np.asarray(log_mel(tokenizer_config, jnp.asarray(wav[None]),
-                             jnp.asarray([wav.size], jnp.int32)))[0]
+    mel = np.asarray(
+        log_mel(tokenizer_config, jnp.asarray(wav[None]), jnp.asarray([wav.size], jnp.int32))
+    )[0]
     image = mel.T[::-1]
     span = float(image.max() - image.min())
     return (image - image.min()) / span if span > 0 else np.zeros_like(image)
@@ -56,11 +58,12 @@ class GenerationEval:
         self.audio_tokenizer = Tokenizer.load(cfg.audio_tokenizer)
         self.text_tokenizer = TextTokenizer.from_file(cfg.text_tokenizer)
         errors: list[dict] = []
-        self.utterances = (run.read_manifest(cfg.asr_manifest, errors) if cfg.asr_manifest
-                           else [])
+        self.utterances = run.read_manifest(cfg.asr_manifest, errors) if cfg.asr_manifest else []
         if errors:
-            raise ValueError(f"eval_generation.asr_manifest {cfg.asr_manifest}: " + "; ".join(
-                f"line {e['line']}: {e['error']}" for e in errors))
+            raise ValueError(
+                f"eval_generation.asr_manifest {cfg.asr_manifest}: "
+                + "; ".join(f"line {e['line']}: {e['error']}" for e in errors)
+            )
 
     def __call__(self, model) -> tuple[dict[str, float], dict]:
         from mimo_jax.inference.tasks import MimoAudio
@@ -70,37 +73,50 @@ class GenerationEval:
         audio: dict[str, np.ndarray] = {}
         texts, scalars = {}, {}
         if self.cfg.tts_texts:
-            for i, (text, res) in enumerate(zip(self.cfg.tts_texts, mimo.tts(
-                    [{"input": t, **opts} for t in self.cfg.tts_texts]))):
+            for i, (text, res) in enumerate(
+                zip(
+                    self.cfg.tts_texts, mimo.tts([{"input": t, **opts} for t in self.cfg.tts_texts])
+                )
+            ):
                 assert res.wav is not None  # a speech task's result (errors raise)
                 audio[f"eval_tts/{i}"] = res.wav
                 texts[f"eval_tts/{i}"] = f"**text:** {text}\n\n**output text:** {res.text}"
         if self.cfg.continuation_audio:
-            for i, res in enumerate(mimo.continue_speech(
-                    [{"input": p, **opts} for p in self.cfg.continuation_audio])):
+            for i, res in enumerate(
+                mimo.continue_speech([{"input": p, **opts} for p in self.cfg.continuation_audio])
+            ):
                 assert res.wav is not None
                 audio[f"eval_continuation/{i}"] = res.wav
         if self.utterances:
             errors: list[dict] = []
-            report = run.evaluate_asr(mimo, self.utterances, errors, seed=self.cfg.seed,
-                                      max_new_groups=self.cfg.max_new_groups)
+            report = run.evaluate_asr(
+                mimo,
+                self.utterances,
+                errors,
+                seed=self.cfg.seed,
+                max_new_groups=self.cfg.max_new_groups,
+            )
             totals = report["totals"]
             if totals["utterances"]:
                 scalars.update({"eval/asr_wer": totals["wer"], "eval/asr_cer": totals["cer"]})
             texts["eval_asr/transcripts"] = asr_table(report["utterances"], errors)
         rate = self.audio_tokenizer.config.sampling_rate
-        images = {tag: log_mel_image(self.audio_tokenizer.config, wav)
-                  for tag, wav in audio.items()}
-        return scalars, {"audio": audio, "images": images, "texts": texts,
-                         "sampling_rate": rate}
+        images = {
+            tag: log_mel_image(self.audio_tokenizer.config, wav) for tag, wav in audio.items()
+        }
+        return scalars, {"audio": audio, "images": images, "texts": texts, "sampling_rate": rate}
 
 
 def asr_table(rows: list[dict], errors: list[dict]) -> str:
     """Markdown: id, reference, hypothesis and WER per clip; the clips that failed."""
+
     def cell(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", " ")
+
     lines = ["| id | reference | hypothesis | WER |", "|---|---|---|---|"]
-    lines += [f"| {cell(r['id'])} | {cell(r['reference'])} | {cell(r['hypothesis'])} | "
-              f"{r['wer']:.3f} |" for r in rows]
+    lines += [
+        f"| {cell(r['id'])} | {cell(r['reference'])} | {cell(r['hypothesis'])} | {r['wer']:.3f} |"
+        for r in rows
+    ]
     lines += [f"| {cell(str(e['id']))} | (failed: {cell(e['error'])}) | | |" for e in errors]
     return "\n".join(lines)

@@ -1,5 +1,6 @@
 """Analytic training FLOPs of the MiMo-Audio LM, for model FLOPs utilisation (6 * N * tokens plus
 attention), counted per LLM position (group) of a packed row."""
+
 from mimo_jax.lm.config import MiMoAudioConfig
 from mimo_jax.nn.stack import StackConfig
 
@@ -30,5 +31,9 @@ def train_flops_per_group(c: MiMoAudioConfig, context: int, patch_decoder: bool 
 
 
 def parameter_count(c: MiMoAudioConfig) -> int:
-    return (_stack_params(c.backbone_stack()) + _stack_params(c.patch_encoder_stack())
-            + _stack_params(c.patch_decoder_stack()) + 2 * c.hidden_size * c.vocab_size)
+    return (
+        _stack_params(c.backbone_stack())
+        + _stack_params(c.patch_encoder_stack())
+        + _stack_params(c.patch_decoder_stack())
+        + 2 * c.hidden_size * c.vocab_size
+    )

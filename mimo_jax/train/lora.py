@@ -16,6 +16,7 @@ MiMoAudioLM, `qwix.apply_lora_to_model` fails inside `scan_layers` (the Rngs it 
 stacked layers have no `layers` axis to scan over), and adapters it created on the per-step copies
 would not outlive the step. `nnx.LoRA` is built stacked like the layer it adapts.
 """
+
 import dataclasses
 import re
 from typing import Iterable
@@ -53,8 +54,9 @@ class LoraConfig:
             try:
                 re.compile(pattern)
             except re.error as e:
-                raise ValueError(f"lora.targets pattern {pattern!r}: not a regular expression "
-                                 f"({e})") from None
+                raise ValueError(
+                    f"lora.targets pattern {pattern!r}: not a regular expression ({e})"
+                ) from None
 
     @property
     def scale(self) -> float:
@@ -66,6 +68,7 @@ class LoRADense(Dense):
 
     Dropout (PEFT's `lora_dropout`, on the adapter's input only) runs when a key is given, which the
     transformer block does in training (`nn.transformer._project`)."""
+
     takes_dropout_rng = True
 
     def __init__(self, base: Dense, lora: nnx.LoRA, *, rank: int, alpha: float, dropout: float):
@@ -90,6 +93,7 @@ class LinearLayer:
     """A Dense of the model: its NNX path, official module name (`{i}`: the layer index of a
     stacked one), layer count (None: not stacked), [in, out] width, and whether it has an
     adapter."""
+
     path: tuple[str, ...]
     name: str
     layers: int | None
@@ -111,14 +115,21 @@ def linear_layers(model: nnx.Module) -> list[LinearLayer]:
             names = tuple(str(p) for p in path)
             rule = family.rule(names + ("kernel",))
             shape = module.kernel.shape
-            out.append(LinearLayer(names, rule.torch_name.removesuffix(".weight"),
-                                   shape[0] if rule.stacked else None, (shape[-2], shape[-1]),
-                                   isinstance(module, LoRADense)))
+            out.append(
+                LinearLayer(
+                    names,
+                    rule.torch_name.removesuffix(".weight"),
+                    shape[0] if rule.stacked else None,
+                    (shape[-2], shape[-1]),
+                    isinstance(module, LoRADense),
+                )
+            )
     return sorted(out, key=lambda layer: layer.path)
 
 
-def select(layers: list[LinearLayer], cfg: LoraConfig, lora_groups: Iterable[str] | None = None
-           ) -> tuple[list[LinearLayer], list[str]]:
+def select(
+    layers: list[LinearLayer], cfg: LoraConfig, lora_groups: Iterable[str] | None = None
+) -> tuple[list[LinearLayer], list[str]]:
     """The layers the targets choose, and the problems of the choice (one line each): a pattern
     that matches no layer (naming the layers that exist), a pattern that matches part of a stack,
     a rank wider than a layer, a layer adapted already, a chosen layer outside `lora_groups` (None:
@@ -128,31 +139,42 @@ def select(layers: list[LinearLayer], cfg: LoraConfig, lora_groups: Iterable[str
     existing = "; ".join(layer.shown() for layer in layers)
     for pattern in cfg.targets:
         if not any(re.fullmatch(pattern, n) for layer in layers for n in layer.names()):
-            problems.append(f"lora.targets pattern '{pattern}' matches no linear layer; the "
-                            f"model's linear layers are: {existing}")
+            problems.append(
+                f"lora.targets pattern '{pattern}' matches no linear layer; the "
+                f"model's linear layers are: {existing}"
+            )
     for layer in layers:
-        hits = [i for i, n in enumerate(layer.names())
-                if any(re.fullmatch(p, n) for p in cfg.targets)]
+        hits = [
+            i for i, n in enumerate(layer.names()) if any(re.fullmatch(p, n) for p in cfg.targets)
+        ]
         if not hits:
             continue
         if len(hits) < len(layer.names()):
-            problems.append(f"lora.targets match layers {hits} of {layer.shown()}, not all "
-                            f"{layer.layers}: a stacked layer takes adapters on every layer or "
-                            f"none")
+            problems.append(
+                f"lora.targets match layers {hits} of {layer.shown()}, not all "
+                f"{layer.layers}: a stacked layer takes adapters on every layer or "
+                f"none"
+            )
         if layer.adapted:
             problems.append(f"layer {layer.name} already has a LoRA adapter")
         if cfg.rank > min(layer.features):
-            problems.append(f"lora.rank={cfg.rank}: wider than layer {layer.name} "
-                            f"[in {layer.features[0]}, out {layer.features[1]}]; expected a rank "
-                            f"<= {min(layer.features)}")
+            problems.append(
+                f"lora.rank={cfg.rank}: wider than layer {layer.name} "
+                f"[in {layer.features[0]}, out {layer.features[1]}]; expected a rank "
+                f"<= {min(layer.features)}"
+            )
         if cfg.dropout > 0 and not layer.layers:
-            problems.append(f"lora.dropout={cfg.dropout}: layer {layer.name} is outside the "
-                            f"transformer stacks, whose adapters run without dropout; expected "
-                            f"lora.dropout=0 or targets inside the stacks")
+            problems.append(
+                f"lora.dropout={cfg.dropout}: layer {layer.name} is outside the "
+                f"transformer stacks, whose adapters run without dropout; expected "
+                f"lora.dropout=0 or targets inside the stacks"
+            )
         group = group_of(layer.path)
         if lora_groups is not None and group not in lora_groups:
-            problems.append(f"lora.targets match {layer.shown()} of module group {group!r}, "
-                            f"which is not in LoRA mode (lora.modes.{group})")
+            problems.append(
+                f"lora.targets match {layer.shown()} of module group {group!r}, "
+                f"which is not in LoRA mode (lora.modes.{group})"
+            )
         chosen.append(layer)
     for group in lora_groups or ():
         if not any(group_of(layer.path) == group for layer in chosen):
@@ -181,15 +203,23 @@ def _adapter(dense: Dense, layer: LinearLayer, rank: int, rngs: nnx.Rngs) -> nnx
     meta = lambda axes: {"out_sharding": axes, "eager_sharding": False}
 
     def make(r: nnx.Rngs) -> nnx.LoRA:
-        return nnx.LoRA(layer.features[0], rank, layer.features[1], dtype=dense.dtype,
-                        param_dtype=dense.kernel.dtype, rngs=r, a_metadata=meta((ax_in, None)),
-                        b_metadata=meta((None, ax_out)))
+        return nnx.LoRA(
+            layer.features[0],
+            rank,
+            layer.features[1],
+            dtype=dense.dtype,
+            param_dtype=dense.kernel.dtype,
+            rngs=r,
+            a_metadata=meta((ax_in, None)),
+            b_metadata=meta((None, ax_out)),
+        )
 
     return stacked(make, layer.layers, rngs) if layer.layers else make(rngs)
 
 
-def apply_lora(model: nnx.Module, cfg: LoraConfig, *, rngs: nnx.Rngs,
-               lora_groups: Iterable[str] | None = None) -> list[LinearLayer]:
+def apply_lora(
+    model: nnx.Module, cfg: LoraConfig, *, rngs: nnx.Rngs, lora_groups: Iterable[str] | None = None
+) -> list[LinearLayer]:
     """Wraps the layers the targets choose in LoRADense (in place; lora_b starts at zero, so the
     model computes what it did). Returns those layers; raises one error naming every problem."""
     lora_groups = tuple(lora_groups) if lora_groups is not None else None
@@ -199,14 +229,20 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig, *, rngs: nnx.Rngs,
     for layer in chosen:
         dense = module_at(model, layer.path)
         lora = _adapter(dense, layer, cfg.rank, rngs)
-        _set_module(model, layer.path, LoRADense(dense, lora, rank=cfg.rank, alpha=cfg.alpha,
-                                                 dropout=cfg.dropout))
+        _set_module(
+            model,
+            layer.path,
+            LoRADense(dense, lora, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout),
+        )
     return chosen
 
 
 def adapted(model: nnx.Module) -> list[tuple[LinearLayer, LoRADense]]:
-    return [(layer, m) for layer in linear_layers(model)
-            if isinstance(m := module_at(model, layer.path), LoRADense)]
+    return [
+        (layer, m)
+        for layer in linear_layers(model)
+        if isinstance(m := module_at(model, layer.path), LoRADense)
+    ]
 
 
 def merged_kernel(module: LoRADense) -> jax.Array:
@@ -222,9 +258,16 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
     model = nnx.clone(model)  # new Variables: setting theirs leaves `model`'s alone
     for layer, module in adapted(model):
         in_f, out_f = layer.features
-        plain = nnx.eval_shape(lambda: Dense(in_f, out_f, axes=(None, None),
-                                             use_bias=module.bias is not None,
-                                             dtype=module.dtype, rngs=nnx.Rngs(0)))
+        plain = nnx.eval_shape(
+            lambda: Dense(
+                in_f,
+                out_f,
+                axes=(None, None),
+                use_bias=module.bias is not None,
+                dtype=module.dtype,
+                rngs=nnx.Rngs(0),
+            )
+        )
         module.kernel.set_value(merged_kernel(module))
         plain.kernel, plain.bias = module.kernel, module.bias
         _set_module(model, layer.path, plain)

@@ -10,6 +10,7 @@ weighted patches of the mean over the patch's frames; total = (w0 * text_loss + 
 / (w0 + sum_c w_c), summing only the terms that have targets in the batch (a batch without speech
 gives the plain text loss; stage 1, w = 1-0-...-0, gives the text loss).
 """
+
 import dataclasses
 import math
 
@@ -62,15 +63,18 @@ def chunked_sums(fn, xs, chunk: int):
     pad = -n % chunk
     blocks = (n + pad) // chunk
     split = lambda a: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(
-        blocks, chunk, *a.shape[1:])
-    sums = jax.lax.map(jax.checkpoint(lambda args: fn(*args)),
-                       (jax.tree.map(split, xs), jnp.arange(blocks)))
+        blocks, chunk, *a.shape[1:]
+    )
+    sums = jax.lax.map(
+        jax.checkpoint(lambda args: fn(*args)), (jax.tree.map(split, xs), jnp.arange(blocks))
+    )
     return jax.tree.map(lambda a: jnp.sum(a, axis=0), sums)
 
 
 def text_cross_entropy(model, hidden, targets, weights, chunk: int):
     """Weighted sum of CE and count of correct argmaxes over positions, the [.., vocab] logits
     computed one chunk of positions at a time."""
+
     def one(xs, _):
         h, t, w = xs
         logits = model.text_logits(h).astype(jnp.float32)
@@ -102,7 +106,9 @@ def codebook_losses(model, hidden, batch, cfg: "LossConfig", dropout_rng=None):
     local, targets, weights, dropped = _speech_positions(
         model.local_hidden(hidden).reshape(b * g, -1),
         batch["code_targets"].reshape(b * g, *batch["code_targets"].shape[2:]),
-        batch["code_weights"].reshape(b * g, -1), cfg.patch_fraction)
+        batch["code_weights"].reshape(b * g, -1),
+        cfg.patch_fraction,
+    )
 
     def one(xs, index):
         h, t, w = xs
@@ -113,8 +119,16 @@ def codebook_losses(model, hidden, batch, cfg: "LossConfig", dropout_rng=None):
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, t[..., ch]).mean(-1)
             acc = (jnp.argmax(logits, -1) == t[..., ch]).astype(jnp.float32).mean(-1)
             active = (w[:, ch] > 0).astype(jnp.float32)
-            sums.append(jnp.stack([jnp.sum(ce * w[:, ch]), jnp.sum(w[:, ch]), jnp.sum(acc * active),
-                                   jnp.sum(active)]))
+            sums.append(
+                jnp.stack(
+                    [
+                        jnp.sum(ce * w[:, ch]),
+                        jnp.sum(w[:, ch]),
+                        jnp.sum(acc * active),
+                        jnp.sum(active),
+                    ]
+                )
+            )
         return jnp.stack(sums)  # [channels, 4]
 
     sums = chunked_sums(one, (local, targets, weights), cfg.patch_chunk)
@@ -136,12 +150,15 @@ def mimo_loss(model, batch, cfg: LossConfig, dropout_rng=None):
     text_loss = ce_sum / jnp.maximum(text_total, _TINY)
     has_text = (text_total > 0).astype(jnp.float32)
     numerator, denominator = cfg.text_weight * text_loss * has_text, cfg.text_weight * has_text
-    metrics = {"text_loss": text_loss,
-               "text_accuracy": correct / jnp.maximum(jnp.sum(tw > 0), 1),
-               "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)}
+    metrics = {
+        "text_loss": text_loss,
+        "text_accuracy": correct / jnp.maximum(jnp.sum(tw > 0), 1),
+        "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
+    }
     if cfg.trains_patch_decoder:
-        per_codebook, metrics["patches_dropped"] = codebook_losses(model, hidden, batch, cfg,
-                                                                   rng_dec)
+        per_codebook, metrics["patches_dropped"] = codebook_losses(
+            model, hidden, batch, cfg, rng_dec
+        )
         for ch, (loss, acc, total) in enumerate(per_codebook):
             has = (total > 0).astype(jnp.float32) * cfg.codebook_weights[ch]
             numerator, denominator = numerator + has * loss, denominator + has

@@ -11,6 +11,7 @@ On resume the file is cut back to the restored step: records of later steps (wri
 checkpoint, to be written again) and a trailing partial line (a run killed mid-write, a full disk)
 are dropped.
 """
+
 import json
 import struct
 import tempfile
@@ -47,8 +48,11 @@ def cut_back(path: epath.Path, last_step: int) -> list[str]:
             later += 1
     if later or partial:
         write_whole(path, "".join(kept))
-        print(f"{path}: kept {len(kept)} records up to step {last_step}, dropped {later} of later "
-              f"steps" + (" and a partial line" if partial else ""), flush=True)
+        print(
+            f"{path}: kept {len(kept)} records up to step {last_step}, dropped {later} of later "
+            f"steps" + (" and a partial line" if partial else ""),
+            flush=True,
+        )
     return kept
 
 
@@ -59,23 +63,45 @@ def _png(image: np.ndarray) -> bytes:
     h, w = pixels.shape
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data)))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
     rows = np.concatenate([np.zeros((h, 1), np.uint8), pixels], axis=1)  # filter type 0 per row
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows.tobytes())) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows.tobytes()))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _image_summary(tag: str, image: np.ndarray):
     from tensorboardX.proto.summary_pb2 import Summary
+
     h, w = image.shape
-    return Summary(value=[Summary.Value(tag=tag, image=Summary.Image(
-        height=h, width=w, colorspace=1, encoded_image_string=_png(image)))])
+    return Summary(
+        value=[
+            Summary.Value(
+                tag=tag,
+                image=Summary.Image(
+                    height=h, width=w, colorspace=1, encoded_image_string=_png(image)
+                ),
+            )
+        ]
+    )
 
 
 class MetricsWriter:
-    def __init__(self, workdir, total_steps: int, start_step: int = 0, config_json: str = "",
-                 hparams: dict | None = None, remote_flush_seconds: float = 60.0):
+    def __init__(
+        self,
+        workdir,
+        total_steps: int,
+        start_step: int = 0,
+        config_json: str = "",
+        hparams: dict | None = None,
+        remote_flush_seconds: float = 60.0,
+    ):
         self.enabled = jax.process_index() == 0
         self.total_steps = total_steps
         self._t0 = time.time()
@@ -83,6 +109,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         from tensorboardX import SummaryWriter
+
         workdir = epath.Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         self._path = workdir / METRICS_FILE
@@ -91,11 +118,15 @@ class MetricsWriter:
         self._jsonl = self._path.open("a") if self._local else None
         self._remote_flush_seconds, self._flushed_at = remote_flush_seconds, time.time()
         self._tb_dir = workdir / "tensorboard"
-        self._tb_local = (epath.Path(self._tb_dir) if self._local
-                          else epath.Path(tempfile.mkdtemp(prefix="tensorboard-")))
+        self._tb_local = (
+            epath.Path(self._tb_dir)
+            if self._local
+            else epath.Path(tempfile.mkdtemp(prefix="tensorboard-"))
+        )
         # purge_step: TensorBoard drops the events of steps this run writes again after a resume.
-        self._tb = SummaryWriter(str(self._tb_local), purge_step=start_step + 1 if start_step
-                                 else None)
+        self._tb = SummaryWriter(
+            str(self._tb_local), purge_step=start_step + 1 if start_step else None
+        )
         if config_json:
             self._tb.add_text("config", "```\n" + config_json + "\n```", start_step)
         if hparams:
@@ -103,6 +134,7 @@ class MetricsWriter:
 
     def _add_hparams(self, hparams: dict) -> None:
         from tensorboardX.summary import hparams as hparams_summary
+
         for event in hparams_summary(hparams, {}):
             self._tb.file_writer.add_summary(event)
 
@@ -122,8 +154,14 @@ class MetricsWriter:
             if key != "step":
                 self._tb.add_scalar(key, value, step)
 
-    def media(self, step: int, audio: dict | None = None, images: dict | None = None,
-              texts: dict | None = None, sampling_rate: int = 24000) -> None:
+    def media(
+        self,
+        step: int,
+        audio: dict | None = None,
+        images: dict | None = None,
+        texts: dict | None = None,
+        sampling_rate: int = 24000,
+    ) -> None:
         """TensorBoard only: waveforms (float, [-1, 1]), images [H, W] in [0, 1] and markdown
         texts, each by tag."""
         if not self.enabled:
@@ -159,10 +197,14 @@ class MetricsWriter:
             left = (self.total_steps - step) / max(rate, 1e-9)
             eta = f"{int(left // 60)}m{int(left % 60):02d}s"
         if self.enabled:
-            extra = "".join(f" {k} {values[k]:.4g}" for k in ("text_loss", "codebook0_loss")
-                            if k in values)
-            print(f"step {step}/{self.total_steps} loss {values['loss']:.4f}{extra} | "
-                  f"{values.get('groups_per_second', 0):.0f} groups/s | ETA {eta}", flush=True)
+            extra = "".join(
+                f" {k} {values[k]:.4g}" for k in ("text_loss", "codebook0_loss") if k in values
+            )
+            print(
+                f"step {step}/{self.total_steps} loss {values['loss']:.4f}{extra} | "
+                f"{values.get('groups_per_second', 0):.0f} groups/s | ETA {eta}",
+                flush=True,
+            )
 
     def close(self) -> None:
         if not self.enabled:

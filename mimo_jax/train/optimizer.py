@@ -9,6 +9,7 @@ fine-tuning 5e-5 / 1e-5 / 5e-5):
   patch_decoder  local_transformer, local_transformer_lm_heads, hidden_states_downcast,
                  speech_embeddings_to_local
 """
+
 import dataclasses
 
 import jax
@@ -16,11 +17,15 @@ import jax.numpy as jnp
 import optax
 
 GROUP_OF_MODULE = {
-    "input_local_transformer": "patch_encoder", "speech_embeddings": "patch_encoder",
+    "input_local_transformer": "patch_encoder",
+    "speech_embeddings": "patch_encoder",
     "speech_group_downcast": "patch_encoder",
-    "model": "llm", "lm_head": "llm",
-    "local_transformer": "patch_decoder", "local_transformer_lm_heads": "patch_decoder",
-    "hidden_states_downcast": "patch_decoder", "speech_embeddings_to_local": "patch_decoder",
+    "model": "llm",
+    "lm_head": "llm",
+    "local_transformer": "patch_decoder",
+    "local_transformer_lm_heads": "patch_decoder",
+    "hidden_states_downcast": "patch_decoder",
+    "speech_embeddings_to_local": "patch_decoder",
 }
 GROUPS = ("patch_encoder", "llm", "patch_decoder")
 NO_DECAY_LEAVES = ("bias", "scale")
@@ -53,16 +58,23 @@ class OptimizerConfig:
         named = set(self.learning_rates) | set(self.frozen) | set(self.lora_groups)
         unknown = named - set(GROUPS)
         if unknown:
-            raise ValueError(f"optimizer: unknown module groups {sorted(unknown)}; expected {GROUPS}")
+            raise ValueError(
+                f"optimizer: unknown module groups {sorted(unknown)}; expected {GROUPS}"
+            )
         missing = set(GROUPS) - set(self.learning_rates) - set(self.frozen)
         if missing:
-            raise ValueError(f"optimizer: no learning rate for {sorted(missing)} (or list them in "
-                             f"`frozen`)")
+            raise ValueError(
+                f"optimizer: no learning rate for {sorted(missing)} (or list them in `frozen`)"
+            )
         if set(self.lora_groups) & set(self.frozen):
-            raise ValueError(f"optimizer: groups {sorted(set(self.lora_groups) & set(self.frozen))}"
-                             f" are both frozen and trained through LoRA adapters")
+            raise ValueError(
+                f"optimizer: groups {sorted(set(self.lora_groups) & set(self.frozen))}"
+                f" are both frozen and trained through LoRA adapters"
+            )
         if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"optimizer.schedule={self.schedule!r}: expected 'cosine' or 'constant'")
+            raise ValueError(
+                f"optimizer.schedule={self.schedule!r}: expected 'cosine' or 'constant'"
+            )
         if not 0.0 <= self.warmup_ratio <= 1.0:
             raise ValueError(f"optimizer.warmup_ratio={self.warmup_ratio}: expected [0, 1]")
         if self.total_steps <= 0:
@@ -78,8 +90,9 @@ class OptimizerConfig:
         if self.schedule == "constant":
             main = optax.constant_schedule(peak)
         else:
-            main = optax.cosine_decay_schedule(peak, max(self.total_steps - warmup, 1),
-                                               alpha=self.end_lr_ratio)
+            main = optax.cosine_decay_schedule(
+                peak, max(self.total_steps - warmup, 1), alpha=self.end_lr_ratio
+            )
         if warmup == 0:
             return main
         return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
@@ -104,15 +117,23 @@ def labels(params):
 
 def decay_mask(params):
     return jax.tree_util.tree_map_with_path(
-        lambda kp, _: path_of(kp)[-1] not in NO_DECAY_LEAVES, params)
+        lambda kp, _: path_of(kp)[-1] not in NO_DECAY_LEAVES, params
+    )
 
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     """The optimizer over the trainable parameters (frozen groups are not given to it)."""
     per_group = {
-        g: optax.adamw(cfg.schedule_of(g), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                       weight_decay=cfg.weight_decay, mask=decay_mask)
-        for g in cfg.trainable_groups}
+        g: optax.adamw(
+            cfg.schedule_of(g),
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        )
+        for g in cfg.trainable_groups
+    }
     # A frozen group has no parameters in the trainable tree, so it needs no transform here.
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
     parts.append(optax.multi_transform(per_group, labels))

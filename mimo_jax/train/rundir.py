@@ -7,6 +7,7 @@ directory may live on local disk or on gs://.
     workdir/checkpoints_damaged/<step> checkpoints that failed verification, set aside
     workdir/metrics.jsonl, tensorboard/, config.json, model/
 """
+
 import json
 import os
 import socket
@@ -59,15 +60,21 @@ class WorkdirLock:
             holder = self._holder()
             if holder is None:  # released between our attempt and the read
                 continue
-            if (holder.get("host") == me["host"]
-                    and not _alive(int(holder.get("pid", -1)), holder.get("start"))):
-                print(f"taking over the lock {self.path} of a process that is gone "
-                      f"(pid {holder.get('pid')})", flush=True)
+            if holder.get("host") == me["host"] and not _alive(
+                int(holder.get("pid", -1)), holder.get("start")
+            ):
+                print(
+                    f"taking over the lock {self.path} of a process that is gone "
+                    f"(pid {holder.get('pid')})",
+                    flush=True,
+                )
                 self.path.unlink(missing_ok=True)
                 continue
-            raise ValueError(f"{self.path.parent} is in use by the run of pid {holder.get('pid')} "
-                             f"on host {holder.get('host')}; wait for it to end or use another "
-                             f"--workdir (remove {self.path} only if that run is gone)")
+            raise ValueError(
+                f"{self.path.parent} is in use by the run of pid {holder.get('pid')} "
+                f"on host {holder.get('host')}; wait for it to end or use another "
+                f"--workdir (remove {self.path} only if that run is gone)"
+            )
         raise ValueError(f"could not take the lock {self.path}")
 
     def _create(self, text: str) -> bool:
@@ -101,8 +108,11 @@ class WorkdirLock:
 def remove_leftovers(workdir: epath.Path) -> list[epath.Path]:
     """Removes the temporary directories of interrupted checkpoint saves and model exports (they
     are never complete; Orbax and the export rewrite them from scratch). Returns what it removed."""
-    found = list((workdir / "checkpoints").glob(ORBAX_TMP)) if (workdir / "checkpoints").exists() \
+    found = (
+        list((workdir / "checkpoints").glob(ORBAX_TMP))
+        if (workdir / "checkpoints").exists()
         else []
+    )
     found += [p for p in [workdir / EXPORT_TMP] if p.exists()]
     for path in found:
         print(f"removing {path} (left by an interrupted save)", flush=True)

@@ -7,6 +7,7 @@ jits with donation, shards by the logical rules and saves with Orbax as it is. T
 A step whose loss or gradient norm is not finite leaves the parameters and optimizer state as they
 were (`update_skipped` = 1), so the state in memory stays the last good one.
 """
+
 import dataclasses
 from typing import Any
 
@@ -36,11 +37,13 @@ class TrainState:
 
 def trainable_filter(groups: tuple[str, ...], lora_groups: tuple[str, ...] = ()):
     """Parameters of the trainable groups; in a LoRA group only its adapters (nnx.LoRAParam)."""
+
     def keep(path, value) -> bool:
         if not isinstance(value, nnx.Param):
             return False
         group = group_of(tuple(str(p) for p in path))
         return group in groups and (group not in lora_groups or isinstance(value, nnx.LoRAParam))
+
     return keep
 
 
@@ -57,8 +60,10 @@ def opt_state_shardings(tx, params, mesh):
     parameter tree, so their key paths end with the parameter's path); the rest (step counts)
     replicated. XLA does not propagate the parameters' shardings to zeros_like by itself: a jitted
     init without these returns moments on a single device."""
-    by_path = {path_of(kp): (leaf.shape, leaf.sharding)
-               for kp, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    by_path = {
+        path_of(kp): (leaf.shape, leaf.sharding)
+        for kp, leaf in jax.tree_util.tree_leaves_with_path(params)
+    }
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def pick(kp, leaf):
@@ -68,12 +73,14 @@ def opt_state_shardings(tx, params, mesh):
             if shape == leaf.shape:
                 return sharding
         return replicated
+
     return jax.tree_util.tree_map_with_path(pick, jax.eval_shape(tx.init, params))
 
 
 @dataclasses.dataclass(frozen=True)
 class Trainer:
     """Everything static about training a model: its structure, the loss and the optimizer."""
+
     graphdef: Any
     loss: LossConfig
     optimizer: OptimizerConfig
@@ -84,19 +91,21 @@ class Trainer:
         return make_optimizer(self.optimizer)
 
     @classmethod
-    def create(cls, model: nnx.Module, loss: LossConfig, optimizer: OptimizerConfig,
-               grad_accum: int = 1) -> tuple["Trainer", TrainState]:
+    def create(
+        cls, model: nnx.Module, loss: LossConfig, optimizer: OptimizerConfig, grad_accum: int = 1
+    ) -> tuple["Trainer", TrainState]:
         groups = optimizer.trainable_groups
         # nnx.split with two filters is typed as returning a tuple of any length.
         graphdef, params, frozen = nnx.split(  # type: ignore[misc]
-            model, trainable_filter(groups, optimizer.lora_groups), ...)
+            model, trainable_filter(groups, optimizer.lora_groups), ...
+        )
         trainer = cls(graphdef, loss, optimizer, grad_accum)
         mesh = _mesh_of(params)
         if mesh is None:
-            return trainer, TrainState(jnp.zeros((), jnp.int32), params, frozen,
-                                       jax.jit(trainer.tx.init)(params))
-        init = jax.jit(trainer.tx.init,
-                       out_shardings=opt_state_shardings(trainer.tx, params, mesh))
+            return trainer, TrainState(
+                jnp.zeros((), jnp.int32), params, frozen, jax.jit(trainer.tx.init)(params)
+            )
+        init = jax.jit(trainer.tx.init, out_shardings=opt_state_shardings(trainer.tx, params, mesh))
         step = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, PartitionSpec()))
         return trainer, TrainState(step, params, frozen, init(params))
 
@@ -120,11 +129,15 @@ class Trainer:
             return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, metrics, m)), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        metric_shapes = jax.eval_shape(lambda: grad_fn(state.params, state.frozen,
-                                                       jax.tree.map(lambda a: a[0], micro), rng)[0][1])
+        metric_shapes = jax.eval_shape(
+            lambda: grad_fn(state.params, state.frozen, jax.tree.map(lambda a: a[0], micro), rng)[
+                0
+            ][1]
+        )
         zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
-        (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, zero_metrics),
-                                           (micro, jnp.arange(self.grad_accum)))
+        (grads, metrics), _ = jax.lax.scan(
+            accumulate, (zeros, zero_metrics), (micro, jnp.arange(self.grad_accum))
+        )
         scale = 1.0 / self.grad_accum
         return jax.tree.map(lambda g: g * scale, grads), jax.tree.map(lambda m: m * scale, metrics)
 
@@ -138,11 +151,15 @@ class Trainer:
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        state = dataclasses.replace(state, step=state.step + finite.astype(jnp.int32),
-                                    params=keep(params, state.params),
-                                    opt_state=keep(opt_state, state.opt_state))
-        metrics = dict(metrics, grad_norm=grad_norm, update_skipped=1.0 - finite.astype(jnp.float32),
-                       **rates)
+        state = dataclasses.replace(
+            state,
+            step=state.step + finite.astype(jnp.int32),
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+        )
+        metrics = dict(
+            metrics, grad_norm=grad_norm, update_skipped=1.0 - finite.astype(jnp.float32), **rates
+        )
         return state, metrics
 
     def eval_step(self, state: TrainState, batch: dict) -> dict:

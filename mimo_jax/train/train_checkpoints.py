@@ -12,6 +12,7 @@ read or does not match is named and set aside in `workdir/checkpoints_damaged/<s
 deleted) when an older intact step exists to resume from; with none intact, the run stops naming
 each step and its problem, and leaves them in place.
 """
+
 import hashlib
 import json
 from typing import Any
@@ -31,7 +32,9 @@ class DamagedCheckpoint(Exception):
 
 
 def fingerprint(identity: dict) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[
+        :16
+    ]
 
 
 def _words(x: jax.Array) -> jax.Array:
@@ -75,12 +78,14 @@ def _per_process(value: int) -> list[int]:
     if jax.process_count() == 1:
         return [value]
     from jax.experimental import multihost_utils
+
     return [int(v) for v in multihost_utils.process_allgather(np.uint32(value))]
 
 
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices(name)
 
 
@@ -92,19 +97,25 @@ def _first_line(e: BaseException, limit: int = 200) -> str:
 class TrainCheckpoints:
     def __init__(self, workdir, identity: dict, keep: int = 3, async_save: bool = True):
         if keep < 2:
-            raise ValueError(f"checkpoint.keep={keep}: expected at least 2 (a damaged newest "
-                             f"checkpoint falls back to the one before it)")
+            raise ValueError(
+                f"checkpoint.keep={keep}: expected at least 2 (a damaged newest "
+                f"checkpoint falls back to the one before it)"
+            )
         self.workdir = epath.Path(workdir)
         self.directory = self.workdir / "checkpoints"
         self.identity = dict(identity, fingerprint=fingerprint(identity))
         self.good_step: int | None = None  # newest step verified on restore or saved by this run
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                                 enable_async_checkpointing=async_save),
-            item_handlers={"state": ocp.StandardCheckpointHandler(),
-                           "data": grain.checkpoint.CheckpointHandler(),
-                           "meta": ocp.JsonCheckpointHandler()})
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+            ),
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -112,10 +123,15 @@ class TrainCheckpoints:
     def save(self, step: int, state: Any, data_iterator, force: bool = True) -> None:
         data = _per_process(iterator_checksum(data_iterator))
         meta = dict(self.identity, checksums={"state": checksums(state), "data": data})
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(data_iterator),
-            meta=ocp.args.JsonSave(meta)), force=force)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(data_iterator),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=force,
+        )
         self.good_step = step
 
     def _read_meta(self, step: int) -> dict:
@@ -130,12 +146,16 @@ class TrainCheckpoints:
 
     def check_identity(self, step: int, saved: dict) -> None:
         if saved.get("fingerprint") != self.identity["fingerprint"]:
-            differing = sorted(k for k in set(saved) | set(self.identity)
-                               if k not in ("fingerprint", "checksums")
-                               and saved.get(k) != self.identity.get(k))
-            raise ValueError(f"{self.directory} holds checkpoints of another experiment "
-                             f"(step {step}; differs in: {', '.join(differing)}); "
-                             f"use a new --workdir")
+            differing = sorted(
+                k
+                for k in set(saved) | set(self.identity)
+                if k not in ("fingerprint", "checksums") and saved.get(k) != self.identity.get(k)
+            )
+            raise ValueError(
+                f"{self.directory} holds checkpoints of another experiment "
+                f"(step {step}; differs in: {', '.join(differing)}); "
+                f"use a new --workdir"
+            )
 
     def _restore_verified(self, step: int, abstract_state: Any, data_iterator) -> Any:
         meta = self._read_meta(step)
@@ -144,21 +164,32 @@ class TrainCheckpoints:
         if not isinstance(expected, dict) or "state" not in expected or "data" not in expected:
             raise DamagedCheckpoint("its meta item has no checksums")
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=grain.checkpoint.CheckpointRestore(data_iterator)))
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=grain.checkpoint.CheckpointRestore(data_iterator),
+                ),
+            )
         except Exception as e:  # noqa: BLE001 - a missing or cut file surfaces in many types
             raise DamagedCheckpoint(f"cannot be read ({_first_line(e)})") from None
         state = restored["state"]
         actual = checksums(state)
-        wrong = sorted(k for k in set(actual) | set(expected["state"])
-                       if actual.get(k) != expected["state"].get(k))
+        wrong = sorted(
+            k
+            for k in set(actual) | set(expected["state"])
+            if actual.get(k) != expected["state"].get(k)
+        )
         if wrong:
-            raise DamagedCheckpoint(f"{len(wrong)} arrays differ from their saved checksums: "
-                                    + ", ".join(wrong[:3]) + (" ..." if len(wrong) > 3 else ""))
+            raise DamagedCheckpoint(
+                f"{len(wrong)} arrays differ from their saved checksums: "
+                + ", ".join(wrong[:3])
+                + (" ..." if len(wrong) > 3 else "")
+            )
         data = expected["data"]
-        if (len(data) != jax.process_count()
-                or data[jax.process_index()] != iterator_checksum(data_iterator)):
+        if len(data) != jax.process_count() or data[jax.process_index()] != iterator_checksum(
+            data_iterator
+        ):
             raise DamagedCheckpoint("its data-iterator state differs from its saved checksum")
         return state
 
@@ -174,13 +205,18 @@ class TrainCheckpoints:
                 continue
             for bad, problem in damaged.items():
                 where = self._set_aside(bad)
-                print(f"checkpoint step {bad} is damaged: {problem}; moved to {where}, resuming "
-                      f"from step {step}", flush=True)
+                print(
+                    f"checkpoint step {bad} is damaged: {problem}; moved to {where}, resuming "
+                    f"from step {step}",
+                    flush=True,
+                )
             self.good_step = step
             return step, state
         if damaged:
-            raise ValueError(f"no intact checkpoint in {self.directory}: " + "; ".join(
-                f"step {s} {p}" for s, p in damaged.items()))
+            raise ValueError(
+                f"no intact checkpoint in {self.directory}: "
+                + "; ".join(f"step {s} {p}" for s, p in damaged.items())
+            )
         return None, None
 
     def _set_aside(self, step: int) -> epath.Path:
