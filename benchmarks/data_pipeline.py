@@ -52,8 +52,10 @@ def host_need() -> tuple[float, str]:
     hosts = 128
     step = GLOBAL_BATCH_GROUPS * flops_per_group / (hosts * host_flops)
     text = (
-        f"assumptions: {PARAMS / 1e9:.1f} B parameters, 6*N + attention = {flops_per_group / 1e9:.1f} GFLOP per "
-        f"group, H100 at {MFU:.0%} MFU ({GPU_PEAK / 1e12:.0f} TFLOP/s peak), {GPUS_PER_HOST} GPUs per host; "
+        f"assumptions: {PARAMS / 1e9:.1f} B parameters, "
+        f"6*N + attention = {flops_per_group / 1e9:.1f} GFLOP per "
+        f"group, H100 at {MFU:.0%} MFU ({GPU_PEAK / 1e12:.0f} TFLOP/s peak), "
+        f"{GPUS_PER_HOST} GPUs per host; "
         f"e.g. {hosts} hosts -> {GLOBAL_BATCH_GROUPS / CONTEXT:.0f} rows per step in {step:.2f} s"
     )
     return rows, text
@@ -109,10 +111,12 @@ def main():
         t0 = time.perf_counter()
         n = write_corpus(tmp, args.hours)
         print(
-            f"synthetic shards: {n} utterances, {args.hours:.0f} h, written in {time.perf_counter() - t0:.1f} s"
+            f"synthetic shards: {n} utterances, {args.hours:.0f} h, "
+            f"written in {time.perf_counter() - t0:.1f} s"
         )
         print(
-            f"need: {need:.1f} rows of {CONTEXT} groups per second per host ({need * CONTEXT / 1e3:.0f} k groups/s); "
+            f"need: {need:.1f} rows of {CONTEXT} groups per second per host "
+            f"({need * CONTEXT / 1e3:.0f} k groups/s); "
             f"target for one core: {10 * need:.0f} rows/s"
         )
         print(f"  {assumptions}")
@@ -125,7 +129,8 @@ def main():
             )
             os.sched_setaffinity(0, cores)
             print(
-                f"{task:>12}: 1 core  {per_cpu:7.1f} rows per CPU second ({per_cpu * CONTEXT / 1e6:.2f} M groups/s, "
+                f"{task:>12}: 1 core  {per_cpu:7.1f} rows per CPU second "
+                f"({per_cpu * CONTEXT / 1e6:.2f} M groups/s, "
                 f"{per_cpu / need:5.1f}x need), {wall:.1f} rows per wall second, fill {fill:.3f}"
             )
             if args.workers:
@@ -137,7 +142,8 @@ def main():
                     args.batch,
                 )
                 print(
-                    f"{task:>12}: {args.workers} workers {many:7.1f} rows per wall second ({many / need:5.1f}x need) "
+                    f"{task:>12}: {args.workers} workers {many:7.1f} rows per wall second "
+                    f"({many / need:5.1f}x need) "
                     f"on {len(cores)} cores, load average {os.getloadavg()[0]:.1f}"
                 )
 

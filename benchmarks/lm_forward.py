@@ -1,12 +1,12 @@
-"""LM throughput: groups per second of the forward pass and of forward+backward, float32 and bfloat16,
-after compilation (compile time printed apart), next to PyTorch `transformers`' Qwen2Model running
-the same backbone in the same process (what the official model runs).
+"""LM throughput: groups per second of the forward pass and of forward+backward, float32 and
+bfloat16, after compilation (compile time printed apart), next to PyTorch `transformers`'
+Qwen2Model running the same backbone in the same process (what the official model runs).
 
     python benchmarks/lm_forward.py [--hidden 768 --layers 12 --heads 12 --kv-heads 4 --ffn 2048
                                      --vocab 16384 --batch 1 --groups 512 --steps 5]
 
-The default is about 100M parameters. The PyTorch side needs the `bench` extra (torch, transformers);
-without it that column is skipped with a note.
+The default is about 100M parameters. The PyTorch side needs the `bench` extra (torch,
+transformers); without it that column is skipped with a note.
 """
 
 import argparse

@@ -116,7 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     entries = build(args.out, args.sentences)
     print(
-        f"{args.out}: {len(entries)} utterances in {len({e['language'] for e in entries})} languages, "
+        f"{args.out}: {len(entries)} utterances in "
+        f"{len({e['language'] for e in entries})} languages, "
         f"{len({e['voice'] for e in entries})} voices; manifest.jsonl and tokenizer.json written"
     )
     return 0

@@ -1,4 +1,5 @@
-"""eSpeak NG speech synthesis through ctypes, using the library and data of the `espeakng-loader` wheel."""
+"""eSpeak NG speech synthesis through ctypes, using the library and data of the `espeakng-loader`
+wheel."""
 
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ class ESpeak:
         lib.espeak_SetSynthCallback(self._callback)
 
     def synth(self, text: str, voice: str, rate: int = 175, pitch: int = 50) -> np.ndarray:
-        """`voice` as eSpeak names it (`"en+f3"`: language + variant); `rate` in words per minute."""
+        """`voice` as eSpeak names it (`"en+f3"`: language + variant); `rate` in words per
+        minute."""
         lib = self._lib
         # The callback is process-wide: claim it again in case other code set its own since.
         lib.espeak_SetSynthCallback(self._callback)

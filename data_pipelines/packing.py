@@ -5,7 +5,8 @@ A training example (one row of G = context_length groups; a batch adds a leading
                                       `<|endoftext|>` in padding
   codes         int32   [G, group_size, audio_channels]
                                       a speech group's frames; text and padding groups hold every
-                                      channel's empty id (the model's speech_zeroemb_idx, e.g. 1024,1024,128,...)
+                                      channel's empty id (the model's speech_zeroemb_idx, e.g.
+                                      1024,1024,128,...)
   segment_ids   int32   [G]           1, 2, 3, ... per packed document, 0 = padding
   positions     int32   [G]           0, 1, ... restarting at each document, 0 in padding
   text_targets  int32   [G]           text id of group g+1 (the next-token target of position g);

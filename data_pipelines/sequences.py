@@ -9,8 +9,8 @@ A document is a list of groups (LLM positions). Per group g of a document of L g
 (field names and meaning are documented in `data_pipelines.packing`).
 
 The prompt part of every task comes from the inference prompt builders (`mimo_jax.tasks.prompts`),
-segments as `mimo_jax.tasks.segments` defines them (as the official `InputSegment`), so that a model is trained on
-the text it is prompted with.
+segments as `mimo_jax.tasks.segments` defines them (as the official `InputSegment`), so that a model
+is trained on the text it is prompted with.
 
 Tasks (`TASKS`): `continuation` (speech only), `interleave` (5:5 stream), `asr`, `tts`, `caption`,
 `instruct_tts`, `text`. Prompt templates are picked deterministically from the record id.

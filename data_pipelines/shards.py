@@ -122,7 +122,8 @@ def decode_record(
     want = _HEAD.size + hlen + frames * cbs * 2 + 4
     if len(data) != want:
         fail(
-            f"truncated or padded: {len(data)} bytes, expected {want} for {frames} frames x {cbs} codebooks"
+            f"truncated or padded: {len(data)} bytes, expected {want} for {frames} frames x "
+            f"{cbs} codebooks"
         )
     (crc,) = struct.unpack_from("<I", data, len(data) - 4)
     if zlib.crc32(memoryview(data)[:-4]) != crc:
@@ -188,9 +189,9 @@ def write_manifest(
     frame_rate: float,
     **extra,
 ) -> dict:
-    """`shards`: dicts with `path` (relative to `directory`), `records`, `hours`, `frames`, `errors`;
-    `codebook_sizes` and `frame_rate` are the audio tokenizer's (checked against the LM when it
-    trains on the shards)."""
+    """`shards`: dicts with `path` (relative to `directory`), `records`, `hours`, `frames`,
+    `errors`; `codebook_sizes` and `frame_rate` are the audio tokenizer's (checked against the LM
+    when it trains on the shards)."""
     totals = {k: sum(s[k] for s in shards) for k in ("records", "hours", "frames", "errors")}
     manifest = {
         "format": FORMAT,
@@ -337,7 +338,8 @@ class LenientShards:
 def _summary(manifest: dict) -> str:
     lines = [
         f"{manifest['records']} records, {manifest['hours']:.3f} h, {manifest['frames']} frames, "
-        f"{manifest['errors']} errors, {manifest['codebooks']} codebooks, {len(manifest['shards'])} shards"
+        f"{manifest['errors']} errors, {manifest['codebooks']} codebooks, "
+        f"{len(manifest['shards'])} shards"
     ]
     for s in manifest["shards"]:
         lines.append(

@@ -27,7 +27,8 @@ __all__ = [
 
 
 def train_demo_tokenizer(sentences: Sequence[str], vocab_size: int = 1024) -> TextTokenizer:
-    """Byte-level BPE with every special token of the released tokenizer, trained on `sentences` (deterministic).
+    """Byte-level BPE with every special token of the released tokenizer, trained on `sentences`
+    (deterministic).
 
     The chat-format words of the task prompts are added to the training text so that the
     prompts do not fall back to single bytes.

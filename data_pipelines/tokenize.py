@@ -358,14 +358,16 @@ def run(args, encode=None) -> int:
     mine = [json.loads(j.sidecar.read_text()) for j in jobs]
     written, failed = sum(i["records"] for i in mine), sum(i["errors"] for i in mine)
     print(
-        f"process {index}/{count}: {len(pending)} shards tokenized, {len(jobs) - len(pending)} skipped as done; "
+        f"process {index}/{count}: {len(pending)} shards tokenized, "
+        f"{len(jobs) - len(pending)} skipped as done; "
         f"{written} records written, {failed} errors, in {time.time() - start:.1f} s"
     )
     unaccounted = sum(i["lines"] for i in mine) - written - failed
     manifest = finalize(out, n, len(entries))
     if manifest is None:
         print(
-            f"other processes' shards are pending; the last process to finish writes {out}/manifest.json"
+            "other processes' shards are pending; the last process to finish writes "
+            f"{out}/manifest.json"
         )
     else:
         print(

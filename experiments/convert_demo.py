@@ -2,7 +2,8 @@
 load it, generate text and speech groups from a prompt with the KV-cached loop, and convert the
 weights back to the official format, checking the round trip.
 
-    python -m experiments.convert_demo [--checkpoint DIR] [--workdir runs/convert_demo] [--groups 24]
+    python -m experiments.convert_demo [--checkpoint DIR] [--workdir runs/convert_demo]
+                                       [--groups 24]
 
 The default checkpoint is the small randomly initialised one in tests/fixtures/lm (official names
 and shapes); point --checkpoint at a released MiMo-Audio directory to run the real model.

@@ -1,6 +1,6 @@
-"""The end-to-end demo on the CPU: build the eSpeak NG demo corpus, tokenize it with a small randomly
-initialised audio tokenizer, train a tiny MiMo-Audio LM stage 1 (text targets) then stage 2 (text
-and speech), and show the loss falling.
+"""The end-to-end demo on the CPU: build the eSpeak NG demo corpus, tokenize it with a small
+randomly initialised audio tokenizer, train a tiny MiMo-Audio LM stage 1 (text targets) then
+stage 2 (text and speech), and show the loss falling.
 
     python -m experiments.demo [--workdir runs/demo] [--smoke] [--sentences 20]
 

@@ -5,9 +5,9 @@
 
 DIR may be relative or a gs:// URI (mimo_jax.train.rundir describes its layout); one run at a time
 holds it (DIR/lock). Resumes from the newest verified checkpoint in DIR/checkpoints (model,
-optimizer and data-iterator state; damaged steps are set aside) and continues with exactly the batch that
-came next. SIGTERM (preemption) saves a checkpoint and exits cleanly; a non-finite loss stops the
-run with a message naming the last good checkpoint. The resolved config goes to DIR/config.json,
+optimizer and data-iterator state; damaged steps are set aside) and continues with exactly the batch
+that came next. SIGTERM (preemption) saves a checkpoint and exits cleanly; a non-finite loss stops
+the run with a message naming the last good checkpoint. The resolved config goes to DIR/config.json,
 metrics to DIR/metrics.jsonl and DIR/tensorboard. `log_every`, `checkpoint_every`, `eval_every`
 = 0: off (the last step is still logged and saved). With prompts in `eval_generation`, every
 `eval_every` steps the current weights also generate (TTS, ASR, continuation): ASR WER/CER go to

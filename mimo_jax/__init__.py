@@ -1,1 +1,2 @@
-"""MiMo-Audio in JAX/Flax NNX: the audio language model, the audio tokenizer, training and inference."""
+"""MiMo-Audio in JAX/Flax NNX: the audio language model, the audio tokenizer, training and
+inference."""

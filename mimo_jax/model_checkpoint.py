@@ -2,7 +2,8 @@
 
     DIR/config.json          the official config (architecture, sizes, special token ids)
     DIR/params/<path>/       one Orbax checkpoint per NNX parameter (stacked layers included),
-                             <path> its state path joined by dots, e.g. model.layers.mlp.up_proj.kernel
+                             <path> its state path joined by dots, e.g.
+                             model.layers.mlp.up_proj.kernel
 
 One checkpoint per parameter lets the converter write and read a model one parameter at a time
 (memory: the largest parameter, not the model), and lets `load` restore each parameter straight into

@@ -54,7 +54,8 @@ def make_mesh(
 
 
 def mesh_and_rules(config):
-    """The mesh and the rule preset of an experiment config (`mesh.ici`, `mesh.dcn`, `mesh.rules`)."""
+    """The mesh and the rule preset of an experiment config (`mesh.ici`, `mesh.dcn`,
+    `mesh.rules`)."""
     if config.mesh.rules not in PRESETS:
         raise ValueError(
             f"config mesh.rules={config.mesh.rules!r}: expected one of {sorted(PRESETS)}"

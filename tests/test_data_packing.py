@@ -1,4 +1,5 @@
-"""Packing: rows never mix documents, targets stop at boundaries, state restores, bad documents are counted."""
+"""Packing: rows never mix documents, targets stop at boundaries, state restores, bad documents are
+counted."""
 
 import grain
 import numpy as np

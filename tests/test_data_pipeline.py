@@ -1,4 +1,5 @@
-"""Grain pipeline: determinism, save/restore mid-epoch, per-process sharding, mixing, bad records."""
+"""Grain pipeline: determinism, save/restore mid-epoch, per-process sharding, mixing, bad
+records."""
 
 import json
 

@@ -1,4 +1,5 @@
-"""Text tokenizer, task sequence builders, delayed patch targets and loss weights on hand-checked examples."""
+"""Text tokenizer, task sequence builders, delayed patch targets and loss weights on hand-checked
+examples."""
 
 import pickle
 

@@ -32,7 +32,8 @@ def corpus(tmp_path_factory):
 
 
 def _with_bad_lines(corpus, tmp_path):
-    """The demo manifest plus one bad line of each kind; returns (manifest path, bad line numbers)."""
+    """The demo manifest plus one bad line of each kind; returns (manifest path, bad line
+    numbers)."""
     lines = (corpus / "manifest.jsonl").read_text().splitlines()
     (tmp_path / "garbage.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEthis is not audio")
     bad = [
@@ -197,7 +198,10 @@ def test_resume_refuses_a_changed_manifest(corpus, tmp_path):
 def test_encoder_breaking_the_contract_stops(corpus, tmp_path):
     with pytest.raises(
         RuntimeError,
-        match=r"encoder returned codes \(3, 8\) for .*/s00\d\w.wav \(\d+ samples\), expected \(\d+, 8\)",
+        match=(
+            r"encoder returned codes \(3, 8\) for .*/s00\d\w.wav \(\d+ samples\), "
+            r"expected \(\d+, 8\)"
+        ),
     ):
         tokenize.run(
             _args(corpus / "manifest.jsonl", tmp_path / "o"),

@@ -125,7 +125,8 @@ set -euo pipefail
 cd /shared/mimo-jax
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 srun --ntasks-per-node=1 bash -c 'uv pip install -e .'
-srun --kill-on-bad-exit=1 python3 -m experiments.train --config=experiments/configs/lm_stage2_7b.py \
+srun --kill-on-bad-exit=1 python3 -m experiments.train \
+--config=experiments/configs/lm_stage2_7b.py \
 --workdir=/shared/runs/s2 --config.total_steps=100
 sbatch s2.sbatch
 """

@@ -1,4 +1,5 @@
-"""experiments.sweep: run names, the exact dry-run commands, validation before any run, local runs."""
+"""experiments.sweep: run names, the exact dry-run commands, validation before any run, local
+runs."""
 
 import textwrap
 

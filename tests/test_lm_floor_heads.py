@@ -1,6 +1,7 @@
 """Local transformers whose width the head count does not divide (head_dim = width // heads, as the
-official code computes it): built, written in the official layout (the official state_dict names), converted back,
-loaded and run against a NumPy Qwen2 reference. Configs the official code refuses are refused."""
+official code computes it): built, written in the official layout (the official state_dict names),
+converted back, loaded and run against a NumPy Qwen2 reference. Configs the official code refuses
+are refused."""
 
 import json
 

@@ -1,5 +1,6 @@
 """The LM on configurations other than the fixture's: widths that need `speech_embeddings_to_local`,
-a causal patch encoder, other delay patterns and GQA ratios; the config round trip; remat policies."""
+a causal patch encoder, other delay patterns and GQA ratios; the config round trip; remat
+policies."""
 
 import jax
 import jax.numpy as jnp

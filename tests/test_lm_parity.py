@@ -1,4 +1,5 @@
-"""The LM against the official outputs in the fixtures, after conversion with convert_torch_weights.py.
+"""The LM against the official outputs in the fixtures, after conversion with
+convert_torch_weights.py.
 
 Each stage is checked from its own reference input (the backbone from `input_embeds`, the patch
 decoder from `local_hidden`), then end to end from `input_ids`.

@@ -228,13 +228,15 @@ def demo_config(tmp_path):
         ),
         (
             {"optimizer.frozen": ("patch_encoder",), "lora.modes.patch_encoder": "full"},
-            "lora.modes.patch_encoder='full': expected 'frozen' (optimizer.frozen lists patch_encoder)",
+            "lora.modes.patch_encoder='full': expected 'frozen' "
+            "(optimizer.frozen lists patch_encoder)",
         ),
         ({"lora.targets": ("(",)}, "lora.targets='(': expected a regular expression"),
         (
             {"lora.targets": (r"model\.layers\.\d+\.mlp\.gate",)},
-            r"lora.targets pattern 'model\.layers\.\d+\.mlp\.gate' matches no linear layer; the model's "
-            "linear layers are: hidden_states_downcast; input_local_transformer.layers.{i}.mlp.down_proj",
+            r"lora.targets pattern 'model\.layers\.\d+\.mlp\.gate' matches no linear layer; "
+            "the model's linear layers are: hidden_states_downcast; "
+            "input_local_transformer.layers.{i}.mlp.down_proj",
         ),
         (
             {"lora.rank": 20},

@@ -17,8 +17,12 @@ README = (ROOT / "README.md").read_text()
 # Where each README command runs, by its first words (the quick start runs in .ci/run).
 RUN_BY = {
     "python3 -m venv .venv": ".ci/run (the quick-start block)",
-    "python -m experiments.train --config experiments/configs/lm_stage2_7b.py": "test_readme.py::test_training_command",
-    "python -m experiments.train --config experiments/configs/demo.py": "test_readme.py::test_data_commands",
+    "python -m experiments.train --config experiments/configs/lm_stage2_7b.py": (
+        "test_readme.py::test_training_command"
+    ),
+    "python -m experiments.train --config experiments/configs/demo.py": (
+        "test_readme.py::test_data_commands"
+    ),
     "python -m data_pipelines.": "test_readme.py::test_data_commands",
     "python -m experiments.aot": "test_launch_aot.py",
     "python -m experiments.sweep": "test_launch_sweep.py",

@@ -14,7 +14,8 @@ from mimo_jax.train.step import Trainer
 
 
 class FixedLogits:
-    """A stand-in model whose text and patch logits are given arrays (the loss's arithmetic only)."""
+    """A stand-in model whose text and patch logits are given arrays (the loss's arithmetic
+    only)."""
 
     def __init__(self, text_logits, patch_logits):
         self._text, self._patch = text_logits, patch_logits

@@ -1,6 +1,6 @@
 """A tiny MiMo-Audio LM on the eSpeak NG demo corpus, trained on the CPU.
 
-    python -m experiments.demo                   # builds the corpus, tokenizes, stage 1 then stage 2
+    python -m experiments.demo                  # builds the corpus, tokenizes, stage 1 then stage 2
     python -m experiments.train --config experiments/configs/demo.py:stage=stage2 --workdir DIR
 
 Arguments: `stage` (stage1, stage2), `data` (the directory experiments.demo prepares: shards/ and

@@ -1,5 +1,6 @@
 """MiMo-Audio-7B post-training (instruction fine-tuning): cosine LR 5e-5 (patch encoder and decoder)
-/ 1e-5 (LLM), batch 2.1M groups (256 rows of 8192), 100B tokens, loss weights 100-12-8-6-4-2-2-1-1."""
+/ 1e-5 (LLM), batch 2.1M groups (256 rows of 8192), 100B tokens, loss weights
+100-12-8-6-4-2-2-1-1."""
 
 from experiments.configs import common
 

@@ -1,9 +1,9 @@
 """What the converter needs to know of a model family (the LM, the audio tokenizer).
 
 A family maps every NNX parameter path of its model to one official tensor name (with `{i}` for the
-index of a stacked layer, whose parameter then has a leading `layers` axis) and a transform, and names
-by regular expression the official tensors it deliberately does not use. The converter checks that
-these rules account for every tensor of a checkpoint, in both directions.
+index of a stacked layer, whose parameter then has a leading `layers` axis) and a transform, and
+names by regular expression the official tensors it deliberately does not use. The converter checks
+that these rules account for every tensor of a checkpoint, in both directions.
 """
 
 import dataclasses

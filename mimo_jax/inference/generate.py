@@ -1,4 +1,5 @@
-"""KV-cached generation with the MiMo-Audio LM (the official `generate` / `slm_sample` loop), batched.
+"""KV-cached generation with the MiMo-Audio LM (the official `generate` / `slm_sample` loop),
+batched.
 
 Prefill the prompt, then one group per step: sample a text token; where it is `<|empty|>` the patch
 decoder emits a patch of group_size frames, otherwise the group carries the empty speech ids; feed
@@ -7,7 +8,8 @@ the new group back. A row stops at a stop token (allowed only once `min_length` 
 or a chunk of groups at a time (`generate_chunks`, for streaming).
 
 Prompts of different lengths are left-padded: `prompt_lengths[b]` counts the real groups at the end
-of row b; padding groups are never attended to and positions start at 0 at each row's first real group.
+of row b; padding groups are never attended to and positions start at 0 at each row's first real
+group.
 """
 
 import dataclasses

@@ -99,7 +99,8 @@ def _top_p(scores, keys, top_p):
 def sample(
     logits: jax.Array, cfg: SamplerConfig, rng: jax.Array, forbidden: jax.Array | None = None
 ) -> jax.Array:
-    """Token ids [B] from logits [B, V]; `forbidden` is a bool mask [V] or [B, V] of ids never chosen."""
+    """Token ids [B] from logits [B, V]; `forbidden` is a bool mask [V] or [B, V] of ids never
+    chosen."""
     scores = process(logits, cfg)
     if forbidden is not None:
         scores = jnp.where(forbidden, -jnp.inf, scores)

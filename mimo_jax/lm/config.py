@@ -1,8 +1,8 @@
 """The MiMo-Audio LM configuration, read from and written back to the official config.json.
 
 The official `MiMoAudioConfig` is a Qwen2 config plus audio fields; the two local transformers (the
-patch encoder and the patch decoder) are Qwen2 stacks whose sizes derive from those fields. Every size
-here comes from the file; keys this code does not use are kept verbatim for the write-back.
+patch encoder and the patch decoder) are Qwen2 stacks whose sizes derive from those fields. Every
+size here comes from the file; keys this code does not use are kept verbatim for the write-back.
 """
 
 import dataclasses
@@ -196,7 +196,8 @@ class MiMoAudioConfig:
     # The official config.json ------------------------------------------------------------------
     @classmethod
     def from_hf(cls, hf: dict, **runtime) -> "MiMoAudioConfig":
-        """From the official config.json, with the official code's defaults for absent audio keys."""
+        """From the official config.json, with the official code's defaults for absent audio
+        keys."""
 
         def need(key):
             if key not in hf:

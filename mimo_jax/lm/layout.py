@@ -1,7 +1,7 @@
 """The official token layout at the edges, and the internal one.
 
-Official (conversion, prompts, fixtures): ids [batch, 1 + channels, groups * group_size]; row 0 holds a
-group's text token in its first column, rows 1.. the codes of its frames.
+Official (conversion, prompts, fixtures): ids [batch, 1 + channels, groups * group_size]; row 0
+holds a group's text token in its first column, rows 1.. the codes of its frames.
 Internal: text [batch, groups] and codes [batch, groups, group_size, channels].
 """
 
@@ -22,7 +22,8 @@ def from_official(ids, group_size: int):
 
 
 def to_official(text, codes):
-    """(text [B, G], codes [B, G, gs, C]) -> ids [B, 1 + C, G * gs], text repeated over the group."""
+    """(text [B, G], codes [B, G, gs, C]) -> ids [B, 1 + C, G * gs], text repeated over the
+    group."""
     text, codes = np.asarray(text), np.asarray(codes)
     b, g, gs, c = codes.shape
     rows = np.concatenate([np.repeat(text[:, :, None, None], gs, axis=2), codes], axis=-1)

@@ -89,7 +89,8 @@ class MiMoAudioLM(nnx.Module):
         return self.speech_group_downcast(frames.reshape(b, g, -1))
 
     def embed_inputs(self, text: jax.Array, codes: jax.Array, dropout_rng=None) -> jax.Array:
-        """Text embedding (zero for `<|empty|>`) plus the patch encoder's output. -> [B, G, hidden]"""
+        """Text embedding (zero for `<|empty|>`) plus the patch encoder's output.
+        -> [B, G, hidden]"""
         embed_tokens = self.model.embed_tokens
         assert embed_tokens is not None  # the backbone is built with a vocabulary
         text_vec = embed_tokens(text).astype(self.dtype)

@@ -61,8 +61,8 @@ def dot_product_attention(
     """Softmax attention with grouped-query heads.
 
     q [batch, q_len, heads, head_dim]; k, v [batch, k_len, kv_heads, head_dim] with kv_heads
-    dividing heads (query head h reads kv head h // (heads // kv_heads)); mask [batch, q_len, k_len].
-    Logits and softmax in float32; scale head_dim^-0.5.
+    dividing heads (query head h reads kv head h // (heads // kv_heads));
+    mask [batch, q_len, k_len]. Logits and softmax in float32; scale head_dim^-0.5.
     """
     batch, q_len, heads, head_dim = q.shape
     kv_heads = k.shape[2]

@@ -1,7 +1,7 @@
 """Dense, embedding and norm layers whose parameters carry logical axis names.
 
-`dtype` is the compute dtype (None: that of the input); parameters keep `param_dtype` and are cast at
-use, so bf16 compute can run on fp32 parameters.
+`dtype` is the compute dtype (None: that of the input); parameters keep `param_dtype` and are cast
+at use, so bf16 compute can run on fp32 parameters.
 """
 
 import jax
@@ -74,7 +74,8 @@ class Embed(nnx.Module):
 
 class RMSNorm(nnx.Module):
     """Qwen2 RMSNorm: statistics in float32, the normalised value cast back to the input dtype, then
-    scaled with the usual dtype promotion (a bf16 input and an fp32 scale give fp32, as in PyTorch)."""
+    scaled with the usual dtype promotion (a bf16 input and an fp32 scale give fp32, as in
+    PyTorch)."""
 
     def __init__(
         self,

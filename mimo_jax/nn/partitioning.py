@@ -1,6 +1,7 @@
 """Logical-axis partitioning: how a logical axis (`embed`, `mlp`, `activation_batch`, ...) maps to
 mesh axes, for parameters and activations. The rule tables themselves (FSDP, FSDP + tensor, data)
-are presets of the top-level `sharding` package, which passes them in; the library only applies them.
+are presets of the top-level `sharding` package, which passes them in; the library only applies
+them.
 
 A rule lists candidate mesh axes per logical axis, MaxText style: for each dimension the first
 candidate that exists in the mesh, is larger than 1, divides the dimension and is not already used
@@ -94,7 +95,8 @@ class use_rules:
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-    """A sharding constraint on an activation by logical axes; nothing outside `use_rules` or a mesh."""
+    """A sharding constraint on an activation by logical axes; nothing outside `use_rules` or a
+    mesh."""
     mesh = jax.sharding.get_abstract_mesh()
     if not _active or mesh.empty:
         return x

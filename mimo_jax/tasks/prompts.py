@@ -1,4 +1,5 @@
-"""Prompt builders of every task of the official `mimo_audio.py`, as lists of segments (`mimo_jax.tasks.segments`).
+"""Prompt builders of every task of the official `mimo_audio.py`, as lists of segments
+(`mimo_jax.tasks.segments`).
 
 The same builders make the inference prompts and the prompt part of the training sequences
 (`data_pipelines.sequences`), so the two cannot drift apart. Audio arguments are patches

@@ -185,7 +185,8 @@ def _one_input(request) -> bool:
 
 def segments(request: dict, *, history: bool = False) -> list:
     """The prompt segments of a checked request; audio stays as given (paths or arrays) until
-    encoded. `history`: a dialogue turn appended to the previous sequence (the official history rule)."""
+    encoded. `history`: a dialogue turn appended to the previous sequence (the official history
+    rule)."""
     spec = task_of(request)
     r = request
     name = spec.name

@@ -1,4 +1,5 @@
-"""Prompt segments (the official `InputSegment`) and their assembly into groups, for training and inference alike.
+"""Prompt segments (the official `InputSegment`) and their assembly into groups, for training and
+inference alike.
 
 A prompt is a list of segments; assembled, it is one group (LLM position) per text token or patch:
   text   int32 [L]                       the text id; `<|empty|>` for a speech group

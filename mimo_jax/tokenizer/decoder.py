@@ -4,8 +4,8 @@ ConvTranspose(k=s=avg_pooler) + GroupNorm -> causal transformer -> LayerNorm ->
 ConvTranspose(decoder_kernel_size, decoder_stride_size) + GroupNorm, last k - s steps dropped ->
 coarse mel [batch, 4 * codes, n_mels] -> vocoder.
 
-GroupNorm statistics cover each sequence's own un-trimmed output only, so a sequence decodes the same
-in any padded batch as alone (the official code, decoding one sequence, sees no padding).
+GroupNorm statistics cover each sequence's own un-trimmed output only, so a sequence decodes the
+same in any padded batch as alone (the official code, decoding one sequence, sees no padding).
 """
 
 import jax

@@ -17,7 +17,8 @@ from mimo_jax.tokenizer.config import TokenizerConfig
 
 
 def periodic_hann(length: int) -> np.ndarray:
-    """w[n] = 0.5 - 0.5 cos(2 pi n / length) (torch.hann_window default; np.hanning is symmetric)."""
+    """w[n] = 0.5 - 0.5 cos(2 pi n / length) (torch.hann_window default; np.hanning is
+    symmetric)."""
     n = np.arange(length, dtype=np.float64)
     return (0.5 - 0.5 * np.cos(2.0 * np.pi * n / length)).astype(np.float32)
 

@@ -57,7 +57,8 @@ class ResidualVectorQuantizer(nnx.Module):
         return jnp.stack(codes, axis=-1)
 
     def decode(self, codes: jax.Array) -> jax.Array:
-        """codes [..., n] (n <= number of codebooks) -> float32 [..., dim], summed in layer order."""
+        """codes [..., n] (n <= number of codebooks) -> float32 [..., dim], summed in layer
+        order."""
         n = self._check(codes.shape[-1])
         out = self.layers[0].lookup(codes[..., 0])
         for q in range(1, n):

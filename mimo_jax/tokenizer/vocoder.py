@@ -1,9 +1,11 @@
-"""Transformer vocoder (Vocos-style) and its ISTFT head: coarse mel [batch, frames, mels] -> waveform.
+"""Transformer vocoder (Vocos-style) and its ISTFT head: coarse mel [batch, frames, mels] ->
+waveform.
 
 Linear embedding -> transformer with a sliding attention window -> LayerNorm -> Linear to
 nfft + 2 channels (log-magnitude and phase of nfft // 2 + 1 bins) -> ISTFT with "same" padding:
 irfft of each frame times the window, overlap-add with the hop, (nfft - hop) / 2 samples dropped at
-each end, division by the overlap-added squared window. A sequence of T frames gives T * hop samples.
+each end, division by the overlap-added squared window. A sequence of T frames gives T * hop
+samples.
 """
 
 import jax
@@ -34,8 +36,9 @@ def overlap_add(frames: jax.Array, hop: int) -> jax.Array:
 
 
 def istft_same(spec: jax.Array, lengths: jax.Array, window: jax.Array, hop: int) -> jax.Array:
-    """spec [batch, T, bins] complex, lengths [batch] in frames -> waveform [batch, T * hop] float32,
-    zero past each sequence's lengths * hop samples (frames past a length do not contribute)."""
+    """spec [batch, T, bins] complex, lengths [batch] in frames -> waveform [batch, T * hop]
+    float32, zero past each sequence's lengths * hop samples (frames past a length do not
+    contribute)."""
     n = window.shape[0]
     valid = time_mask(lengths, spec.shape[1])
     window = window.astype(jnp.float32)

@@ -1,8 +1,9 @@
 """The MiMo-Audio training loss: text cross-entropy plus the patch decoder's per-codebook
 cross-entropies from its teacher-forced pass, weighted per position by the data pipeline.
 
-Batch fields (see data_pipelines.packing): text, codes, positions, segment_ids [B, G] / [B, G, gs, C];
-text_targets, text_weights [B, G]; code_targets [B, G, gs, C], code_weights [B, G, C].
+Batch fields (see data_pipelines.packing): text, codes, positions, segment_ids
+[B, G] / [B, G, gs, C]; text_targets, text_weights [B, G]; code_targets [B, G, gs, C],
+code_weights [B, G, C].
 
 Normalisation (the report's weights w = 100-12-8-6-4-2-2-1-1, as the public trainer applies them):
 text_loss = sum(text_weights * ce) / sum(text_weights); codebook c's loss = the mean over its

@@ -1,5 +1,5 @@
-"""Metrics out of a run: JSON lines (`workdir/metrics.jsonl`, one object per logged step), TensorBoard,
-and a progress line with rate and ETA. Only process 0 writes.
+"""Metrics out of a run: JSON lines (`workdir/metrics.jsonl`, one object per logged step),
+TensorBoard, and a progress line with rate and ETA. Only process 0 writes.
 
 metrics.jsonl on local disk is appended to and flushed per record. Object stores (gs://) have no
 append: the records are kept and the object is rewritten whole on `flush()` (at each checkpoint
