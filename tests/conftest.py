@@ -17,6 +17,8 @@ os.environ.setdefault(
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+import gc  # noqa: E402
+
 import pytest  # noqa: E402
 from gcs_emulator import gcs, gs_dir  # noqa: E402,F401  (a GCS emulator for gs:// tests)
 
@@ -89,3 +91,28 @@ def mimo(fx):
         Tokenizer.load(str(fx.dir / fx.meta["audio_tokenizer"])),
         fx.tok,
     )
+
+
+# XLA:CPU maps each executable's code into memory (a few mappings each, held while a jit cache keeps
+# the executable). A worker that runs half the suite reached 60,000 of Linux's 65,530 mappings
+# (vm.max_map_count), where the next compile or cache write dies in native code: a crashed worker,
+# not a failed test. Past this many mappings a finished module's compiled programs are released.
+MAX_MAPPINGS = 16384
+
+
+def _mappings() -> int:
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux: no such limit to keep under
+        return 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    yield
+    if _mappings() > MAX_MAPPINGS:
+        import jax
+
+        jax.clear_caches()
+        gc.collect()
