@@ -1,11 +1,13 @@
-"""Test setup: 8 simulated CPU devices and a shared compilation cache (set before JAX starts), and
-the parity fixture root."""
+"""Test setup: 8 simulated CPU devices, LLVM's cheap pipeline and a shared compilation cache (set
+before JAX starts), and the parity fixture root."""
 
 import os
 from pathlib import Path
 
+from train_support import FAST_COMPILE  # (imports no JAX)
+
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE} --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for every test process and the training subprocesses they start:
