@@ -102,6 +102,26 @@ def build(out: str, sentences: int = 12) -> list[dict]:
     return entries
 
 
+# A voice that no utterance of the corpus uses: the voice of the TTS fine-tuning demo.
+NEW_VOICE = "m7"
+
+
+def build_voice(out: str, sentences: int = len(SENTENCES), variant: str = NEW_VOICE) -> int:
+    """A voice folder for `data_pipelines.voice`: `sNNN.wav` and its transcript `sNNN.txt` for each
+    sentence, all spoken by the eSpeak variant `variant` at the normal rate. Returns the count."""
+    if not 1 <= sentences <= len(SENTENCES):
+        raise ValueError(f"--sentences {sentences}: expected 1..{len(SENTENCES)}")
+    root = epath.Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    tts = ESpeak()
+    for i, (_, espeak_lang, text) in enumerate(SENTENCES[:sentences]):
+        wav = tts.synth(text, f"{espeak_lang}+{variant}", RATES["normal"])
+        with (root / f"s{i:03d}.wav").open("wb") as f:
+            soundfile.write(f, wav, tts.sample_rate, subtype="PCM_16", format="WAV")
+        (root / f"s{i:03d}.txt").write_text(text + "\n")
+    return sentences
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m data_pipelines.demo_corpus", description=__doc__.split("\n")[0]

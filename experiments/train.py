@@ -332,6 +332,8 @@ def _loop(
     peak = config.peak_tflops_per_device * 1e12 * jax.device_count()
     t_last, last_logged = time.time(), step
     skipped = 0  # bad documents the packer skipped in this process's rows since the run (re)started
+    if eval_factory and config.eval_at_start and step == 0:
+        writer.write(0, _evaluate(config, state, steps, eval_factory, local_rows, mesh))
     while step < config.total_steps:
         batch = local_rows(next(train_it))
         skipped += int(np.sum(batch["skipped"]))

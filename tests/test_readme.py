@@ -24,6 +24,8 @@ RUN_BY = {
         "test_readme.py::test_data_commands"
     ),
     "python -m data_pipelines.": "test_readme.py::test_data_commands",
+    "python -m data_pipelines.voice": "test_voice.py (through experiments.demo_voice)",
+    "python -m experiments.demo_voice": "test_voice.py",
     "python -m experiments.aot": "test_launch_aot.py",
     "python -m experiments.sweep": "test_launch_sweep.py",
     "python -m experiments.launch": "test_launch_launch.py",

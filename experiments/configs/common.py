@@ -89,6 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 500  # 0: only the last step (and a preemption) is saved
     c.eval_every = 0  # 0: no periodic evaluation (the only key where 0 means off)
     c.eval_steps = 4
+    c.eval_at_start = False  # also evaluate before the first step of a fresh run (a baseline)
     c.export_model = True  # write the final weights to workdir/model (a model checkpoint)
     c.peak_tflops_per_device = 0.0  # for MFU; e.g. 989 (H100 bf16 dense), 197 (v5e), 459 (v5p)
 
