@@ -98,9 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.init_checkpoint = ""  # a converted checkpoint (convert_torch_weights.py) to start from
     c.model.dtype = "bfloat16"  # compute
     c.model.param_dtype = "float32"  # parameters and optimizer state
-    c.model.remat_policy = (
-        "full"  # a 7B stage-2 row of 8192 groups fits 16 GiB per device (experiments.aot)
-    )
+    # "full": a 7B stage-2 row of 8192 groups fits 16 GiB per device (experiments.aot).
+    c.model.remat_policy = "full"
 
     c.data = ml_collections.ConfigDict()
     c.data.tokenizer = ""  # tokenizer.json of the text tokenizer
