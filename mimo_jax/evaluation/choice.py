@@ -16,20 +16,23 @@ import numpy as np
 from flax import nnx
 
 from mimo_jax.lm.layout import empty_patch
+from mimo_jax.lm.model import MiMoAudioLM
 from mimo_jax.tasks.segments import Prompt
 
 WIDTH_QUANTUM = 32
 
 
 @nnx.jit
-def _next_token_logprobs(model, text, codes):
+def _next_token_logprobs(model: MiMoAudioLM, text, codes):
     """log p(text[:, t + 1] | groups <= t) for every t: [B, W - 1] (float32)."""
     logits = model.text_logits(model(text, codes)).astype(jnp.float32)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     return jnp.take_along_axis(logp, text[:, 1:, None], axis=-1)[..., 0]
 
 
-def option_logprobs(model, prompt: Prompt, options: list[list[int]], pad_id: int) -> np.ndarray:
+def option_logprobs(
+    model: MiMoAudioLM, prompt: Prompt, options: list[list[int]], pad_id: int
+) -> np.ndarray:
     """The summed log-likelihood [len(options)] of each option's ids after `prompt`."""
     if not options or any(len(o) == 0 for o in options):
         raise ValueError(f"options {options!r}: expected one or more non-empty id lists")
@@ -50,7 +53,9 @@ def option_logprobs(model, prompt: Prompt, options: list[list[int]], pad_id: int
     return np.array([logp[row, p - 1 : p - 1 + len(ids)].sum() for row, ids in enumerate(options)])
 
 
-def choose(model, prompt: Prompt, options: list[list[int]], pad_id: int) -> tuple[int, np.ndarray]:
+def choose(
+    model: MiMoAudioLM, prompt: Prompt, options: list[list[int]], pad_id: int
+) -> tuple[int, np.ndarray]:
     """(index of the highest-scoring option, every option's score)."""
     scores = option_logprobs(model, prompt, options, pad_id)
     return int(np.argmax(scores)), scores

@@ -14,7 +14,7 @@ group.
 
 import dataclasses
 from functools import partial
-from typing import Iterator, NamedTuple
+from typing import TYPE_CHECKING, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,9 @@ from flax import nnx
 
 from mimo_jax.inference.sampling import GREEDY, SamplerConfig, forbid_one, sample
 from mimo_jax.nn.transformer import KVCache
+
+if TYPE_CHECKING:  # annotations only
+    from mimo_jax.lm.model import MiMoAudioLM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,14 +72,16 @@ class _State(NamedTuple):
     scores: tuple
 
 
-def _stop_mask(model, gen: GenerationConfig):
+def _stop_mask(model: "MiMoAudioLM", gen: GenerationConfig):
     stop_mask = jnp.zeros((model.config.vocab_size,), bool)
     if gen.stop_ids:
         stop_mask = stop_mask.at[jnp.asarray(gen.stop_ids)].set(True)
     return stop_mask
 
 
-def _prefill(model, text, codes, prompt_lengths, rng, gen: GenerationConfig) -> _State:
+def _prefill(
+    model: "MiMoAudioLM", text, codes, prompt_lengths, rng, gen: GenerationConfig
+) -> _State:
     """The loop state after the prompt: KV cache filled, nothing generated yet."""
     c = model.config
     b, gp = text.shape
@@ -114,7 +119,7 @@ def _prefill(model, text, codes, prompt_lengths, rng, gen: GenerationConfig) -> 
     )
 
 
-def _advance(model, state: _State, until, gen: GenerationConfig) -> _State:
+def _advance(model: "MiMoAudioLM", state: _State, until, gen: GenerationConfig) -> _State:
     """Runs the loop until group `until` (exclusive), `max_length` or every row's stop."""
     c = model.config
     b = state.out_text.shape[0]
@@ -235,7 +240,13 @@ def _inputs(
 
 
 def generate(
-    model, text, codes, gen: GenerationConfig, *, prompt_lengths=None, rng: jax.Array | None = None
+    model: "MiMoAudioLM",
+    text,
+    codes,
+    gen: GenerationConfig,
+    *,
+    prompt_lengths=None,
+    rng: jax.Array | None = None,
 ) -> Generation:
     """Generates up to `gen.max_length` groups per row.
 
@@ -266,7 +277,7 @@ class GenerationChunk:
 
 
 def generate_chunks(
-    model,
+    model: "MiMoAudioLM",
     text,
     codes,
     gen: GenerationConfig,

@@ -26,13 +26,15 @@ import numpy as np
 
 from mimo_jax.inference.generate import GenerationConfig, generate, generate_chunks
 from mimo_jax.inference.sampling import GREEDY, SamplerConfig
+from mimo_jax.lm.config import MiMoAudioConfig
 from mimo_jax.lm.layout import empty_patch
-from mimo_jax.lm.model import unstack_for_decoding
+from mimo_jax.lm.model import MiMoAudioLM, unstack_for_decoding
 from mimo_jax.tasks import outputs, requests, segments
 from mimo_jax.tasks.audio import AudioFrontEnd
 from mimo_jax.tasks.requests import MAX_GROUPS, RequestError
 from mimo_jax.tasks.text_tokenizer import TextTokenizer, model_id_problems
 from mimo_jax.tokenizer.audio_io import InputError
+from mimo_jax.tokenizer.clips import Tokenizer
 from mimo_jax.tokenizer.streaming import StreamingDecoder
 
 WIDTH_QUANTUM = 32  # prompt batches are left-padded to a multiple of this: fewer compilations
@@ -108,7 +110,9 @@ def load_lm(path: str | Path, dtype=None, adapter: str | Path | None = None):
     return config, merge_lora(model)
 
 
-def check_special_ids(config, tok: TextTokenizer, source: str = "the LM checkpoint") -> None:
+def check_special_ids(
+    config: MiMoAudioConfig, tok: TextTokenizer, source: str = "the LM checkpoint"
+) -> None:
     """The LM's special ids must be the text tokenizer's; every disagreement is named."""
     problems = model_id_problems(config, tok)
     if problems:
@@ -120,9 +124,9 @@ class MimoAudio:
 
     def __init__(
         self,
-        config,
-        model,
-        audio_tokenizer,
+        config: MiMoAudioConfig,
+        model: MiMoAudioLM,
+        audio_tokenizer: Tokenizer,
         text_tokenizer: TextTokenizer,
         *,
         context_groups: int = MAX_GROUPS,

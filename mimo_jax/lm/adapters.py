@@ -214,7 +214,7 @@ def _lora_problems(layers: dict[str, LinearLayer], weights, rank: int) -> list[s
 
 
 def _saved_params(
-    model, saved: dict[str, np.ndarray], modules: list[str]
+    model: nnx.Module, saved: dict[str, np.ndarray], modules: list[str]
 ) -> tuple[dict[tuple[str, ...], np.ndarray], list[str]]:
     """The parameters the modules_to_save tensors make up, and the problems: a tensor outside the
     listed modules or of no parameter of this model, a wrong shape, a stack with missing layers."""

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import tokenizers
 from etils import epath
 
+from mimo_jax.lm.config import MiMoAudioConfig
+
 # The released tokenizer's special tokens, in the order it assigns their ids.
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -116,7 +118,7 @@ class TextTokenizer:
         )
 
 
-def model_id_problems(lm_config, tok: TextTokenizer) -> list[str]:
+def model_id_problems(lm_config: MiMoAudioConfig, tok: TextTokenizer) -> list[str]:
     """Every disagreement between an LM config's special ids (and vocabulary size) and the text
     tokenizer, one line each; empty when they agree."""
     problems = []

@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from ml_collections import ConfigDict
 
 from mimo_jax import model_checkpoint as model_ckpt
 from mimo_jax.lm.config import MiMoAudioConfig
@@ -50,7 +51,7 @@ def check_batch_divides(global_batch: int, grad_accum: int, mesh) -> None:
         )
 
 
-def lm_architecture(config) -> MiMoAudioConfig:
+def lm_architecture(config: ConfigDict) -> MiMoAudioConfig:
     """The architecture a run trains: `model.init_checkpoint`'s config.json (no weights are read)
     or `model.hf`; every other part of the run (the data layout, the loss) takes it from here."""
     if not config.model.init_checkpoint:
@@ -64,7 +65,7 @@ def lm_architecture(config) -> MiMoAudioConfig:
     return lm
 
 
-def build_model(config, mesh, rules) -> tuple[MiMoAudioConfig, nnx.Module]:
+def build_model(config: ConfigDict, mesh, rules) -> tuple[MiMoAudioConfig, nnx.Module]:
     """From `model.init_checkpoint` (a converted checkpoint) or randomly from `model.hf`."""
     dtype = dtype_named(config.model.dtype, "config model.dtype")
     param_dtype = dtype_named(config.model.param_dtype, "config model.param_dtype")
@@ -91,7 +92,7 @@ def build_model(config, mesh, rules) -> tuple[MiMoAudioConfig, nnx.Module]:
     return lm_config, nnx.merge(graphdef, state)
 
 
-def lora_config(config) -> LoraConfig | None:
+def lora_config(config: ConfigDict) -> LoraConfig | None:
     """The adapters of a run (`lora`), or None while `lora.rank` is 0 (no adapters)."""
     if not config.lora.rank:
         return None
@@ -103,7 +104,7 @@ def lora_config(config) -> LoraConfig | None:
     )
 
 
-def groups_in_mode(config, mode: str) -> tuple[str, ...]:
+def groups_in_mode(config: ConfigDict, mode: str) -> tuple[str, ...]:
     """The module groups of a LoRA mode (`lora.modes`: "lora", "full", "frozen"); none without
     adapters."""
     if not config.lora.rank:
@@ -111,7 +112,7 @@ def groups_in_mode(config, mode: str) -> tuple[str, ...]:
     return tuple(g for g in GROUPS if config.lora.modes[g] == mode)
 
 
-def apply_adapters(config, model: nnx.Module) -> nnx.Module:
+def apply_adapters(config: ConfigDict, model: nnx.Module) -> nnx.Module:
     """The model with the config's LoRA adapters (none while `lora.rank` is 0)."""
     cfg = lora_config(config)
     if cfg is not None:
@@ -121,7 +122,7 @@ def apply_adapters(config, model: nnx.Module) -> nnx.Module:
     return model
 
 
-def add_adapters(config, model: nnx.Module, mesh, rules) -> nnx.Module:
+def add_adapters(config: ConfigDict, model: nnx.Module, mesh, rules) -> nnx.Module:
     """`apply_adapters`, the adapters placed by the rules like the layers they adapt."""
     if lora_config(config) is None:
         return model
@@ -135,7 +136,7 @@ def _shardings_of(tree):
     return jax.tree.map(lambda a: a.sharding, tree)
 
 
-def build_trainer(config, model) -> tuple[Trainer, TrainState]:
+def build_trainer(config: ConfigDict, model: MiMoAudioLM) -> tuple[Trainer, TrainState]:
     """The trainer of the config's loss and optimizer, and its state placed like the model."""
     loss = LossConfig.from_string(
         config.loss.weights,

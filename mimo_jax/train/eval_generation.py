@@ -14,6 +14,8 @@ import dataclasses
 import numpy as np
 
 from mimo_jax.evaluation import run
+from mimo_jax.lm.config import MiMoAudioConfig
+from mimo_jax.lm.model import MiMoAudioLM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +52,7 @@ class GenerationEval:
     """Loads the audio and text tokenizers and reads the eval clips once; `__call__` runs the
     prompts with a model and returns (scalars, media for `MetricsWriter.media`)."""
 
-    def __init__(self, cfg: GenerationEvalConfig, lm_config):
+    def __init__(self, cfg: GenerationEvalConfig, lm_config: MiMoAudioConfig):
         from mimo_jax.tasks.text_tokenizer import TextTokenizer
         from mimo_jax.tokenizer.clips import Tokenizer
 
@@ -65,7 +67,7 @@ class GenerationEval:
                 + "; ".join(f"line {e['line']}: {e['error']}" for e in errors)
             )
 
-    def __call__(self, model) -> tuple[dict[str, float], dict]:
+    def __call__(self, model: MiMoAudioLM) -> tuple[dict[str, float], dict]:
         from mimo_jax.inference.tasks import MimoAudio
 
         mimo = MimoAudio(self.lm_config, model, self.audio_tokenizer, self.text_tokenizer)

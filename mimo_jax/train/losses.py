@@ -14,12 +14,16 @@ gives the plain text loss; stage 1, w = 1-0-...-0, gives the text loss).
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from mimo_jax.lm.config import parse_dashed
+
+if TYPE_CHECKING:  # annotations only
+    from mimo_jax.lm.model import MiMoAudioLM
 
 _TINY = 1e-9
 
@@ -72,7 +76,7 @@ def chunked_sums(fn, xs, chunk: int):
     return jax.tree.map(lambda a: jnp.sum(a, axis=0), sums)
 
 
-def text_cross_entropy(model, hidden, targets, weights, chunk: int):
+def text_cross_entropy(model: "MiMoAudioLM", hidden, targets, weights, chunk: int):
     """Weighted sum of CE and count of correct argmaxes over positions, the [.., vocab] logits
     computed one chunk of positions at a time."""
 
@@ -100,7 +104,7 @@ def _speech_positions(hidden, targets, weights, fraction: float):
     return hidden[keep], targets[keep], weights[keep], dropped
 
 
-def codebook_losses(model, hidden, batch, cfg: "LossConfig", dropout_rng=None):
+def codebook_losses(model: "MiMoAudioLM", hidden, batch, cfg: "LossConfig", dropout_rng=None):
     """Per codebook: (loss, accuracy, weight total) from the teacher-forced patch decoder, run over
     chunks of positions, and the number of speech positions beyond the patch capacity."""
     b, g, _ = hidden.shape
@@ -137,7 +141,7 @@ def codebook_losses(model, hidden, batch, cfg: "LossConfig", dropout_rng=None):
     return out, dropped
 
 
-def mimo_loss(model, batch, cfg: LossConfig, dropout_rng=None):
+def mimo_loss(model: "MiMoAudioLM", batch, cfg: LossConfig, dropout_rng=None):
     """(total loss, metrics) of a batch. Without codebook weights the patch decoder is not run."""
     rng_enc = rng_dec = rng_llm = None
     if dropout_rng is not None:
