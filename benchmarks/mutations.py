@@ -183,6 +183,20 @@ MUTATIONS = [
         "return group in groups",
         ("tests/test_lora.py", "-k", "only_adapters"),
     ),
+    Mutation(
+        "RVQ codebook update without Laplace smoothing",
+        "mimo_jax/tokenizer/rvq_training.py",
+        "smoothed = laplace_smoothing(cluster_size, cfg.epsilon) * jnp.sum(cluster_size)",
+        "smoothed = cluster_size",
+        ("tests/test_rvq_training.py",),
+    ),
+    Mutation(
+        "RVQ codebook update counts padded frames",
+        "mimo_jax/tokenizer/rvq_training.py",
+        "onehot = onehot * mask.reshape(-1, 1).astype(jnp.float32)",
+        "onehot = onehot",
+        ("tests/test_rvq_training.py",),
+    ),
 ]
 
 

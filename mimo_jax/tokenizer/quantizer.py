@@ -6,11 +6,53 @@ variables: checkpoint state like parameters (the converter maps them), but train
 than by gradients, so an optimizer must filter them out by their type.
 """
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def nearest_entry(residual: jax.Array, embed: jax.Array) -> jax.Array:
+    """Index of the entry of embed [K, dim] nearest to residual [..., dim] (float32)."""
+    # The official expression, term for term, so that float32 rounding matches on near-ties.
+    r2 = jnp.sum(jnp.square(residual), axis=-1, keepdims=True)
+    dot = jnp.matmul(residual, embed.T, precision=_HIGHEST)
+    score = -(r2 - 2.0 * dot + jnp.sum(jnp.square(embed), axis=-1))
+    return jnp.argmax(score, axis=-1).astype(jnp.int32)
+
+
+class TrainingForward(NamedTuple):
+    quantized: jax.Array  # [..., dim], straight-through: its gradient flows to x unchanged
+    codes: jax.Array  # [..., n] int32
+    commit_losses: jax.Array  # [n]: each codebook's masked mean squared distance
+    inputs: list[jax.Array]  # each codebook's input residual [..., dim] (no gradient)
+
+
+def training_forward(
+    embeds: Sequence[jax.Array], x: jax.Array, mask: jax.Array | None = None
+) -> TrainingForward:
+    """The official RVQ forward in training mode over codebooks `embeds` ([K_q, dim] each): each
+    codebook's nearest entry to its residual, a straight-through estimator, and the commitment
+    loss MSE(entry, residual) over the frames where `mask` [...] is true."""
+    residual = x.astype(jnp.float32)
+    weight = jnp.ones(x.shape[:-1], jnp.float32) if mask is None else mask.astype(jnp.float32)
+    denom = jnp.maximum(jnp.sum(weight) * x.shape[-1], 1.0)
+    quantized = jnp.zeros_like(residual)
+    codes, losses, inputs = [], [], []
+    for embed in embeds:
+        inputs.append(jax.lax.stop_gradient(residual))
+        idx = nearest_entry(inputs[-1], embed)
+        entry = jax.lax.stop_gradient(jnp.take(embed, idx, axis=0))
+        losses.append(jnp.sum(jnp.square(entry - residual) * weight[..., None]) / denom)
+        straight = residual + jax.lax.stop_gradient(entry - residual)
+        residual = residual - straight
+        quantized = quantized + straight
+        codes.append(idx)
+    return TrainingForward(quantized, jnp.stack(codes, axis=-1), jnp.stack(losses), inputs)
 
 
 class Codebook(nnx.Param):
@@ -24,12 +66,7 @@ class VectorQuantizer(nnx.Module):
 
     def nearest(self, residual: jax.Array) -> jax.Array:
         """Index of the nearest entry for residual [..., dim] (float32)."""
-        e = self.embed[...]
-        # The official expression, term for term, so that float32 rounding matches on near-ties.
-        r2 = jnp.sum(jnp.square(residual), axis=-1, keepdims=True)
-        dot = jnp.matmul(residual, e.T, precision=_HIGHEST)
-        score = -(r2 - 2.0 * dot + jnp.sum(jnp.square(e), axis=-1))
-        return jnp.argmax(score, axis=-1).astype(jnp.int32)
+        return nearest_entry(residual, self.embed[...])
 
     def lookup(self, codes: jax.Array) -> jax.Array:
         return jnp.take(self.embed[...], codes, axis=0)
@@ -69,20 +106,7 @@ class ResidualVectorQuantizer(nnx.Module):
         self, x: jax.Array, mask: jax.Array | None = None, num_codebooks: int | None = None
     ):
         """Training forward: (quantized [..., dim] with straight-through gradients to x,
-        codes [..., n], commitment loss). The loss is the mean over codebooks of the mean squared
-        distance between each codebook's input residual and its (constant) chosen entry, over the
-        frames where `mask` [...] is true."""
-        residual = x.astype(jnp.float32)
-        weight = jnp.ones(x.shape[:-1], jnp.float32) if mask is None else mask.astype(jnp.float32)
-        denom = jnp.maximum(jnp.sum(weight) * x.shape[-1], 1.0)
-        quantized = jnp.zeros_like(residual)
-        codes, losses = [], []
-        for layer in self.layers[: self._check(num_codebooks)]:
-            idx = layer.nearest(jax.lax.stop_gradient(residual))
-            entry = jax.lax.stop_gradient(layer.lookup(idx))
-            losses.append(jnp.sum(jnp.square(entry - residual) * weight[..., None]) / denom)
-            straight = residual + jax.lax.stop_gradient(entry - residual)
-            residual = residual - straight
-            quantized = quantized + straight
-            codes.append(idx)
-        return quantized, jnp.stack(codes, axis=-1), jnp.mean(jnp.stack(losses))
+        codes [..., n], commitment loss: the mean over codebooks of `training_forward`'s)."""
+        embeds = [layer.embed[...] for layer in self.layers[: self._check(num_codebooks)]]
+        out = training_forward(embeds, x, mask)
+        return out.quantized, out.codes, jnp.mean(out.commit_losses)
