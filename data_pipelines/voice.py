@@ -112,7 +112,7 @@ def parse_args(argv):
     p.add_argument("--checkpoint", required=True, help="audio tokenizer checkpoint")
     p.add_argument("--out", required=True, help="output directory (local or gs://)")
     p.add_argument(
-        "--held-out", type=int, default=5, help="every Nth recording is held out (0: none)"
+        "--held-out", type=int, default=5, help="every Nth recording is held out (N >= 2; 0: none)"
     )
     p.add_argument("--speaker", help="speaker name (default: the folder's name)")
     logs.add_flag(p)
@@ -122,19 +122,20 @@ def parse_args(argv):
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logs.configure(args.log_level)
-    if args.held_out < 0:
-        print(f"error: --held-out {args.held_out}: expected 0 (none) or N >= 1", file=sys.stderr)
+    if args.held_out < 0 or args.held_out == 1:
+        print(f"error: --held-out {args.held_out}: expected 0 (none) or N >= 2", file=sys.stderr)
         return 2
     try:
         entries = read_voice_dir(args.voice_dir)
     except VoiceDirError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    parts = split(entries, args.held_out)  # N >= 2 leaves recordings to train on
     speaker = args.speaker or paths.resolve(args.voice_dir).name
     out = paths.resolve(args.out)
     out.mkdir(parents=True, exist_ok=True)
     code = 0
-    for name, part in zip(("train", "heldout"), split(entries, args.held_out)):
+    for name, part in zip(("train", "heldout"), parts):
         if not part:
             continue
         _write_manifest(out / f"{name}.jsonl", part, speaker)

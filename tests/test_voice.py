@@ -78,6 +78,15 @@ def test_a_bad_voice_folder_is_named_and_nothing_is_written(tmp_path, capsys, fi
     assert not out.exists()
 
 
+@pytest.mark.parametrize("held_out", ["1", "-2"])
+def test_a_held_out_step_that_leaves_nothing_to_train_is_refused(tmp_path, capsys, held_out):
+    argv = ["--voice-dir", str(tmp_path), "--checkpoint", "x", "--out", str(tmp_path / "o")]
+    assert voice.main([*argv, "--held-out", held_out]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --held-out {held_out}: expected 0 (none) or N >= 2"
+    )
+
+
 def test_the_recipe_fine_tunes_a_new_voice_and_logs_the_held_out_loss(demo_data, tmp_path):
     hf = demo_config.demo_hf(smoke=True)
     base = tmp_path / "base"
