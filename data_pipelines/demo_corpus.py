@@ -66,10 +66,21 @@ def _utterances(i: int, lang: str, espeak_lang: str, text: str):
         yield suffix, f"{espeak_lang}+{variant}", gender, rate
 
 
-def build(out: str, sentences: int = 12) -> list[dict]:
-    """Writes the WAV files, `manifest.jsonl` and `tokenizer.json`; returns the manifest entries."""
+def _check_sentences(sentences: int) -> None:
     if not 1 <= sentences <= len(SENTENCES):
         raise ValueError(f"--sentences {sentences}: expected 1..{len(SENTENCES)}")
+
+
+def _write_wav(path: epath.Path, tts: ESpeak, text: str, voice: str, rate: str) -> None:
+    """`text` spoken by eSpeak `voice` at `rate` (a RATES name), as 16-bit WAV at its rate."""
+    wav = tts.synth(text, voice, RATES[rate])
+    with path.open("wb") as f:
+        soundfile.write(f, wav, tts.sample_rate, subtype="PCM_16", format="WAV")
+
+
+def build(out: str, sentences: int = 12) -> list[dict]:
+    """Writes the WAV files, `manifest.jsonl` and `tokenizer.json`; returns the manifest entries."""
+    _check_sentences(sentences)
     root = epath.Path(out)
     (root / "wav").mkdir(parents=True, exist_ok=True)
     tts = ESpeak()
@@ -77,9 +88,7 @@ def build(out: str, sentences: int = 12) -> list[dict]:
     for i, (lang, espeak_lang, text) in enumerate(SENTENCES[:sentences]):
         for suffix, voice, gender, rate in _utterances(i, lang, espeak_lang, text):
             uid = f"s{i:03d}{suffix}"
-            wav = tts.synth(text, voice, RATES[rate])
-            with (root / "wav" / f"{uid}.wav").open("wb") as f:
-                soundfile.write(f, wav, tts.sample_rate, subtype="PCM_16", format="WAV")
+            _write_wav(root / "wav" / f"{uid}.wav", tts, text, voice, rate)
             pace = "" if rate == "normal" else f" {rate}ly" if rate == "slow" else " quickly"
             entries.append(
                 {
@@ -109,15 +118,12 @@ NEW_VOICE = "m7"
 def build_voice(out: str, sentences: int = len(SENTENCES), variant: str = NEW_VOICE) -> int:
     """A voice folder for `data_pipelines.voice`: `sNNN.wav` and its transcript `sNNN.txt` for each
     sentence, all spoken by the eSpeak variant `variant` at the normal rate. Returns the count."""
-    if not 1 <= sentences <= len(SENTENCES):
-        raise ValueError(f"--sentences {sentences}: expected 1..{len(SENTENCES)}")
+    _check_sentences(sentences)
     root = epath.Path(out)
     root.mkdir(parents=True, exist_ok=True)
     tts = ESpeak()
     for i, (_, espeak_lang, text) in enumerate(SENTENCES[:sentences]):
-        wav = tts.synth(text, f"{espeak_lang}+{variant}", RATES["normal"])
-        with (root / f"s{i:03d}.wav").open("wb") as f:
-            soundfile.write(f, wav, tts.sample_rate, subtype="PCM_16", format="WAV")
+        _write_wav(root / f"s{i:03d}.wav", tts, text, f"{espeak_lang}+{variant}", "normal")
         (root / f"s{i:03d}.txt").write_text(text + "\n")
     return sentences
 

@@ -103,15 +103,14 @@ def tokenize(data: Path, tokenizer: Path) -> None:
             raise SystemExit(f"[demo] tokenizing failed (exit {code})")
 
 
-def losses(workdir: Path) -> list[float]:
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines if '"loss"' in line]
+def logged(workdir: Path, key: str) -> list[tuple[int, float]]:
+    """(step, value) of each record of the run's metrics.jsonl that has `key`, in order."""
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r[key]) for r in records if key in r]
 
 
-def run_stage(name: str, data: Path, workdir: Path, smoke: bool, init: Path | None) -> None:
-    config = demo_config.get_config(f"stage={name},data={data},smoke={smoke}")
-    if init is not None:
-        config.model.init_checkpoint = str(init)
+def train_once(name: str, config, workdir: Path) -> None:
+    """Trains `config` in `workdir` unless the run has already exported its model."""
     if not (workdir / "model").exists():
         print(
             f"[demo] training {name}: {config.total_steps} steps, batch {config.data.batch_size} "
@@ -120,7 +119,14 @@ def run_stage(name: str, data: Path, workdir: Path, smoke: bool, init: Path | No
         )
         if train.run(config, str(workdir)):
             raise SystemExit(f"[demo] {name} failed")
-    curve = losses(workdir)
+
+
+def run_stage(name: str, data: Path, workdir: Path, smoke: bool, init: Path | None) -> None:
+    config = demo_config.get_config(f"stage={name},data={data},smoke={smoke}")
+    if init is not None:
+        config.model.init_checkpoint = str(init)
+    train_once(name, config, workdir)
+    curve = [loss for _, loss in logged(workdir, "loss")]
     print(
         f"[demo] {name}: loss {curve[0]:.3f} -> {curve[-1]:.3f} over {len(curve)} logged steps",
         flush=True,

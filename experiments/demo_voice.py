@@ -11,18 +11,16 @@ Writes WORKDIR/voice/: espeak-m7/ (the recordings and transcripts), data/ (their
 """
 
 import argparse
-import json
 from pathlib import Path
 
-from experiments import train
+from experiments import demo
 from experiments.configs import lora_tts_voice
 from mimo_jax import logs
 
 
 def held_out_losses(workdir: Path) -> list[tuple[int, float]]:
     """(step, eval/loss) of each evaluation of the run, in order."""
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["eval/loss"]) for r in records if "eval/loss" in r]
+    return demo.logged(workdir, "eval/loss")
 
 
 def main(argv=None) -> int:
@@ -52,11 +50,7 @@ def main(argv=None) -> int:
     config = lora_tts_voice.get_config(
         f"data={root / 'data'},base={base},tokenizer={tokenizer},smoke={a.smoke}"
     )
-    if not (root / "lora" / "model").exists():
-        print(f"[voice] LoRA fine-tuning: {config.total_steps} steps", flush=True)
-        if train.run(config, str(root / "lora")):
-            print("[voice] fine-tuning failed")
-            return 1
+    demo.train_once("the LoRA adapters of the voice", config, root / "lora")
     (first_step, before), *_, (last_step, after) = held_out_losses(root / "lora")
     print(
         f"[voice] held-out loss of the new voice: {before:.3f} (step {first_step}) -> "
