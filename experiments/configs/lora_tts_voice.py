@@ -36,8 +36,10 @@ def get_config(arg=None):
     c.lora.modes = ml_collections.ConfigDict(
         {"patch_encoder": "frozen", "llm": "lora", "patch_decoder": "full"}
     )
+    # The backbone's adapters at a low rate: at 2e-3 they learned the few training transcripts by
+    # heart, and the held-out text loss rose (0.197 -> 0.316 on the demo) while the codes improved.
     c.optimizer.learning_rates = ml_collections.ConfigDict(
-        {"patch_encoder": 1e-3, "llm": 2e-3, "patch_decoder": 1e-3}
+        {"patch_encoder": 1e-3, "llm": 3e-4, "patch_decoder": 1e-3}
     )
     c.total_steps = 6 if a.smoke else 60
     c.log_every = 2 if a.smoke else 10
