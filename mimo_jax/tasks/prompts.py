@@ -2,7 +2,9 @@
 (`mimo_jax.tasks.segments`).
 
 The same builders make the inference prompts and the prompt part of the training sequences
-(`data_pipelines.sequences`), so the two cannot drift apart. Audio arguments are patches
+(`data_pipelines.sequences`), so the two cannot drift apart; the chat prompts are made of turns
+(`user_turn`, `reply`, `answer`) that the training conversations (`data_pipelines.conversations`)
+lay out with the same functions. Audio arguments are patches
 [P, group_size, channels] (`audio.AudioFrontEnd` makes them from waveforms or files, as the
 official `preprocess_input`). Where the official code draws a template with `random.choice`, the
 builder takes the template text itself; `choose_template` makes that choice, seedable.
@@ -46,27 +48,35 @@ def _think(thinking: bool) -> Text:
     return Text(t.THINK_ON if thinking else t.THINK_OFF)
 
 
+# ---- chat turns: the pieces of the chat prompts, shared with the training sequences ----------
+def user_turn(*body: Segment) -> list:
+    return [Text(t.USER), *body, Text(t.END)]
+
+
+def reply(thinking: bool | None = None) -> list:
+    """The opener of an assistant turn: `<|im_start|>assistant\n`, then the think block closed
+    (False) or open (True); the past turns of a multi-turn prompt have none (None)."""
+    return [Text(t.ASSISTANT)] + ([] if thinking is None else [_think(thinking)])
+
+
+def answer(*said: Segment) -> list:
+    """The rest of an assistant turn after its opener: what the assistant says, then the turn's
+    end. The training sequences supervise exactly this part (SPEC §4.2)."""
+    return [*said, Text(t.END)]
+
+
+def assistant_turn(*said: Segment) -> list:
+    """A past assistant turn of a multi-turn prompt."""
+    return reply() + answer(*said)
+
+
 # ---- speech in, text out ----------------------------------------------------------------------
 def asr(audio, template: str) -> list:
-    return [
-        Text(t.USER),
-        Audio(audio),
-        Text(template),
-        Text(t.END),
-        Text(t.ASSISTANT),
-        Text(t.THINK_OFF),
-    ]
+    return user_turn(Audio(audio), Text(template)) + reply(False)
 
 
 def understanding(audio, question: str, thinking: bool = False) -> list:
-    return [
-        Text(t.USER),
-        Audio(audio),
-        Text(question),
-        Text(t.END),
-        Text(t.ASSISTANT),
-        _think(thinking),
-    ]
+    return user_turn(Audio(audio), Text(question)) + reply(thinking)
 
 
 def s2t_dialogue(audio, thinking: bool = False) -> list:
@@ -75,11 +85,7 @@ def s2t_dialogue(audio, thinking: bool = False) -> list:
 
 def s2t_dialogue_multiturn(messages, thinking: bool = False) -> list:
     """User turns hold audio patches, assistant turns text (no think block inside them)."""
-    out = []
-    for m in messages:
-        body = Audio(m["content"]) if _role(m) == "user" else Text(m["content"])
-        out += [Text(t.USER if m["role"] == "user" else t.ASSISTANT), body, Text(t.END)]
-    return out + [Text(t.ASSISTANT), _think(thinking)]
+    return _chat(messages, Audio, thinking)
 
 
 def text_dialogue(text: str, thinking: bool = False) -> list:
@@ -87,14 +93,17 @@ def text_dialogue(text: str, thinking: bool = False) -> list:
 
 
 def text_dialogue_multiturn(messages, thinking: bool = False) -> list:
+    return _chat(messages, Text, thinking)
+
+
+def _chat(messages, user_body, thinking: bool) -> list:
     out = []
     for m in messages:
-        out += [
-            Text(t.USER if _role(m) == "user" else t.ASSISTANT),
-            Text(m["content"]),
-            Text(t.END),
-        ]
-    return out + [Text(t.ASSISTANT), _think(thinking)]
+        if _role(m) == "user":
+            out += user_turn(user_body(m["content"]))
+        else:
+            out += assistant_turn(Text(m["content"]))
+    return out + reply(thinking)
 
 
 def _role(message) -> str:
@@ -142,10 +151,17 @@ def tts(
 
 
 # ---- spoken dialogue --------------------------------------------------------------------------
-def _voice(prompt_speech) -> list:
+def voice_block(prompt_speech) -> list:
+    """The system turn that gives a spoken dialogue its voice (none without a voice prompt)."""
     if prompt_speech is None:
         return []
     return [Text(t.SYSTEM), Text(t.VOICE_SYSTEM), Audio(prompt_speech), Text(t.END)]
+
+
+def spoken_user_turn(audio, system_prompt: str | None = None) -> list:
+    """A user turn of a spoken dialogue; the system prompt, if any, opens the first one."""
+    head = [Text(system_prompt), Text("\n\n")] if system_prompt else []
+    return user_turn(*head, Audio(audio))
 
 
 def spoken_dialogue(audio, system_prompt: str | None = None, prompt_speech=None) -> list:
@@ -157,26 +173,19 @@ def spoken_dialogue(audio, system_prompt: str | None = None, prompt_speech=None)
 def spoken_dialogue_turn(audio) -> list:
     """The next user turn of a dialogue whose whole previous sequence (prompt and generation) is
     kept as history: the official `add_history` prompt, appended to that sequence."""
-    return [Text(t.USER), Audio(audio), Text(t.END), Text(t.ASSISTANT + STREAM_OPEN)]
+    return user_turn(Audio(audio)) + [Text(t.ASSISTANT + STREAM_OPEN)]
 
 
 def spoken_dialogue_multiturn(
     messages, system_prompt: str | None = None, prompt_speech=None
 ) -> list:
     """User turns hold audio patches; assistant turns {"text": str, "audio": patches}."""
-    out = _voice(prompt_speech)
+    out = voice_block(prompt_speech)
     for i, m in enumerate(messages):
         if _role(m) == "user":
-            out.append(Text(t.USER))
-            if system_prompt and i == 0:
-                out += [Text(system_prompt), Text("\n\n")]
-            out += [Audio(m["content"]), Text(t.END)]
+            out += spoken_user_turn(m["content"], system_prompt if i == 0 else None)
         else:
-            out += [
-                Text(t.ASSISTANT),
-                Stream(m["content"]["text"], m["content"]["audio"]),
-                Text(t.END),
-            ]
+            out += assistant_turn(Stream(m["content"]["text"], m["content"]["audio"]))
     return out + [Text(t.ASSISTANT + STREAM_OPEN)]
 
 
