@@ -16,6 +16,7 @@ from mimo_jax.lm.config import MiMoAudioConfig
 from mimo_jax.lm.model import MiMoAudioLM
 from mimo_jax.nn.dtypes import dtype_named
 from mimo_jax.nn.partitioning import batch_sharding, state_shardings, use_rules
+from mimo_jax.nn.quantized import QuantizedKernel
 from mimo_jax.train import build, flops
 from mimo_jax.train.step import opt_state_shardings
 from sharding.mesh import AXES, mesh_and_rules
@@ -123,11 +124,18 @@ class Compiled:
     total: int  # every parameter of the train state, adapters included
 
 
-def size_of(tree) -> int:
-    """Parameters (floating-point entries) of a state tree."""
-    return sum(
-        math.prod(x.shape) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)
-    )
+def size_of(state) -> int:
+    """Parameters of an nnx.State: the entries of its floating-point parameters, and of the values
+    of a quantised kernel (its scales are not parameters)."""
+    count = 0
+    for _, var in nnx.to_flat_state(state):
+        value = var.get_value()
+        floating = jnp.issubdtype(value.dtype, jnp.floating)
+        if (isinstance(var, nnx.Param) and floating) or (
+            isinstance(var, QuantizedKernel) and not floating
+        ):
+            count += math.prod(value.shape)
+    return count
 
 
 def compile_train_step(config) -> Compiled:

@@ -20,12 +20,13 @@ from data_pipelines.shards import MANIFEST
 from mimo_jax import model_checkpoint as checkpoint
 from mimo_jax.lm.model import MiMoAudioLM
 from mimo_jax.nn.dtypes import DTYPES
+from mimo_jax.nn.quantized import QTYPES
 from mimo_jax.nn.remat import policy as remat_policy
 from mimo_jax.tasks.text_tokenizer import TextTokenizer, model_id_problems
 from mimo_jax.train.build import groups_in_mode, lm_architecture, lora_config
 from mimo_jax.train.lora import MODES, linear_layers, select
 from mimo_jax.train.losses import LossConfig
-from mimo_jax.train.optimizer import GROUPS
+from mimo_jax.train.optimizer import GROUPS, group_of
 from sharding.rules import PRESETS
 
 
@@ -96,6 +97,12 @@ CHECKS: dict[str, Callable] = {
     "lora.rank": _int_at_least(0),
     "lora.alpha": _positive,
     "lora.dropout": _in_range(0, 1, high_open=True),
+    "lora.quantize": lambda v: (
+        None
+        if v in ("", *QTYPES)
+        else f"'' (a base in its own dtype) or one of {', '.join(QTYPES)}"
+    ),
+    "lora.quantize_tile": _int_at_least(1),
     "eval_generation.max_new_groups": _int_at_least(1),
 }
 
@@ -213,14 +220,31 @@ def _lora_problems(config) -> list[str]:
 
 def _target_problems(config, lm) -> list[str]:
     """What the targets choose in the model's layers: patterns matching nothing, part of a stack,
-    a layer narrower than the rank, a layer outside the LoRA groups."""
-    values = [CHECKS[k](get(config, k)) for k in ("lora.rank", "lora.alpha", "lora.dropout")]
-    if any(values) or not config.lora.rank or _lora_problems(config):
-        return []  # off, or named by _value_problems and _lora_problems
+    a layer narrower than the rank, a layer outside the LoRA groups, a quantisation tile that does
+    not divide a chosen layer's inputs."""
+    keys = ("lora.rank", "lora.alpha", "lora.dropout", "lora.quantize", "lora.quantize_tile")
+    if any(CHECKS[k](get(config, k)) for k in keys) or not config.lora.rank:
+        return []  # off, or named by _value_problems
+    if _lora_problems(config):
+        return []  # named by _lora_problems
     model = nnx.eval_shape(lambda: MiMoAudioLM(lm, rngs=nnx.Rngs(0)))
     cfg = lora_config(config)
     assert cfg is not None
-    return select(linear_layers(model), cfg, groups_in_mode(config, "lora"))[1]
+    layers = linear_layers(model)
+    problems = select(layers, cfg, groups_in_mode(config, "lora"))[1]
+    if config.lora.quantize:
+        untrained = groups_in_mode(config, "lora") + groups_in_mode(config, "frozen")
+        tile = config.lora.quantize_tile
+        problems += [
+            _problem(
+                "lora.quantize_tile",
+                tile,
+                f"a divisor of the {layer.features[0]} inputs of {layer.shown()}",
+            )
+            for layer in layers
+            if group_of(layer.path) in untrained and layer.features[0] % tile
+        ]
+    return problems
 
 
 def _model_problems(config) -> list[str]:

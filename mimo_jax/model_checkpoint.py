@@ -27,6 +27,7 @@ from mimo_jax import paths
 from mimo_jax.conversion.family import ModelFamily
 from mimo_jax.conversion.registry import family_for
 from mimo_jax.nn.partitioning import named_sharding
+from mimo_jax.nn.quantized import QuantizedKernel
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -102,7 +103,16 @@ def save(model: nnx.Module, hf_config: dict, path: PathLike) -> epath.Path:
     e.g. the weights a training run ends with; convert_torch_weights.py turns it into an official
     directory. Staged in `.NAME.partial` next to it and committed whole (`paths.commit_dir`: a
     rename locally; on gs:// a copy with config.json last, so an interrupted commit leaves no
-    config.json and no directory that passes for a model checkpoint)."""
+    config.json and no directory that passes for a model checkpoint). A model whose base kernels
+    are held quantised (QLoRA) is refused: its weights exist only once the adapters are merged."""
+    quantised = nnx.to_flat_state(nnx.state(model, QuantizedKernel))
+    held = sorted({".".join(map(str, p[:-1])) for p, _ in quantised})
+    if held:
+        raise ValueError(
+            f"the model holds {len(held)} quantised base kernels ({held[0]}, ...): a model "
+            f"checkpoint holds fully trained weights, expected the adapters merged first "
+            f"(mimo_jax.train.lora.merge_lora)"
+        )
     out = paths.resolve(path)
     tmp = out.parent / f".{out.name}.partial"
     if tmp.exists():

@@ -233,6 +233,15 @@ def demo_config(tmp_path):
         ),
         ({"lora.targets": ("(",)}, "lora.targets='(': expected a regular expression"),
         (
+            {"lora.quantize": "nf4"},
+            "lora.quantize='nf4': expected '' (a base in its own dtype) or one of int8, int4",
+        ),
+        (
+            {"lora.quantize": "int8", "lora.quantize_tile": 24},
+            "lora.quantize_tile=24: expected a divisor of the 32 inputs of "
+            "model.layers.{i}.self_attn.q_proj (i = 0..",
+        ),
+        (
             {"lora.targets": (r"model\.layers\.\d+\.mlp\.gate",)},
             r"lora.targets pattern 'model\.layers\.\d+\.mlp\.gate' matches no linear layer; "
             "the model's linear layers are: hidden_states_downcast; "

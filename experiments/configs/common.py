@@ -140,7 +140,9 @@ def base_config() -> ml_collections.ConfigDict:
     # backbone's attention and MLP); `modes`: per module group, "lora" (base frozen, its targeted
     # layers adapted), "full" (every parameter trained) or "frozen". Adapters train at their
     # group's learning rate. The run ends with workdir/adapter (a PEFT directory) beside
-    # workdir/model (adapters merged).
+    # workdir/model (adapters merged). `quantize` ("int8", "int4"; "": off) holds the kernels
+    # of the linear layers of the "lora" and "frozen" groups quantised (QLoRA,
+    # `mimo_jax.nn.quantized`), one scale per `quantize_tile` inputs of each output.
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 0
     c.lora.alpha = 16.0
@@ -149,6 +151,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora.modes = ml_collections.ConfigDict(
         {"patch_encoder": "frozen", "llm": "lora", "patch_decoder": "frozen"}
     )
+    c.lora.quantize = ""
+    c.lora.quantize_tile = 64
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.ici = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "sequence": 1})

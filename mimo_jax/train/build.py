@@ -16,7 +16,8 @@ from mimo_jax.lm.config import MiMoAudioConfig
 from mimo_jax.lm.model import MiMoAudioLM
 from mimo_jax.nn.dtypes import dtype_named
 from mimo_jax.nn.partitioning import batch_sharding, state_shardings
-from mimo_jax.train.lora import LoraConfig, apply_lora
+from mimo_jax.nn.quantized import Quantization, QuantizedKernel
+from mimo_jax.train.lora import LoraConfig, apply_lora, quantize_base
 from mimo_jax.train.losses import LossConfig
 from mimo_jax.train.optimizer import GROUPS, OptimizerConfig
 from mimo_jax.train.step import Trainer, TrainState
@@ -104,6 +105,13 @@ def lora_config(config: ConfigDict) -> LoraConfig | None:
     )
 
 
+def base_quantization(config: ConfigDict) -> Quantization | None:
+    """How the adapted layers' frozen kernels are held (`lora.quantize`): None in their dtype."""
+    if not config.lora.rank or not config.lora.quantize:
+        return None
+    return Quantization(config.lora.quantize, config.lora.quantize_tile)
+
+
 def groups_in_mode(config: ConfigDict, mode: str) -> tuple[str, ...]:
     """The module groups of a LoRA mode (`lora.modes`: "lora", "full", "frozen"); none without
     adapters."""
@@ -113,22 +121,28 @@ def groups_in_mode(config: ConfigDict, mode: str) -> tuple[str, ...]:
 
 
 def apply_adapters(config: ConfigDict, model: nnx.Module) -> nnx.Module:
-    """The model with the config's LoRA adapters (none while `lora.rank` is 0)."""
+    """The model with the config's LoRA adapters (none while `lora.rank` is 0); with
+    `lora.quantize`, the kernels of every linear layer it does not train in full held quantised."""
     cfg = lora_config(config)
     if cfg is not None:
         apply_lora(
             model, cfg, rngs=nnx.Rngs(config.seed + 1), lora_groups=groups_in_mode(config, "lora")
         )
+    quantization = base_quantization(config)
+    if quantization is not None:
+        untrained = groups_in_mode(config, "lora") + groups_in_mode(config, "frozen")
+        quantize_base(model, quantization, untrained)
     return model
 
 
 def add_adapters(config: ConfigDict, model: nnx.Module, mesh, rules) -> nnx.Module:
-    """`apply_adapters`, the adapters placed by the rules like the layers they adapt."""
+    """`apply_adapters`, the adapters (and quantised kernels) placed by the rules like the layers
+    they belong to."""
     if lora_config(config) is None:
         return model
     apply_adapters(config, model)
-    adapters = nnx.state(model, nnx.LoRAParam)
-    nnx.update(model, jax.device_put(adapters, state_shardings(adapters, mesh, rules)))
+    added = nnx.state(model, nnx.Any(nnx.LoRAParam, QuantizedKernel))
+    nnx.update(model, jax.device_put(added, state_shardings(added, mesh, rules)))
     return model
 
 

@@ -8,6 +8,11 @@ which the trainer tells apart from base parameters); in a stacked transformer bo
 `layers` axis. It computes PEFT's `base(x) + lora_B(lora_A(dropout(x))) * alpha / r`: PEFT's
 `lora_A.weight` is `lora_a.T`, its `lora_B.weight` is `lora_b.T`.
 
+QLoRA: `quantize_base` holds an adapted layer's frozen kernel quantised (`mimo_jax.nn.quantized`:
+`.../q_proj/kernel_values` and `kernel_scales` in place of `kernel`), dequantised at each use; the
+adapters and the compute keep their dtypes. `merge_lora` adds the adapters into the dequantised
+kernel, the weights the adapters were trained against.
+
 Why `nnx.LoRA` and not qwix's LoraProvider (qwix 0.1.8): qwix intercepts `dot_general` during a
 first call of the model and creates the adapters on the module it finds on the Python stack, after
 setting per-module attributes (an `nnx.Rngs` among them) on every module. Our stacks run their
@@ -26,8 +31,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mimo_jax.lm.conversion import LMFamily
+from mimo_jax.nn import quantized
 from mimo_jax.nn.layers import Dense
 from mimo_jax.nn.params import logical_axes
+from mimo_jax.nn.quantized import Quantization, QuantizedDense, QuantizedKernel
 from mimo_jax.nn.stack import stacked
 from mimo_jax.train.optimizer import group_of
 
@@ -67,7 +74,8 @@ class LoRADense(Dense):
     """A Dense with an `nnx.LoRA` beside it: y = dense(x) + scale * dropout(x) @ lora_a @ lora_b.
 
     Dropout (PEFT's `lora_dropout`, on the adapter's input only) runs when a key is given, which the
-    transformer block does in training (`nn.transformer._project`)."""
+    transformer block does in training (`nn.transformer._project`). The base kernel is either the
+    wrapped Dense's `kernel` or, after `quantize_base`, its quantised values and scales."""
 
     takes_dropout_rng = True
 
@@ -75,13 +83,46 @@ class LoRADense(Dense):
         self.kernel, self.bias, self.dtype = base.kernel, base.bias, base.dtype
         self.lora = lora
         self.rank, self.alpha, self.dropout = rank, alpha, dropout
+        self.quantized: str | None = None  # the qtype of a quantised base
+        # Data attributes (nnx.data) though empty until `quantize_base` fills them.
+        self.kernel_values: QuantizedKernel | None = nnx.data(None)
+        self.kernel_scales: QuantizedKernel | None = nnx.data(None)
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    def quantize_base(self, q: Quantization) -> None:
+        """Holds the base kernel quantised from now on (in place; the float kernel is dropped)."""
+        assert self.quantized is None, "the base kernel is quantised already"
+        self.kernel_values, self.kernel_scales = quantized.quantized_kernel(self.kernel, q)
+        del self.kernel
+        self.quantized = q.qtype
+
+    def base_kernel(self) -> jax.Array:
+        """The frozen kernel [..., in, out] (dequantised when held quantised)."""
+        if self.quantized is None:
+            return self.kernel[...]
+        assert self.kernel_values is not None and self.kernel_scales is not None
+        return quantized.dequantize(
+            self.kernel_values[...], self.kernel_scales[...], self.quantized
+        )
+
+    def held_kernel(self) -> nnx.Variable:
+        """The variable the base kernel is held in (its values, when quantised)."""
+        held = self.kernel if self.quantized is None else self.kernel_values
+        assert held is not None
+        return held
+
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        return tuple(self.held_kernel().shape)
+
     def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
-        y = super().__call__(x)
+        dtype = self.dtype if self.dtype is not None else x.dtype
+        y = jnp.dot(x.astype(dtype), self.base_kernel().astype(dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
         if dropout_rng is not None and self.dropout > 0:
             keep = jax.random.bernoulli(dropout_rng, 1.0 - self.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
@@ -111,10 +152,14 @@ def linear_layers(model: nnx.Module) -> list[LinearLayer]:
     """Every Dense (adapted or not) of the LM with its official module name."""
     family, out = LMFamily(), []
     for path, module in nnx.iter_modules(model):
-        if isinstance(module, Dense):
+        if isinstance(module, (Dense, QuantizedDense)):
             names = tuple(str(p) for p in path)
             rule = family.rule(names + ("kernel",))
-            shape = module.kernel.shape
+            shape = (
+                module.kernel_shape
+                if isinstance(module, (LoRADense, QuantizedDense))
+                else module.kernel.shape
+            )
             out.append(
                 LinearLayer(
                     names,
@@ -246,29 +291,63 @@ def adapted(model: nnx.Module) -> list[tuple[LinearLayer, LoRADense]]:
 
 
 def merged_kernel(module: LoRADense) -> jax.Array:
-    """kernel + scale * lora_a @ lora_b, summed in float32 (per layer when stacked)."""
-    f32 = lambda v: v[...].astype(jnp.float32)
-    delta = jnp.matmul(f32(module.lora.lora_a), f32(module.lora.lora_b)) * module.scale
-    return (f32(module.kernel) + delta).astype(module.kernel.dtype)
+    """base kernel + scale * lora_a @ lora_b, summed in float32 (per layer when stacked), in the
+    base kernel's dtype."""
+    f32 = lambda v: v.astype(jnp.float32)
+    delta = jnp.matmul(f32(module.lora.lora_a[...]), f32(module.lora.lora_b[...])) * module.scale
+    base = module.base_kernel()
+    return (f32(base) + delta).astype(base.dtype)
+
+
+def quantize_base(model: nnx.Module, q: Quantization, groups: Iterable[str]) -> list[LinearLayer]:
+    """Holds the frozen kernel of every linear layer of these module groups quantised (in place):
+    an adapted layer keeps its adapters, a plain one becomes a QuantizedDense. Returns the layers.
+    A tile that does not divide a layer's inputs is named with the layer, and nothing changes."""
+    layers = [layer for layer in linear_layers(model) if group_of(layer.path) in set(groups)]
+    bad = [layer.shown() for layer in layers if layer.features[0] % q.tile]
+    if bad:
+        raise ValueError(
+            f"lora.quantize_tile={q.tile}: does not divide the inputs of {'; '.join(bad)}; "
+            f"expected a divisor of every quantised layer's input width "
+            f"{sorted({layer.features[0] for layer in layers})}"
+        )
+    for layer in layers:
+        module = module_at(model, layer.path)
+        if isinstance(module, LoRADense):
+            module.quantize_base(q)
+        else:
+            _set_module(model, layer.path, QuantizedDense(module, q))
+    return layers
+
+
+def _plain(module: LoRADense | QuantizedDense, kernel: jax.Array, meta: dict) -> Dense:
+    """A Dense of this kernel and the module's bias and dtype."""
+    in_f, out_f = module.kernel_shape[-2:]
+    plain = nnx.eval_shape(
+        lambda: Dense(
+            in_f,
+            out_f,
+            axes=(None, None),
+            use_bias=module.bias is not None,
+            dtype=module.dtype,
+            rngs=nnx.Rngs(0),
+        )
+    )
+    plain.kernel, plain.bias = nnx.Param(kernel, **meta), module.bias
+    return plain
 
 
 def merge_lora(model: nnx.Module) -> nnx.Module:
-    """A copy of the model with every adapter added into its base kernel and removed: the plain
-    architecture again, which a model checkpoint and the converter take. `model` is unchanged."""
+    """A copy of the model with every adapter added into its base kernel and removed, and every
+    quantised kernel dequantised: the plain architecture again, which a model checkpoint and the
+    converter take. `model` is unchanged."""
     model = nnx.clone(model)  # new Variables: setting theirs leaves `model`'s alone
-    for layer, module in adapted(model):
-        in_f, out_f = layer.features
-        plain = nnx.eval_shape(
-            lambda: Dense(
-                in_f,
-                out_f,
-                axes=(None, None),
-                use_bias=module.bias is not None,
-                dtype=module.dtype,
-                rngs=nnx.Rngs(0),
-            )
-        )
-        module.kernel.set_value(merged_kernel(module))
-        plain.kernel, plain.bias = module.kernel, module.bias
-        _set_module(model, layer.path, plain)
+    for path, module in list(nnx.iter_modules(model)):
+        if isinstance(module, LoRADense):
+            plain = _plain(module, merged_kernel(module), module.held_kernel().get_metadata())
+        elif isinstance(module, QuantizedDense):
+            plain = _plain(module, module.kernel(), module.kernel_values.get_metadata())
+        else:
+            continue
+        _set_module(model, tuple(str(p) for p in path), plain)
     return model

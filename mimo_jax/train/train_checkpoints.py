@@ -43,6 +43,8 @@ def _words(x: jax.Array) -> jax.Array:
         x = jax.random.key_data(x)
     if x.dtype == jnp.bool_:
         x = x.astype(jnp.uint8)
+    if x.dtype in (jnp.int4, jnp.uint4):  # no 4-bit bitcast; widening keeps every bit
+        x = x.astype(jnp.int8 if x.dtype == jnp.int4 else jnp.uint8)
     unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
     return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
 
