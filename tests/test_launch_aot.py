@@ -1,5 +1,5 @@
 """experiments.aot on the demo model for 8 simulated devices, the optimizer state's placement, and
-the trainable-parameter count of a LoRA state."""
+the trainable-parameter count of a LoRA state and the quantised base of a QLoRA one."""
 
 import re
 import subprocess
@@ -7,13 +7,16 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 from experiments import aot_lib
 from experiments.configs import demo
 from mimo_jax.lm.config import MiMoAudioConfig
+from mimo_jax.nn.quantized import QuantizedKernel
 from mimo_jax.train import build, flops
-from mimo_jax.train.optimizer import path_of
+from mimo_jax.train.optimizer import group_of, path_of
 from sharding.mesh import mesh_and_rules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +81,32 @@ def test_a_lora_state_trains_only_its_adapters():
     trainable = aot_lib.size_of(state.params)
     assert trainable == 2 * per_layer * lm.num_hidden_layers
     assert aot_lib.size_of(state.frozen) == aot_lib.size_of(full.params)
+
+
+def test_a_qlora_state_holds_its_untrained_linear_layers_in_int8():
+    """The frozen base of a QLoRA state: every linear layer of the LoRA and frozen groups as int8
+    values (counted as parameters) with per-group scales, the same parameters as the float base
+    in under half its bytes."""
+    config = demo.get_config("smoke=True")
+    mesh, rules = mesh_and_rules(config)
+    config.lora.rank, config.lora.quantize_tile = 2, 16
+    _, _, plain = aot_lib.abstract_state(config, mesh, rules)
+    config.lora.quantize = "int8"
+    _, _, state = aot_lib.abstract_state(config, mesh, rules)
+    assert aot_lib.size_of(state.frozen) == aot_lib.size_of(plain.frozen)
+    assert aot_lib.size_of(state.params) == aot_lib.size_of(plain.params)
+    values = [
+        (tuple(map(str, p)), v.get_value())
+        for p, v in nnx.to_flat_state(nnx.state(state.frozen, QuantizedKernel))
+        if p[-1] == "kernel_values"
+    ]
+    assert values and all(x.dtype == jnp.int8 for _, x in values)
+    assert {group_of(p) for p, _ in values} == {"patch_encoder", "llm", "patch_decoder"}
+    # One int8 byte an entry and one float32 scale per 16: 1.25 bytes where the kernel took 4.
+    kernels = {tuple(map(str, p)): v for p, v in nnx.to_flat_state(plain.frozen)}
+    float_bytes = sum(4 * kernels[tuple(p[:-1]) + ("kernel",)].size for p, _ in values)
+    held = nnx.state(state.frozen, QuantizedKernel)
+    assert sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(held)) == float_bytes * 1.25 / 4
 
 
 def demo_lm():
