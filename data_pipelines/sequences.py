@@ -13,7 +13,10 @@ segments as `mimo_jax.tasks.segments` defines them (as the official `InputSegmen
 is trained on the text it is prompted with.
 
 Tasks (`TASKS`): `continuation` (speech only), `interleave` (5:5 stream), `asr`, `tts`, `caption`,
-`instruct_tts`, `text`. Prompt templates are picked deterministically from the record id.
+`instruct_tts`, `text` from a record's codes and text; and the conversation formats of
+`data_pipelines.conversations` (`asr`, `tts`, `instruct_tts`, `understanding`, `spoken_dialogue`,
+`s2t_dialogue`, `text_dialogue`) from a conversation record, which is built in its own format.
+Prompt templates are picked deterministically from the record id.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from data_pipelines import conversations
 from data_pipelines.config import DataConfig
 from data_pipelines.shards import Record
 from data_pipelines.text_tokenizer import TextTokenizer
@@ -38,13 +42,25 @@ class DocumentError(ValueError):
 
 class _Doc:
     """Accumulates groups as Python lists (cheap appends): text ids, supervision flags, and for each
-    group the row of the record's patches it shows (-1 for a text group)."""
+    group the row of the document's patches it shows (-1 for a text group). The document's
+    patches are the patch arrays it was given, one after the other."""
 
     def __init__(self):
         self.text: list[int] = []
         self.target: list[bool] = []
         self.patch_row: list[int] = []
-        self.patches: np.ndarray | None = None
+        self._arrays: list[np.ndarray] = []
+        self._offsets: dict[int, int] = {}  # id of a patch array -> its first row
+        self._rows = 0
+
+    def _offset(self, patches: np.ndarray) -> int:
+        """The first row of `patches` among the document's (kept alive, so its id is unique)."""
+        key = id(patches)
+        if key not in self._offsets:
+            self._offsets[key] = self._rows
+            self._arrays.append(patches)
+            self._rows += len(patches)
+        return self._offsets[key]
 
     def add_text(self, ids, target: bool):
         ids = list(ids)
@@ -53,32 +69,28 @@ class _Doc:
         self.patch_row.extend([-1] * len(ids))
 
     def add_patches(self, patches: np.ndarray, start: int, stop: int, empty_id: int, target: bool):
-        """Groups for rows `start:stop` of `patches` (one patch array per document)."""
-        if self.patches is not None and self.patches is not patches:
-            raise ValueError("a document holds the patches of one record")
-        self.patches = patches
+        """Groups for rows `start:stop` of `patches`."""
+        offset = self._offset(patches)
         n = stop - start
         self.text.extend([empty_id] * n)
         self.target.extend([target] * n)
-        self.patch_row.extend(range(start, stop))
+        self.patch_row.extend(range(offset + start, offset + stop))
 
     def add_groups(self, text: np.ndarray, rows: np.ndarray, patches: np.ndarray, target: bool):
         """Mixed groups at once: `rows[i]` is the patch row of group i, or -1 for text `text[i]`."""
-        if self.patches is not None and self.patches is not patches:
-            raise ValueError("a document holds the patches of one record")
-        self.patches = patches
+        offset = self._offset(patches)
         self.text.extend(text.tolist())
         self.target.extend([target] * len(text))
-        self.patch_row.extend(rows.tolist())
+        self.patch_row.extend(np.where(rows >= 0, rows + offset, -1).tolist())
 
     def finish(self, empty_codes: np.ndarray) -> dict[str, np.ndarray]:
         n = len(self.text)
         codes = np.empty((n,) + empty_codes.shape, np.int16)
         codes[:] = empty_codes
-        if self.patches is not None:
+        if self._arrays:
             rows = np.asarray(self.patch_row, np.int64)
             speech = rows >= 0
-            codes[speech] = self.patches[rows[speech]]
+            codes[speech] = np.concatenate(self._arrays)[rows[speech]]
         return {
             "text": np.asarray(self.text, np.int32),
             "codes": codes,
@@ -135,6 +147,25 @@ class SequenceBuilder:
     def _pick(self, rec: Record, options: tuple[str, ...]) -> str:
         return options[zlib.crc32(rec.id.encode()) % len(options)]
 
+    def _parts(self, doc: _Doc, parts: list[conversations.Part]):
+        for segments, target in parts:
+            self._add(doc, segments, target)
+
+    def _conversation(self, rec: Record, doc: _Doc):
+        """A conversation record in its own format: each audio is a frame span of its codes."""
+        conv = rec.meta["conversation"]
+        try:
+            conversations.check(rec.task, conv, conversations.span_problem(rec.frames))
+        except conversations.ConversationError as e:
+            raise DocumentError(f"record {rec.id}: conversation: {e}") from None
+        gs, ch = self.cfg.group_size, self.cfg.audio_channels
+
+        def audio(span):
+            return patchify(rec.codes[span[0] : span[1]], gs, ch)
+
+        pick = lambda options: self._pick(rec, options)  # noqa: E731
+        self._parts(doc, conversations.layout(rec.task, conv, audio, pick))
+
     # ---- tasks ----------------------------------------------------------------------------------
     def continuation(self, rec: Record, doc: _Doc):
         self._add(doc, [Audio(self._patches(rec))], True)
@@ -143,12 +174,13 @@ class SequenceBuilder:
         self._add(doc, [Stream(rec.text, self._patches(rec))], True)
 
     def asr(self, rec: Record, doc: _Doc):
-        self._answer(
-            rec,
-            doc,
-            prompts.asr(self._patches(rec), self._pick(rec, templates.ASR_TEMPLATES)),
-            rec.text,
-        )
+        if not rec.text:
+            raise DocumentError(
+                f"record {rec.id}: task {rec.task or 'asr'} needs a text answer, "
+                f"the record text is empty"
+            )
+        template = self._pick(rec, templates.ASR_TEMPLATES)
+        self._parts(doc, conversations.asr(self._patches(rec), template, rec.text))
 
     def caption(self, rec: Record, doc: _Doc):
         caption = rec.text if rec.task == "caption" else rec.meta.get("caption")
@@ -158,23 +190,12 @@ class SequenceBuilder:
                 f"caption record, or meta.caption)"
             )
         question = self._pick(rec, templates.CAPTION_QUESTIONS)
-        self._answer(rec, doc, prompts.understanding(self._patches(rec), question), caption)
-
-    def _answer(self, rec: Record, doc: _Doc, prompt: list, answer: str):
-        if not answer:
-            raise DocumentError(
-                f"record {rec.id}: task {rec.task or 'asr'} needs a text answer, "
-                f"the record text is empty"
-            )
-        self._add(doc, prompt, False)
-        doc.add_text(self.tok.encode(answer), True)
-        doc.add_text(self._ids(templates.END), True)
+        self._parts(doc, conversations.understanding(self._patches(rec), question, caption))
 
     def tts(self, rec: Record, doc: _Doc):
         text = self._need_text(rec)
         template = self._pick(rec, prompts.tts_templates(text))
-        self._add(doc, [prompts.tts_user_turn(text, template), Text(templates.ASSISTANT)], False)
-        self._add(doc, [Stream(text, self._patches(rec)), Text(templates.END)], True)
+        self._parts(doc, conversations.tts(text, template, text, self._patches(rec)))
 
     def instruct_tts(self, rec: Record, doc: _Doc):
         text = self._need_text(rec)
@@ -184,11 +205,8 @@ class SequenceBuilder:
                 f"record {rec.id}: task instruct_tts needs meta.instruct (the style instruction)"
             )
         template = self._pick(rec, prompts.tts_templates(text))
-        self._add(doc, prompts.tts(text, template, instruct=instruct), False)
-        self._add(
-            doc,
-            [Text(templates.THINK_CLOSE), Stream(text, self._patches(rec)), Text(templates.END)],
-            True,
+        self._parts(
+            doc, conversations.instruct_tts(text, template, instruct, text, self._patches(rec))
         )
 
     def text(self, rec: Record, doc: _Doc):
@@ -206,14 +224,39 @@ class SequenceBuilder:
     def build(self, rec: Record, task: str) -> dict[str, np.ndarray]:
         """`task` one of `TASKS`, or `"record"` to use the record's own `task` field."""
         name = rec.task if task == "record" else task
-        fn: Callable | None = getattr(self, name, None) if name in TASKS else None
-        if fn is None:
+        if name not in TASKS:
             raise DocumentError(
                 f"record {rec.id}: unknown task {name!r}, expected one of {', '.join(TASKS)}"
             )
         doc = _Doc()
+        if "conversation" in rec.meta:
+            if name != rec.task:
+                raise DocumentError(
+                    f"record {rec.id}: a conversation of task {rec.task}, built as {name} (build "
+                    f"it as its own task: DIR:record or DIR:{rec.task})"
+                )
+            self._conversation(rec, doc)
+            return doc.finish(self.empty_codes)
+        fn: Callable | None = getattr(self, name, None)
+        if fn is None:
+            raise DocumentError(
+                f"record {rec.id}: task {name} needs a conversation record (a manifest line "
+                f"with messages, see data_pipelines.conversations)"
+            )
         fn(rec, doc)
         return doc.finish(self.empty_codes)
 
 
-TASKS = ("continuation", "interleave", "asr", "tts", "caption", "instruct_tts", "text")
+TASKS = (
+    "continuation",
+    "interleave",
+    "asr",
+    "tts",
+    "caption",
+    "instruct_tts",
+    "text",
+    "understanding",
+    "spoken_dialogue",
+    "s2t_dialogue",
+    "text_dialogue",
+)
