@@ -4,7 +4,9 @@
 
 The manifest has one JSON object per line: `audio` (a path, relative to the manifest's folder or
 absolute, local or gs://) and optional `id` (default: the audio file's stem), `text`, `speaker`,
-`language`, `task`; other keys are kept as the record's `meta`.
+`language`, `task`; other keys are kept as the record's `meta`. A line with `messages` instead is
+a conversation (`data_pipelines.conversations` has its formats): every audio of it is encoded,
+and its record holds them all.
 
 Lines are cut into shards of `--records-per-shard` consecutive lines; process p of n (default
 `jax.process_index()` / `jax.process_count()`) takes shards p, p+n, ... Within a shard, audio is
@@ -12,11 +14,11 @@ sorted by length and encoded in batches of at most `--batch-seconds` of audio. A
 has its `.array_record` file and a `.json` sidecar (stats, errors, a checksum of its manifest
 lines); a rerun skips finished shards and redoes the others. Every bad line (not UTF-8, not JSON,
 no audio path, duplicate id, missing or undecodable audio, a clip the encoder refuses such as one
-shorter than its minimum) is written to `DIR/errors.jsonl` with its `audio`, manifest `line` and
-`reason`, and the job goes on: one bad line never costs the good lines of its shard. When all
-shards are done, `DIR/manifest.json` and `DIR/errors.jsonl` are written. Exit status 0 when every
-line was written or reported. `--manifest`, `--out` and the audio paths may be relative, local
-or gs://.
+shorter than its minimum, a conversation its format cannot take) is written to `DIR/errors.jsonl`
+with its `audio` (the failing one), manifest `line` and `reason`, and the job goes on: one bad
+line never costs the good lines of its shard. When all shards are done, `DIR/manifest.json` and
+`DIR/errors.jsonl` are written. Exit status 0 when every line was written or reported.
+`--manifest`, `--out` and the audio paths may be relative, local or gs://.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from data_pipelines import encoders
+from data_pipelines import conversations, encoders
 from data_pipelines.shards import Record, ShardWriter, write_json_atomic, write_manifest
 from mimo_jax import logs, paths
 from mimo_jax.tokenizer import audio_io
@@ -44,18 +46,27 @@ log = logging.getLogger(__name__)
 
 STANDARD_KEYS = ("audio", "id", "text", "speaker", "language", "task")
 ERRORS = "errors.jsonl"
+Unit = tuple[int, int]  # (manifest line, index of the audio in its line): one encoded audio
 
 
 @dataclasses.dataclass
 class Item:
+    """A good manifest line: its audios (one, or a conversation's every one, maybe none) become
+    one record."""
+
     line: int
-    audio: str
+    audios: list[str]
     id: str
     text: str = ""
     speaker: str = ""
     language: str = ""
     task: str = ""
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    conversation: dict | None = None  # its own keys, audio values as given in the manifest
+
+    @property
+    def audio(self) -> str | None:
+        return self.audios[0] if self.audios else None
 
 
 def error_entry(line: int, audio: str | None, reason: str) -> dict:
@@ -79,16 +90,52 @@ def parse_manifest_line(raw: bytes, line: int, base: epath.Path) -> Item | dict:
         return error_entry(line, None, f"not JSON: {e.msg} at column {e.colno}")
     if not isinstance(obj, dict):
         return error_entry(line, None, f"expected a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        return _conversation_item(obj, line, base)
     path = obj.get("audio")
     if not isinstance(path, str) or not path:
         return error_entry(line, None, "no 'audio' path")
-    full = path if "://" in path or path.startswith("/") else str(base / path)
     fields = {
         k: str(obj[k]) for k in ("text", "speaker", "language", "task") if obj.get(k) is not None
     }
     meta = {k: v for k, v in obj.items() if k not in STANDARD_KEYS}
     return Item(
-        line=line, audio=full, id=str(obj.get("id") or epath.Path(path).stem), meta=meta, **fields
+        line=line,
+        audios=[_resolve(path, base)],
+        id=str(obj.get("id") or epath.Path(path).stem),
+        meta=meta,
+        **fields,
+    )
+
+
+def _resolve(path: str, base: epath.Path) -> str:
+    return path if "://" in path or path.startswith("/") else str(base / path)
+
+
+def _conversation_item(obj: dict, line: int, base: epath.Path) -> Item | dict:
+    def bad(reason: str) -> dict:
+        return error_entry(line, None, f"conversation: {reason}")
+
+    for key in ("audio", "text"):
+        if key in obj:
+            return bad(f"{key!r} beside messages: a conversation's {key} is in its messages")
+    for key in ("id", "task"):
+        if not isinstance(obj.get(key), str) or not obj[key]:
+            return bad(f"no {key!r} (a conversation needs its id and task)")
+    conv = {k: obj[k] for k in conversations.KEYS if k in obj}
+    try:
+        conversations.check(obj["task"], conv)
+    except conversations.ConversationError as e:
+        return bad(str(e))
+    return Item(
+        line=line,
+        audios=[_resolve(p, base) for p in conversations.audio_values(conv)],
+        id=obj["id"],
+        speaker=str(obj.get("speaker") or ""),
+        language=str(obj.get("language") or ""),
+        task=obj["task"],
+        meta={k: v for k, v in obj.items() if k not in STANDARD_KEYS + conversations.KEYS},
+        conversation=conv,
     )
 
 
@@ -125,8 +172,8 @@ def shard_name(k: int, n: int) -> str:
 
 
 def length_batches(
-    lengths: dict[int, float], max_seconds: float, max_items: int
-) -> list[list[int]]:
+    lengths: dict[Any, float], max_seconds: float, max_items: int
+) -> list[list[Any]]:
     """Groups keys into batches of similar length (sorted), each under `max_seconds` of audio."""
     order = sorted(lengths, key=lambda k: (lengths[k], k))
     batches, cur, total = [], [], 0.0
@@ -149,6 +196,8 @@ class ShardJob:
         self.args, self.encode = args, encode
         self.name = shard_name(k, n)
         self.sidecar = out / f"{self.name}.json"
+        self.items: dict[int, Item] = {}
+        self.failed: dict[int, dict] = {}  # line -> its one error entry
 
     @property
     def audio(self):
@@ -166,90 +215,111 @@ class ShardJob:
             )
         return True
 
-    def run(self, progress) -> dict:
-        errors = [e for e in self.entries if isinstance(e, dict)]
-        items = {e.line: e for e in self.entries if isinstance(e, Item)}
-        seconds = {}
-        for line, item in items.items():
-            try:
-                seconds[line] = audio_io.audio_seconds(item.audio)
-            except Exception as e:  # any decoder error is a property of the file
-                errors.append(error_entry(line, item.audio, f"bad audio: {e}"))
-        codes = {}
-        for batch in length_batches(seconds, self.args.batch_seconds, self.args.max_batch):
-            codes.update(self._encode(batch, items, errors))
-            progress.update(len(batch))
-        progress.update(len(self.entries) - len(seconds))
-        return self._write(items, codes, seconds, errors)
+    @property
+    def units(self) -> int:
+        """Progress units of the shard: one per audio, one per line without any."""
+        return sum(max(1, len(e.audios)) if isinstance(e, Item) else 1 for e in self.entries)
 
-    def _encode(self, batch: list[int], items: dict, errors: list) -> dict[int, np.ndarray]:
+    def run(self, progress) -> dict:
+        self.items = {e.line: e for e in self.entries if isinstance(e, Item)}
+        self.failed = {}
+        seconds = self._probe()
+        codes: dict[Unit, np.ndarray] = {}
+        for batch in length_batches(seconds, self.args.batch_seconds, self.args.max_batch):
+            codes.update(self._encode(batch))
+            progress.update(len(batch))
+        progress.update(self.units - len(seconds))
+        errors = [e for e in self.entries if isinstance(e, dict)] + list(self.failed.values())
+        return self._write(codes, seconds, errors)
+
+    def _fail(self, unit: Unit, reason: str) -> None:
+        """The line of `unit` fails (its first failing audio and reason are reported)."""
+        line = unit[0]
+        self.failed.setdefault(line, error_entry(line, self._path(unit), reason))
+
+    def _path(self, unit: Unit) -> str:
+        return self.items[unit[0]].audios[unit[1]]
+
+    def _probe(self) -> dict[Unit, float]:
+        """Seconds of every audio of the lines whose audios can all be read."""
+        seconds = {}
+        for line, item in self.items.items():
+            for i in range(len(item.audios)):
+                try:
+                    seconds[line, i] = audio_io.audio_seconds(item.audios[i])
+                except Exception as e:  # any decoder error is a property of the file
+                    self._fail((line, i), f"bad audio: {e}")
+                    break
+        return {u: s for u, s in seconds.items() if u[0] not in self.failed}
+
+    def _encode(self, batch: list[Unit]) -> dict[Unit, np.ndarray]:
         wavs = {}
-        for line in batch:
+        for unit in batch:
+            if unit[0] in self.failed:  # another audio of its line failed
+                continue
             try:
-                wavs[line] = audio_io.read_audio(
-                    items[line].audio,
+                wavs[unit] = audio_io.read_audio(
+                    self._path(unit),
                     self.audio.sampling_rate,
                     min_samples=self.audio.min_samples,
                     allow_silence=True,
                 )
             except Exception as e:
-                errors.append(error_entry(line, items[line].audio, f"bad audio: {e}"))
-        return self._encode_wavs(wavs, items, errors)
+                self._fail(unit, f"bad audio: {e}")
+        return self._encode_wavs(wavs)
 
-    def _encode_wavs(
-        self, wavs: dict[int, np.ndarray], items: dict, errors: list
-    ) -> dict[int, np.ndarray]:
+    def _encode_wavs(self, wavs: dict[Unit, np.ndarray]) -> dict[Unit, np.ndarray]:
         """Codes of each wav; when the encoder refuses the batch (ValueError: e.g. a clip below its
-        minimum length), each clip is retried alone and the refused ones become error entries."""
+        minimum length), each clip is retried alone and the refused ones fail their lines."""
         if not wavs:
             return {}
-        lines = list(wavs)
+        units = list(wavs)
         try:
-            outs = self.encode([wavs[line] for line in lines])
+            outs = self.encode([wavs[u] for u in units])
         except ValueError as e:
-            if len(lines) == 1:
-                line = lines[0]
-                errors.append(
-                    error_entry(
-                        line,
-                        items[line].audio,
-                        f"refused by the encoder ({len(wavs[line])} samples at "
-                        f"{self.audio.sampling_rate} Hz): {e}",
-                    )
+            if len(units) == 1:
+                self._fail(
+                    units[0],
+                    f"refused by the encoder ({len(wavs[units[0]])} samples at "
+                    f"{self.audio.sampling_rate} Hz): {e}",
                 )
                 return {}
-            return {
-                k: v
-                for line in lines
-                for k, v in self._encode_wavs({line: wavs[line]}, items, errors).items()
-            }
+            return {k: v for u in units for k, v in self._encode_wavs({u: wavs[u]}).items()}
         result = {}
-        for line, c in zip(lines, outs):
+        for unit, c in zip(units, outs):
             c = np.asarray(c)
-            want = (self.audio.clip_code_frames(len(wavs[line])), self.args.codebooks)
+            want = (self.audio.clip_code_frames(len(wavs[unit])), self.args.codebooks)
             if c.shape != want:
                 raise RuntimeError(
-                    f"encoder returned codes {c.shape} for {items[line].audio} "
-                    f"({len(wavs[line])} samples), expected {want}"
+                    f"encoder returned codes {c.shape} for {self._path(unit)} "
+                    f"({len(wavs[unit])} samples), expected {want}"
                 )
-            result[line] = c.astype(np.int16)
+            result[unit] = c.astype(np.int16)
         return result
 
-    def _write(self, items: dict, codes: dict, seconds: dict, errors: list) -> dict:
+    def _record(self, item: Item, codes: list[np.ndarray], seconds: float) -> Record:
+        meta = item.meta
+        if item.conversation is not None:
+            spans = conversations.with_spans(item.conversation, [len(c) for c in codes])
+            meta = {**meta, "conversation": spans}
+        return Record(
+            id=item.id,
+            codes=np.concatenate(codes) if codes else np.zeros((0, self.args.codebooks), np.int16),
+            text=item.text,
+            speaker=item.speaker,
+            language=item.language,
+            task=item.task,
+            duration=seconds,
+            meta=meta,
+        )
+
+    def _write(self, codes: dict, seconds: dict, errors: list) -> dict:
         writer = ShardWriter(str(self.out / f"{self.name}.array_record"), self.audio.frame_rate)
-        for line in sorted(codes):
-            it = items[line]
+        for line in sorted(set(self.items) - set(self.failed)):
+            item = self.items[line]
+            units = [(line, i) for i in range(len(item.audios))]
             writer.write(
-                Record(
-                    id=it.id,
-                    codes=codes[line],
-                    text=it.text,
-                    speaker=it.speaker,
-                    language=it.language,
-                    task=it.task,
-                    duration=seconds[line],
-                    meta=it.meta,
-                )
+                self._record(item, [codes[u] for u in units], sum(seconds[u] for u in units))
             )
         stats = writer.close()
         errors.sort(key=lambda e: e["line"])
@@ -349,7 +419,7 @@ def run(args, encode=None) -> int:
         encode = encoders.load_encoder(args.encoder, args.checkpoint, args.codebooks)
     start = time.time()
     with tqdm.tqdm(
-        total=sum(len(j.entries) for j in pending), unit="utt", desc="tokenize", disable=None
+        total=sum(j.units for j in pending), unit="audio", desc="tokenize", disable=None
     ) as progress:
         for job in pending:
             job.encode = encode

@@ -1,17 +1,25 @@
 """Conversation data: the hand-checked training sequence of every SFT format (ids, targets and
 codes written out from SPEC §2.4's strings), its prompt part against the inference prompt of the
-same request, and the checks of a conversation."""
+same request, the checks of a conversation, and tokenize from a conversation manifest to
+documents."""
+
+import json
 
 import numpy as np
 import pytest
+import soundfile
 
-from data_pipelines import conversations
+from data_pipelines import conversations, tokenize
 from data_pipelines.config import DataConfig
+from data_pipelines.encoders import EnergyEncoder
+from data_pipelines.pipeline import Source, document_dataset
 from data_pipelines.sequences import DocumentError, SequenceBuilder
-from data_pipelines.shards import Record
+from data_pipelines.shards import Record, ShardSet
 from data_pipelines.text_tokenizer import TextTokenizer, word_level_tokenizer
 from mimo_jax.tasks import requests, segments
 from mimo_jax.tasks.segments import patchify
+from mimo_jax.tokenizer import audio_io
+from mimo_jax.tokenizer.config import TokenizerConfig
 
 INSTRUCT_SYSTEM = "你需要根据指定的风格指令和文本内容来生成语音。"
 VOICE_INSTRUCT_SYSTEM = (
@@ -508,3 +516,169 @@ def test_builder_refuses_a_conversation_it_cannot_build():
         b.build(rec, "tts")
     with pytest.raises(DocumentError, match="record c9: task text_dialogue needs a conversation"):
         b.build(Record(id="c9", codes=FRAMES[:0], text="w1"), "text_dialogue")
+
+
+# ---- tokenize: a conversation manifest to shards and documents ----------------------------------
+AUDIO = TokenizerConfig()  # the released tokenizer's rates, as EnergyEncoder's
+
+
+class CountingEncoder(EnergyEncoder):
+    def __init__(self):
+        super().__init__(8)
+        self.batches = []
+
+    def __call__(self, wavs):
+        self.batches.append([len(w) for w in wavs])
+        return super().__call__(wavs)
+
+
+def _wavs(root, seconds: dict) -> dict:
+    """Writes `name.wav` of each length; returns each one's EnergyEncoder codes."""
+    codes = {}
+    for i, (name, s) in enumerate(seconds.items()):
+        wav = 0.1 * np.random.default_rng(i).standard_normal(int(s * 24000)).astype(np.float32)
+        soundfile.write(root / f"{name}.wav", wav, 24000)
+        read = audio_io.read_audio(str(root / f"{name}.wav"), 24000, min_samples=AUDIO.min_samples)
+        codes[name] = EnergyEncoder(8)([read])[0]
+    return codes
+
+
+def test_tokenize_encodes_every_audio_and_reports_bad_conversations(tmp_path):
+    codes = _wavs(tmp_path, {"voice": 0.45, "q1": 0.5, "a1": 0.7, "q2": 0.3, "a2": 0.6})
+    spoken = {
+        "id": "c1",
+        "task": "spoken_dialogue",
+        "system_prompt": "w9",
+        "prompt_speech": "voice.wav",
+        "speaker": "ann",
+        "source": "studio",
+        "messages": [
+            _turn("user", audio="q1.wav"),
+            _turn("assistant", text="w1 w2", audio="a1.wav"),
+            _turn("user", audio="q2.wav"),
+            _turn("assistant", text="w3", audio="a2.wav"),
+        ],
+    }
+    text = {"id": "c2", "task": "text_dialogue", "messages": [USER_TEXT, SAID]}
+    lines = [
+        spoken,
+        text,
+        {"id": "c3", "task": "asr", "messages": [_turn("user", audio="q2.wav"), SAID]},
+        {**spoken, "id": "c4", "prompt_speech": "gone.wav"},
+        {"id": "c5", "task": "s2t_dialogue", "messages": [USER_AUDIO, USER_AUDIO, SAID]},
+        {"audio": "a2.wav", "text": "w1 w2", "task": "asr"},
+        {**text, "id": "c6", "messages": [USER_TEXT, {"role": "assistant"}]},
+        {"task": "text_dialogue", "messages": [USER_TEXT, SAID]},
+    ]
+    manifest = tmp_path / "conversations.jsonl"
+    manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    args = tokenize.parse_args(
+        ["--manifest", str(manifest), "--out", str(tmp_path / "out"), "--process-index", "0",
+         "--process-count", "1"]
+    )  # fmt: skip
+    encoder = CountingEncoder()
+    assert tokenize.run(args, encode=encoder) == 0
+
+    errors = [json.loads(x) for x in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    assert errors == [
+        {
+            "line": 4,
+            "audio": str(tmp_path / "gone.wav"),
+            "reason": f"bad audio: {tmp_path / 'gone.wav'}: no such file",
+        },
+        {
+            "line": 5,
+            "audio": None,
+            "reason": "conversation: messages[1] (user): a second user turn in a row; turns "
+            "alternate, the user's first",
+        },
+        {
+            "line": 7,
+            "audio": None,
+            "reason": "conversation: messages[1] (assistant): no 'text' (text_dialogue assistant "
+            "turns take text, thinking)",
+        },
+        {
+            "line": 8,
+            "audio": None,
+            "reason": "conversation: no 'id' (a conversation needs its id and task)",
+        },
+    ]
+    # Every audio of the good lines in length-sorted batches; none of the failed line's.
+    assert sorted(n for b in encoder.batches for n in b) == sorted(
+        int(s * 24000) for s in (0.45, 0.5, 0.7, 0.3, 0.6, 0.3, 0.6)
+    )
+    assert all(b == sorted(b) for b in encoder.batches)
+
+    recs = {r.id: r for r in ShardSet(str(tmp_path / "out"))}
+    assert sorted(recs) == ["a2", "c1", "c2", "c3"]
+    c1 = recs["c1"]
+    order = ["voice", "q1", "a1", "q2", "a2"]
+    np.testing.assert_array_equal(c1.codes, np.concatenate([codes[n] for n in order]))
+    ends = np.cumsum([len(codes[n]) for n in order]).tolist()
+    assert c1.meta == {
+        "source": "studio",
+        "conversation": {
+            "system_prompt": "w9",
+            "prompt_speech": [0, ends[0]],
+            "messages": [
+                _turn("user", audio=[ends[0], ends[1]]),
+                _turn("assistant", text="w1 w2", audio=[ends[1], ends[2]]),
+                _turn("user", audio=[ends[2], ends[3]]),
+                _turn("assistant", text="w3", audio=[ends[3], ends[4]]),
+            ],
+        },
+    }
+    assert (c1.task, c1.speaker) == ("spoken_dialogue", "ann")
+    assert c1.duration == pytest.approx(0.45 + 0.5 + 0.7 + 0.3 + 0.6, abs=1e-3)
+    assert recs["c2"].frames == 0 and recs["c2"].meta["conversation"]["messages"][1] == SAID
+
+    # The records read back become documents with every audio segment (DIR:record).
+    docs = document_dataset(
+        [Source(str(tmp_path / "out"), "record")], CFG, TOK, seed=0, num_epochs=1, shuffle=False
+    )
+    doc = next(d for d in docs if d["id"] == "c1")
+    speech = doc["codes"][doc["text"] == TOK.empty_id]
+    want = [patchify(codes[n], CFG.group_size, CFG.audio_channels) for n in order]
+    np.testing.assert_array_equal(speech, np.concatenate(want))
+    assert {d["id"] for d in docs} == {"a2", "c1", "c2", "c3"}
+
+
+def test_an_audio_the_encoder_refuses_fails_its_conversation_alone(tmp_path):
+    class Picky(CountingEncoder):  # refuses any batch holding a clip under 0.35 s
+        def __call__(self, wavs):
+            if any(len(w) < 0.35 * 24000 for w in wavs):
+                raise ValueError("clip under 0.35 s")
+            return super().__call__(wavs)
+
+    _wavs(tmp_path, {"short": 0.3, "long": 0.6, "other": 0.5})
+    lines = [
+        {"id": "c1", "task": "asr", "messages": [_turn("user", audio="other.wav"), SAID]},
+        {
+            "id": "c2",
+            "task": "s2t_dialogue",
+            "messages": [
+                _turn("user", audio="short.wav"),
+                SAID,
+                _turn("user", audio="long.wav"),
+                SAID,
+            ],
+        },
+    ]
+    manifest = tmp_path / "conversations.jsonl"
+    manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    args = tokenize.parse_args(
+        ["--manifest", str(manifest), "--out", str(tmp_path / "out"), "--max-batch", "1",
+         "--process-index", "0", "--process-count", "1"]
+    )  # fmt: skip
+    encoder = Picky()
+    assert tokenize.run(args, encode=encoder) == 0
+    (error,) = [json.loads(x) for x in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    assert error == {
+        "line": 2,
+        "audio": str(tmp_path / "short.wav"),
+        "reason": "refused by the encoder (7200 samples at 24000 Hz): clip under 0.35 s",
+    }
+    # One clip a batch, the shortest first: the failed conversation's other audio is not encoded.
+    assert encoder.batches == [[12000]]
+    assert [r.id for r in ShardSet(str(tmp_path / "out"))] == ["c1"]
