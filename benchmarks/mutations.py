@@ -197,6 +197,13 @@ MUTATIONS = [
         "onehot = onehot",
         ("tests/test_rvq_training.py",),
     ),
+    Mutation(
+        "RVQ k-means initialises every codebook on the input, not its residual",
+        "mimo_jax/tokenizer/rvq_training.py",
+        "residual = residual - state.embed[nearest_entry(residual, state.embed)]",
+        "residual = residual",
+        ("tests/test_rvq_training.py",),
+    ),
 ]
 
 

@@ -10,7 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mimo_jax.tokenizer.rvq_training import CodebookState, EmaConfig, ema_update, train_step
+from mimo_jax.tokenizer.rvq_training import (
+    CodebookState,
+    EmaConfig,
+    ema_update,
+    initialise,
+    states_of,
+    store,
+    train_step,
+)
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -21,9 +29,12 @@ def rvq(fixtures_root):
     return json.loads((root / "config.json").read_text()), dict(np.load(root / "reference.npz"))
 
 
+EMA = ("embed", "cluster_size", "embed_avg")  # the buffers the fixture holds (all initialised)
+
+
 def _states(ref, prefix: str, layers: int) -> list[CodebookState]:
     return [
-        CodebookState(*(jnp.asarray(ref[f"{prefix}_{k}_{q}"]) for k in CodebookState._fields))
+        CodebookState(*(jnp.asarray(ref[f"{prefix}_{k}_{q}"]) for k in EMA), jnp.ones((1,)))
         for q in range(layers)
     ]
 
@@ -60,14 +71,14 @@ def _numpy_rule(state: CodebookState, x, codes, decay, eps) -> CodebookState:
     size = decay * np.asarray(state.cluster_size, np.float64) + (1 - decay) * counts
     avg = decay * np.asarray(state.embed_avg, np.float64) + (1 - decay) * sums
     smoothed = (size + eps) / (size.sum() + k * eps) * size.sum()
-    return CodebookState(avg / smoothed[:, None], size, avg)
+    return CodebookState(avg / smoothed[:, None], size, avg, state.inited)
 
 
 def _random_state(key, k, dim, dead=()):
     a, b = jax.random.split(key)
     size = jax.random.uniform(a, (k,), minval=3.0, maxval=9.0).at[jnp.asarray(dead, int)].set(0.5)
     avg = jax.random.normal(b, (k, dim)) * size[:, None]
-    return CodebookState(avg / size[:, None], size, avg)
+    return CodebookState(avg / size[:, None], size, avg, jnp.ones((1,)))
 
 
 def test_dead_codes_padding_and_shards():
@@ -103,3 +114,70 @@ def test_bad_settings_are_named():
         EmaConfig(decay=1.0)
     with pytest.raises(ValueError, match="epsilon=0.0: expected a number > 0"):
         EmaConfig(epsilon=0.0)
+
+
+def _fresh(k, dim):
+    return CodebookState(jnp.zeros((k, dim)), jnp.zeros((k,)), jnp.zeros((k, dim)), jnp.zeros(1))
+
+
+def _lloyd_fixed_point(entries, counts, frames):
+    """Every entry with frames is their mean, and the counts are the nearest-entry counts (numpy,
+    squared L2, first index on ties)."""
+    d = ((frames[:, None, :] - entries[None]) ** 2).sum(-1)
+    nearest = d.argmin(1)
+    np.testing.assert_array_equal(counts, np.bincount(nearest, minlength=len(entries)))
+    for j in np.unique(nearest):
+        np.testing.assert_allclose(entries[j], frames[nearest == j].mean(0), rtol=1e-5, atol=1e-5)
+
+
+def test_kmeans_initialises_each_codebook_on_its_residual_and_skips_padding():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 5, (4, 3))
+    frames = (centres[rng.integers(0, 4, 60)] + rng.normal(0, 0.3, (60, 3))).astype(np.float32)
+    x = np.concatenate([frames, np.full((7, 3), 1e3, np.float32)])  # 7 padded frames
+    mask = np.arange(67) < 60
+    embed = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+    done = CodebookState(embed, jnp.full((4,), 3.0), embed, jnp.ones(1))
+    states = [_fresh(4, 3), _fresh(5, 3), done]
+    out = jax.jit(lambda s, x, m: initialise(s, x, jax.random.key(1), mask=m))(
+        states, jnp.asarray(x), jnp.asarray(mask)
+    )
+    residual = frames
+    for q in range(2):
+        embed, size, avg, inited = map(np.asarray, out[q])
+        assert inited.tolist() == [1.0] and size.sum() == 60
+        np.testing.assert_array_equal(avg, embed)
+        assert np.abs(embed).max() < 100  # no centroid drawn from or pulled by padding
+        _lloyd_fixed_point(embed, size, residual)  # codebook 1 sees codebook 0's residual
+        residual = residual - embed[((residual[:, None] - embed[None]) ** 2).sum(-1).argmin(1)]
+    for a, b in zip(out[2], done):  # initialised already: unchanged
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_kmeans_with_fewer_frames_than_entries_draws_them_again():
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 2)), jnp.float32)
+    (state,) = initialise([_fresh(8, 2)], x, jax.random.key(0), iters=5)
+    embed = np.asarray(state.embed)
+    assert np.isfinite(embed).all() and np.asarray(state.cluster_size).sum() == 3
+    # Each entry is a frame (a drawn one that kept no frames, or the one frame it kept).
+    assert all(np.isclose(np.asarray(x), e).all(1).any() for e in embed)
+
+
+def test_the_quantizer_holds_the_official_buffers(fixtures_root):
+    """The tokenizer fixture's buffers reach the model under their official names, and states
+    written back are what the model then holds."""
+    from safetensors.numpy import load_file
+
+    from mimo_jax.tokenizer.tokenizer_checkpoint import load_tokenizer
+
+    _, model = load_tokenizer(fixtures_root / "tokenizer")
+    official = load_file(fixtures_root / "tokenizer" / "model.safetensors")
+    states = states_of(model.encoder.quantizer)
+    for q, state in enumerate(states):
+        for name, value in zip(CodebookState._fields, state):
+            want = official[f"encoder.quantizer.vq.layers.{q}._codebook.{name}"]
+            np.testing.assert_array_equal(np.asarray(value), want, err_msg=f"{q} {name}")
+    changed = [s._replace(cluster_size=s.cluster_size + 1.0) for s in states]
+    store(model.encoder.quantizer, changed)
+    for got, want in zip(states_of(model.encoder.quantizer), changed):
+        np.testing.assert_array_equal(np.asarray(got.cluster_size), np.asarray(want.cluster_size))

@@ -3,7 +3,8 @@
 NNX attribute names mirror the official module names, so the rules are mechanical: join the path
 with dots, `{i}` after a stacked `layers`, `kernel` -> `weight` with the transform of its module
 type, `scale` -> `weight`. Three renames remain: `down_sample_layer` is `down_sample_layer.0`
-(an nn.Sequential), and codebook q lives at `quantizer.vq.layers.{q}._codebook.embed`.
+(an nn.Sequential), and codebook q and its training buffers live at
+`quantizer.vq.layers.{q}._codebook.{embed,inited,cluster_size,embed_avg}`.
 """
 
 import jax.numpy as jnp
@@ -16,6 +17,8 @@ from mimo_jax.tokenizer.model import MiMoAudioTokenizer
 
 _CONV1D = {"conv1", "conv2", "down_sample_layer"}
 _CONV_TRANSPOSE1D = {("dconv1", "conv"), ("dconv2", "conv")}
+# A codebook's entries and its training buffers (k-means flag, EMA statistics), official names.
+_CODEBOOK = ("embed", "inited", "cluster_size", "embed_avg")
 
 
 class TokenizerFamily:
@@ -25,8 +28,6 @@ class TokenizerFamily:
         # Rotary inverse frequencies: recomputed from rope_theta (non-persistent in the official
         # code; ignored should a checkpoint carry them).
         r".*\.inv_freq",
-        # RVQ EMA training state: encoding, decoding and the commitment loss need only `embed`.
-        r"encoder\.quantizer\.vq\.layers\.\d+\._codebook\.(embed_avg|cluster_size|inited)",
     )
 
     def config_from_hf(self, hf_config: dict) -> TokenizerConfig:
@@ -48,9 +49,9 @@ class TokenizerFamily:
     def rule(self, path: tuple) -> TensorRule:
         names = [str(p) for p in path]
         *modules, leaf = names
-        if leaf == "embed" and modules[-3:-1] == ["quantizer", "layers"]:
+        if leaf in _CODEBOOK and modules[-3:-1] == ["quantizer", "layers"]:
             prefix = ".".join(modules[:-2])
-            return TensorRule(f"{prefix}.vq.layers.{modules[-1]}._codebook.embed", "identity")
+            return TensorRule(f"{prefix}.vq.layers.{modules[-1]}._codebook.{leaf}", "identity")
         out = []
         for i, name in enumerate(modules):
             out.append(name)

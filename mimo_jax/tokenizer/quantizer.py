@@ -2,8 +2,9 @@
 
 Encode: for each codebook in order, take the nearest entry (squared L2, first index on ties) and
 subtract it from the residual. Decode: the sum of the chosen entries. Codebooks are `Codebook`
-variables: checkpoint state like parameters (the converter maps them), but trained by EMA rather
-than by gradients, so an optimizer must filter them out by their type.
+variables and their training state `CodebookBuffer`s: checkpoint state like parameters (the
+converter maps them), but trained by EMA rather than by gradients, so an optimizer must filter
+them out by their type.
 """
 
 from collections.abc import Sequence
@@ -59,10 +60,21 @@ class Codebook(nnx.Param):
     """Entries [size, dim] of one RVQ codebook (float32; no gradient updates)."""
 
 
+class CodebookBuffer(nnx.Param):
+    """A codebook's training state under its official buffer name (`inited` [1], 1 once k-means
+    has set the entries; `cluster_size` [size] and `embed_avg` [size, dim], the EMA statistics).
+    Checkpointed and converted like a parameter; updated by `rvq_training`, never by gradients."""
+
+
 class VectorQuantizer(nnx.Module):
     def __init__(self, dim: int, size: int, *, rngs: nnx.Rngs):
         entries = jax.random.normal(rngs.params(), (size, dim), jnp.float32)
-        self.embed = Codebook(entries, out_sharding=("codebook", "embed"), eager_sharding=False)
+        meta = lambda axes: {"out_sharding": axes, "eager_sharding": False}
+        self.embed = Codebook(entries, **meta(("codebook", "embed")))
+        # As the official codebook starts: entries not yet set by k-means, no statistics.
+        self.inited = CodebookBuffer(jnp.zeros((1,), jnp.float32), **meta((None,)))
+        self.cluster_size = CodebookBuffer(jnp.zeros((size,), jnp.float32), **meta(("codebook",)))
+        self.embed_avg = CodebookBuffer(entries, **meta(("codebook", "embed")))
 
     def nearest(self, residual: jax.Array) -> jax.Array:
         """Index of the nearest entry for residual [..., dim] (float32)."""
