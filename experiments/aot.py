@@ -9,7 +9,9 @@ jax.eval_shape, both as ShapeDtypeStructs carrying the rules' NamedShardings, an
 [batch-per-device x data-parallel devices x grad_accum, context] placed as training places it. The
 devices are host CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N, set below before
 JAX starts), so the figures are those of XLA's CPU compiler: a guide to what fits, not a TPU/GPU
-measurement (those backends fuse and schedule differently).
+measurement (those backends fuse and schedule differently). One CPU-only artefact is removed: the
+compile runs without loop-invariant code motion, which on the CPU would hoist an f32 copy of every
+stacked bf16 weight out of the layer loop (`aot_lib.CPU_COMPILER_OPTIONS` says why).
 """
 
 import os
