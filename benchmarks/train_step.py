@@ -1,12 +1,13 @@
 """Groups per second and model FLOPs utilisation of the stage-2 train step (patch encoder, backbone,
 patch decoder, loss, AdamW) for a model size given on the command line, on the devices present:
-full fine-tuning and LoRA (adapters of rank --lora-rank on the backbone's attention and MLP, the
-patch encoder and decoder frozen: the config's default `lora` block) in the same run.
+full fine-tuning, LoRA (adapters of rank --lora-rank on the backbone's attention and MLP, the
+patch encoder and decoder frozen: the config's default `lora` block) and QLoRA (the same adapters
+over a base quantised to --qlora-type with --quantize-tile inputs a scale) in the same run.
 
     python -m benchmarks.train_step [--hidden 256 --layers 4 --heads 4 --kv-heads 2 --ffn 768
         --vocab 4096 --local-dim 128 --local-layers 2 --input-local-layers 2 --local-heads 4
-        --context 256 --batch N --steps 5 --dtypes float32,bfloat16 --methods full,lora
-        --lora-rank 16 --peak-tflops T]
+        --context 256 --batch N --steps 5 --dtypes float32,bfloat16 --methods full,lora,qlora
+        --lora-rank 16 --qlora-type int8 --quantize-tile 64 --peak-tflops T]
 
 The defaults take about a minute on a small CPU. Compile time is measured apart from the steps.
 MFU = groups/s x analytic FLOPs per group (mimo_jax.train.flops) / (peak x devices); the peak is
@@ -59,9 +60,14 @@ def peak_tflops(device, given: float | None) -> tuple[float, str]:
     raise ValueError(f"no peak TFLOP/s known for {device.device_kind!r}: pass --peak-tflops")
 
 
+METHODS = ("full", "lora", "qlora")
+
+
 def make_config(a, dtype: str, method: str = "full"):
     c = common.stage(common.base_config(), "stage2")
-    c.lora.rank = a.lora_rank if method == "lora" else 0
+    c.lora.rank = a.lora_rank if method in ("lora", "qlora") else 0
+    c.lora.quantize = a.qlora_type if method == "qlora" else ""
+    c.lora.quantize_tile = a.quantize_tile
     c.model.hf.update(
         vocab_size=a.vocab,
         hidden_size=a.hidden,
@@ -173,10 +179,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", default="float32,bfloat16", help="compute dtypes to measure")
     p.add_argument(
         "--methods",
-        default="full,lora",
-        help="full (every parameter trained) and/or lora (adapters only)",
+        default="full,lora,qlora",
+        help="any of full (every parameter trained), lora (adapters only) and qlora (adapters "
+        "over a quantised base), comma-separated",
     )
     p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--qlora-type", default="int8", choices=("int8", "int4"))
+    p.add_argument("--quantize-tile", type=int, default=64, help="inputs per quantisation scale")
     p.add_argument("--remat", default="minimal", help="remat policy (none, minimal, full, ...)")
     p.add_argument("--rules", default="fsdp", choices=("fsdp", "fsdp_tensor", "data"))
     p.add_argument(
@@ -191,7 +200,7 @@ def parser() -> argparse.ArgumentParser:
 def report(a, dtype: str, method: str, r: dict, peak: float) -> None:
     mfu = r["groups_per_s"] * r["flops_per_group"] / (peak * 1e12 * jax.device_count())
     print(
-        f"{dtype:>9} {method:>4}: {r['params'] / 1e6:.2f} M params "
+        f"{dtype:>9} {method:>5}: {r['params'] / 1e6:.2f} M params "
         f"({r['trainable'] / 1e6:.3f} M trained), batch {r['batch']} x {a.context} groups | "
         f"compile {r['compile_s']:.1f} s | step {r['step_s'] * 1e3:.1f} ms | "
         f"{r['groups_per_s']:.1f} groups/s | {r['flops_per_group'] / 1e6:.1f} MFLOP/group | "
@@ -203,8 +212,10 @@ def report(a, dtype: str, method: str, r: dict, peak: float) -> None:
 def main(argv=None) -> None:
     a = parser().parse_args(argv)
     methods = a.methods.split(",")
-    if not set(methods) <= {"full", "lora"}:
-        raise SystemExit(f"--methods {a.methods}: expected full and/or lora, comma-separated")
+    if not set(methods) <= set(METHODS):
+        raise SystemExit(
+            f"--methods {a.methods}: expected any of {', '.join(METHODS)}, comma-separated"
+        )
     device = jax.devices()[0]
     peak, source = peak_tflops(device, a.peak_tflops)
     print(
@@ -215,9 +226,10 @@ def main(argv=None) -> None:
         results = {m: measure(a, dtype, m) for m in methods}
         for method, r in results.items():
             report(a, dtype, method, r, peak)
-        if len(results) == 2:
-            ratio = results["lora"]["groups_per_s"] / results["full"]["groups_per_s"]
-            print(f"{dtype:>9}: the LoRA step runs {ratio:.2f}x the full step's groups/s")
+        for method in methods:
+            if method != "full" and "full" in results:
+                ratio = results[method]["groups_per_s"] / results["full"]["groups_per_s"]
+                print(f"{dtype:>9}: the {method} step runs {ratio:.2f}x the full step's groups/s")
 
 
 if __name__ == "__main__":
