@@ -2,6 +2,8 @@
 every untrained linear layer quantised, adapters trained over it, the merge into the dequantised
 base, and a quantised base refused where fully trained weights are expected."""
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -181,3 +183,29 @@ def test_a_tile_that_does_not_divide_a_layer_is_named_and_changes_nothing(lm):
     assert linear_layers(model) == before and not nnx.state(model, QuantizedKernel)
     with pytest.raises(ValueError, match="lora.quantize='nf4'"):
         Quantization("nf4", 16)
+
+
+def test_a_qlora_run_resumes_its_quantised_base_and_exports_merged_weights(
+    demo_data, tmp_path, capsys
+):
+    """The train entry point with an int8 base: a checkpoint holds the quantised base and a
+    longer run resumes from it with the same losses as one straight run; the export is the plain
+    architecture (adapters merged) beside the PEFT directory."""
+    from test_train_loop import smoke, train_losses
+
+    from experiments import train
+    from mimo_jax.lm import adapters
+
+    qlora = {"lora.rank": 4, "lora.quantize": "int8", "lora.quantize_tile": 16}
+    config = smoke(demo_data, total_steps=4, checkpoint_every=2, **qlora)
+    assert train.run(config, str(tmp_path)) == 0
+    straight = train_losses(tmp_path)
+    shutil.rmtree(tmp_path / "checkpoints" / "4")  # as if preempted after the step-2 checkpoint
+    capsys.readouterr()
+    assert train.run(config, str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "step 3/4" in out and "step 2/4" not in out  # resumed from the int8 base of step 2
+    assert train_losses(tmp_path) == straight and sorted(straight) == [1, 2, 3, 4]
+    _, model = model_checkpoint.load(str(tmp_path / "model"))
+    assert not adapted(model) and not nnx.state(model, QuantizedKernel)
+    assert (tmp_path / "adapter" / adapters.CONFIG_FILE).is_file()
