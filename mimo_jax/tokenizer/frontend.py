@@ -31,7 +31,7 @@ def stft_window(config: TokenizerConfig) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def _filterbank(sr: int, nfft: int, n_mels: int, fmin: float, fmax: float) -> np.ndarray:
+def htk_filterbank(sr: int, nfft: int, n_mels: int, fmin: float, fmax: float) -> np.ndarray:
     fb = librosa.filters.mel(
         sr=sr, n_fft=nfft, n_mels=n_mels, fmin=fmin, fmax=fmax, htk=True, norm=None
     )
@@ -40,7 +40,7 @@ def _filterbank(sr: int, nfft: int, n_mels: int, fmin: float, fmax: float) -> np
 
 def mel_filterbank(config: TokenizerConfig) -> np.ndarray:
     fmax = config.fmax if config.fmax is not None else config.sampling_rate / 2
-    return _filterbank(
+    return htk_filterbank(
         config.sampling_rate, config.nfft, config.n_mels, float(config.fmin), float(fmax)
     )
 
