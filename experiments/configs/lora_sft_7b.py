@@ -8,8 +8,8 @@ of 8192 groups, 32 a step (16 per device, 2 accumulated, on its one GPU).
     python -m experiments.train --config experiments/configs/lora_sft_7b.py --workdir runs/lora \
         --config.model.init_checkpoint=ckpt/mimo-7b --config.data.sources=DIR:tts:1
     python -m experiments.aot --config experiments/configs/lora_sft_7b.py --devices 1 --mesh fsdp=1
-    python -m experiments.aot --config experiments/configs/lora_sft_7b.py --devices 1 --mesh fsdp=1 \
-        --config.lora.quantize=int8
+    python -m experiments.aot --config experiments/configs/lora_sft_7b.py --devices 1 \
+        --mesh fsdp=1 --config.lora.quantize=int8
 
 One 8192-group row on one device compiles (XLA:CPU's figures) to 22.3 GiB with the bf16 base,
 15.7 GiB with the base in int8 (QLoRA) and 12.3 GiB in int4.
