@@ -126,7 +126,7 @@ class Stage1Trainer:
             quantizer,
             rvq_training.initialise(states, hidden, key, self.cfg.kmeans_iters, mask),
         )
-        return state.replace(frozen=nnx.state(model, nnx.Not(trained)))
+        return dataclasses.replace(state, frozen=nnx.state(model, nnx.Not(trained)))
 
     def train_step(self, state: Stage1State, batch: dict) -> tuple[Stage1State, dict]:
         def loss_fn(params):
