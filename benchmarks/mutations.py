@@ -204,6 +204,20 @@ MUTATIONS = [
         "residual = residual",
         ("tests/test_rvq_training.py",),
     ),
+    Mutation(
+        "QLoRA dequantises its base without the scales",
+        "mimo_jax/nn/quantized.py",
+        "return qwix.dequantize(qwix.QArray(values, scales, qtype=QTYPES[qtype]))",
+        "return values.astype(scales.dtype)",
+        ("tests/test_qlora.py",),
+    ),
+    Mutation(
+        "QLoRA leaves the untrained, unadapted layers in float",
+        "mimo_jax/train/lora.py",
+        "            _set_module(model, layer.path, QuantizedDense(module, q))",
+        "            pass",
+        ("tests/test_qlora.py",),
+    ),
 ]
 
 
