@@ -2,13 +2,21 @@
 
   python -m mimo_jax.tokenizer encode --checkpoint CKPT AUDIO... --out DIR [--codebooks 8]
   python -m mimo_jax.tokenizer decode --checkpoint CKPT CODES.npy... --out OUT.wav|DIR
+  python -m mimo_jax.tokenizer evaluate --checkpoint CKPT --manifest M.jsonl --out DIR \
+      [--codebooks 8,all] [--limit N]
 
 encode writes DIR/<name>.npy, int32 codes [frames, codebooks], per input; files of any format
 soundfile reads, any sample rate and channel count. Files are sorted by duration and encoded in
 batches; a bad file is reported (and the exit status is 1) while the others are still encoded.
+evaluate reconstructs the manifest's clips from their first n codebooks and scores them against
+the originals (mel distance, STOI, PESQ wide- and narrow-band: `mimo_jax.tokenizer.evaluation`);
+it prints a table of the means and writes DIR/report.json (per clip and mean figures) and
+DIR/errors.jsonl (lines, files or metrics that failed, one JSON object each).
 """
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 
@@ -20,6 +28,12 @@ from mimo_jax import logs
 from mimo_jax.nn.dtypes import DTYPES
 from mimo_jax.tokenizer.audio_io import InputError, read_audio, read_codes, write_audio
 from mimo_jax.tokenizer.clips import Tokenizer
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,7 +67,16 @@ def _parser() -> argparse.ArgumentParser:
         default=1500,
         help="code frames decoded at once (default 1500, as the official code)",
     )
-    for p in (enc, dec):
+    ev = sub.add_parser("evaluate", help="reconstruction quality of a manifest's clips")
+    ev.add_argument("--manifest", required=True, help="JSONL of {audio, id (optional)} lines")
+    ev.add_argument("--out", required=True, help="directory for report.json and errors.jsonl")
+    ev.add_argument(
+        "--codebooks",
+        default="8,all",
+        help="comma-separated codebook counts to decode from, 'all' for every one (default 8,all)",
+    )
+    ev.add_argument("--limit", type=_positive, help="evaluate only the manifest's first N clips")
+    for p in (enc, dec, ev):
         p.add_argument(
             "--files-per-batch",
             type=int,
@@ -164,14 +187,95 @@ def decode(args) -> int:
     return 1 if failed else 0
 
 
+def _read_batch(clips, config, errors, bar):
+    """(clips, waveforms) of those that read; the others go to `errors`."""
+    from mimo_jax.tokenizer.evaluation import error
+
+    read, wavs = [], []
+    for clip in clips:
+        try:
+            wavs.append(
+                read_audio(clip.audio, config.sampling_rate, min_samples=config.min_samples)
+            )
+            read.append(clip)
+        except InputError as e:
+            errors.append(error(clip.line, clip.id, str(e)))
+            bar.update(1)
+    return read, wavs
+
+
+def _cell(value) -> str:
+    return "-" if value is None else str(value) if isinstance(value, int) else f"{value:.4f}"
+
+
+def _table(report: dict) -> str:
+    """Means: a row per metric (and the clip count), a column per codebook count."""
+    from mimo_jax.tokenizer.evaluation import METRICS
+
+    counts = report["codebooks"]
+    heads = [f"{n} codebooks" + (" (all)" if n == report["num_quantizers"] else "") for n in counts]
+    rows = [["metric", *heads]]
+    rows += [
+        [m, *(_cell(report["means"][str(n)][m]) for n in counts)] for m in METRICS + ("clips",)
+    ]
+    return "\n".join(r[0].ljust(14) + "".join(c.rjust(22) for c in r[1:]) for r in rows)
+
+
+def evaluate(args) -> int:
+    from mimo_jax.tokenizer import evaluation
+
+    errors: list[dict] = []
+    clips = evaluation.read_manifest(args.manifest, errors)[: args.limit]
+    tokenizer = Tokenizer.load(args.checkpoint, dtype=DTYPES[args.dtype])
+    config = tokenizer.config
+    codebooks = evaluation.parse_codebooks(args.codebooks, config.num_quantizers)
+    rows = []
+    with tqdm(total=len(clips), unit="clip", desc="evaluate") as bar:
+        for i in range(0, len(clips), args.files_per_batch):
+            read, wavs = _read_batch(clips[i : i + args.files_per_batch], config, errors, bar)
+            scored = evaluation.evaluate(tokenizer, wavs, codebooks) if wavs else []
+            for clip, wav, (scores, problems) in zip(read, wavs, scored):
+                rows.append(
+                    {
+                        **dataclasses.asdict(clip),
+                        "seconds": wav.size / config.sampling_rate,
+                        "scores": {str(n): s for n, s in scores.items()},
+                    }
+                )
+                errors += [evaluation.error(clip.line, clip.id, p) for p in problems]
+                bar.update(1)
+    report = {
+        "checkpoint": args.checkpoint,
+        "manifest": args.manifest,
+        "num_quantizers": config.num_quantizers,
+        "codebooks": codebooks,
+        "means": {str(n): evaluation.means([r["scores"][str(n)] for r in rows]) for n in codebooks},
+        "clips": rows,
+        "errors": len(errors),
+    }
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "report.json"), "w") as f:
+        f.write(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    with open(os.path.join(args.out, "errors.jsonl"), "w") as f:
+        f.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in errors)
+    for e in errors:
+        where = f"line {e['line']}" + (f" ({e['id']})" if e["id"] is not None else "")
+        print(f"error: {where}: {e['error']}", file=sys.stderr)
+    print(_table(report))
+    return 1 if errors else 0
+
+
+COMMANDS = {"encode": encode, "decode": decode, "evaluate": evaluate}
+
+
 def main(argv=None) -> int:
     parser = _parser()
     logs.add_flag(parser)
     args = parser.parse_args(argv)
     logs.configure(args.log_level)
     try:
-        return encode(args) if args.command == "encode" else decode(args)
-    except (FileNotFoundError, ValueError) as e:  # checkpoint problems
+        return COMMANDS[args.command](args)
+    except (FileNotFoundError, ValueError) as e:  # checkpoint, manifest or --codebooks problems
         print(f"error: {e}", file=sys.stderr)
         return 2
 
