@@ -31,6 +31,7 @@ RUN_BY = {
     "python -m experiments.launch": "test_launch_launch.py",
     "python convert_torch_weights.py": "test_readme.py::test_conversion_commands",
     "python -m mimo_jax.tokenizer": "test_tokenizer_cli.py",
+    "python -m mimo_jax.tokenizer evaluate": "test_tokenizer_evaluate.py",
     "python -m mimo_jax.generate": "test_tasks_cli.py",
     "python -m mimo_jax.evaluate": "test_evaluate.py",
     "MIMO_FIXTURES=": "every parity test (tests/conftest.py reads MIMO_FIXTURES)",
