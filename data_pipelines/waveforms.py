@@ -145,15 +145,15 @@ def _check_item(item: Item, path: str, cfg: WaveformConfig, tok: TextTokenizer, 
         return
     # The header's length at the training rate (the resampled clip may differ by one sample).
     samples = round(seconds * cfg.sampling_rate)
+    if samples < cfg.crop_samples:
+        out.short.append(item.line)
+        if cfg.short_clips == "skip":
+            return
     tokens = tuple(tok.encode(item.text)) if item.text.strip() else ()
     if not tokens:
         out.no_text.append(item.line)
     if len(tokens) > cfg.max_text_tokens:
         out.cut.append(item.line)
-    if samples < cfg.crop_samples:
-        out.short.append(item.line)
-        if cfg.short_clips == "skip":
-            return
     out.clips.append(Clip(path, item.line, item.audios[0], samples, tokens))
 
 
@@ -180,9 +180,8 @@ def problems(check: ManifestCheck, cfg: WaveformConfig) -> list[str]:
             f"skip_bad_records to skip them"
         )
     if check.no_text and cfg.needs_text:
-        clips = check.lines - len(check.bad)
         found.append(
-            f"{len(check.no_text)} of {clips} clips of {check.path} have no transcript "
+            f"{len(check.no_text)} of {len(check.clips)} clips of {check.path} have no transcript "
             f"(lines {_line_list(check.no_text)}); the A2T loss needs one per clip: give "
             f"`text` or set its weight to 0"
         )

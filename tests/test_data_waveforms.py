@@ -176,14 +176,15 @@ def test_missing_transcripts_stop_when_the_a2t_loss_needs_them(corpus):
     entries = [{"audio": f"c{i}.wav", "text": "w1"} for i in range(5)]
     entries[1]["text"] = ""
     del entries[3]["text"]
+    entries.append({"audio": "short.wav"})  # skipped as short: its transcript is not needed
     manifest = _manifest(corpus, "notext.jsonl", entries)
     with pytest.raises(WaveformDataError) as err:
-        preflight(_cfg(manifest), TOK)
+        preflight(_cfg(manifest, short_clips="skip"), TOK)
     assert str(err.value) == (
         f"2 of 5 clips of {manifest} have no transcript (lines 2, 4); the A2T loss needs one "
         f"per clip: give `text` or set its weight to 0"
     )
-    cfg = _cfg(manifest, needs_text=False, batch_size=5)
+    cfg = _cfg(manifest, needs_text=False, batch_size=5, short_clips="skip")
     found = preflight(cfg, TOK)
     assert "2 without transcript" in found.summary[0]
     (batch,) = make_dataset(found, cfg, TOK.pad_id, num_epochs=1, shuffle=False)
