@@ -12,6 +12,7 @@ from test_tokenizer_discriminators import SMALL
 from test_tokenizer_stage1 import TINY
 
 from mimo_jax.tokenizer.discriminators import DiscriminatorConfig, Discriminators
+from mimo_jax.tokenizer.mel_loss import multiscale_mel_loss
 from mimo_jax.tokenizer.model import MiMoAudioTokenizer
 from mimo_jax.tokenizer.spectral_norm import SpectralVector
 from mimo_jax.tokenizer.stage2 import (
@@ -49,6 +50,17 @@ def _flat(state) -> dict:
     return {path: v.get_value() for path, v in nnx.to_flat_state(state)}
 
 
+@nnx.jit
+def _recon_of_the_codes(tokenizer, batch):
+    """The mel loss of the audio decoded from the codes (zero past each length)."""
+    codes, code_lengths = tokenizer.encode(batch["wav"], batch["lengths"])
+    wav, _ = tokenizer.decode(codes, code_lengths)
+    wav = wav[:, :SAMPLES]
+    wav = jnp.pad(wav, ((0, 0), (0, SAMPLES - wav.shape[1])))
+    wav = jnp.where(jnp.arange(SAMPLES) < batch["lengths"][:, None], wav, 0.0)
+    return multiscale_mel_loss(batch["wav"], wav, TINY.sampling_rate, batch["lengths"])
+
+
 def test_a_step_trains_the_decoder_and_discriminators_only(setup):
     trainer, state, step, batch = setup
     new, metrics = step(state, batch)
@@ -57,6 +69,9 @@ def test_a_step_trains_the_decoder_and_discriminators_only(setup):
     assert float(metrics["gen_grad_norm"]) > 0 and float(metrics["disc_grad_norm"]) > 0
     weighted = metrics["recon_loss"] + metrics["adv_loss"] + 2.0 * metrics["fm_loss"]
     assert float(metrics["loss"]) == pytest.approx(float(weighted), rel=1e-6)
+    # The decoder's input is the frozen quantizer's codes, decoded.
+    recon = _recon_of_the_codes(trainer.model(state).tokenizer, batch)
+    assert float(metrics["recon_loss"]) == pytest.approx(float(recon), rel=1e-4)
     # The generator trains the decoder and vocoder only; the discriminators their parameters only.
     assert {p[:2] for p in _flat(state.gen_params)} == {("tokenizer", "decoder")}
     assert {p[0] for p in _flat(state.disc_params)} == {"discriminators"}
