@@ -1,4 +1,5 @@
-"""Trains a MiMo-Audio LM from an ml-collections experiment config.
+"""Trains a MiMo-Audio LM, or its audio tokenizer (a config whose `task` is tokenizer_stage1 or
+tokenizer_stage2: `experiments.train_tokenizer`), from an ml-collections experiment config.
 
     python -m experiments.train --config experiments/configs/demo.py[:arg] --workdir DIR \
         [--config.total_steps=40 --config.optimizer.learning_rates.llm=1e-4 ...]
@@ -27,6 +28,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments.loop_support import NonFiniteLoss, Preemption, check_finite, due, hparams
 from mimo_jax import logs
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -36,10 +38,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, met
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (local runs)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes of a local multi-host run")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index in a local run")
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 def init_distributed() -> None:
@@ -58,28 +56,6 @@ def init_distributed() -> None:
         )
     ):
         jax.distributed.initialize()
-
-
-class Preemption:
-    """Set by SIGTERM; in multi-host runs also the preemption sync point JAX reaches."""
-
-    def __init__(self):
-        self.signalled = False
-        signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, *_):
-        self.signalled = True
-
-    def due(self, step: int) -> bool:
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            try:
-                if multihost_utils.reached_preemption_sync_point(step):
-                    return True
-            except RuntimeError:  # no preemption service in this runtime
-                pass
-        return self.signalled
 
 
 def data_iterators(config, lm_config):
@@ -120,11 +96,13 @@ def data_iterators(config, lm_config):
 
 
 def run(config, workdir: str) -> int:
-    from experiments import config_checks
+    from experiments import config_checks, train_tokenizer
     from mimo_jax import paths
     from mimo_jax.train import rundir
 
-    config_checks.check(config)  # before anything is built or written
+    tokenizer = train_tokenizer.is_tokenizer_run(config)
+    # Before anything is built or written.
+    (train_tokenizer.check if tokenizer else config_checks.check)(config)
     workdir = paths.resolve(workdir)
     lock = rundir.WorkdirLock(workdir)
     if jax.process_index() == 0:
@@ -135,7 +113,7 @@ def run(config, workdir: str) -> int:
             rundir.remove_leftovers(workdir)
             config_json = config.to_json_best_effort(indent=2) + "\n"
             paths.write_whole(workdir / "config.json", config_json)
-        return _run(config, workdir)
+        return (train_tokenizer.run if tokenizer else _run)(config, workdir)
     finally:
         lock.release()
         if previous is not None:
@@ -153,21 +131,6 @@ def _exit_on_sigterm():
         return signal.signal(signal.SIGTERM, stop)
     except ValueError:  # not the main thread
         return None
-
-
-def _hparams(config) -> dict:
-    """The config's scalar leaves by dotted key (TensorBoard's hparams take scalars only)."""
-    out = {}
-
-    def walk(node, prefix):
-        for key, value in node.items():
-            if hasattr(value, "items"):
-                walk(value, f"{prefix}{key}.")
-            elif isinstance(value, (bool, int, float, str)):
-                out[prefix + key] = value
-
-    walk(config, "")
-    return out
 
 
 def _run(config, workdir) -> int:
@@ -213,7 +176,7 @@ def _run(config, workdir) -> int:
             config.total_steps,
             start or 0,
             config_json=config.to_json_best_effort(indent=2),
-            hparams=_hparams(config),
+            hparams=hparams(config),
         )
         try:
             generation = (
@@ -306,10 +269,6 @@ def _generation_writer(evaluate, trainer, writer):
     return generation
 
 
-def _due(step: int, every: int) -> bool:
-    return every > 0 and step % every == 0  # every=0: off
-
-
 def _loop(
     config,
     state,
@@ -340,21 +299,12 @@ def _loop(
         state, metrics = steps.train(state, global_batch(batch, mesh), rng)
         step += 1
         last = step == config.total_steps
-        save = _due(step, config.checkpoint_every) or last
-        if _due(step, config.log_every) or last or save:
+        save = due(step, config.checkpoint_every) or last
+        if due(step, config.log_every) or last or save:
             # Checked before every save too, so that each saved step is a good one.
             values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not np.isfinite(values["loss"]) or values["update_skipped"] > 0:
-                raise NonFiniteLoss(
-                    f"non-finite loss {values['loss']} (grad norm {values['grad_norm']}) at step "
-                    f"{step}: stopping; the last good checkpoint is "
-                    + (
-                        f"step {ckpts.good_step} in {ckpts.directory}"
-                        if ckpts.good_step is not None
-                        else "none (no checkpoint was saved or restored)"
-                    )
-                )
-        if _due(step, config.log_every) or last:
+            check_finite(values, step, ckpts)
+        if due(step, config.log_every) or last:
             elapsed = time.time() - t_last
             rate = (step - last_logged) * groups / max(elapsed, 1e-9)
             values.update(
@@ -366,9 +316,9 @@ def _loop(
             t_last, last_logged = time.time(), step
             writer.write(step, values)
             writer.progress(step, values)
-        if eval_factory and _due(step, config.eval_every):
+        if eval_factory and due(step, config.eval_every):
             writer.write(step, _evaluate(config, state, steps, eval_factory, local_rows, mesh))
-        if generation is not None and _due(step, config.eval_every):
+        if generation is not None and due(step, config.eval_every):
             generation(state, step)
         if preemption.due(step):
             writer.flush()

@@ -23,6 +23,9 @@ RUN_BY = {
     "python -m experiments.train --config experiments/configs/demo.py": (
         "test_readme.py::test_data_commands"
     ),
+    "python -m experiments.train --config experiments/configs/tokenizer_stage": (
+        "test_tokenizer_train.py"
+    ),
     "python -m data_pipelines.": "test_readme.py::test_data_commands",
     "python -m data_pipelines.voice": "test_voice.py (through experiments.demo_voice)",
     "python -m experiments.demo_voice": "test_voice.py",

@@ -213,3 +213,69 @@ def lm_7b(
     c.total_steps = int(tokens // (a.batch_size * a.context))
     c.checkpoint_every = checkpoint_every
     return c
+
+
+def tokenizer_config(stage: str, demo: bool, data: str) -> ml_collections.ConfigDict:
+    """Audio tokenizer training, stage "stage1" (reconstruction, A2T, commitment, EMA codebooks)
+    or "stage2" (decoder and vocoder against the discriminators), at the released size or, with
+    `demo`, the demo's tokenizer on its eSpeak NG corpus (`data`: the demo's data directory)."""
+    from experiments.configs.demo import TOKENIZER_HF
+    from mimo_jax.tokenizer.config import TokenizerConfig, to_hf
+
+    c = ml_collections.ConfigDict()
+    c.task = f"tokenizer_{stage}"
+    c.seed = 0
+    c.total_steps = 60 if demo else 500_000
+    c.log_every = 5 if demo else 50
+    c.checkpoint_every = 30 if demo else 5000
+    c.eval_every = 30 if demo else 5000  # reconstructions and spectrograms to TensorBoard
+    c.export_model = True  # the tokenizer to workdir/model (buffers included)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.tokenizer = dict(TOKENIZER_HF) if demo else to_hf(TokenizerConfig())
+    # Stage 1: "" trains from scratch; stage 2 needs the tokenizer stage 1 exported.
+    c.model.init_checkpoint = ""
+
+    c.data = ml_collections.ConfigDict()
+    c.data.manifests = f"{data}/manifest.jsonl"  # comma-separated; tokenize's format, with text
+    c.data.tokenizer = f"{data}/tokenizer.json"  # the transcripts' tokenizer (the A2T LM's)
+    c.data.crop_seconds = 1.0 if demo else 6.0
+    c.data.batch_size = 8 if demo else 256  # crops per step, over all processes
+    c.data.max_text_tokens = 64 if demo else 256
+    c.data.short_clips = "pad"  # or "skip"
+    c.data.workers = 0
+    c.data.skip_bad_records = False
+
+    # The audio-to-text LM (stage 1), a small Qwen2 stack trained jointly from scratch.
+    c.a2t = ml_collections.ConfigDict(
+        {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 128}
+        if demo
+        else {"hidden": 1024, "layers": 12, "heads": 16, "kv_heads": 8, "ffn": 2816}
+    )
+    c.loss = ml_collections.ConfigDict(
+        {"a2t": 10.0, "recon": 1.0, "commit": 1.0}
+        if stage == "stage1"
+        else {"recon": 1.0, "adversarial": 1.0, "feature_matching": 2.0}
+    )
+    c.ema = ml_collections.ConfigDict({"decay": 0.99, "epsilon": 1e-5, "kmeans_iters": 50})
+
+    c.optimizer = ml_collections.ConfigDict(
+        {"learning_rate": 2e-4 if stage == "stage1" else 1e-4, "warmup_steps": 5 if demo else 2000}
+    )
+    c.optimizer.b1, c.optimizer.b2 = (0.9, 0.95) if stage == "stage1" else (0.8, 0.99)
+    c.optimizer.weight_decay = 0.01
+    c.optimizer.clip_norm = 1.0
+    # Stage 2's discriminators (periods 2, 3, 5, 7, 11 and EnCodec's three STFT scales; widths
+    # here) and their own Adam, without weight decay.
+    c.discriminator = ml_collections.ConfigDict(
+        {
+            "mpd_channels": (8, 16, 32, 32, 32) if demo else (32, 128, 512, 1024, 1024),
+            "stft_filters": 8 if demo else 32,
+            "learning_rate": 1e-4,
+            "b1": 0.8,
+            "b2": 0.99,
+        }
+    )
+
+    c.checkpoint = ml_collections.ConfigDict({"keep": 3, "async_save": not demo})
+    return c

@@ -92,6 +92,10 @@ def _image_summary(tag: str, image: np.ndarray):
     )
 
 
+# Loss terms a progress line shows beside the loss (the LM's, the tokenizer stages').
+SHOWN_TERMS = ("text_loss", "codebook0_loss", "a2t_loss", "recon_loss", "disc_loss")
+
+
 class MetricsWriter:
     def __init__(
         self,
@@ -197,12 +201,15 @@ class MetricsWriter:
             left = (self.total_steps - step) / max(rate, 1e-9)
             eta = f"{int(left // 60)}m{int(left % 60):02d}s"
         if self.enabled:
-            extra = "".join(
-                f" {k} {values[k]:.4g}" for k in ("text_loss", "codebook0_loss") if k in values
+            extra = "".join(f" {k} {values[k]:.4g}" for k in SHOWN_TERMS if k in values)
+            speed = (
+                f"{values['audio_seconds_per_second']:.2f} s of audio/s"
+                if "audio_seconds_per_second" in values
+                else f"{values.get('groups_per_second', 0):.0f} groups/s"
             )
             print(
                 f"step {step}/{self.total_steps} loss {values['loss']:.4f}{extra} | "
-                f"{values.get('groups_per_second', 0):.0f} groups/s | ETA {eta}",
+                f"{speed} | ETA {eta}",
                 flush=True,
             )
 

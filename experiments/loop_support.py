@@ -1,0 +1,70 @@
+"""What both training loops (the LM's in `experiments.train`, the tokenizer's in
+`experiments.train_tokenizer`) share: the preemption signal, the non-finite-loss stop, the
+every-N-steps rule and the hyperparameters TensorBoard shows."""
+
+import signal
+
+import jax
+import numpy as np
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Preemption:
+    """Set by SIGTERM; in multi-host runs also the preemption sync point JAX reaches."""
+
+    def __init__(self):
+        self.signalled = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, *_):
+        self.signalled = True
+
+    def due(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            try:
+                if multihost_utils.reached_preemption_sync_point(step):
+                    return True
+            except RuntimeError:  # no preemption service in this runtime
+                pass
+        return self.signalled
+
+
+def hparams(config) -> dict:
+    """The config's scalar leaves by dotted key (TensorBoard's hparams take scalars only)."""
+    out = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if hasattr(value, "items"):
+                walk(value, f"{prefix}{key}.")
+            elif isinstance(value, (bool, int, float, str)):
+                out[prefix + key] = value
+
+    walk(config, "")
+    return out
+
+
+def check_finite(values: dict[str, float], step: int, ckpts) -> None:
+    """Stops the run, naming the last good checkpoint, at a non-finite loss or a skipped
+    update."""
+    if np.isfinite(values["loss"]) and values.get("update_skipped", 0) == 0:
+        return
+    norm = values.get("grad_norm", values.get("gen_grad_norm"))
+    raise NonFiniteLoss(
+        f"non-finite loss {values['loss']} (grad norm {norm}) at step {step}: stopping; the "
+        "last good checkpoint is "
+        + (
+            f"step {ckpts.good_step} in {ckpts.directory}"
+            if ckpts.good_step is not None
+            else "none (no checkpoint was saved or restored)"
+        )
+    )
+
+
+def due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0  # every=0: off
