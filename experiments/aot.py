@@ -3,6 +3,12 @@ memory and FLOPs, without parameters, data or accelerators (MaxText's train_comp
 
     python -m experiments.aot --config experiments/configs/lm_stage2_7b.py --devices 64 \
         --mesh fsdp=64 [--rules fsdp] [--batch-per-device 1] [--config.model.remat_policy=full]
+    python -m experiments.aot --config experiments/configs/tokenizer_stage1.py --devices 8 \
+        --config.data.crop_seconds=30
+
+A tokenizer config (stage 1) compiles its step as `experiments.train_tokenizer` runs it: the state
+fully sharded over the devices, `--batch-per-device` crops of `data.crop_seconds` on each (--mesh
+and --rules are the LM's).
 
 Everything is abstract: the model comes from nnx.eval_shape, the optimizer state from
 jax.eval_shape, both as ShapeDtypeStructs carrying the rules' NamedShardings, and the batch is
@@ -46,6 +52,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import aot_lib  # noqa: E402
+from experiments.train_tokenizer import is_tokenizer_run  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "experiment config file[:arg]", lock_config=True
@@ -80,6 +87,15 @@ def main(argv) -> int:
         )
         return 1
     try:
+        if is_tokenizer_run(_CONFIG.value):
+            config = aot_lib.configure_tokenizer(_CONFIG.value, _BATCH_PER_DEVICE.value)
+            start = time.perf_counter()
+            tokenizer_step = aot_lib.compile_tokenizer_step(config)
+            print(
+                aot_lib.tokenizer_report(config, tokenizer_step, time.perf_counter() - start),
+                flush=True,
+            )
+            return 0
         config = aot_lib.configure(
             _CONFIG.value, aot_lib.parse_mesh(_MESH.value), _RULES.value, _BATCH_PER_DEVICE.value
         )

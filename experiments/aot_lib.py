@@ -215,3 +215,89 @@ def report(config, r: Compiled, elapsed_s: float) -> str:
         f"per-device memory: {total_bytes(m) / GIB:.3f} GiB",
     ]
     return "\n".join(lines)
+
+
+# ---- tokenizer training -----------------------------------------------------------------------
+MIMO_TEXT_VOCAB = 151680  # the released text tokenizer's, the A2T LM's vocabulary at full size
+
+
+def configure_tokenizer(config, batch_per_device: int) -> ml_collections.ConfigDict:
+    """A copy of a tokenizer config with `batch_per_device` crops on each device."""
+    if batch_per_device < 1:
+        raise ValueError(f"--batch-per-device {batch_per_device}: expected at least 1")
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.batch_size = batch_per_device * jax.device_count()
+    return config
+
+
+@dataclasses.dataclass
+class CompiledTokenizerStep:
+    memory: object  # CompiledMemoryStats
+    devices: int
+    compile_s: float
+    parameters: int  # the tokenizer's and the A2T LM's
+    crop_samples: int
+    sampling_rate: int
+
+
+def compile_tokenizer_step(config, text_vocab: int = MIMO_TEXT_VOCAB) -> CompiledTokenizerStep:
+    """The stage-1 tokenizer step as a run compiles it (`experiments.train_tokenizer`), from
+    abstract values: the state fully sharded over the devices, the crops split over them."""
+    from experiments import train_tokenizer as tt
+
+    if config.task != "tokenizer_stage1":
+        raise ValueError(f"task {config.task!r}: experiments.aot compiles tokenizer_stage1 steps")
+    mesh = tt.mesh_of_devices()
+    built = {}
+
+    def make():
+        built["tokenizer"], built["trainer"], state = tt.build(config, text_vocab)
+        return state
+
+    abstract = jax.eval_shape(make)
+    trainer, tok = built["trainer"], built["tokenizer"]
+    placed = tt.state_shardings(abstract, mesh)
+    state = _with_shardings(abstract, placed)
+    samples = tt.crop_samples(config, tok.sampling_rate)
+    b, tokens = config.data.batch_size, config.data.max_text_tokens
+    shapes = {
+        "wav": ((b, samples), jnp.float32),
+        "lengths": ((b,), jnp.int32),
+        "text": ((b, tokens), jnp.int32),
+        "text_lengths": ((b,), jnp.int32),
+    }
+    shardings = tt.batch_shardings({k: np.empty(s) for k, (s, _) in shapes.items()}, mesh)
+    batch = {k: jax.ShapeDtypeStruct(s, d, sharding=shardings[k]) for k, (s, d) in shapes.items()}
+    start = time.perf_counter()
+    step = jax.jit(trainer.train_step, donate_argnums=0, out_shardings=(placed, None))
+    compiled = step.lower(state, batch).compile(CPU_COMPILER_OPTIONS)
+    return CompiledTokenizerStep(
+        compiled.memory_analysis(),
+        mesh.size,
+        time.perf_counter() - start,
+        size_of(state.params) + size_of(state.frozen),
+        samples,
+        tok.sampling_rate,
+    )
+
+
+def tokenizer_report(config, r: CompiledTokenizerStep, elapsed_s: float) -> str:
+    m = r.memory
+    rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+    gib = lambda b: f"{b / GIB:8.3f} GiB  ({b} bytes)"
+    per_device = config.data.batch_size // r.devices
+    return "\n".join(
+        [
+            f"{config.task} on {r.devices} devices (state fully sharded), remat "
+            f"{config.model.remat_policy}; parameters {r.parameters / 1e9:.3f} B",
+            f"{per_device} crop(s) of {r.crop_samples / r.sampling_rate:g} s per device "
+            f"(global batch {config.data.batch_size})",
+            f"compile {r.compile_s:.1f} s (all {elapsed_s:.1f} s); peak host RAM {rss_gib:.2f} GiB",
+            "memory per device:",
+            f"  arguments     {gib(m.argument_size_in_bytes)}",
+            f"  outputs       {gib(m.output_size_in_bytes)}",
+            f"  temporaries   {gib(m.temp_size_in_bytes)}",
+            f"  aliased       {gib(m.alias_size_in_bytes)}",
+            f"per-device memory: {total_bytes(m) / GIB:.3f} GiB",
+        ]
+    )

@@ -3,13 +3,14 @@
 
 The run directory, lock, Orbax checkpoints (model, optimizer and data-iterator state, verified on
 restore), SIGTERM, resume with exactly the next batch, the non-finite-loss stop and
-metrics.jsonl/TensorBoard are those of LM training. Data parallel: the state is replicated, each
-step's crops split over the devices (`data_pipelines.waveforms`: random crops of the tokenize
-manifests, with transcripts for the A2T loss). Stage 1 runs the codebooks' k-means on its first
-batch. Every `eval_every` steps a fixed batch of crops is reconstructed (8 codebooks and all): the
-multi-scale mel distance goes to metrics.jsonl, the audio and log-mel images to TensorBoard. The
-run ends by exporting the tokenizer (its RVQ buffers included) to workdir/model, which
-convert_torch_weights.py turns into an official directory and stage 2 starts from.
+metrics.jsonl/TensorBoard are those of LM training. Data parallel over the devices, with the state
+fully sharded over them (`state_shardings`); the data are random crops of the tokenize manifests
+with transcripts for the A2T loss (`data_pipelines.waveforms`). Stage 1 runs the codebooks'
+k-means on its first batch. Every `eval_every` steps a fixed batch of crops is reconstructed (8
+codebooks and all): the multi-scale mel distance goes to metrics.jsonl, the audio and log-mel
+images to TensorBoard. The run ends by exporting the tokenizer (its RVQ buffers included) to
+workdir/model, which convert_torch_weights.py turns into an official directory and stage 2
+starts from.
 """
 
 import json
@@ -130,6 +131,7 @@ def build(config, text_vocab: int):
     from mimo_jax.tokenizer.stage2 import Stage2Model, Stage2Trainer
 
     tok_config, tokenizer = _tokenizer(config)
+    tokenizer.set_remat(config.model.remat_policy)
     if _stage1(config):
         a2t = AudioToTextLM(
             A2TConfig(text_vocab, **dict(config.a2t)),
@@ -191,16 +193,39 @@ def data(config, sampling_rate: int, needs_text: bool, *, shuffle=True):
 
 # ---- the run ----------------------------------------------------------------------------------
 FIELDS = ("wav", "lengths", "text", "text_lengths")
+_SPLIT_FROM = 2**14  # entries from which an array is split over the devices
+
+
+def mesh_of_devices():
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def state_shardings(state, mesh):
+    """Each array of the train state split over the devices along its largest axis that their
+    count divides (parameters, AdamW moments, codebooks: fully sharded, gathered where used);
+    small or indivisible ones replicated."""
+
+    def place(a):
+        spec: list[str | None] = [None] * a.ndim
+        divisible = [i for i in range(a.ndim) if a.shape[i] % mesh.size == 0]
+        if divisible and a.size >= _SPLIT_FROM:
+            spec[max(divisible, key=lambda i: a.shape[i])] = "data"
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    return jax.tree.map(place, state)
+
+
+def batch_shardings(batch, mesh):
+    return {
+        k: NamedSharding(mesh, PartitionSpec("data", *([None] * (batch[k].ndim - 1))))
+        for k in FIELDS
+    }
 
 
 def _global(local: dict, mesh) -> dict:
     """This process's crops as its part of the global batch (split over the devices)."""
-    return {
-        k: jax.make_array_from_process_local_data(
-            NamedSharding(mesh, PartitionSpec("data", *([None] * (local[k].ndim - 1)))), local[k]
-        )
-        for k in FIELDS
-    }
+    shardings = batch_shardings(local, mesh)
+    return {k: jax.make_array_from_process_local_data(shardings[k], local[k]) for k in FIELDS}
 
 
 def _identity(config, tok_config) -> dict:
@@ -222,14 +247,13 @@ def run(config, workdir) -> int:
     from mimo_jax.train.metrics import MetricsWriter
     from mimo_jax.train.train_checkpoints import TrainCheckpoints, abstract_like
 
-    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    replicated = NamedSharding(mesh, PartitionSpec())
+    mesh = mesh_of_devices()
     # The transcripts' tokenizer sizes the A2T LM, so data comes first.
     rate = from_hf(dict(config.model.tokenizer), "config model.tokenizer").sampling_rate
     needs_text = _stage1(config) and config.loss.a2t > 0
     text_tok, train_it = data(config, rate, needs_text)
     tok_config, trainer, state = build(config, text_tok.tokenizer.get_vocab_size())
-    state = jax.device_put(state, replicated)
+    state = jax.device_put(state, state_shardings(state, mesh))
     eval_batch = _global(_eval_batch(config, rate, needs_text), mesh) if config.eval_every else None
     ckpts = TrainCheckpoints(
         workdir,

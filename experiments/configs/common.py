@@ -235,6 +235,7 @@ def tokenizer_config(stage: str, demo: bool, data: str) -> ml_collections.Config
     c.model.tokenizer = dict(TOKENIZER_HF) if demo else to_hf(TokenizerConfig())
     # Stage 1: "" trains from scratch; stage 2 needs the tokenizer stage 1 exported.
     c.model.init_checkpoint = ""
+    c.model.remat_policy = "none" if demo else "full"  # the transformer stacks' (nn.remat)
 
     c.data = ml_collections.ConfigDict()
     c.data.manifests = f"{data}/manifest.jsonl"  # comma-separated; tokenize's format, with text

@@ -79,6 +79,7 @@ class AudioDecoder(nnx.Module):
         )
         self.stack_config = c.decoder_stack()
         self.layers = make_stack(self.stack_config, dtype=dtype, rngs=rngs)
+        self.remat_policy = "none"  # training sets it (MiMoAudioTokenizer.set_remat)
         self.layer_norm = LayerNorm(c.d_model, eps=c.ln_eps, rngs=rngs)
         self.dconv2 = CausalConvTranspose1d(
             c.d_model,
@@ -94,7 +95,14 @@ class AudioDecoder(nnx.Module):
         """x [batch, codes, d_model] -> (coarse mel [batch, frames, n_mels], frame lengths)."""
         x = x.astype(self.dtype or jnp.float32)
         h, lengths = self.dconv1(x, lengths)
-        h = run_stack(self.layers, self.stack_config, h, lengths, inv_freq_dtype=inv_freq_dtype)
+        h = run_stack(
+            self.layers,
+            self.stack_config,
+            h,
+            lengths,
+            inv_freq_dtype=inv_freq_dtype,
+            remat_policy=self.remat_policy,
+        )
         return self.dconv2(self.layer_norm(h), lengths)
 
     def __call__(self, x: jax.Array, lengths: jax.Array, *, inv_freq_dtype=None):

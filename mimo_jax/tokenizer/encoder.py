@@ -40,6 +40,7 @@ class AudioEncoder(nnx.Module):
         )
         self.stack_config = c.encoder_stack()
         self.layers = make_stack(self.stack_config, dtype=dtype, rngs=rngs)
+        self.remat_policy = "none"  # training sets it (MiMoAudioTokenizer.set_remat)
         self.layer_norm = LayerNorm(c.d_model, eps=c.ln_eps, rngs=rngs)
         if c.avg_pooler > 1:
             self.down_sample_layer: Conv1d | None = Conv1d(
@@ -93,6 +94,7 @@ class AudioEncoder(nnx.Module):
             inv_freq_dtype=inv_freq_dtype,
             start=start,
             stop=stop,
+            remat_policy=self.remat_policy,
         )
         if not skip_at:
             return run(h, 0, None)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mimo_jax.nn import remat
 from mimo_jax.tokenizer.config import TokenizerConfig
 from mimo_jax.tokenizer.decoder import AudioDecoder
 from mimo_jax.tokenizer.encoder import AudioEncoder
@@ -34,6 +35,13 @@ class MiMoAudioTokenizer(nnx.Module):
         self.inv_freq_dtype = jnp.bfloat16 if reference_bf16_rope else None
         self.encoder = AudioEncoder(config, dtype=dtype, rngs=rngs)
         self.decoder = AudioDecoder(config, dtype=dtype, rngs=rngs)
+
+    def set_remat(self, policy: str) -> None:
+        """Rematerialise the encoder's, decoder's and vocoder's layers in training's backward
+        pass by `policy` (`mimo_jax.nn.remat`; "none": keep every activation)."""
+        remat.policy(policy)  # names a bad policy
+        for stack in (self.encoder, self.decoder, self.decoder.vocoder):
+            stack.remat_policy = policy
 
     def mel(self, wav: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
         """wav [batch, samples] float32 24 kHz, lengths [batch] -> (log-mel [batch, frames, mels],

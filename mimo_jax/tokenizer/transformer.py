@@ -82,8 +82,10 @@ def run_stack(
     inv_freq_dtype=None,
     start: int = 0,
     stop: int | None = None,
+    remat_policy: str = "none",
 ):
-    """Apply layers [start, stop) of a stack to x [batch, time, dim] with per-sequence lengths."""
+    """Apply layers [start, stop) of a stack to x [batch, time, dim] with per-sequence lengths
+    (rematerialised in the backward pass by `remat_policy`, `mimo_jax.nn.remat`)."""
     batch, time, _ = x.shape
     positions = jnp.broadcast_to(jnp.arange(time), (batch, time))
     segments = (positions < lengths[:, None]).astype(jnp.int32)
@@ -95,7 +97,7 @@ def run_stack(
     def step(layer, h, _):
         return layer(h, cos, sin, positions, segments), None
 
-    x, _ = scan_layers(stack, step, x, start=start, stop=stop)
+    x, _ = scan_layers(stack, step, x, start=start, stop=stop, remat_policy=remat_policy)
     return x
 
 

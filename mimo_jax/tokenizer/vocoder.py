@@ -96,11 +96,19 @@ class TransformerVocos(nnx.Module):
         )
         self.stack_config = c.vocoder_stack()
         self.layers = make_stack(self.stack_config, dtype=dtype, rngs=rngs)
+        self.remat_policy = "none"  # training sets it (MiMoAudioTokenizer.set_remat)
         self.layer_norm = LayerNorm(c.vocoder_dim, eps=c.ln_eps, rngs=rngs)
         self.head = ISTFTHead(c.vocoder_dim, c.nfft, c.hop_length, dtype=dtype, rngs=rngs)
 
     def __call__(self, mel: jax.Array, lengths: jax.Array, *, inv_freq_dtype=None) -> jax.Array:
         """mel [batch, frames, mels], lengths [batch] -> waveform [batch, frames * hop] float32."""
         x = self.embeddings(mel.astype(self.dtype or mel.dtype))
-        x = run_stack(self.layers, self.stack_config, x, lengths, inv_freq_dtype=inv_freq_dtype)
+        x = run_stack(
+            self.layers,
+            self.stack_config,
+            x,
+            lengths,
+            inv_freq_dtype=inv_freq_dtype,
+            remat_policy=self.remat_policy,
+        )
         return self.head(self.layer_norm(x), lengths)
