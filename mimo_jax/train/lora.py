@@ -8,10 +8,11 @@ which the trainer tells apart from base parameters); in a stacked transformer bo
 `layers` axis. It computes PEFT's `base(x) + lora_B(lora_A(dropout(x))) * alpha / r`: PEFT's
 `lora_A.weight` is `lora_a.T`, its `lora_B.weight` is `lora_b.T`.
 
-QLoRA: `quantize_base` holds an adapted layer's frozen kernel quantised (`mimo_jax.nn.quantized`:
-`.../q_proj/kernel_values` and `kernel_scales` in place of `kernel`), dequantised at each use; the
+QLoRA: `quantize_base` holds the frozen kernels of the untrained groups' linear layers quantised
+(`mimo_jax.nn.quantized`): an adapted layer keeps `.../q_proj/kernel_values` and `kernel_scales` in
+place of `kernel`, a plain one becomes a `QuantizedDense`; each is dequantised at each use, and the
 adapters and the compute keep their dtypes. `merge_lora` adds the adapters into the dequantised
-kernel, the weights the adapters were trained against.
+kernels (the weights they were trained against) and dequantises the rest.
 
 Why `nnx.LoRA` and not qwix's LoraProvider (qwix 0.1.8): qwix intercepts `dot_general` during a
 first call of the model and creates the adapters on the module it finds on the Python stack, after
