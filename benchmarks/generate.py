@@ -107,7 +107,7 @@ def bench_jax(model, config, batch, a, sampler):
 
 
 def _audio_tokenizer():
-    from experiments.configs.demo import TOKENIZER_HF
+    from experiments.configs.common import DEMO_TOKENIZER_HF as TOKENIZER_HF
     from mimo_jax.tokenizer.clips import Tokenizer
     from mimo_jax.tokenizer.config import from_hf
     from mimo_jax.tokenizer.model import MiMoAudioTokenizer

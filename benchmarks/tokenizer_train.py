@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 from tokenizer import speech
 
-from experiments.configs.demo import TOKENIZER_HF
+from experiments.configs.common import DEMO_TOKENIZER_HF as TOKENIZER_HF
 from mimo_jax.tokenizer.a2t import A2TConfig, AudioToTextLM
 from mimo_jax.tokenizer.config import TokenizerConfig, from_hf
 from mimo_jax.tokenizer.model import MiMoAudioTokenizer

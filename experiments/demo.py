@@ -17,7 +17,7 @@ from flax import nnx
 
 from experiments import train
 from experiments.configs import demo as demo_config
-from experiments.configs.demo import TOKENIZER_HF
+from experiments.configs.common import DEMO_TOKENIZER_HF as TOKENIZER_HF
 from mimo_jax import logs
 
 

@@ -9,6 +9,53 @@ STAGE1_WEIGHTS = "1-0-0-0-0-0-0-0-0"
 STAGE2_WEIGHTS = "100-12-8-6-4-2-2-1-1"
 
 
+# The demo's audio tokenizer: the released layout at toy width (random weights in the LM demo).
+DEMO_TOKENIZER_HF = {
+    "architectures": ["MiMoAudioTokenizer"],
+    "model_type": "mimo_audio_tokenizer",
+    "activation_function": "gelu",
+    "avg_pooler": 2,
+    "codebook_size": [1024, 1024] + [128] * 18,
+    "d_model": 64,
+    "decoder_attention_heads": 4,
+    "decoder_attn_window_size": [-1, -1],
+    "decoder_causal": True,
+    "decoder_ffn_dim": 128,
+    "decoder_kernel_size": 3,
+    "decoder_layers": 2,
+    "decoder_stride_size": 2,
+    "encoder_attention_heads": 4,
+    "encoder_attn_window_size": [-1, -1],
+    "encoder_causal": False,
+    "encoder_ffn_dim": 128,
+    "encoder_layers": 2,
+    "encoder_skip_layer_id": 1,
+    "fmax": None,
+    "fmin": 0,
+    "hop_length": 240,
+    "kernel_size": 3,
+    "ln_type": "LayerNorm",
+    "max_audio_seconds": 1800,
+    "n_mels": 128,
+    "nfft": 960,
+    "num_quantizers": 20,
+    "position_embedding_type": "rope",
+    "rope_theta": 10000,
+    "rope_type": "default",
+    "sampling_rate": 24000,
+    "scale_embedding": False,
+    "stride_size": 2,
+    "threshold_ema_dead_code": 2,
+    "vocoder_attention_heads": 4,
+    "vocoder_attn_window_size": [40, 10],
+    "vocoder_dim": 32,
+    "vocoder_intermediate_dim": 64,
+    "vocoder_num_layers": 2,
+    "vocoder_padding": "same",
+    "window_size": 960,
+}
+
+
 def parse_arg(arg: str | None, **defaults):
     """`"a=1,b=x,flag"` -> ConfigDict(a=1, b='x', flag=True) with types from the defaults; a bare
     name sets a boolean to True (big_vision style)."""
@@ -219,7 +266,6 @@ def tokenizer_config(stage: str, demo: bool, data: str) -> ml_collections.Config
     """Audio tokenizer training, stage "stage1" (reconstruction, A2T, commitment, EMA codebooks)
     or "stage2" (decoder and vocoder against the discriminators), at the released size or, with
     `demo`, the demo's tokenizer on its eSpeak NG corpus (`data`: the demo's data directory)."""
-    from experiments.configs.demo import TOKENIZER_HF
     from mimo_jax.tokenizer.config import TokenizerConfig, to_hf
 
     c = ml_collections.ConfigDict()
@@ -232,7 +278,7 @@ def tokenizer_config(stage: str, demo: bool, data: str) -> ml_collections.Config
     c.export_model = True  # the tokenizer to workdir/model (buffers included)
 
     c.model = ml_collections.ConfigDict()
-    c.model.tokenizer = dict(TOKENIZER_HF) if demo else to_hf(TokenizerConfig())
+    c.model.tokenizer = dict(DEMO_TOKENIZER_HF) if demo else to_hf(TokenizerConfig())
     # Stage 1: "" trains from scratch; stage 2 needs the tokenizer stage 1 exported.
     c.model.init_checkpoint = ""
     c.model.remat_policy = "none" if demo else "full"  # the transformer stacks' (nn.remat)

@@ -14,53 +14,6 @@ from experiments.configs import common
 DEMO_IDS = dict(sosp_idx=3, eosp_idx=4, empty_idx=5, sostm_idx=8, eostm_idx=9, eot_idx=10)
 
 
-# A small audio tokenizer (the released layout at toy width; random weights).
-TOKENIZER_HF = {
-    "architectures": ["MiMoAudioTokenizer"],
-    "model_type": "mimo_audio_tokenizer",
-    "activation_function": "gelu",
-    "avg_pooler": 2,
-    "codebook_size": [1024, 1024] + [128] * 18,
-    "d_model": 64,
-    "decoder_attention_heads": 4,
-    "decoder_attn_window_size": [-1, -1],
-    "decoder_causal": True,
-    "decoder_ffn_dim": 128,
-    "decoder_kernel_size": 3,
-    "decoder_layers": 2,
-    "decoder_stride_size": 2,
-    "encoder_attention_heads": 4,
-    "encoder_attn_window_size": [-1, -1],
-    "encoder_causal": False,
-    "encoder_ffn_dim": 128,
-    "encoder_layers": 2,
-    "encoder_skip_layer_id": 1,
-    "fmax": None,
-    "fmin": 0,
-    "hop_length": 240,
-    "kernel_size": 3,
-    "ln_type": "LayerNorm",
-    "max_audio_seconds": 1800,
-    "n_mels": 128,
-    "nfft": 960,
-    "num_quantizers": 20,
-    "position_embedding_type": "rope",
-    "rope_theta": 10000,
-    "rope_type": "default",
-    "sampling_rate": 24000,
-    "scale_embedding": False,
-    "stride_size": 2,
-    "threshold_ema_dead_code": 2,
-    "vocoder_attention_heads": 4,
-    "vocoder_attn_window_size": [40, 10],
-    "vocoder_dim": 32,
-    "vocoder_intermediate_dim": 64,
-    "vocoder_num_layers": 2,
-    "vocoder_padding": "same",
-    "window_size": 960,
-}
-
-
 def demo_hf(smoke: bool) -> dict:
     hf = common.mimo_7b_hf()
     width = 32 if smoke else 128
