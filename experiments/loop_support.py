@@ -68,3 +68,48 @@ def check_finite(values: dict[str, float], step: int, ckpts) -> None:
 
 def due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0  # every=0: off
+
+
+def open_run(config, workdir, identity: dict, state, data_iterator):
+    """(checkpoints, metrics writer, start step or None, state): the run's checkpoints opened and
+    the newest verified step restored (model, optimizer and data iterator), and metrics.jsonl and
+    TensorBoard cut back to it. The caller closes both."""
+    from absl import logging
+
+    from mimo_jax.train.metrics import MetricsWriter
+    from mimo_jax.train.train_checkpoints import TrainCheckpoints, abstract_like
+
+    ckpts = TrainCheckpoints(
+        workdir, identity, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
+    )
+    try:
+        start, restored = ckpts.restore_latest(abstract_like(state), data_iterator)
+    except BaseException:
+        ckpts.close()
+        raise
+    if start is not None:
+        state = restored
+        logging.info("resumed from %s at step %d", ckpts.directory, start)
+    writer = MetricsWriter(
+        workdir,
+        config.total_steps,
+        start or 0,
+        config_json=config.to_json_best_effort(indent=2),
+        hparams=hparams(config),
+    )
+    return ckpts, writer, start, state
+
+
+def checkpoint_if_due(step, state, data_iterator, ckpts, writer, preempted: bool, due_now: bool):
+    """Saves at a preemption (and waits: the process is about to exit) or when a save is due;
+    returns whether the run must stop. The metrics up to a checkpoint are made durable with it."""
+    if preempted:
+        writer.flush()
+        ckpts.save(step, state, data_iterator)
+        ckpts.wait()
+        print(f"preempted: checkpoint saved at step {step} in {ckpts.directory}", flush=True)
+        return True
+    if due_now:
+        writer.flush()
+        ckpts.save(step, state, data_iterator)
+    return False

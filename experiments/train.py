@@ -25,10 +25,17 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from experiments.loop_support import NonFiniteLoss, Preemption, check_finite, due, hparams
+from experiments.loop_support import (
+    NonFiniteLoss,
+    Preemption,
+    check_finite,
+    checkpoint_if_due,
+    due,
+    open_run,
+)
 from mimo_jax import logs
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -137,8 +144,6 @@ def _run(config, workdir) -> int:
     from mimo_jax.nn.partitioning import use_rules
     from mimo_jax.train import build
     from mimo_jax.train.flops import train_flops_per_group
-    from mimo_jax.train.metrics import MetricsWriter
-    from mimo_jax.train.train_checkpoints import TrainCheckpoints, abstract_like
     from sharding.mesh import mesh_and_rules
 
     mesh, rules = mesh_and_rules(config)
@@ -160,24 +165,7 @@ def _run(config, workdir) -> int:
         }
         if config.lora.rank:  # a resumed run must train the same adapters
             identity["lora"] = json.loads(config.lora.to_json())
-        ckpts = TrainCheckpoints(
-            workdir, identity, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
-        )
-        try:
-            start, restored = ckpts.restore_latest(abstract_like(state), train_it)
-        except BaseException:
-            ckpts.close()
-            raise
-        if start is not None:
-            state = restored
-            logging.info("resumed from %s at step %d", ckpts.directory, start)
-        writer = MetricsWriter(
-            workdir,
-            config.total_steps,
-            start or 0,
-            config_json=config.to_json_best_effort(indent=2),
-            hparams=hparams(config),
-        )
+        ckpts, writer, start, state = open_run(config, workdir, identity, state, train_it)
         try:
             generation = (
                 _generation_writer(generation_eval, trainer, writer)
@@ -320,15 +308,8 @@ def _loop(
             writer.write(step, _evaluate(config, state, steps, eval_factory, local_rows, mesh))
         if generation is not None and due(step, config.eval_every):
             generation(state, step)
-        if preemption.due(step):
-            writer.flush()
-            ckpts.save(step, state, train_it)
-            ckpts.wait()
-            print(f"preempted: checkpoint saved at step {step} in {ckpts.directory}", flush=True)
+        if checkpoint_if_due(step, state, train_it, ckpts, writer, preemption.due(step), save):
             return state, False
-        if save:
-            writer.flush()  # the metrics up to a checkpoint are durable with it
-            ckpts.save(step, state, train_it)
     return state, True
 
 
