@@ -33,7 +33,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mimo_jax.inference.model_args import add_model_args, load_mimo
-from mimo_jax.tasks.requests import TASKS, read_jsonl
+from mimo_jax.paths import read_jsonl
+from mimo_jax.tasks.requests import TASKS
 
 CHUNK = 512  # requests read, sorted by length and generated together
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")

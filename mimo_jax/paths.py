@@ -129,3 +129,29 @@ def read_json(path: epath.PathLike):
         return json.loads(epath.Path(path).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_jsonl(path, errors: list) -> list[tuple[int, dict]]:
+    """(line number, object) of every JSON-object line of a JSONL file (requests, items,
+    manifests); blank lines are skipped, the others go to `errors` as {"line", "id": None,
+    "error"}. FileNotFoundError when the file itself cannot be read."""
+    try:
+        lines = epath.Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise FileNotFoundError(f"{path}: cannot read ({e})") from None
+    out = []
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            errors.append({"line": n, "id": None, "error": f"not a JSON object ({e})"})
+            continue
+        if not isinstance(obj, dict):
+            errors.append(
+                {"line": n, "id": None, "error": f"not a JSON object but {type(obj).__name__}"}
+            )
+            continue
+        out.append((n, obj))
+    return out

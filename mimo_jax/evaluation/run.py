@@ -24,8 +24,9 @@ import random
 from pathlib import Path
 
 from mimo_jax.evaluation import asr_metrics, choice
+from mimo_jax.paths import read_jsonl
 from mimo_jax.tasks import prompts, segments, templates
-from mimo_jax.tasks.requests import RequestError, read_jsonl
+from mimo_jax.tasks.requests import RequestError
 from mimo_jax.tokenizer.audio_io import InputError
 
 

@@ -19,9 +19,6 @@ Every problem is a `RequestError` naming the field, its value and what was expec
 from __future__ import annotations
 
 import dataclasses
-import json
-
-from etils import epath
 
 from mimo_jax.tasks import prompts, templates
 
@@ -264,28 +261,3 @@ def _example(example, i):
         "output_transcription": _text(example, "output_transcription"),
         "output_audio": _audio(example, "output_audio"),
     }
-
-
-def read_jsonl(path, errors: list) -> list[tuple[int, dict]]:
-    """(line number, object) of every JSON-object line of a requests or items file; blank lines
-    are skipped, the others go to `errors` as {"line", "id": None, "error"}."""
-    try:
-        lines = epath.Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise FileNotFoundError(f"{path}: cannot read ({e})") from None
-    out = []
-    for n, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            errors.append({"line": n, "id": None, "error": f"not a JSON object ({e})"})
-            continue
-        if not isinstance(obj, dict):
-            errors.append(
-                {"line": n, "id": None, "error": f"not a JSON object but {type(obj).__name__}"}
-            )
-            continue
-        out.append((n, obj))
-    return out

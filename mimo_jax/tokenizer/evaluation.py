@@ -18,7 +18,6 @@ the manifest's folder or absolute; optional `id`; other fields are ignored.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import warnings
 from pathlib import Path
@@ -29,8 +28,8 @@ import librosa
 import numpy as np
 import pesq as pesq_lib
 import pystoi
-from etils import epath
 
+from mimo_jax.paths import read_jsonl
 from mimo_jax.tokenizer.clips import Tokenizer
 from mimo_jax.tokenizer.mel_loss import multiscale_mel_loss
 
@@ -61,27 +60,14 @@ def _clip(line: int, obj: dict, base: Path) -> Clip:
 
 def read_manifest(path: str, errors: list[dict]) -> list[Clip]:
     """The manifest's clips; a bad line goes to `errors` as {"line", "id", "error"}.
-    FileNotFoundError when the manifest itself cannot be read."""
-    try:
-        lines = epath.Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise FileNotFoundError(f"{path}: cannot read the manifest ({e})") from None
-    clips = []
-    for n, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            errors.append(error(n, None, f"not a JSON object ({e})"))
-            continue
-        if not isinstance(obj, dict):
-            errors.append(error(n, None, f"not a JSON object but {type(obj).__name__}"))
-            continue
+    FileNotFoundError when the manifest itself cannot be read. Errors come in line order."""
+    clips, bad = [], []
+    for n, obj in read_jsonl(path, bad):
         try:
             clips.append(_clip(n, obj, Path(path).parent))
         except ValueError as e:
-            errors.append(error(n, obj.get("id"), str(e)))
+            bad.append(error(n, obj.get("id"), str(e)))
+    errors += sorted(bad, key=lambda e: e["line"])
     return clips
 
 
