@@ -65,23 +65,29 @@ class Stage1State:
     opt_state: Any
 
 
-def _fit(wav: jax.Array, samples: int) -> jax.Array:
-    """The reconstruction cut or zero-padded to the input's length."""
+def fit_length(wav: jax.Array, samples: int) -> jax.Array:
+    """A reconstruction [batch, n] cut or zero-padded to the input's `samples`."""
     wav = wav[:, :samples]
     return jnp.pad(wav, ((0, 0), (0, samples - wav.shape[1])))
+
+
+def encoded(tok: MiMoAudioTokenizer, batch: dict):
+    """(the quantizer's input [batch, codes, d_model], code lengths, the codes' real-frame mask)."""
+    mel, mel_lengths = tok.mel(batch["wav"], batch["lengths"])
+    hidden, code_lengths = tok.encode_hidden(mel, mel_lengths)
+    mask = jnp.arange(hidden.shape[1])[None, :] < code_lengths[:, None]
+    return hidden, code_lengths, mask
 
 
 def forward(model: Stage1Model, batch: dict, cfg: Stage1Config):
     """(total loss, (metrics, the quantizer's input [batch, codes, d_model], its frame mask))."""
     tok = model.tokenizer
-    mel, mel_lengths = tok.mel(batch["wav"], batch["lengths"])
-    hidden, code_lengths = tok.encode_hidden(mel, mel_lengths)
-    mask = jnp.arange(hidden.shape[1])[None, :] < code_lengths[:, None]
+    hidden, code_lengths, mask = encoded(tok, batch)
     quantized, _, commit = tok.encoder.quantizer(hidden, mask)
     wav, _ = tok.decode_hidden(quantized, code_lengths)
     recon = multiscale_mel_loss(
         batch["wav"],
-        _fit(wav, batch["wav"].shape[1]),
+        fit_length(wav, batch["wav"].shape[1]),
         tok.config.sampling_rate,
         batch["lengths"],
     )
@@ -116,11 +122,8 @@ class Stage1Trainer:
     def initialise(self, state: Stage1State, batch: dict, key: jax.Array) -> Stage1State:
         """The codebooks' k-means on this batch's encoder output (those not initialised)."""
         model = self.model(state)
-        tok = model.tokenizer
-        mel, mel_lengths = tok.mel(batch["wav"], batch["lengths"])
-        hidden, code_lengths = tok.encode_hidden(mel, mel_lengths)
-        mask = jnp.arange(hidden.shape[1])[None, :] < code_lengths[:, None]
-        quantizer = tok.encoder.quantizer
+        hidden, _, mask = encoded(model.tokenizer, batch)
+        quantizer = model.tokenizer.encoder.quantizer
         states = rvq_training.states_of(quantizer)
         rvq_training.store(
             quantizer,

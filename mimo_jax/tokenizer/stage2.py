@@ -38,7 +38,7 @@ from mimo_jax.tokenizer.gan_losses import (
 )
 from mimo_jax.tokenizer.mel_loss import multiscale_mel_loss, scales
 from mimo_jax.tokenizer.model import MiMoAudioTokenizer
-from mimo_jax.tokenizer.stage1 import _fit
+from mimo_jax.tokenizer.stage1 import fit_length
 
 
 class Stage2Model(nnx.Module):
@@ -154,7 +154,7 @@ class Stage2Trainer:
         def generate(gen_params):
             model = self._merge(gen_params, state.disc_params, state.rest)
             wav, _ = model.tokenizer.decode_hidden(quantized, code_lengths)
-            return _masked(_fit(wav, real.shape[1]), batch["lengths"])
+            return _masked(fit_length(wav, real.shape[1]), batch["lengths"])
 
         # One decoder forward; its pullback carries the generator loss's gradient to the decoder.
         fake, pullback = jax.vjp(generate, state.gen_params)
