@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from train_support import random_batch
 
 from mimo_jax.lm.config import small_config
 from mimo_jax.lm.model import MiMoAudioLM
@@ -161,23 +162,7 @@ def test_only_adapters_and_fully_trained_groups_train(lm):
         x.size for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)
     )
     assert sizes(state.opt_state) == 2 * sizes(state.params)
-    rng = np.random.default_rng(0)
-    gs, c, g = config.group_size, config.audio_channels, 6
-    text = rng.integers(0, config.vocab_size, (2, g))
-    text[:, ::2] = config.empty_idx
-    batch = {
-        k: jnp.asarray(v)
-        for k, v in dict(
-            text=text,
-            codes=rng.integers(0, 128, (2, g, gs, c)),
-            positions=np.tile(np.arange(g), (2, 1)),
-            segment_ids=np.ones((2, g), np.int32),
-            text_targets=rng.integers(0, config.vocab_size, (2, g)),
-            text_weights=np.ones((2, g), np.float32),
-            code_targets=rng.integers(0, 128, (2, g, gs, c)),
-            code_weights=np.ones((2, g, c), np.float32),
-        ).items()
-    }
+    batch = random_batch(config)
     state, metrics = jax.jit(trainer.train_step)(state, batch, jax.random.key(0))
     assert np.isfinite(float(metrics["loss"]))
     after = {

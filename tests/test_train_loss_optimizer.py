@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from train_support import random_batch
 
 from mimo_jax.lm.config import small_config
 from mimo_jax.lm.model import MiMoAudioLM
@@ -132,26 +133,6 @@ def test_loss_by_hand_with_per_position_per_channel_weights():
     np.testing.assert_allclose(loss, want, rtol=1e-5)
 
 
-def _batch(config, b=2, g=6, seed=0):
-    rng = np.random.default_rng(seed)
-    gs, c = config.group_size, config.audio_channels
-    text = rng.integers(0, config.vocab_size, (b, g))
-    text[:, ::2] = config.empty_idx  # half the groups are speech
-    return {
-        k: jnp.asarray(v)
-        for k, v in dict(
-            text=text,
-            codes=rng.integers(0, 128, (b, g, gs, c)),
-            positions=np.tile(np.arange(g), (b, 1)),
-            segment_ids=np.ones((b, g), np.int32),
-            text_targets=rng.integers(0, config.vocab_size, (b, g)),
-            text_weights=np.ones((b, g), np.float32),
-            code_targets=rng.integers(0, 128, (b, g, gs, c)),
-            code_weights=np.ones((b, g, c), np.float32),
-        ).items()
-    }
-
-
 def _changed_groups(before, after):
     changed = {}
     for (path, a), (_, b) in zip(nnx.to_flat_state(before), nnx.to_flat_state(after)):
@@ -180,7 +161,7 @@ def test_groups_get_their_learning_rates_and_frozen_groups_stay(weights, frozen)
         frozen=frozen,
     )
     trainer, state = Trainer.create(model, LossConfig.from_string(weights), opt)
-    state, metrics = jax.jit(trainer.train_step)(state, _batch(config), jax.random.key(0))
+    state, metrics = jax.jit(trainer.train_step)(state, random_batch(config), jax.random.key(0))
     after = nnx.state(trainer.model(state), nnx.Param)
     changed = _changed_groups(before, after)
     for group, lr in lrs.items():
@@ -249,7 +230,7 @@ def test_non_finite_step_keeps_the_state():
         {"patch_encoder": 1e-3, "llm": 1e-3, "patch_decoder": 1e-3}, total_steps=5
     )
     trainer, state = Trainer.create(model, LossConfig.from_string("100-12-8-6-4-2-2-1-1"), opt)
-    batch = _batch(config)
+    batch = random_batch(config)
     batch["text_weights"] = batch["text_weights"].at[0, 0].set(jnp.nan)
     new, metrics = jax.jit(trainer.train_step)(state, batch, jax.random.key(0))
     assert float(metrics["update_skipped"]) == 1.0 and int(new.step) == 0
@@ -263,7 +244,7 @@ def test_gradient_accumulation_matches_the_full_batch():
         {"patch_encoder": 1e-3, "llm": 1e-3, "patch_decoder": 1e-3}, total_steps=5, clip_norm=0.0
     )
     loss = LossConfig.from_string("100-12-8-6-4-2-2-1-1")
-    batch = _batch(config, b=4)
+    batch = random_batch(config, b=4)
     out = []
     for accum in (1, 2):
         trainer, state = Trainer.create(MiMoAudioLM(config, rngs=nnx.Rngs(0)), loss, opt, accum)

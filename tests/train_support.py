@@ -1,10 +1,14 @@
-"""Smoke training runs in a subprocess, shared by the train-loop, run-directory and gs:// tests."""
+"""Smoke training runs in a subprocess, shared by the train-loop, run-directory and gs:// tests,
+and a random training batch for the step tests."""
 
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,3 +53,24 @@ def run_sigterm_at_step(cmd, env, step: int = 2) -> str:
     out = run.stdout.read()
     assert run.wait(timeout=300) == 0, out
     return out
+
+
+def random_batch(config, b=2, g=6, seed=0) -> dict:
+    """A training batch of random ids for an LM config: b rows of g groups, half of them speech."""
+    rng = np.random.default_rng(seed)
+    gs, c = config.group_size, config.audio_channels
+    text = rng.integers(0, config.vocab_size, (b, g))
+    text[:, ::2] = config.empty_idx
+    return {
+        k: jnp.asarray(v)
+        for k, v in dict(
+            text=text,
+            codes=rng.integers(0, 128, (b, g, gs, c)),
+            positions=np.tile(np.arange(g), (b, 1)),
+            segment_ids=np.ones((b, g), np.int32),
+            text_targets=rng.integers(0, config.vocab_size, (b, g)),
+            text_weights=np.ones((b, g), np.float32),
+            code_targets=rng.integers(0, 128, (b, g, gs, c)),
+            code_weights=np.ones((b, g, c), np.float32),
+        ).items()
+    }
