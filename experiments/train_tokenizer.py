@@ -17,10 +17,8 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -97,7 +95,9 @@ def check(config) -> None:
 
 
 # ---- building ---------------------------------------------------------------------------------
-def _tokenizer(config):
+def initial_tokenizer(config):
+    """(tokenizer config, tokenizer) a run starts from: its init checkpoint, or initialised from
+    the config's seed."""
     from mimo_jax.tokenizer.config import from_hf
     from mimo_jax.tokenizer.model import MiMoAudioTokenizer
     from mimo_jax.tokenizer.tokenizer_checkpoint import load_tokenizer
@@ -130,7 +130,7 @@ def build(config, text_vocab: int):
     from mimo_jax.tokenizer.stage1 import Stage1Config, Stage1Model, Stage1Trainer
     from mimo_jax.tokenizer.stage2 import Stage2Model, Stage2Trainer
 
-    tok_config, tokenizer = _tokenizer(config)
+    tok_config, tokenizer = initial_tokenizer(config)
     tokenizer.set_remat(config.model.remat_policy)
     if _stage1(config):
         a2t = AudioToTextLM(
@@ -242,10 +242,8 @@ def _identity(config, tok_config) -> dict:
 
 def run(config, workdir) -> int:
     """The stage's training in `workdir` (locked and written by `experiments.train.run`)."""
-    from experiments.loop_support import hparams
+    from experiments.loop_support import open_run
     from mimo_jax.tokenizer.config import from_hf
-    from mimo_jax.train.metrics import MetricsWriter
-    from mimo_jax.train.train_checkpoints import TrainCheckpoints, abstract_like
 
     mesh = mesh_of_devices()
     # The transcripts' tokenizer sizes the A2T LM, so data comes first.
@@ -255,27 +253,8 @@ def run(config, workdir) -> int:
     tok_config, trainer, state = build(config, text_tok.tokenizer.get_vocab_size())
     state = jax.device_put(state, state_shardings(state, mesh))
     eval_batch = _global(_eval_batch(config, rate, needs_text), mesh) if config.eval_every else None
-    ckpts = TrainCheckpoints(
-        workdir,
-        _identity(config, tok_config),
-        keep=config.checkpoint.keep,
-        async_save=config.checkpoint.async_save,
-    )
-    try:
-        start, restored = ckpts.restore_latest(abstract_like(state), train_it)
-    except BaseException:
-        ckpts.close()
-        raise
-    if start is not None:
-        state = restored
-        logging.info("resumed from %s at step %d", ckpts.directory, start)
-    writer = MetricsWriter(
-        workdir,
-        config.total_steps,
-        start or 0,
-        config_json=config.to_json_best_effort(indent=2),
-        hparams=hparams(config),
-    )
+    identity = _identity(config, tok_config)
+    ckpts, writer, start, state = open_run(config, workdir, identity, state, train_it)
     try:
         step, finished = start or 0, (start or 0) >= config.total_steps
         if not finished:
@@ -297,14 +276,16 @@ def _eval_batch(config, rate: int, needs_text: bool) -> dict:
 
 
 def _loop(config, trainer, state, train_it, eval_batch, mesh, ckpts, writer, step):
-    from experiments.loop_support import Preemption, check_finite, due
+    from experiments.loop_support import Preemption, check_finite, checkpoint_if_due, due
 
     preemption = Preemption()
     # The state keeps its placement from step to step, so a resumed run, restored to that
     # placement, runs the very program the interrupted one ran (bit-identical losses).
     placed = jax.tree.map(lambda a: a.sharding, state)
     train = jax.jit(trainer.train_step, donate_argnums=0, out_shardings=(placed, None))
-    if _stage1(config):
+    # Read once (a host transfer): only the first batch of a fresh stage 1 initialises codebooks.
+    init_pending = _stage1(config) and trainer.needs_init(state)
+    if init_pending:
         initialise = jax.jit(trainer.initialise, out_shardings=placed)
     audio_seconds = config.data.batch_size * config.data.crop_seconds
     t_last, last_logged, skipped = time.time(), step, 0
@@ -312,8 +293,8 @@ def _loop(config, trainer, state, train_it, eval_batch, mesh, ckpts, writer, ste
         local = next(train_it)
         skipped += int(np.sum(local["skipped"]))
         batch = _global(local, mesh)
-        if _stage1(config) and trainer.needs_init(state):  # k-means on the first batch
-            state = initialise(state, batch, jax.random.key(config.seed))
+        if init_pending:  # k-means on the first batch
+            state, init_pending = initialise(state, batch, jax.random.key(config.seed)), False
         state, metrics = train(state, batch)
         step += 1
         last = step == config.total_steps
@@ -329,15 +310,8 @@ def _loop(config, trainer, state, train_it, eval_batch, mesh, ckpts, writer, ste
             writer.progress(step, values)
         if eval_batch is not None and due(step, config.eval_every):
             _reconstruct(trainer, state, eval_batch, writer, step)
-        if preemption.due(step):
-            writer.flush()
-            ckpts.save(step, state, train_it)
-            ckpts.wait()
-            print(f"preempted: checkpoint saved at step {step} in {ckpts.directory}", flush=True)
+        if checkpoint_if_due(step, state, train_it, ckpts, writer, preemption.due(step), save):
             return state, False
-        if save:
-            writer.flush()
-            ckpts.save(step, state, train_it)
     return state, True
 
 
@@ -345,6 +319,7 @@ def _reconstruct(trainer, state, batch, writer, step: int) -> None:
     """The eval crops through the tokenizer at 8 codebooks and all: the mel distance of each
     to metrics.jsonl, the first crop's audio and log-mel images to TensorBoard."""
     from mimo_jax.tokenizer.mel_loss import multiscale_mel_loss
+    from mimo_jax.tokenizer.stage1 import fit_length
     from mimo_jax.train.eval_generation import log_mel_image
 
     tokenizer = trainer.model(state).tokenizer
@@ -354,7 +329,7 @@ def _reconstruct(trainer, state, batch, writer, step: int) -> None:
     values, audio = {}, {"reconstruction/original": np.asarray(wav[0])}
     for n in sorted({min(8, codes.shape[-1]), codes.shape[-1]}):
         out, _ = jax.jit(tokenizer.decode)(codes[..., :n], code_lengths)
-        out = jnp.pad(out[:, : wav.shape[1]], ((0, 0), (0, max(0, wav.shape[1] - out.shape[1]))))
+        out = fit_length(out, wav.shape[1])
         values[f"eval/mel_distance_{n}"] = float(
             multiscale_mel_loss(wav, out, config.sampling_rate, lengths)
         )
