@@ -67,9 +67,10 @@ def logged(workdir: Path, key: str) -> list[tuple[int, float]]:
 def train_once(name: str, config, workdir: Path) -> None:
     """Trains `config` in `workdir` unless the run has already exported its model."""
     if not (workdir / "model").exists():
+        d = config.data
+        rows = f"{d.context_length} groups" if "context_length" in d else f"{d.crop_seconds} s"
         print(
-            f"[demo] training {name}: {config.total_steps} steps, batch {config.data.batch_size} "
-            f"x {config.data.context_length} groups",
+            f"[demo] training {name}: {config.total_steps} steps, batch {d.batch_size} x {rows}",
             flush=True,
         )
         if train.run(config, str(workdir)):

@@ -27,6 +27,7 @@ RUN_BY = {
         "test_tokenizer_train.py"
     ),
     "python -m data_pipelines.": "test_readme.py::test_data_commands",
+    "python -m experiments.demo_tokenizer": "test_tokenizer_train.py (its --smoke run)",
     "python -m data_pipelines.voice": "test_voice.py (through experiments.demo_voice)",
     "python -m experiments.demo_voice": "test_voice.py",
     "python -m experiments.aot": "test_launch_aot.py",

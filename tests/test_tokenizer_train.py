@@ -1,9 +1,13 @@
-"""Tokenizer training through the train entry point on the demo corpus: stage 1 with every loss
-term in metrics.jsonl, a resume to the same losses, the export with its RVQ buffers through the
-converter and back; stage 2 from that export with its encoder and codebooks untouched; and the
-errors that stop a run before it starts."""
+"""Tokenizer training through the train entry point on the demo corpus, as the tokenizer demo
+(`experiments.demo_tokenizer --smoke`) runs it: held-out clips scored before and after; stage 1
+with every loss term in metrics.jsonl, a resume to the same losses, the export with its RVQ
+buffers through the converter and back; stage 2 from that export with its encoder and codebooks
+untouched; and the errors that stop a run before it starts."""
 
+import contextlib
+import io
 import json
+import re
 import shutil
 
 import numpy as np
@@ -11,23 +15,15 @@ import pytest
 from safetensors.numpy import load_file
 
 import convert_torch_weights
-from experiments import train
+from experiments import demo_tokenizer, train
 from experiments.config_checks import set_value
-from experiments.configs import tokenizer_stage1, tokenizer_stage2
+from experiments.configs import tokenizer_stage2
 from mimo_jax import model_checkpoint
-
-FAST = {
-    "data.batch_size": 8,  # one crop per simulated device
-    "data.crop_seconds": 0.4,
-    "ema.kmeans_iters": 5,
-    "log_every": 1,
-    "checkpoint.async_save": False,
-}
 
 
 def _config(module, data, **overrides):
     config = module.get_config(f"demo,data={data}")
-    for key, value in {**FAST, **overrides}.items():
+    for key, value in {**demo_tokenizer.SMOKE, **overrides}.items():
         set_value(config, key, value)
     return config
 
@@ -50,15 +46,48 @@ def _params(path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def stage1(demo_data, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("tokenizer") / "stage1"
-    config = _config(tokenizer_stage1, demo_data, total_steps=4, checkpoint_every=2, eval_every=2)
-    assert train.run(config, str(workdir)) == 0
-    return config, workdir
+def demo_run(demo_data, tmp_path_factory):
+    """(workdir, printed output) of `python -m experiments.demo_tokenizer --smoke` on the demo
+    corpus: its stage-1 run (4 steps, checkpoints at 2 and 4) and stage-2 run (2 steps)."""
+    workdir = tmp_path_factory.mktemp("tokenizer_demo")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = demo_tokenizer.main(["--workdir", str(workdir), "--data", str(demo_data), "--smoke"])
+    assert code == 0
+    return workdir, out.getvalue()
 
 
-def test_stage1_logs_every_term_resumes_and_exports_its_buffers(stage1, tmp_path, capsys):
-    config, workdir = stage1
+def test_the_demo_scores_held_out_clips_before_and_after_and_reports_the_discriminators(
+    demo_run, demo_data
+):
+    workdir, out = demo_run
+    held = [json.loads(line) for line in (workdir / "heldout.jsonl").read_text().splitlines()]
+    trained = (workdir / "train.jsonl").read_text().splitlines()
+    corpus = (demo_data / "manifest.jsonl").read_text().splitlines()
+    assert len(held) + len(trained) == len(corpus) and len({e["pair"] for e in held}) == 1
+    for name in ("init", "stage1", "stage2"):
+        report = json.loads((workdir / "eval" / name / "report.json").read_text())
+        assert report["means"]["8"]["clips"] == len(held) and report["errors"] == 0
+    init = json.loads((workdir / "eval" / "init" / "report.json").read_text())
+    stoi = re.findall(
+        r"STOI of (\d+) held-out clips, (\d+) codebooks: ([\d.]+) \(random init\) -> [\d.]+ "
+        r"\(stage 1, 4 steps\) -> [\d.]+ \(stage 2, 2 steps\)",
+        out,
+    )
+    assert [(int(c), n, float(v)) for c, n, v in stoi] == [
+        (len(held), n, pytest.approx(init["means"][n]["stoi"], abs=5e-4)) for n in init["means"]
+    ]
+    disc = re.search(r"hinge loss ([\d.]+) \(step 1, at initialisation\) -> [\d.]+ \(step 2\)", out)
+    assert disc, out
+    assert float(disc[1]) == pytest.approx(_metrics(workdir / "stage2")[0]["disc_loss"], abs=5e-4)
+
+
+def test_stage1_logs_every_term_resumes_and_exports_its_buffers(
+    demo_run, demo_data, tmp_path, capsys
+):
+    root = demo_run[0]
+    workdir = root / "stage1"
+    config = demo_tokenizer.stage_config("stage1", demo_data, root / "train.jsonl", smoke=True)
     records = _metrics(workdir)
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
@@ -97,23 +126,14 @@ def test_stage1_logs_every_term_resumes_and_exports_its_buffers(stage1, tmp_path
         np.testing.assert_array_equal(back[key], value, err_msg=key)
 
 
-def test_stage2_trains_the_decoder_against_the_discriminators_only(stage1, demo_data, tmp_path):
-    _, stage1_dir = stage1
-    config = _config(
-        tokenizer_stage2,
-        demo_data,
-        total_steps=2,
-        checkpoint_every=0,
-        eval_every=0,
-        **{"model.init_checkpoint": str(stage1_dir / "model")},
-    )
-    assert train.run(config, str(tmp_path)) == 0
-    steps = [r for r in _metrics(tmp_path) if "loss" in r]
+def test_stage2_trains_the_decoder_against_the_discriminators_only(demo_run):
+    stage1, stage2 = demo_run[0] / "stage1", demo_run[0] / "stage2"
+    steps = [r for r in _metrics(stage2) if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
     for r in steps:
         assert {"recon_loss", "adv_loss", "fm_loss", "disc_loss"} <= set(r)
         assert all(np.isfinite(v) for v in r.values())
-    before, after = _params(stage1_dir / "model"), _params(tmp_path / "model")
+    before, after = _params(stage1 / "model"), _params(stage2 / "model")
     for key in before:
         same = np.array_equal(before[key], after[key])
         assert same == (not key.startswith("decoder.")), key

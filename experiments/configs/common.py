@@ -271,8 +271,9 @@ def tokenizer_config(stage: str, demo: bool, data: str) -> ml_collections.Config
     c = ml_collections.ConfigDict()
     c.task = f"tokenizer_{stage}"
     c.seed = 0
-    c.total_steps = 60 if demo else 500_000
-    c.log_every = 5 if demo else 50
+    c.total_steps = (150 if stage == "stage1" else 40) if demo else 500_000
+    # Stage 2's demo logs every step: its first record is the discriminators' loss at init.
+    c.log_every = (5 if stage == "stage1" else 1) if demo else 50
     c.checkpoint_every = 30 if demo else 5000
     c.eval_every = 30 if demo else 5000  # reconstructions and spectrograms to TensorBoard
     c.export_model = True  # the tokenizer to workdir/model (buffers included)
