@@ -3,12 +3,14 @@ update, decoder, vocoder, multi-scale mel loss, A2T LM, AdamW), random weights, 
 present.
 
     python benchmarks/tokenizer_train.py [--size demo|released] [--crop-seconds 2] [--batch 2]
-        [--steps 3] [--a2t-hidden 512 --a2t-layers 4]
+        [--steps 3] [--a2t-hidden 512 --a2t-layers 4] [--optimizer adamw|none]
 
 `demo` is the demo's tokenizer (d_model 64, 2 + 2 layers); `released` the released architecture
-(1.2 B parameters: its float32 parameters, gradients and AdamW moments take about 20 GB, more than
-a 24 GiB machine can give beside the activations). The first batch's k-means and the compile are
-timed apart from the steps; the crops are eSpeak NG speech.
+(1.3 B parameters: their float32 values, gradients and AdamW moments take 20.7 GB, and with the
+update's temporaries a 24 GiB machine runs out of memory). `--optimizer none` times the step
+without AdamW (forward, backward, the codebooks' EMA update; the parameters are not moved), which
+fits there; AdamW's update adds an elementwise pass over the parameters. The first batch's k-means
+and the compile are timed apart from the steps; the crops are eSpeak NG speech.
 """
 
 import argparse
@@ -29,6 +31,7 @@ from mimo_jax.tokenizer.stage1 import Stage1Config, Stage1Model, Stage1Trainer
 
 SIZES = {"demo": lambda: from_hf(TOKENIZER_HF), "released": TokenizerConfig}
 VOCAB = 4096  # transcripts of random ids: the A2T LM's cost, not its text
+OPTIMIZERS = {"adamw": lambda: optax.adamw(1e-4), "none": optax.set_to_zero}
 
 
 def parse_args(argv=None):
@@ -40,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--text-tokens", type=int, default=32)
     p.add_argument("--a2t-hidden", type=int, default=512)
     p.add_argument("--a2t-layers", type=int, default=4)
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw")
     return p.parse_args(argv)
 
 
@@ -64,7 +68,7 @@ def main(argv=None) -> None:
         AudioToTextLM(a2t, config.d_model, rngs=nnx.Rngs(1)),
     )
     params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    trainer, state = Stage1Trainer.create(model, optax.adamw(1e-4), Stage1Config())
+    trainer, state = Stage1Trainer.create(model, OPTIMIZERS[a.optimizer](), Stage1Config())
     del model
     batch = batch_of(config, a)
     start = time.perf_counter()
@@ -84,7 +88,8 @@ def main(argv=None) -> None:
     print(
         f"{a.size}: {params / 1e6:.1f} M parameters (A2T LM included) on "
         f"{jax.device_count()} x {jax.devices()[0].device_kind}; batch {a.batch} x "
-        f"{a.crop_seconds:g} s | k-means {kmeans_s:.1f} s | compile {compile_s:.1f} s | "
+        f"{a.crop_seconds:g} s, optimizer {a.optimizer} | k-means {kmeans_s:.1f} s | "
+        f"compile {compile_s:.1f} s | "
         f"step {step_s * 1e3:.0f} ms | {audio_s / step_s:.2f} s of audio per second | "
         f"loss {float(metrics['loss']):.3f}",
         flush=True,
