@@ -209,10 +209,7 @@ def preflight(cfg: WaveformConfig, tok: TextTokenizer) -> Corpus:
         fatal.append(f"no clips to train on in {', '.join(cfg.manifests)}")
     if fatal:
         raise WaveformDataError("\n".join(fatal))
-    lines = [summary(c, cfg) for c in checks]
-    for line in lines:
-        log.info("%s", line)
-    return Corpus(clips, lines)
+    return Corpus(clips, [summary(c, cfg) for c in checks])  # the caller shows the summary
 
 
 def random_crop(wav: np.ndarray, samples: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
