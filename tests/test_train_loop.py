@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from train_support import ROOT, run_sigterm_at_step, xla_env
+from train_support import ROOT, SMOKE_SETTINGS, run_sigterm_at_step, xla_env
 from train_support import train_cmd as _train_cmd
 
 from experiments import train
@@ -17,10 +17,7 @@ from experiments.configs import demo as demo_config
 
 def smoke(data, stage="stage2", **overrides):
     config = demo_config.get_config(f"stage={stage},data={data},smoke=True")
-    config.data.batch_size = 8  # one row per simulated device
-    config.log_every = 1
-    config.checkpoint.async_save = False
-    for key, value in overrides.items():
+    for key, value in {**SMOKE_SETTINGS, **overrides}.items():
         set_value(config, key, value)
     return config
 
