@@ -61,7 +61,8 @@ def _clip(line: int, obj: dict, base: Path) -> Clip:
 def read_manifest(path: str, errors: list[dict]) -> list[Clip]:
     """The manifest's clips; a bad line goes to `errors` as {"line", "id", "error"}.
     FileNotFoundError when the manifest itself cannot be read. Errors come in line order."""
-    clips, bad = [], []
+    clips: list[Clip] = []
+    bad: list[dict] = []
     for n, obj in read_jsonl(path, bad):
         try:
             clips.append(_clip(n, obj, Path(path).parent))
