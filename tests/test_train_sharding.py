@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from train_support import random_batch
 
 from mimo_jax.lm.config import small_config
 from mimo_jax.lm.model import MiMoAudioLM
@@ -16,23 +17,6 @@ from sharding.mesh import make_mesh
 from sharding.rules import PRESETS
 
 MESHES = {"data": {"data": 8}, "fsdp": {"fsdp": 8}, "fsdp_tensor": {"fsdp": 4, "tensor": 2}}
-
-
-def _batch(config, b=8, g=8):
-    rng = np.random.default_rng(0)
-    gs, c = config.group_size, config.audio_channels
-    text = rng.integers(0, config.vocab_size, (b, g))
-    text[:, 1::2] = config.empty_idx
-    return dict(
-        text=text,
-        codes=rng.integers(0, 128, (b, g, gs, c)),
-        positions=np.tile(np.arange(g), (b, 1)),
-        segment_ids=np.ones((b, g), np.int32),
-        text_targets=rng.integers(0, config.vocab_size, (b, g)),
-        text_weights=np.ones((b, g), np.float32),
-        code_targets=rng.integers(0, 128, (b, g, gs, c)),
-        code_weights=np.ones((b, g, c), np.float32),
-    )
 
 
 TINY = dict(
@@ -66,7 +50,10 @@ def _one_step(preset: str, devices):
     trainer, train_state = Trainer.create(
         model, LossConfig.from_string("100-12-8-6-4-2-2-1-1"), opt
     )
-    batch = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in _batch(config).items()}
+    batch = {
+        k: jax.device_put(v, batch_sharding(mesh, v.ndim))
+        for k, v in random_batch(config, b=8, g=8).items()
+    }
     with jax.set_mesh(mesh), use_rules(rules):
         new, metrics = jax.jit(trainer.train_step)(train_state, batch, jax.random.key(0))
     kernel = new.params["model"]["layers"]["mlp"]["gate_proj"]["kernel"][...]
