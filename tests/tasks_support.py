@@ -28,6 +28,7 @@ class TasksFixture:
         self.meta = json.loads((self.dir / "cases.json").read_text())
         self.ref = dict(np.load(self.dir / "reference.npz"))
         self.tok = TextTokenizer.from_file(str(self.dir / self.meta["text_tokenizer"]))
+        self.lm_dir = self.dir / self.meta["lm"]  # an official-format checkpoint directory
         self.cases = {c["name"]: c for c in self.meta["cases"]}
         self.group_size = self.meta["group_size"]
         self.channels = self.meta["audio_channels"]
@@ -97,36 +98,7 @@ def generated_groups(fx: TasksFixture, gen: dict):
 
 
 def fixture_lm(fx: TasksFixture):
-    """(config, model) of the tasks/ LM as its reference generations were computed.
-
-    Its config says `input_full_attention: true`, but the official run that made the tasks/
-    generations attended causally inside each patch: with a causal patch encoder all of its
-    generations match ours token for token, with a bidirectional one none does (while lm/'s
-    reference `input_embeds` match only the bidirectional one). Until the fixture is regenerated,
-    the generations are compared with the causal patch encoder they were made with.
-    """
-    from flax import nnx
-
+    """(config, model) of the tasks/ LM, loaded as its config.json says."""
     from mimo_jax.conversion.convert import load_torch_checkpoint
-    from mimo_jax.lm.model import MiMoAudioLM
 
-    config, model = load_torch_checkpoint(fx.dir / fx.meta["lm"])
-    config = config.replace(input_full_attention=False)
-    abstract = nnx.eval_shape(lambda: MiMoAudioLM(config, rngs=nnx.Rngs(0)))
-    return config, nnx.merge(nnx.graphdef(abstract), nnx.state(model))
-
-
-def causal_lm_dir(fx: TasksFixture, directory):
-    """An official-format copy of the tasks/ LM whose config names the causal patch encoder its
-    generations were made with (see `fixture_lm`); the weights are linked, not copied."""
-    import os
-
-    src = fx.dir / fx.meta["lm"]
-    directory.mkdir(parents=True, exist_ok=True)
-    config = json.loads((src / "config.json").read_text())
-    config["input_full_attention"] = False
-    (directory / "config.json").write_text(json.dumps(config))
-    for f in src.iterdir():
-        if f.name != "config.json":
-            os.symlink(f.resolve(), directory / f.name)
-    return directory
+    return load_torch_checkpoint(fx.lm_dir)

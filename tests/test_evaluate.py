@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
-from tasks_support import causal_lm_dir, fixture_lm
+from tasks_support import fixture_lm
 from test_readme import readme_command
 
 from mimo_jax import evaluate
@@ -67,8 +67,8 @@ def test_single_token_options_pick_the_most_likely_next_token(fx, tasks_lm):
 
 
 @pytest.fixture(scope="module")
-def lm_dir(fx, tmp_path_factory):
-    return causal_lm_dir(fx, tmp_path_factory.mktemp("lm") / "lm")
+def lm_dir(fx):
+    return fx.lm_dir
 
 
 def _readme_argv(fx, lm_dir, mode: str, inputs, out) -> list[str]:

@@ -11,7 +11,6 @@ import jax
 import numpy as np
 import pytest
 import soundfile as sf
-from tasks_support import causal_lm_dir
 from test_tokenizer_streaming import MIN_SER_DB, stream_quality
 
 from mimo_jax import generate as cli
@@ -191,7 +190,7 @@ def test_growing_wav_is_valid_after_every_append(tmp_path):
 
 
 def test_cli_streams_the_fixture_tts(fx, tmp_path, capsys):
-    lm_dir = causal_lm_dir(fx, tmp_path / "lm")
+    lm_dir = fx.lm_dir
     (gen,) = [g for g in fx.meta["generations"] if g["case"] == "tts_sft_en"]
     req, _ = fx.request(fx.cases["tts_sft_en"])
     line = {

@@ -7,14 +7,13 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
-from tasks_support import causal_lm_dir
 
 from mimo_jax import generate
 
 
 @pytest.fixture(scope="module")
-def lm_dir(fx, tmp_path_factory):
-    return causal_lm_dir(fx, tmp_path_factory.mktemp("lm") / "lm")
+def lm_dir(fx):
+    return fx.lm_dir
 
 
 def _args(fx, lm_dir, out):
