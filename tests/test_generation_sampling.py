@@ -10,6 +10,7 @@ import pytest
 from mimo_jax.inference import sampling
 from mimo_jax.inference.generate import GenerationConfig, generate
 from mimo_jax.inference.sampling import SamplerConfig, process, sample
+from mimo_jax.inference.tasks import TASK_SAMPLERS
 
 ROWS = 512  # identical rows, one draw each
 
@@ -168,3 +169,38 @@ def test_top_p_of_one_is_skipped_without_changing_a_choice():
         for key in jax.random.split(jax.random.key(1), 20 if do_sample else 1):
             want = sampling._draw(filtered, key) if do_sample else jnp.argmax(filtered, -1)
             np.testing.assert_array_equal(sample(logits, cfg, key), want)
+
+
+def _official_filters(logits, cfg):
+    """The official sampler's filters in NumPy: temperature, then top-k, then top-p over a stable
+    ascending sort of what top-k kept (entries at cumulative probability <= 1 - top_p removed,
+    never the last)."""
+    scores = np.asarray(logits, np.float64) / cfg.temperature
+    kth = np.sort(scores, -1)[:, -cfg.top_k][:, None]
+    scores = np.where(scores < kth, -np.inf, scores)
+    order = np.argsort(scores, -1, kind="stable")
+    ascending = np.take_along_axis(scores, order, -1)
+    probs = np.exp(ascending - ascending.max(-1, keepdims=True))
+    removed_sorted = np.cumsum(probs / probs.sum(-1, keepdims=True), -1) <= 1 - cfg.top_p
+    removed_sorted[:, -1] = False
+    removed = np.zeros_like(removed_sorted)
+    np.put_along_axis(removed, order, removed_sorted, -1)
+    return np.where(removed, -np.inf, scores)
+
+
+def test_top_k_filters_before_top_p():
+    # Top-k keeps .3 and .25, renormalised .545 and .455; top-p 0.5 then removes .455 (its
+    # cumulative probability is <= 0.5): one entry is left. Top-p first would keep two.
+    logits = jnp.log(jnp.asarray([[0.3, 0.25, 0.2, 0.15, 0.1]]))
+    cfg = SamplerConfig(do_sample=True, temperature=1.0, top_k=2, top_p=0.5)
+    assert np.isfinite(process(logits, cfg)).tolist() == [[True, False, False, False, False]]
+    # The `default` preset (top_k 50, top_p 0.95), where the two filters interact: the official
+    # filters keep fewer than 50 entries, top-p first would keep 50.
+    logits = 3.0 * jax.random.normal(jax.random.key(3), (8, 200))
+    cfg = TASK_SAMPLERS["default"][0]
+    want = _official_filters(logits, cfg)
+    kept = np.isfinite(want)
+    assert (kept.sum(-1) < cfg.top_k).all() and kept.any(-1).all()
+    got = np.asarray(process(logits, cfg))
+    np.testing.assert_array_equal(np.isfinite(got), kept)
+    np.testing.assert_allclose(got[kept], want[kept], rtol=1e-6)

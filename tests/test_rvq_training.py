@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments.configs.common import tokenizer_config
 from mimo_jax.tokenizer.rvq_training import (
     CodebookState,
     EmaConfig,
@@ -19,6 +20,7 @@ from mimo_jax.tokenizer.rvq_training import (
     store,
     train_step,
 )
+from mimo_jax.tokenizer.stage1 import Stage1Config
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -37,6 +39,19 @@ def _states(ref, prefix: str, layers: int) -> list[CodebookState]:
         CodebookState(*(jnp.asarray(ref[f"{prefix}_{k}_{q}"]) for k in EMA), jnp.ones((1,)))
         for q in range(layers)
     ]
+
+
+def test_defaults_are_the_official_quantizers(rvq):
+    # What a user gets without asking: EmaConfig's defaults, stage 1's and the stage-1 experiment
+    # configs' (released size and demo) are the settings the official quantizer trains with.
+    cfg, _ = rvq
+    official = EmaConfig(decay=cfg["decay"], epsilon=cfg["epsilon"])
+    assert EmaConfig() == official and Stage1Config().ema == official
+    assert Stage1Config().commit_weight == cfg["commitment_weight"]
+    for demo in (False, True):
+        config = tokenizer_config("stage1", demo, "data")
+        assert EmaConfig(config.ema.decay, config.ema.epsilon) == official, demo
+        assert config.loss.commit == cfg["commitment_weight"], demo
 
 
 def test_steps_match_the_official_quantizer(rvq):

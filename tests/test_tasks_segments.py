@@ -120,4 +120,21 @@ def test_pretraining_few_shot_and_audio_qa_layouts():
     assert W2 in qa.text.tolist()
 
 
+def test_few_shot_keeps_its_examples_in_order():
+    # Text items: the whole prompt by hand (SPEC §2.4's layout, one example after the other).
+    segs = prompts.few_shot([("w1", "w2"), ("w3", "w4"), ("w5", "w6")], "w7", speech_output=False)
+    assert all(isinstance(s, Text) for s in segs)
+    assert "".join(s.text for s in segs) == (
+        f"{prompts.INSTRUCTION}w1\nw2 \n\nw3\nw4 \n\nw5\nw6 \n\nw7\n"
+    )
+    # Speech items: inputs as audio, outputs as streams, each where its example puts it.
+    a, b, q = (np.full((1, 4, 8), i, np.int64) for i in range(3))
+    segs = prompts.few_shot(
+        [(a, {"text": "w1", "audio": a}), (b, {"text": "w2", "audio": b})], q, speech_output=True
+    )
+    media = [(type(s).__name__, int(s.patches[0, 0, 0])) for s in segs if not isinstance(s, Text)]
+    assert media == [("Audio", 0), ("Stream", 0), ("Audio", 1), ("Stream", 1), ("Audio", 2)]
+    assert [s.text for s in segs if isinstance(s, Stream)] == ["w1", "w2"]
+
+
 W2 = TOK.tokenizer.token_to_id("w2")

@@ -50,15 +50,29 @@ def _flat(state) -> dict:
     return {path: v.get_value() for path, v in nnx.to_flat_state(state)}
 
 
-@nnx.jit
-def _recon_of_the_codes(tokenizer, batch):
-    """The mel loss of the audio decoded from the codes (zero past each length)."""
+def _decoded(tokenizer, batch):
+    """The audio decoded from the codes of the batch, zero past each length."""
     codes, code_lengths = tokenizer.encode(batch["wav"], batch["lengths"])
     wav, _ = tokenizer.decode(codes, code_lengths)
     wav = wav[:, :SAMPLES]
     wav = jnp.pad(wav, ((0, 0), (0, SAMPLES - wav.shape[1])))
-    wav = jnp.where(jnp.arange(SAMPLES) < batch["lengths"][:, None], wav, 0.0)
+    return jnp.where(jnp.arange(SAMPLES) < batch["lengths"][:, None], wav, 0.0)
+
+
+@nnx.jit
+def _recon_of_the_codes(tokenizer, batch):
+    """The mel loss of the audio decoded from the codes."""
+    wav = _decoded(tokenizer, batch)
     return multiscale_mel_loss(batch["wav"], wav, TINY.sampling_rate, batch["lengths"])
+
+
+@nnx.jit
+def _discriminator_logits(model, batch):
+    """Each sub-discriminator's logits on the real crops and on the audio decoded from their codes
+    (both zero past each length): what the step's discriminators see."""
+    real = jnp.where(jnp.arange(SAMPLES) < batch["lengths"][:, None], batch["wav"], 0.0)
+    fake = _decoded(model.tokenizer, batch)
+    return [o.logits for o in model.discriminators(jnp.concatenate([real, fake]))]
 
 
 def test_a_step_trains_the_decoder_and_discriminators_only(setup):
@@ -92,6 +106,19 @@ def test_a_step_trains_the_decoder_and_discriminators_only(setup):
         assert changed == (path in spectral and value.size > 1), path
     frozen = {p[2] for p in old_rest if p[:2] == ("tokenizer", "encoder")}
     assert {"conv1", "layers", "quantizer"} <= frozen, frozen
+
+
+def test_the_discriminators_loss_is_their_hinge_loss(setup):
+    # By hand from the discriminators' logits (those of the state before the step):
+    # 1/K sum_k mean(relu(1 - D_k(real))) + mean(relu(1 + D_k(fake))).
+    trainer, state, step, batch = setup
+    _, metrics = step(state, batch)
+    rows = batch["wav"].shape[0]
+    logits = [np.asarray(x, np.float64) for x in _discriminator_logits(trainer.model(state), batch)]
+    hinge = [
+        np.maximum(0, 1 - x[:rows]).mean() + np.maximum(0, 1 + x[rows:]).mean() for x in logits
+    ]
+    assert float(metrics["disc_loss"]) == pytest.approx(np.mean(hinge), rel=1e-5)
 
 
 def test_the_discriminators_learn_on_one_batch(setup):
