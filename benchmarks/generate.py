@@ -9,7 +9,7 @@ demo's size) beside the end-to-end time of the same stream.
     python benchmarks/generate.py [--quick] [--batches 1,8,32 --prompt 16 --new 32]
 
 The default is about 100M parameters with random weights, float32 on both sides. `--quick` runs a
-tiny model for a few steps (a smoke test). The PyTorch side needs the `bench` extra (torch,
+tiny model for a few steps (a smoke test). The PyTorch side needs the `test` extra (torch,
 transformers); without it those columns are skipped with a note.
 """
 
@@ -170,7 +170,7 @@ def torch_available(a):
     except ImportError:
         print(
             "PyTorch comparison skipped: torch/transformers not importable "
-            "(install the `bench` extra: pip install -e '.[bench]')"
+            "(install the `test` extra: pip install -e '.[test]')"
         )
         return False
     print(

@@ -5,7 +5,7 @@ Qwen2Model running the same backbone in the same process (what the official mode
     python benchmarks/lm_forward.py [--hidden 768 --layers 12 --heads 12 --kv-heads 4 --ffn 2048
                                      --vocab 16384 --batch 1 --groups 512 --steps 5]
 
-The default is about 100M parameters. The PyTorch side needs the `bench` extra (torch,
+The default is about 100M parameters. The PyTorch side needs the `test` extra (torch,
 transformers); without it that column is skipped with a note.
 """
 
@@ -119,9 +119,7 @@ def main():
                 f"transformers {transformers.__version__}"
             )
         except ImportError:
-            print(
-                "PyTorch comparison skipped: install the `bench` extra (pip install -e '.[bench]')"
-            )
+            print("PyTorch comparison skipped: install the `test` extra (pip install -e '.[test]')")
             torch_ok = False
     for dtype_name, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16)):
         n_params, results = bench_jax(config, dtype, a)

@@ -95,6 +95,41 @@ def mimo(fx):
     )
 
 
+# A skipped test did not run, and what a test needs belongs in the test extra: a skip fails the run
+# unless its test is listed here (node id prefix -> why the skip is right). None is, today.
+ALLOWED_SKIPS: dict[str, str] = {}
+_skipped: list[str] = []
+
+
+def pytest_collectreport(report):
+    if report.skipped:  # a module skipped whole (pytest.importorskip, a module-level skip)
+        _skipped.append(report.nodeid)
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and not hasattr(report, "wasxfail"):
+        _skipped.append(report.nodeid)
+
+
+def _unexpected_skips() -> list[str]:
+    return [n for n in _skipped if not any(n.startswith(a) for a in ALLOWED_SKIPS)]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # An xdist worker's reports reach the controller, which decides.
+    if _unexpected_skips() and exitstatus == 0 and not hasattr(session.config, "workerinput"):
+        session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _unexpected_skips():
+        terminalreporter.write_line(
+            f"skipped without an entry in tests/conftest.py ALLOWED_SKIPS (a failure): "
+            f"{', '.join(_unexpected_skips())}",
+            red=True,
+        )
+
+
 # XLA:CPU maps each executable's code into memory (a few mappings each, held while a jit cache keeps
 # the executable). A worker that runs half the suite reached 60,000 of Linux's 65,530 mappings
 # (vm.max_map_count), where the next compile or cache write dies in native code: a crashed worker,

@@ -1,13 +1,16 @@
 """LoRA adapters for PyTorch: `peft` loads the exported adapter directory onto the official-format
 fixture model, and its merge equals the merged export that convert_torch_weights.py turns into an
 official directory; the directory loads back into the JAX model, and one made for another base is
-refused with its shapes named. Needs the `bench` extra (torch, transformers, peft)."""
+refused with its shapes named (torch, transformers and peft come with the test extra)."""
 
 import json
 
 import jax.numpy as jnp
 import numpy as np
+import peft
 import pytest
+import torch
+import transformers
 from flax import nnx
 from safetensors.numpy import load_file
 
@@ -20,10 +23,6 @@ from mimo_jax.lm.config import small_config
 from mimo_jax.lm.model import MiMoAudioLM
 from mimo_jax.train.lora import LoraConfig, adapted, apply_lora, merge_lora, module_at
 from mimo_jax.train.optimizer import group_of
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
 
 TARGETS = (
     r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)",
