@@ -5,18 +5,20 @@ make one of its targeted tests fail. Prints a table mutation -> the tests that c
 
 Each mutation runs only its targeted tests (`pytest -x`, in the copy, with MIMO_FIXTURES pointing
 at this project's fixture root unless set), one mutation at a time. `--baseline` first runs every
-mutation's tests on the unmodified copy (they must pass). Exit status 1 if a mutation survives.
+mutation's tests on the unmodified copy (they must pass). Every mutation gets a verdict: the tests
+that caught it, NOT CAUGHT (its tests ran and passed), or NOT RUN (no test ran, some were skipped,
+or pytest could not run them: the reason is printed). Exit status 1 unless every one was caught.
 """
 
 import argparse
 import dataclasses
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +32,19 @@ COPIED = (
     "pyproject.toml",
     "setup.cfg",
 )
+
+
+# The sampler's two filters, in the official order and swapped.
+_TOP_K = """    if cfg.top_k and cfg.top_k < scores.shape[-1]:
+        k = cfg.top_k
+        # The k-th largest key: the largest u with at least k keys >= u.
+        kth = _largest(lambda u: jnp.sum(keys >= u, -1, keepdims=True) >= k, keys.shape[0])
+        scores = jnp.where(keys < kth, -jnp.inf, scores)
+"""
+_TOP_P = """    if cfg.top_p is not None and 0.0 < cfg.top_p < 1.0:
+        scores = _top_p(scores, keys, cfg.top_p)
+"""
+TOP_K_THEN_P, TOP_P_THEN_K = _TOP_K + _TOP_P, _TOP_P + _TOP_K
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +233,48 @@ MUTATIONS = [
         "            pass",
         ("tests/test_qlora.py",),
     ),
+    Mutation(
+        "few-shot prompt with its examples in reverse order",
+        "mimo_jax/tasks/prompts.py",
+        "    for source, target in examples:\n        out += [_item(source)",
+        "    for source, target in reversed(examples):\n        out += [_item(source)",
+        ("tests/test_tasks_segments.py", "-k", "few_shot"),
+    ),
+    Mutation(
+        "sampler applies top-p before top-k",
+        "mimo_jax/inference/sampling.py",
+        TOP_K_THEN_P,
+        TOP_P_THEN_K,
+        ("tests/test_generation_sampling.py", "-k", "top_k_filters_before_top_p"),
+    ),
+    Mutation(
+        "EMA decay default 0.999 instead of the official 0.99",
+        "mimo_jax/tokenizer/rvq_training.py",
+        "    decay: float = 0.99\n",
+        "    decay: float = 0.999\n",
+        ("tests/test_rvq_training.py", "-k", "defaults"),
+    ),
+    Mutation(
+        "discriminators' hinge loss with its generated-audio term's sign flipped",
+        "mimo_jax/tokenizer/gan_losses.py",
+        "_f32_mean(jax.nn.relu(1.0 + fake))",
+        "_f32_mean(jax.nn.relu(1.0 - fake))",
+        ("tests/test_tokenizer_stage2.py", "-k", "hinge"),
+    ),
+    Mutation(
+        "stage 2 hands the discriminators' loss real and generated audio swapped",
+        "mimo_jax/tokenizer/stage2.py",
+        "[o.logits for o in real_out], [o.logits for o in fake_out]",
+        "[o.logits for o in fake_out], [o.logits for o in real_out]",
+        ("tests/test_tokenizer_stage2.py", "-k", "hinge"),
+    ),
+    Mutation(
+        "patch encoder always causal (whatever input_full_attention says)",
+        "mimo_jax/lm/model.py",
+        "mask = attention_mask(pos, pos, causal=self.input_local_transformer.cfg.causal)",
+        "mask = attention_mask(pos, pos, causal=True)",
+        ("tests/test_tasks_outputs.py",),
+    ),
 ]
 
 
@@ -242,22 +299,51 @@ def copy_project(dst: Path) -> None:
             shutil.copy2(src, dst / name)
 
 
-def run_tests(where: Path, args: tuple[str, ...], env: dict) -> tuple[bool, list[str], float]:
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    caught_by: tuple[str, ...]  # the tests that failed
+    passed: int
+    not_run: str  # why no verdict could be drawn from the tests ("" when they all ran)
+    seconds: float
+
+    @property
+    def verdict(self) -> str:
+        if self.caught_by:
+            return ", ".join(self.caught_by)
+        return f"NOT RUN: {self.not_run}" if self.not_run else "NOT CAUGHT"
+
+
+def run_tests(where: Path, args: tuple[str, ...], env: dict) -> Outcome:
     start = time.time()
+    report = where / "mutation-report.xml"
+    report.unlink(missing_ok=True)
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *args],
+        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+        + ["--junitxml", str(report), *args],
         cwd=where,
         env=env,
         capture_output=True,
         text=True,
     )
-    failed = [" ".join(f) for f in re.findall(r"^(FAILED|ERROR) (\S+)", out.stdout, re.M)]
-    if out.returncode not in (0, 1):  # collection or usage error: not a verdict
-        raise RuntimeError(
-            f"pytest {' '.join(args)} exited {out.returncode}:\n"
-            f"{out.stdout[-3000:]}{out.stderr[-3000:]}"
-        )
-    return out.returncode == 0, failed, time.time() - start
+    seconds = time.time() - start
+    cases = ET.parse(report).getroot().iter("testcase") if report.exists() else iter(())
+    failed, passed, skipped = [], 0, 0
+    for case in cases:
+        name = f"{case.get('classname', '').replace('.', '/')}.py::{case.get('name')}"
+        if case.find("failure") is not None or case.find("error") is not None:
+            failed.append(name)
+        elif case.find("skipped") is not None:
+            skipped += 1
+        else:
+            passed += 1
+    why = ""
+    if not failed:
+        if out.returncode not in (0, 1):
+            tail = (out.stdout + out.stderr).strip().splitlines()[-3:]
+            why = f"pytest exited {out.returncode} ({' / '.join(tail)})"
+        elif skipped or not passed:
+            why = f"{skipped} skipped, {passed} passed"
+    return Outcome(tuple(failed), passed, why, seconds)
 
 
 def main(argv=None) -> int:
@@ -271,28 +357,28 @@ def main(argv=None) -> int:
         os.environ, MIMO_FIXTURES=os.environ.get("MIMO_FIXTURES", str(ROOT / "tests" / "fixtures"))
     )
     env.pop("PYTHONPATH", None)
-    rows, survived = [], 0
+    rows = []
     for m in chosen:
         work = Path(tempfile.mkdtemp(prefix="mutation-"))
         try:
             copy_project(work)
-            if args.baseline:
-                ok, failed, _ = run_tests(work, m.tests, env)
-                if not ok:
-                    raise RuntimeError(f"{m.name}: tests fail without the mutation: {failed}")
-            (work / m.file).write_text(mutated(m, work))
-            ok, failed, seconds = run_tests(work, m.tests, env)
+            outcome = run_tests(work, m.tests, env) if args.baseline else None
+            if outcome is not None and (outcome.caught_by or outcome.not_run):
+                verdict, caught = f"NOT RUN: fails unmutated ({outcome.verdict})", False
+            else:
+                (work / m.file).write_text(mutated(m, work))
+                outcome = run_tests(work, m.tests, env)
+                verdict, caught = outcome.verdict, bool(outcome.caught_by)
         finally:
             if not args.keep:
                 shutil.rmtree(work, ignore_errors=True)
-        survived += ok
-        rows.append((m.name, "NOT CAUGHT" if ok else ", ".join(failed), seconds))
-        print(f"{m.name}: {rows[-1][1]} ({seconds:.0f} s)", file=sys.stderr, flush=True)
+        rows.append((m.name, verdict, outcome.seconds, caught))
+        print(f"{m.name}: {verdict} ({outcome.seconds:.0f} s)", file=sys.stderr, flush=True)
     width = max(len(r[0]) for r in rows)
     print(f"\n| {'mutation':<{width}} | caught by | time |\n|{'-' * (width + 2)}|---|---|")
-    for name, caught, seconds in rows:
-        print(f"| {name:<{width}} | {caught} | {seconds:.0f} s |")
-    return 1 if survived else 0
+    for name, verdict, seconds, _ in rows:
+        print(f"| {name:<{width}} | {verdict} | {seconds:.0f} s |")
+    return 0 if all(caught for *_, caught in rows) else 1
 
 
 if __name__ == "__main__":
