@@ -353,9 +353,10 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary copies")
     args = parser.parse_args(argv)
     chosen = [m for m in MUTATIONS if not args.only or any(s in m.name for s in args.only)]
-    env = dict(
-        os.environ, MIMO_FIXTURES=os.environ.get("MIMO_FIXTURES", str(ROOT / "tests" / "fixtures"))
-    )
+    env = dict(os.environ)
+    env.setdefault("MIMO_FIXTURES", str(ROOT / "tests" / "fixtures"))
+    # The copies share this project's compilation cache (each copy would start an empty one).
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".pytest_cache" / "jax"))
     env.pop("PYTHONPATH", None)
     rows = []
     for m in chosen:

@@ -1,25 +1,13 @@
-"""Test setup: 8 simulated CPU devices, LLVM's cheap pipeline and a shared compilation cache (set
-before JAX starts), and the parity fixture root."""
+"""Test setup: the compile settings (before JAX is imported), the parity fixture root, the shared
+fixtures, and the run's own checks (no unlisted skips)."""
 
-import os
-from pathlib import Path
+from compile_settings import configure
 
-from train_support import FAST_COMPILE  # (imports no JAX)
-
-os.environ["XLA_FLAGS"] = (
-    f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE} --xla_force_host_platform_device_count=8"
-).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent compilation cache for every test process and the training subprocesses they start:
-# the same smoke train step and LM programs are compiled by dozens of tests, and on two cores the
-# compiles dominate the suite. A max size turns on the cache's file lock (xdist workers share it).
-os.environ.setdefault(
-    "JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax")
-)
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+configure()  # before anything imports JAX: it reads its cache settings at import
 
 import gc  # noqa: E402
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 from gcs_emulator import gcs, gs_dir  # noqa: E402,F401  (a GCS emulator for gs:// tests)

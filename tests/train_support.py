@@ -9,20 +9,15 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+from compile_settings import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# The suite is compile-bound on two cores: LLVM's cheap pipeline halves the train step's compile
-# time (31 s against 69 s) and keeps every parity test within its tolerance. conftest sets it for
-# the test processes, xla_env for the subprocesses they start.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-
-
 def xla_env(devices: int) -> dict:
-    """The environment of a subprocess that simulates `devices` CPU devices."""
-    flags = f"{FAST_COMPILE} --xla_force_host_platform_device_count={devices}"
-    return dict(os.environ, XLA_FLAGS=flags)
+    """The environment of a subprocess that simulates `devices` CPU devices (the test process's
+    compilation cache and compile flags included)."""
+    return dict(os.environ, XLA_FLAGS=xla_flags(devices))
 
 
 # The suite's smoke runs: one row per simulated device, every step logged, synchronous saves, and
