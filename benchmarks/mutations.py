@@ -275,6 +275,27 @@ MUTATIONS = [
         "mask = attention_mask(pos, pos, causal=True)",
         ("tests/test_tasks_outputs.py",),
     ),
+    Mutation(
+        "an unreadable shard is skipped as a bad record",
+        "data_pipelines/shards.py",
+        "            return self[index]\n        except RecordError as e:",
+        "            return self[index]\n        except (RecordError, ShardError) as e:",
+        ("tests/test_data_pipeline.py", "-k", "skipping"),
+    ),
+    Mutation(
+        "SIGTERM only flags a run that waits for data",
+        "experiments/loop_support.py",
+        "            self._waiting = False\n            raise Preempted",
+        "            self._waiting = False",
+        ("tests/test_train_loop.py", "-k", "waiting_for_data"),
+    ),
+    Mutation(
+        "a tokenize rerun trusts a sidecar whose shard file is gone",
+        "data_pipelines/tokenize.py",
+        '            open_shard(str(self.out / info["path"]), info["records"]).close()',
+        "            pass",
+        ("tests/test_data_tokenize.py", "-k", "rerun"),
+    ),
 ]
 
 

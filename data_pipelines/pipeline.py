@@ -11,7 +11,8 @@ exactly the next batch.
 
 A corrupt record, a record its task cannot use, or a document longer than the context stops the
 pipeline with a message naming the shard, record and reason; with `skip_bad_records` it is
-skipped, logged, and counted in the rows' `skipped` field.
+skipped, logged, and counted in the rows' `skipped` field, unless a source has no good record left
+(`BuildDocument`). A shard that cannot be read (`shards.ShardError`) always stops it.
 """
 
 from __future__ import annotations
@@ -99,14 +100,27 @@ class EpochShuffle(grain.MapDataset):
 
 
 class BuildDocument:
-    """Record (or the error reading it) -> document dict, or an error marker when skipping."""
+    """Record (or the error reading it) -> document dict, or an error marker when skipping.
 
-    def __init__(self, builder: SequenceBuilder, task: str, cfg: DataConfig):
+    Skipping is bounded: a source whose records were bad twice as many times in a row as this
+    process reads records of it in an epoch has no good record left to skip to (the run would
+    skip forever), and stops the pipeline."""
+
+    def __init__(self, builder: SequenceBuilder, task: str, cfg: DataConfig, records: int):
         self.builder, self.task, self.cfg = builder, task, cfg
+        self.max_bad_in_a_row = 2 * records
+        self.bad_in_a_row = 0
 
     def _bad(self, message: str) -> dict:
         if not self.cfg.skip_bad_records:
             raise ValueError(message)
+        self.bad_in_a_row += 1
+        if self.bad_in_a_row >= self.max_bad_in_a_row:
+            raise ValueError(
+                f"{self.bad_in_a_row} bad records in a row, twice the "
+                f"{self.max_bad_in_a_row // 2} this process reads of their source per epoch: no "
+                f"good record left to skip to (the last: {message})"
+            )
         logging.warning("skipping a bad record: %s", message)
         return {ERROR_KEY: message}
 
@@ -124,6 +138,7 @@ class BuildDocument:
                 f"longer than the context of {self.cfg.context_length} groups"
             )
         doc["id"] = rec.id
+        self.bad_in_a_row = 0
         return doc
 
 
@@ -146,7 +161,7 @@ def document_dataset(
         ds = grain.MapDataset.source(shards.lenient())[process_index::process_count]
         if shuffle:
             ds = EpochShuffle(ds, seed=seed * 1_000_003 + i)
-        ds = ds.repeat(num_epochs).map(BuildDocument(builder, src.task, cfg))
+        ds = ds.repeat(num_epochs).map(BuildDocument(builder, src.task, cfg, len(ds)))
         datasets.append(ds)
     if len(datasets) == 1:
         return datasets[0]

@@ -11,6 +11,8 @@ Record layout (little endian):
   b"MAR1" | u32 header length | header (UTF-8 JSON: id, text, speaker, language, task, duration,
   frames, codebooks, meta) | int16 codes [frames, codebooks] | u32 CRC-32 of all preceding bytes.
 The length and the CRC detect truncation and corruption; readers report the shard and record.
+A shard file that is missing or holds another number of records than the manifest says is an
+error of the whole directory (`ShardError`), never a bad record to skip.
 
 `DIR/manifest.json` lists the shards with `records`, `hours`, `frames`, `errors` each and in total.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -50,6 +53,25 @@ class RecordError(ValueError):
     def __init__(self, shard: str, index: int, reason: str):
         super().__init__(f"shard {shard} record {index}: {reason}")
         self.shard, self.index, self.reason = shard, index, reason
+
+
+class ShardError(ValueError):
+    """A shard file that cannot be read as its directory's manifest lists it."""
+
+
+def open_shard(path: str, records: int):
+    """An ArrayRecord reader of `path`, checked to hold `records` records. ArrayRecord opens a
+    missing or damaged file as one of 0 records: the file's existence is checked first."""
+    if not epath.Path(path).exists():
+        raise ShardError(f"shard {path}: missing (the manifest lists {records} records in it)")
+    reader = array_record_module.ArrayRecordReader(
+        str(path), "readahead_buffer_size:0", file_reader_buffer_size=32768
+    )
+    if reader.num_records() != records:
+        found = reader.num_records()
+        reader.close()
+        raise ShardError(f"shard {path}: holds {found} records, the manifest says {records}")
+    return reader
 
 
 @dataclasses.dataclass
@@ -247,7 +269,8 @@ class ShardSet:
     """Random access to the records of one shard directory (a Grain `RandomAccessDataSource`).
 
     `self[i]` returns the decoded `Record` or raises `RecordError`; `get(i)` returns the error
-    instead of raising, for pipelines that may skip bad records.
+    instead of raising, for pipelines that may skip bad records. A shard that cannot be read
+    raises `ShardError` from both (`problems()` lists them all up front).
     """
 
     def __init__(self, directory: str, codebooks: int | None = None):
@@ -276,25 +299,32 @@ class ShardSet:
     def _reader(self, shard: int):
         reader = self._readers.get(shard)
         if reader is None:
-            reader = array_record_module.ArrayRecordReader(
-                self.shard_paths[shard], "readahead_buffer_size:0", file_reader_buffer_size=32768
-            )
-            if reader.num_records() != self._starts[shard + 1] - self._starts[shard]:
-                raise RecordError(
-                    self.shard_paths[shard],
-                    -1,
-                    f"holds {reader.num_records()} records, the manifest says "
-                    f"{self._starts[shard + 1] - self._starts[shard]}",
-                )
+            reader = open_shard(self.shard_paths[shard], self._count(shard))
             self._readers[shard] = reader
         return reader
 
+    def _count(self, shard: int) -> int:
+        return int(self._starts[shard + 1] - self._starts[shard])
+
+    def problems(self) -> list[str]:
+        """One line per shard that cannot be read as the manifest lists it (each shard opened
+        and closed; in threads, as on gs:// each open waits for the store)."""
+
+        def problem(shard: int) -> str | None:
+            try:
+                open_shard(self.shard_paths[shard], self._count(shard)).close()
+            except ShardError as e:
+                return str(e)
+            return None
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            return [p for p in pool.map(problem, range(len(self.shard_paths))) if p]
+
     def read_bytes(self, index: int) -> tuple[str, int, bytes]:
         shard, local = self.locate(index)
+        reader = self._reader(shard)
         try:
-            data = self._reader(shard).read([local])[0]
-        except RecordError:
-            raise
+            data = reader.read([local])[0]
         except Exception as e:  # riegeli reports a damaged chunk as a generic error
             raise RecordError(self.shard_paths[shard], local, f"unreadable: {e}") from e
         return self.shard_paths[shard], local, data

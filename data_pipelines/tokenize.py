@@ -10,15 +10,25 @@ and its record holds them all.
 
 Lines are cut into shards of `--records-per-shard` consecutive lines; process p of n (default
 `jax.process_index()` / `jax.process_count()`) takes shards p, p+n, ... Within a shard, audio is
-sorted by length and encoded in batches of at most `--batch-seconds` of audio. A finished shard
-has its `.array_record` file and a `.json` sidecar (stats, errors, a checksum of its manifest
-lines); a rerun skips finished shards and redoes the others. Every bad line (not UTF-8, not JSON,
-no audio path, duplicate id, missing or undecodable audio, a clip the encoder refuses such as one
-shorter than its minimum, a conversation its format cannot take) is written to `DIR/errors.jsonl`
-with its `audio` (the failing one), manifest `line` and `reason`, and the job goes on: one bad
-line never costs the good lines of its shard. When all shards are done, `DIR/manifest.json` and
-`DIR/errors.jsonl` are written. Exit status 0 when every line was written or reported.
-`--manifest`, `--out` and the audio paths may be relative, local or gs://.
+sorted by length and encoded in batches of at most `--batch-seconds` of audio.
+
+A finished shard has its `.array_record` file and a `.json` sidecar, written last (stats, errors, a
+checksum of its manifest lines, and its `encoding`: the encoder, a fingerprint of the checkpoint's
+files and the codebooks). A rerun skips a shard only when its sidecar matches the manifest lines
+and the encoding and its file holds the sidecar's records, and redoes the others; a sidecar
+without `encoding` (an earlier version's) counts as unfinished. A rerun into a directory holding
+shards of other manifest lines, another encoding or another `--records-per-shard` is refused
+before anything is encoded, unless `--overwrite`: those shards are then redone, and the shards of
+another layout removed.
+
+Every bad line (not UTF-8, not JSON, no audio path, duplicate id, missing or undecodable audio, a
+clip the encoder refuses such as one shorter than its minimum, a conversation its format cannot
+take) is written to `DIR/errors.jsonl` with its `audio` (the failing one), manifest `line` and
+`reason`, and the job goes on: one bad line never costs the good lines of its shard. When all
+shards are done, `DIR/manifest.json` and `DIR/errors.jsonl` are written (a run with shards to redo
+removes `DIR/manifest.json` first). Exit status 0 when every line was written or reported; a bad
+argument or a refused directory is one line and exit status 2. `--manifest`, `--out` and the audio
+paths may be relative, local or gs://.
 """
 
 from __future__ import annotations
@@ -38,7 +48,15 @@ import tqdm
 from etils import epath
 
 from data_pipelines import conversations, encoders
-from data_pipelines.shards import Record, ShardWriter, write_json_atomic, write_manifest
+from data_pipelines.shards import (
+    MANIFEST,
+    Record,
+    ShardError,
+    ShardWriter,
+    open_shard,
+    write_json_atomic,
+    write_manifest,
+)
 from mimo_jax import logs, paths
 from mimo_jax.tokenizer import audio_io
 
@@ -141,7 +159,12 @@ def _conversation_item(obj: dict, line: int, base: epath.Path) -> Item | dict:
 
 def read_manifest_lines(path: str) -> list[bytes]:
     """The raw lines (decoded one by one later, so one line that is not UTF-8 is one error)."""
-    lines = paths.resolve(path).read_bytes().split(b"\n")
+    file = paths.resolve(path)
+    if file.is_dir():
+        raise ValueError(f"--manifest {path}: a directory; expected a JSONL manifest file")
+    if not file.exists():
+        raise FileNotFoundError(f"--manifest {path}: no such file; expected a JSONL manifest")
+    lines = file.read_bytes().split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
     return lines
@@ -191,9 +214,12 @@ def length_batches(
 class ShardJob:
     """Encodes the items of one shard and writes the shard and its sidecar."""
 
-    def __init__(self, out: epath.Path, k: int, n: int, entries: list, checksum: int, args, encode):
+    def __init__(
+        self, out: epath.Path, k: int, n: int, entries: list, checksum: int, encoding: dict, args
+    ):
         self.out, self.k, self.n, self.entries, self.checksum = out, k, n, entries, checksum
-        self.args, self.encode = args, encode
+        self.encoding, self.args = encoding, args
+        self.encode: encoders.EncodeBatch | None = None  # given to `run`
         self.name = shard_name(k, n)
         self.sidecar = out / f"{self.name}.json"
         self.items: dict[int, Item] = {}
@@ -204,15 +230,34 @@ class ShardJob:
         """The encoder's TokenizerConfig: rate, frame rate, codebook sizes, shortest clip."""
         return encoders.config_of(self.encode)
 
+    def mismatch(self, info: dict) -> str | None:
+        """Why a sidecar's shard is not this one (other manifest lines, another encoding)."""
+        if info.get("lines_crc32") != self.checksum:
+            return "written from different manifest lines"
+        theirs = info.get("encoding")
+        if theirs is not None and theirs != self.encoding:
+            changed = [
+                "another --checkpoint (its files differ)"
+                if k == "checkpoint"
+                else f"--{k} {theirs.get(k)} (now {v})"
+                for k, v in self.encoding.items()
+                if theirs.get(k) != v
+            ]
+            return f"encoded with other settings: {', '.join(changed)}"
+        return None
+
     def done(self) -> bool:
+        """The sidecar matches the manifest lines and the encoding, and the shard's file holds
+        the records the sidecar counts."""
         if not self.sidecar.exists():
             return False
         info = json.loads(self.sidecar.read_text())
-        if info.get("lines_crc32") != self.checksum:
-            raise ValueError(
-                f"{self.sidecar}: written from different manifest lines; remove {self.out} "
-                f"or use another --out"
-            )
+        if self.mismatch(info) or info.get("encoding") is None:
+            return False
+        try:
+            open_shard(str(self.out / info["path"]), info["records"]).close()
+        except ShardError:
+            return False
         return True
 
     @property
@@ -220,7 +265,9 @@ class ShardJob:
         """Progress units of the shard: one per audio, one per line without any."""
         return sum(max(1, len(e.audios)) if isinstance(e, Item) else 1 for e in self.entries)
 
-    def run(self, progress) -> dict:
+    def run(self, progress, encode: encoders.EncodeBatch) -> dict:
+        self.encode = encode
+        self.sidecar.unlink(missing_ok=True)  # unfinished until its new sidecar is written
         self.items = {e.line: e for e in self.entries if isinstance(e, Item)}
         self.failed = {}
         seconds = self._probe()
@@ -329,6 +376,7 @@ class ShardJob:
             "errors": len(errors),
             "lines": len(self.entries),
             "lines_crc32": self.checksum,
+            "encoding": self.encoding,
             "codebook_sizes": list(self.audio.codebook_sizes[: self.args.codebooks]),
             "frame_rate": self.audio.frame_rate,
             "error_entries": errors,
@@ -337,14 +385,11 @@ class ShardJob:
         return info
 
 
-def finalize(out: epath.Path, n: int, total_lines: int) -> dict | None:
-    """Writes manifest.json and errors.jsonl once every shard has its sidecar; else None."""
-    infos = []
-    for k in range(n):
-        side = out / f"{shard_name(k, n)}.json"
-        if not side.exists():
-            return None
-        infos.append(json.loads(side.read_text()))
+def finalize(out: epath.Path, jobs: list[ShardJob], total_lines: int) -> dict | None:
+    """Writes manifest.json and errors.jsonl once every shard is done; else None."""
+    if not all(job.done() for job in jobs):
+        return None
+    infos = [json.loads(job.sidecar.read_text()) for job in jobs]
     errors = [e for info in infos for e in info["error_entries"]]
     paths.write_whole(
         out / ERRORS, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors)
@@ -355,6 +400,57 @@ def finalize(out: epath.Path, n: int, total_lines: int) -> dict | None:
     return write_manifest(
         str(out), shards, infos[0]["codebook_sizes"], infos[0]["frame_rate"], lines=total_lines
     )
+
+
+def check_directory(out: epath.Path, jobs: list[ShardJob], overwrite: bool) -> None:
+    """Refuses `out` when it holds shards this run would not make (other manifest lines, another
+    encoding, another layout), unless `overwrite`: then those of another layout are removed (the
+    others are redone in place). One line names the first such shard."""
+    mine = {job.sidecar.name: job for job in jobs}
+    found = []
+    for sidecar in sorted(out.glob("shard-*-of-*.json")):
+        job = mine.get(sidecar.name)
+        if job is None:
+            found.append(
+                (
+                    sidecar,
+                    f"a shard of another layout (now {len(jobs)} shards: another manifest "
+                    f"length or --records-per-shard)",
+                )
+            )
+        elif why := job.mismatch(json.loads(sidecar.read_text())):
+            found.append((sidecar, why))
+    if found and not overwrite:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise ValueError(
+            f"{found[0][0]}: {found[0][1]}{more}; use --overwrite to redo such shards, or "
+            f"another --out"
+        )
+    for sidecar, _ in found:
+        if sidecar.name not in mine:
+            sidecar.unlink(missing_ok=True)  # the sidecar first: it marks the shard finished
+            sidecar.with_suffix(".array_record").unlink(missing_ok=True)
+
+
+def encoding_of(args) -> dict:
+    """What a shard's codes depend on besides its manifest lines."""
+    checkpoint = None
+    if args.checkpoint:
+        if not paths.resolve(args.checkpoint).exists():
+            raise FileNotFoundError(
+                f"--checkpoint {args.checkpoint}: no such file or directory; expected an audio "
+                f"tokenizer checkpoint"
+            )
+        checkpoint = paths.fingerprint(paths.resolve(args.checkpoint))
+    return {"encoder": args.encoder, "checkpoint": checkpoint, "codebooks": args.codebooks}
+
+
+def check_codebooks(codebooks: int, encode) -> None:
+    available = len(encoders.config_of(encode).codebook_sizes)
+    if not 1 <= codebooks <= available:
+        raise ValueError(
+            f"--codebooks {codebooks}: expected 1 to {available}, the audio tokenizer's codebooks"
+        )
 
 
 def _process_slice(args) -> tuple[int, int]:
@@ -390,50 +486,86 @@ def parse_args(argv):
     p.add_argument(
         "--distributed", action="store_true", help="call jax.distributed.initialize() first"
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="redo the shards of --out made from other lines or with other settings",
+    )
     logs.add_flag(p)
     return p.parse_args(argv)
 
 
-def run(args, encode=None) -> int:
-    """Tokenizes this process's shards; `encode` overrides `--encoder` (tests inject one)."""
-    out = paths.resolve(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    lines = read_manifest_lines(args.manifest)
-    entries = parse_manifest(lines, paths.resolve(args.manifest).parent)
+def check_args(args) -> None:
+    if args.records_per_shard < 1:
+        raise ValueError(
+            f"--records-per-shard {args.records_per_shard}: expected 1 or more lines per shard"
+        )
+    if args.codebooks < 1:
+        raise ValueError(
+            f"--codebooks {args.codebooks}: expected 1 or more (at most the audio tokenizer's)"
+        )
+
+
+def shard_jobs(args, out: epath.Path, lines: list[bytes], entries: list) -> list[ShardJob]:
+    """Every shard of the corpus, in order (a process takes its slice)."""
+    encoding = encoding_of(args)
     per = args.records_per_shard
     n = max(1, -(-len(entries) // per))
+    return [
+        ShardJob(
+            out,
+            k,
+            n,
+            entries[k * per : (k + 1) * per],
+            zlib.crc32(b"\n".join(lines[k * per : (k + 1) * per])),
+            encoding,
+            args,
+        )
+        for k in range(n)
+    ]
+
+
+def run(args, encode=None) -> int:
+    """Tokenizes this process's shards; `encode` overrides `--encoder` (tests inject one)."""
+    check_args(args)
+    lines = read_manifest_lines(args.manifest)
+    entries = parse_manifest(lines, paths.resolve(args.manifest).parent)
+    out = paths.resolve(args.out)
+    jobs = shard_jobs(args, out, lines, entries)
+    if out.exists():
+        check_directory(out, jobs, args.overwrite)
+    out.mkdir(parents=True, exist_ok=True)
     index, count = _process_slice(args)
-    jobs = []
-    for k in range(index, n, count):
-        crc = zlib.crc32(b"\n".join(lines[k * per : (k + 1) * per]))
-        jobs.append(ShardJob(out, k, n, entries[k * per : (k + 1) * per], crc, args, encode))
-    pending = [j for j in jobs if not j.done()]
+    mine = jobs[index::count]
+    pending = [j for j in mine if not j.done()]
+    if pending:
+        if encode is None:
+            encode = encoders.load_encoder(args.encoder, args.checkpoint, args.codebooks)
+        check_codebooks(args.codebooks, encode)
+        (out / MANIFEST).unlink(missing_ok=True)  # rewritten once every shard is done again
     log.info(
         "process %d/%d: %d shards, %d already done",
         index,
         count,
-        len(jobs),
-        len(jobs) - len(pending),
+        len(mine),
+        len(mine) - len(pending),
     )
-    if pending and encode is None:
-        encode = encoders.load_encoder(args.encoder, args.checkpoint, args.codebooks)
     start = time.time()
     with tqdm.tqdm(
         total=sum(j.units for j in pending), unit="audio", desc="tokenize", disable=None
     ) as progress:
         for job in pending:
-            job.encode = encode
-            info = job.run(progress)
+            info = job.run(progress, encode)
             progress.set_postfix(shard=job.k, hours=f"{info['hours']:.2f}", errors=info["errors"])
-    mine = [json.loads(j.sidecar.read_text()) for j in jobs]
-    written, failed = sum(i["records"] for i in mine), sum(i["errors"] for i in mine)
+    infos = [json.loads(j.sidecar.read_text()) for j in mine]
+    written, failed = sum(i["records"] for i in infos), sum(i["errors"] for i in infos)
     print(
         f"process {index}/{count}: {len(pending)} shards tokenized, "
-        f"{len(jobs) - len(pending)} skipped as done; "
+        f"{len(mine) - len(pending)} skipped as done; "
         f"{written} records written, {failed} errors, in {time.time() - start:.1f} s"
     )
-    unaccounted = sum(i["lines"] for i in mine) - written - failed
-    manifest = finalize(out, n, len(entries))
+    unaccounted = sum(i["lines"] for i in infos) - written - failed
+    manifest = finalize(out, jobs, len(entries))
     if manifest is None:
         print(
             "other processes' shards are pending; the last process to finish writes "
@@ -458,7 +590,11 @@ def run(args, encode=None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logs.configure(args.log_level)
-    return run(args)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ and `optimizer.clip_norm` (no clipping).
 """
 
 import difflib
-import json
 import re
 from collections.abc import Callable
 
@@ -16,7 +15,7 @@ from etils import epath
 from flax import nnx
 
 from data_pipelines.pipeline import parse_sources
-from data_pipelines.shards import MANIFEST
+from data_pipelines.shards import MANIFEST, ShardSet
 from mimo_jax import model_checkpoint as checkpoint
 from mimo_jax.lm.model import MiMoAudioLM
 from mimo_jax.nn.dtypes import DTYPES
@@ -308,6 +307,7 @@ def _tokenizer_problems(config, lm) -> list[str]:
 
 def _shard_problems(config, lm) -> list[str]:
     out = []
+    checked: set[str] = set()  # directories whose shards were opened
     for key in ("data.sources", "data.eval_sources"):
         try:
             dirs = dict.fromkeys(s.path for s in parse_sources(get(config, key)))
@@ -318,7 +318,8 @@ def _shard_problems(config, lm) -> list[str]:
             if not manifest.is_file():
                 continue
             try:
-                facts = json.loads(manifest.read_text())
+                shards = ShardSet(path)
+                facts = shards.manifest
                 facts["codebooks"], facts["codebook_sizes"]
             except (ValueError, KeyError, TypeError):
                 out.append(
@@ -326,7 +327,7 @@ def _shard_problems(config, lm) -> list[str]:
                         key,
                         path,
                         f"a {MANIFEST} written by data_pipelines.tokenize "
-                        f"(with codebooks and codebook_sizes)",
+                        f"(with codebooks, codebook_sizes and shards)",
                     )
                 )
                 continue
@@ -351,6 +352,12 @@ def _shard_problems(config, lm) -> list[str]:
                         f"empty ids); they have codebook sizes {sizes}",
                     )
                 )
+            if path not in checked:  # a directory named by both keys: its shards once
+                checked.add(path)
+                out += [
+                    _problem(key, path, f"the shards its {MANIFEST} lists; {p}")
+                    for p in shards.problems()
+                ]
     return out
 
 

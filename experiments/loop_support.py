@@ -2,6 +2,7 @@
 `experiments.train_tokenizer`) share: the preemption signal, the non-finite-loss stop, the
 every-N-steps rule and the hyperparameters TensorBoard shows."""
 
+import contextlib
 import signal
 
 import jax
@@ -12,15 +13,43 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class Preempted(Exception):
+    """SIGTERM came while the loop waited for data or an evaluation."""
+
+
 class Preemption:
-    """Set by SIGTERM; in multi-host runs also the preemption sync point JAX reaches."""
+    """Set by SIGTERM; in multi-host runs also the preemption sync point JAX reaches.
+
+    The loop saves at the end of the step it is in. Waiting for data or an evaluation may take
+    without bound (a slow or unreachable store, a source that never yields), so inside
+    `interruptible()` a single-process run's SIGTERM also raises `Preempted` there: the loop then
+    saves the last finished step at once. The processes of a multi-host run save together, at the
+    sync point only.
+    """
 
     def __init__(self):
         self.signalled = False
+        self._waiting = False
         signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, *_):
         self.signalled = True
+        if self._waiting:
+            self._waiting = False
+            raise Preempted
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        if jax.process_count() > 1:
+            yield
+            return
+        if self.signalled:
+            raise Preempted
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
 
     def due(self, step: int) -> bool:
         if jax.process_count() > 1:
@@ -32,6 +61,18 @@ class Preemption:
             except RuntimeError:  # no preemption service in this runtime
                 pass
         return self.signalled
+
+
+def next_batch(data_iterator, preemption: Preemption):
+    """The next batch, waited for interruptibly; at `Preempted` the iterator is set back to before
+    it, so that a checkpoint saved now resumes with exactly this batch."""
+    before = data_iterator.get_state()
+    try:
+        with preemption.interruptible():
+            return next(data_iterator)
+    except Preempted:
+        data_iterator.set_state(before)
+        raise
 
 
 def hparams(config) -> dict:
@@ -102,10 +143,15 @@ def open_run(config, workdir, identity: dict, state, data_iterator):
 
 def checkpoint_if_due(step, state, data_iterator, ckpts, writer, preempted: bool, due_now: bool):
     """Saves at a preemption (and waits: the process is about to exit) or when a save is due;
-    returns whether the run must stop. The metrics up to a checkpoint are made durable with it."""
+    returns whether the run must stop. The metrics up to a checkpoint are made durable with it.
+    A preemption at a step that is saved already, or before the first, saves nothing new."""
     if preempted:
         writer.flush()
-        ckpts.save(step, state, data_iterator)
+        if step == 0:
+            print("preempted before the first step: nothing to save", flush=True)
+            return True
+        if step != ckpts.latest_step():
+            ckpts.save(step, state, data_iterator)
         ckpts.wait()
         print(f"preempted: checkpoint saved at step {step} in {ckpts.directory}", flush=True)
         return True

@@ -7,7 +7,8 @@ tokenizer_stage2: `experiments.train_tokenizer`), from an ml-collections experim
 DIR may be relative or a gs:// URI (mimo_jax.train.rundir describes its layout); one run at a time
 holds it (DIR/lock). Resumes from the newest verified checkpoint in DIR/checkpoints (model,
 optimizer and data-iterator state; damaged steps are set aside) and continues with exactly the batch
-that came next. SIGTERM (preemption) saves a checkpoint and exits cleanly; a non-finite loss stops
+that came next. SIGTERM (preemption) saves a checkpoint and exits cleanly, also while the run waits
+for data or an evaluation (it saves the last finished step then); a non-finite loss stops
 the run with a message naming the last good checkpoint. The resolved config goes to DIR/config.json,
 metrics to DIR/metrics.jsonl and DIR/tensorboard. `log_every`, `checkpoint_every`, `eval_every`
 = 0: off (the last step is still logged and saved). With prompts in `eval_generation`, every
@@ -17,6 +18,7 @@ metrics.jsonl, audio, log-mel images and transcripts to TensorBoard. Multi-host:
 --coordinator/--num_processes/--process_id.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -30,10 +32,12 @@ from ml_collections import config_flags
 
 from experiments.loop_support import (
     NonFiniteLoss,
+    Preempted,
     Preemption,
     check_finite,
     checkpoint_if_due,
     due,
+    next_batch,
     open_run,
 )
 from mimo_jax import logs
@@ -243,12 +247,12 @@ def _generation_eval(config, lm_config):
 
 
 def _generation_writer(evaluate, trainer, writer):
-    """`generation(state, step)`: the eval prompts run with the state's weights, written out.
-    Outside the training mesh: the audio tokenizer lives on one device, and the LM's batches of
-    a few prompts are not split by the training rules."""
+    """`generation(state, step, preemption)`: the eval prompts run with the state's weights
+    (interruptibly), written out. Outside the training mesh: the audio tokenizer lives on one
+    device, and the LM's batches of a few prompts are not split by the training rules."""
 
-    def generation(state, step: int) -> None:
-        with jax.set_mesh(None):
+    def generation(state, step: int, preemption: Preemption) -> None:
+        with jax.set_mesh(None), preemption.interruptible():
             scalars, media = evaluate(trainer.model(state))
         if scalars:
             writer.write(step, scalars)
@@ -279,10 +283,25 @@ def _loop(
     peak = config.peak_tflops_per_device * 1e12 * jax.device_count()
     t_last, last_logged = time.time(), step
     skipped = 0  # bad documents the packer skipped in this process's rows since the run (re)started
-    if eval_factory and config.eval_at_start and step == 0:
-        writer.write(0, _evaluate(config, state, steps, eval_factory, local_rows, mesh))
+
+    def evaluations(state, step: int, at_start: bool = False) -> None:
+        """Those due at `step`; dropped at SIGTERM (the loop then saves and stops)."""
+        with contextlib.suppress(Preempted):
+            if eval_factory and (at_start or due(step, config.eval_every)):
+                with preemption.interruptible():
+                    scores = _evaluate(config, state, steps, eval_factory, local_rows, mesh)
+                writer.write(step, scores)
+            if generation is not None and not at_start and due(step, config.eval_every):
+                generation(state, step, preemption)
+
+    if config.eval_at_start and step == 0:
+        evaluations(state, 0, at_start=True)
     while step < config.total_steps:
-        batch = local_rows(next(train_it))
+        try:
+            batch = local_rows(next_batch(train_it, preemption))
+        except Preempted:
+            checkpoint_if_due(step, state, train_it, ckpts, writer, True, False)
+            return state, False
         skipped += int(np.sum(batch["skipped"]))
         state, metrics = steps.train(state, global_batch(batch, mesh), rng)
         step += 1
@@ -304,10 +323,7 @@ def _loop(
             t_last, last_logged = time.time(), step
             writer.write(step, values)
             writer.progress(step, values)
-        if eval_factory and due(step, config.eval_every):
-            writer.write(step, _evaluate(config, state, steps, eval_factory, local_rows, mesh))
-        if generation is not None and due(step, config.eval_every):
-            generation(state, step)
+        evaluations(state, step)
         if checkpoint_if_due(step, state, train_it, ckpts, writer, preemption.due(step), save):
             return state, False
     return state, True

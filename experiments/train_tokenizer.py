@@ -276,7 +276,14 @@ def _eval_batch(config, rate: int, needs_text: bool) -> dict:
 
 
 def _loop(config, trainer, state, train_it, eval_batch, mesh, ckpts, writer, step):
-    from experiments.loop_support import Preemption, check_finite, checkpoint_if_due, due
+    from experiments.loop_support import (
+        Preempted,
+        Preemption,
+        check_finite,
+        checkpoint_if_due,
+        due,
+        next_batch,
+    )
 
     preemption = Preemption()
     # The state keeps its placement from step to step, so a resumed run, restored to that
@@ -290,7 +297,11 @@ def _loop(config, trainer, state, train_it, eval_batch, mesh, ckpts, writer, ste
     audio_seconds = config.data.batch_size * config.data.crop_seconds
     t_last, last_logged, skipped = time.time(), step, 0
     while step < config.total_steps:
-        local = next(train_it)
+        try:
+            local = next_batch(train_it, preemption)
+        except Preempted:
+            checkpoint_if_due(step, state, train_it, ckpts, writer, True, False)
+            return state, False
         skipped += int(np.sum(local["skipped"]))
         batch = _global(local, mesh)
         if init_pending:  # k-means on the first batch

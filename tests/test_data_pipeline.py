@@ -130,6 +130,40 @@ def test_bad_record_stops_or_is_skipped_and_counted(tmp_path):
     assert sum(int(r["documents"].sum()) for r in rows) == 5
 
 
+def test_skipping_is_bounded_and_a_missing_shard_is_never_skipped(tmp_path, monkeypatch):
+    rng = np.random.default_rng(2)
+    recs = _records(4, "r", rng)
+    shards.write_shards(str(tmp_path / "bad"), recs, records_per_shard=10, codebooks=8)
+    writer = arm.ArrayRecordWriter(
+        str(tmp_path / "bad" / "shard-00000-of-00001.array_record"), "group_size:1"
+    )
+    for r in recs:
+        writer.write(encode_record(r)[:-3])  # every record truncated
+    writer.close()
+    reads, get = [], shards.ShardSet.get
+
+    def counted(self, index):
+        reads.append(index)
+        if len(reads) > 100:
+            raise AssertionError("the pipeline skips bad records without end")
+        return get(self, index)
+
+    monkeypatch.setattr(shards.ShardSet, "get", counted)
+    lenient = DataConfig(context_length=64, skip_bad_records=True)
+    with pytest.raises(
+        ValueError,
+        match=r"^8 bad records in a row, twice the 4 this process reads of their source per "
+        r"epoch: no good record left to skip to \(the last: shard .* truncated",
+    ):
+        next(iter(make_dataset([Source(str(tmp_path / "bad"), "asr")], lenient, TOK, batch_size=1)))
+    assert len(reads) == 8
+    shards.write_shards(str(tmp_path / "gone"), recs, records_per_shard=2, codebooks=8)
+    (tmp_path / "gone" / "shard-00001-of-00002.array_record").unlink()
+    srcs = [Source(str(tmp_path / "gone"), "asr")]
+    with pytest.raises(shards.ShardError, match=r"shard-00001-of-00002.array_record: missing"):
+        list(make_dataset(srcs, lenient, TOK, batch_size=1, num_epochs=1, shuffle=False))
+
+
 def test_document_longer_than_context_is_reported(corpus):
     small = DataConfig(context_length=8)
     srcs = [Source(str(corpus / "a"), "asr")]

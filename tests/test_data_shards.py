@@ -7,7 +7,14 @@ import pytest
 from array_record.python import array_record_module
 
 from data_pipelines import shards
-from data_pipelines.shards import Record, RecordError, ShardSet, decode_record, encode_record
+from data_pipelines.shards import (
+    Record,
+    RecordError,
+    ShardError,
+    ShardSet,
+    decode_record,
+    encode_record,
+)
 
 
 def _records(n=5, codebooks=8):
@@ -98,13 +105,23 @@ def test_reader_names_shard_and_record_of_a_bad_record(tmp_path):
     assert isinstance(got.get(1), RecordError) and got.get(2).id == "utt2"
 
 
-def test_reader_checks_manifest_counts(tmp_path):
-    shards.write_shards(str(tmp_path), _records(3), records_per_shard=10, codebooks=8)
+def test_a_shard_unlike_the_manifest_is_an_error_of_the_directory(tmp_path):
+    shards.write_shards(str(tmp_path), _records(5), records_per_shard=2, codebooks=8)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    manifest["shards"][0]["records"] = 5
+    manifest["shards"][0]["records"] = 3
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(RecordError, match="holds 4 records, the manifest says 5"):
-        ShardSet(str(tmp_path))[0]
+    missing = tmp_path / "shard-00001-of-00003.array_record"
+    missing.unlink()
+    got = ShardSet(str(tmp_path))
+    for read in (got.__getitem__, got.get):  # never a bad record to skip
+        with pytest.raises(ShardError, match="holds 2 records, the manifest says 3"):
+            read(0)
+    assert got.problems() == [
+        f"shard {tmp_path / 'shard-00000-of-00003.array_record'}: holds 2 records, the "
+        "manifest says 3",
+        f"shard {missing}: missing (the manifest lists 2 records in it)",
+    ]
+    assert got[5].id == "utt4"  # the intact shard is read
 
 
 def test_command_prints_summary_and_exports(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -49,29 +50,31 @@ def _with_bad_lines(corpus, tmp_path):
     return path, list(range(6, 11))
 
 
+def _argv(manifest, out, *extra):
+    return [
+        "--manifest",
+        str(manifest),
+        "--out",
+        str(out),
+        "--encoder",
+        "energy",
+        "--records-per-shard",
+        "4",
+        "--process-index",
+        "0",
+        "--process-count",
+        "1",
+        *extra,
+    ]
+
+
 def _args(manifest, out, *extra):
-    return tokenize.parse_args(
-        [
-            "--manifest",
-            str(manifest),
-            "--out",
-            str(out),
-            "--encoder",
-            "energy",
-            "--records-per-shard",
-            "4",
-            "--process-index",
-            "0",
-            "--process-count",
-            "1",
-            *extra,
-        ]
-    )
+    return tokenize.parse_args(_argv(manifest, out, *extra))
 
 
 class CountingEncoder(EnergyEncoder):
-    def __init__(self):
-        super().__init__(8)
+    def __init__(self, codebooks=8):
+        super().__init__(codebooks)
         self.batches = []
 
     def __call__(self, wavs):
@@ -151,6 +154,102 @@ def test_resume_redoes_only_unfinished_shards(corpus, tmp_path):
         k: v.tolist() for k, v in codes.items()
     }
     assert not (out / "shard-00003-of-00005.array_record.tmp").exists()
+
+
+def _never(wavs):
+    pytest.fail("a shard was encoded")
+
+
+def test_rerun_redoes_stale_shards_and_refuses_other_settings(corpus, tmp_path, capsys):
+    manifest, out = corpus / "manifest.jsonl", tmp_path / "out"
+    checkpoint, copy = tmp_path / "ckpt", tmp_path / "copy"
+    checkpoint.mkdir()
+    (checkpoint / "weights").write_bytes(b"first")
+    shutil.copytree(checkpoint, copy)
+    assert (
+        tokenize.run(_args(manifest, out, "--checkpoint", str(checkpoint)), EnergyEncoder(8)) == 0
+    )
+    # The same checkpoint files elsewhere: every shard is done.
+    assert tokenize.run(_args(manifest, out, "--checkpoint", str(copy)), encode=_never) == 0
+    # Other settings are refused before anything is encoded or changed.
+    (checkpoint / "weights").write_bytes(b"other")
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    for extra, why in (
+        (["--checkpoint", str(checkpoint)], "another --checkpoint (its files differ)"),
+        (["--checkpoint", str(copy), "--codebooks", "4"], "--codebooks 8 (now 4)"),
+    ):
+        assert tokenize.main(_argv(manifest, out, *extra)) == 2
+        assert capsys.readouterr().err == (
+            f"error: {out / 'shard-00000-of-00003.json'}: encoded with other settings: {why} "
+            "(and 2 more); use --overwrite to redo such shards, or another --out\n"
+        )
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+    # --overwrite redoes them: the codes and the manifest are the new settings'.
+    four = ["--checkpoint", str(copy), "--codebooks", "4"]
+    assert tokenize.run(_args(manifest, out, *four, "--overwrite"), encode=EnergyEncoder(4)) == 0
+    assert {r.codes.shape[1] for r in ShardSet(str(out))} == {4}
+    assert json.loads((out / "manifest.json").read_text())["codebooks"] == 4
+    # A shard file deleted (its sidecar kept): that shard alone is redone, and the manifest says so
+    # only once it is back. A sidecar of an earlier version (no encoding) is redone too.
+    (out / "shard-00001-of-00003.array_record").unlink()
+    sidecar = out / "shard-00002-of-00003.json"
+    sidecar.write_text(
+        json.dumps({k: v for k, v in json.loads(sidecar.read_text()).items() if k != "encoding"})
+    )
+    kept = (out / "shard-00000-of-00003.array_record").read_bytes()
+
+    def lost(wavs):
+        raise RuntimeError("device lost")
+
+    with pytest.raises(RuntimeError, match="device lost"):
+        tokenize.run(_args(manifest, out, *four), encode=lost)
+    assert not (out / "manifest.json").exists()  # it would claim the shard being redone
+    assert (out / "shard-00000-of-00003.array_record").read_bytes() == kept
+    encoder = CountingEncoder(4)
+    assert tokenize.run(_args(manifest, out, *four), encode=encoder) == 0
+    assert sum(len(b) for b in encoder.batches) == 8
+    assert "2 shards tokenized, 1 skipped as done; 12 records written" in capsys.readouterr().out
+    assert len(ShardSet(str(out))) == 12
+    # Another --records-per-shard is another layout: refused, or its shards replaced.
+    assert tokenize.main(_argv(manifest, out, *four, "--records-per-shard", "6")) == 2
+    assert "a shard of another layout (now 2 shards" in capsys.readouterr().err
+    six = _args(manifest, out, *four, "--records-per-shard", "6", "--overwrite")
+    assert tokenize.run(six, encode=EnergyEncoder(4)) == 0
+    assert sorted(p.name for p in out.glob("shard-*")) == [
+        f"shard-0000{k}-of-00002.{x}" for k in range(2) for x in ("array_record", "json")
+    ]
+
+
+def test_codebooks_the_tokenizer_lacks_are_refused_before_encoding(corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    for n, expected in (
+        (0, "1 or more (at most the audio tokenizer's)"),
+        (21, "1 to 20, the audio tokenizer's codebooks"),
+    ):
+        assert tokenize.main(_argv(corpus / "manifest.jsonl", out, "--codebooks", str(n))) == 2
+        assert capsys.readouterr().err == f"error: --codebooks {n}: expected {expected}\n"
+    assert not list(out.glob("*"))
+
+
+def test_command_line_mistakes_are_one_line(corpus, tmp_path, capsys):
+    manifest = str(corpus / "manifest.jsonl")
+    for argv, message in (
+        (
+            ["--manifest", str(tmp_path / "no.jsonl")],
+            f"--manifest {tmp_path / 'no.jsonl'}: no such file; expected a JSONL manifest",
+        ),
+        (
+            ["--manifest", str(tmp_path)],
+            f"--manifest {tmp_path}: a directory; expected a JSONL manifest file",
+        ),
+        (
+            ["--manifest", manifest, "--records-per-shard", "0"],
+            "--records-per-shard 0: expected 1 or more lines per shard",
+        ),
+    ):
+        assert tokenize.main([*argv, "--out", str(tmp_path / "out"), "--encoder", "energy"]) == 2
+        assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "out").exists()
 
 
 def test_process_slices_together_write_everything(corpus, tmp_path, capsys):

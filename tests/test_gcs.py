@@ -107,12 +107,16 @@ def _corpus(root: epath.Path, n: int = 5) -> None:
 def test_tokenize_to_gcs_and_read_the_shards_back(gs_dir, tmp_path):
     (epath.Path(gs_dir) / "wav").mkdir(parents=True)
     _corpus(epath.Path(gs_dir))
+    epath.Path(gs_dir, "ckpt", "params").mkdir(parents=True)
+    epath.Path(gs_dir, "ckpt", "params", "w").write_bytes(b"weights")  # fingerprinted
     out = f"{gs_dir}/shards"
     args = [
         "--manifest",
         f"{gs_dir}/corpus.jsonl",
         "--encoder",
         "energy",
+        "--checkpoint",
+        f"{gs_dir}/ckpt",
         "--records-per-shard",
         "2",
         "--process-index",
@@ -133,6 +137,13 @@ def test_tokenize_to_gcs_and_read_the_shards_back(gs_dir, tmp_path):
     wav = audio_io.read_audio(f"{gs_dir}/wav/u4.wav", 24000, min_samples=1)
     np.testing.assert_array_equal(records["u4"].codes, EnergyEncoder(8)([wav])[0])
     assert records["u4"].text == "utterance 4"
+    # A rerun redoes a deleted shard alone, and refuses other settings, on gs:// too.
+    epath.Path(out, "shard-00001-of-00003.array_record").unlink()
+    assert tokenize.run(tokenize.parse_args(args + ["--out", out])) == 0
+    assert _objects(out) == names and len(ShardSet(out)) == 5
+    epath.Path(gs_dir, "ckpt", "params", "w").write_bytes(b"other weights")
+    with pytest.raises(ValueError, match="encoded with other settings: another --checkpoint"):
+        tokenize.run(tokenize.parse_args(args + ["--out", out]))
     # The shard command in a fresh process (the emulator settings are inherited).
     shown = subprocess.run(
         [sys.executable, "-m", "data_pipelines.shards", out, "--show", "1"],

@@ -2,17 +2,24 @@
 resume, multi-process runs, and the errors that stop a run before it starts."""
 
 import json
+import os
+import shutil
+import signal
 import socket
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from train_support import ROOT, SMOKE_SETTINGS, run_sigterm_at_step, xla_env
 from train_support import train_cmd as _train_cmd
 
+from data_pipelines.shards import ShardSet
 from experiments import train
 from experiments.config_checks import set_value
 from experiments.configs import demo as demo_config
+from mimo_jax.train.build import lm_architecture
 
 
 def smoke(data, stage="stage2", **overrides):
@@ -81,6 +88,75 @@ def test_sigterm_saves_and_resume_continues_identically(demo_data, tmp_path):
     )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "straight")
+
+
+def test_a_missing_shard_stops_the_run_before_the_first_step(demo_data, tmp_path):
+    # The demo config skips bad records; a missing shard file used to be skipped as a bad record
+    # forever, with SIGTERM ignored. Bounded: past 60 s the test sends SIGTERM, as `timeout` did.
+    data = tmp_path / "data"
+    shutil.copytree(demo_data / "shards", data / "shards")
+    shutil.copy(demo_data / "tokenizer.json", data)
+    shard = data / "shards" / "shard-00000-of-00001.array_record"
+    shard.unlink()
+    run = subprocess.Popen(
+        _train_cmd(data, tmp_path / "w"),
+        cwd=ROOT,
+        env=xla_env(8),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = run.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        run.send_signal(signal.SIGTERM)
+        try:
+            run.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            pytest.fail("the run hung and ignored SIGTERM")
+        pytest.fail(f"the run was still going after 60 s; SIGTERM ended it ({run.returncode})")
+    assert run.returncode == 1, out + err
+    assert [line for line in err.splitlines() if shard.name in line] == [
+        f"  data.sources={str(data / 'shards')!r}: expected the shards its manifest.json lists; "
+        f"shard {shard}: missing (the manifest lists 12 records in it)"
+    ]
+    assert not (tmp_path / "w" / "metrics.jsonl").exists()
+    assert (data / "shards" / "manifest.json").exists()
+
+
+def test_sigterm_while_waiting_for_data_saves_the_last_step(demo_data, tmp_path, monkeypatch):
+    # The third batch's first read blocks (a store that stopped answering) and SIGTERM comes:
+    # the run stops at once, saving step 2 with the data iterator from before that batch.
+    blocked, read, next_batch = threading.Event(), ShardSet.read_bytes, train.next_batch
+    calls = []
+
+    def third_blocks(data_iterator, preemption):
+        calls.append(len(calls) + 1)
+        if len(calls) == 3:
+            blocked.set()
+        return next_batch(data_iterator, preemption)
+
+    def blocking_read(self, index):
+        if blocked.is_set():
+            blocked.clear()
+            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            time.sleep(30)
+            raise AssertionError("SIGTERM did not stop the wait for data within 30 s")
+        return read(self, index)
+
+    monkeypatch.setattr(train, "next_batch", third_blocks)
+    monkeypatch.setattr(ShardSet, "read_bytes", blocking_read)
+    config = smoke(demo_data, total_steps=6, checkpoint_every=0)
+    assert train.run(config, str(tmp_path / "w")) == 0
+    assert calls == [1, 2, 3] and sorted(train_losses(tmp_path / "w")) == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "w" / "checkpoints").iterdir()) == ["2"]
+    monkeypatch.undo()
+    # The saved iterator state is that after two batches: a resumed run reads the third next.
+    saved = tmp_path / "w" / "checkpoints" / "2" / "data" / "process_0-of-1.json"
+    it = train.data_iterators(config, lm_architecture(config))[0]
+    next(it), next(it)
+    assert json.loads(saved.read_text()) == it.get_state()
 
 
 def _free_port() -> int:
