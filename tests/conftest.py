@@ -1,5 +1,5 @@
-"""Test setup: the compile settings (before JAX is imported), the parity fixture root, the shared
-fixtures, and the run's own checks (no unlisted skips)."""
+"""Test setup: the compile settings (before JAX is imported), the parity fixture root and the shared
+fixtures; the tiers and the checks of a whole run are in run_checks.py."""
 
 from compile_settings import configure
 
@@ -12,20 +12,27 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 from gcs_emulator import gcs, gs_dir  # noqa: E402,F401  (a GCS emulator for gs:// tests)
 
+pytest_plugins = ["run_checks"]  # the two tiers, and the checks of a whole run
+
 FIXTURES = Path(os.environ.get("MIMO_FIXTURES", Path(__file__).parent / "fixtures"))
 
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """The demo's data directory (a small eSpeak NG corpus tokenized by a random audio tokenizer,
-    tokenizer.json, shards/), made once per session."""
+    tokenizer.json, shards/), read-only: made once per run, under a file lock, for every xdist
+    worker (their base temporary directories share a parent)."""
+    from filelock import FileLock
+
     from experiments import demo
 
-    root = tmp_path_factory.mktemp("demo")
+    root = tmp_path_factory.getbasetemp().parent / "shared-demo"
     data = root / "data"
-    demo.build_corpus(data, 3)
-    demo.random_tokenizer(root / "audio_tokenizer")
-    demo.tokenize(data, root / "audio_tokenizer")
+    with FileLock(str(root) + ".lock"):
+        if not (data / "shards" / "manifest.json").exists():
+            demo.build_corpus(data, 3)
+            demo.random_tokenizer(root / "audio_tokenizer")
+            demo.tokenize(data, root / "audio_tokenizer")
     return data
 
 
@@ -81,41 +88,6 @@ def mimo(fx):
         Tokenizer.load(str(fx.dir / fx.meta["audio_tokenizer"])),
         fx.tok,
     )
-
-
-# A skipped test did not run, and what a test needs belongs in the test extra: a skip fails the run
-# unless its test is listed here (node id prefix -> why the skip is right). None is, today.
-ALLOWED_SKIPS: dict[str, str] = {}
-_skipped: list[str] = []
-
-
-def pytest_collectreport(report):
-    if report.skipped:  # a module skipped whole (pytest.importorskip, a module-level skip)
-        _skipped.append(report.nodeid)
-
-
-def pytest_runtest_logreport(report):
-    if report.skipped and not hasattr(report, "wasxfail"):
-        _skipped.append(report.nodeid)
-
-
-def _unexpected_skips() -> list[str]:
-    return [n for n in _skipped if not any(n.startswith(a) for a in ALLOWED_SKIPS)]
-
-
-def pytest_sessionfinish(session, exitstatus):
-    # An xdist worker's reports reach the controller, which decides.
-    if _unexpected_skips() and exitstatus == 0 and not hasattr(session.config, "workerinput"):
-        session.exitstatus = 1
-
-
-def pytest_terminal_summary(terminalreporter):
-    if _unexpected_skips():
-        terminalreporter.write_line(
-            f"skipped without an entry in tests/conftest.py ALLOWED_SKIPS (a failure): "
-            f"{', '.join(_unexpected_skips())}",
-            red=True,
-        )
 
 
 # XLA:CPU maps each executable's code into memory (a few mappings each, held while a jit cache keeps
