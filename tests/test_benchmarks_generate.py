@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.e2e  # whole commands in processes of their own
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

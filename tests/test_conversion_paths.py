@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 import convert_torch_weights
@@ -67,6 +68,7 @@ def test_stale_staging_of_dead_processes_is_removed_live_ones_kept(fixtures_root
         live.wait()
 
 
+@pytest.mark.e2e
 def test_killed_conversion_leaves_a_staging_dir_the_next_run_removes(fixtures_root, tmp_path):
     dst = tmp_path / "ckpt"
     cmd = [

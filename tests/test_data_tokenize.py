@@ -308,6 +308,7 @@ def test_encoder_breaking_the_contract_stops(corpus, tmp_path):
         )
 
 
+@pytest.mark.e2e
 def test_commands_run_as_modules(corpus, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=os.getcwd())

@@ -6,6 +6,10 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.e2e  # whole commands in processes of their own
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("mimo_jax", "sharding", "data_pipelines", "experiments")
 MODULES = ("convert_torch_weights.py",)

@@ -125,6 +125,7 @@ def assert_quiet(out) -> None:
     assert noisy == [], noisy[:5]
 
 
+@pytest.mark.e2e
 def test_data_commands(workspace, readme_data):
     manifest = json.loads((readme_data / "shards" / "manifest.json").read_text())
     assert sum(s["records"] for s in manifest["shards"]) == 16
@@ -132,6 +133,7 @@ def test_data_commands(workspace, readme_data):
     assert (workspace / "runs" / "mine" / "model" / "config.json").is_file()
 
 
+@pytest.mark.e2e
 def test_training_command(workspace, readme_data):
     """The 7B stage-2 command on a converted checkpoint (a tiny random one with the demo
     tokenizer's ids) and the demo shards, resized to the CPU by overrides appended at the end."""
@@ -168,6 +170,7 @@ def test_training_command(workspace, readme_data):
     assert (workspace / "runs" / "stage2" / "model" / "config.json").is_file()
 
 
+@pytest.mark.e2e
 def test_conversion_commands(workspace, fixtures_root):
     """Both conversion commands, relative paths (the official directory: the LM fixture)."""
     to_orbax, back = (
@@ -189,6 +192,7 @@ def test_conversion_commands(workspace, fixtures_root):
     assert (workspace / "exported" / "model.safetensors").is_file()
 
 
+@pytest.mark.e2e
 def test_python_example(tmp_path, fixtures_root):
     example = blocks("python", "Using the model")[0]  # the first block; ### Tasks has its own
     ckpt = tmp_path / "ckpt"
@@ -199,6 +203,7 @@ def test_python_example(tmp_path, fixtures_root):
     assert "(1, " in out.stdout  # the official layout's shape
 
 
+@pytest.mark.e2e
 def test_tasks_example(tmp_path, fixtures_root):
     """The ### Tasks block against the tasks/ fixture (its LM, tokenizers and a stereo 16 kHz file
     as the question); short generations."""

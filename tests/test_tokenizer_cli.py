@@ -123,6 +123,7 @@ def test_decode_writes_24khz_audio_and_rejects_bad_codes(speech_files, tmp_path,
     assert "absent.npy: no such file" in err
 
 
+@pytest.mark.e2e
 def test_module_entry_point():
     out = subprocess.run(
         [sys.executable, "-m", "mimo_jax.tokenizer", "encode", "--help"],
