@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mimo_jax.inference.generate import GenerationConfig, generate, generate_chunks
@@ -106,10 +107,22 @@ def load_lm(path: str | Path, dtype=None, adapter: str | Path | None = None):
     if adapter is None:
         return config, model
     from mimo_jax.lm import adapters
-    from mimo_jax.train.lora import merge_lora
+    from mimo_jax.train.lora import merge_lora, module_at
 
-    adapters.load(model, adapter)
-    return config, merge_lora(model)
+    layers = adapters.load(model, adapter)
+    model = merge_lora(model)
+    # An adapter that is valid but huge (its lora_alpha, its weights) overflows the merge.
+    broken = [
+        layer.shown()
+        for layer in layers
+        if not jnp.isfinite(module_at(model, layer.path).kernel[...]).all()
+    ]
+    if broken:
+        raise ValueError(
+            f"{adapter}: merging the adapter gives weights that are not finite in "
+            f"{', '.join(broken)} (check its lora_alpha and weights)"
+        )
+    return config, model
 
 
 def context_limit(config: MiMoAudioConfig, groups: int | None) -> int:
