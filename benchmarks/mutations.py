@@ -82,15 +82,15 @@ MUTATIONS = [
     Mutation(
         "patch sampler ignored in generation (always greedy)",
         "mimo_jax/inference/generate.py",
-        "return sample(logits, gen.patch_sampler, key,",
+        "return sample(logits, rows.patch_sampler, key,",
         "return sample(logits, GREEDY, key,",
         ("tests/test_generation_sampling.py", "-k", "patch_sampler"),
     ),
     Mutation(
         "min_length off by one",
         "mimo_jax/inference/generate.py",
-        "forbidden = jnp.where(cur < gen.min_length, stop_mask, False)",
-        "forbidden = jnp.where(cur < gen.min_length - 1, stop_mask, False)",
+        "forbidden = jnp.where(cur < rows.min_length[:, None], rows.stop_mask, False)",
+        "forbidden = jnp.where(cur < rows.min_length[:, None] - 1, rows.stop_mask, False)",
         ("tests/test_generation_sampling.py", "-k", "min_length or max_length"),
     ),
     Mutation(

@@ -8,10 +8,14 @@ TASK is one of asr, tts, understand, dialogue, s2t_dialogue, text_dialogue, few_
 line of FILE.jsonl is one request: {"id", "task", inputs under the official builders' names
 ("input", "instruct", "read_text_only", "prompt_speech", "input_text", "thinking", "message_list",
 "system_prompt", "instruction", "prompt_examples"; audio as file paths), and "template",
-"min_new_groups", "max_new_groups", "greedy", "seed"}. Requests are sorted by prompt length and
-generated in batches. Each writes DIR/<id>.txt (the text as the official `forward` returns it) and,
-for speech tasks, DIR/<id>.wav (24 kHz). A bad request is written to DIR/errors.jsonl with its
-line, and the others still run (exit status 1).
+"min_new_groups", "max_new_groups", "greedy", "seed"}. Every request is checked before anything
+loads; they are then sorted by prompt length and generated in batches. Each writes DIR/<id>.txt
+(the text as the official `forward` returns it) and, for speech tasks, DIR/<id>.wav (24 kHz), each
+file whole, as soon as its batch is done; the .txt is written last. A bad request, or a batch that
+fails, goes to DIR/errors.jsonl with its line(s), and the others still run (exit status 1).
+
+A rerun into the same DIR skips the requests whose DIR/<id>.txt exists (an interrupted run resumes
+where it stopped); --overwrite runs them again.
 
 With --stream, speech is written while it is generated: DIR/<id>.wav grows chunk by chunk (every
 --stream-chunk groups) and is a valid WAV at every point, so a player can start on it before the
@@ -32,8 +36,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from mimo_jax import paths
 from mimo_jax.inference.model_args import add_model_args, load_mimo
-from mimo_jax.paths import read_jsonl
+from mimo_jax.tasks import requests
 from mimo_jax.tasks.requests import TASKS
 
 CHUNK = 512  # requests read, sorted by length and generated together
@@ -67,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", help="a JSONL file of requests (instead of TASK)")
     add_model_args(p)
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="run the requests whose DIR/<id>.txt exists too (by default a rerun skips them)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="requests per generation batch")
     p.add_argument("--id", default="output", help="the id (file name) of the one request")
     p.add_argument(
@@ -112,7 +122,7 @@ def _read_requests(path: str, errors: list) -> list[tuple[int, dict]]:
     """(line number, request) of every well-formed line; the others go to `errors`."""
     out, seen = [], set()
     try:
-        objects = read_jsonl(path, errors)
+        objects = paths.read_jsonl(path, errors)
     except FileNotFoundError as e:
         raise SystemExit(f"--requests {e}") from None
     for n, req in objects:
@@ -130,13 +140,65 @@ def _read_requests(path: str, errors: list) -> list[tuple[int, dict]]:
     return out
 
 
+def _checked(lines: list[tuple[int, dict]], errors: list) -> list[tuple[int, dict]]:
+    """The requests whose fields are all valid (checked before anything loads or runs); the
+    others go to `errors`. Audio files are read later, with their batch."""
+    good = []
+    for n, req in lines:
+        try:
+            requests.segments(req)
+        except (ValueError, KeyError, TypeError) as e:  # RequestError is a ValueError
+            errors.append({"line": n, "id": req["id"], "error": str(e)})
+            continue
+        good.append((n, req))
+    return good
+
+
+def _to_run(lines: list[tuple[int, dict]], out: Path, overwrite: bool) -> list[tuple[int, dict]]:
+    """The requests without output in `out` (all of them with `overwrite`), saying how many were
+    skipped."""
+    if overwrite:
+        return lines
+    todo = [(n, req) for n, req in lines if not (out / f"{req['id']}.txt").exists()]
+    if len(todo) < len(lines):
+        print(
+            f"skipping {len(lines) - len(todo)} of {len(lines)} requests: their output is "
+            f"already in {out} (--overwrite to run them again)",
+            file=sys.stderr,
+        )
+    return todo
+
+
+class _Errors:
+    """DIR/errors.jsonl: each error appended as it is found (a run that is killed keeps them),
+    the whole file sorted by line at the end. A rerun starts it afresh (its requests run again)."""
+
+    def __init__(self, out: Path):
+        self.path, self.errors = out / "errors.jsonl", list[dict]()
+        self.path.write_text("")
+
+    def add(self, *errors: dict) -> None:
+        self.errors += errors
+        with self.path.open("a") as f:
+            f.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in errors)
+
+    def finish(self) -> None:
+        self.errors.sort(key=lambda e: e["line"])
+        lines = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in self.errors)
+        paths.write_whole(paths.resolve(self.path), lines)
+        for err in self.errors:
+            print(f"error: line {err['line']}: {err['error']}", file=sys.stderr)
+
+
 def _write(out: Path, result, rate: int) -> None:
-    from mimo_jax.tokenizer.audio_io import write_audio
+    """A finished request's files, each written whole; the .txt last, as it marks the request
+    done for a rerun."""
+    from mimo_jax.tokenizer.audio_io import wav_bytes
 
     rid = result.request["id"]
-    (out / f"{rid}.txt").write_text(result.text)
     if result.wav is not None:
-        write_audio(str(out / f"{rid}.wav"), result.wav, rate)
+        paths.write_whole(paths.resolve(out / f"{rid}.wav"), wav_bytes(result.wav, rate))
+    paths.write_whole(paths.resolve(out / f"{rid}.txt"), result.text)
 
 
 class GrowingWav:
@@ -180,9 +242,9 @@ class GrowingWav:
         self.close()
 
 
-def _stream(mimo, chunk: list, out: Path, args, bar, errors: list) -> None:
+def _stream(mimo, chunk: list, out: Path, args, bar, errors: _Errors) -> None:
     """Runs a chunk of request lines as a stream, writing the WAVs as their audio comes."""
-    t0, writers = time.perf_counter(), {}
+    t0, writers = time.perf_counter(), dict[str, GrowingWav]()
     for piece in mimo.stream(
         [r for _, r in chunk],
         batch_size=args.batch_size,
@@ -192,7 +254,10 @@ def _stream(mimo, chunk: list, out: Path, args, bar, errors: list) -> None:
         n, req = chunk[piece.index]
         rid, res = req["id"], piece.result
         if res is not None and res.error is not None:
-            errors.append({"line": n, "id": rid, "error": res.error})
+            errors.add({"line": n, "id": rid, "error": res.error})
+            if rid in writers:  # a batch that failed midway: its partial audio goes
+                writers.pop(rid).close()
+                (out / f"{rid}.wav").unlink()
             bar.update(1)
             continue
         if len(piece.wav):
@@ -203,55 +268,61 @@ def _stream(mimo, chunk: list, out: Path, args, bar, errors: list) -> None:
                 )
             writers[rid].append(piece.wav)
         if res is not None:
-            (out / f"{rid}.txt").write_text(res.text)
             if rid in writers:
                 writers.pop(rid).close()
+            paths.write_whole(paths.resolve(out / f"{rid}.txt"), res.text)
             bar.update(1)
+
+
+def _check_args(args) -> Path:
+    """The output directory, once every option is checked (before anything loads)."""
+    if (args.task is None) == (args.requests is None):
+        raise SystemExit("give either TASK (one request) or --requests FILE.jsonl")
+    for flag in ("batch_size", "stream_chunk", "context_groups"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} {value}: expected at least 1")
+    try:
+        return Path(paths.output_dir(args.out))
+    except ValueError as e:
+        raise SystemExit(f"--out {e}") from None
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    if (args.task is None) == (args.requests is None):
-        raise SystemExit("give either TASK (one request) or --requests FILE.jsonl")
-    if args.batch_size < 1:
-        raise SystemExit(f"--batch-size {args.batch_size}: expected at least 1")
-    if args.stream_chunk < 1:
-        raise SystemExit(f"--stream-chunk {args.stream_chunk}: expected at least 1")
-    errors: list[dict] = []
+    out = _check_args(args)
+    bad: list[dict] = []
     if args.requests:
-        lines = _read_requests(args.requests, errors)
+        lines = _read_requests(args.requests, bad)
     else:
         one = {k: getattr(args, k) for k in _ARGS if getattr(args, k) is not None}
         lines = [(0, {"id": args.id, "task": args.task, **one})]
-    mimo = load_mimo(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rate = mimo.audio.rate
+    lines = _to_run(_checked(lines, bad), out, args.overwrite)
+    errors = _Errors(out)
+    errors.add(*bad)
+    if lines:
+        _run(load_mimo(args), lines, out, args, errors)
+    errors.finish()
+    return 1 if errors.errors else 0
+
+
+def _run(mimo, lines: list[tuple[int, dict]], out: Path, args, errors: _Errors) -> None:
     with tqdm(total=len(lines), unit="request", desc="generate") as bar:
         for start in range(0, len(lines), CHUNK):
             chunk = lines[start : start + CHUNK]
             if args.stream:
                 _stream(mimo, chunk, out, args, bar, errors)
                 continue
-            results = mimo.run(
-                [r for _, r in chunk],
-                batch_size=args.batch_size,
-                raise_errors=False,
-                progress=bar.update,
+            results = mimo.run_iter(
+                [r for _, r in chunk], batch_size=args.batch_size, raise_errors=False
             )
-            for (n, req), res in zip(chunk, results):
+            for i, res in results:
+                n, req = chunk[i]
                 if res.error is not None:
-                    errors.append({"line": n, "id": req["id"], "error": res.error})
-                    bar.update(1)
+                    errors.add({"line": n, "id": req["id"], "error": res.error})
                 else:
-                    _write(out, res, rate)
-    errors.sort(key=lambda e: e["line"])
-    (out / "errors.jsonl").write_text(
-        "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors)
-    )
-    for err in errors:  # not `e`: an `except ... as e` above unbinds that name
-        print(f"error: line {err['line']}: {err['error']}", file=sys.stderr)
-    return 1 if errors else 0
+                    _write(out, res, mimo.audio.rate)
+                bar.update(1)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,22 @@ def write_whole(path: epath.Path, data: str | bytes) -> None:
     tmp.replace(path)
 
 
+def output_dir(path) -> epath.Path:
+    """A command's output directory, created if missing and checked to take files, before any
+    work starts: a ValueError says in one line why `path` cannot be used."""
+    out = resolve(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{path}: is a file (expected a directory, created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot write there ({e.strerror or e})") from None
+    return out
+
+
 def upload(local: str, dst: epath.Path, chunk: int = 1 << 24) -> None:
     """Copies a local file to `dst` (any epath), streaming."""
     with open(local, "rb") as f, dst.open("wb") as out:
@@ -135,18 +151,24 @@ def read_json(path: epath.PathLike):
 
 def read_jsonl(path, errors: list) -> list[tuple[int, dict]]:
     """(line number, object) of every JSON-object line of a JSONL file (requests, items,
-    manifests); blank lines are skipped, the others go to `errors` as {"line", "id": None,
-    "error"}. FileNotFoundError when the file itself cannot be read."""
+    manifests); blank lines are skipped, the others (not UTF-8, not a JSON object) go to `errors`
+    as {"line", "id": None, "error"}. FileNotFoundError when the file itself cannot be read."""
     try:
-        lines = epath.Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
+        lines = epath.Path(path).read_bytes().splitlines()
+    except OSError as e:
         raise FileNotFoundError(f"{path}: cannot read ({e})") from None
     out = []
     for n, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
         try:
-            obj = json.loads(raw)
+            obj = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            why = f"byte 0x{raw[e.start]:02x} at column {e.start + 1} ({e.reason})"
+            errors.append(
+                {"line": n, "id": None, "error": f"not UTF-8: {why}; expected UTF-8 JSON"}
+            )
+            continue
         except json.JSONDecodeError as e:
             errors.append({"line": n, "id": None, "error": f"not a JSON object ({e})"})
             continue

@@ -1,7 +1,8 @@
 """Few-shot multiple choice and `python -m mimo_jax.evaluate` on the tasks/ fixture: batched
 option scores equal an independent per-option forward pass, single-token options pick the model's
 most likely next token, ASR end to end gives the fixture's greedy transcript, and bad lines are
-each one line of errors.jsonl."""
+each one line of errors.jsonl (one that is not UTF-8 too); scored lines survive a kill and a rerun
+scores only the rest; few_shot with nothing scored says so and fails."""
 
 import json
 
@@ -187,3 +188,89 @@ def test_few_shot_items(fx, lm_dir, tasks_lm, tmp_path, capsys):
         errors, ["no such file", "options: ['Only']", "answer: 3", "not a JSON object"]
     ):
         assert text in e["error"], (e, text)
+
+
+@pytest.fixture
+def batches(monkeypatch):
+    """The requests of each batch generated; `fail[id] = exception` makes its batch raise it."""
+    from mimo_jax.inference.tasks import MimoAudio
+
+    ran, fail, real = [], {}, MimoAudio._generate
+
+    def generate_batch(self, jobs, results):
+        ids = [j.request["id"] for j in jobs]
+        ran.append([j.request for j in jobs])
+        for rid in ids:
+            if rid in fail:
+                raise fail[rid]
+        return real(self, jobs, results)
+
+    monkeypatch.setattr(MimoAudio, "_generate", generate_batch)
+    return ran, fail
+
+
+def _asr_argv(fx, lm_dir, tmp_path, lines) -> list[str]:
+    sf.write(tmp_path / "q1.wav", fx.wavs["q1"], fx.meta["wavs"]["q1"]["sampling_rate"])
+    raw = [x if isinstance(x, bytes) else json.dumps(x).encode() for x in lines]
+    (tmp_path / "manifest.jsonl").write_bytes(b"\n".join(raw) + b"\n")
+    argv = _readme_argv(fx, lm_dir, "asr", tmp_path / "manifest.jsonl", tmp_path / "out")
+    return argv + ["--greedy", "--max-new-groups", "2", "--batch-size", "1"]
+
+
+def test_scored_utterances_are_kept_and_a_rerun_scores_only_the_rest(
+    fx, lm_dir, tmp_path, batches, capsys
+):
+    """Seen: evaluate kept nothing until every line was scored, and a rerun redid everything.
+    Each scored utterance goes to results.jsonl at once; a rerun scores only the others, and
+    refuses results of other settings."""
+    ran, fail = batches
+    text = fx.meta["wavs"]["q1"]["spoken_text"]
+    lines = [{"id": rid, "audio": "q1.wav", "text": text} for rid in ("a", "b")]
+    argv = _asr_argv(fx, lm_dir, tmp_path, lines)
+    ids = lambda: [[r["id"] for r in batch] for batch in ran]  # noqa: E731
+    fail["b"] = KeyboardInterrupt()  # killed inside the second batch
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main(argv)
+    kept = _lines(tmp_path / "out" / "results.jsonl")
+    assert ids() == [["a"], ["b"]] and [r.get("id") for r in kept[1:]] == ["a"]
+
+    (b,) = ran.pop()
+    ran.clear()
+    del fail["b"]
+    assert evaluate.main(argv) == 0 and ran == [[b]]  # its request (template draw) as before
+    assert "resuming: 1 of 2 already scored" in capsys.readouterr().err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [u["id"] for u in report["utterances"]] == ["a", "b"]
+    assert report["totals"]["utterances"] == 2 and report["utterances"][0] == kept[1]
+
+    with pytest.raises(SystemExit, match="another evaluation \\(its seed differ"):
+        evaluate.main(argv + ["--seed", "7"])
+    ran.clear()
+    assert evaluate.main(argv + ["--seed", "7", "--overwrite"]) == 0 and len(ran) == 2
+
+
+def test_a_manifest_line_that_is_not_utf8_is_one_error(fx, lm_dir, tmp_path):
+    """Seen: one non-UTF-8 line rejected the whole manifest."""
+    text = fx.meta["wavs"]["q1"]["spoken_text"]
+    lines = [
+        b'{"audio": "q1.wav", "text": "caf\xe9"}',
+        {"id": "a", "audio": "q1.wav", "text": text},
+    ]
+    assert evaluate.main(_asr_argv(fx, lm_dir, tmp_path, lines)) == 1
+    (error,) = _lines(tmp_path / "out" / "errors.jsonl")
+    assert error["line"] == 1 and "not UTF-8" in error["error"]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [u["id"] for u in report["utterances"]] == ["a"]
+
+
+def test_few_shot_with_no_item_scored_says_so_and_fails(fx, tmp_path, capsys):
+    """Seen: few_shot printed "accuracy 0.0000 (0/0)" with exit 0 when no item could be scored.
+    (Nothing to score: the checkpoint, here missing, is not even loaded.)"""
+    bad = {"id": "one", "options": ["Only"], "answer": 0, "question": "Why?"}
+    (tmp_path / "items.jsonl").write_text(json.dumps(bad) + "\n")
+    argv = _readme_argv(
+        fx, tmp_path / "no-checkpoint", "few_shot", tmp_path / "items.jsonl", tmp_path / "out"
+    )
+    assert evaluate.main(argv) == 1
+    printed = capsys.readouterr().out
+    assert "few_shot: no item could be scored" in printed and "accuracy" not in printed

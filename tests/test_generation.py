@@ -1,4 +1,5 @@
-"""The sampler's filters, and batched generation: left-padded rows, stop tokens, min_length."""
+"""The sampler's filters, and batched generation: left-padded rows, stop tokens, min_length;
+sampler values that are not numbers and lengths past the LM's positions refused."""
 
 import jax
 import jax.numpy as jnp
@@ -129,3 +130,23 @@ def test_unstacked_layers_generate_as_the_scanned_stack(lm, prompt):
         np.testing.assert_array_equal(got.text, want.text)
         np.testing.assert_array_equal(got.codes, want.codes)
     np.testing.assert_allclose(loose(text, codes), model(text, codes), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [{"temperature": float("nan")}, {"temperature": float("inf")}, {"top_p": float("nan")}],
+    ids=["temperature nan", "temperature inf", "top_p nan"],
+)
+def test_sampler_values_that_are_not_numbers_are_refused(values):
+    """Seen: SamplerConfig(temperature=nan) was accepted, and the generation emitted token 0
+    forever."""
+    with pytest.raises(ValueError, match=next(iter(values))):
+        SamplerConfig(**values)
+
+
+def test_max_length_past_the_lm_positions_is_refused(lm, prompt):
+    """Seen: generate(max_length=10**9) started (still running after 300 s)."""
+    _, model = lm
+    limit = lm[0].max_positions
+    with pytest.raises(ValueError, match=f"expected at most {limit}"):
+        generate(model, *prompt, GenerationConfig(max_length=10**9))

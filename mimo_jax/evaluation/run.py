@@ -12,9 +12,10 @@ where an input or output is a text, {"audio": path} (speech) or {"text", "audio"
 transcription); the prompt is the pretraining-style few-shot prompt (`prompts.few_shot`) and the
 prediction the option with the highest log-likelihood (`choice`).
 
-A bad line (not a JSON object, a field missing or of the wrong kind, audio that is missing or
-unreadable, an empty transcript) becomes one entry {"line", "id", "error"} and the others still
-run.
+A bad line (not UTF-8, not a JSON object, a field missing or of the wrong kind, an id used twice,
+audio that is missing or unreadable, an empty transcript) becomes one entry {"line", "id",
+"error"} and the others still run. Each scored row is handed to `on_row` as soon as it is scored
+(a batch of utterances, an item), so that a caller can keep it before the next starts.
 """
 
 from __future__ import annotations
@@ -63,21 +64,27 @@ def utterance(line: int, obj: dict, base: Path) -> Utterance:
     return Utterance(line, str(obj.get("id") or Path(audio).stem), audio, text, language)
 
 
+def _unique(entries: list, errors: list) -> list:
+    """The entries (with `line` and `id`) whose id no earlier one has; the others go to
+    `errors` (results are kept and resumed by id)."""
+    out, seen = [], dict[str, int]()  # id -> line
+    for e in entries:
+        if e.id in seen:
+            errors.append(error(e.line, e.id, f"id {e.id!r} is used by line {seen[e.id]}"))
+            continue
+        seen[e.id] = e.line
+        out.append(e)
+    return out
+
+
 def read_manifest(path: str | Path, errors: list) -> list[Utterance]:
     out: list[Utterance] = []
-    seen: dict[str, int] = {}  # id -> line
     for n, obj in read_jsonl(path, errors):
         try:
-            u = utterance(n, obj, Path(path).parent)
+            out.append(utterance(n, obj, Path(path).parent))
         except RequestError as e:
             errors.append(error(n, obj.get("id"), str(e)))
-            continue
-        if u.id in seen:
-            errors.append(error(n, u.id, f"id {u.id!r} is used by line {seen[u.id]}"))
-            continue
-        seen[u.id] = n
-        out.append(u)
-    return out
+    return _unique(out, errors)
 
 
 def asr_template(language: str, seed: int) -> str:
@@ -98,12 +105,17 @@ def evaluate_asr(
     greedy: bool = False,
     batch_size: int | None = None,
     progress=None,
+    on_row=None,
+    done=frozenset(),
 ) -> dict:
-    """Transcribes and scores; {"totals", "utterances": [per utterance]}. Failures go to
-    `errors`. `template`: one template for all (default: drawn per utterance by language)."""
+    """Transcribes and scores; {"totals", "utterances": [per utterance, in manifest order]}.
+    Failures go to `errors`. `template`: one template for all (default: drawn per utterance by
+    language and position); `on_row(row)` is called as each utterance is scored; the ids in
+    `done` are skipped (their template draws stay where they were)."""
     options = {"seed": seed, "greedy": greedy, "min_new_groups": min_new_groups}
     if max_new_groups:
         options["max_new_groups"] = max_new_groups
+    todo = [(i, u) for i, u in enumerate(utterances) if u.id not in done]
     reqs = [
         {
             "id": u.id,
@@ -111,11 +123,13 @@ def evaluate_asr(
             "template": template or asr_template(u.language, seed + i),
             **options,
         }
-        for i, u in enumerate(utterances)
+        for i, u in todo
     ]
-    results = mimo.asr(reqs, raise_errors=False, batch_size=batch_size, progress=progress)
-    rows, scores = [], []
-    for u, res in zip(utterances, results):
+    rows = []
+    for k, res in mimo.run_iter(reqs, task="asr", raise_errors=False, batch_size=batch_size):
+        u = todo[k][1]
+        if progress is not None:
+            progress(1)
         if res.error is not None:
             errors.append(error(u.line, u.id, res.error))
             continue
@@ -125,18 +139,26 @@ def evaluate_asr(
         except ValueError as e:
             errors.append(error(u.line, u.id, str(e)))
             continue
-        scores.append(s)
-        rows.append(
-            {
-                "id": u.id,
-                "line": u.line,
-                "reference": u.text,
-                "hypothesis": hyp,
-                "output": res.text,
-                **s.as_dict(),
-            }
-        )
-    return {"totals": asr_metrics.totals(scores), "utterances": rows}
+        row = {
+            "id": u.id,
+            "line": u.line,
+            "reference": u.text,
+            "hypothesis": hyp,
+            "output": res.text,
+            **s.as_dict(),
+        }
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    rows.sort(key=lambda r: r["line"])
+    return {"totals": asr_totals(rows), "utterances": rows}
+
+
+def asr_totals(rows: list[dict]) -> dict:
+    """The corpus totals of scored utterance rows (each scored again from its texts)."""
+    return asr_metrics.totals(
+        [asr_metrics.score(r["reference"], r["hypothesis"], r["language"]) for r in rows]
+    )
 
 
 # ---- few-shot multiple choice -----------------------------------------------------------------
@@ -205,7 +227,7 @@ def read_choice_items(path: str | Path, errors: list) -> list[ChoiceItem]:
             out.append(choice_item(n, obj, Path(path).parent))
         except RequestError as e:
             errors.append(error(n, obj.get("id"), str(e)))
-    return out
+    return _unique(out, errors)
 
 
 def _with_patches(part, audio, name: str):
@@ -229,14 +251,19 @@ def choice_prompt(mimo, item: ChoiceItem) -> segments.Prompt:
     return segments.assemble(segs, mimo.tok, c.group_size, c.speech_empty_ids)
 
 
-def evaluate_choices(mimo, items: list[ChoiceItem], errors: list, progress=None) -> dict:
-    """{"totals": accuracy overall and per subject, "items": [per item]}."""
+def evaluate_choices(
+    mimo, items: list[ChoiceItem], errors: list, progress=None, on_row=None, done=frozenset()
+) -> dict:
+    """{"totals": accuracy overall and per subject, "items": [per item]}; `on_row(row)` is called
+    as each item is scored; the ids in `done` are skipped."""
     rows = []
-    for item in items:
+    for item in (i for i in items if i.id not in done):
         try:
             prompt = choice_prompt(mimo, item)
         except (InputError, RequestError, ValueError) as e:
             errors.append(error(item.line, item.id, str(e)))
+            if progress is not None:
+                progress(1)
             continue
         pick, scores = choice.choose(
             mimo.model, prompt, [mimo.tok.encode(o) for o in item.options], mimo.tok.pad_id
@@ -252,6 +279,8 @@ def evaluate_choices(mimo, items: list[ChoiceItem], errors: list, progress=None)
                 "scores": [float(s) for s in scores],
             }
         )
+        if on_row is not None:
+            on_row(rows[-1])
         if progress is not None:
             progress(1)
     return {"totals": accuracy(rows), "items": rows}

@@ -20,9 +20,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--context-groups",
         type=int,
-        default=MAX_GROUPS,
-        help=f"prompt and generation together, in groups (default {MAX_GROUPS}, as "
-        f"the official generation)",
+        default=None,
+        help=f"prompt and generation together, in groups (default {MAX_GROUPS}, as the "
+        f"official generation, or the LM's max_position_embeddings where smaller)",
     )
 
 

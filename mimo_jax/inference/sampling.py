@@ -3,12 +3,20 @@
 Order as in the official `MiMoSampler`: temperature, then top-k, then top-p, then the forbidden ids
 are set to -inf, then argmax (first maximal index) or a draw. Unlike the official top-k, the
 threshold is taken per row, so batches are correct.
+
+The settings reach the compiled programs as arrays with one row per batch row (`SamplerRows`), not
+as constants: one program serves every preset, and rows of different tasks share a batch. Only
+which steps some row takes (a draw, top-k, top-p) is fixed in a program, so that greedy decoding
+does not compile the filters it never runs.
 """
 
 import dataclasses
+import math
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,38 +27,80 @@ class SamplerConfig:
     top_p: float | None = None
 
     def __post_init__(self):
-        if self.temperature is not None and self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.top_p is not None and not 0.0 <= self.top_p <= 1.0:
-            raise ValueError(f"top_p must lie in [0, 1], got {self.top_p}")
+        t, k, p = self.temperature, self.top_k, self.top_p
+        if t is not None and not (math.isfinite(t) and t > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {t}")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            raise ValueError(f"top_k must be an integer >= 0, got {k!r}")
+        if p is not None and not 0.0 <= p <= 1.0:
+            raise ValueError(f"top_p must lie in [0, 1], got {p}")
 
 
 GREEDY = SamplerConfig()
 
 
-def process(logits: jax.Array, cfg: SamplerConfig) -> jax.Array:
+_STATIC = dict(static=True)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplerRows:
+    """The settings of one sampler per batch row, as arrays (traced inside the programs), and
+    which steps any row takes (static: part of the program's key)."""
+
+    do_sample: np.ndarray | jax.Array  # [B] bool
+    temperature: np.ndarray | jax.Array  # [B, 1] float32 (1 for none: dividing by 1 is exact)
+    top_k: np.ndarray | jax.Array  # [B, 1] int32, 0 for none
+    top_p: np.ndarray | jax.Array  # [B, 1] bool: whether the row filters by top-p
+    # [B, 1] float32: 1 - top_p, rounded once from the float (as the official float arithmetic
+    # does); the float32 difference of float32 values would differ in its last bits.
+    top_p_budget: np.ndarray | jax.Array
+    any_draw: bool = dataclasses.field(metadata=_STATIC)
+    any_top_k: bool = dataclasses.field(metadata=_STATIC)
+    any_top_p: bool = dataclasses.field(metadata=_STATIC)
+
+    @classmethod
+    def of(cls, configs: Sequence[SamplerConfig]) -> "SamplerRows":
+        col = lambda values, dtype: np.asarray(values, dtype).reshape(-1, 1)  # noqa: E731
+        # top_p = 1 removes only entries of probability 0, which neither argmax nor a draw can
+        # pick, so it is skipped (as top_p = 0); the presets of most tasks have top_p = 1.
+        tops = [1.0 if c.top_p is None else c.top_p for c in configs]
+        on_p = [0.0 < p < 1.0 for p in tops]
+        return cls(
+            np.asarray([c.do_sample for c in configs], bool),
+            col([1.0 if c.temperature is None else c.temperature for c in configs], np.float32),
+            col([c.top_k or 0 for c in configs], np.int32),
+            col(on_p, bool),
+            col([1.0 - p if on else 0.0 for p, on in zip(tops, on_p)], np.float32),
+            any(c.do_sample for c in configs),
+            any(c.top_k for c in configs),
+            any(on_p),
+        )
+
+
+def _rows(cfg: "SamplerConfig | SamplerRows", rows: int) -> SamplerRows:
+    return cfg if isinstance(cfg, SamplerRows) else SamplerRows.of([cfg] * rows)
+
+
+def process(logits: jax.Array, cfg: "SamplerConfig | SamplerRows") -> jax.Array:
     """Temperature, top-k and top-p filtering of logits [B, V] (removed entries are -inf).
 
     Sorting is slow on the CPU, so both thresholds are found by a bitwise search over the scores'
-    order-preserving integer keys (32 masked counts or sums over [B, V]) instead.
+    order-preserving integer keys (32 masked counts or sums over [B, V]) instead. Each search runs
+    only when some row asks for its filter.
     """
-    scores = logits.astype(jnp.float32)
-    if cfg.temperature is not None:
-        scores = scores / cfg.temperature
+    rows = _rows(cfg, logits.shape[0])
+    scores = logits.astype(jnp.float32) / rows.temperature
     scores = jnp.where(scores == 0, 0.0, scores)  # -0.0 and 0.0 get one key
     keys = _ordered_keys(scores)
-    # top_k >= V keeps every entry, and top_p = 1 removes only entries of probability 0, which
-    # neither argmax nor a draw can pick: both searches are skipped then (the presets of most
-    # tasks have top_p = 1).
-    if cfg.top_k and cfg.top_k < scores.shape[-1]:
-        k = cfg.top_k
+    if rows.any_top_k:
         # The k-th largest key: the largest u with at least k keys >= u.
-        kth = _largest(lambda u: jnp.sum(keys >= u, -1, keepdims=True) >= k, keys.shape[0])
-        scores = jnp.where(keys < kth, -jnp.inf, scores)
-    if cfg.top_p is not None and 0.0 < cfg.top_p < 1.0:
-        scores = _top_p(scores, keys, cfg.top_p)
+        kth = _largest(lambda u: jnp.sum(keys >= u, -1, keepdims=True) >= rows.top_k, len(keys))
+        # top_k >= V keeps every entry.
+        on_k = (rows.top_k > 0) & (rows.top_k < scores.shape[-1])
+        scores = jnp.where(on_k & (keys < kth), -jnp.inf, scores)
+    if rows.any_top_p:
+        scores = jnp.where(rows.top_p, _top_p_of_budget(scores, keys, rows.top_p_budget), scores)
     return scores
 
 
@@ -71,12 +121,16 @@ def _largest(ok, rows):
 
 
 def _top_p(scores, keys, top_p):
+    """The official top-p filter of every row (`top_p` a float)."""
+    return _top_p_of_budget(scores, keys, 1.0 - top_p)
+
+
+def _top_p_of_budget(scores, keys, budget):
     """The official top-p: in stable ascending order, remove the entries whose cumulative
-    probability is <= 1 - top_p, but never the last one. Cumulative probabilities only grow, so
-    the removed entries are everything below a threshold score plus the first r entries (in index
-    order, the stable sort's order) of those equal to it."""
+    probability is <= budget = 1 - top_p, but never the last one. Cumulative probabilities only
+    grow, so the removed entries are everything below a threshold score plus the first r entries
+    (in index order, the stable sort's order) of those equal to it."""
     probs = jax.nn.softmax(scores, axis=-1)
-    budget = 1.0 - top_p
     # The threshold: the largest key with at most `budget` probability strictly below it.
     thr = _largest(
         lambda u: jnp.sum(jnp.where(keys < u, probs, 0.0), -1, keepdims=True) <= budget,
@@ -97,16 +151,23 @@ def _top_p(scores, keys, top_p):
 
 
 def sample(
-    logits: jax.Array, cfg: SamplerConfig, rng: jax.Array, forbidden: jax.Array | None = None
+    logits: jax.Array,
+    cfg: "SamplerConfig | SamplerRows",
+    rng: jax.Array,
+    forbidden: jax.Array | None = None,
 ) -> jax.Array:
     """Token ids [B] from logits [B, V]; `forbidden` is a bool mask [V] or [B, V] of ids never
-    chosen."""
-    scores = process(logits, cfg)
+    chosen. `cfg`: one sampler for every row, or one per row."""
+    rows = _rows(cfg, logits.shape[0])
+    scores = process(logits, rows)
     if forbidden is not None:
         scores = jnp.where(forbidden, -jnp.inf, scores)
-    if cfg.do_sample:
-        return _draw(scores, rng)
-    return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    greedy = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    if not rows.any_draw:
+        return greedy
+    # The draw uses the same key whatever the other rows do: a row's tokens do not depend on the
+    # other rows' samplers.
+    return jnp.where(rows.do_sample, _draw(scores, rng), greedy)
 
 
 def _draw(scores, rng):

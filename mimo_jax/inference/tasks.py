@@ -6,12 +6,13 @@
     texts = [r.text for r in mimo.asr(["a.wav", "b.flac"])]
 
 A task method takes a list of requests (`mimo_jax.tasks.requests`; a bare value is the `input`)
-and runs them as batched, KV-cached generations: requests that share their stop tokens, samplers,
-lengths and seed form one left-padded batch (prompts of different lengths, each row stopping on
-its own). Samplers default to the official per-task presets (`task_sampler_configs`),
-overridable per instance or per call; `greedy` makes both greedy. Multi-turn spoken dialogue
-follows the official history: pass the previous `Result` as `history` and the next user turn is
-appended to its whole sequence (prompt and generation).
+and runs them as batched, KV-cached generations: requests that share their seed form left-padded
+batches whatever their tasks (prompts of different lengths, each row with its own stop tokens,
+samplers and lengths, stopping on its own). Samplers default to the official per-task presets
+(`task_sampler_configs`), overridable per instance or per call; `greedy` makes both greedy.
+Multi-turn spoken dialogue follows the official history: pass the previous `Result` as `history`
+and the next user turn is appended to its whole sequence (prompt and generation). `run_iter`
+hands out each batch's results as soon as the batch is done.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mimo_jax.inference.generate import GenerationConfig, generate, generate_chunks
@@ -83,6 +85,7 @@ class _Job:
     spec: requests.TaskSpec
     prompt: segments.Prompt
     seed: int
+    samplers: tuple[SamplerConfig, SamplerConfig]  # text, patch
 
 
 def load_lm(path: str | Path, dtype=None, adapter: str | Path | None = None):
@@ -104,10 +107,37 @@ def load_lm(path: str | Path, dtype=None, adapter: str | Path | None = None):
     if adapter is None:
         return config, model
     from mimo_jax.lm import adapters
-    from mimo_jax.train.lora import merge_lora
+    from mimo_jax.train.lora import merge_lora, module_at
 
-    adapters.load(model, adapter)
-    return config, merge_lora(model)
+    layers = adapters.load(model, adapter)
+    model = merge_lora(model)
+    # An adapter that is valid but huge (its lora_alpha, its weights) overflows the merge.
+    broken = [
+        layer.shown()
+        for layer in layers
+        if not jnp.isfinite(module_at(model, layer.path).kernel[...]).all()
+    ]
+    if broken:
+        raise ValueError(
+            f"{adapter}: merging the adapter gives weights that are not finite in "
+            f"{', '.join(broken)} (check its lora_alpha and weights)"
+        )
+    return config, model
+
+
+def context_limit(config: MiMoAudioConfig, groups: int | None) -> int:
+    """The context (prompt and generation, in groups) of `groups` requested: by default the
+    official MAX_GROUPS, or the LM's positions where they end sooner."""
+    limit = config.max_positions
+    if groups is None:
+        return MAX_GROUPS if limit is None else min(MAX_GROUPS, limit)
+    if limit is not None and not 1 <= groups <= limit:
+        raise ValueError(
+            f"context_groups {groups}: expected 1 to {limit} (the LM's max_position_embeddings)"
+        )
+    if groups < 1:
+        raise ValueError(f"context_groups {groups}: expected at least 1")
+    return groups
 
 
 def check_special_ids(
@@ -129,10 +159,11 @@ class MimoAudio:
         audio_tokenizer: Tokenizer,
         text_tokenizer: TextTokenizer,
         *,
-        context_groups: int = MAX_GROUPS,
+        context_groups: int | None = None,
     ):
         check_special_ids(config, text_tokenizer)
-        self.context_groups = context_groups  # prompt and generation together, in groups
+        # Prompt and generation together, in groups.
+        self.context_groups = context_limit(config, context_groups)
         self.config, self.model = config, model
         self.tok = text_tokenizer
         self.audio = AudioFrontEnd(audio_tokenizer, config.group_size, config.audio_channels)
@@ -190,7 +221,17 @@ class MimoAudio:
         return self.run(reqs, task="continue", **kw)
 
     # ---- the engine ----------------------------------------------------------------------------
-    def run(
+    def run(self, reqs, *, progress=None, **options) -> list[Result]:
+        """Results in the order of `reqs` (the options are `run_iter`'s); `progress(n)` is
+        called as n more requests are done."""
+        results: list[Result | None] = [None] * len(reqs)
+        for i, res in self.run_iter(reqs, **options):
+            results[i] = res
+            if progress is not None:
+                progress(1)
+        return results  # type: ignore[return-value]  # every index is handed out once
+
+    def run_iter(
         self,
         reqs,
         *,
@@ -200,21 +241,30 @@ class MimoAudio:
         patch_sampler: SamplerConfig | None = None,
         batch_size: int | None = None,
         raise_errors: bool = True,
-        progress=None,
-    ) -> list[Result]:
-        """Results in the order of `reqs`. `history`: one previous Result (or None) per request.
-        With `raise_errors=False` a bad request gets its `error` and the others still run.
-        Requests are sorted by prompt length into batches of `batch_size` (default: one batch
-        per sampler setting); `progress(n)` is called after each batch of n requests."""
+    ) -> Iterator[tuple[int, Result]]:
+        """(index in `reqs`, Result) of every request as soon as it is done: bad requests first,
+        then each batch's results when the batch ends (speech decoded). `history`: one previous
+        Result (or None) per request. Every request is checked before any generation. Requests
+        are sorted by prompt length into batches of `batch_size` (default: one batch per seed).
+        With `raise_errors=False` a bad request gets its `error`, an exception inside a batch
+        becomes the error of that batch's requests, and the others still run."""
         results, batches = self._plan(
             reqs, task, history, text_sampler, patch_sampler, batch_size, raise_errors
         )
-        for key, jobs in batches:
-            self._generate(key, jobs, results)
-            if progress is not None:
-                progress(len(jobs))
-        self._decode([(r, r.speech) for r in results if r.speech is not None])
-        return results
+        for i, r in enumerate(results):
+            if r.error is not None:
+                yield i, r
+        for jobs in batches:
+            try:
+                self._generate(jobs, results)
+                self._decode([(results[j.index], results[j.index].speech) for j in jobs])
+            except Exception as e:  # any failure stays inside its batch
+                if raise_errors:
+                    raise
+                for j in jobs:
+                    results[j.index] = _failed(j, e)
+            for j in jobs:
+                yield j.index, results[j.index]
 
     def stream(
         self,
@@ -245,22 +295,35 @@ class MimoAudio:
         results, batches = self._plan(
             reqs, task, history, text_sampler, patch_sampler, batch_size, raise_errors
         )
+        nothing = np.zeros(0, np.float32)
         for i, r in enumerate(results):
             if r.error is not None:
-                yield AudioChunk(i, np.zeros(0, np.float32), r)
-        for key, jobs in batches:
+                yield AudioChunk(i, nothing, r)
+        for jobs in batches:
             decoder = StreamingDecoder(
                 self.audio.tokenizer,
                 len(jobs),
                 left_context=left_context,
                 right_context=right_context,
             )
-            yield from self._stream_batch(key, jobs, results, chunk_groups, decoder)
+            finished = set()
+            try:
+                for piece in self._stream_batch(jobs, results, chunk_groups, decoder):
+                    if piece.result is not None:
+                        finished.add(piece.index)
+                    yield piece
+            except Exception as e:  # any failure stays inside its batch
+                if raise_errors:
+                    raise
+                for j in jobs:
+                    if j.index not in finished:
+                        results[j.index] = _failed(j, e)
+                        yield AudioChunk(j.index, nothing, results[j.index])
 
     def _plan(
         self, reqs, task, history, text_sampler, patch_sampler, batch_size, raise_errors
-    ) -> tuple[list[Result], list[tuple[tuple, list[_Job]]]]:
-        """Results (errors filled in) and the batches to generate: [(key, jobs)]."""
+    ) -> tuple[list[Result], list[list[_Job]]]:
+        """Results (errors filled in) and the batches to generate."""
         reqs = [r if isinstance(r, dict) else {"input": r} for r in reqs]
         if task is not None:
             reqs = [{**r, "task": task} for r in reqs]
@@ -274,15 +337,18 @@ class MimoAudio:
                 )
             except (RequestError, InputError, ValueError, KeyError, TypeError) as e:
                 self._fail(results[i], e, raise_errors)
-        jobs = self._encode(parsed, results, raise_errors, random.randrange(2**31))
-        groups: dict[tuple, list[_Job]] = {}
+        jobs = self._encode(
+            parsed, results, raise_errors, random.randrange(2**31), (text_sampler, patch_sampler)
+        )
+        # Rows of a batch share its random key, hence its seed; everything else is per row.
+        groups: dict[int, list[_Job]] = {}
         for job in jobs:
-            groups.setdefault(self._key(job, text_sampler, patch_sampler), []).append(job)
+            groups.setdefault(job.seed, []).append(job)
         batches = []
-        for key, members in groups.items():
+        for members in groups.values():
             members.sort(key=lambda j: j.prompt.groups)
             step = batch_size or len(members)
-            batches += [(key, members[s : s + step]) for s in range(0, len(members), step)]
+            batches += [members[s : s + step] for s in range(0, len(members), step)]
         return results, batches
 
     def _fail(self, result: Result, error: Exception, raise_errors: bool):
@@ -290,9 +356,10 @@ class MimoAudio:
             raise error
         result.error = str(error)
 
-    def _encode(self, jobs, results, raise_errors, call_seed: int) -> list[_Job]:
+    def _encode(self, jobs, results, raise_errors, call_seed: int, samplers) -> list[_Job]:
         """Reads and checks every audio input, encodes all of them in one batch, assembles.
-        Requests without a seed share `call_seed`, so that they can share a batch."""
+        Requests without a seed share `call_seed`, so that they can share a batch. `samplers`:
+        the call's (text, patch) samplers, None for the presets."""
         ready: list[tuple] = []
         wavs: list[np.ndarray] = []
         for i, r, spec, segs, hist in jobs:
@@ -328,7 +395,8 @@ class MimoAudio:
             if hist is not None:
                 prompt = hist.sequence + prompt
             seed = r.get("seed")
-            out.append(_Job(i, r, spec, prompt, call_seed if seed is None else int(seed)))
+            seed = call_seed if seed is None else int(seed)
+            out.append(_Job(i, r, spec, prompt, seed, self._samplers(r, spec, *samplers)))
         return out
 
     def _groups_before_encoding(self, segs, wavs, hist) -> int:
@@ -352,31 +420,32 @@ class MimoAudio:
                 f"for {need} new groups in the context of {self.context_groups}"
             )
 
-    def _samplers(self, job: _Job, text_sampler, patch_sampler):
-        if job.request.get("greedy"):
+    def _samplers(self, request: dict, spec: requests.TaskSpec, text_sampler, patch_sampler):
+        if request.get("greedy"):
             return GREEDY, GREEDY
-        preset = self.task_sampler_configs.get(
-            job.spec.sampler, self.task_sampler_configs["default"]
-        )
+        preset = self.task_sampler_configs.get(spec.sampler, self.task_sampler_configs["default"])
         return text_sampler or preset[0], patch_sampler or preset[1]
 
-    def _key(self, job: _Job, text_sampler, patch_sampler) -> tuple:
+    def _generation_config(self, job: _Job, width: int) -> GenerationConfig:
+        """A request's generation settings in a batch whose prompts are `width` groups wide."""
         r = job.request
         stops = (self.tok.eos_id,) + tuple(self.tok.special_id(t) for t in job.spec.stop_tokens)
-        return (
-            stops,
-            self._samplers(job, text_sampler, patch_sampler),
-            int(r.get("min_new_groups", 0) or 0),
-            r.get("max_new_groups"),
-            job.seed,
+        max_new, limit = r.get("max_new_groups"), self.context_groups
+        return GenerationConfig(
+            max_length=limit if max_new is None else min(limit, width + int(max_new)),
+            min_length=width + int(r.get("min_new_groups") or 0),
+            stop_ids=stops,
+            text_sampler=job.samplers[0],
+            patch_sampler=job.samplers[1],
         )
 
-    def _batch(self, key, jobs: list[_Job]):
+    def _batch(self, jobs: list[_Job]):
         """The left-padded prompt batch of `jobs`: (width, generate's arguments)."""
-        stops, (text_s, patch_s), min_new, max_new, seed = key
         longest = max(j.prompt.groups for j in jobs)
         width = -(-longest // WIDTH_QUANTUM) * WIDTH_QUANTUM
-        if width + (1 if max_new is None else int(max_new)) > self.context_groups:
+        if any(
+            width + int(j.request.get("max_new_groups") or 1) > self.context_groups for j in jobs
+        ):
             width = longest  # padding must not take the room of the generation
         c = self.config
         text = np.full((len(jobs), width), self.tok.pad_id, np.int32)
@@ -387,23 +456,15 @@ class MimoAudio:
         for row, j in enumerate(jobs):
             text[row, width - j.prompt.groups :] = j.prompt.text
             codes[row, width - j.prompt.groups :] = j.prompt.codes
-        limit = self.context_groups
-        max_length = limit if max_new is None else min(limit, width + int(max_new))
-        gen = GenerationConfig(
-            max_length=max_length,
-            min_length=width + min_new,
-            stop_ids=stops,
-            text_sampler=text_s,
-            patch_sampler=patch_s,
-        )
+        gens = [self._generation_config(j, width) for j in jobs]
         return (
             width,
-            (self.model, text, codes, gen),
-            dict(prompt_lengths=[j.prompt.groups for j in jobs], rng=jax.random.key(seed)),
+            (self.model, text, codes, gens),
+            dict(prompt_lengths=[j.prompt.groups for j in jobs], rng=jax.random.key(jobs[0].seed)),
         )
 
-    def _generate(self, key, jobs: list[_Job], results: list[Result]):
-        width, args, kw = self._batch(key, jobs)
+    def _generate(self, jobs: list[_Job], results: list[Result]):
+        width, args, kw = self._batch(jobs)
         gen = generate(*args, **kw)
         for row, j in enumerate(jobs):
             end = int(gen.lengths[row])
@@ -432,13 +493,12 @@ class MimoAudio:
 
     def _stream_batch(
         self,
-        key,
         jobs: list[_Job],
         results: list[Result],
         chunk_groups: int,
         decoder: StreamingDecoder,
     ) -> Iterator[AudioChunk]:
-        width, args, kw = self._batch(key, jobs)
+        width, args, kw = self._batch(jobs)
         rows = range(len(jobs))
         text: list[list[np.ndarray]] = [[] for _ in rows]
         codes: list[list[np.ndarray]] = [[] for _ in rows]
@@ -487,14 +547,19 @@ class MimoAudio:
                     wav = wav if pieces[row] else res.wav
                 yield AudioChunk(job.index, wav, res)
 
-    def _decode(self, results: list[tuple[Result, np.ndarray]]):
-        """All speech of a call through the audio tokenizer at once (1500-frame chunks); each
-        result comes with its speech frames."""
+    def _decode(self, results: list[tuple[Result, np.ndarray | None]]):
+        """The speech of a batch through the audio tokenizer at once (1500-frame chunks); each
+        result comes with its speech frames (None for a text task)."""
         tokenizer = self.audio.tokenizer
-        spoken = [(r, speech) for r, speech in results if speech.shape[0]]
+        speaking = [(r, speech) for r, speech in results if speech is not None]
+        spoken = [(r, speech) for r, speech in speaking if speech.shape[0]]
         wavs = tokenizer.decode([speech for _, speech in spoken]) if spoken else []
         for (r, _), wav in zip(spoken, wavs):
             r.wav = wav
-        for r, speech in results:
+        for r, speech in speaking:
             if not speech.shape[0]:
                 r.wav = outputs.wav_of(tokenizer, speech)
+
+
+def _failed(job: _Job, error: Exception) -> Result:
+    return Result(job.request, error=f"generation failed ({type(error).__name__}: {error})")

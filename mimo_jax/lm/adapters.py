@@ -17,6 +17,7 @@ trained.
 
 import functools
 import json
+import math
 import os
 import re
 
@@ -167,6 +168,12 @@ def _read_config(root) -> dict:
             raise ValueError(
                 f"{cfg_path}: {key}={config[key]!r} is not supported; expected {plain!r}"
             )
+    rank, alpha = config.get("r"), config.get("lora_alpha")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"{cfg_path}: r={rank!r}; expected an integer >= 1")
+    number = isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
+    if not (number and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"{cfg_path}: lora_alpha={alpha!r}; expected a finite number > 0")
     return config
 
 

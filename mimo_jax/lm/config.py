@@ -149,6 +149,13 @@ class MiMoAudioConfig:
         """Steps of the patch decoder for one patch: group_size + max(delay)."""
         return self.group_size + max(self.delay_pattern)
 
+    @property
+    def max_positions(self) -> int | None:
+        """The positions the LM was made for (config.json's `max_position_embeddings`), when its
+        file names them: prompt and generation together stay within them."""
+        value = self.hf_config.get("max_position_embeddings")
+        return None if value is None else int(value)
+
     def backbone_stack(self) -> StackConfig:
         """The Qwen2 backbone's stack (the module `MiMoAudioLM.model`; its forward pass is
         `MiMoAudioLM.backbone`)."""

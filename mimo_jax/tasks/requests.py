@@ -110,13 +110,19 @@ def task_of(request: dict) -> TaskSpec:
         value = request.get(key)
         if value is not None and not _is(value, kind):
             raise RequestError(f"{key}: {value!r} is not {_KIND_NAMES[kind]}")
+    least, most = request.get("min_new_groups"), request.get("max_new_groups")
+    if least is not None and most is not None and least > most:
+        raise RequestError(
+            f"min_new_groups {least} is more than max_new_groups {most}: expected at most "
+            f"max_new_groups"
+        )
     return spec
 
 
 _TYPES = {
     "min_new_groups": "count",
     "max_new_groups": "positive",
-    "seed": "count",
+    "seed": "seed",
     "greedy": bool,
     "thinking": bool,
     "read_text_only": bool,
@@ -128,15 +134,19 @@ _TYPES = {
 _KIND_NAMES = {
     "count": "an integer >= 0",
     "positive": "an integer >= 1",
+    "seed": "an integer in [0, 2**32)",
     bool: "true or false",
     str: "a text",
 }
 
 
 def _is(value, kind) -> bool:
-    if kind in ("count", "positive"):
+    if kind in ("count", "positive", "seed"):
         return (
-            isinstance(value, int) and not isinstance(value, bool) and value >= (kind == "positive")
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and value >= (kind == "positive")
+            and (kind != "seed" or value < 2**32)
         )
     return isinstance(value, kind)
 

@@ -154,6 +154,13 @@ def read_codes(path: str, codebook_sizes: tuple[int, ...]) -> np.ndarray:
     return check_codes(codes, path, codebook_sizes)
 
 
+def wav_bytes(wav: np.ndarray, sampling_rate: int, subtype: str = "FLOAT") -> bytes:
+    """The WAV file `write_audio` writes, in memory (for a file written whole elsewhere)."""
+    out = io.BytesIO()
+    sf.write(out, np.asarray(wav, np.float32), sampling_rate, subtype=subtype, format="WAV")
+    return out.getvalue()
+
+
 def write_audio(path: str, wav: np.ndarray, sampling_rate: int, subtype: str = "FLOAT") -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     sf.write(path, np.asarray(wav, np.float32), sampling_rate, subtype=subtype)

@@ -24,6 +24,7 @@ would not outlive the step. `nnx.LoRA` is built stacked like the layer it adapts
 """
 
 import dataclasses
+import math
 import re
 from typing import Iterable
 
@@ -54,6 +55,10 @@ class LoraConfig:
     def __post_init__(self):
         if not (isinstance(self.rank, int) and self.rank >= 1):
             raise ValueError(f"lora.rank={self.rank!r}: expected an integer >= 1")
+        if not (
+            isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0
+        ):
+            raise ValueError(f"lora.alpha={self.alpha!r}: expected a finite number > 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora.dropout={self.dropout!r}: expected a number in [0, 1)")
         if not self.targets:
