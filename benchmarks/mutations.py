@@ -35,14 +35,15 @@ COPIED = (
 
 
 # The sampler's two filters, in the official order and swapped.
-_TOP_K = """    if cfg.top_k and cfg.top_k < scores.shape[-1]:
-        k = cfg.top_k
+_TOP_K = """    if rows.any_top_k:
         # The k-th largest key: the largest u with at least k keys >= u.
-        kth = _largest(lambda u: jnp.sum(keys >= u, -1, keepdims=True) >= k, keys.shape[0])
-        scores = jnp.where(keys < kth, -jnp.inf, scores)
+        kth = _largest(lambda u: jnp.sum(keys >= u, -1, keepdims=True) >= rows.top_k, len(keys))
+        # top_k >= V keeps every entry.
+        on_k = (rows.top_k > 0) & (rows.top_k < scores.shape[-1])
+        scores = jnp.where(on_k & (keys < kth), -jnp.inf, scores)
 """
-_TOP_P = """    if cfg.top_p is not None and 0.0 < cfg.top_p < 1.0:
-        scores = _top_p(scores, keys, cfg.top_p)
+_TOP_P = """    if rows.any_top_p:
+        scores = jnp.where(rows.top_p, _top_p_of_budget(scores, keys, rows.top_p_budget), scores)
 """
 TOP_K_THEN_P, TOP_P_THEN_K = _TOP_K + _TOP_P, _TOP_P + _TOP_K
 
