@@ -12,7 +12,7 @@ from mimo_jax.inference.generate import GenerationConfig, generate
 from mimo_jax.inference.sampling import SamplerConfig, process, sample
 from mimo_jax.inference.tasks import TASK_SAMPLERS
 
-ROWS = 512  # identical rows, one draw each
+ROWS = 512  # identical rows per sampler, one draw each
 
 
 def _speech_next(config, gp):
@@ -68,30 +68,30 @@ def first_step(lm, prompt):
     return out.text_logits[0, gp], out.local_hidden[0, gp]
 
 
-@pytest.mark.parametrize("name", SAMPLERS)
-def test_text_sampler_draws_follow_the_filtered_distribution(lm, prompt, first_step, name):
+def test_text_samplers_draws_follow_their_filtered_distributions(lm, prompt, first_step):
+    # Every sampler in one batch (ROWS rows each, its settings per row): one program serves them.
     config, model = lm
     gp = prompt[0].shape[1]
-    cfg = _sampler(first_step[0], None, name)
-    out = generate(
-        model,
-        *_batched(prompt),
-        GenerationConfig(max_length=gp + 1, text_sampler=cfg, output_scores=True),
-        rng=jax.random.key(1),
-    )
+    cfgs = [_sampler(first_step[0], None, name) for name in SAMPLERS]
+    gens = [
+        GenerationConfig(max_length=gp + 1, text_sampler=cfg, output_scores=True)
+        for cfg in cfgs
+        for _ in range(ROWS)
+    ]
+    out = generate(model, *_batched(prompt, len(gens)), gens, rng=jax.random.key(1))
     # Identical rows decide from identical logits (those of one row may differ from a batch of
     # one in the last bits: another matmul blocking).
     logits = out.text_logits[0, gp]
     np.testing.assert_array_equal(
-        out.text_logits[:, gp], np.broadcast_to(logits, (ROWS,) + logits.shape)
+        out.text_logits[:, gp], np.broadcast_to(logits, (len(gens),) + logits.shape)
     )
-    probs = _expected(logits, cfg)
-    assert 1 < (probs > 0).sum() < len(probs)  # the filter leaves a choice and removes some
-    _assert_draws_follow(out.text[:, gp], probs)
+    for i, (name, cfg) in enumerate(zip(SAMPLERS, cfgs)):
+        probs = _expected(logits, cfg)
+        assert 1 < (probs > 0).sum() < len(probs), name  # the filter leaves a choice, removes some
+        _assert_draws_follow(out.text[i * ROWS : (i + 1) * ROWS, gp], probs)
 
 
-@pytest.mark.parametrize("name", SAMPLERS)
-def test_patch_sampler_draws_follow_the_filtered_distribution(lm, prompt, first_step, name):
+def test_patch_samplers_draws_follow_their_filtered_distributions(lm, prompt, first_step):
     config, model = lm
     gp = prompt[0].shape[1]
     # The channel with the smallest delay emits frame 0 from the seed alone (nothing fed yet).
@@ -99,22 +99,23 @@ def test_patch_sampler_draws_follow_the_filtered_distribution(lm, prompt, first_
     dummy = jnp.zeros((1, config.group_size, config.audio_channels), jnp.int32)
     logits = np.asarray(model.patch_logits(jnp.asarray(first_step[1])[None], dummy)[ch][0, 0])
     empty = config.speech_empty_ids[ch]
-    cfg = _sampler(logits, empty, name)
-    out = generate(
-        model,
-        *_batched(prompt),
+    cfgs = [_sampler(logits, empty, name) for name in SAMPLERS]
+    gens = [
         GenerationConfig(
             max_length=gp + 1, patch_sampler=cfg, output_scores=True, **_speech_next(config, gp)
-        ),
-        rng=jax.random.key(2),
-    )
+        )
+        for cfg in cfgs
+        for _ in range(ROWS)
+    ]
+    out = generate(model, *_batched(prompt, len(gens)), gens, rng=jax.random.key(2))
     assert (out.text[:, gp] == config.empty_idx).all()  # every row is speech
     seeds = out.local_hidden[:, gp]
     np.testing.assert_array_equal(seeds, np.broadcast_to(seeds[0], seeds.shape))
     logits = np.asarray(model.patch_logits(jnp.asarray(seeds[:1]), dummy)[ch][0, 0])
-    probs = _expected(logits, cfg, forbidden=empty)
-    assert 1 < (probs > 0).sum() < len(probs)
-    _assert_draws_follow(out.codes[:, gp, 0, ch], probs)
+    for i, (name, cfg) in enumerate(zip(SAMPLERS, cfgs)):
+        probs = _expected(logits, cfg, forbidden=empty)
+        assert 1 < (probs > 0).sum() < len(probs), name
+        _assert_draws_follow(out.codes[i * ROWS : (i + 1) * ROWS, gp, 0, ch], probs)
 
 
 @pytest.fixture(scope="module")
@@ -128,12 +129,16 @@ def filler(lm, prompt):
     return f, tuple(t for t in range(config.vocab_size) if t != f)
 
 
+# Every length test generates into a cache of prompt + LENGTHS groups: one program serves them.
+LENGTHS = 6
+
+
 @pytest.mark.parametrize("extra", [0, 1, 3])
 def test_min_length_allows_a_stop_exactly_at_its_group(lm, prompt, filler, extra):
     config, model = lm
     gp = prompt[0].shape[1]
     f, stops = filler
-    min_length, max_length = gp + extra, gp + extra + 3
+    min_length, max_length = gp + extra, gp + LENGTHS
     out = generate(
         model,
         *prompt,
@@ -150,11 +155,10 @@ def test_max_length_ends_generation_at_its_group(lm, prompt, filler):
     config, model = lm
     gp = prompt[0].shape[1]
     f, stops = filler
-    out = generate(
-        model, *prompt, GenerationConfig(max_length=gp + 2, min_length=gp + 2, stop_ids=stops)
-    )
-    assert out.text.shape[1] == gp + 2 and out.lengths.tolist() == [gp + 2]
-    assert out.text[0, gp:].tolist() == [f, f]
+    end = gp + LENGTHS
+    out = generate(model, *prompt, GenerationConfig(max_length=end, min_length=end, stop_ids=stops))
+    assert out.text.shape[1] == end and out.lengths.tolist() == [end]
+    assert out.text[0, gp:].tolist() == [f] * LENGTHS
 
 
 def test_top_p_of_one_is_skipped_without_changing_a_choice():
