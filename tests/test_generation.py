@@ -102,6 +102,20 @@ def test_stop_tokens_and_min_length(lm, prompt):
     assert first_text not in held.text[0, 6:9].tolist()
 
 
+def test_a_longer_cache_generates_the_same_groups(lm, prompt):
+    # cache_groups sizes the KV cache (16: the program of max_length 16); each row still ends at
+    # its own max_length.
+    _, model = lm
+    gen = GenerationConfig(max_length=12)
+    want = generate(model, *prompt, gen)
+    got = generate(model, *prompt, gen, cache_groups=16)
+    assert got.text.shape[1] == 16 and got.lengths.tolist() == want.lengths.tolist() == [12]
+    np.testing.assert_array_equal(got.text[:, :12], want.text)
+    np.testing.assert_array_equal(got.codes[:, :12], want.codes)
+    with pytest.raises(ValueError, match="cache_groups 11: expected at least the longest max_len"):
+        generate(model, *prompt, gen, cache_groups=11)
+
+
 def test_prompt_too_long_for_max_length(lm, prompt):
     _, model = lm
     with pytest.raises(ValueError, match="max_length"):

@@ -255,7 +255,7 @@ class _Start(NamedTuple):
     codes: jax.Array
     prompt_lengths: jax.Array
     rng: jax.Array
-    total: int  # the cache's groups: the longest row's max_length
+    total: int  # the cache's groups: cache_groups, or the longest row's max_length
     output_scores: bool
     rows: _Rows
 
@@ -267,6 +267,7 @@ def _start(
     gen: "GenerationConfig | Sequence[GenerationConfig]",
     prompt_lengths,
     rng,
+    cache_groups: int | None = None,
 ) -> _Start:
     """The checked inputs of a generation: one GenerationConfig for every row or one per row."""
     text, codes = jnp.asarray(text, jnp.int32), jnp.asarray(codes, jnp.int32)
@@ -279,10 +280,17 @@ def _start(
     shortest, total = min(g.max_length for g in gens), max(g.max_length for g in gens)
     if shortest <= gp:
         raise ValueError(f"max_length {shortest} groups leaves no room after a prompt of {gp}")
+    if cache_groups is not None:
+        if cache_groups < total:
+            raise ValueError(
+                f"cache_groups {cache_groups}: expected at least the longest max_length, {total}"
+            )
+        total = cache_groups
     limit = model.config.max_positions
     if limit is not None and total > limit:
         raise ValueError(
-            f"max_length {total} groups: the LM's positions end at {limit} "
+            f"{'cache_groups' if cache_groups else 'max_length'} {total} groups: the LM's "
+            f"positions end at {limit} "
             f"(max_position_embeddings); expected at most {limit}"
         )
     lengths = (
@@ -307,6 +315,7 @@ def generate(
     *,
     prompt_lengths=None,
     rng: jax.Array | None = None,
+    cache_groups: int | None = None,
 ) -> Generation:
     """Generates up to `gen.max_length` groups per row.
 
@@ -315,9 +324,12 @@ def generate(
     GenerationConfig, or one per row (mixed tasks in one batch; `output_scores` alike). A model
     whose stacks are unstacked (`lm.model.unstack_for_decoding`, as `MimoAudio.load` holds it on
     the CPU) decodes faster there; a scanned one (a training model) gives the same tokens.
+    `cache_groups` (at least every max_length) sizes the KV cache and the outputs: batches of other
+    lengths then share the compiled programs (a longer cache may change logits in their last bits:
+    its masked slots change the order of the sums).
     """
     split = nnx.split(model)
-    start = _start(model, text, codes, gen, prompt_lengths, rng)
+    start = _start(model, text, codes, gen, prompt_lengths, rng, cache_groups)
     state = _advance_jit(*split, _prefilled(split, start), start.total, start.rows)
     return Generation(
         np.asarray(state.out_text),
@@ -346,6 +358,7 @@ def generate_chunks(
     chunk_groups: int = 8,
     prompt_lengths=None,
     rng: jax.Array | None = None,
+    cache_groups: int | None = None,
 ) -> Iterator[GenerationChunk]:
     """`generate`, handing back the new groups every `chunk_groups` groups.
 
@@ -355,7 +368,7 @@ def generate_chunks(
     """
     if chunk_groups < 1:
         raise ValueError(f"chunk_groups {chunk_groups}: expected at least 1")
-    start = _start(model, text, codes, gen, prompt_lengths, rng)
+    start = _start(model, text, codes, gen, prompt_lengths, rng, cache_groups)
     if start.output_scores:
         raise ValueError("output_scores is not streamed: use generate()")
     split = nnx.split(model)

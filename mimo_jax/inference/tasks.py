@@ -39,7 +39,10 @@ from mimo_jax.tokenizer.audio_io import InputError
 from mimo_jax.tokenizer.clips import Tokenizer
 from mimo_jax.tokenizer.streaming import StreamingDecoder
 
-WIDTH_QUANTUM = 32  # prompt batches are left-padded to a multiple of this: fewer compilations
+# Fewer compilations: prompt batches are left-padded to a multiple of WIDTH_QUANTUM groups, and
+# their KV caches hold a multiple of LENGTH_QUANTUM groups (within the context).
+WIDTH_QUANTUM = 32
+LENGTH_QUANTUM = 32
 _LOCAL = SamplerConfig(do_sample=True, temperature=0.9, top_p=0.95)
 # The official `task_sampler_configs`: (text sampler, patch sampler) per task name; others use
 # "default".
@@ -457,10 +460,16 @@ class MimoAudio:
             text[row, width - j.prompt.groups :] = j.prompt.text
             codes[row, width - j.prompt.groups :] = j.prompt.codes
         gens = [self._generation_config(j, width) for j in jobs]
+        longest = max(g.max_length for g in gens)
+        cache = min(self.context_groups, -(-longest // LENGTH_QUANTUM) * LENGTH_QUANTUM)
         return (
             width,
             (self.model, text, codes, gens),
-            dict(prompt_lengths=[j.prompt.groups for j in jobs], rng=jax.random.key(jobs[0].seed)),
+            dict(
+                prompt_lengths=[j.prompt.groups for j in jobs],
+                rng=jax.random.key(jobs[0].seed),
+                cache_groups=cache,
+            ),
         )
 
     def _generate(self, jobs: list[_Job], results: list[Result]):
