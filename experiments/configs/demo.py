@@ -4,7 +4,9 @@
     python -m experiments.train --config experiments/configs/demo.py:stage=stage2 --workdir DIR
 
 Arguments: `stage` (stage1, stage2), `data` (the directory experiments.demo prepares: shards/ and
-tokenizer.json), `smoke` (the smallest size, about a second a step, for tests).
+tokenizer.json), `smoke` (the smallest size, about a second a step, for tests), `channels` (the
+audio channels the LM models: the first N of the tokenizer's 8 codebooks, with their delays; the
+tests train 2, a quicker compile).
 The special token ids are those of the demo BPE tokenizer (its special tokens come first, in the
 order of data_pipelines.text_tokenizer.SPECIAL_TOKENS); training checks them against the tokenizer.
 """
@@ -14,7 +16,11 @@ from experiments.configs import common
 DEMO_IDS = dict(sosp_idx=3, eosp_idx=4, empty_idx=5, sostm_idx=8, eostm_idx=9, eot_idx=10)
 
 
-def demo_hf(smoke: bool) -> dict:
+def _first(dashed: str, n: int) -> str:
+    return "-".join(dashed.split("-")[:n])
+
+
+def demo_hf(smoke: bool, channels: int = 8) -> dict:
     hf = common.mimo_7b_hf()
     width = 32 if smoke else 128
     hf.update(
@@ -33,13 +39,19 @@ def demo_hf(smoke: bool) -> dict:
         input_local_dim=width // 2,
         **DEMO_IDS,
     )
+    hf["audio_channels"] = channels
+    for key in ("speech_vocab_size", "speech_zeroemb_idx", "delay_pattern"):
+        hf[key] = _first(hf[key], channels)
     return hf
 
 
 def get_config(arg=None):
-    a = common.parse_arg(arg, stage="stage2", data="runs/demo/data", smoke=False)
+    a = common.parse_arg(arg, stage="stage2", data="runs/demo/data", smoke=False, channels=8)
+    if not 1 <= a.channels <= 8:
+        raise ValueError(f"config argument channels={a.channels}: expected 1 to 8")
     c = common.stage(common.base_config(), a.stage)
-    c.model.hf = demo_hf(a.smoke)
+    c.model.hf = demo_hf(a.smoke, a.channels)
+    c.loss.weights = _first(c.loss.weights, 1 + a.channels)  # text, then one per channel
     c.model.dtype = "float32"
     c.model.remat_policy = "none"
     c.data.tokenizer = f"{a.data}/tokenizer.json"
