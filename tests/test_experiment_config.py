@@ -1,17 +1,20 @@
 """Experiment configs are checked before anything is built: config arguments (bare booleans),
 data sources from the command line, every invalid value named in one line, and command-line
-mistakes reported in one line without a traceback."""
+mistakes reported in one line without a traceback (through the train command's entry point in
+this process, and once in a process of its own)."""
 
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from absl import flags
 
 from data_pipelines.pipeline import Source, parse_sources
 from data_pipelines.shards import write_manifest
 from data_pipelines.text_tokenizer import word_level_tokenizer
 from experiments import config_checks, train
+from experiments.cli import parse_flags
 from experiments.config_checks import set_value
 from experiments.configs import common
 from experiments.configs import demo as demo_config
@@ -45,6 +48,7 @@ def test_bare_boolean_argument_sets_true():
         ("smok", "config argument 'smok': expected one of"),
         ("smoke=maybe", "expected true or false"),
         ("stage", "expected stage=VALUE"),
+        ("channels=9", "config argument channels=9: expected 1 to 8"),
     ],
 )
 def test_bad_config_arguments(arg, message):
@@ -163,38 +167,51 @@ def test_closest_key():
     )
 
 
-def _train(*args, cwd=ROOT):
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.train", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+@pytest.fixture
+def train_command(monkeypatch, capsys):
+    """`python -m experiments.train ARGS` in this process, as its `cli()` runs it (from the
+    project root): returns (exit status, stderr)."""
+    monkeypatch.chdir(ROOT)
+
+    def run(*args):
+        argv = ["experiments.train", *args]
+        monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv
+        try:
+            status = train.main(parse_flags(argv))
+        except SystemExit as e:
+            status = e.code
+        finally:  # parsing a config file defines a flag per override: gone before the next parse
+            for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+                delattr(flags.FLAGS, name)
+            flags.FLAGS.unparse_flags()
+        return status, capsys.readouterr().err
+
+    return run
 
 
 @pytest.mark.parametrize(
-    "args,message",
+    "args,status,message",
     [
         (
             ["--config.data.sorces=x"],
+            2,
             "error: --config.data.sorces: the config has no key "
             "'data.sorces'; did you mean --config.data.sources?",
         ),
-        (["--config.total_steps=abc"], "error: flag --config.total_steps=abc: invalid literal"),
-        (["--config.total_steps=0"], "total_steps=0: expected an integer >= 1"),
+        (["--config.nope=1"], 2, "error: --config.nope: the config has no key 'nope'"),
+        (["--config.total_steps=abc"], 2, "error: flag --config.total_steps=abc: invalid literal"),
+        (["--config.total_steps=0"], 1, "total_steps=0: expected an integer >= 1"),
     ],
 )
-def test_command_line_mistakes_are_one_line(data_dir, tmp_path, args, message):
-    out = _train(
-        "--config",
-        f"experiments/configs/demo.py:smoke,data={data_dir}",
-        "--workdir",
-        str(tmp_path / "w"),
-        *args,
-    )
-    assert out.returncode != 0 and message in out.stderr, out.stderr
-    assert "Traceback" not in out.stderr
+def test_command_line_mistakes_are_one_line(
+    data_dir, tmp_path, train_command, args, status, message
+):
+    spec = f"experiments/configs/demo.py:smoke,data={data_dir}"
+    got, err = train_command("--config", spec, "--workdir", str(tmp_path / "w"), *args)
+    assert got == status and message in err, err
+    assert "Traceback" not in err
+    if status == 2:  # a flag's mistake: one line (a config's problems: one line each)
+        assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "w").exists()
 
 
@@ -205,7 +222,34 @@ def test_command_line_mistakes_are_one_line(data_dir, tmp_path, args, message):
         ("experiments/configs/demo.py:smok", "config argument 'smok': expected one of"),
     ],
 )
-def test_bad_config_file_or_argument_is_one_line(tmp_path, spec, message):
-    out = _train("--config", spec, "--workdir", str(tmp_path / "w"))
-    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+def test_bad_config_file_or_argument_is_one_line(tmp_path, train_command, spec, message):
+    status, err = train_command("--config", spec, "--workdir", str(tmp_path / "w"))
+    assert status == 2 and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_a_mistake_in_a_process_of_its_own_exits_2_with_one_line(data_dir, tmp_path):
+    """The command as a user runs it: its `cli()` parses the flags with experiments.cli, and the
+    process exits 2 with the one line."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.train",
+            "--config",
+            f"experiments/configs/demo.py:smoke,data={data_dir}",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--config.data.sorces=x",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "error: --config.data.sorces: the config has no key 'data.sorces'; did you mean "
+        "--config.data.sources?"
+    ]
+    assert not (tmp_path / "w").exists()

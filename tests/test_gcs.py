@@ -1,7 +1,7 @@
 """gs:// through the one path layer, against a real GCS JSON API (gcp-storage-emulator on loopback:
 fixtures `gcs` and `gs_dir` of gcs_emulator.py): model checkpoints, the converter both ways,
 tokenize and the shard reader, and a training run that is SIGTERMed, resumes and exports its model
-there."""
+there. End-to-end (`pytest -m e2e`): every test talks to the emulator's process."""
 
 import io
 import json
@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import soundfile
 from etils import epath
-from train_support import run_sigterm_at_step, xla_env
-from train_support import train_cmd as _train_cmd
+from train_support import run_sigterm_at_step, train_cmd
 
 import convert_torch_weights
 from data_pipelines import tokenize
@@ -26,6 +25,7 @@ from mimo_jax.conversion.convert import load_torch_checkpoint
 from mimo_jax.tokenizer import audio_io
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.e2e
 
 
 def _objects(url: str) -> list[str]:
@@ -158,9 +158,8 @@ def test_tokenize_to_gcs_and_read_the_shards_back(gs_dir, tmp_path):
 
 def test_training_run_is_preempted_resumes_and_exports_on_gcs(gs_dir, demo_data):
     workdir = f"{gs_dir}/run"
-    cmd = _train_cmd(demo_data, workdir, "--config.total_steps=6", "--config.checkpoint_every=1000")
-    env = xla_env(1)
-    out = run_sigterm_at_step(cmd, env)
+    cmd = train_cmd(demo_data, workdir, "--config.total_steps=6", "--config.checkpoint_every=1000")
+    out = run_sigterm_at_step(cmd)  # the test process's environment: the emulator's, its devices
     assert "preempted: checkpoint saved at step" in out
     names = _objects(workdir)
     steps = sorted(
@@ -174,7 +173,7 @@ def test_training_run_is_preempted_resumes_and_exports_on_gcs(gs_dir, demo_data)
     assert "metrics.jsonl" in names and "config.json" in names
     assert any(n.startswith("tensorboard/") for n in names), names
     assert not Path("gs:").exists() and not (ROOT / "gs:").exists()
-    resumed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     metrics = [json.loads(x) for x in epath.Path(workdir, "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == list(range(1, 7))

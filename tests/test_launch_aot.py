@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
+from train_support import xla_env
 
 from experiments import aot_lib
 from experiments.configs import demo
@@ -40,8 +41,9 @@ def test_aot_reports_sharded_per_device_memory():
         "--rules",
         "fsdp",
     ]
-    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        cmd, cwd=ROOT, env=xla_env(8), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
     last = out.strip().splitlines()[-1]

@@ -15,7 +15,7 @@ from mimo_jax.tokenizer import rvq_training
 from mimo_jax.tokenizer.a2t import A2TConfig, AudioToTextLM
 from mimo_jax.tokenizer.config import TokenizerConfig
 from mimo_jax.tokenizer.model import MiMoAudioTokenizer
-from mimo_jax.tokenizer.stage1 import Stage1Config, Stage1Model, Stage1Trainer, forward
+from mimo_jax.tokenizer.stage1 import Stage1Config, Stage1Model, Stage1Trainer, encoded
 
 TINY = TokenizerConfig(
     d_model=32,
@@ -64,21 +64,23 @@ def test_a_step_trains_by_gradients_and_moves_the_codebooks_by_ema(setup):
     cfg = Stage1Config(a2t_weight=10.0, kmeans_iters=5)
     trainer, state = Stage1Trainer.create(nnx.clone(model), optax.adamw(1e-3), cfg)
     assert trainer.needs_init(state)
-    state = trainer.initialise(state, batch, jax.random.key(0))
+    state = jax.jit(trainer.initialise)(state, batch, jax.random.key(0))  # as the run does
     assert not trainer.needs_init(state)
-    # The three terms, weighted as configured.
-    # Jitted as the step is, so that near-tied codes are chosen alike.
-    _, (metrics, hidden, mask) = jax.jit(lambda s: forward(trainer.model(s), batch, cfg))(state)
-    parts = 10.0 * metrics["a2t_loss"] + metrics["recon_loss"] + metrics["commit_loss"]
-    assert float(metrics["loss"]) == pytest.approx(float(parts), rel=1e-6)
-    assert int(metrics["text_tokens"]) == 8 and bool(mask[1, -2:].any()) is False
     before = trainer.model(state)
     codebooks = rvq_training.states_of(before.tokenizer.encoder.quantizer)
-    new, step_metrics = jax.jit(trainer.train_step)(state, batch)
-    assert all(np.isfinite(float(v)) for v in step_metrics.values())
+    # The quantizer's input, jitted as the step computes it, so that near-tied codes are chosen
+    # alike.
+    hidden, _, mask = jax.jit(lambda s: encoded(trainer.model(s).tokenizer, batch))(state)
+    assert bool(mask[1, -2:].any()) is False
+    new, metrics = jax.jit(trainer.train_step)(state, batch)
+    assert all(np.isfinite(float(v)) for v in metrics.values())
     assert int(new.step) == 1
+    # The three terms, weighted as configured.
+    parts = 10.0 * metrics["a2t_loss"] + metrics["recon_loss"] + metrics["commit_loss"]
+    assert float(metrics["loss"]) == pytest.approx(float(parts), rel=1e-6)
+    assert int(metrics["text_tokens"]) == 8
     # Every trained parameter moves (the A2T LM and the encoder through straight-through).
-    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), new.params, state.params)
+    moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - b).max(), new.params, state.params)
     flat = dict(nnx.to_flat_state(moved))
     for path in (
         ("a2t", "lm_head", "kernel"),
@@ -87,7 +89,8 @@ def test_a_step_trains_by_gradients_and_moves_the_codebooks_by_ema(setup):
     ):
         assert flat[path].get_value() > 0, path
     # The codebooks are the EMA rule's update on the forward's input to the quantizer.
-    want = rvq_training.train_step(codebooks, hidden, cfg.ema, mask)[1]
+    ema = jax.jit(lambda c, h, m: rvq_training.train_step(c, h, cfg.ema, m)[1])
+    want = ema(codebooks, hidden, mask)
     got = rvq_training.states_of(trainer.model(new).tokenizer.encoder.quantizer)
     for q, (a, b) in enumerate(zip(got, want)):
         for name, x, y in zip(rvq_training.CodebookState._fields, a, b):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from tensorboardX.proto import event_pb2
-from test_train_loop import metrics, smoke
+from train_support import metrics, smoke
 
 from experiments import train
 from experiments.config_checks import ConfigError

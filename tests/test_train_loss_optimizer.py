@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from train_support import random_batch
+from train_support import TWO_CHANNELS, random_batch
 
 from mimo_jax.lm.config import small_config
 from mimo_jax.lm.model import MiMoAudioLM
@@ -133,6 +133,28 @@ def test_loss_by_hand_with_per_position_per_channel_weights():
     np.testing.assert_allclose(loss, want, rtol=1e-5)
 
 
+def _config(**overrides):
+    return small_config(**TWO_CHANNELS, **overrides)
+
+
+# The stage-2 weights of a two-channel LM and an optimizer that freezes the LLM: the groups test's
+# second case and the non-finite step compile the same train step.
+STAGE2, FROZEN_LLM = "100-12-8", ("llm",)
+LEARNING_RATES = {"patch_encoder": 1e-3, "llm": 1e-4, "patch_decoder": 3e-3}
+
+
+def _optimizer(frozen) -> OptimizerConfig:
+    return OptimizerConfig(
+        LEARNING_RATES,
+        total_steps=10,
+        schedule="constant",
+        warmup_ratio=0.0,
+        weight_decay=0.0,
+        clip_norm=0.0,
+        frozen=frozen,
+    )
+
+
 def _changed_groups(before, after):
     changed = {}
     for (path, a), (_, b) in zip(nnx.to_flat_state(before), nnx.to_flat_state(after)):
@@ -142,25 +164,13 @@ def _changed_groups(before, after):
     return changed
 
 
-@pytest.mark.parametrize(
-    "weights,frozen",
-    [("1-0-0-0-0-0-0-0-0", ("patch_decoder",)), ("100-12-8-6-4-2-2-1-1", ("llm",))],
-)
+@pytest.mark.parametrize("weights,frozen", [("1-0-0", ("patch_decoder",)), (STAGE2, FROZEN_LLM)])
 def test_groups_get_their_learning_rates_and_frozen_groups_stay(weights, frozen):
-    config = small_config()
+    config = _config()
     model = MiMoAudioLM(config, rngs=nnx.Rngs(0))
     before = nnx.state(model, nnx.Param)
-    lrs = {"patch_encoder": 1e-3, "llm": 1e-4, "patch_decoder": 3e-3}
-    opt = OptimizerConfig(
-        lrs,
-        total_steps=10,
-        schedule="constant",
-        warmup_ratio=0.0,
-        weight_decay=0.0,
-        clip_norm=0.0,
-        frozen=frozen,
-    )
-    trainer, state = Trainer.create(model, LossConfig.from_string(weights), opt)
+    lrs = LEARNING_RATES
+    trainer, state = Trainer.create(model, LossConfig.from_string(weights), _optimizer(frozen))
     state, metrics = jax.jit(trainer.train_step)(state, random_batch(config), jax.random.key(0))
     after = nnx.state(trainer.model(state), nnx.Param)
     changed = _changed_groups(before, after)
@@ -178,7 +188,7 @@ def test_groups_get_their_learning_rates_and_frozen_groups_stay(weights, frozen)
 
 
 def test_weight_decay_spares_norms_and_biases():
-    config = small_config()
+    config = _config()
     model = MiMoAudioLM(config, rngs=nnx.Rngs(0))
     opt = OptimizerConfig(
         {"patch_encoder": 1.0, "llm": 1.0, "patch_decoder": 1.0},
@@ -188,9 +198,9 @@ def test_weight_decay_spares_norms_and_biases():
         weight_decay=0.5,
         clip_norm=0.0,
     )
-    trainer, state = Trainer.create(model, LossConfig.from_string("1-0-0-0-0-0-0-0-0"), opt)
+    trainer, state = Trainer.create(model, LossConfig.from_string("1-0-0"), opt)
     zero = jax.tree.map(jnp.zeros_like, state.params)
-    updates, _ = trainer.tx.update(zero, state.opt_state, state.params)
+    updates, _ = jax.jit(trainer.tx.update)(zero, state.opt_state, state.params)
     for (path, u), (_, p) in zip(nnx.to_flat_state(updates), nnx.to_flat_state(state.params)):
         leaf = str(path[-1])
         want = 0.0 if leaf in ("bias", "scale") else -0.5
@@ -224,12 +234,9 @@ def test_schedules_and_invalid_values():
 
 
 def test_non_finite_step_keeps_the_state():
-    config = small_config()
+    config = _config()
     model = MiMoAudioLM(config, rngs=nnx.Rngs(0))
-    opt = OptimizerConfig(
-        {"patch_encoder": 1e-3, "llm": 1e-3, "patch_decoder": 1e-3}, total_steps=5
-    )
-    trainer, state = Trainer.create(model, LossConfig.from_string("100-12-8-6-4-2-2-1-1"), opt)
+    trainer, state = Trainer.create(model, LossConfig.from_string(STAGE2), _optimizer(FROZEN_LLM))
     batch = random_batch(config)
     batch["text_weights"] = batch["text_weights"].at[0, 0].set(jnp.nan)
     new, metrics = jax.jit(trainer.train_step)(state, batch, jax.random.key(0))
@@ -239,11 +246,11 @@ def test_non_finite_step_keeps_the_state():
 
 
 def test_gradient_accumulation_matches_the_full_batch():
-    config = small_config(local_attn_dropout=0.0)  # dropout masks differ per micro-batch
+    config = _config(local_attn_dropout=0.0)  # dropout masks differ per micro-batch
     opt = OptimizerConfig(
         {"patch_encoder": 1e-3, "llm": 1e-3, "patch_decoder": 1e-3}, total_steps=5, clip_norm=0.0
     )
-    loss = LossConfig.from_string("100-12-8-6-4-2-2-1-1")
+    loss = LossConfig.from_string(STAGE2)
     batch = random_batch(config, b=4)
     out = []
     for accum in (1, 2):

@@ -1,6 +1,8 @@
 """The training run directory: relative paths, the workdir lock (in-process and across real
 processes, SIGTERM included), workdir/config.json, metrics.jsonl cut back on resume, leftovers of
-interrupted saves and exports, and a smoke run resuming past a damaged newest checkpoint."""
+interrupted saves and exports, and smoke runs resuming past a damaged newest checkpoint: in this
+process, and in the one real-process scenario (a run SIGTERMed, a second launch on its workdir
+refused, the resume past a damaged step equal to a straight run)."""
 
 import json
 import os
@@ -15,9 +17,7 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from test_train_loop import metrics, smoke, train_losses
-from train_support import ROOT, xla_env
-from train_support import train_cmd as _train_cmd
+from train_support import ROOT, metrics, smoke, train_cmd, train_losses
 
 from experiments import train
 from mimo_jax import paths
@@ -117,28 +117,6 @@ def test_metrics_writer_appends_after_the_cut_and_logs_the_config(tmp_path):
 # --- smoke runs ---
 
 
-def _flip_a_bit_of_a_stored_array(step_dir: Path) -> list[str]:
-    """Rewrites the step's state item with one bit of one array flipped (what a silent storage
-    fault leaves: readable, one value changed). Orbax compresses and
-    deduplicates what it stores, so flipping a bit in its files cannot target an array reliably.
-    Returns the names along the array's path."""
-    import jax
-
-    checkpointer = ocp.StandardCheckpointer()
-    tree = checkpointer.restore(step_dir / "state")
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    at = next(i for i, (_, x) in enumerate(flat) if x.dtype == np.float32 and x.size >= 64)
-    path, value = flat[at]
-    bits = np.asarray(value).copy().view(np.uint32)
-    bits.flat[bits.size // 2] ^= np.uint32(1 << 9)
-    leaves = [x for _, x in flat]
-    leaves[at] = jax.device_put(bits.view(np.float32), value.sharding)
-    shutil.rmtree(step_dir / "state")
-    checkpointer.save(step_dir / "state", jax.tree_util.tree_unflatten(treedef, leaves))
-    checkpointer.wait_until_finished()
-    return [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
-
-
 def _cut_data_files(state_dir: Path) -> None:
     """Every data file of the step cut to half (a full disk); OCDBT may hold files that the
     restore does not read, so one cut file alone could go unnoticed."""
@@ -146,27 +124,18 @@ def _cut_data_files(state_dir: Path) -> None:
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-def _resume(data, workdir, *flags) -> subprocess.CompletedProcess:
-    """A resume is a new process (in-process, Orbax could serve what it just wrote from memory)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))  # run from the cwd, the workdir relative to it
-    out = subprocess.run(
-        _train_cmd(data, workdir, *flags), env=env, capture_output=True, text=True, timeout=600
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
-
-
-def test_relative_workdir_resumes_past_a_damaged_newest_checkpoint(
-    demo_data, tmp_path, monkeypatch
+def test_relative_workdir_resumes_past_an_unreadable_newest_checkpoint(
+    demo_data, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.chdir(tmp_path)  # the README's runs/... workdirs are relative
     config = smoke(demo_data, total_steps=6, checkpoint_every=2, **{"checkpoint.keep": 3})
     assert train.run(config, "runs/x") == 0
     workdir = tmp_path / "runs" / "x"
-    straight = train_losses(workdir)
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4", "6"]
     assert json.loads((workdir / "config.json").read_text())["total_steps"] == 6
     assert (workdir / "model" / "config.json").exists() and not (workdir / "lock").exists()
+    # total_steps=4: resuming at step 4 only exports, nothing to compile
+    resume = smoke(demo_data, total_steps=4, export_model=False)
     for name, damage_fn in {
         "_METADATA": lambda d: (d / "state" / "_METADATA").unlink(),
         "data_files": lambda d: _cut_data_files(d / "state"),
@@ -174,33 +143,13 @@ def test_relative_workdir_resumes_past_a_damaged_newest_checkpoint(
         copy = tmp_path / "runs" / name
         shutil.copytree(workdir, copy)
         damage_fn(copy / "checkpoints" / "6")
-        # total_steps=4: resuming at step 4 only exports, nothing to compile
-        out = _resume(
-            demo_data, Path("runs") / name, "--config.total_steps=4", "--config.export_model=False"
-        ).stdout
+        capsys.readouterr()
+        assert train.run(resume, str(Path("runs") / name)) == 0
+        out = capsys.readouterr().out
         assert "checkpoint step 6 is damaged: cannot be read" in out, (name, out[-2000:])
+        assert "resuming from step 4" in out, (name, out[-2000:])
         assert (copy / "checkpoints_damaged" / "6" / "state").is_dir(), name
-
-    damaged = _flip_a_bit_of_a_stored_array(workdir / "checkpoints" / "6")
-    with open(workdir / "metrics.jsonl", "a") as f:
-        f.write('{"step": 7, "loss": 1.')  # a run killed mid-write
-    (workdir / "checkpoints" / "8.orbax-checkpoint-tmp-1700000000" / "state").mkdir(parents=True)
-    (workdir / rundir.EXPORT_TMP).mkdir()
-    out = _resume(
-        demo_data,
-        Path("runs") / "x",
-        "--config.total_steps=6",
-        "--config.checkpoint_every=2",
-        "--config.checkpoint.keep=3",
-    ).stdout
-    line = next(x for x in out.splitlines() if "checkpoint step 6 is damaged" in x)
-    assert "1 arrays differ from their saved checksums: " in line, line
-    assert "resuming from step 4" in line and all(name in line for name in damaged)
-    assert (workdir / "checkpoints_damaged" / "6" / "state").is_dir()
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4", "6"]
-    assert not (workdir / rundir.EXPORT_TMP).exists()
-    assert [m["step"] for m in metrics(workdir)] == [1, 2, 3, 4, 5, 6]
-    assert train_losses(workdir) == straight
+        assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["2", "4"], name
 
 
 def test_off_intervals_do_not_divide_by_zero(demo_data, tmp_path):
@@ -218,69 +167,112 @@ def test_errors_release_the_lock(demo_data, tmp_path):
     assert not (tmp_path / "w" / rundir.LOCK_FILE).exists()
 
 
+def test_sigterm_before_training_releases_the_lock(demo_data, tmp_path, monkeypatch):
+    # SIGTERM while the run builds its model (the lock taken, config.json written): the run exits
+    # with 128 + SIGTERM through its cleanups, the lock's release among them.
+    from mimo_jax.train import build
+
+    def sigterm_while_building(*_):
+        assert (tmp_path / "w" / "config.json").exists()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+        raise AssertionError("SIGTERM did not stop the run within 30 s")
+
+    monkeypatch.setattr(build, "build_model", sigterm_while_building)
+    with pytest.raises(SystemExit) as exit_:
+        train.run(smoke(demo_data, total_steps=2), str(tmp_path / "w"))
+    assert exit_.value.code == 128 + signal.SIGTERM
+    assert not (tmp_path / "w" / rundir.LOCK_FILE).exists()
+
+
 # --- real processes ---
 
 
-def _wait_for(predicate, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.2)
+def _flip_a_bit_of_a_stored_array(step_dir: Path) -> list[str]:
+    """Rewrites the step's state item with one bit of one array flipped (what a silent storage
+    fault leaves: readable, one value changed). Orbax compresses and deduplicates what it stores,
+    so flipping a bit in its files cannot target an array reliably. Returns the names along the
+    array's path."""
+    import jax
+
+    checkpointer = ocp.StandardCheckpointer()
+    tree = checkpointer.restore(step_dir / "state")
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    at = next(i for i, (_, x) in enumerate(flat) if x.dtype == np.float32 and x.size >= 64)
+    path, value = flat[at]
+    bits = np.asarray(value).copy().view(np.uint32)
+    bits.flat[bits.size // 2] ^= np.uint32(1 << 9)
+    leaves = [x for _, x in flat]
+    leaves[at] = jax.device_put(bits.view(np.float32), value.sharding)
+    shutil.rmtree(step_dir / "state")
+    checkpointer.save(step_dir / "state", jax.tree_util.tree_unflatten(treedef, leaves))
+    checkpointer.wait_until_finished()
+    return [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
 
 
-def test_second_run_on_a_workdir_is_refused_and_metrics_never_interleave(demo_data, tmp_path):
-    env = xla_env(1)
-    steps = ["--config.total_steps=200", "--config.checkpoint_every=1000"]
+def _wait_for_step(run: subprocess.Popen, step: int) -> None:
+    for line in run.stdout:
+        if line.startswith(f"step {step}/"):
+            return
+    raise AssertionError(f"the run ended before step {step}: {run.wait()}")
+
+
+@pytest.mark.e2e
+def test_a_preempted_run_refuses_a_second_launch_and_resumes_past_a_damaged_step(
+    demo_data, tmp_path
+):
+    """The real-process scenario: a run SIGTERMed mid-way saves and exits 0, a second launch on
+    its workdir meanwhile is refused in one line, and the resume, in a new process, sets the
+    damaged newest step aside and ends with the losses of a straight run. The workdir is relative
+    to the runs' working directory."""
+    steps = {"total_steps": 8, "checkpoint_every": 2, "checkpoint.keep": 3}
+    assert train.run(smoke(demo_data, **steps), str(tmp_path / "straight")) == 0
+    straight = train_losses(tmp_path / "straight")
+    cmd = train_cmd(demo_data, "runs/cut", *(f"--config.{k}={v}" for k, v in steps.items()))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))  # the workdir relative to tmp_path
+    workdir = tmp_path / "runs" / "cut"
     first = subprocess.Popen(
-        _train_cmd(demo_data, tmp_path / "w", *steps),
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
-        for line in first.stdout:
-            if line.startswith("step 2/"):
-                break
+        _wait_for_step(first, 3)  # step 2 saved
+        first.send_signal(signal.SIGSTOP)  # holds the lock, mid-run, while the second launches
         second = subprocess.run(
-            _train_cmd(demo_data, tmp_path / "w", *steps),
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
+            cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
         )
         assert second.returncode == 1
         assert second.stderr.strip().splitlines() == [
-            f"error: {tmp_path / 'w'} is in use by the run of pid {first.pid} on host "
+            f"error: {workdir} is in use by the run of pid {first.pid} on host "
             f"{socket.gethostname()}; wait for it to end or use another --workdir (remove "
-            f"{tmp_path / 'w' / 'lock'} only if that run is gone)"
+            f"{workdir / 'lock'} only if that run is gone)"
         ]
         first.send_signal(signal.SIGTERM)
-        out = first.stdout.read()
-        assert first.wait(timeout=300) == 0, out
+        first.send_signal(signal.SIGCONT)
+        out = first.communicate(timeout=300)[0]
+        assert first.returncode == 0, out[-3000:]
     finally:
         first.kill()
-    assert "preempted: checkpoint saved" in out
-    assert not (tmp_path / "w" / rundir.LOCK_FILE).exists()
-    steps_logged = [m["step"] for m in metrics(tmp_path / "w")]
-    assert steps_logged == list(range(1, len(steps_logged) + 1))
-
-
-def test_sigterm_before_training_releases_the_lock(demo_data, tmp_path):
-    run = subprocess.Popen(
-        _train_cmd(demo_data, tmp_path / "w", "--config.total_steps=2"),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        _wait_for(lambda: (tmp_path / "w" / "config.json").exists())  # written after the lock
-        run.send_signal(signal.SIGTERM)
-        out = run.communicate(timeout=120)[0]
-    finally:
-        run.kill()
-    assert run.returncode == 128 + signal.SIGTERM, out[-2000:]
-    assert not (tmp_path / "w" / rundir.LOCK_FILE).exists()
+    cut_at = max(train_losses(workdir))
+    assert f"preempted: checkpoint saved at step {cut_at}" in out and 3 <= cut_at < 8, out[-3000:]
+    assert not (workdir / rundir.LOCK_FILE).exists()
+    assert [m["step"] for m in metrics(workdir)] == list(range(1, cut_at + 1))  # one writer
+    newest = max(int(p.name) for p in (workdir / "checkpoints").iterdir())
+    assert newest == cut_at
+    # The newest step silently damaged, the metrics cut mid-line, a save and an export cut short.
+    damaged = _flip_a_bit_of_a_stored_array(workdir / "checkpoints" / str(newest))
+    with open(workdir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "loss": 1.')
+    (workdir / "checkpoints" / "9.orbax-checkpoint-tmp-1700000000" / "state").mkdir(parents=True)
+    (workdir / rundir.EXPORT_TMP).mkdir()
+    resumed = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    line = next(x for x in resumed.stdout.splitlines() if f"step {newest} is damaged" in x)
+    assert "1 arrays differ from their saved checksums: " in line, line
+    assert all(name in line for name in damaged), line
+    assert f"resuming from step {2 * ((newest - 1) // 2)}" in line, line
+    assert (workdir / "checkpoints_damaged" / str(newest) / "state").is_dir()
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [4, 6, 8]
+    assert not (workdir / rundir.EXPORT_TMP).exists()
+    assert (workdir / "model" / "config.json").exists()
+    assert [m["step"] for m in metrics(workdir)] == list(range(1, 9))
+    assert train_losses(workdir) == straight

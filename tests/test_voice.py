@@ -1,6 +1,7 @@
 """One-voice TTS fine-tuning: a voice folder (transcript pairs or LJSpeech metadata.csv) prepared by
 data_pipelines.voice into train and held-out shards, and the lora_tts_voice recipe run by
-experiments.demo_voice on a smoke base, the held-out loss logged before and after."""
+experiments.demo_voice on a smoke base, the held-out loss logged before and after (end-to-end,
+`pytest -m e2e`: the command in a process of its own)."""
 
 import json
 import subprocess
@@ -87,6 +88,7 @@ def test_a_held_out_step_that_leaves_nothing_to_train_is_refused(tmp_path, capsy
     )
 
 
+@pytest.mark.e2e
 def test_the_recipe_fine_tunes_a_new_voice_and_logs_the_held_out_loss(demo_data, tmp_path):
     hf = demo_config.demo_hf(smoke=True)
     base = tmp_path / "base"
