@@ -297,6 +297,34 @@ MUTATIONS = [
         "            pass",
         ("tests/test_data_tokenize.py", "-k", "rerun"),
     ),
+    Mutation(
+        "stage 2 trains the whole tokenizer (its encoder and codebooks too)",
+        "mimo_jax/tokenizer/stage2.py",
+        'tuple(path[:2]) == ("tokenizer", "decoder")',
+        'path[0] == "tokenizer"',
+        ("tests/test_tokenizer_train.py", "-k", "stage2_trains"),
+    ),
+    Mutation(
+        "a resume trusts arrays that differ from their saved checksums",
+        "mimo_jax/train/train_checkpoints.py",
+        "        if wrong:\n            raise DamagedCheckpoint(",
+        "        if False:\n            raise DamagedCheckpoint(",
+        ("tests/test_train_checkpoint_damage.py",),
+    ),
+    Mutation(
+        "a non-finite loss is logged and training goes on",
+        "experiments/loop_support.py",
+        'if np.isfinite(values["loss"]) and values.get("update_skipped", 0) == 0:',
+        "if True:",
+        ("tests/test_train_loop.py", "-k", "non_finite"),
+    ),
+    Mutation(
+        "SIGTERM before the training loop leaves the workdir locked",
+        "experiments/train.py",
+        "    finally:\n        lock.release()\n",
+        "    finally:\n",
+        ("tests/test_train_rundir.py", "-k", "releases_the_lock"),
+    ),
 ]
 
 
