@@ -553,11 +553,15 @@ def run(
 
     def fits_at(n: int) -> bool:
         _, r, seconds = attempt(n)
-        ok = not isinstance(r, DoesNotFit) and fits(r.memory, target)
-        held = f", {hbm_bytes(r.memory) / GIB:.3f} GiB HBM per device" if ok else ""
-        verdict = "fits" if ok else "does not fit"
-        why = f" ({r})" if isinstance(r, DoesNotFit) else ""
-        print(f"batch-per-device {n}: {verdict}{held}{why} ({seconds:.0f} s)", flush=True)
+        if isinstance(r, DoesNotFit):
+            print(f"batch-per-device {n}: does not fit ({r}) ({seconds:.0f} s)", flush=True)
+            return False
+        ok = fits(r.memory, target)
+        print(
+            f"batch-per-device {n}: {'fits' if ok else 'does not fit'}, "
+            f"{hbm_bytes(r.memory) / GIB:.3f} GiB HBM per device ({seconds:.0f} s)",
+            flush=True,
+        )
         return ok
 
     if max_batch:

@@ -88,6 +88,9 @@ def test_topologies_libtpu_or_the_hbm_table_do_not_know_are_refused():
 
 
 def test_the_command_names_an_unknown_topology_and_the_accepted_ones_in_one_line():
+    """While this process holds libtpu too: a compile without a TPU does not need libtpu's
+    one-process-per-machine lock."""
+    aot_lib.tpu_target("v5p:2x2x1")
     cmd = [sys.executable, "-m", "experiments.aot", "--config", "experiments/configs/demo.py"]
     done = subprocess.run(
         [*cmd, "--topology", "v9:2x2x1"], cwd=ROOT, capture_output=True, text=True, timeout=120
@@ -224,7 +227,7 @@ def _fake_compile(need_per_row: int, refused_from: int):
             output_size_in_bytes=GIB,
             temp_size_in_bytes=rows * need_per_row,
             alias_size_in_bytes=GIB,
-            generated_code_size_in_bytes=GIB // 4,
+            generated_code_size_in_bytes=5 * GIB,
         )
         return aot_lib.Compiled(lm, True, memory, 1e9, len(target.devices), 1.0, 10, 10)
 
@@ -232,8 +235,8 @@ def _fake_compile(need_per_row: int, refused_from: int):
 
 
 def test_max_batch_reports_the_largest_batch_that_fits(monkeypatch, capsys):
-    """On a v5p chip (95 GiB): 1.25 GiB of state and code, 10 GiB a row, so 9 rows fit; libtpu
-    refuses 16."""
+    """On a v5p chip (95 GiB): 1 GiB of state, 5 GiB of code and 10 GiB a row, so 8 rows fit (9
+    would without the code); libtpu refuses 16."""
     monkeypatch.setattr(aot_lib, "compile_train_step", _fake_compile(10 * GIB, 16))
     target = aot_lib.tpu_target("v5p:2x2x1")
     config = demo.get_config("smoke=True")
@@ -250,14 +253,16 @@ def test_max_batch_reports_the_largest_batch_that_fits(monkeypatch, capsys):
         "10",
         "9",
     ]
+    assert tried[3].startswith("batch-per-device 8: fits, 86.000 GiB HBM per device")
     assert "does not fit (libtpu: Ran out of memory on HBM)" in tried[4]
-    assert "global batch 36 rows" in "\n".join(lines)  # the report of the 9 rows
+    assert tried[5].startswith("batch-per-device 12: does not fit, 126.000 GiB HBM per device")
+    assert "global batch 32 rows" in "\n".join(lines)  # the report of the 8 rows
     assert (
         lines[-1]
-        == "--max-batch: 8 compiles; the largest batch per device that fits: 9, 10 does not"
+        == "--max-batch: 8 compiles; the largest batch per device that fits: 8, 9 does not"
     )
     # One batch that does not fit: its report says so, and the command fails.
-    assert aot_lib.run(config, target, "fsdp=4", "fsdp", batch_per_device=10) == 1
+    assert aot_lib.run(config, target, "fsdp=4", "fsdp", batch_per_device=9) == 1
     assert capsys.readouterr().out.splitlines()[-1].endswith("of 95 GiB: does not fit")
     assert aot_lib.run(config, target, "fsdp=4", "fsdp", batch_per_device=16) == 1
     assert capsys.readouterr().out.splitlines()[-1] == (
