@@ -1,9 +1,12 @@
 """Ahead-of-time compilation of the train step from abstract values (see experiments/aot.py)."""
 
+import contextlib
 import dataclasses
 import math
+import os
 import resource
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +26,139 @@ from sharding.mesh import AXES, mesh_and_rules
 
 GIB = 2**30
 
+# HBM of one chip by the device kind libtpu reports (vendor figures), and the topology names of
+# those chips; a chip whose two TensorCores are two devices (v4) gives each half.
+HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v6 lite": 32}
+TOPOLOGY_NAMES = (
+    "GENERATION:SHAPE with GENERATION one of v4, v5e, v5p, v6e "
+    "(e.g. v5p:4x4x4, v5e:8x8, v6e:8x8, v4:4x4x4)"
+)
+MAX_BATCH_LIMIT = 1024  # --max-batch searches 1..this many rows (or crops) per device
+
 # XLA:CPU has no bf16 arithmetic: it rewrites every bf16 op to f32 (FloatNormalization), which
 # turns each scanned layer's weight slice into a slice of an f32 convert of the whole stacked
 # weight; loop-invariant code motion then hoists that convert out of the layer loop, so the CPU
 # program holds an f32 copy of every stacked bf16 weight (24 GiB for the 7B backbone) that a
 # GPU/TPU program, with bf16 dots, does not. Without the hoisting the convert fuses into the slice.
 CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """The devices a step compiles for: the host's CPU devices (XLA's CPU compiler), or those of a
+    TPU topology as libtpu describes them (its TPU compiler), with the HBM of one chip."""
+
+    name: str
+    devices: tuple
+    slices: int = 1
+    devices_per_chip: int = 1
+    hbm_per_chip: int | None = None  # bytes; None for CPU devices
+
+    @property
+    def tpu(self) -> bool:
+        return self.hbm_per_chip is not None
+
+    @property
+    def hbm_per_device(self) -> int:
+        assert self.hbm_per_chip is not None
+        return self.hbm_per_chip // self.devices_per_chip
+
+    @property
+    def compiler_options(self):
+        return None if self.tpu else CPU_COMPILER_OPTIONS
+
+    @property
+    def kind(self) -> str:
+        return self.devices[0].device_kind
+
+
+def cpu_target() -> Target:
+    return Target(f"{jax.device_count()} simulated CPU devices", tuple(jax.devices()))
+
+
+def _first_line(error: Exception) -> str:
+    line = str(error).strip().splitlines()[0]
+    return line.split(": ", 1)[1] if line.split(":")[0].isupper() else line
+
+
+def tpu_target(topology: str, slices: int = 1) -> Target:
+    """The devices of `slices` slices of the TPU topology `topology` (e.g. v5p:4x4x4), as libtpu
+    lays them out; ValueError naming the problem and the accepted names."""
+    from jax.experimental import topologies
+
+    if slices < 1:
+        raise ValueError(f"--num-slices {slices}: expected at least 1")
+    # Read by libtpu as it loads: this process is a host of its own, not a TPU VM's worker (on a
+    # machine without TPU metadata libtpu otherwise prints warnings about both), and it opens no
+    # TPU, so it need not hold libtpu's one-process-per-machine lock.
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_HOST_BOUNDS", "1,1,1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        desc = topologies.get_topology_desc(
+            platform="tpu", topology_name=topology, num_slices=slices
+        )
+    except jax.errors.JaxRuntimeError as e:
+        raise ValueError(
+            f"--topology {topology}: libtpu refuses it ({_first_line(e)}); expected "
+            + TOPOLOGY_NAMES
+        ) from None
+    except RuntimeError:
+        raise ValueError(
+            f"--topology {topology}: libtpu is not installed; install the tpu extra "
+            "(pip install -e '.[tpu]')"
+        ) from None
+    devices = tuple(desc.devices)
+    kind = devices[0].device_kind
+    if kind not in HBM_GIB:
+        raise ValueError(
+            f"--topology {topology}: no HBM size known for {kind} chips; expected " + TOPOLOGY_NAMES
+        )
+    chips = {(getattr(d, "slice_index", 0), tuple(d.coords)) for d in devices}
+    return Target(topology, devices, slices, len(devices) // len(chips), HBM_GIB[kind] * GIB)
+
+
+class DoesNotFit(Exception):
+    """libtpu refused to compile the step: it needs more HBM than a device has."""
+
+
+@contextlib.contextmanager
+def _no_cache_entry(target: Target):
+    """A TPU executable compiled without a TPU cannot be loaded back from JAX's persistent cache
+    (libtpu needs a TPU client for that): none is written, so none is read and warned about."""
+    key = "jax_persistent_cache_min_compile_time_secs"
+    before = getattr(jax.config, key)
+    if target.tpu:
+        jax.config.update(key, float("inf"))
+    try:
+        yield
+    finally:
+        jax.config.update(key, before)
+
+
+def compile_for(target: Target, lowered):
+    """`lowered` compiled by the target's compiler; DoesNotFit where libtpu runs out of HBM."""
+    with _no_cache_entry(target):
+        try:
+            return lowered.compile(target.compiler_options)
+        except jax.errors.JaxRuntimeError as e:
+            if target.tpu and str(e).startswith("RESOURCE_EXHAUSTED"):
+                raise DoesNotFit(f"libtpu: {_first_line(e)}") from None
+            raise
+
+
+def compiled_flops(compiled) -> float:
+    """XLA's FLOP count for one device's program."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float((cost or {}).get("flops", 0.0))
+
+
+def compiled_flops_line(count: float) -> str:
+    # XLA's cost analysis (CPU and TPU alike) counts a while loop's body once, not once per trip.
+    return (
+        f"  compiled (XLA cost analysis)     {count:.4e}  (a loop's body once: one scanned layer)"
+    )
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -50,18 +180,24 @@ def data_ways(mesh) -> int:
 
 
 def configure(
-    config, ici: dict[str, int], rules: str | None, batch_per_device: int
+    config,
+    ici: dict[str, int],
+    rules: str | None,
+    batch_per_device: int,
+    target: Target | None = None,
 ) -> ml_collections.ConfigDict:
-    """A copy of the config on a single-slice mesh `ici`, with a global batch of
-    `batch_per_device` rows per data-parallel device per micro-batch."""
+    """A copy of the config on the mesh `ici` within a slice of the target (default: the CPU
+    devices), its slices data-parallel, with a global batch of `batch_per_device` rows per
+    data-parallel device per micro-batch."""
     if batch_per_device < 1:
         raise ValueError(f"--batch-per-device {batch_per_device}: expected at least 1")
+    target = target or cpu_target()
     config = ml_collections.ConfigDict(config.to_dict())
     config.mesh.ici = ici
-    config.mesh.dcn = {a: 1 for a in AXES}
+    config.mesh.dcn = {a: target.slices if a == "data" else 1 for a in AXES}
     if rules:
         config.mesh.rules = rules
-    mesh, _ = mesh_and_rules(config)
+    mesh, _ = mesh_and_rules(config, target.devices)
     config.data.batch_size = batch_per_device * data_ways(mesh) * config.optimizer.grad_accum
     return config
 
@@ -145,8 +281,9 @@ def size_of(state) -> int:
     return count
 
 
-def compile_train_step(config) -> Compiled:
-    mesh, rules = mesh_and_rules(config)
+def compile_train_step(config, target: Target | None = None) -> Compiled:
+    target = target or cpu_target()
+    mesh, rules = mesh_and_rules(config, target.devices)
     build.check_batch_divides(config.data.batch_size, config.optimizer.grad_accum, mesh)
     with jax.set_mesh(mesh), use_rules(rules):
         lm, trainer, state = abstract_state(config, mesh, rules)
@@ -156,15 +293,13 @@ def compile_train_step(config) -> Compiled:
         rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
         start = time.perf_counter()
         step = build.compile_steps(trainer, state).train
-        compiled = step.lower(state, batch, rng).compile(CPU_COMPILER_OPTIONS)
+        compiled = compile_for(target, step.lower(state, batch, rng))
         seconds = time.perf_counter() - start
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return Compiled(
         lm,
         trainer.loss.trains_patch_decoder,
         compiled.memory_analysis(),
-        float((cost or {}).get("flops", 0.0)),
+        compiled_flops(compiled),
         mesh.size,
         seconds,
         size_of(state.params),
@@ -183,8 +318,60 @@ def total_bytes(m) -> int:
     )
 
 
-def report(config, r: Compiled, elapsed_s: float) -> str:
-    m = r.memory
+def hbm_bytes(m) -> int:
+    """What a TPU device's HBM holds: the peak of `total_bytes` and the program's code."""
+    return total_bytes(m) + m.generated_code_size_in_bytes
+
+
+def fits(m, target: Target) -> bool:
+    return hbm_bytes(m) <= target.hbm_per_device
+
+
+def _gib(b: int) -> str:
+    return f"{b / GIB:8.3f} GiB  ({b} bytes)"
+
+
+def _host_ram_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+
+
+def target_line(target: Target) -> str:
+    if not target.tpu:
+        return f"target: {target.name} (XLA's CPU compiler)"
+    chip = (
+        "one per chip"
+        if target.devices_per_chip == 1
+        else f"{target.devices_per_chip} per chip, {target.hbm_per_chip / GIB:g} GiB HBM each chip"
+    )
+    return (
+        f"target: {target.name} x {target.slices} slice(s): {len(target.devices)} "
+        f"{target.kind} devices ({chip}), libtpu's compiler"
+    )
+
+
+def memory_lines(m, target: Target) -> list[str]:
+    """The per-device figures of XLA's memory analysis; on a TPU, what HBM holds and whether it
+    fits."""
+    lines = [
+        "memory per device:",
+        f"  arguments     {_gib(m.argument_size_in_bytes)}",
+        f"  outputs       {_gib(m.output_size_in_bytes)}",
+        f"  temporaries   {_gib(m.temp_size_in_bytes)}",
+        f"  aliased       {_gib(m.alias_size_in_bytes)}",
+        f"  code          {_gib(m.generated_code_size_in_bytes)}",
+        f"per-device memory: {total_bytes(m) / GIB:.3f} GiB",
+    ]
+    if target.tpu:
+        verdict = "fits" if fits(m, target) else "does not fit"
+        lines.append(
+            f"HBM per device: {hbm_bytes(m) / GIB:.3f} GiB ({hbm_bytes(m)} bytes, with the code) "
+            f"of {target.hbm_per_device / GIB:g} GiB: {verdict}"
+        )
+    return lines
+
+
+def report(config, r: Compiled, elapsed_s: float, target: Target | None = None) -> str:
+    target = target or cpu_target()
     groups = config.data.batch_size * config.data.context_length
     n = flops.parameter_count(r.lm)
     six_n = 6.0 * n * groups
@@ -192,27 +379,23 @@ def report(config, r: Compiled, elapsed_s: float) -> str:
         flops.train_flops_per_group(r.lm, config.data.context_length, r.trains_patch_decoder)
         * groups
     )
-    rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
-    gib = lambda b: f"{b / GIB:8.3f} GiB  ({b} bytes)"
+    dcn = {a: s for a, s in dict(config.mesh.dcn).items() if s > 1}
     lines = [
-        f"mesh {dict(config.mesh.ici)} on {r.devices} devices, rules {config.mesh.rules}, "
-        f"remat {config.model.remat_policy}, dtype {config.model.dtype}/{config.model.param_dtype}",
+        target_line(target),
+        f"mesh {dict(config.mesh.ici)}{f' x dcn {dcn}' if dcn else ''} on {r.devices} devices, "
+        f"rules {config.mesh.rules}, remat {config.model.remat_policy}, "
+        f"dtype {config.model.dtype}/{config.model.param_dtype}",
         f"global batch {config.data.batch_size} rows x {config.data.context_length} groups "
         f"(grad_accum {config.optimizer.grad_accum}); parameters {n / 1e9:.3f} B",
         f"trainable parameters {r.trainable:,} of {r.total:,} "
         f"({100 * r.trainable / r.total:.2f} %)",
-        f"compile {r.compile_s:.1f} s (all {elapsed_s:.1f} s); peak host RAM {rss_gib:.2f} GiB",
+        f"compile {r.compile_s:.1f} s (all {elapsed_s:.1f} s); "
+        f"peak host RAM {_host_ram_gib():.2f} GiB",
         "FLOPs per device per step:",
-        f"  compiled (XLA cost analysis)     {r.flops:.4e}",
+        compiled_flops_line(r.flops),
         f"  analytic 6*N*tokens              {six_n / r.devices:.4e}",
         f"  analytic train_flops_per_group   {analytic / r.devices:.4e}",
-        "memory per device:",
-        f"  arguments     {gib(m.argument_size_in_bytes)}",
-        f"  outputs       {gib(m.output_size_in_bytes)}",
-        f"  temporaries   {gib(m.temp_size_in_bytes)}",
-        f"  aliased       {gib(m.alias_size_in_bytes)}",
-        f"  code          {gib(m.generated_code_size_in_bytes)}",
-        f"per-device memory: {total_bytes(m) / GIB:.3f} GiB",
+        *memory_lines(r.memory, target),
     ]
     return "\n".join(lines)
 
@@ -221,18 +404,23 @@ def report(config, r: Compiled, elapsed_s: float) -> str:
 MIMO_TEXT_VOCAB = 151680  # the released text tokenizer's, the A2T LM's vocabulary at full size
 
 
-def configure_tokenizer(config, batch_per_device: int) -> ml_collections.ConfigDict:
-    """A copy of a tokenizer config with `batch_per_device` crops on each device."""
+def configure_tokenizer(
+    config, batch_per_device: int, target: Target | None = None
+) -> ml_collections.ConfigDict:
+    """A copy of a tokenizer config with `batch_per_device` crops on each device of the target
+    (default: the CPU devices)."""
     if batch_per_device < 1:
         raise ValueError(f"--batch-per-device {batch_per_device}: expected at least 1")
+    target = target or cpu_target()
     config = ml_collections.ConfigDict(config.to_dict())
-    config.data.batch_size = batch_per_device * jax.device_count()
+    config.data.batch_size = batch_per_device * len(target.devices)
     return config
 
 
 @dataclasses.dataclass
 class CompiledTokenizerStep:
     memory: object  # CompiledMemoryStats
+    flops: float  # XLA's count for one device's program
     devices: int
     compile_s: float
     parameters: int  # the tokenizer's and the A2T LM's
@@ -240,14 +428,18 @@ class CompiledTokenizerStep:
     sampling_rate: int
 
 
-def compile_tokenizer_step(config, text_vocab: int = MIMO_TEXT_VOCAB) -> CompiledTokenizerStep:
+def compile_tokenizer_step(
+    config, text_vocab: int = MIMO_TEXT_VOCAB, target: Target | None = None
+) -> CompiledTokenizerStep:
     """The stage-1 tokenizer step as a run compiles it (`experiments.train_tokenizer`), from
-    abstract values: the state fully sharded over the devices, the crops split over them."""
+    abstract values: the state fully sharded over the target's devices (default: the CPU
+    devices), the crops split over them."""
     from experiments import train_tokenizer as tt
 
     if config.task != "tokenizer_stage1":
         raise ValueError(f"task {config.task!r}: experiments.aot compiles tokenizer_stage1 steps")
-    mesh = tt.mesh_of_devices()
+    target = target or cpu_target()
+    mesh = tt.mesh_of_devices(target.devices)
     built = {}
 
     def make():
@@ -270,9 +462,10 @@ def compile_tokenizer_step(config, text_vocab: int = MIMO_TEXT_VOCAB) -> Compile
     batch = {k: jax.ShapeDtypeStruct(s, d, sharding=shardings[k]) for k, (s, d) in shapes.items()}
     start = time.perf_counter()
     step = jax.jit(trainer.train_step, donate_argnums=0, out_shardings=(placed, None))
-    compiled = step.lower(state, batch).compile(CPU_COMPILER_OPTIONS)
+    compiled = compile_for(target, step.lower(state, batch))
     return CompiledTokenizerStep(
         compiled.memory_analysis(),
+        compiled_flops(compiled),
         mesh.size,
         time.perf_counter() - start,
         size_of(state.params) + size_of(state.frozen),
@@ -281,23 +474,115 @@ def compile_tokenizer_step(config, text_vocab: int = MIMO_TEXT_VOCAB) -> Compile
     )
 
 
-def tokenizer_report(config, r: CompiledTokenizerStep, elapsed_s: float) -> str:
-    m = r.memory
-    rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
-    gib = lambda b: f"{b / GIB:8.3f} GiB  ({b} bytes)"
+def tokenizer_report(
+    config, r: CompiledTokenizerStep, elapsed_s: float, target: Target | None = None
+) -> str:
+    target = target or cpu_target()
     per_device = config.data.batch_size // r.devices
     return "\n".join(
         [
+            target_line(target),
             f"{config.task} on {r.devices} devices (state fully sharded), remat "
             f"{config.model.remat_policy}; parameters {r.parameters / 1e9:.3f} B",
             f"{per_device} crop(s) of {r.crop_samples / r.sampling_rate:g} s per device "
             f"(global batch {config.data.batch_size})",
-            f"compile {r.compile_s:.1f} s (all {elapsed_s:.1f} s); peak host RAM {rss_gib:.2f} GiB",
-            "memory per device:",
-            f"  arguments     {gib(m.argument_size_in_bytes)}",
-            f"  outputs       {gib(m.output_size_in_bytes)}",
-            f"  temporaries   {gib(m.temp_size_in_bytes)}",
-            f"  aliased       {gib(m.alias_size_in_bytes)}",
-            f"per-device memory: {total_bytes(m) / GIB:.3f} GiB",
+            f"compile {r.compile_s:.1f} s (all {elapsed_s:.1f} s); "
+            f"peak host RAM {_host_ram_gib():.2f} GiB",
+            "FLOPs per device per step:",
+            compiled_flops_line(r.flops),
+            *memory_lines(r.memory, target),
         ]
     )
+
+
+# ---- the command ------------------------------------------------------------------------------
+def largest_fitting(fits_at: Callable[[int], bool], limit: int = MAX_BATCH_LIMIT) -> int:
+    """The largest n in 1..limit with fits_at(n) (0 if not even 1), fits_at shrinking with n:
+    doubling from 1 to the first n that does not fit, then bisection below it."""
+    good, bad, n = 0, limit + 1, 1
+    while good < limit:
+        if not fits_at(n):
+            bad = n
+            break
+        good, n = n, min(2 * n, limit)
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if fits_at(mid):
+            good = mid
+        else:
+            bad = mid
+    return good
+
+
+def run(
+    config,
+    target: Target,
+    mesh: str = "fsdp=-1",
+    rules: str | None = None,
+    batch_per_device: int = 1,
+    max_batch: bool = False,
+    text_vocab: int = MIMO_TEXT_VOCAB,
+) -> int:
+    """What `experiments.aot` does: compiles the config's train step (an LM's, or a tokenizer's as
+    `experiments.train_tokenizer` runs it) for the target and prints the report. On a TPU: 1 if
+    it does not fit; with `max_batch`, after a search for the largest batch per device that fits
+    (each candidate compiled), the report of that batch. ValueError for a bad value."""
+    from experiments.train_tokenizer import is_tokenizer_run
+
+    tokenizer = is_tokenizer_run(config)
+    ici = None if tokenizer else parse_mesh(mesh)
+    results: dict[int, tuple] = {}
+
+    def attempt(n: int):
+        """(config, compiled step or DoesNotFit, seconds) for n rows (or crops) per device."""
+        if n not in results:
+            start = time.perf_counter()
+            if tokenizer:
+                c = configure_tokenizer(config, n, target)
+            else:
+                c = configure(config, ici, rules, n, target)
+            try:
+                if tokenizer:
+                    r = compile_tokenizer_step(c, text_vocab, target)
+                else:
+                    r = compile_train_step(c, target)
+            except DoesNotFit as e:
+                r = e
+            results[n] = (c, r, time.perf_counter() - start)
+        return results[n]
+
+    def fits_at(n: int) -> bool:
+        _, r, seconds = attempt(n)
+        if isinstance(r, DoesNotFit):
+            print(f"batch-per-device {n}: does not fit ({r}) ({seconds:.0f} s)", flush=True)
+            return False
+        ok = fits(r.memory, target)
+        print(
+            f"batch-per-device {n}: {'fits' if ok else 'does not fit'}, "
+            f"{hbm_bytes(r.memory) / GIB:.3f} GiB HBM per device ({seconds:.0f} s)",
+            flush=True,
+        )
+        return ok
+
+    if max_batch:
+        if not target.tpu:
+            raise ValueError("--max-batch needs --topology: the HBM of a TPU chip to fit")
+        best = largest_fitting(fits_at)
+        summary = f"--max-batch: {len(results)} compiles; "
+        if best == 0:
+            print(summary + "not even 1 per device fits", flush=True)
+            return 1
+        over = f", {best + 1} does not" if best + 1 in results else " (the search's limit)"
+        per_chip = (
+            f" ({best * target.devices_per_chip} per chip)" if target.devices_per_chip > 1 else ""
+        )
+        summary += f"the largest batch per device that fits: {best}{per_chip}{over}"
+    else:
+        best, summary = batch_per_device, ""
+    c, r, seconds = attempt(best)
+    if isinstance(r, DoesNotFit):
+        print(f"{target_line(target)}\nbatch-per-device {best}: does not fit ({r})", flush=True)
+        return 1
+    text = (tokenizer_report if tokenizer else report)(c, r, seconds, target)
+    print(text + (f"\n{summary}" if summary else ""), flush=True)
+    return 0 if not target.tpu or fits(r.memory, target) else 1

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 STAGES = ("tokenizer_stage1", "tokenizer_stage2")
@@ -196,8 +197,16 @@ FIELDS = ("wav", "lengths", "text", "text_lengths")
 _SPLIT_FROM = 2**14  # entries from which an array is split over the devices
 
 
-def mesh_of_devices():
-    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+def mesh_of_devices(devices=None):
+    """One data axis over `devices` (default: all), slice after slice where they span several
+    (jax.make_mesh lays out one slice only)."""
+    devices = list(jax.devices() if devices is None else devices)
+    auto = (jax.sharding.AxisType.Auto,)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices == 1:
+        return jax.make_mesh((len(devices),), ("data",), axis_types=auto, devices=devices)
+    ordered = mesh_utils.create_hybrid_device_mesh((len(devices) // slices,), (slices,), devices)
+    return jax.sharding.Mesh(ordered, ("data",), axis_types=auto)
 
 
 def state_shardings(state, mesh):

@@ -53,11 +53,12 @@ def make_mesh(
     return jax.sharding.Mesh(arr, AXES, axis_types=axis_types)
 
 
-def mesh_and_rules(config):
-    """The mesh and the rule preset of an experiment config (`mesh.ici`, `mesh.dcn`,
-    `mesh.rules`)."""
+def mesh_and_rules(config, devices=None):
+    """The mesh over `devices` (default: all) and the rule preset of an experiment config
+    (`mesh.ici`, `mesh.dcn`, `mesh.rules`)."""
     if config.mesh.rules not in PRESETS:
         raise ValueError(
             f"config mesh.rules={config.mesh.rules!r}: expected one of {sorted(PRESETS)}"
         )
-    return make_mesh(dict(config.mesh.ici), dict(config.mesh.dcn)), PRESETS[config.mesh.rules]
+    mesh = make_mesh(dict(config.mesh.ici), dict(config.mesh.dcn), devices)
+    return mesh, PRESETS[config.mesh.rules]

@@ -31,6 +31,9 @@ RUN_BY = {
     "python -m data_pipelines.voice": "test_voice.py (through experiments.demo_voice)",
     "python -m experiments.demo_voice": "test_voice.py",
     "python -m experiments.aot": "test_launch_aot.py",
+    "python -m experiments.aot --config experiments/configs/lm_stage2_7b.py --topology": (
+        "test_aot_tpu.py (a tiny step for v5p:2x2x1)"
+    ),
     "python -m experiments.sweep": "test_launch_sweep.py",
     "python -m experiments.launch": "test_launch_launch.py",
     "python convert_torch_weights.py": "test_readme.py::test_conversion_commands",
