@@ -42,6 +42,7 @@ RUN_BY = {
     "python -m mimo_jax.generate": "test_tasks_cli.py",
     "python -m mimo_jax.evaluate": "test_evaluate.py",
     "MIMO_FIXTURES=": "every parity test (tests/conftest.py reads MIMO_FIXTURES)",
+    ".venv/bin/python -m pytest -n 2 -m e2e": ".ci/run (the end-to-end tier)",
     "pip install -e": "test_packaging.py (extras and the wheel); .ci/run (the install)",
     "python benchmarks/": "by hand: figures, not checks (their smoke runs have tests)",
     "python -m benchmarks.": "by hand: figures, not checks (their smoke runs have tests)",
