@@ -302,7 +302,7 @@ MUTATIONS = [
         "mimo_jax/tokenizer/stage2.py",
         'tuple(path[:2]) == ("tokenizer", "decoder")',
         'path[0] == "tokenizer"',
-        ("tests/test_tokenizer_train.py", "-k", "stage2_trains"),
+        ("tests/test_tokenizer_train.py", "-m", "e2e", "-k", "stage2_trains"),
     ),
     Mutation(
         "a resume trusts arrays that differ from their saved checksums",

@@ -1,9 +1,9 @@
 """The two tiers of the suite and the checks of a whole run (a pytest plugin, see conftest).
 
 Tiers: the default one (`pytest`) is every test but those marked `e2e`, end-to-end runs of whole
-commands in processes of their own (the wheel build, the README's commands, training subprocesses,
-the GCS emulator, multi-process runs, the benchmarks' smoke runs); `pytest -m e2e` runs those, and
-.ci/run runs both.
+commands, mostly in processes of their own (the wheel build, the README's commands, training
+subprocesses, the GCS emulator, multi-process runs, the benchmarks' smoke runs, and the training
+runs that take minutes even with a warm cache); `pytest -m e2e` runs those, and .ci/run runs both.
 
 A run fails, after its tests, when a test was skipped (a skipped test did not run: what a test
 needs belongs in the test extra) or when a default-tier test took longer than WARM_SECONDS with a

@@ -170,6 +170,7 @@ def test_a_tile_that_does_not_divide_a_layer_is_named_and_changes_nothing(lm):
         Quantization("nf4", 16)
 
 
+@pytest.mark.e2e  # two whole training runs and an export
 def test_a_qlora_run_resumes_its_quantised_base_and_exports_merged_weights(
     demo_data, tmp_path, capsys
 ):

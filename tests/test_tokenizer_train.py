@@ -1,9 +1,9 @@
 """Tokenizer training through the train entry point on the demo corpus, at the smallest size:
 stage 1 with every loss term in metrics.jsonl, a resume to the same losses, the export with its RVQ
 buffers through the converter and back; stage 2 from a stage-1 export with its encoder and
-codebooks untouched; and the errors that stop a run before it starts. End-to-end
-(`pytest -m e2e`): the tokenizer demo (`experiments.demo_tokenizer --smoke`), its held-out clips
-scored before and after."""
+codebooks untouched; and the errors that stop a run before it starts. The runs are end-to-end
+(`pytest -m e2e`), with the tokenizer demo (`experiments.demo_tokenizer --smoke`), its held-out
+clips scored before and after."""
 
 import contextlib
 import io
@@ -73,6 +73,7 @@ def _params(path) -> dict:
     }
 
 
+@pytest.mark.e2e  # whole training runs of the GAN stack: minutes of tracing and saving
 def test_stage1_logs_every_term_resumes_and_exports_its_buffers(demo_data, tmp_path, capsys):
     # 4 steps, checkpoints at 2 and 4, the evaluation at 4; the straight run exports nothing.
     length = {"total_steps": 4, "eval_every": 4}
@@ -126,6 +127,7 @@ def _stage1_export(config, path) -> None:
     model_checkpoint.save(tokenizer, to_hf(tok_config), path)
 
 
+@pytest.mark.e2e  # whole training runs of the GAN stack: minutes of tracing and saving
 def test_stage2_trains_the_decoder_against_the_discriminators_only(demo_data, tmp_path):
     stage1 = tmp_path / "stage1_model"
     _stage1_export(_config(tokenizer_stage1, demo_data), stage1)
