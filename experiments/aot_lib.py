@@ -81,6 +81,25 @@ def _first_line(error: Exception) -> str:
     return line.split(": ", 1)[1] if line.split(":")[0].isupper() else line
 
 
+@contextlib.contextmanager
+def _libtpu_environment():
+    """The environment libtpu reads as it loads, restored afterwards. This process is a host of
+    its own, not a TPU VM's worker (on a machine without TPU metadata libtpu otherwise prints
+    warnings about both), and it opens no TPU, so it need not hold libtpu's one-process-per-machine
+    lock. What JAX and libtpu add while loading (TPU_WORKER_HOSTNAMES among them) goes too: a
+    later jax.distributed setup in this process, or a process it starts, would take it for a TPU
+    pod's."""
+    saved = dict(os.environ)
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_HOST_BOUNDS", "1,1,1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def tpu_target(topology: str, slices: int = 1) -> Target:
     """The devices of `slices` slices of the TPU topology `topology` (e.g. v5p:4x4x4), as libtpu
     lays them out; ValueError naming the problem and the accepted names."""
@@ -88,16 +107,11 @@ def tpu_target(topology: str, slices: int = 1) -> Target:
 
     if slices < 1:
         raise ValueError(f"--num-slices {slices}: expected at least 1")
-    # Read by libtpu as it loads: this process is a host of its own, not a TPU VM's worker (on a
-    # machine without TPU metadata libtpu otherwise prints warnings about both), and it opens no
-    # TPU, so it need not hold libtpu's one-process-per-machine lock.
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("TPU_HOST_BOUNDS", "1,1,1")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
-        desc = topologies.get_topology_desc(
-            platform="tpu", topology_name=topology, num_slices=slices
-        )
+        with _libtpu_environment():
+            desc = topologies.get_topology_desc(
+                platform="tpu", topology_name=topology, num_slices=slices
+            )
     except jax.errors.JaxRuntimeError as e:
         raise ValueError(
             f"--topology {topology}: libtpu refuses it ({_first_line(e)}); expected "

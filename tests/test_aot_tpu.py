@@ -68,6 +68,15 @@ def test_the_device_count_is_libtpus(name, devices, per_chip):
     assert len(aot_lib.tpu_target(name, slices=2).devices) == 2 * devices
 
 
+def test_the_environment_is_left_as_it_was(monkeypatch):
+    # What libtpu's loading sets (TPU_WORKER_HOSTNAMES among it) made a later in-process
+    # experiments.train, and the processes it starts, take this machine for a TPU pod's worker.
+    monkeypatch.delenv("TPU_WORKER_HOSTNAMES", raising=False)
+    before = dict(os.environ)
+    aot_lib.tpu_target("v5p:2x2x1")
+    assert dict(os.environ) == before
+
+
 def test_a_chip_s_hbm_is_split_among_its_devices():
     assert aot_lib.tpu_target("v5p:2x2x1").hbm_per_device == 95 * GIB
     assert aot_lib.tpu_target("v5e:2x2").hbm_per_device == 16 * GIB
