@@ -1,0 +1,118 @@
+"""The attention kernels behind `attend`: splash (Pallas, run in its interpreter on the CPU) and the
+arguments of the cuDNN call against the xla kernel, the choice of kernel per backend, and the
+experiment config key `model.attention`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mimo_jax.nn.attention import MaskSpec, attend, choose_kernel, cudnn_arguments
+
+BATCH, HEADS, HEAD_DIM = 2, 8, 16
+
+
+def _qkv(time: int, kv_heads: int, seed: int = 0):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(keys[0], (BATCH, time, HEADS, HEAD_DIM), jnp.float32)
+    k = jax.random.normal(keys[1], (BATCH, time, kv_heads, HEAD_DIM), jnp.float32)
+    v = jax.random.normal(keys[2], (BATCH, time, kv_heads, HEAD_DIM), jnp.float32)
+    return q, k, v
+
+
+def _packed(time: int, cuts: tuple[int, ...], pad: int):
+    """Row 0: documents split at `cuts`, then `pad` padding tokens (segment 0); row 1: one
+    document. Positions restart at 0 in each document."""
+    seg = np.zeros((BATCH, time), np.int32)
+    pos = np.zeros((BATCH, time), np.int32)
+    bounds = (0, *cuts, time - pad)
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        seg[0, a:b], pos[0, a:b] = i + 1, np.arange(b - a)
+    pos[0, time - pad :] = np.arange(pad)
+    seg[1], pos[1] = 1, np.arange(time)
+    return jnp.asarray(pos), jnp.asarray(seg)
+
+
+def _spec(time, *, causal, window=(-1, -1), packed=True):
+    pos, seg = _packed(time, (time // 3, time // 2), pad=time // 8)
+    if not packed:
+        pos, seg = jnp.broadcast_to(jnp.arange(time), (BATCH, time)), None
+    return MaskSpec(pos, pos, seg, seg, causal=causal, window=window), seg
+
+
+def _loss(implementation, spec, valid):
+    """A loss over the real queries only: the outputs of padding queries are unspecified."""
+
+    def loss(q, k, v):
+        out = attend(q, k, v, spec, implementation=implementation, interpret=True)
+        weights = jnp.cos(jnp.arange(out.size, dtype=out.dtype)).reshape(out.shape)
+        return jnp.sum(out * weights * valid[:, :, None, None])
+
+    return loss
+
+
+@pytest.mark.parametrize(
+    "time, kv_heads, causal, window, packed",
+    [
+        (256, 1, True, (-1, -1), True),  # GQA 8:1 (one kv head: splash's MQA kernel)
+        (256, 2, False, (-1, -1), True),  # bidirectional, 4:1
+        (256, 8, True, (40, -1), True),  # causal sliding window
+        (200, 4, False, (24, 16), False),  # bidirectional window, a length padded to 256
+        (136, 4, True, (-1, -1), True),  # packed and padded to 256
+    ],
+)
+def test_splash_equals_xla_forward_and_gradients(time, kv_heads, causal, window, packed):
+    q, k, v = _qkv(time, kv_heads)
+    spec, seg = _spec(time, causal=causal, window=window, packed=packed)
+    valid = jnp.ones((BATCH, time)) if seg is None else (seg != 0).astype(jnp.float32)
+    outs, grads = {}, {}
+    for name in ("xla", "splash"):
+        loss = _loss(name, spec, valid)
+        outs[name] = attend(q, k, v, spec, implementation=name, interpret=True)
+        grads[name] = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    real = valid[:, :, None, None] > 0
+    np.testing.assert_allclose(
+        jnp.where(real, outs["splash"], 0), jnp.where(real, outs["xla"], 0), atol=1e-5
+    )
+    for g_splash, g_xla in zip(grads["splash"], grads["xla"]):
+        np.testing.assert_allclose(g_splash, g_xla, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "causal, window, packed",
+    [
+        (True, (-1, -1), False),
+        (False, (-1, -1), False),
+        (True, (8, -1), False),
+        (True, (-1, -1), True),
+    ],
+)
+def test_cudnn_arguments_give_the_xla_kernel(causal, window, packed):
+    """The cuDNN call's arguments (layout, grouped heads, mask or window, scale), given to the same
+    function with implementation="xla" on the CPU, equal our kernel."""
+    time = 64
+    q, k, v = _qkv(time, 2)
+    spec, seg = _spec(time, causal=causal, window=window, packed=packed)
+    ours = attend(q, k, v, spec)
+    theirs = jax.nn.dot_product_attention(**cudnn_arguments(q, k, v, spec), implementation="xla")
+    real = (jnp.ones((BATCH, time)) if seg is None else seg != 0)[:, :, None, None] > 0
+    np.testing.assert_allclose(jnp.where(real, theirs, 0), jnp.where(real, ours, 0), atol=1e-5)
+    assert ("mask" in cudnn_arguments(q, k, v, spec)) == packed
+
+
+def test_kernel_choice_on_the_cpu():
+    q, k, _ = _qkv(256, 2)
+    spec, _ = _spec(256, causal=True)
+    assert choose_kernel("auto", q, k, spec, dropout=False) == "xla"
+    assert choose_kernel("splash", q, k, spec, dropout=False, interpret=True) == "splash"
+    assert choose_kernel("splash", q, k, spec.dense(), dropout=False) == "xla"  # a dense mask
+    with pytest.raises(ValueError, match=r"^attention 'splash' needs a TPU; this backend is cpu"):
+        choose_kernel("splash", q, k, spec, dropout=False)
+    with pytest.raises(ValueError, match=r"^attention 'cudnn' needs a GPU; this backend is cpu"):
+        choose_kernel("cudnn", q, k, spec, dropout=False)
+    with pytest.raises(ValueError, match=r"^attention 'flash': expected one of auto, xla"):
+        choose_kernel("flash", q, k, spec, dropout=False)
+    with pytest.raises(ValueError, match="splash takes float32 or bfloat16, not float16"):
+        choose_kernel("splash", q.astype(jnp.float16), k, spec, dropout=False, interpret=True)
+    with pytest.raises(ValueError, match="it has no attention dropout"):
+        choose_kernel("splash", q, k, spec, dropout=True, interpret=True)
