@@ -230,7 +230,11 @@ def _with_shardings(abstract, shardings):
 
 def abstract_state(config, mesh, rules):
     """(lm config, trainer, train state of ShapeDtypeStructs with the shardings training uses)."""
-    lm = MiMoAudioConfig.from_hf(dict(config.model.hf), remat_policy=config.model.remat_policy)
+    lm = MiMoAudioConfig.from_hf(
+        dict(config.model.hf),
+        remat_policy=config.model.remat_policy,
+        attention=config.model.attention,
+    )
     dtype = dtype_named(config.model.dtype, "config model.dtype")
     param_dtype = dtype_named(config.model.param_dtype, "config model.param_dtype")
     built = {}
@@ -384,6 +388,7 @@ def report(config, r: Compiled, elapsed_s: float, target: Target | None = None) 
         target_line(target),
         f"mesh {dict(config.mesh.ici)}{f' x dcn {dcn}' if dcn else ''} on {r.devices} devices, "
         f"rules {config.mesh.rules}, remat {config.model.remat_policy}, "
+        f"attention {config.model.attention}, "
         f"dtype {config.model.dtype}/{config.model.param_dtype}",
         f"global batch {config.data.batch_size} rows x {config.data.context_length} groups "
         f"(grad_accum {config.optimizer.grad_accum}); parameters {n / 1e9:.3f} B",
@@ -483,7 +488,8 @@ def tokenizer_report(
         [
             target_line(target),
             f"{config.task} on {r.devices} devices (state fully sharded), remat "
-            f"{config.model.remat_policy}; parameters {r.parameters / 1e9:.3f} B",
+            f"{config.model.remat_policy}, attention {config.model.attention}; "
+            f"parameters {r.parameters / 1e9:.3f} B",
             f"{per_device} crop(s) of {r.crop_samples / r.sampling_rate:g} s per device "
             f"(global batch {config.data.batch_size})",
             f"compile {r.compile_s:.1f} s (all {elapsed_s:.1f} s); "

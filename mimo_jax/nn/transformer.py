@@ -42,6 +42,7 @@ class Qwen2Attention(nnx.Module):
         self.o_proj = Dense(h * d, cfg.hidden, axes=("q_heads", "embed"), **kw)
         self.heads, self.kv_heads, self.head_dim = h, k, d
         self.dropout = cfg.attn_dropout
+        self.attention = cfg.attention
 
     def __call__(self, x, cos, sin, mask, cache: KVCache | None, cache_index, dropout_rng=None):
         b, t, _ = x.shape
@@ -69,6 +70,7 @@ class Qwen2Attention(nnx.Module):
             mask,
             dropout_rate=rate,
             dropout_rng=dropout_rng,
+            implementation=self.attention,
         )
         out = proj(self.o_proj, out.reshape(b, t, self.heads * self.head_dim), 3)
         return checkpoint_name(out, "out_proj"), cache
