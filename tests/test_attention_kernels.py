@@ -1,13 +1,26 @@
 """The attention kernels behind `attend`: splash (Pallas, run in its interpreter on the CPU) and the
 arguments of the cuDNN call against the xla kernel, the choice of kernel per backend, and the
-experiment config key `model.attention`."""
+experiment config key `model.attention`. libtpu (the test extra) compiles a splash step for a TPU
+topology on this CPU host."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from mimo_jax.nn.attention import MaskSpec, attend, choose_kernel, cudnn_arguments
+from experiments import aot_lib, train_tokenizer
+from experiments.configs import demo, tokenizer_stage1
+from mimo_jax.lm.config import small_config
+from mimo_jax.lm.model import MiMoAudioLM
+from mimo_jax.nn import attention
+from mimo_jax.nn.attention import (
+    MaskSpec,
+    attend,
+    choose_kernel,
+    cudnn_arguments,
+    splash_attention,
+)
 
 BATCH, HEADS, HEAD_DIM = 2, 8, 16
 
@@ -79,15 +92,16 @@ def test_splash_equals_xla_forward_and_gradients(time, kv_heads, causal, window,
 
 
 @pytest.mark.parametrize(
-    "causal, window, packed",
+    "causal, window, packed, native",
     [
-        (True, (-1, -1), False),
-        (False, (-1, -1), False),
-        (True, (8, -1), False),
-        (True, (-1, -1), True),
+        (True, (-1, -1), False, True),
+        (False, (-1, -1), False, True),
+        (True, (8, -1), False, True),  # cuDNN's left window
+        (False, (8, 4), False, False),  # a window cuDNN cannot take: the dense mask
+        (True, (-1, -1), True, False),  # segment ids: the dense mask
     ],
 )
-def test_cudnn_arguments_give_the_xla_kernel(causal, window, packed):
+def test_cudnn_arguments_give_the_xla_kernel(causal, window, packed, native):
     """The cuDNN call's arguments (layout, grouped heads, mask or window, scale), given to the same
     function with implementation="xla" on the CPU, equal our kernel."""
     time = 64
@@ -97,7 +111,7 @@ def test_cudnn_arguments_give_the_xla_kernel(causal, window, packed):
     theirs = jax.nn.dot_product_attention(**cudnn_arguments(q, k, v, spec), implementation="xla")
     real = (jnp.ones((BATCH, time)) if seg is None else seg != 0)[:, :, None, None] > 0
     np.testing.assert_allclose(jnp.where(real, theirs, 0), jnp.where(real, ours, 0), atol=1e-5)
-    assert ("mask" in cudnn_arguments(q, k, v, spec)) == packed
+    assert ("mask" not in cudnn_arguments(q, k, v, spec)) == native
 
 
 def test_kernel_choice_on_the_cpu():
@@ -116,3 +130,73 @@ def test_kernel_choice_on_the_cpu():
         choose_kernel("splash", q.astype(jnp.float16), k, spec, dropout=False, interpret=True)
     with pytest.raises(ValueError, match="it has no attention dropout"):
         choose_kernel("splash", q, k, spec, dropout=True, interpret=True)
+
+
+# The choice in the models -------------------------------------------------------------------------
+def _lm_hidden(attention: str, groups: int = 128):
+    config = small_config(attention=attention)
+    model = MiMoAudioLM(config, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    text = jnp.asarray(rng.integers(0, 500, (2, groups)), jnp.int32)
+    codes = jnp.asarray(rng.integers(0, 128, (2, groups, 4, 8)), jnp.int32)
+    pos, seg = _packed(groups, (groups // 3,), pad=groups // 8)
+    return model(text, codes, pos, seg), seg
+
+
+def test_the_lm_backbone_runs_on_splash(monkeypatch):
+    """model.attention=splash reaches the backbone: with the TPU kernel run in Pallas's interpreter
+    here, packed rows give the xla hidden states (real tokens) at 1e-5."""
+    calls = []
+
+    def interpreted(q, k, v, spec, interpret=False):
+        calls.append(q.shape)
+        return splash_attention(q, k, v, spec, interpret=True)
+
+    monkeypatch.setattr(attention, "_platform", lambda: "tpu")
+    monkeypatch.setattr(attention, "splash_attention", interpreted)
+    ours, seg = _lm_hidden("splash")
+    monkeypatch.undo()
+    reference, _ = _lm_hidden("xla")
+    assert calls == [(2, 128, 4, 16)]  # the backbone, traced once by its scan
+    real = (seg != 0)[:, :, None]
+    np.testing.assert_allclose(jnp.where(real, ours, 0), jnp.where(real, reference, 0), atol=1e-5)
+
+
+def test_auto_on_the_cpu_is_todays_kernel_and_cudnn_is_refused():
+    auto, _ = _lm_hidden("auto", groups=16)
+    xla, _ = _lm_hidden("xla", groups=16)
+    np.testing.assert_array_equal(auto, xla)
+    with pytest.raises(ValueError, match=r"^attention 'cudnn' needs a GPU; this backend is cpu"):
+        _lm_hidden("cudnn", groups=16)
+    with pytest.raises(ValueError, match="attention 'flash' is not one of auto, xla, splash"):
+        small_config(attention="flash")
+
+
+def test_the_tokenizer_config_key_is_checked():
+    config = tokenizer_stage1.get_config("demo")
+    config.model.attention = "flash"
+    with pytest.raises(ValueError) as e:
+        train_tokenizer.check(config)
+    assert (
+        "model.attention='flash': expected one of auto, xla, splash, cudnn"
+        in str(e.value).splitlines()
+    )
+
+
+def test_a_tiny_lm_step_on_splash_compiles_for_v5p(capsys, monkeypatch):
+    """The train step as experiments.aot compiles it, with the backbone on splash: the kernel is
+    traced for the TPU target on this CPU host (batch 4 over fsdp=4) and libtpu compiles it."""
+    calls = []
+    monkeypatch.setattr(
+        attention,
+        "splash_attention",
+        lambda *a, **k: calls.append(a[0].shape) or splash_attention(*a, **k),
+    )
+    config = demo.get_config("smoke=True,channels=2")
+    config.model.attention = "splash"
+    target = aot_lib.tpu_target("v5p:2x2x1")
+    assert aot_lib.run(config, target, "fsdp=4", "fsdp", batch_per_device=1) == 0
+    out = capsys.readouterr().out
+    assert "rules fsdp, remat none, attention splash, dtype float32/float32" in out
+    assert "HBM per device" in out and ": fits" in out.splitlines()[-1]
+    assert calls == [(4, 128, 4, 8)]

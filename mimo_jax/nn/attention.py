@@ -217,9 +217,11 @@ def _platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
-def _supports(name: str, q: jax.Array) -> str | None:
+def _supports(name: str, q: jax.Array, spec: MaskSpec) -> str | None:
     """Why kernel `name` cannot run these queries [batch, time, heads, head_dim], or None."""
     head_dim, dtype = q.shape[-1], jnp.dtype(q.dtype)
+    if name == "cudnn" and q.shape[1] % 2 and not _cudnn_masks_natively(spec):
+        return f"cudnn takes a dense mask over an even length only, not {q.shape[1]}"
     if name == "splash" and dtype not in (jnp.float32, jnp.bfloat16):
         return f"splash takes float32 or bfloat16, not {dtype}"
     if name == "cudnn" and dtype not in (jnp.bfloat16, jnp.float16):
@@ -243,7 +245,7 @@ def choose_kernel(implementation: str, q, k, mask, dropout: bool, interpret: boo
     platform = _platform()
     if implementation == "auto":
         name = {"tpu": "splash", "gpu": "cudnn"}.get(platform)
-        why = _supports(name, q) if name else None
+        why = _supports(name, q, mask) if name else None
         if name is None or dropout or why:
             if why or dropout:
                 _log_once(f"attention auto: xla instead of {name}: {why or 'attention dropout'}")
@@ -257,7 +259,7 @@ def choose_kernel(implementation: str, q, k, mask, dropout: bool, interpret: boo
             f"attention {implementation!r} needs a {needs.upper()}; this backend is {platform}, "
             f"which supports {supported} (or auto)"
         )
-    why = _supports(implementation, q) or ("it has no attention dropout" if dropout else None)
+    why = _supports(implementation, q, mask) or ("it has no attention dropout" if dropout else None)
     if why:
         raise ValueError(f"attention {implementation!r} cannot run this call: {why}")
     return implementation
@@ -357,21 +359,24 @@ def splash_attention(q, k, v, spec: MaskSpec, *, interpret: bool = False) -> jax
 
 
 # cuDNN (GPU) ------------------------------------------------------------------------------------
+def _cudnn_masks_natively(spec: MaskSpec) -> bool:
+    """cuDNN's own masks: causal with an optional left window, or none; no segment ids."""
+    left, right = spec.window
+    unsegmented = spec.q_segments is None and spec.k_segments is None
+    return unsegmented and (spec.causal or (left < 0 and right < 0))
+
+
 def cudnn_arguments(q, k, v, spec: MaskSpec) -> dict:
     """The arguments of `jax.nn.dot_product_attention` for `attend` (layout [batch, time, heads,
-    head_dim] as ours, grouped kv heads as ours). Without segment ids the causal flag and window
-    go to cuDNN's own masking; with them, the dense mask [batch, 1, q_len, k_len]."""
+    head_dim] as ours, grouped kv heads as ours): cuDNN's own causal mask and left window where
+    they express the MaskSpec, else the dense mask [batch, 1, q_len, k_len]."""
     args = dict(query=q, key=k, value=v, scale=q.shape[-1] ** -0.5)
-    if spec.q_segments is None and spec.k_segments is None:
-        left, right = spec.window
-        if spec.causal:
-            right = 0
-        if left >= 0 or right >= 0:
-            big = k.shape[1]  # an unbounded side, as cuDNN takes a window of two sizes
-            args["local_window_size"] = (left if left >= 0 else big, right if right >= 0 else big)
-        args["is_causal"] = spec.causal
+    if not _cudnn_masks_natively(spec):
+        args["mask"] = spec.dense()[:, None]
         return args
-    args["mask"] = spec.dense()[:, None]
+    args["is_causal"] = spec.causal
+    if spec.window[0] >= 0:
+        args["local_window_size"] = (spec.window[0], 0)
     return args
 
 
