@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import AxisType
+from tokenizer_support import CHECKPOINT
 
 from experiments import aot_lib, train_tokenizer
 from experiments.configs import demo, tokenizer_stage1
@@ -21,6 +23,9 @@ from mimo_jax.nn.attention import (
     cudnn_arguments,
     splash_attention,
 )
+from mimo_jax.nn.partitioning import use_rules
+from mimo_jax.tokenizer.tokenizer_checkpoint import load_tokenizer
+from sharding.rules import PRESETS
 
 BATCH, HEADS, HEAD_DIM = 2, 8, 16
 
@@ -200,3 +205,59 @@ def test_a_tiny_lm_step_on_splash_compiles_for_v5p(capsys, monkeypatch):
     assert "rules fsdp, remat none, attention splash, dtype float32/float32" in out
     assert "HBM per device" in out and ": fits" in out.splitlines()[-1]
     assert calls == [(4, 128, 4, 8)]
+
+
+@pytest.mark.parametrize("rules", ["fsdp", "fsdp_tensor"])
+def test_splash_under_shard_map_equals_xla(rules):
+    """On a mesh of 4 CPU devices: batch split over fsdp, and heads over tensor (fsdp_tensor),
+    each shard running the kernel on its rows and whole query groups."""
+    mesh = jax.make_mesh(
+        (2, 2) if rules == "fsdp_tensor" else (4, 1),
+        ("fsdp", "tensor"),
+        axis_types=(AxisType.Auto,) * 2,
+        devices=jax.devices()[:4],
+    )
+    q, k, v = _qkv(136, 2)
+    q, k, v = (jnp.concatenate([x, x[::-1]]) for x in (q, k, v))  # batch 4
+    pos, seg = _packed(136, (40,), pad=16)
+    pos, seg = jnp.concatenate([pos, pos]), jnp.concatenate([seg, seg])
+    spec = MaskSpec(pos, pos, seg, seg, causal=True)
+    reference = attend(q, k, v, spec)
+    with jax.set_mesh(mesh), use_rules(PRESETS[rules]):
+        out = jax.jit(
+            lambda q, k, v, s: attend(q, k, v, s, implementation="splash", interpret=True)
+        )(q, k, v, spec)
+    real = (seg != 0)[:, :, None, None]
+    np.testing.assert_allclose(jnp.where(real, out, 0), jnp.where(real, reference, 0), atol=1e-5)
+
+
+def test_the_tokenizer_runs_on_splash(monkeypatch):
+    """set_attention("splash") reaches the encoder (bidirectional), decoder (causal) and vocoder
+    (window 40 left, 10 right) of the fixture tokenizer: with the kernel interpreted, a padded
+    batch gives xla's hidden states and waveforms (within each length) at 1e-5."""
+    _, model = load_tokenizer(CHECKPOINT)  # a copy of its own: the shared one stays on auto
+    mel = jax.random.normal(jax.random.key(0), (2, 120, 128))
+    lengths = jnp.asarray([120, 90])
+
+    def run():
+        hidden, code_lengths = model.encode_hidden(mel, lengths)
+        wav, wav_lengths = model.decode_hidden(hidden, code_lengths)
+        return hidden, code_lengths, wav, wav_lengths
+
+    hidden, code_lengths, wav, wav_lengths = run()
+    calls = []
+
+    def interpreted(q, k, v, spec, interpret=False):
+        calls.append((spec.causal, spec.window))
+        return splash_attention(q, k, v, spec, interpret=True)
+
+    monkeypatch.setattr(attention, "_platform", lambda: "tpu")
+    monkeypatch.setattr(attention, "splash_attention", interpreted)
+    model.set_attention("splash")
+    ours = run()
+    # The encoder runs in two parts (around its skip layer), then the decoder and the vocoder.
+    assert calls == [(False, (-1, -1))] * 2 + [(True, (-1, -1)), (False, (40, 10))]
+    in_code = (jnp.arange(hidden.shape[1])[None] < code_lengths[:, None])[..., None]
+    np.testing.assert_allclose(jnp.where(in_code, ours[0], 0), hidden, atol=1e-5)
+    in_wav = jnp.arange(wav.shape[1])[None] < wav_lengths[:, None]
+    np.testing.assert_allclose(jnp.where(in_wav, ours[2], 0), jnp.where(in_wav, wav, 0), atol=1e-5)

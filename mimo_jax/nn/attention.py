@@ -315,15 +315,15 @@ def _splash_local(q, k, v, q_seg, k_seg, spec: MaskSpec, interpret: bool):
 
 
 def _shard_specs(q, k) -> tuple[PartitionSpec, PartitionSpec]:
-    """shard_map specs of q and k [batch, heads, time, head_dim] under the activation rules:
-    batch over the data axes, heads over `tensor` when kv heads divide by it (each shard then
-    holds whole query groups), time and head_dim whole (splash cannot split the keys)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    rules = partitioning.active_rules()
-    batch = partitioning.partition_spec(
+    """shard_map specs of q, k, v [batch, heads, time, head_dim] and of segment ids [batch, time]
+    under the activation rules: batch over the data axes, heads over `tensor` where the kv heads
+    divide by it (each shard then holds whole query groups), time whole (splash cannot split the
+    keys)."""
+    rules, mesh = partitioning.active_rules(), jax.sharding.get_abstract_mesh()
+    batch, heads = partitioning.partition_spec(
         (q.shape[0], k.shape[1]), ("activation_batch", "activation_heads"), rules, mesh
     )
-    return PartitionSpec(batch[0], batch[1], None, None), PartitionSpec(batch[0], batch[1])
+    return PartitionSpec(batch, heads, None, None), PartitionSpec(batch, None)
 
 
 def splash_attention(q, k, v, spec: MaskSpec, *, interpret: bool = False) -> jax.Array:
