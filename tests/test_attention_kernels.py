@@ -261,3 +261,33 @@ def test_the_tokenizer_runs_on_splash(monkeypatch):
     np.testing.assert_allclose(jnp.where(in_code, ours[0], 0), hidden, atol=1e-5)
     in_wav = jnp.arange(wav.shape[1])[None] < wav_lengths[:, None]
     np.testing.assert_allclose(jnp.where(in_wav, ours[2], 0), jnp.where(in_wav, wav, 0), atol=1e-5)
+
+
+def test_kernel_choice_on_accelerators(monkeypatch, caplog):
+    """auto takes the backend's kernel where it can, else xla with one log line; an explicit
+    kernel the call cannot take is refused."""
+    q, k, _ = _qkv(256, 2)
+    spec, _ = _spec(256, causal=True)
+    bf16 = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+    monkeypatch.setattr(attention, "_platform", lambda: "tpu")
+    assert choose_kernel("auto", q, k, spec, dropout=False) == "splash"
+    assert choose_kernel("auto", q, k, spec, dropout=True) == "xla"
+    with pytest.raises(ValueError, match=r"^attention 'cudnn' needs a GPU; this backend is tpu"):
+        choose_kernel("cudnn", *bf16, spec, dropout=False)
+    monkeypatch.setattr(attention, "_platform", lambda: "gpu")
+    assert choose_kernel("auto", *bf16, spec, dropout=False) == "cudnn"
+    attention._log_once.cache_clear()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mimo_jax.nn.attention"):
+        for _ in range(2):
+            assert choose_kernel("auto", q, k, spec, dropout=False) == "xla"  # float32
+    assert [r.getMessage() for r in caplog.records] == [
+        "attention auto: xla instead of cudnn: cudnn takes bfloat16 or float16, not float32"
+    ]
+    with pytest.raises(ValueError, match="^attention 'cudnn' cannot run this call: cudnn takes"):
+        choose_kernel("cudnn", q, k, spec, dropout=False)
+    wide = jnp.zeros((2, 256, 2, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match="head dim <= 128 and a multiple of 8, not 256"):
+        choose_kernel("cudnn", wide, wide, spec, dropout=False)
+    with pytest.raises(ValueError, match=r"^attention 'splash' needs a TPU; this backend is gpu"):
+        choose_kernel("splash", q, k, spec, dropout=False)

@@ -10,7 +10,8 @@ Kernels (`implementation`, the experiment config's `model.attention`):
 - `xla`: the einsum + softmax below, the reference, on every backend.
 - `splash` (TPU): the Pallas splash-attention kernel, under `shard_map` so that batch and heads stay
   sharded as the activation rules say.
-- `cudnn` (GPU): `jax.nn.dot_product_attention(implementation="cudnn")`, bf16/fp16.
+- `cudnn` (GPU): `jax.nn.dot_product_attention(implementation="cudnn")`, bf16/fp16; packed rows
+  (and windows cuDNN cannot express) go to it as a dense [batch, 1, q_len, k_len] mask.
 - `auto`: splash on TPU, cudnn on GPU where its limits allow, xla otherwise (logged once).
 Only self-attention given as a MaskSpec (training and whole-row passes of the LM backbone, the
 tokenizer's encoder, decoder and vocoder) runs on splash or cudnn. A dense mask keeps xla: that is
@@ -198,7 +199,7 @@ def windowed_attention(q, k, v, mask: MaskSpec, block: int) -> jax.Array:
 
 
 IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
-_PLATFORM_OF = {"splash": "tpu", "cudnn": "gpu"}
+_KERNEL_ON = {"tpu": "splash", "gpu": "cudnn"}  # the accelerated kernel of each backend
 # Splash tiles: sequences are padded to a multiple of the smallest, tiled by the largest dividing.
 _SPLASH_BLOCKS = (512, 256, 128)
 
@@ -244,16 +245,16 @@ def choose_kernel(implementation: str, q, k, mask, dropout: bool, interpret: boo
         return "xla"  # dense masks (KV caches, patch transformers) and cross-attention: see above
     platform = _platform()
     if implementation == "auto":
-        name = {"tpu": "splash", "gpu": "cudnn"}.get(platform)
-        why = _supports(name, q, mask) if name else None
-        if name is None or dropout or why:
-            if why or dropout:
-                _log_once(f"attention auto: xla instead of {name}: {why or 'attention dropout'}")
+        name = _KERNEL_ON.get(platform)
+        if name is None:
             return "xla"
-        return name
-    needs = _PLATFORM_OF[implementation]
+        why = "attention dropout" if dropout else _supports(name, q, mask)
+        if why:
+            _log_once(f"attention auto: xla instead of {name}: {why}")
+        return "xla" if why else name
+    needs = next(p for p, kernel in _KERNEL_ON.items() if kernel == implementation)
     if platform != needs and not (implementation == "splash" and interpret):
-        other = {"tpu": "splash", "gpu": "cudnn"}.get(platform)
+        other = _KERNEL_ON.get(platform)
         supported = "xla" + (f" and {other}" if other else "")
         raise ValueError(
             f"attention {implementation!r} needs a {needs.upper()}; this backend is {platform}, "
