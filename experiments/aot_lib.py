@@ -467,7 +467,9 @@ def compile_tokenizer_step(
     batch = {k: jax.ShapeDtypeStruct(s, d, sharding=shardings[k]) for k, (s, d) in shapes.items()}
     start = time.perf_counter()
     step = jax.jit(trainer.train_step, donate_argnums=0, out_shardings=(placed, None))
-    compiled = compile_for(target, step.lower(state, batch))
+    with jax.set_mesh(mesh):  # as experiments.train_tokenizer traces it
+        lowered = step.lower(state, batch)
+    compiled = compile_for(target, lowered)
     return CompiledTokenizerStep(
         compiled.memory_analysis(),
         compiled_flops(compiled),

@@ -274,9 +274,11 @@ def run(config, workdir) -> int:
     try:
         step, finished = start or 0, (start or 0) >= config.total_steps
         if not finished:
-            state, finished = _loop(
-                config, trainer, state, train_it, eval_batch, mesh, ckpts, writer, step
-            )
+            # The mesh in context: a splash kernel shards itself over it (nn.attention).
+            with jax.set_mesh(mesh):
+                state, finished = _loop(
+                    config, trainer, state, train_it, eval_batch, mesh, ckpts, writer, step
+                )
         if finished and config.export_model:
             _export(config, trainer, state, tok_config, workdir)
         return 0
