@@ -13,12 +13,14 @@ from tokenizer_support import CHECKPOINT
 
 from experiments import aot_lib, train_tokenizer
 from experiments.configs import demo, tokenizer_stage1
+from mimo_jax.inference.generate import _left_pad_layout
 from mimo_jax.lm.config import small_config
 from mimo_jax.lm.model import MiMoAudioLM
 from mimo_jax.nn import attention
 from mimo_jax.nn.attention import (
     MaskSpec,
     attend,
+    attention_mask,
     choose_kernel,
     cudnn_arguments,
     splash_attention,
@@ -291,3 +293,56 @@ def test_kernel_choice_on_accelerators(monkeypatch, caplog):
         choose_kernel("cudnn", wide, wide, spec, dropout=False)
     with pytest.raises(ValueError, match=r"^attention 'splash' needs a TPU; this backend is gpu"):
         choose_kernel("splash", q, k, spec, dropout=False)
+
+
+def test_the_prefill_runs_on_splash_and_decoding_keeps_xla(monkeypatch):
+    """A prefill of left-padded prompts (cache index 0) runs the prompt's self-attention on
+    splash (interpreted): the real groups' hidden states and cache entries equal xla's at 1e-5;
+    a decoding step against the cache stays on xla."""
+    model = MiMoAudioLM(small_config(attention="splash"), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    width, total = 40, 48
+    text = jnp.asarray(rng.integers(0, 500, (2, width)), jnp.int32)
+    codes = jnp.asarray(rng.integers(0, 128, (2, width, 4, 8)), jnp.int32)
+    seg, pos = _left_pad_layout(jnp.asarray([width, 25]), width)
+    cache_seg = jnp.zeros((2, total), jnp.int32).at[:, :width].set(seg)
+    cache_pos = jnp.zeros((2, total), jnp.int32).at[:, :width].set(pos)
+
+    def prefill():
+        cache = model.model.init_cache(2, total)
+        embeds = model.embed_inputs(text, codes)
+        return model.backbone_cached(embeds, pos, seg, cache, cache_pos, cache_seg, 0)
+
+    calls = []
+
+    def interpreted(q, k, v, spec, interpret=False):
+        calls.append(q.shape)
+        return splash_attention(q, k, v, spec, interpret=True)
+
+    monkeypatch.setattr(attention, "_platform", lambda: "tpu")
+    monkeypatch.setattr(attention, "splash_attention", interpreted)
+    hidden, cache = prefill()
+    assert calls == [(2, width, 4, 16)]
+    # One decoding step (the group after the prompt, at a traced cache index, as generation runs).
+    step_seg = cache_seg.at[:, width].set(1)
+    step_pos = cache_pos.at[:, width].set(pos[:, -1] + 1)
+    model.backbone_cached(
+        hidden[:, -1:], pos[:, -1:] + 1, seg[:, -1:], cache, step_pos, step_seg, jnp.int32(width)
+    )
+    assert len(calls) == 1  # the decoding step ran on xla
+    monkeypatch.undo()
+    model.model.layers.self_attn.attention = "xla"
+    ref_hidden, ref_cache = prefill()
+    # On xla, the prefill is the dense-mask call it has always been, bit for bit.
+    dense = attention_mask(pos, cache_pos, seg, cache_seg, causal=True)
+    embeds, cache0 = model.embed_inputs(text, codes), model.model.init_cache(2, total)
+    np.testing.assert_array_equal(model.model(embeds, pos, dense, cache0, 0)[0], ref_hidden)
+    real = (seg != 0)[:, :, None]
+    np.testing.assert_allclose(
+        jnp.where(real, hidden, 0), jnp.where(real, ref_hidden, 0), atol=1e-5
+    )
+    in_cache = (cache_seg != 0)[None, :, :, None, None]
+    for name in ("k", "v"):
+        np.testing.assert_allclose(
+            jnp.where(in_cache, cache[name], 0), jnp.where(in_cache, ref_cache[name], 0), atol=1e-5
+        )

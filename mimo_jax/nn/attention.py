@@ -13,14 +13,15 @@ Kernels (`implementation`, the experiment config's `model.attention`):
 - `cudnn` (GPU): `jax.nn.dot_product_attention(implementation="cudnn")`, bf16/fp16; packed rows
   (and windows cuDNN cannot express) go to it as a dense [batch, 1, q_len, k_len] mask.
 - `auto`: splash on TPU, cudnn on GPU where its limits allow, xla otherwise (logged once).
-Only self-attention given as a MaskSpec (training and whole-row passes of the LM backbone, the
-tokenizer's encoder, decoder and vocoder) runs on splash or cudnn. A dense mask keeps xla: that is
-KV-cached decoding and prefill (keys are cache slots whose positions and segments are data, which
-the accelerated kernels' static masks cannot express) and the patch transformers, whose rows of
-4 or 11 tokens a 128-token kernel block would pad tenfold. Splash and cudnn read a MaskSpec's
-positions as each token's index within its segment (segments contiguous, positions advancing by
-one), which is how packed rows are built; the outputs of padding queries (segment 0) are
-unspecified there, as every caller discards them.
+Only self-attention given as a MaskSpec runs on splash or cudnn: training and whole-row passes of
+the LM backbone, its prefill (the prompt attends to itself, `nn.transformer`), and the tokenizer's
+encoder, decoder and vocoder. A dense mask keeps xla: that is KV-cached decoding (keys are cache
+slots whose positions and segments are data, which the accelerated kernels' static masks cannot
+express; one query per step leaves a flash kernel nothing to tile) and the patch transformers,
+whose rows of 4 or 11 tokens a 128-token kernel block would pad tenfold. Splash and cudnn read a
+MaskSpec's positions as each token's index within its segment (segments contiguous, positions
+advancing by one), which is how packed rows and left-padded prompts are built; the outputs of
+padding queries (segment 0) are unspecified there, as every caller discards them.
 """
 
 import dataclasses
@@ -422,7 +423,8 @@ def attend(
         time = q.shape[1]
         if not dropout and left >= 0 and right >= 0 and time > window_block and k.shape[1] == time:
             return windowed_attention(q, k, v, mask, window_block)
-        if time > block and not dropout:
+        # Keys of a cache (a prefill on xla) take the dense mask, as every cached call does.
+        if time > block and not dropout and k.shape[1] == time:
             return blocked_attention(q, k, v, mask, block)
         mask = mask.dense()
     return dot_product_attention(q, k, v, mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from mimo_jax.nn.attention import MaskSpec, attend
+from mimo_jax.nn.attention import MaskSpec, attend, choose_kernel
 from mimo_jax.nn.layers import Dense, Embed, RMSNorm
 from mimo_jax.nn.partitioning import constrain
 from mimo_jax.nn.rope import apply_rope, inv_frequencies, rope_tables
@@ -30,6 +30,16 @@ def _project(
     if rng is None or not getattr(layer, "takes_dropout_rng", False):
         return layer(x)
     return layer(x, dropout_rng=jax.random.fold_in(rng, index))
+
+
+def _prefill_mask(mask, cache_index) -> MaskSpec | None:
+    """A prefill (a MaskSpec over a cache written from slot 0): its groups attend to each other
+    alone, as the slots past them hold nothing yet, so an accelerated kernel can run it as
+    self-attention. None for any other cached call."""
+    if not isinstance(mask, MaskSpec) or not isinstance(cache_index, int) or cache_index != 0:
+        return None
+    pos, seg = mask.q_positions, mask.q_segments
+    return MaskSpec(pos, pos, seg, seg, causal=mask.causal, window=mask.window)
 
 
 class Qwen2Attention(nnx.Module):
@@ -57,12 +67,19 @@ class Qwen2Attention(nnx.Module):
             b, t, self.kv_heads, self.head_dim
         )
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-            cache = {"k": k, "v": v}
         rate = self.dropout if dropout_rng is not None else 0.0
+        if cache is not None:
+            dtype = cache["k"].dtype
+            k, v, own_k, own_v = (
+                jax.lax.dynamic_update_slice(cache["k"], k.astype(dtype), (0, cache_index, 0, 0)),
+                jax.lax.dynamic_update_slice(cache["v"], v.astype(dtype), (0, cache_index, 0, 0)),
+                k.astype(dtype),
+                v.astype(dtype),
+            )
+            cache = {"k": k, "v": v}
+            own = _prefill_mask(mask, cache_index)
+            if own is not None and choose_kernel(self.attention, q, own_k, own, rate > 0) != "xla":
+                k, v, mask = own_k, own_v, own
         out = attend(
             q,
             k.astype(q.dtype),
