@@ -209,21 +209,26 @@ def test_a_tiny_lm_step_on_splash_compiles_for_v5p(capsys, monkeypatch):
     assert calls == [(4, 128, 4, 8)]
 
 
-@pytest.mark.parametrize("rules", ["fsdp", "fsdp_tensor"])
-def test_splash_under_shard_map_equals_xla(rules):
+@pytest.mark.parametrize(
+    "rules, time, packed", [("fsdp", 136, True), ("fsdp_tensor", 136, True), ("fsdp", 128, False)]
+)
+def test_splash_under_shard_map_equals_xla(rules, time, packed):
     """On a mesh of 4 CPU devices: batch split over fsdp, and heads over tensor (fsdp_tensor),
-    each shard running the kernel on its rows and whole query groups."""
+    each shard running the kernel on its rows and whole query groups; packed rows, or whole rows
+    (no segment ids at all)."""
     mesh = jax.make_mesh(
         (2, 2) if rules == "fsdp_tensor" else (4, 1),
         ("fsdp", "tensor"),
         axis_types=(AxisType.Auto,) * 2,
         devices=jax.devices()[:4],
     )
-    q, k, v = _qkv(136, 2)
+    q, k, v = _qkv(time, 2)
     q, k, v = (jnp.concatenate([x, x[::-1]]) for x in (q, k, v))  # batch 4
-    pos, seg = _packed(136, (40,), pad=16)
+    pos, seg = _packed(time, (40,), pad=16)
     pos, seg = jnp.concatenate([pos, pos]), jnp.concatenate([seg, seg])
-    spec = MaskSpec(pos, pos, seg, seg, causal=True)
+    if not packed:
+        pos, seg = jnp.broadcast_to(jnp.arange(time), (4, time)), jnp.ones((4, time))
+    spec = MaskSpec(pos, pos, seg, seg, causal=True) if packed else MaskSpec(pos, pos)
     reference = attend(q, k, v, spec)
     with jax.set_mesh(mesh), use_rules(PRESETS[rules]):
         out = jax.jit(
