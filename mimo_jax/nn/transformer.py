@@ -69,17 +69,14 @@ class Qwen2Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         rate = self.dropout if dropout_rng is not None else 0.0
         if cache is not None:
-            dtype = cache["k"].dtype
-            k, v, own_k, own_v = (
-                jax.lax.dynamic_update_slice(cache["k"], k.astype(dtype), (0, cache_index, 0, 0)),
-                jax.lax.dynamic_update_slice(cache["v"], v.astype(dtype), (0, cache_index, 0, 0)),
-                k.astype(dtype),
-                v.astype(dtype),
-            )
+            new_k, new_v = k.astype(cache["k"].dtype), v.astype(cache["v"].dtype)
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], new_k, start)
+            v = jax.lax.dynamic_update_slice(cache["v"], new_v, start)
             cache = {"k": k, "v": v}
             own = _prefill_mask(mask, cache_index)
-            if own is not None and choose_kernel(self.attention, q, own_k, own, rate > 0) != "xla":
-                k, v, mask = own_k, own_v, own
+            if own is not None and choose_kernel(self.attention, q, new_k, own, rate > 0) != "xla":
+                k, v, mask = new_k, new_v, own
         out = attend(
             q,
             k.astype(q.dtype),
