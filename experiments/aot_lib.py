@@ -244,7 +244,11 @@ def _with_shardings(abstract, shardings):
 
 def abstract_state(config, mesh, rules):
     """(lm config, trainer, train state of ShapeDtypeStructs with the shardings training uses)."""
-    lm = MiMoAudioConfig.from_hf(dict(config.model.hf), remat_policy=config.model.remat_policy)
+    lm = MiMoAudioConfig.from_hf(
+        dict(config.model.hf),
+        remat_policy=config.model.remat_policy,
+        attention=config.model.attention,
+    )
     dtype = dtype_named(config.model.dtype, "config model.dtype")
     param_dtype = dtype_named(config.model.param_dtype, "config model.param_dtype")
     built = {}
@@ -398,6 +402,7 @@ def report(config, r: Compiled, elapsed_s: float, target: Target | None = None) 
         target_line(target),
         f"mesh {dict(config.mesh.ici)}{f' x dcn {dcn}' if dcn else ''} on {r.devices} devices, "
         f"rules {config.mesh.rules}, remat {config.model.remat_policy}, "
+        f"attention {config.model.attention}, "
         f"dtype {config.model.dtype}/{config.model.param_dtype}",
         f"global batch {config.data.batch_size} rows x {config.data.context_length} groups "
         f"(grad_accum {config.optimizer.grad_accum}); parameters {n / 1e9:.3f} B",
@@ -476,7 +481,9 @@ def compile_tokenizer_step(
     batch = {k: jax.ShapeDtypeStruct(s, d, sharding=shardings[k]) for k, (s, d) in shapes.items()}
     start = time.perf_counter()
     step = jax.jit(trainer.train_step, donate_argnums=0, out_shardings=(placed, None))
-    compiled = compile_for(target, step.lower(state, batch))
+    with jax.set_mesh(mesh):  # as experiments.train_tokenizer traces it
+        lowered = step.lower(state, batch)
+    compiled = compile_for(target, lowered)
     return CompiledTokenizerStep(
         compiled.memory_analysis(),
         compiled_flops(compiled),
@@ -497,7 +504,8 @@ def tokenizer_report(
         [
             target_line(target),
             f"{config.task} on {r.devices} devices (state fully sharded), remat "
-            f"{config.model.remat_policy}; parameters {r.parameters / 1e9:.3f} B",
+            f"{config.model.remat_policy}, attention {config.model.attention}; "
+            f"parameters {r.parameters / 1e9:.3f} B",
             f"{per_device} crop(s) of {r.crop_samples / r.sampling_rate:g} s per device "
             f"(global batch {config.data.batch_size})",
             f"compile {r.compile_s:.1f} s (all {elapsed_s:.1f} s); "

@@ -18,6 +18,7 @@ from data_pipelines.pipeline import parse_sources
 from data_pipelines.shards import MANIFEST, ShardSet
 from mimo_jax import model_checkpoint as checkpoint
 from mimo_jax.lm.model import MiMoAudioLM
+from mimo_jax.nn.attention import IMPLEMENTATIONS
 from mimo_jax.nn.dtypes import DTYPES
 from mimo_jax.nn.quantized import QTYPES
 from mimo_jax.nn.remat import policy as remat_policy
@@ -75,6 +76,7 @@ CHECKS: dict[str, Callable] = {
     "model.dtype": _one_of(tuple(DTYPES)),
     "model.param_dtype": _one_of(tuple(DTYPES)),
     "model.remat_policy": _remat,
+    "model.attention": _one_of(IMPLEMENTATIONS),
     "data.batch_size": _int_at_least(1),
     "data.context_length": _int_at_least(1),
     "data.empty_text_weight": _non_negative,

@@ -50,6 +50,7 @@ def discriminator_config(config):
 def check(config) -> None:
     """Raises one ValueError naming every problem of a tokenizer config, before anything runs."""
     from mimo_jax import model_checkpoint
+    from mimo_jax.nn.attention import IMPLEMENTATIONS
     from mimo_jax.tokenizer.config import from_hf
     from mimo_jax.tokenizer.stage2 import check_stage2
 
@@ -69,6 +70,11 @@ def check(config) -> None:
         problems.append(
             "model.init_checkpoint='': a stage-2 run starts from a stage-1 tokenizer; expected "
             "the workdir/model a stage-1 run exported"
+        )
+    if config.model.attention not in IMPLEMENTATIONS:
+        problems.append(
+            f"model.attention={config.model.attention!r}: expected one of "
+            f"{', '.join(IMPLEMENTATIONS)}"
         )
     if not config.data.crop_seconds > 0:
         problems.append(f"data.crop_seconds={config.data.crop_seconds!r}: expected a number > 0")
@@ -133,6 +139,7 @@ def build(config, text_vocab: int):
 
     tok_config, tokenizer = initial_tokenizer(config)
     tokenizer.set_remat(config.model.remat_policy)
+    tokenizer.set_attention(config.model.attention)
     if _stage1(config):
         a2t = AudioToTextLM(
             A2TConfig(text_vocab, **dict(config.a2t)),
@@ -267,9 +274,11 @@ def run(config, workdir) -> int:
     try:
         step, finished = start or 0, (start or 0) >= config.total_steps
         if not finished:
-            state, finished = _loop(
-                config, trainer, state, train_it, eval_batch, mesh, ckpts, writer, step
-            )
+            # The mesh in context: a splash kernel shards itself over it (nn.attention).
+            with jax.set_mesh(mesh):
+                state, finished = _loop(
+                    config, trainer, state, train_it, eval_batch, mesh, ckpts, writer, step
+                )
         if finished and config.export_model:
             _export(config, trainer, state, tok_config, workdir)
         return 0

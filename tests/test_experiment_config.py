@@ -97,6 +97,11 @@ def test_valid_config_passes(data_dir):
         ("optimizer.schedule", "linear", "optimizer.schedule='linear': expected one of cosine"),
         ("model.dtype", "float16", "model.dtype='float16': expected one of float32, bfloat16"),
         ("model.remat_policy", "most", "model.remat_policy='most': expected one of"),
+        (
+            "model.attention",
+            "flash",
+            "model.attention='flash': expected one of auto, xla, splash, cudnn",
+        ),
         ("mesh.rules", "pipeline", "mesh.rules='pipeline': expected one of"),
         (
             "loss.weights",

@@ -147,6 +147,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # parameters and optimizer state
     # "full": a 7B stage-2 row of 8192 groups fits 16 GiB per device (experiments.aot).
     c.model.remat_policy = "full"
+    # The attention kernel: auto (splash on TPU, cuDNN on GPU, else xla), xla, splash, cudnn.
+    c.model.attention = "auto"
 
     c.data = ml_collections.ConfigDict()
     c.data.tokenizer = ""  # tokenizer.json of the text tokenizer
@@ -283,6 +285,7 @@ def tokenizer_config(stage: str, demo: bool, data: str) -> ml_collections.Config
     # Stage 1: "" trains from scratch; stage 2 needs the tokenizer stage 1 exported.
     c.model.init_checkpoint = ""
     c.model.remat_policy = "none" if demo else "full"  # the transformer stacks' (nn.remat)
+    c.model.attention = "auto"  # their kernel: auto, xla, splash, cudnn (nn.attention)
 
     c.data = ml_collections.ConfigDict()
     c.data.manifests = f"{data}/manifest.jsonl"  # comma-separated; tokenize's format, with text

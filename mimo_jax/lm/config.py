@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mimo_jax.nn.attention import IMPLEMENTATIONS
 from mimo_jax.nn.remat import POLICIES as REMAT_POLICIES
 from mimo_jax.nn.stack import StackConfig
 
@@ -92,6 +93,7 @@ class MiMoAudioConfig:
     eot_idx: int | None = None
     # Runtime choices (not in the official file).
     remat_policy: str = "minimal"
+    attention: str = "auto"  # the kernel of the stacks' attention (nn.attention)
     # The official config.json, kept for the write-back.
     hf_config: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
@@ -138,6 +140,10 @@ class MiMoAudioConfig:
                 self.remat_policy in REMAT_POLICIES,
                 f"remat_policy {self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}",
             ),
+            (
+                self.attention in IMPLEMENTATIONS,
+                f"attention {self.attention!r} is not one of {', '.join(IMPLEMENTATIONS)}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -168,6 +174,7 @@ class MiMoAudioConfig:
             self.intermediate_size,
             self.rope_theta,
             self.rms_norm_eps,
+            attention=self.attention,
         )
 
     def patch_decoder_stack(self) -> StackConfig:
@@ -181,6 +188,7 @@ class MiMoAudioConfig:
             self.rope_theta,
             self.rms_norm_eps,
             attn_dropout=self.local_attn_dropout,
+            attention=self.attention,
         )
 
     def patch_encoder_stack(self) -> StackConfig:
@@ -195,6 +203,7 @@ class MiMoAudioConfig:
             self.rms_norm_eps,
             causal=not self.input_full_attention,
             attn_dropout=self.local_attn_dropout,
+            attention=self.attention,
         )
 
     def replace(self, **changes) -> "MiMoAudioConfig":
@@ -331,6 +340,6 @@ def small_config(**overrides: Any) -> MiMoAudioConfig:
         architectures=[ARCHITECTURE],
         model_type="qwen2",
     )
-    runtime = {k: overrides.pop(k) for k in ("remat_policy",) if k in overrides}
+    runtime = {k: overrides.pop(k) for k in ("remat_policy", "attention") if k in overrides}
     hf.update(overrides)
     return MiMoAudioConfig.from_hf(hf, **runtime)

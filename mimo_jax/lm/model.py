@@ -122,8 +122,13 @@ class MiMoAudioLM(nnx.Module):
         cache_index,
     ) -> tuple[jax.Array, KVCache]:
         """Backbone over new groups against a KV cache whose slots carry positions and segments
-        (after this call's groups have been written to them)."""
-        mask = attention_mask(positions, cache_positions, segments, cache_segments, causal=True)
+        (after this call's groups have been written to them). A prefill (`cache_index` the int 0,
+        later slots empty) may run on the accelerated kernels (`nn.attention`)."""
+        mask: jax.Array | MaskSpec
+        if isinstance(cache_index, int) and cache_index == 0:
+            mask = MaskSpec(positions, cache_positions, segments, cache_segments, causal=True)
+        else:
+            mask = attention_mask(positions, cache_positions, segments, cache_segments, causal=True)
         hidden, new_cache = self.model(embeds, positions, mask, cache, cache_index)
         assert new_cache is not None  # given a cache, the stack returns it updated
         return hidden, new_cache

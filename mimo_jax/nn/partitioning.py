@@ -20,10 +20,12 @@ from mimo_jax.nn.params import logical_axes
 
 Rules = dict[str, tuple[str | tuple[str, ...], ...]]
 
-# Activations: the batch over the data-parallel axes, the sequence over `sequence`.
+# Activations: the batch over the data-parallel axes, the sequence over `sequence`, attention
+# heads over `tensor`.
 ACTIVATION_RULES: Rules = {
     "activation_batch": (("data", "fsdp"), "data", "fsdp"),
     "activation_length": ("sequence",),
+    "activation_heads": ("tensor",),
 }
 
 
@@ -92,6 +94,11 @@ class use_rules:
 
     def __exit__(self, *exc):
         _active.pop()
+
+
+def active_rules() -> Rules:
+    """The rules of the innermost `use_rules`, else the activation rules alone."""
+    return _active[-1] if _active else ACTIVATION_RULES
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:

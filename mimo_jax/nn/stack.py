@@ -22,7 +22,8 @@ Layer = TypeVar("Layer", bound=nnx.Module)
 @dataclasses.dataclass(frozen=True)
 class StackConfig:
     """The sizes and attention pattern of one stack. `window` = (left, right) limits attention to
-    keys q - left <= k <= q + right (a negative bound is unlimited)."""
+    keys q - left <= k <= q + right (a negative bound is unlimited); `attention` names the kernel
+    (`nn.attention`: auto, xla, splash, cudnn)."""
 
     hidden: int
     layers: int
@@ -35,6 +36,7 @@ class StackConfig:
     causal: bool = True
     window: tuple[int, int] = (-1, -1)
     attn_dropout: float = 0.0
+    attention: str = "auto"
 
 
 def stacked(make_layer: Callable[[nnx.Rngs], Layer], count: int, rngs: nnx.Rngs) -> Layer:

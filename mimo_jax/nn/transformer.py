@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from mimo_jax.nn.attention import MaskSpec, attend
+from mimo_jax.nn.attention import MaskSpec, attend, choose_kernel
 from mimo_jax.nn.layers import Dense, Embed, RMSNorm
 from mimo_jax.nn.partitioning import constrain
 from mimo_jax.nn.rope import apply_rope, inv_frequencies, rope_tables
@@ -32,6 +32,16 @@ def _project(
     return layer(x, dropout_rng=jax.random.fold_in(rng, index))
 
 
+def _prefill_mask(mask, cache_index) -> MaskSpec | None:
+    """A prefill (a MaskSpec over a cache written from slot 0): its groups attend to each other
+    alone, as the slots past them hold nothing yet, so an accelerated kernel can run it as
+    self-attention. None for any other cached call."""
+    if not isinstance(mask, MaskSpec) or not isinstance(cache_index, int) or cache_index != 0:
+        return None
+    pos, seg = mask.q_positions, mask.q_segments
+    return MaskSpec(pos, pos, seg, seg, causal=mask.causal, window=mask.window)
+
+
 class Qwen2Attention(nnx.Module):
     def __init__(self, cfg: StackConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         h, k, d = cfg.heads, cfg.kv_heads, cfg.head_dim
@@ -42,6 +52,7 @@ class Qwen2Attention(nnx.Module):
         self.o_proj = Dense(h * d, cfg.hidden, axes=("q_heads", "embed"), **kw)
         self.heads, self.kv_heads, self.head_dim = h, k, d
         self.dropout = cfg.attn_dropout
+        self.attention = cfg.attention
 
     def __call__(self, x, cos, sin, mask, cache: KVCache | None, cache_index, dropout_rng=None):
         b, t, _ = x.shape
@@ -56,12 +67,16 @@ class Qwen2Attention(nnx.Module):
             b, t, self.kv_heads, self.head_dim
         )
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-            cache = {"k": k, "v": v}
         rate = self.dropout if dropout_rng is not None else 0.0
+        if cache is not None:
+            new_k, new_v = k.astype(cache["k"].dtype), v.astype(cache["v"].dtype)
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], new_k, start)
+            v = jax.lax.dynamic_update_slice(cache["v"], new_v, start)
+            cache = {"k": k, "v": v}
+            own = _prefill_mask(mask, cache_index)
+            if own is not None and choose_kernel(self.attention, q, new_k, own, rate > 0) != "xla":
+                k, v, mask = new_k, new_v, own
         out = attend(
             q,
             k.astype(q.dtype),
@@ -69,6 +84,7 @@ class Qwen2Attention(nnx.Module):
             mask,
             dropout_rate=rate,
             dropout_rng=dropout_rng,
+            implementation=self.attention,
         )
         out = proj(self.o_proj, out.reshape(b, t, self.heads * self.head_dim), 3)
         return checkpoint_name(out, "out_proj"), cache

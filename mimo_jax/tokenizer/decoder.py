@@ -80,6 +80,7 @@ class AudioDecoder(nnx.Module):
         self.stack_config = c.decoder_stack()
         self.layers = make_stack(self.stack_config, dtype=dtype, rngs=rngs)
         self.remat_policy = "none"  # training sets it (MiMoAudioTokenizer.set_remat)
+        self.attention = "auto"  # the kernel (MiMoAudioTokenizer.set_attention)
         self.layer_norm = LayerNorm(c.d_model, eps=c.ln_eps, rngs=rngs)
         self.dconv2 = CausalConvTranspose1d(
             c.d_model,
@@ -102,6 +103,7 @@ class AudioDecoder(nnx.Module):
             lengths,
             inv_freq_dtype=inv_freq_dtype,
             remat_policy=self.remat_policy,
+            attention=self.attention,
         )
         return self.dconv2(self.layer_norm(h), lengths)
 

@@ -41,6 +41,7 @@ class AudioEncoder(nnx.Module):
         self.stack_config = c.encoder_stack()
         self.layers = make_stack(self.stack_config, dtype=dtype, rngs=rngs)
         self.remat_policy = "none"  # training sets it (MiMoAudioTokenizer.set_remat)
+        self.attention = "auto"  # the kernel (MiMoAudioTokenizer.set_attention)
         self.layer_norm = LayerNorm(c.d_model, eps=c.ln_eps, rngs=rngs)
         if c.avg_pooler > 1:
             self.down_sample_layer: Conv1d | None = Conv1d(
@@ -95,6 +96,7 @@ class AudioEncoder(nnx.Module):
             start=start,
             stop=stop,
             remat_policy=self.remat_policy,
+            attention=self.attention,
         )
         if not skip_at:
             return run(h, 0, None)

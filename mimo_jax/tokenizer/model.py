@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mimo_jax.nn import remat
+from mimo_jax.nn.attention import check_implementation
 from mimo_jax.tokenizer.config import TokenizerConfig
 from mimo_jax.tokenizer.decoder import AudioDecoder
 from mimo_jax.tokenizer.encoder import AudioEncoder
@@ -42,6 +43,13 @@ class MiMoAudioTokenizer(nnx.Module):
         remat.policy(policy)  # names a bad policy
         for stack in (self.encoder, self.decoder, self.decoder.vocoder):
             stack.remat_policy = policy
+
+    def set_attention(self, implementation: str) -> None:
+        """Run the encoder's, decoder's and vocoder's attention on the kernel `implementation`
+        names (`mimo_jax.nn.attention`: auto, xla, splash, cudnn)."""
+        check_implementation(implementation)
+        for stack in (self.encoder, self.decoder, self.decoder.vocoder):
+            stack.attention = implementation
 
     def mel(self, wav: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
         """wav [batch, samples] float32 24 kHz, lengths [batch] -> (log-mel [batch, frames, mels],

@@ -30,7 +30,7 @@ class SelfAttention(nnx.Module):
         self.causal = cfg.causal
         self.window = tuple(cfg.window)
 
-    def __call__(self, x, cos, sin, positions, segments):
+    def __call__(self, x, cos, sin, positions, segments, attention="auto"):
         batch, time, dim = x.shape
         split = lambda t: t.reshape(batch, time, self.heads, dim // self.heads)
         q = apply_rope(split(self.q_proj(x)), cos, sin)
@@ -39,7 +39,7 @@ class SelfAttention(nnx.Module):
         mask = MaskSpec(
             positions, positions, segments, segments, causal=self.causal, window=self.window
         )
-        out = attend(q, k, v, mask)
+        out = attend(q, k, v, mask, implementation=attention)
         return self.out_proj(out.reshape(batch, time, dim).astype(x.dtype))
 
 
@@ -58,8 +58,10 @@ class TransformerLayer(nnx.Module):
         )
         self.final_layer_norm = LayerNorm(cfg.hidden, eps=cfg.norm_eps, rngs=rngs)
 
-    def __call__(self, x, cos, sin, positions, segments):
-        x = x + self.self_attn(self.self_attn_layer_norm(x), cos, sin, positions, segments)
+    def __call__(self, x, cos, sin, positions, segments, attention="auto"):
+        x = x + self.self_attn(
+            self.self_attn_layer_norm(x), cos, sin, positions, segments, attention
+        )
         h = jax.nn.gelu(self.fc1(self.final_layer_norm(x)), approximate=False)
         x = x + self.fc2(h)
         if x.dtype in (jnp.float16, jnp.bfloat16):
@@ -83,9 +85,11 @@ def run_stack(
     start: int = 0,
     stop: int | None = None,
     remat_policy: str = "none",
+    attention: str = "auto",
 ):
     """Apply layers [start, stop) of a stack to x [batch, time, dim] with per-sequence lengths
-    (rematerialised in the backward pass by `remat_policy`, `mimo_jax.nn.remat`)."""
+    (rematerialised in the backward pass by `remat_policy`, `mimo_jax.nn.remat`; attention on the
+    kernel `attention` names, `mimo_jax.nn.attention`)."""
     batch, time, _ = x.shape
     positions = jnp.broadcast_to(jnp.arange(time), (batch, time))
     segments = (positions < lengths[:, None]).astype(jnp.int32)
@@ -95,7 +99,7 @@ def run_stack(
     cos, sin = rope_tables(positions, inv_freq, x.dtype)
 
     def step(layer, h, _):
-        return layer(h, cos, sin, positions, segments), None
+        return layer(h, cos, sin, positions, segments, attention), None
 
     x, _ = scan_layers(stack, step, x, start=start, stop=stop, remat_policy=remat_policy)
     return x

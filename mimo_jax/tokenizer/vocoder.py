@@ -97,6 +97,7 @@ class TransformerVocos(nnx.Module):
         self.stack_config = c.vocoder_stack()
         self.layers = make_stack(self.stack_config, dtype=dtype, rngs=rngs)
         self.remat_policy = "none"  # training sets it (MiMoAudioTokenizer.set_remat)
+        self.attention = "auto"  # the kernel (MiMoAudioTokenizer.set_attention)
         self.layer_norm = LayerNorm(c.vocoder_dim, eps=c.ln_eps, rngs=rngs)
         self.head = ISTFTHead(c.vocoder_dim, c.nfft, c.hop_length, dtype=dtype, rngs=rngs)
 
@@ -110,5 +111,6 @@ class TransformerVocos(nnx.Module):
             lengths,
             inv_freq_dtype=inv_freq_dtype,
             remat_policy=self.remat_policy,
+            attention=self.attention,
         )
         return self.head(self.layer_norm(x), lengths)

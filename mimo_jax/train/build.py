@@ -78,8 +78,11 @@ def build_model(config: ConfigDict, mesh, rules) -> tuple[MiMoAudioConfig, nnx.M
             dtype=dtype,
             param_dtype=param_dtype,
             remat_policy=config.model.remat_policy,
+            attention=config.model.attention,
         )
-    lm_config = lm_architecture(config).replace(remat_policy=config.model.remat_policy)
+    lm_config = lm_architecture(config).replace(
+        remat_policy=config.model.remat_policy, attention=config.model.attention
+    )
 
     def create():
         return MiMoAudioLM(
