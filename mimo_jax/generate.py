@@ -159,14 +159,14 @@ def _to_run(lines: list[tuple[int, dict]], out: Path, overwrite: bool) -> list[t
     skipped."""
     if overwrite:
         return lines
-    todo = [(n, req) for n, req in lines if not (out / f"{req['id']}.txt").exists()]
-    if len(todo) < len(lines):
+    pending = [(n, req) for n, req in lines if not (out / f"{req['id']}.txt").exists()]
+    if len(pending) < len(lines):
         print(
-            f"skipping {len(lines) - len(todo)} of {len(lines)} requests: their output is "
+            f"skipping {len(lines) - len(pending)} of {len(lines)} requests: their output is "
             f"already in {out} (--overwrite to run them again)",
             file=sys.stderr,
         )
-    return todo
+    return pending
 
 
 class _Errors:

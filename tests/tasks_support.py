@@ -102,3 +102,23 @@ def fixture_lm(fx: TasksFixture):
     from mimo_jax.conversion.convert import load_torch_checkpoint
 
     return load_torch_checkpoint(fx.lm_dir)
+
+
+def record_batches(monkeypatch, record):
+    """Patches MimoAudio's batch generation: `record(requests)` of each batch goes into the list
+    returned first, and `fail[id] = exception` (the dict returned second) makes the batch holding
+    that request raise it inside its generation."""
+    from mimo_jax.inference.tasks import MimoAudio
+
+    ran, fail, real = [], {}, MimoAudio._generate
+
+    def generate_batch(self, jobs, results):
+        requests = [j.request for j in jobs]
+        ran.append(record(requests))
+        for r in requests:
+            if r["id"] in fail:
+                raise fail[r["id"]]
+        return real(self, jobs, results)
+
+    monkeypatch.setattr(MimoAudio, "_generate", generate_batch)
+    return ran, fail

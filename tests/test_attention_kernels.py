@@ -150,9 +150,9 @@ def _lm_hidden(attention: str, groups: int = 128):
     return model(text, codes, pos, seg), seg
 
 
-def test_the_lm_backbone_runs_on_splash(monkeypatch):
-    """model.attention=splash reaches the backbone: with the TPU kernel run in Pallas's interpreter
-    here, packed rows give the xla hidden states (real tokens) at 1e-5."""
+def _splash_interpreted_as_on_a_tpu(monkeypatch) -> list:
+    """The backend taken for a TPU, its splash kernel run in Pallas's interpreter; returns the
+    list of the query shapes of its calls."""
     calls = []
 
     def interpreted(q, k, v, spec, interpret=False):
@@ -161,6 +161,13 @@ def test_the_lm_backbone_runs_on_splash(monkeypatch):
 
     monkeypatch.setattr(attention, "_platform", lambda: "tpu")
     monkeypatch.setattr(attention, "splash_attention", interpreted)
+    return calls
+
+
+def test_the_lm_backbone_runs_on_splash(monkeypatch):
+    """model.attention=splash reaches the backbone: with the TPU kernel run in Pallas's interpreter
+    here, packed rows give the xla hidden states (real tokens) at 1e-5."""
+    calls = _splash_interpreted_as_on_a_tpu(monkeypatch)
     ours, seg = _lm_hidden("splash")
     monkeypatch.undo()
     reference, _ = _lm_hidden("xla")
@@ -318,14 +325,7 @@ def test_the_prefill_runs_on_splash_and_decoding_keeps_xla(monkeypatch):
         embeds = model.embed_inputs(text, codes)
         return model.backbone_cached(embeds, pos, seg, cache, cache_pos, cache_seg, 0)
 
-    calls = []
-
-    def interpreted(q, k, v, spec, interpret=False):
-        calls.append(q.shape)
-        return splash_attention(q, k, v, spec, interpret=True)
-
-    monkeypatch.setattr(attention, "_platform", lambda: "tpu")
-    monkeypatch.setattr(attention, "splash_attention", interpreted)
+    calls = _splash_interpreted_as_on_a_tpu(monkeypatch)
     hidden, cache = prefill()
     assert calls == [(2, width, 4, 16)]
     # One decoding step (the group after the prompt, at a traced cache index, as generation runs).

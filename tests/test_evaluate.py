@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
-from tasks_support import fixture_lm
+from tasks_support import fixture_lm, record_batches
 from test_readme import readme_command
 
 from mimo_jax import evaluate
@@ -193,20 +193,7 @@ def test_few_shot_items(fx, lm_dir, tasks_lm, tmp_path, capsys):
 @pytest.fixture
 def batches(monkeypatch):
     """The requests of each batch generated; `fail[id] = exception` makes its batch raise it."""
-    from mimo_jax.inference.tasks import MimoAudio
-
-    ran, fail, real = [], {}, MimoAudio._generate
-
-    def generate_batch(self, jobs, results):
-        ids = [j.request["id"] for j in jobs]
-        ran.append([j.request for j in jobs])
-        for rid in ids:
-            if rid in fail:
-                raise fail[rid]
-        return real(self, jobs, results)
-
-    monkeypatch.setattr(MimoAudio, "_generate", generate_batch)
-    return ran, fail
+    return record_batches(monkeypatch, lambda requests: requests)
 
 
 def _asr_argv(fx, lm_dir, tmp_path, lines) -> list[str]:

@@ -11,6 +11,7 @@ import re
 import numpy as np
 import pytest
 import soundfile as sf
+from tasks_support import record_batches
 
 from mimo_jax import generate
 
@@ -161,20 +162,7 @@ def _requests(path, *lines) -> str:
 def batches(monkeypatch):
     """The ids of each batch generated, in order; `fail[id] = exception` makes the batch of that
     request raise it inside its generation."""
-    from mimo_jax.inference.tasks import MimoAudio
-
-    ran, fail, real = [], {}, MimoAudio._generate
-
-    def generate_batch(self, jobs, results):
-        ids = [j.request["id"] for j in jobs]
-        ran.append(ids)
-        for rid in ids:
-            if rid in fail:
-                raise fail[rid]
-        return real(self, jobs, results)
-
-    monkeypatch.setattr(MimoAudio, "_generate", generate_batch)
-    return ran, fail
+    return record_batches(monkeypatch, lambda requests: [r["id"] for r in requests])
 
 
 def test_finished_requests_survive_faults_and_a_rerun_runs_only_the_rest(

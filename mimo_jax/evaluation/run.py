@@ -115,7 +115,7 @@ def evaluate_asr(
     options = {"seed": seed, "greedy": greedy, "min_new_groups": min_new_groups}
     if max_new_groups:
         options["max_new_groups"] = max_new_groups
-    todo = [(i, u) for i, u in enumerate(utterances) if u.id not in done]
+    pending = [(i, u) for i, u in enumerate(utterances) if u.id not in done]
     reqs = [
         {
             "id": u.id,
@@ -123,11 +123,11 @@ def evaluate_asr(
             "template": template or asr_template(u.language, seed + i),
             **options,
         }
-        for i, u in todo
+        for i, u in pending
     ]
     rows = []
     for k, res in mimo.run_iter(reqs, task="asr", raise_errors=False, batch_size=batch_size):
-        u = todo[k][1]
+        u = pending[k][1]
         if progress is not None:
             progress(1)
         if res.error is not None:
