@@ -72,7 +72,8 @@ def parse_args(argv=None):
     return a
 
 
-def _prompt(config, batch, groups):
+def prompt_batch(config, batch, groups):
+    """Random prompts of `groups` groups per row, every other group speech."""
     rng = np.random.default_rng(0)
     text = rng.integers(0, config.vocab_size - 8, (batch, groups)).astype(np.int32)
     text[:, ::2] = config.empty_idx  # half the prompt groups are speech
@@ -93,7 +94,7 @@ def _speech_only(config, a, sampler):
 
 
 def bench_jax(model, config, batch, a, sampler):
-    text, codes = _prompt(config, batch, a.prompt)
+    text, codes = prompt_batch(config, batch, a.prompt)
     gen = _speech_only(config, a, sampler)
     t0 = time.perf_counter()
     out = generate(model, text, codes, gen)
@@ -119,7 +120,7 @@ def _audio_tokenizer():
 def bench_stream(model, config, a, tokenizer):
     """(seconds to the first audio, seconds to the end) of one streamed TTS request, after a
     first run that compiles."""
-    text, codes = _prompt(config, 1, a.prompt)
+    text, codes = prompt_batch(config, 1, a.prompt)
     gen = _speech_only(config, a, SAMPLED)
 
     def run(seed):
@@ -146,7 +147,7 @@ def bench_torch(config, batch, a):
     torch.manual_seed(0)
     cfg = torch_config(config)
     model = Qwen2ForCausalLM(cfg).eval()
-    ids = torch.as_tensor(_prompt(config, batch, a.prompt)[0], dtype=torch.long)
+    ids = torch.as_tensor(prompt_batch(config, batch, a.prompt)[0], dtype=torch.long)
     kw = dict(
         max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False, use_cache=True, pad_token_id=0
     )

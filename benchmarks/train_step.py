@@ -6,6 +6,7 @@ over a base quantised to --qlora-type with --quantize-tile inputs a scale) in th
 
     python -m benchmarks.train_step [--hidden 256 --layers 4 --heads 4 --kv-heads 2 --ffn 768
         --vocab 4096 --local-dim 128 --local-layers 2 --input-local-layers 2 --local-heads 4
+        --attention auto
         --context 256 --batch N --steps 5 --dtypes float32,bfloat16 --methods full,lora,qlora
         --lora-rank 16 --qlora-type int8 --quantize-tile 64 --peak-tflops T]
 
@@ -89,7 +90,7 @@ def make_config(a, dtype: str, method: str = "full"):
         eostm_idx=a.vocab - 4,
         eot_idx=a.vocab - 3,
     )
-    c.model.dtype, c.model.remat_policy = dtype, a.remat
+    c.model.dtype, c.model.remat_policy, c.model.attention = dtype, a.remat, a.attention
     c.data.batch_size, c.data.context_length = a.batch or jax.device_count(), a.context
     c.mesh.ici = {"data": 1, "fsdp": -1, "tensor": 1, "sequence": 1}
     c.mesh.dcn = {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1}
@@ -187,6 +188,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--qlora-type", default="int8", choices=("int8", "int4"))
     p.add_argument("--quantize-tile", type=int, default=64, help="inputs per quantisation scale")
     p.add_argument("--remat", default="minimal", help="remat policy (none, minimal, full, ...)")
+    p.add_argument("--attention", default="auto", help="model.attention: auto, xla, splash, cudnn")
     p.add_argument("--rules", default="fsdp", choices=("fsdp", "fsdp_tensor", "data"))
     p.add_argument(
         "--peak-tflops",

@@ -205,6 +205,11 @@ _KERNEL_ON = {"tpu": "splash", "gpu": "cudnn"}  # the accelerated kernel of each
 _SPLASH_BLOCKS = (512, 256, 128)
 
 
+def kernels_on(platform: str) -> tuple[str, ...]:
+    """The kernels a backend runs: xla everywhere, and its accelerated one."""
+    return ("xla",) + ((_KERNEL_ON[platform],) if platform in _KERNEL_ON else ())
+
+
 def check_implementation(name: str) -> str:
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"attention {name!r}: expected one of {', '.join(IMPLEMENTATIONS)}")
@@ -255,8 +260,7 @@ def choose_kernel(implementation: str, q, k, mask, dropout: bool, interpret: boo
         return "xla" if why else name
     needs = next(p for p, kernel in _KERNEL_ON.items() if kernel == implementation)
     if platform != needs and not (implementation == "splash" and interpret):
-        other = _KERNEL_ON.get(platform)
-        supported = "xla" + (f" and {other}" if other else "")
+        supported = " and ".join(kernels_on(platform))
         raise ValueError(
             f"attention {implementation!r} needs a {needs.upper()}; this backend is {platform}, "
             f"which supports {supported} (or auto)"
