@@ -144,6 +144,7 @@ def build(config, text_vocab: int):
         a2t = AudioToTextLM(
             A2TConfig(text_vocab, **dict(config.a2t)),
             tok_config.d_model,
+            attention=config.model.attention,
             rngs=nnx.Rngs(config.seed + 1),
         )
         loss = Stage1Config(

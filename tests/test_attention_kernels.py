@@ -26,6 +26,7 @@ from mimo_jax.nn.attention import (
     splash_attention,
 )
 from mimo_jax.nn.partitioning import use_rules
+from mimo_jax.tokenizer.a2t import A2TConfig, AudioToTextLM
 from mimo_jax.tokenizer.tokenizer_checkpoint import load_tokenizer
 from sharding.rules import PRESETS
 
@@ -351,3 +352,25 @@ def test_the_prefill_runs_on_splash_and_decoding_keeps_xla(monkeypatch):
         np.testing.assert_allclose(
             jnp.where(in_cache, cache[name], 0), jnp.where(in_cache, ref_cache[name], 0), atol=1e-5
         )
+
+
+def test_the_a2t_lm_runs_on_splash(monkeypatch):
+    """The tokenizer trainer's audio-to-text LM takes `attention` to its stack: interpreted
+    splash gives xla's logits at the real transcript slots (padded audio and tokens around) at
+    1e-5."""
+    config = A2TConfig(vocab_size=13, hidden=32, layers=2, heads=2, kv_heads=1, ffn=64)
+    rng = np.random.default_rng(0)
+    audio = jnp.asarray(rng.normal(size=(2, 7, 6)), jnp.float32)
+    text = jnp.asarray(rng.integers(0, 13, (2, 5)))
+    audio_len, text_len = jnp.asarray([7, 4]), jnp.asarray([5, 3])
+
+    def logits(kernel):
+        lm = AudioToTextLM(config, audio_dim=6, attention=kernel, rngs=nnx.Rngs(0))
+        return lm(audio, audio_len, text, text_len)
+
+    reference = logits("xla")
+    calls = _splash_interpreted_as_on_a_tpu(monkeypatch)
+    ours = logits("splash")
+    assert calls == [(2, 12, 2, 16)]  # one stack, traced once by its scan
+    real = (jnp.arange(5)[None] < text_len[:, None])[..., None]
+    np.testing.assert_allclose(jnp.where(real, ours, 0), jnp.where(real, reference, 0), atol=1e-5)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mimo_jax.nn.attention import attention_mask
+from mimo_jax.nn.attention import MaskSpec
 from mimo_jax.nn.layers import Dense, Embed
 from mimo_jax.nn.stack import StackConfig
 from mimo_jax.nn.transformer import Qwen2Stack
@@ -55,12 +55,24 @@ class A2TConfig:
 
 
 class AudioToTextLM(nnx.Module):
-    def __init__(self, config: A2TConfig, audio_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: A2TConfig,
+        audio_dim: int,
+        *,
+        dtype=jnp.float32,
+        attention: str = "auto",
+        rngs: nnx.Rngs,
+    ):
+        """`attention`: the kernel of its stack (`nn.attention`: auto, xla, splash, cudnn)."""
         self.config = config
         self.audio_proj = Dense(audio_dim, config.hidden, axes=(None, "embed"), rngs=rngs)
         self.bos = Embed(1, config.hidden, axes=(None, "embed"), rngs=rngs)
         self.stack = Qwen2Stack(
-            config.stack(), vocab_size=config.vocab_size, dtype=dtype, rngs=rngs
+            dataclasses.replace(config.stack(), attention=attention),
+            vocab_size=config.vocab_size,
+            dtype=dtype,
+            rngs=rngs,
         )
         self.lm_head = Dense(config.hidden, config.vocab_size, axes=("embed", "vocab"), rngs=rngs)
 
@@ -87,7 +99,9 @@ class AudioToTextLM(nnx.Module):
             ],
             axis=1,
         ).astype(jnp.int32)
-        mask = attention_mask(positions, positions, jnp.ones_like(visible), visible, causal=True)
+        # Every query one segment, padded keys another: given by its parts, the mask runs on any
+        # attention kernel (splash takes query and key segments apart).
+        mask = MaskSpec(positions, positions, jnp.ones_like(visible), visible, causal=True)
         h, _ = self.stack(x.astype(jnp.float32), positions, mask)
         return self.lm_head(h[:, frames:])
 
