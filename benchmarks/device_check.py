@@ -177,7 +177,8 @@ def bytes_per_group(model: MiMoAudioLM, cache_groups: int, batch: int = 1) -> in
     for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         names = [str(p) for p in path]
         times = 0 if "embed_tokens" in names else reads.get(names[0], 1)
-        total += times * leaf.get_value().nbytes
+        value = leaf.get_value()  # an array, or its shape and dtype (abstract models too)
+        total += times * value.size * jnp.dtype(value.dtype).itemsize
     s = c.backbone_stack()
     cache = 2 * s.layers * s.kv_heads * s.head_dim * cache_groups * jnp.dtype(model.dtype).itemsize
     return total + batch * cache
