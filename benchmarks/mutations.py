@@ -166,14 +166,14 @@ MUTATIONS = [
     ),
     Mutation(
         "LoRA adapter output without its alpha / r scale",
-        "mimo_jax/train/lora.py",
+        "mimo_jax/lm/lora.py",
         "return y + (self.lora(x) * self.scale).astype(y.dtype)",
         "return y + self.lora(x).astype(y.dtype)",
         ("tests/test_lora.py", "-k", "peft_formula"),
     ),
     Mutation(
         "LoRA merge without its alpha / r scale",
-        "mimo_jax/train/lora.py",
+        "mimo_jax/lm/lora.py",
         "f32(module.lora.lora_b[...])) * module.scale",
         "f32(module.lora.lora_b[...]))",
         ("tests/test_lora_peft.py", "-k", "merges_to_our"),
@@ -229,7 +229,7 @@ MUTATIONS = [
     ),
     Mutation(
         "QLoRA leaves the untrained, unadapted layers in float",
-        "mimo_jax/train/lora.py",
+        "mimo_jax/lm/lora.py",
         "            _set_module(model, layer.path, QuantizedDense(module, q))",
         "            pass",
         ("tests/test_qlora.py",),

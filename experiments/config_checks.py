@@ -17,6 +17,8 @@ from flax import nnx
 from data_pipelines.pipeline import parse_sources
 from data_pipelines.shards import MANIFEST, ShardSet
 from mimo_jax import model_checkpoint as checkpoint
+from mimo_jax.lm.groups import GROUPS, group_of
+from mimo_jax.lm.lora import MODES, linear_layers, select
 from mimo_jax.lm.model import MiMoAudioLM
 from mimo_jax.nn.attention import IMPLEMENTATIONS
 from mimo_jax.nn.dtypes import DTYPES
@@ -24,9 +26,7 @@ from mimo_jax.nn.quantized import QTYPES
 from mimo_jax.nn.remat import policy as remat_policy
 from mimo_jax.tasks.text_tokenizer import TextTokenizer, model_id_problems
 from mimo_jax.train.build import groups_in_mode, lm_architecture, lora_config
-from mimo_jax.train.lora import MODES, linear_layers, select
 from mimo_jax.train.losses import LossConfig
-from mimo_jax.train.optimizer import GROUPS, group_of
 from sharding.rules import PRESETS
 
 

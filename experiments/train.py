@@ -229,7 +229,7 @@ def _generation_eval(config, lm_config):
 
     if not generation_eval_on(config):
         return None
-    from mimo_jax.train.eval_generation import GenerationEval, GenerationEvalConfig
+    from mimo_jax.evaluation.during_training import GenerationEval, GenerationEvalConfig
 
     g = config.eval_generation
     return GenerationEval(
@@ -336,8 +336,8 @@ def export_model(config, trainer, state, lm_config, workdir) -> None:
     modules of groups trained in full (a PEFT directory, `mimo_jax.lm.adapters`)."""
     from mimo_jax import model_checkpoint as model_ckpt
     from mimo_jax.lm import adapters
+    from mimo_jax.lm.lora import merge_lora
     from mimo_jax.train import build
-    from mimo_jax.train.lora import merge_lora
 
     model = trainer.model(state)
     if build.lora_config(config) is not None:

@@ -347,9 +347,9 @@ def _loop(config, trainer, state, train_it, eval_batch, mesh, ckpts, writer, ste
 def _reconstruct(trainer, state, batch, writer, step: int) -> None:
     """The eval crops through the tokenizer at 8 codebooks and all: the mel distance of each
     to metrics.jsonl, the first crop's audio and log-mel images to TensorBoard."""
+    from mimo_jax.evaluation.during_training import log_mel_image
     from mimo_jax.tokenizer.mel_loss import multiscale_mel_loss
     from mimo_jax.tokenizer.stage1 import fit_length
-    from mimo_jax.train.eval_generation import log_mel_image
 
     tokenizer = trainer.model(state).tokenizer
     config = tokenizer.config

@@ -41,8 +41,9 @@ def lm(fixtures_root):
     """(config, model) of the LM fixture, converted from its official checkpoint (per module: a
     module may define its own `lm`)."""
     from mimo_jax.conversion.convert import load_torch_checkpoint
+    from mimo_jax.lm.conversion import LMFamily
 
-    return load_torch_checkpoint(fixtures_root / "lm")
+    return load_torch_checkpoint(fixtures_root / "lm", LMFamily())
 
 
 @pytest.fixture(scope="module")

@@ -100,8 +100,9 @@ def generated_groups(fx: TasksFixture, gen: dict):
 def fixture_lm(fx: TasksFixture):
     """(config, model) of the tasks/ LM, loaded as its config.json says."""
     from mimo_jax.conversion.convert import load_torch_checkpoint
+    from mimo_jax.lm.conversion import LMFamily
 
-    return load_torch_checkpoint(fx.lm_dir)
+    return load_torch_checkpoint(fx.lm_dir, LMFamily())
 
 
 def record_batches(monkeypatch, record):

@@ -15,9 +15,10 @@ from train_support import xla_env
 from experiments import aot_lib
 from experiments.configs import demo
 from mimo_jax.lm.config import MiMoAudioConfig
+from mimo_jax.lm.groups import group_of
 from mimo_jax.nn.quantized import QuantizedKernel
 from mimo_jax.train import build, flops
-from mimo_jax.train.optimizer import group_of, path_of
+from mimo_jax.train.optimizer import path_of
 from sharding.mesh import mesh_and_rules
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,10 +11,11 @@ from flax import nnx
 from train_support import random_batch
 
 from mimo_jax.lm.config import small_config
+from mimo_jax.lm.groups import group_of
+from mimo_jax.lm.lora import LoraConfig, LoRADense, adapted, apply_lora, merge_lora
 from mimo_jax.lm.model import MiMoAudioLM
-from mimo_jax.train.lora import LoraConfig, LoRADense, adapted, apply_lora, merge_lora
 from mimo_jax.train.losses import LossConfig
-from mimo_jax.train.optimizer import OptimizerConfig, group_of
+from mimo_jax.train.optimizer import OptimizerConfig
 from mimo_jax.train.step import Trainer
 
 BACKBONE = r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"

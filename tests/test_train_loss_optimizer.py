@@ -8,9 +8,10 @@ from flax import nnx
 from train_support import TWO_CHANNELS, random_batch
 
 from mimo_jax.lm.config import small_config
+from mimo_jax.lm.groups import group_of
 from mimo_jax.lm.model import MiMoAudioLM
 from mimo_jax.train.losses import LossConfig, mimo_loss
-from mimo_jax.train.optimizer import OptimizerConfig, group_of
+from mimo_jax.train.optimizer import OptimizerConfig
 from mimo_jax.train.step import Trainer
 
 

@@ -184,7 +184,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.grad_accum = 1
     c.optimizer.frozen = ()
 
-    # LoRA adapters (mimo_jax.train.lora), off while `rank` is 0. `targets`: regular expressions,
+    # LoRA adapters (mimo_jax.lm.lora), off while `rank` is 0. `targets`: regular expressions,
     # each fully matching official module names (`model.layers.3.self_attn.q_proj`; default: the
     # backbone's attention and MLP); `modes`: per module group, "lora" (base frozen, its targeted
     # layers adapted), "full" (every parameter trained) or "frozen". Adapters train at their

@@ -94,23 +94,24 @@ class _Job:
 def load_lm(path: str | Path, dtype=None, adapter: str | Path | None = None):
     """(config, model) from an official directory (converted in memory) or a converted one; with
     `adapter` (a PEFT LoRA directory, `lm.adapters`), its adapters merged into the weights."""
-    from mimo_jax import model_checkpoint as checkpoint
+    from mimo_jax.conversion import param_store
     from mimo_jax.conversion.convert import load_torch_checkpoint
+    from mimo_jax.lm.conversion import LMFamily
 
     path = Path(path)
-    if checkpoint.is_model_checkpoint(path):
-        config, model = checkpoint.load(path, dtype=dtype)
+    if param_store.is_model_checkpoint(path):
+        config, model = param_store.load(path, LMFamily(), dtype=dtype)
     elif not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{path}: not an LM checkpoint (expected config.json with "
             f"model*.safetensors, or a converted checkpoint with params/)"
         )
     else:
-        config, model = load_torch_checkpoint(path, dtype)
+        config, model = load_torch_checkpoint(path, LMFamily(), dtype)
     if adapter is None:
         return config, model
     from mimo_jax.lm import adapters
-    from mimo_jax.train.lora import merge_lora, module_at
+    from mimo_jax.lm.lora import merge_lora, module_at
 
     layers = adapters.load(model, adapter)
     model = merge_lora(model)

@@ -13,13 +13,14 @@ from ml_collections import ConfigDict
 
 from mimo_jax import model_checkpoint as model_ckpt
 from mimo_jax.lm.config import MiMoAudioConfig
+from mimo_jax.lm.groups import GROUPS
+from mimo_jax.lm.lora import LoraConfig, apply_lora, quantize_base
 from mimo_jax.lm.model import MiMoAudioLM
 from mimo_jax.nn.dtypes import dtype_named
 from mimo_jax.nn.partitioning import batch_sharding, state_shardings
 from mimo_jax.nn.quantized import Quantization, QuantizedKernel
-from mimo_jax.train.lora import LoraConfig, apply_lora, quantize_base
 from mimo_jax.train.losses import LossConfig
-from mimo_jax.train.optimizer import GROUPS, OptimizerConfig
+from mimo_jax.train.optimizer import OptimizerConfig
 from mimo_jax.train.step import Trainer, TrainState
 
 BATCH_FIELDS = (

@@ -2,12 +2,8 @@
 biases, global-norm clipping, and frozen groups that get neither gradients nor optimizer state (nor
 do the base weights of a group trained through LoRA adapters: only its adapters do).
 
-Groups of the MiMo-Audio LM (the report's learning rates: pretraining 2e-4 / 3e-5 / 2e-4,
-fine-tuning 5e-5 / 1e-5 / 5e-5):
-  patch_encoder  input_local_transformer, speech_embeddings, speech_group_downcast
-  llm            model (the Qwen2 backbone with its token embedding), lm_head
-  patch_decoder  local_transformer, local_transformer_lm_heads, hidden_states_downcast,
-                 speech_embeddings_to_local
+The groups are the LM's (`lm.groups`); the report's learning rates: pretraining 2e-4 / 3e-5 / 2e-4,
+fine-tuning 5e-5 / 1e-5 / 5e-5.
 """
 
 import dataclasses
@@ -16,25 +12,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-GROUP_OF_MODULE = {
-    "input_local_transformer": "patch_encoder",
-    "speech_embeddings": "patch_encoder",
-    "speech_group_downcast": "patch_encoder",
-    "model": "llm",
-    "lm_head": "llm",
-    "local_transformer": "patch_decoder",
-    "local_transformer_lm_heads": "patch_decoder",
-    "hidden_states_downcast": "patch_decoder",
-    "speech_embeddings_to_local": "patch_decoder",
-}
-GROUPS = ("patch_encoder", "llm", "patch_decoder")
+from mimo_jax.lm.groups import GROUPS, group_of
+
 NO_DECAY_LEAVES = ("bias", "scale")
-
-
-def group_of(path: tuple[str, ...]) -> str:
-    if path[0] not in GROUP_OF_MODULE:
-        raise KeyError(f"parameter {'.'.join(path)} belongs to no optimizer group")
-    return GROUP_OF_MODULE[path[0]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +30,7 @@ class OptimizerConfig:
     eps: float = 1e-8
     clip_norm: float = 1.0  # 0 disables clipping
     frozen: tuple[str, ...] = ()
-    # Groups whose base weights are frozen and whose LoRA adapters (train.lora) train at the
+    # Groups whose base weights are frozen and whose LoRA adapters (lm.lora) train at the
     # group's learning rate.
     lora_groups: tuple[str, ...] = ()
 

@@ -17,14 +17,9 @@ import optax
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mimo_jax.lm.groups import group_of
 from mimo_jax.train.losses import LossConfig, mimo_loss
-from mimo_jax.train.optimizer import (
-    OptimizerConfig,
-    group_of,
-    learning_rates,
-    make_optimizer,
-    path_of,
-)
+from mimo_jax.train.optimizer import OptimizerConfig, learning_rates, make_optimizer, path_of
 
 
 @struct.dataclass
