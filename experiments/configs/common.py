@@ -128,6 +128,16 @@ def mimo_7b_hf() -> dict:
     )
 
 
+def mesh_config() -> ml_collections.ConfigDict:
+    """The device mesh of a run (`sharding.mesh`): axis sizes within a slice (`ici`) and across
+    slices (`dcn`; -1: all the rest), and the rule preset that places parameters on it."""
+    c = ml_collections.ConfigDict()
+    c.ici = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "sequence": 1})
+    c.dcn = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
+    c.rules = "fsdp"
+    return c
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -203,10 +213,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora.quantize = ""
     c.lora.quantize_tile = 64
 
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.ici = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "sequence": 1})
-    c.mesh.dcn = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
-    c.mesh.rules = "fsdp"
+    c.mesh = mesh_config()
 
     # Generation with the current weights every `eval_every` steps (off while no prompt is given):
     # TTS of `tts_texts`, ASR of the clips of `asr_manifest` (tokenize's manifest format, with
@@ -328,5 +335,6 @@ def tokenizer_config(stage: str, demo: bool, data: str) -> ml_collections.Config
         }
     )
 
+    c.mesh = mesh_config()  # the LM's: the state placed by the same rules
     c.checkpoint = ml_collections.ConfigDict({"keep": 3, "async_save": not demo})
     return c

@@ -1,9 +1,10 @@
 """Builds what a training run needs from its config (an ml-collections ConfigDict), on a mesh and
 rules handed in: the model (random or from a converted checkpoint), the trainer and its sharded
-state, the compiled steps and the global batches. The data iterators are built by
+state, the compiled steps, the global batches and the export. The data iterators are built by
 `data_pipelines`; the mesh and rule presets by `sharding`."""
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -12,9 +13,11 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from mimo_jax import model_checkpoint as model_ckpt
+from mimo_jax.conversion import param_store
+from mimo_jax.lm import adapters
 from mimo_jax.lm.config import MiMoAudioConfig
 from mimo_jax.lm.groups import GROUPS
-from mimo_jax.lm.lora import LoraConfig, apply_lora, quantize_base
+from mimo_jax.lm.lora import LoraConfig, apply_lora, merge_lora, quantize_base
 from mimo_jax.lm.model import MiMoAudioLM
 from mimo_jax.nn.dtypes import dtype_named
 from mimo_jax.nn.partitioning import batch_sharding, state_shardings
@@ -35,17 +38,22 @@ BATCH_FIELDS = (
 )
 
 
+def data_ways(mesh) -> int:
+    """The devices a batch is split over (mesh data x fsdp)."""
+    return int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+
+
 def check_batch_divides(global_batch: int, grad_accum: int, mesh) -> None:
-    data_ways = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+    ways = data_ways(mesh)
     if global_batch % grad_accum:
         raise ValueError(
             f"data.batch_size {global_batch} is not a multiple of optimizer.grad_accum {grad_accum}"
         )
     micro = global_batch // grad_accum
-    if micro % data_ways:
+    if micro % ways:
         raise ValueError(
             f"the micro-batch of {micro} rows (data.batch_size / grad_accum) does not "
-            f"divide over the {data_ways} data-parallel devices (mesh data x fsdp)"
+            f"divide over the {ways} data-parallel devices (mesh data x fsdp)"
         )
     if global_batch % jax.process_count():
         raise ValueError(
@@ -204,3 +212,19 @@ def global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
         )
         for k in BATCH_FIELDS
     }
+
+
+def export(config: ConfigDict, trainer: Trainer, state: TrainState, lm_config, workdir) -> dict:
+    """The final weights as a model checkpoint (workdir/model): the init_checkpoint of a next stage,
+    or an official directory through convert_torch_weights.py. With LoRA adapters, the model has
+    them merged, and workdir/adapter holds what the run trained alone: the adapters, and the
+    modules of groups trained in full (a PEFT directory, `lm.adapters`). Returns {what: path}."""
+    model = trainer.model(state)
+    out = {}
+    if lora_config(config) is not None:
+        out["adapters"] = adapters.save(
+            model, workdir / "adapter", full_groups=groups_in_mode(config, "full")
+        )
+        model = merge_lora(model)
+    out["final weights"] = param_store.save(model, lm_config.to_hf(), os.fspath(workdir / "model"))
+    return out

@@ -51,10 +51,16 @@ def _mesh_of(params):
 
 
 def opt_state_shardings(tx, params, mesh):
+    """The shardings of `tx`'s state for the placed `params` (`shardings_like`). XLA does not
+    propagate the parameters' shardings to zeros_like by itself: a jitted init without these
+    returns moments on a single device."""
+    return shardings_like(jax.eval_shape(tx.init, params), params, mesh)
+
+
+def shardings_like(opt_state, params, mesh):
     """Each optimizer-state leaf placed like the parameter it belongs to (Adam's moments mirror the
     parameter tree, so their key paths end with the parameter's path); the rest (step counts)
-    replicated. XLA does not propagate the parameters' shardings to zeros_like by itself: a jitted
-    init without these returns moments on a single device."""
+    replicated. `params`: arrays or ShapeDtypeStructs with their shardings."""
     by_path = {
         path_of(kp): (leaf.shape, leaf.sharding)
         for kp, leaf in jax.tree_util.tree_leaves_with_path(params)
@@ -69,7 +75,7 @@ def opt_state_shardings(tx, params, mesh):
                 return sharding
         return replicated
 
-    return jax.tree_util.tree_map_with_path(pick, jax.eval_shape(tx.init, params))
+    return jax.tree_util.tree_map_with_path(pick, opt_state)
 
 
 @dataclasses.dataclass(frozen=True)
