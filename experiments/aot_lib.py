@@ -19,7 +19,7 @@ from mimo_jax.lm.model import MiMoAudioLM
 from mimo_jax.nn.dtypes import dtype_named
 from mimo_jax.nn.partitioning import batch_sharding, state_shardings, use_rules
 from mimo_jax.nn.quantized import QuantizedKernel
-from mimo_jax.train import build, flops, tokenizer_build
+from mimo_jax.train import batch, build, flops, tokenizer_build
 from mimo_jax.train.step import opt_state_shardings
 from sharding.mesh import AXES, mesh_and_rules
 
@@ -213,22 +213,12 @@ def configure(
 
 
 def abstract_batch(config, lm: MiMoAudioConfig, mesh) -> dict[str, jax.ShapeDtypeStruct]:
-    b, g = config.data.batch_size, config.data.context_length
-    gs, c = lm.group_size, len(lm.speech_vocab_sizes)
-    shapes = {
-        "text": (b, g),
-        "codes": (b, g, gs, c),
-        "positions": (b, g),
-        "segment_ids": (b, g),
-        "text_targets": (b, g),
-        "text_weights": (b, g),
-        "code_targets": (b, g, gs, c),
-        "code_weights": (b, g, c),
-    }
-    dtype = lambda k: jnp.float32 if k.endswith("weights") else jnp.int32
+    fields = batch.shapes(
+        config.data.batch_size, config.data.context_length, lm.group_size, lm.audio_channels
+    )
     return {
-        k: jax.ShapeDtypeStruct(shapes[k], dtype(k), sharding=batch_sharding(mesh, len(shapes[k])))
-        for k in build.BATCH_FIELDS
+        k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape)))
+        for k, (shape, dtype) in fields.items()
     }
 
 

@@ -27,6 +27,7 @@ from mimo_jax.nn.remat import policy as remat_policy
 from mimo_jax.tasks.text_tokenizer import TextTokenizer, model_id_problems
 from mimo_jax.train.build import groups_in_mode, lm_architecture, lora_config
 from mimo_jax.train.losses import LossConfig
+from mimo_jax.train.optimizer import SCHEDULES
 from sharding.rules import PRESETS
 
 
@@ -84,7 +85,7 @@ CHECKS: dict[str, Callable] = {
     "loss.text_chunk": _int_at_least(1),
     "loss.patch_chunk": _int_at_least(1),
     "loss.patch_fraction": lambda v: None if 0 < v <= 1 else "a number in (0, 1]",
-    "optimizer.schedule": _one_of(("cosine", "constant")),
+    "optimizer.schedule": _one_of(SCHEDULES),
     "optimizer.warmup_ratio": _in_range(0, 1),
     "optimizer.end_lr_ratio": _in_range(0, 1),
     "optimizer.weight_decay": _non_negative,
@@ -274,10 +275,8 @@ def _loss_problems(config, lm) -> list[str]:
         f"of the model's {lm.audio_channels})"
     )
     try:
-        loss = LossConfig.from_string(config.loss.weights)
+        LossConfig.from_string(config.loss.weights).check_channels(lm.audio_channels)
     except ValueError:
-        return [_problem("loss.weights", config.loss.weights, want)]
-    if len(loss.codebook_weights) != lm.audio_channels:
         return [_problem("loss.weights", config.loss.weights, want)]
     return []
 

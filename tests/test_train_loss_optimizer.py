@@ -188,6 +188,12 @@ def test_groups_get_their_learning_rates_and_frozen_groups_stay(weights, frozen)
     assert trainable == set(lrs) - set(frozen)
 
 
+def test_the_trainer_wants_one_loss_weight_per_codebook():
+    model = MiMoAudioLM(_config(), rngs=nnx.Rngs(0))  # two audio channels
+    with pytest.raises(ValueError, match=r"loss weights: 4 numbers, expected 3 \(text, then one"):
+        Trainer.create(model, LossConfig.from_string("1-1-1-1"), _optimizer(()))
+
+
 def test_weight_decay_spares_norms_and_biases():
     config = _config()
     model = MiMoAudioLM(config, rngs=nnx.Rngs(0))

@@ -22,20 +22,10 @@ from mimo_jax.lm.model import MiMoAudioLM
 from mimo_jax.nn.dtypes import dtype_named
 from mimo_jax.nn.partitioning import batch_sharding, state_shardings
 from mimo_jax.nn.quantized import Quantization, QuantizedKernel
+from mimo_jax.train import batch
 from mimo_jax.train.losses import LossConfig
 from mimo_jax.train.optimizer import OptimizerConfig
 from mimo_jax.train.step import Trainer, TrainState
-
-BATCH_FIELDS = (
-    "text",
-    "codes",
-    "positions",
-    "segment_ids",
-    "text_targets",
-    "text_weights",
-    "code_targets",
-    "code_weights",
-)
 
 
 def data_ways(mesh) -> int:
@@ -210,7 +200,7 @@ def global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
         k: jax.make_array_from_process_local_data(
             batch_sharding(mesh, local[k].ndim), np.asarray(local[k])
         )
-        for k in BATCH_FIELDS
+        for k in batch.FIELDS
     }
 
 

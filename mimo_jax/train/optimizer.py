@@ -2,8 +2,8 @@
 biases, global-norm clipping, and frozen groups that get neither gradients nor optimizer state (nor
 do the base weights of a group trained through LoRA adapters: only its adapters do).
 
-The groups are the LM's (`lm.groups`); the report's learning rates: pretraining 2e-4 / 3e-5 / 2e-4,
-fine-tuning 5e-5 / 1e-5 / 5e-5.
+The groups are the LM's (`lm.groups`); the report's learning rates per group are the experiment
+configs' (experiments/configs/common.py).
 """
 
 import dataclasses
@@ -15,13 +15,15 @@ import optax
 from mimo_jax.lm.groups import GROUPS, group_of
 
 NO_DECAY_LEAVES = ("bias", "scale")
+# After a linear warmup: cosine decay to `end_lr_ratio` of the peak, or the peak held.
+SCHEDULES = ("cosine", "constant")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     learning_rates: dict  # group -> peak learning rate
     total_steps: int
-    schedule: str = "cosine"  # "cosine" or "constant" (both after a linear warmup)
+    schedule: str = "cosine"  # one of SCHEDULES
     warmup_ratio: float = 0.01
     end_lr_ratio: float = 0.0  # cosine decays to this fraction of the peak
     weight_decay: float = 0.1
@@ -51,9 +53,9 @@ class OptimizerConfig:
                 f"optimizer: groups {sorted(set(self.lora_groups) & set(self.frozen))}"
                 f" are both frozen and trained through LoRA adapters"
             )
-        if self.schedule not in ("cosine", "constant"):
+        if self.schedule not in SCHEDULES:
             raise ValueError(
-                f"optimizer.schedule={self.schedule!r}: expected 'cosine' or 'constant'"
+                f"optimizer.schedule={self.schedule!r}: expected one of {', '.join(SCHEDULES)}"
             )
         if not 0.0 <= self.warmup_ratio <= 1.0:
             raise ValueError(f"optimizer.warmup_ratio={self.warmup_ratio}: expected [0, 1]")

@@ -9,7 +9,7 @@ were (`update_skipped` = 1), so the state in memory stays the last good one.
 """
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from mimo_jax.lm.groups import group_of
 from mimo_jax.train.losses import LossConfig, mimo_loss
 from mimo_jax.train.optimizer import OptimizerConfig, learning_rates, make_optimizer, path_of
+
+if TYPE_CHECKING:  # annotations only
+    from mimo_jax.lm.model import MiMoAudioLM
 
 
 @struct.dataclass
@@ -93,8 +96,9 @@ class Trainer:
 
     @classmethod
     def create(
-        cls, model: nnx.Module, loss: LossConfig, optimizer: OptimizerConfig, grad_accum: int = 1
+        cls, model: "MiMoAudioLM", loss: LossConfig, optimizer: OptimizerConfig, grad_accum: int = 1
     ) -> tuple["Trainer", TrainState]:
+        loss.check_channels(model.config.audio_channels)
         groups = optimizer.trainable_groups
         # nnx.split with two filters is typed as returning a tuple of any length.
         graphdef, params, frozen = nnx.split(  # type: ignore[misc]
