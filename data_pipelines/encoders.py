@@ -35,7 +35,7 @@ class MimoEncoder:
     """The JAX MiMo-Audio tokenizer's encoder (batched by length inside)."""
 
     def __init__(self, checkpoint: str, codebooks: int):
-        from mimo_jax.tokenizer.clips import Tokenizer  # JAX and the model only when used
+        from mimo_jax.tokenizer.audio_tokenizer import Tokenizer  # JAX and the model only when used
 
         self.tokenizer = Tokenizer.load(checkpoint)
         self.config = self.tokenizer.config

@@ -29,7 +29,7 @@ from data_pipelines.config import DataConfig
 from data_pipelines.packing import ERROR_KEY, PackIterDataset
 from data_pipelines.sequences import TASKS, DocumentError, SequenceBuilder
 from data_pipelines.shards import Record, RecordError, ShardSet
-from data_pipelines.text_tokenizer import TextTokenizer
+from mimo_jax.tasks.text_tokenizer import TextTokenizer
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,9 +29,9 @@ import numpy as np
 from data_pipelines import conversations
 from data_pipelines.config import DataConfig
 from data_pipelines.shards import Record
-from data_pipelines.text_tokenizer import TextTokenizer
 from mimo_jax.tasks import prompts, templates
 from mimo_jax.tasks.segments import Audio, Stream, Text, patchify, stream_groups
+from mimo_jax.tasks.text_tokenizer import TextTokenizer
 
 __all__ = ["DocumentError", "SequenceBuilder", "TASKS", "patchify"]
 

@@ -64,7 +64,7 @@ def init_distributed() -> None:
 def data_iterators(config, lm_config):
     from data_pipelines.config import DataConfig
     from data_pipelines.pipeline import make_dataset, parse_sources
-    from data_pipelines.text_tokenizer import TextTokenizer
+    from mimo_jax.tasks.text_tokenizer import TextTokenizer
 
     cfg = DataConfig.for_model(lm_config, config.data)
     tokenizer = TextTokenizer.from_file(config.data.tokenizer)

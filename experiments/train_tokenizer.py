@@ -80,8 +80,8 @@ def check(config) -> None:
 
 def data(config, sampling_rate: int, needs_text: bool, *, shuffle=True):
     """(text tokenizer, this process's batch iterator)."""
-    from data_pipelines.text_tokenizer import TextTokenizer
     from data_pipelines.waveforms import WaveformConfig, make_dataset, preflight
+    from mimo_jax.tasks.text_tokenizer import TextTokenizer
 
     tok = TextTokenizer.from_file(config.data.tokenizer)
     cfg = WaveformConfig(

@@ -77,9 +77,9 @@ def mimo(fx):
     """MimoAudio over the tasks/ fixture's LM, audio tokenizer and text tokenizer."""
     from tasks_support import fixture_lm
 
-    from mimo_jax.inference.tasks import MimoAudio
+    from mimo_jax.inference.mimo_audio import MimoAudio
     from mimo_jax.lm.model import unstack_for_decoding
-    from mimo_jax.tokenizer.clips import Tokenizer
+    from mimo_jax.tokenizer.audio_tokenizer import Tokenizer
 
     config, model = fixture_lm(fx)
     # Decoding with the stacks' layers unstacked, as MimoAudio.load holds the model on the CPU.

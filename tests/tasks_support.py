@@ -109,7 +109,7 @@ def record_batches(monkeypatch, record):
     """Patches MimoAudio's batch generation: `record(requests)` of each batch goes into the list
     returned first, and `fail[id] = exception` (the dict returned second) makes the batch holding
     that request raise it inside its generation."""
-    from mimo_jax.inference.tasks import MimoAudio
+    from mimo_jax.inference.mimo_audio import MimoAudio
 
     ran, fail, real = [], {}, MimoAudio._generate
 

@@ -182,8 +182,8 @@ def test_only_adapters_and_fully_trained_groups_train(lm):
 def demo_config(tmp_path):
     """The demo's smoke config with adapters (rank 4), over what the checks read of a data
     directory: tokenizer.json with the demo's special ids and a shard manifest."""
+    from data_pipelines.demo_text_tokenizer import word_level_tokenizer
     from data_pipelines.shards import write_manifest
-    from data_pipelines.text_tokenizer import word_level_tokenizer
     from experiments.config_checks import set_value
     from experiments.configs import demo
     from mimo_jax.tokenizer.config import TokenizerConfig

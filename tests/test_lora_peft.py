@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 import convert_torch_weights
 from mimo_jax import model_checkpoint as model_ckpt
 from mimo_jax.conversion.convert import load_torch_checkpoint
-from mimo_jax.inference.tasks import load_lm
+from mimo_jax.inference.mimo_audio import load_lm
 from mimo_jax.lm import adapters
 from mimo_jax.lm.config import small_config
 from mimo_jax.lm.conversion import LMFamily

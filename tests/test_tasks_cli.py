@@ -135,7 +135,7 @@ def test_load_unstacks_the_layers_on_the_cpu(fx, lm_dir):
     tokens are the scanned stack's, test_generation.py)."""
     from flax import nnx
 
-    from mimo_jax.inference.tasks import MimoAudio
+    from mimo_jax.inference.mimo_audio import MimoAudio
 
     mimo = MimoAudio.load(
         lm_dir, fx.dir / fx.meta["audio_tokenizer"], fx.dir / "text_tokenizer" / "tokenizer.json"

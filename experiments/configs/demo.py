@@ -8,7 +8,7 @@ tokenizer.json), `smoke` (the smallest size, about a second a step, for tests), 
 audio channels the LM models: the first N of the tokenizer's 8 codebooks, with their delays; the
 tests train 2, a quicker compile).
 The special token ids are those of the demo BPE tokenizer (its special tokens come first, in the
-order of data_pipelines.text_tokenizer.SPECIAL_TOKENS); training checks them against the tokenizer.
+order of mimo_jax.tasks.text_tokenizer.SPECIAL_TOKENS); training checks them against the tokenizer.
 """
 
 from experiments.configs import common

@@ -55,7 +55,7 @@ class GenerationEval:
 
     def __init__(self, cfg: GenerationEvalConfig, lm_config: MiMoAudioConfig):
         from mimo_jax.tasks.text_tokenizer import TextTokenizer
-        from mimo_jax.tokenizer.clips import Tokenizer
+        from mimo_jax.tokenizer.audio_tokenizer import Tokenizer
 
         self.cfg, self.lm_config = cfg, lm_config
         self.audio_tokenizer = Tokenizer.load(cfg.audio_tokenizer)
@@ -69,7 +69,7 @@ class GenerationEval:
             )
 
     def __call__(self, model: MiMoAudioLM) -> tuple[dict[str, float], dict]:
-        from mimo_jax.inference.tasks import MimoAudio
+        from mimo_jax.inference.mimo_audio import MimoAudio
 
         mimo = MimoAudio(self.lm_config, model, self.audio_tokenizer, self.text_tokenizer)
         opts = {"seed": self.cfg.seed, "max_new_groups": self.cfg.max_new_groups}

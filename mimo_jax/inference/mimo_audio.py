@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimo_jax.inference.generate import GenerationConfig, generate, generate_chunks
+from mimo_jax.inference.generation_loop import GenerationConfig, generate, generate_chunks
 from mimo_jax.inference.sampling import GREEDY, SamplerConfig
 from mimo_jax.lm.config import MiMoAudioConfig
 from mimo_jax.lm.layout import empty_patch
@@ -36,7 +36,7 @@ from mimo_jax.tasks.audio import AudioFrontEnd
 from mimo_jax.tasks.requests import MAX_GROUPS, RequestError
 from mimo_jax.tasks.text_tokenizer import TextTokenizer, model_id_problems
 from mimo_jax.tokenizer.audio_io import InputError
-from mimo_jax.tokenizer.clips import Tokenizer
+from mimo_jax.tokenizer.audio_tokenizer import Tokenizer
 from mimo_jax.tokenizer.streaming import StreamingDecoder
 
 # Fewer compilations: prompt batches are left-padded to a multiple of WIDTH_QUANTUM groups, and
@@ -186,7 +186,7 @@ class MimoAudio:
     ) -> "MimoAudio":
         """From checkpoint directories (official or converted), a tokenizer.json (or the
         directory holding it) and optionally a LoRA adapter directory for the LM."""
-        from mimo_jax.tokenizer.clips import Tokenizer
+        from mimo_jax.tokenizer.audio_tokenizer import Tokenizer
 
         config, model = load_lm(lm, dtype, adapter)
         if jax.default_backend() == "cpu":  # a CPU cost; elsewhere not worth a stack's copy
