@@ -70,6 +70,10 @@ def load_encoder(spec: str, checkpoint: str | None, codebooks: int) -> EncodeBat
     if spec == "energy":
         return EnergyEncoder(codebooks)
     if spec == "mimo":
+        if not checkpoint:
+            raise ValueError(
+                "encoder 'mimo': expected an audio tokenizer checkpoint (--checkpoint)"
+            )
         return MimoEncoder(checkpoint, codebooks)
     if ":" not in spec:
         raise ValueError(f"encoder {spec!r}: expected 'mimo', 'energy' or 'module:function'")

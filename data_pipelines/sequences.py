@@ -45,7 +45,7 @@ class _Doc:
     group the row of the document's patches it shows (-1 for a text group). The document's
     patches are the patch arrays it was given, one after the other."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.text: list[int] = []
         self.target: list[bool] = []
         self.patch_row: list[int] = []

@@ -7,6 +7,7 @@ import os
 import resource
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -121,7 +122,7 @@ def tpu_target(topology: str, slices: int = 1) -> Target:
             f"--topology {topology}: libtpu is not installed; install the tpu extra "
             "(pip install -e '.[tpu]')"
         ) from None
-    devices = tuple(desc.devices)
+    devices: tuple[Any, ...] = tuple(desc.devices)  # TPU devices: device_kind, coords
     kind = devices[0].device_kind
     if kind not in HBM_GIB:
         raise ValueError(
@@ -340,7 +341,7 @@ def _host_ram_gib() -> float:
 
 
 def target_line(target: Target) -> str:
-    if not target.tpu:
+    if target.hbm_per_chip is None:
         return f"target: {target.name} (XLA's CPU compiler)"
     chip = (
         "one per chip"
@@ -525,13 +526,14 @@ def run(
     (each candidate compiled), the report of that batch. ValueError for a bad value."""
     tokenizer = tokenizer_build.is_tokenizer_run(config)
     ici = parse_mesh(mesh)
-    results: dict[int, tuple] = {}
+    results: dict[int, tuple[ml_collections.ConfigDict, Any, float]] = {}
 
     def attempt(n: int):
         """(config, compiled step or DoesNotFit, seconds) for n rows (or crops) per device."""
         if n not in results:
             start = time.perf_counter()
             c = configure(config, ici, rules, n, target)
+            r: Compiled | CompiledTokenizerStep | DoesNotFit
             try:
                 if tokenizer:
                     r = compile_tokenizer_step(c, text_vocab, target)

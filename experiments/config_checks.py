@@ -174,7 +174,8 @@ def _value_problems(config) -> list[str]:
 
 def _lora_problems(config) -> list[str]:
     """The adapters' modes and target patterns (checked while `lora.rank` > 0)."""
-    lora, out = config.lora, []
+    lora = config.lora
+    out: list[str] = []
     if not (isinstance(lora.rank, int) and lora.rank > 0):
         return out
     for group in lora.modes:

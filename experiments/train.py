@@ -106,17 +106,17 @@ def run(config, workdir: str) -> int:
     tokenizer = tokenizer_build.is_tokenizer_run(config)
     # Before anything is built or written.
     (train_tokenizer.check if tokenizer else config_checks.check)(config)
-    workdir = paths.resolve(workdir)
-    lock = rundir.WorkdirLock(workdir)
+    root = paths.resolve(workdir)
+    lock = rundir.WorkdirLock(root)
     if jax.process_index() == 0:
         lock.acquire()
     previous = _exit_on_sigterm()
     try:
         if jax.process_index() == 0:
-            rundir.remove_leftovers(workdir)
+            rundir.remove_leftovers(root)
             config_json = config.to_json_best_effort(indent=2) + "\n"
-            paths.write_whole(workdir / "config.json", config_json)
-        return (train_tokenizer.run if tokenizer else _run)(config, workdir)
+            paths.write_whole(root / "config.json", config_json)
+        return (train_tokenizer.run if tokenizer else _run)(config, root)
     finally:
         lock.release()
         if previous is not None:
@@ -234,7 +234,8 @@ class LMRun(ModelRun):
     def held_out_loss(self, state) -> dict[str, float]:
         from mimo_jax.train.build import global_batch
 
-        it, totals, n = self.eval_factory(), {}, self.config.eval_steps
+        it, n = self.eval_factory(), self.config.eval_steps
+        totals: dict[str, float] = {}
         for _ in range(n):
             batch = global_batch(self.local_rows(next(it)), self.mesh)
             for k, v in jax.device_get(self.steps.eval(state, batch)).items():

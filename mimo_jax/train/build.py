@@ -65,7 +65,7 @@ def lm_architecture(config: ConfigDict) -> MiMoAudioConfig:
     return lm
 
 
-def build_model(config: ConfigDict, mesh, rules) -> tuple[MiMoAudioConfig, nnx.Module]:
+def build_model(config: ConfigDict, mesh, rules) -> tuple[MiMoAudioConfig, MiMoAudioLM]:
     """From `model.init_checkpoint` (a converted checkpoint) or randomly from `model.hf`."""
     dtype = dtype_named(config.model.dtype, "config model.dtype")
     param_dtype = dtype_named(config.model.param_dtype, "config model.param_dtype")
@@ -122,7 +122,7 @@ def groups_in_mode(config: ConfigDict, mode: str) -> tuple[str, ...]:
     return tuple(g for g in GROUPS if config.lora.modes[g] == mode)
 
 
-def apply_adapters(config: ConfigDict, model: nnx.Module) -> nnx.Module:
+def apply_adapters(config: ConfigDict, model: MiMoAudioLM) -> MiMoAudioLM:
     """The model with the config's LoRA adapters (none while `lora.rank` is 0); with
     `lora.quantize`, the kernels of every linear layer it does not train in full held quantised."""
     cfg = lora_config(config)
@@ -137,7 +137,7 @@ def apply_adapters(config: ConfigDict, model: nnx.Module) -> nnx.Module:
     return model
 
 
-def add_adapters(config: ConfigDict, model: nnx.Module, mesh, rules) -> nnx.Module:
+def add_adapters(config: ConfigDict, model: MiMoAudioLM, mesh, rules) -> MiMoAudioLM:
     """`apply_adapters`, the adapters (and quantised kernels) placed by the rules like the layers
     they belong to."""
     if lora_config(config) is None:
