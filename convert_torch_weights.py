@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logs.configure(args.log_level)
 
-    from mimo_jax.conversion.convert import convert
+    from mimo_jax.model_checkpoint import convert
 
     try:
         out = convert(args.src, args.dst, args.dtype, args.overwrite, progress=not args.quiet)

@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from mimo_jax.conversion import safetensors_io as st  # noqa: E402
 from mimo_jax.conversion.convert import placements  # noqa: E402
-from mimo_jax.conversion.registry import family_for  # noqa: E402
 from mimo_jax.lm.config import small_config  # noqa: E402
+from mimo_jax.model_checkpoint import family_for  # noqa: E402
 
 
 def synthetic_config(params: float):

@@ -27,9 +27,9 @@ sys.path.insert(
 from data_pipelines import shards
 from data_pipelines.config import DataConfig
 from data_pipelines.demo_corpus import SENTENCES
+from data_pipelines.demo_text_tokenizer import train_demo_tokenizer
 from data_pipelines.pipeline import Source, make_dataset
 from data_pipelines.shards import Record
-from data_pipelines.text_tokenizer import train_demo_tokenizer
 
 # Stage-2 7B run (the report: batch 16.8 M tokens = groups, context 8192).
 GLOBAL_BATCH_GROUPS = 16.8e6

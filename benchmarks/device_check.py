@@ -37,7 +37,7 @@ import train_step
 from flax import nnx
 
 from experiments.configs.common import DEMO_TOKENIZER_HF
-from mimo_jax.inference.generate import GenerationConfig, generate
+from mimo_jax.inference.generation_loop import GenerationConfig, generate
 from mimo_jax.lm.model import MiMoAudioLM, unstack_for_decoding
 from mimo_jax.nn.attention import kernels_on
 from mimo_jax.tokenizer.config import TokenizerConfig, from_hf

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from small_lm import add_size_args, build_config, torch_config
 
-from mimo_jax.inference.generate import GenerationConfig, generate, generate_chunks
+from mimo_jax.inference.generation_loop import GenerationConfig, generate, generate_chunks
 from mimo_jax.inference.sampling import SamplerConfig
 from mimo_jax.lm.model import MiMoAudioLM, unstack_for_decoding
 from mimo_jax.tokenizer.streaming import StreamingDecoder
@@ -109,7 +109,7 @@ def bench_jax(model, config, batch, a, sampler):
 
 def _audio_tokenizer():
     from experiments.configs.common import DEMO_TOKENIZER_HF as TOKENIZER_HF
-    from mimo_jax.tokenizer.clips import Tokenizer
+    from mimo_jax.tokenizer.audio_tokenizer import Tokenizer
     from mimo_jax.tokenizer.config import from_hf
     from mimo_jax.tokenizer.model import MiMoAudioTokenizer
 

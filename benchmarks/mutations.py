@@ -60,7 +60,7 @@ class Mutation:
 MUTATIONS = [
     Mutation(
         "RoPE position of generated groups +2 (cached generation)",
-        "mimo_jax/inference/generate.py",
+        "mimo_jax/inference/generation_loop.py",
         "pos = jax.lax.dynamic_slice_in_dim(s.cache_pos, cur - 1, 1, axis=1) + 1",
         "pos = jax.lax.dynamic_slice_in_dim(s.cache_pos, cur - 1, 1, axis=1) + 3",
         ("tests/test_cached_decoding.py", "-k", "generated_steps"),
@@ -82,14 +82,14 @@ MUTATIONS = [
     ),
     Mutation(
         "patch sampler ignored in generation (always greedy)",
-        "mimo_jax/inference/generate.py",
+        "mimo_jax/inference/generation_loop.py",
         "return sample(logits, rows.patch_sampler, key,",
         "return sample(logits, GREEDY, key,",
         ("tests/test_generation_sampling.py", "-k", "patch_sampler"),
     ),
     Mutation(
         "min_length off by one",
-        "mimo_jax/inference/generate.py",
+        "mimo_jax/inference/generation_loop.py",
         "forbidden = jnp.where(cur < rows.min_length[:, None], rows.stop_mask, False)",
         "forbidden = jnp.where(cur < rows.min_length[:, None] - 1, rows.stop_mask, False)",
         ("tests/test_generation_sampling.py", "-k", "min_length or max_length"),
@@ -159,21 +159,21 @@ MUTATIONS = [
     ),
     Mutation(
         "MimoAudio.load keeps the scanned stacks on the CPU",
-        "mimo_jax/inference/tasks.py",
+        "mimo_jax/inference/mimo_audio.py",
         "model = unstack_for_decoding(model)",
         "pass",
         ("tests/test_tasks_cli.py", "-k", "unstacks"),
     ),
     Mutation(
         "LoRA adapter output without its alpha / r scale",
-        "mimo_jax/train/lora.py",
+        "mimo_jax/lm/lora.py",
         "return y + (self.lora(x) * self.scale).astype(y.dtype)",
         "return y + self.lora(x).astype(y.dtype)",
         ("tests/test_lora.py", "-k", "peft_formula"),
     ),
     Mutation(
         "LoRA merge without its alpha / r scale",
-        "mimo_jax/train/lora.py",
+        "mimo_jax/lm/lora.py",
         "f32(module.lora.lora_b[...])) * module.scale",
         "f32(module.lora.lora_b[...]))",
         ("tests/test_lora_peft.py", "-k", "merges_to_our"),
@@ -229,7 +229,7 @@ MUTATIONS = [
     ),
     Mutation(
         "QLoRA leaves the untrained, unadapted layers in float",
-        "mimo_jax/train/lora.py",
+        "mimo_jax/lm/lora.py",
         "            _set_module(model, layer.path, QuantizedDense(module, q))",
         "            pass",
         ("tests/test_qlora.py",),

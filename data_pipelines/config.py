@@ -12,23 +12,26 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from mimo_jax.lm.config import AUDIO_DEFAULTS, parse_dashed
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Layout and packing of the training examples.
 
-    group_size: code frames per LLM position (patch), 4 in the released models.
-    audio_channels: RVQ codebooks the LM models, 8.
+    group_size: code frames per LLM position (patch).
+    audio_channels: RVQ codebooks the LM models.
     empty_ids: per-channel "empty" code id that fills the codes of text groups.
+    (Their defaults are the official LM's, `mimo_jax.lm.config.AUDIO_DEFAULTS`.)
     empty_text_weight: factor on the text target weight where the target is `<|empty|>` (0.01 in
       the public third-party trainer).
     context_length: groups per packed row (8192 in the report).
     skip_bad_records: skip and count a corrupt record or an over-long document instead of stopping.
     """
 
-    group_size: int = 4
-    audio_channels: int = 8
-    empty_ids: tuple[int, ...] = (1024, 1024) + (128,) * 6
+    group_size: int = AUDIO_DEFAULTS["group_size"]
+    audio_channels: int = AUDIO_DEFAULTS["audio_channels"]
+    empty_ids: tuple[int, ...] = parse_dashed(AUDIO_DEFAULTS["speech_zeroemb_idx"])
     empty_text_weight: float = 0.01
     context_length: int = 8192
     skip_bad_records: bool = False

@@ -270,7 +270,7 @@ def _thinking(thinking: bool | str) -> tuple[bool, list[Segment]]:
     reasoning, if given, closed by `\\n</think>\\n`."""
     if thinking is False:
         return False, []
-    reasoning = [Text(thinking)] if isinstance(thinking, str) else []
+    reasoning: list[Segment] = [Text(thinking)] if isinstance(thinking, str) else []
     return True, reasoning + [Text(templates.THINK_CLOSE)]
 
 

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 import soundfile
 from etils import epath
 
+from data_pipelines.demo_text_tokenizer import train_demo_tokenizer
 from data_pipelines.espeak import ESpeak
-from data_pipelines.text_tokenizer import train_demo_tokenizer
 
 # (language, eSpeak language, sentence)
 SENTENCES = (

@@ -35,7 +35,7 @@ class MimoEncoder:
     """The JAX MiMo-Audio tokenizer's encoder (batched by length inside)."""
 
     def __init__(self, checkpoint: str, codebooks: int):
-        from mimo_jax.tokenizer.clips import Tokenizer  # JAX and the model only when used
+        from mimo_jax.tokenizer.audio_tokenizer import Tokenizer  # JAX and the model only when used
 
         self.tokenizer = Tokenizer.load(checkpoint)
         self.config = self.tokenizer.config
@@ -70,6 +70,10 @@ def load_encoder(spec: str, checkpoint: str | None, codebooks: int) -> EncodeBat
     if spec == "energy":
         return EnergyEncoder(codebooks)
     if spec == "mimo":
+        if not checkpoint:
+            raise ValueError(
+                "encoder 'mimo': expected an audio tokenizer checkpoint (--checkpoint)"
+            )
         return MimoEncoder(checkpoint, codebooks)
     if ":" not in spec:
         raise ValueError(f"encoder {spec!r}: expected 'mimo', 'energy' or 'module:function'")

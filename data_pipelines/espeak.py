@@ -30,7 +30,7 @@ class ESpeak:
             cls._instance._init()
         return cls._instance
 
-    def _init(self):
+    def _init(self) -> None:
         lib = ctypes.CDLL(espeakng_loader.get_library_path())
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]

@@ -1,30 +1,26 @@
 """Packing documents into rows of the context length, and the training targets of a row.
 
-A training example (one row of G = context_length groups; a batch adds a leading batch axis):
-  text          int32   [G]           text id of each group; `<|empty|>` for a speech group,
-                                      `<|endoftext|>` in padding
-  codes         int32   [G, group_size, audio_channels]
-                                      a speech group's frames; text and padding groups hold every
-                                      channel's empty id (the model's speech_zeroemb_idx, e.g.
-                                      1024,1024,128,...)
-  segment_ids   int32   [G]           1, 2, 3, ... per packed document, 0 = padding
-  positions     int32   [G]           0, 1, ... restarting at each document, 0 in padding
-  text_targets  int32   [G]           text id of group g+1 (the next-token target of position g);
-                                      `<|endoftext|>` where there is none
-  text_weights  float32 [G]           relative weight of text_targets[g]: 1, or empty_text_weight
-                                      where the target is `<|empty|>`; 0 where g+1 is in another
-                                      document, is padding or is not supervised (the loss applies
-                                      the text loss weight)
-  code_targets  int32   [G, group_size, audio_channels]
-                                      the patch of group g+1 (undelayed: the patch decoder at
-                                      position g predicts group g+1's patch from hidden state g and
-                                      applies the delay pattern itself); empty ids where unused
-  code_weights  float32 [G, audio_channels]
-                                      1 where group g+1 is a supervised speech group of the same
-                                      document, else 0 (the loss applies the codebook weights)
-  documents     int32   []            documents packed into the row
-  skipped       int32   []            bad documents skipped (config `skip_bad_records`) since the
-                                      previous row; the trainer logs their sum (skipped_documents)
+A training example is one row of G = context_length groups of the batch `mimo_jax.train.batch`
+describes (its fields' dtypes and shapes); what each field holds at group g:
+  text          the group's text id; `<|empty|>` for a speech group, `<|endoftext|>` in padding
+  codes         a speech group's frames; text and padding groups hold every channel's empty id
+                (the model's speech_zeroemb_idx, e.g. 1024,1024,128,...)
+  segment_ids   1, 2, 3, ... per packed document, 0 = padding
+  positions     0, 1, ... restarting at each document, 0 in padding
+  text_targets  text id of group g+1 (the next-token target of position g); `<|endoftext|>` where
+                there is none
+  text_weights  relative weight of text_targets[g]: 1, or empty_text_weight where the target is
+                `<|empty|>`; 0 where g+1 is in another document, is padding or is not supervised
+                (the loss applies the text loss weight)
+  code_targets  the patch of group g+1 (undelayed: the patch decoder at position g predicts group
+                g+1's patch from hidden state g and applies the delay pattern itself); empty ids
+                where unused
+  code_weights  1 where group g+1 is a supervised speech group of the same document, else 0 (the
+                loss applies the codebook weights)
+and, beside them, per row (int32 scalars):
+  documents     documents packed into the row
+  skipped       bad documents skipped (config `skip_bad_records`) since the previous row; the
+                trainer logs their sum (skipped_documents)
 No position attends across documents when attention is restricted to equal segment ids; no
 target crosses a document boundary.
 """

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -29,7 +30,7 @@ from data_pipelines.config import DataConfig
 from data_pipelines.packing import ERROR_KEY, PackIterDataset
 from data_pipelines.sequences import TASKS, DocumentError, SequenceBuilder
 from data_pipelines.shards import Record, RecordError, ShardSet
-from data_pipelines.text_tokenizer import TextTokenizer
+from mimo_jax.tasks.text_tokenizer import TextTokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +78,8 @@ class EpochShuffle(grain.MapDataset):
     def __init__(self, parent: grain.MapDataset, seed: int):
         super().__init__(parent)
         self._seed = seed
-        self._epoch, self._perm = -1, None
+        self._epoch = -1
+        self._perm = np.empty(0, np.int32)  # the permutation of `_epoch`
 
     def __len__(self) -> int:
         return len(self._parent)
@@ -128,7 +130,7 @@ class BuildDocument:
         if isinstance(rec, RecordError):
             return self._bad(str(rec))
         try:
-            doc = self.builder.build(rec, self.task)
+            doc: dict[str, Any] = self.builder.build(rec, self.task)
         except DocumentError as e:
             return self._bad(f"{rec.origin}: {e}")
         n = len(doc["text"])

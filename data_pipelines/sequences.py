@@ -29,9 +29,9 @@ import numpy as np
 from data_pipelines import conversations
 from data_pipelines.config import DataConfig
 from data_pipelines.shards import Record
-from data_pipelines.text_tokenizer import TextTokenizer
 from mimo_jax.tasks import prompts, templates
 from mimo_jax.tasks.segments import Audio, Stream, Text, patchify, stream_groups
+from mimo_jax.tasks.text_tokenizer import TextTokenizer
 
 __all__ = ["DocumentError", "SequenceBuilder", "TASKS", "patchify"]
 
@@ -45,7 +45,7 @@ class _Doc:
     group the row of the document's patches it shows (-1 for a text group). The document's
     patches are the patch arrays it was given, one after the other."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.text: list[int] = []
         self.target: list[bool] = []
         self.patch_row: list[int] = []

@@ -238,19 +238,17 @@ def write_shards(
     """Writes `records` into consecutive shards and the manifest (synthetic data, tests, tools);
     `audio` is the tokenizer the codes are of (default: the released one's sizes)."""
     audio = audio or TokenizerConfig()
-    directory = paths.resolve(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    root = paths.resolve(directory)
+    root.mkdir(parents=True, exist_ok=True)
     n = max(1, -(-len(records) // records_per_shard))
     entries = []
     for k in range(n):
         name = f"shard-{k:05d}-of-{n:05d}.array_record"
-        writer = ShardWriter(str(directory / name), audio.frame_rate)
+        writer = ShardWriter(str(root / name), audio.frame_rate)
         for rec in records[k * records_per_shard : (k + 1) * records_per_shard]:
             writer.write(rec)
         entries.append({"path": name, **writer.close(), "errors": 0})
-    return write_manifest(
-        str(directory), entries, audio.codebook_sizes[:codebooks], audio.frame_rate
-    )
+    return write_manifest(str(root), entries, audio.codebook_sizes[:codebooks], audio.frame_rate)
 
 
 def read_manifest(directory: str) -> dict:

@@ -113,7 +113,7 @@ def parse_manifest_line(raw: bytes, line: int, base: epath.Path) -> Item | dict:
     path = obj.get("audio")
     if not isinstance(path, str) or not path:
         return error_entry(line, None, "no 'audio' path")
-    fields = {
+    fields: dict[str, Any] = {
         k: str(obj[k]) for k in ("text", "speaker", "language", "task") if obj.get(k) is not None
     }
     meta = {k: v for k, v in obj.items() if k not in STANDARD_KEYS}
@@ -173,7 +173,7 @@ def read_manifest_lines(path: str) -> list[bytes]:
 def parse_manifest(lines: Sequence[bytes], base: epath.Path) -> list[Item | dict]:
     """All lines in order (line numbers from 1); blank lines are reported, duplicate ids too."""
     seen: dict[str, int] = {}
-    out = []
+    out: list[Item | dict] = []
     for n, raw in enumerate(lines, start=1):
         if not raw.strip():
             out.append(error_entry(n, None, "blank line"))
@@ -199,7 +199,9 @@ def length_batches(
 ) -> list[list[Any]]:
     """Groups keys into batches of similar length (sorted), each under `max_seconds` of audio."""
     order = sorted(lengths, key=lambda k: (lengths[k], k))
-    batches, cur, total = [], [], 0.0
+    batches: list[list[Any]] = []
+    cur: list[Any] = []
+    total = 0.0
     for k in order:
         if cur and (total + lengths[k] > max_seconds or len(cur) >= max_items):
             batches.append(cur)
@@ -321,6 +323,7 @@ class ShardJob:
         if not wavs:
             return {}
         units = list(wavs)
+        assert self.encode is not None  # given to `run` before any batch
         try:
             outs = self.encode([wavs[u] for u in units])
         except ValueError as e:

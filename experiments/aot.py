@@ -10,8 +10,8 @@ parameters, data or accelerators (MaxText's train_compile.py idea).
         --config.data.crop_seconds=30
 
 A tokenizer config (stage 1) compiles its step as `experiments.train_tokenizer` runs it: the state
-fully sharded over the devices, `--batch-per-device` crops of `data.crop_seconds` on each (--mesh
-and --rules are the LM's).
+placed by the mesh and its rules as an LM's is, `--batch-per-device` crops of `data.crop_seconds`
+on each data-parallel device.
 
 Everything is abstract: the model comes from nnx.eval_shape, the optimizer state from
 jax.eval_shape, both as ShapeDtypeStructs carrying the rules' NamedShardings, and the batch is

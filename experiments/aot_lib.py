@@ -7,11 +7,11 @@ import os
 import resource
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -20,7 +20,7 @@ from mimo_jax.lm.model import MiMoAudioLM
 from mimo_jax.nn.dtypes import dtype_named
 from mimo_jax.nn.partitioning import batch_sharding, state_shardings, use_rules
 from mimo_jax.nn.quantized import QuantizedKernel
-from mimo_jax.train import build, flops
+from mimo_jax.train import batch, build, flops, tokenizer_build
 from mimo_jax.train.step import opt_state_shardings
 from sharding.mesh import AXES, mesh_and_rules
 
@@ -122,7 +122,7 @@ def tpu_target(topology: str, slices: int = 1) -> Target:
             f"--topology {topology}: libtpu is not installed; install the tpu extra "
             "(pip install -e '.[tpu]')"
         ) from None
-    devices = tuple(desc.devices)
+    devices: tuple[Any, ...] = tuple(desc.devices)  # TPU devices: device_kind, coords
     kind = devices[0].device_kind
     if kind not in HBM_GIB:
         raise ValueError(
@@ -189,10 +189,6 @@ def parse_mesh(text: str) -> dict[str, int]:
     return sizes
 
 
-def data_ways(mesh) -> int:
-    return int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
-
-
 def configure(
     config,
     ici: dict[str, int],
@@ -212,27 +208,18 @@ def configure(
     if rules:
         config.mesh.rules = rules
     mesh, _ = mesh_and_rules(config, target.devices)
-    config.data.batch_size = batch_per_device * data_ways(mesh) * config.optimizer.grad_accum
+    accum = config.optimizer.get("grad_accum", 1)  # the tokenizer's steps accumulate none
+    config.data.batch_size = batch_per_device * build.data_ways(mesh) * accum
     return config
 
 
 def abstract_batch(config, lm: MiMoAudioConfig, mesh) -> dict[str, jax.ShapeDtypeStruct]:
-    b, g = config.data.batch_size, config.data.context_length
-    gs, c = lm.group_size, len(lm.speech_vocab_sizes)
-    shapes = {
-        "text": (b, g),
-        "codes": (b, g, gs, c),
-        "positions": (b, g),
-        "segment_ids": (b, g),
-        "text_targets": (b, g),
-        "text_weights": (b, g),
-        "code_targets": (b, g, gs, c),
-        "code_weights": (b, g, c),
-    }
-    dtype = lambda k: jnp.float32 if k.endswith("weights") else jnp.int32
+    fields = batch.shapes(
+        config.data.batch_size, config.data.context_length, lm.group_size, lm.audio_channels
+    )
     return {
-        k: jax.ShapeDtypeStruct(shapes[k], dtype(k), sharding=batch_sharding(mesh, len(shapes[k])))
-        for k in build.BATCH_FIELDS
+        k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape)))
+        for k, (shape, dtype) in fields.items()
     }
 
 
@@ -354,7 +341,7 @@ def _host_ram_gib() -> float:
 
 
 def target_line(target: Target) -> str:
-    if not target.tpu:
+    if target.hbm_per_chip is None:
         return f"target: {target.name} (XLA's CPU compiler)"
     chip = (
         "one per chip"
@@ -423,19 +410,6 @@ def report(config, r: Compiled, elapsed_s: float, target: Target | None = None) 
 MIMO_TEXT_VOCAB = 151680  # the released text tokenizer's, the A2T LM's vocabulary at full size
 
 
-def configure_tokenizer(
-    config, batch_per_device: int, target: Target | None = None
-) -> ml_collections.ConfigDict:
-    """A copy of a tokenizer config with `batch_per_device` crops on each device of the target
-    (default: the CPU devices)."""
-    if batch_per_device < 1:
-        raise ValueError(f"--batch-per-device {batch_per_device}: expected at least 1")
-    target = target or cpu_target()
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.data.batch_size = batch_per_device * len(target.devices)
-    return config
-
-
 @dataclasses.dataclass
 class CompiledTokenizerStep:
     memory: object  # CompiledMemoryStats
@@ -451,25 +425,23 @@ def compile_tokenizer_step(
     config, text_vocab: int = MIMO_TEXT_VOCAB, target: Target | None = None
 ) -> CompiledTokenizerStep:
     """The stage-1 tokenizer step as a run compiles it (`experiments.train_tokenizer`), from
-    abstract values: the state fully sharded over the target's devices (default: the CPU
-    devices), the crops split over them."""
-    from experiments import train_tokenizer as tt
-
+    abstract values: the state placed by the config's mesh and rules over the target's devices
+    (default: the CPU devices), the crops split over data x fsdp."""
     if config.task != "tokenizer_stage1":
         raise ValueError(f"task {config.task!r}: experiments.aot compiles tokenizer_stage1 steps")
     target = target or cpu_target()
-    mesh = tt.mesh_of_devices(target.devices)
+    mesh, rules = mesh_and_rules(config, target.devices)
     built = {}
 
     def make():
-        built["tokenizer"], built["trainer"], state = tt.build(config, text_vocab)
+        built["tokenizer"], built["trainer"], state = tokenizer_build.build(config, text_vocab)
         return state
 
     abstract = jax.eval_shape(make)
     trainer, tok = built["trainer"], built["tokenizer"]
-    placed = tt.state_shardings(abstract, mesh)
+    placed = tokenizer_build.train_state_shardings(abstract, mesh, rules)
     state = _with_shardings(abstract, placed)
-    samples = tt.crop_samples(config, tok.sampling_rate)
+    samples = tokenizer_build.crop_samples(config, tok.sampling_rate)
     b, tokens = config.data.batch_size, config.data.max_text_tokens
     shapes = {
         "wav": ((b, samples), jnp.float32),
@@ -477,11 +449,13 @@ def compile_tokenizer_step(
         "text": ((b, tokens), jnp.int32),
         "text_lengths": ((b,), jnp.int32),
     }
-    shardings = tt.batch_shardings({k: np.empty(s) for k, (s, _) in shapes.items()}, mesh)
-    batch = {k: jax.ShapeDtypeStruct(s, d, sharding=shardings[k]) for k, (s, d) in shapes.items()}
+    batch = {
+        k: jax.ShapeDtypeStruct(s, d, sharding=batch_sharding(mesh, len(s)))
+        for k, (s, d) in shapes.items()
+    }
     start = time.perf_counter()
     step = jax.jit(trainer.train_step, donate_argnums=0, out_shardings=(placed, None))
-    with jax.set_mesh(mesh):  # as experiments.train_tokenizer traces it
+    with jax.set_mesh(mesh), use_rules(rules):  # as the training loop traces it
         lowered = step.lower(state, batch)
     compiled = compile_for(target, lowered)
     return CompiledTokenizerStep(
@@ -503,7 +477,8 @@ def tokenizer_report(
     return "\n".join(
         [
             target_line(target),
-            f"{config.task} on {r.devices} devices (state fully sharded), remat "
+            f"{config.task} on {r.devices} devices (state sharded by mesh.rules "
+            f"{config.mesh.rules}), remat "
             f"{config.model.remat_policy}, attention {config.model.attention}; "
             f"parameters {r.parameters / 1e9:.3f} B",
             f"{per_device} crop(s) of {r.crop_samples / r.sampling_rate:g} s per device "
@@ -549,20 +524,16 @@ def run(
     `experiments.train_tokenizer` runs it) for the target and prints the report. On a TPU: 1 if
     it does not fit; with `max_batch`, after a search for the largest batch per device that fits
     (each candidate compiled), the report of that batch. ValueError for a bad value."""
-    from experiments.train_tokenizer import is_tokenizer_run
-
-    tokenizer = is_tokenizer_run(config)
-    ici = None if tokenizer else parse_mesh(mesh)
-    results: dict[int, tuple] = {}
+    tokenizer = tokenizer_build.is_tokenizer_run(config)
+    ici = parse_mesh(mesh)
+    results: dict[int, tuple[ml_collections.ConfigDict, Any, float]] = {}
 
     def attempt(n: int):
         """(config, compiled step or DoesNotFit, seconds) for n rows (or crops) per device."""
         if n not in results:
             start = time.perf_counter()
-            if tokenizer:
-                c = configure_tokenizer(config, n, target)
-            else:
-                c = configure(config, ici, rules, n, target)
+            c = configure(config, ici, rules, n, target)
+            r: Compiled | CompiledTokenizerStep | DoesNotFit
             try:
                 if tokenizer:
                     r = compile_tokenizer_step(c, text_vocab, target)

@@ -27,6 +27,8 @@ def import_config_file(spec: str):
     if not os.path.isfile(path):
         raise ValueError(f"--config {spec}: no config file {path!r}")
     module_spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    if module_spec is None or module_spec.loader is None:
+        raise ValueError(f"--config {spec}: {path!r} is not a Python file")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     if not callable(getattr(module, "get_config", None)):

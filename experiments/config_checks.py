@@ -17,6 +17,8 @@ from flax import nnx
 from data_pipelines.pipeline import parse_sources
 from data_pipelines.shards import MANIFEST, ShardSet
 from mimo_jax import model_checkpoint as checkpoint
+from mimo_jax.lm.groups import GROUPS, group_of
+from mimo_jax.lm.lora import MODES, linear_layers, select
 from mimo_jax.lm.model import MiMoAudioLM
 from mimo_jax.nn.attention import IMPLEMENTATIONS
 from mimo_jax.nn.dtypes import DTYPES
@@ -24,9 +26,8 @@ from mimo_jax.nn.quantized import QTYPES
 from mimo_jax.nn.remat import policy as remat_policy
 from mimo_jax.tasks.text_tokenizer import TextTokenizer, model_id_problems
 from mimo_jax.train.build import groups_in_mode, lm_architecture, lora_config
-from mimo_jax.train.lora import MODES, linear_layers, select
 from mimo_jax.train.losses import LossConfig
-from mimo_jax.train.optimizer import GROUPS, group_of
+from mimo_jax.train.optimizer import SCHEDULES
 from sharding.rules import PRESETS
 
 
@@ -84,7 +85,7 @@ CHECKS: dict[str, Callable] = {
     "loss.text_chunk": _int_at_least(1),
     "loss.patch_chunk": _int_at_least(1),
     "loss.patch_fraction": lambda v: None if 0 < v <= 1 else "a number in (0, 1]",
-    "optimizer.schedule": _one_of(("cosine", "constant")),
+    "optimizer.schedule": _one_of(SCHEDULES),
     "optimizer.warmup_ratio": _in_range(0, 1),
     "optimizer.end_lr_ratio": _in_range(0, 1),
     "optimizer.weight_decay": _non_negative,
@@ -173,7 +174,8 @@ def _value_problems(config) -> list[str]:
 
 def _lora_problems(config) -> list[str]:
     """The adapters' modes and target patterns (checked while `lora.rank` > 0)."""
-    lora, out = config.lora, []
+    lora = config.lora
+    out: list[str] = []
     if not (isinstance(lora.rank, int) and lora.rank > 0):
         return out
     for group in lora.modes:
@@ -274,10 +276,8 @@ def _loss_problems(config, lm) -> list[str]:
         f"of the model's {lm.audio_channels})"
     )
     try:
-        loss = LossConfig.from_string(config.loss.weights)
+        LossConfig.from_string(config.loss.weights).check_channels(lm.audio_channels)
     except ValueError:
-        return [_problem("loss.weights", config.loss.weights, want)]
-    if len(loss.codebook_weights) != lm.audio_channels:
         return [_problem("loss.weights", config.loss.weights, want)]
     return []
 

@@ -19,7 +19,7 @@ import numpy as np
 import convert_torch_weights
 from mimo_jax import model_checkpoint as checkpoint
 from mimo_jax.conversion import safetensors_io as st
-from mimo_jax.inference.generate import GenerationConfig, generate
+from mimo_jax.inference.generation_loop import GenerationConfig, generate
 from mimo_jax.inference.sampling import SamplerConfig
 from mimo_jax.lm.layout import empty_patch
 

@@ -17,10 +17,11 @@ import argparse
 import json
 from pathlib import Path
 
-from experiments import demo, train_tokenizer
+from experiments import demo
 from experiments.config_checks import set_value
 from experiments.configs import tokenizer_stage1, tokenizer_stage2
 from mimo_jax import logs
+from mimo_jax.train import tokenizer_build
 
 STAGES = {"stage1": tokenizer_stage1, "stage2": tokenizer_stage2}
 # A few steps on short crops, each part of a run exercised: k-means, checkpoints, evaluation.
@@ -70,7 +71,7 @@ def random_init(config, path: Path) -> None:
     from mimo_jax.tokenizer.config import to_hf
 
     if not model_checkpoint.is_model_checkpoint(path):
-        tok_config, tokenizer = train_tokenizer.initial_tokenizer(config)
+        tok_config, tokenizer = tokenizer_build.initial_tokenizer(config)
         model_checkpoint.save(tokenizer, to_hf(tok_config), path)
 
 

@@ -1,6 +1,6 @@
-"""What both training loops (the LM's in `experiments.train`, the tokenizer's in
-`experiments.train_tokenizer`) share: the preemption signal, the non-finite-loss stop, the
-every-N-steps rule and the hyperparameters TensorBoard shows."""
+"""The parts of the training loop (`experiments.training_loop`): the preemption signal, opening a
+run's checkpoints and metrics, the non-finite-loss stop, the every-N-steps rule and the
+hyperparameters TensorBoard shows."""
 
 import contextlib
 import signal

@@ -158,7 +158,7 @@ def _launcher_args(launcher: str, rest: list[str], python: str | None) -> argpar
 
 def commands_of(args, rest: list[str], runs) -> list[tuple[str | None, list[list[str]], object]]:
     """Per run: (sbatch script or None, commands, launcher args or None)."""
-    out = []
+    out: list[tuple[str | None, list[list[str]], object]] = []
     for name, overrides in runs:
         config, workdir = args.config, f"{args.workdir.rstrip('/')}/{name}"
         if args.launcher == "local":

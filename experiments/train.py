@@ -18,28 +18,20 @@ metrics.jsonl, audio, log-mel images and transcripts to TensorBoard. Multi-host:
 --coordinator/--num_processes/--process_id.
 """
 
-import contextlib
+import dataclasses
 import json
 import os
 import signal
 import sys
-import time
+from typing import Any
 
 import jax
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments.loop_support import (
-    NonFiniteLoss,
-    Preempted,
-    Preemption,
-    check_finite,
-    checkpoint_if_due,
-    due,
-    next_batch,
-    open_run,
-)
+from experiments.loop_support import NonFiniteLoss, Preemption, due
+from experiments.training_loop import ModelRun
 from mimo_jax import logs
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -72,7 +64,7 @@ def init_distributed() -> None:
 def data_iterators(config, lm_config):
     from data_pipelines.config import DataConfig
     from data_pipelines.pipeline import make_dataset, parse_sources
-    from data_pipelines.text_tokenizer import TextTokenizer
+    from mimo_jax.tasks.text_tokenizer import TextTokenizer
 
     cfg = DataConfig.for_model(lm_config, config.data)
     tokenizer = TextTokenizer.from_file(config.data.tokenizer)
@@ -109,22 +101,22 @@ def data_iterators(config, lm_config):
 def run(config, workdir: str) -> int:
     from experiments import config_checks, train_tokenizer
     from mimo_jax import paths
-    from mimo_jax.train import rundir
+    from mimo_jax.train import rundir, tokenizer_build
 
-    tokenizer = train_tokenizer.is_tokenizer_run(config)
+    tokenizer = tokenizer_build.is_tokenizer_run(config)
     # Before anything is built or written.
     (train_tokenizer.check if tokenizer else config_checks.check)(config)
-    workdir = paths.resolve(workdir)
-    lock = rundir.WorkdirLock(workdir)
+    root = paths.resolve(workdir)
+    lock = rundir.WorkdirLock(root)
     if jax.process_index() == 0:
         lock.acquire()
     previous = _exit_on_sigterm()
     try:
         if jax.process_index() == 0:
-            rundir.remove_leftovers(workdir)
+            rundir.remove_leftovers(root)
             config_json = config.to_json_best_effort(indent=2) + "\n"
-            paths.write_whole(workdir / "config.json", config_json)
-        return (train_tokenizer.run if tokenizer else _run)(config, workdir)
+            paths.write_whole(root / "config.json", config_json)
+        return (train_tokenizer.run if tokenizer else _run)(config, root)
     finally:
         lock.release()
         if previous is not None:
@@ -145,9 +137,9 @@ def _exit_on_sigterm():
 
 
 def _run(config, workdir) -> int:
+    from experiments.training_loop import train
     from mimo_jax.nn.partitioning import use_rules
     from mimo_jax.train import build
-    from mimo_jax.train.flops import train_flops_per_group
     from sharding.mesh import mesh_and_rules
 
     mesh, rules = mesh_and_rules(config)
@@ -161,58 +153,101 @@ def _run(config, workdir) -> int:
     generation_eval = _generation_eval(config, lm_config)
     with jax.set_mesh(mesh), use_rules(rules):
         train_it, eval_factory, local_rows = data_iterators(config, lm_config)
-        identity = {
-            "model": lm_config.to_hf(),
-            "trainable": trainer.optimizer.trainable_groups,
-            "loss_weights": config.loss.weights,
-            "remat": lm_config.remat_policy,
-        }
-        if config.lora.rank:  # a resumed run must train the same adapters
-            identity["lora"] = json.loads(config.lora.to_json())
-        ckpts, writer, start, state = open_run(config, workdir, identity, state, train_it)
-        try:
-            generation = (
-                _generation_writer(generation_eval, trainer, writer)
-                if generation_eval is not None
-                else None
-            )
-            finished = (start or 0) >= config.total_steps  # done before: nothing to compile
-            if not finished:
-                steps = build.compile_steps(trainer, state)
-                flops = train_flops_per_group(
-                    lm_config, config.data.context_length, trainer.loss.trains_patch_decoder
-                )
-                state, finished = _loop(
-                    config,
-                    state,
-                    steps,
-                    train_it,
-                    eval_factory,
-                    local_rows,
-                    mesh,
-                    ckpts,
-                    writer,
-                    flops,
-                    start or 0,
-                    generation,
-                )
-            if finished and config.export_model:
-                export_model(config, trainer, state, lm_config, workdir)
-            return 0
-        finally:
-            ckpts.close()
-            writer.close()
+    identity = {
+        "model": lm_config.to_hf(),
+        "trainable": trainer.optimizer.trainable_groups,
+        "loss_weights": config.loss.weights,
+        "remat": lm_config.remat_policy,
+    }
+    if config.lora.rank:  # a resumed run must train the same adapters
+        identity["lora"] = json.loads(config.lora.to_json())
+    run = LMRun(
+        state,
+        identity,
+        train_it,
+        mesh,
+        rules,
+        config,
+        lm_config,
+        trainer,
+        eval_factory,
+        local_rows,
+        generation_eval,
+    )
+    del state
+    return train(config, workdir, run)
 
 
-def _evaluate(config, state, steps, eval_factory, local_rows, mesh) -> dict[str, float]:
-    from mimo_jax.train.build import global_batch
+@dataclasses.dataclass
+class LMRun(ModelRun):
+    """The LM's hooks of the training loop: its rows of the global batch, the compiled steps,
+    groups per second and MFU, the held-out loss and generation as evaluations, the export."""
 
-    it, totals = eval_factory(), {}
-    for _ in range(config.eval_steps):
-        metrics = jax.device_get(steps.eval(state, global_batch(local_rows(next(it)), mesh)))
-        for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + float(v) / config.eval_steps
-    return {f"eval/{k}": v for k, v in totals.items()}
+    config: Any
+    lm_config: Any
+    trainer: Any
+    eval_factory: Any  # a fresh iterator of the held-out batches, or None
+    local_rows: Any
+    generation_eval: Any  # evaluation.during_training.GenerationEval, or None
+    steps: Any = None  # build.Steps, once compiled
+    flops: float = 0.0  # per group
+
+    def rows(self, batch: dict) -> dict:
+        return self.local_rows(batch)
+
+    def compile(self, state):
+        from mimo_jax.train import build
+        from mimo_jax.train.flops import train_flops_per_group
+
+        self.steps = build.compile_steps(self.trainer, state)
+        self.flops = train_flops_per_group(
+            self.lm_config, self.config.data.context_length, self.trainer.loss.trains_patch_decoder
+        )
+        rng = jax.random.key(self.config.seed)
+        return lambda state, rows: self.steps.train(state, build.global_batch(rows, self.mesh), rng)
+
+    def rates(self, steps: int, seconds: float, values: dict, skipped: int) -> dict:
+        groups = self.config.data.batch_size * self.config.data.context_length
+        peak = self.config.peak_tflops_per_device * 1e12 * jax.device_count()
+        rate = steps * groups / max(seconds, 1e-9)
+        return dict(
+            groups_per_second=rate,
+            mfu=rate * self.flops / peak if peak else 0.0,
+            tokens_per_second=rate * values["tokens"] / groups,  # non-padding
+            skipped_documents=_sum_over_processes(skipped),
+        )
+
+    def evaluate(self, state, step: int, preemption: Preemption, at_start: bool, writer) -> None:
+        if self.eval_factory and (at_start or due(step, self.config.eval_every)):
+            with preemption.interruptible():
+                scores = self.held_out_loss(state)
+            writer.write(step, scores)
+        if self.generation_eval is not None and not at_start and due(step, self.config.eval_every):
+            # Outside the training mesh: the audio tokenizer lives on one device, and the LM's
+            # batches of a few prompts are not split by the training rules.
+            with jax.set_mesh(None), preemption.interruptible():
+                scalars, media = self.generation_eval(self.trainer.model(state))
+            if scalars:
+                writer.write(step, scalars)
+            writer.media(step, **media)
+
+    def held_out_loss(self, state) -> dict[str, float]:
+        from mimo_jax.train.build import global_batch
+
+        it, n = self.eval_factory(), self.config.eval_steps
+        totals: dict[str, float] = {}
+        for _ in range(n):
+            batch = global_batch(self.local_rows(next(it)), self.mesh)
+            for k, v in jax.device_get(self.steps.eval(state, batch)).items():
+                totals[k] = totals.get(k, 0.0) + float(v) / n
+        return {f"eval/{k}": v for k, v in totals.items()}
+
+    def export(self, state, workdir) -> None:
+        from mimo_jax.train import build
+
+        written = build.export(self.config, self.trainer, state, self.lm_config, workdir)
+        for what, path in written.items():
+            print(f"{what}: {path}", flush=True)
 
 
 def _sum_over_processes(count: int) -> int:
@@ -229,7 +264,7 @@ def _generation_eval(config, lm_config):
 
     if not generation_eval_on(config):
         return None
-    from mimo_jax.train.eval_generation import GenerationEval, GenerationEvalConfig
+    from mimo_jax.evaluation.during_training import GenerationEval, GenerationEvalConfig
 
     g = config.eval_generation
     return GenerationEval(
@@ -244,110 +279,6 @@ def _generation_eval(config, lm_config):
         ),
         lm_config,
     )
-
-
-def _generation_writer(evaluate, trainer, writer):
-    """`generation(state, step, preemption)`: the eval prompts run with the state's weights
-    (interruptibly), written out. Outside the training mesh: the audio tokenizer lives on one
-    device, and the LM's batches of a few prompts are not split by the training rules."""
-
-    def generation(state, step: int, preemption: Preemption) -> None:
-        with jax.set_mesh(None), preemption.interruptible():
-            scalars, media = evaluate(trainer.model(state))
-        if scalars:
-            writer.write(step, scalars)
-        writer.media(step, **media)
-
-    return generation
-
-
-def _loop(
-    config,
-    state,
-    steps,
-    train_it,
-    eval_factory,
-    local_rows,
-    mesh,
-    ckpts,
-    writer,
-    flops,
-    step,
-    generation=None,
-) -> int:
-    from mimo_jax.train.build import global_batch
-
-    preemption = Preemption()
-    rng = jax.random.key(config.seed)
-    groups = config.data.batch_size * config.data.context_length
-    peak = config.peak_tflops_per_device * 1e12 * jax.device_count()
-    t_last, last_logged = time.time(), step
-    skipped = 0  # bad documents the packer skipped in this process's rows since the run (re)started
-
-    def evaluations(state, step: int, at_start: bool = False) -> None:
-        """Those due at `step`; dropped at SIGTERM (the loop then saves and stops)."""
-        with contextlib.suppress(Preempted):
-            if eval_factory and (at_start or due(step, config.eval_every)):
-                with preemption.interruptible():
-                    scores = _evaluate(config, state, steps, eval_factory, local_rows, mesh)
-                writer.write(step, scores)
-            if generation is not None and not at_start and due(step, config.eval_every):
-                generation(state, step, preemption)
-
-    if config.eval_at_start and step == 0:
-        evaluations(state, 0, at_start=True)
-    while step < config.total_steps:
-        try:
-            batch = local_rows(next_batch(train_it, preemption))
-        except Preempted:
-            checkpoint_if_due(step, state, train_it, ckpts, writer, True, False)
-            return state, False
-        skipped += int(np.sum(batch["skipped"]))
-        state, metrics = steps.train(state, global_batch(batch, mesh), rng)
-        step += 1
-        last = step == config.total_steps
-        save = due(step, config.checkpoint_every) or last
-        if due(step, config.log_every) or last or save:
-            # Checked before every save too, so that each saved step is a good one.
-            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            check_finite(values, step, ckpts)
-        if due(step, config.log_every) or last:
-            elapsed = time.time() - t_last
-            rate = (step - last_logged) * groups / max(elapsed, 1e-9)
-            values.update(
-                groups_per_second=rate,
-                mfu=rate * flops / peak if peak else 0.0,
-                tokens_per_second=rate * values["tokens"] / groups,  # non-padding
-                skipped_documents=_sum_over_processes(skipped),
-            )
-            t_last, last_logged = time.time(), step
-            writer.write(step, values)
-            writer.progress(step, values)
-        evaluations(state, step)
-        if checkpoint_if_due(step, state, train_it, ckpts, writer, preemption.due(step), save):
-            return state, False
-    return state, True
-
-
-def export_model(config, trainer, state, lm_config, workdir) -> None:
-    """The final weights as a model checkpoint (workdir/model): the init_checkpoint of a next stage,
-    or an official directory through convert_torch_weights.py. With LoRA adapters, the model has
-    them merged, and workdir/adapter holds what the run trained alone: the adapters, and the
-    modules of groups trained in full (a PEFT directory, `mimo_jax.lm.adapters`)."""
-    from mimo_jax import model_checkpoint as model_ckpt
-    from mimo_jax.lm import adapters
-    from mimo_jax.train import build
-    from mimo_jax.train.lora import merge_lora
-
-    model = trainer.model(state)
-    if build.lora_config(config) is not None:
-        out = adapters.save(
-            model, workdir / "adapter", full_groups=build.groups_in_mode(config, "full")
-        )
-        print(f"adapters: {out}", flush=True)
-        model = merge_lora(model)
-    out = model_ckpt.save(model, lm_config.to_hf(), os.fspath(workdir / "model"))
-    print(f"final weights: {out}", flush=True)
 
 
 def main(argv) -> int:

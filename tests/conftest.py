@@ -41,8 +41,9 @@ def lm(fixtures_root):
     """(config, model) of the LM fixture, converted from its official checkpoint (per module: a
     module may define its own `lm`)."""
     from mimo_jax.conversion.convert import load_torch_checkpoint
+    from mimo_jax.lm.conversion import LMFamily
 
-    return load_torch_checkpoint(fixtures_root / "lm")
+    return load_torch_checkpoint(fixtures_root / "lm", LMFamily())
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +77,9 @@ def mimo(fx):
     """MimoAudio over the tasks/ fixture's LM, audio tokenizer and text tokenizer."""
     from tasks_support import fixture_lm
 
-    from mimo_jax.inference.tasks import MimoAudio
+    from mimo_jax.inference.mimo_audio import MimoAudio
     from mimo_jax.lm.model import unstack_for_decoding
-    from mimo_jax.tokenizer.clips import Tokenizer
+    from mimo_jax.tokenizer.audio_tokenizer import Tokenizer
 
     config, model = fixture_lm(fx)
     # Decoding with the stacks' layers unstacked, as MimoAudio.load holds the model on the CPU.

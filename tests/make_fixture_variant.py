@@ -71,7 +71,7 @@ def write_lm(dst: Path, seed: int = 0) -> None:
 
     import convert_torch_weights
     from mimo_jax import model_checkpoint as checkpoint
-    from mimo_jax.inference.generate import GenerationConfig, generate
+    from mimo_jax.inference.generation_loop import GenerationConfig, generate
     from mimo_jax.inference.sampling import GREEDY, forbid_one, sample
     from mimo_jax.lm.config import small_config
     from mimo_jax.lm.layout import from_official, to_official

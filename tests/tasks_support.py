@@ -100,15 +100,16 @@ def generated_groups(fx: TasksFixture, gen: dict):
 def fixture_lm(fx: TasksFixture):
     """(config, model) of the tasks/ LM, loaded as its config.json says."""
     from mimo_jax.conversion.convert import load_torch_checkpoint
+    from mimo_jax.lm.conversion import LMFamily
 
-    return load_torch_checkpoint(fx.lm_dir)
+    return load_torch_checkpoint(fx.lm_dir, LMFamily())
 
 
 def record_batches(monkeypatch, record):
     """Patches MimoAudio's batch generation: `record(requests)` of each batch goes into the list
     returned first, and `fail[id] = exception` (the dict returned second) makes the batch holding
     that request raise it inside its generation."""
-    from mimo_jax.inference.tasks import MimoAudio
+    from mimo_jax.inference.mimo_audio import MimoAudio
 
     ran, fail, real = [], {}, MimoAudio._generate
 

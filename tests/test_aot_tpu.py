@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from experiments import aot_lib, train_tokenizer
+from experiments import aot_lib
 from experiments.configs import demo, tokenizer_stage1
 from mimo_jax.lm.config import MiMoAudioConfig
 from mimo_jax.train import flops
@@ -153,7 +153,7 @@ def test_a_tiny_tokenizer_step_compiles_for_v5p(capsys):
     config.data.crop_seconds, config.data.max_text_tokens = 0.4, 8
     assert aot_lib.run(config, aot_lib.tpu_target("v5p:2x2x1"), text_vocab=64) == 0
     out = capsys.readouterr().out
-    assert "tokenizer_stage1 on 4 devices (state fully sharded)" in out
+    assert "tokenizer_stage1 on 4 devices (state sharded by mesh.rules fsdp)" in out
     assert "1 crop(s) of 0.4 s per device (global batch 4)" in out
     _check_memory(out, 95)
     assert (
@@ -284,19 +284,17 @@ def test_max_batch_needs_a_tpu():
         aot_lib.run(demo.get_config("smoke=True"), aot_lib.cpu_target(), max_batch=True)
 
 
-def test_slices_are_data_parallel():
-    """Two slices: the LM's mesh puts them on the data axis (the rows double), the tokenizer's one
-    data axis runs slice after slice."""
+@pytest.mark.parametrize("get_config", [demo.get_config, tokenizer_stage1.get_config])
+def test_slices_are_data_parallel(get_config):
+    """Two slices: the mesh (the LM's and the tokenizer's) puts them on the data axis (the rows
+    double)."""
     target = aot_lib.tpu_target("v5p:2x2x1", slices=2)
-    config = aot_lib.configure(
-        demo.get_config("smoke=True"), aot_lib.parse_mesh("fsdp=-1"), "fsdp", 1, target
-    )
+    arg = "smoke=True" if get_config is demo.get_config else "demo"
+    config = aot_lib.configure(get_config(arg), aot_lib.parse_mesh("fsdp=-1"), "fsdp", 1, target)
     mesh, _ = mesh_and_rules(config, target.devices)
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1, "sequence": 1}
     assert config.data.batch_size == 8
     assert [[d.slice_index for d in row] for row in mesh.devices[:, :, 0, 0]] == [[0] * 4, [1] * 4]
-    mesh = train_tokenizer.mesh_of_devices(target.devices)
-    assert [d.slice_index for d in mesh.devices] == [0] * 4 + [1] * 4
 
 
 def test_a_cpu_target_is_unchanged_by_a_tpu_one():

@@ -13,7 +13,7 @@ from tokenizer_support import CHECKPOINT
 
 from experiments import aot_lib, train_tokenizer
 from experiments.configs import demo, tokenizer_stage1
-from mimo_jax.inference.generate import _left_pad_layout
+from mimo_jax.inference.generation_loop import _left_pad_layout
 from mimo_jax.lm.config import small_config
 from mimo_jax.lm.model import MiMoAudioLM
 from mimo_jax.nn import attention

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mimo_jax.inference.generate import GenerationConfig, generate
+from mimo_jax.inference.generation_loop import GenerationConfig, generate
 from mimo_jax.inference.sampling import GREEDY, SamplerConfig, forbid_one, sample
 from mimo_jax.lm.layout import empty_patch, from_official
 

@@ -11,13 +11,14 @@ import soundfile
 
 from data_pipelines import conversations, tokenize
 from data_pipelines.config import DataConfig
+from data_pipelines.demo_text_tokenizer import word_level_tokenizer
 from data_pipelines.encoders import EnergyEncoder
 from data_pipelines.pipeline import Source, document_dataset
 from data_pipelines.sequences import DocumentError, SequenceBuilder
 from data_pipelines.shards import Record, ShardSet
-from data_pipelines.text_tokenizer import TextTokenizer, word_level_tokenizer
 from mimo_jax.tasks import requests, segments
 from mimo_jax.tasks.segments import patchify
+from mimo_jax.tasks.text_tokenizer import TextTokenizer
 from mimo_jax.tokenizer import audio_io
 from mimo_jax.tokenizer.config import TokenizerConfig
 

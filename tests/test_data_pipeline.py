@@ -9,9 +9,9 @@ import pytest
 
 from data_pipelines import shards
 from data_pipelines.config import DataConfig
+from data_pipelines.demo_text_tokenizer import word_level_tokenizer
 from data_pipelines.pipeline import Source, document_dataset, make_dataset
 from data_pipelines.shards import Record, encode_record
-from data_pipelines.text_tokenizer import word_level_tokenizer
 
 TOK = word_level_tokenizer([f"w{i}" for i in range(50)])
 CFG = DataConfig(context_length=64)

@@ -8,19 +8,18 @@ import pytest
 import tokenizers
 
 from data_pipelines.config import DataConfig
-from data_pipelines.packing import example_from_document
-from data_pipelines.sequences import DocumentError, SequenceBuilder
-from data_pipelines.shards import Record
-from data_pipelines.text_tokenizer import (
-    SPECIAL_TOKENS,
-    TextTokenizer,
+from data_pipelines.demo_text_tokenizer import (
     tokenizer_digest,
     train_demo_tokenizer,
     word_level_tokenizer,
 )
+from data_pipelines.packing import example_from_document
+from data_pipelines.sequences import DocumentError, SequenceBuilder
+from data_pipelines.shards import Record
 from experiments.configs.demo import demo_hf
 from mimo_jax.lm.config import MiMoAudioConfig
 from mimo_jax.tasks.segments import patchify
+from mimo_jax.tasks.text_tokenizer import SPECIAL_TOKENS, TextTokenizer
 
 WORDS = [f"w{i}" for i in range(1, 21)]
 TOK = word_level_tokenizer(WORDS)

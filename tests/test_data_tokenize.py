@@ -13,7 +13,7 @@ import soundfile
 from data_pipelines import demo_corpus, tokenize
 from data_pipelines.encoders import EnergyEncoder
 from data_pipelines.shards import ShardSet
-from data_pipelines.text_tokenizer import SPECIAL_TOKENS, TextTokenizer
+from mimo_jax.tasks.text_tokenizer import SPECIAL_TOKENS, TextTokenizer
 from mimo_jax.tokenizer import audio_io
 from mimo_jax.tokenizer.config import TokenizerConfig
 

@@ -10,7 +10,7 @@ import pytest
 import soundfile
 
 from data_pipelines import tokenize
-from data_pipelines.encoders import EnergyEncoder
+from data_pipelines.encoders import EnergyEncoder, load_encoder
 from data_pipelines.shards import ShardSet
 from mimo_jax.tokenizer import audio_io
 from mimo_jax.tokenizer.config import TokenizerConfig
@@ -150,3 +150,8 @@ def test_a_clip_the_encoder_refuses_is_one_error(tmp_path):
         "reason": f"refused by the encoder ({samples} samples at 24000 Hz): clip under 0.35 s",
     }
     assert sorted(r.id for r in ShardSet(str(out))) == ["a", "c"]
+
+
+def test_the_mimo_encoder_without_a_checkpoint_says_so():
+    with pytest.raises(ValueError, match=r"encoder 'mimo': expected an audio tokenizer checkpoint"):
+        load_encoder("mimo", None, 8)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from data_pipelines.text_tokenizer import word_level_tokenizer
+from data_pipelines.demo_text_tokenizer import word_level_tokenizer
 from data_pipelines.waveforms import (
     WaveformConfig,
     WaveformDataError,

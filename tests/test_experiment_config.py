@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from absl import flags
 
+from data_pipelines.demo_text_tokenizer import word_level_tokenizer
 from data_pipelines.pipeline import Source, parse_sources
 from data_pipelines.shards import write_manifest
-from data_pipelines.text_tokenizer import word_level_tokenizer
 from experiments import config_checks, train
 from experiments.cli import parse_flags
 from experiments.config_checks import set_value

@@ -22,6 +22,7 @@ from data_pipelines.shards import ShardSet
 from mimo_jax import model_checkpoint as checkpoint
 from mimo_jax.conversion import safetensors_io as st
 from mimo_jax.conversion.convert import load_torch_checkpoint
+from mimo_jax.lm.conversion import LMFamily
 from mimo_jax.tokenizer import audio_io
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ def _assert_same_params(a, b):
 
 
 def test_model_checkpoint_round_trip(gs_dir, fixtures_root):
-    _, model = load_torch_checkpoint(fixtures_root / "lm")
+    _, model = load_torch_checkpoint(fixtures_root / "lm", LMFamily())
     hf = json.loads((fixtures_root / "lm" / "config.json").read_text())
     dst = f"{gs_dir}/run/model"
     assert str(checkpoint.save(model, hf, dst)) == dst
@@ -77,7 +78,7 @@ def test_convert_both_ways(gs_dir, fixtures_root, capsys):
     assert f"wrote {gs_dir}/official" in capsys.readouterr().out
     assert not [n for n in _objects(gs_dir) if ".partial" in n]
     _, loaded = checkpoint.load(f"{gs_dir}/orbax")
-    _assert_same_params(loaded, load_torch_checkpoint(src)[1])
+    _assert_same_params(loaded, load_torch_checkpoint(src, LMFamily())[1])
     source = st.read_index(src)
     written = st.read_index(f"{gs_dir}/official")
     assert written and set(written) <= set(source)
@@ -88,7 +89,7 @@ def test_convert_both_ways(gs_dir, fixtures_root, capsys):
         (src / "config.json").read_text()
     )
     # From gs:// back to local, and an official directory read from gs://.
-    _, from_gcs = load_torch_checkpoint(f"{gs_dir}/official")
+    _, from_gcs = load_torch_checkpoint(f"{gs_dir}/official", LMFamily())
     _assert_same_params(from_gcs, loaded)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mimo_jax.inference.generate import GenerationConfig, generate
+from mimo_jax.inference.generation_loop import GenerationConfig, generate
 from mimo_jax.inference.sampling import SamplerConfig, process, sample
 from mimo_jax.lm.layout import empty_patch
 from mimo_jax.lm.model import unstack_for_decoding

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from mimo_jax.inference import sampling
-from mimo_jax.inference.generate import GenerationConfig, generate
+from mimo_jax.inference.generation_loop import GenerationConfig, generate
+from mimo_jax.inference.mimo_audio import TASK_SAMPLERS
 from mimo_jax.inference.sampling import SamplerConfig, process, sample
-from mimo_jax.inference.tasks import TASK_SAMPLERS
 
 ROWS = 512  # identical rows per sampler, one draw each
 

@@ -14,7 +14,7 @@ import soundfile as sf
 from test_tokenizer_streaming import MIN_SER_DB, stream_quality
 
 from mimo_jax import generate as cli
-from mimo_jax.inference.generate import GenerationConfig, generate, generate_chunks
+from mimo_jax.inference.generation_loop import GenerationConfig, generate, generate_chunks
 from mimo_jax.inference.sampling import GREEDY, SamplerConfig
 from mimo_jax.lm.layout import empty_patch, from_official
 

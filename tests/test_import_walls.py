@@ -1,7 +1,9 @@
-"""The one-way walls between the project's packages, read from the source: every `import` (at module
-level or inside a function) is an edge of the import graph."""
+"""The one-way walls between the project's packages and between the library's layers, read from the
+source: every `import` (at module level, inside a function, under `TYPE_CHECKING`) is an edge of the
+import graph."""
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -13,6 +15,20 @@ ALLOWED = {
     "data_pipelines": {"data_pipelines", "mimo_jax"},
     "experiments": {"experiments", "mimo_jax", "sharding", "data_pipelines"},
 }
+
+
+def library_layers() -> list[set[str]]:
+    """The layers of `mimo_jax` in import order, as the README's layout section writes them
+    (`layers: a, b -> c -> ...`): the one statement of the order."""
+    found = re.findall(r"^\s*layers: (.+)$", (ROOT / "README.md").read_text(), re.M)
+    assert len(found) == 1, f"README.md: expected one `layers:` line, found {len(found)}"
+    return [{u.strip() for u in step.split(",")} for step in found[0].split("->")]
+
+
+def layer_unit(module: str) -> str | None:
+    """The layer a library module belongs to: its subpackage or top-level module of `mimo_jax`."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "mimo_jax" and len(parts) > 1 else None
 
 
 def _module_name(path: Path) -> str:
@@ -97,20 +113,47 @@ def test_no_module_imports_itself_back():
     assert cycles(import_graph()) == []
 
 
-def test_model_families_register_downward():
+def test_library_layers_import_only_those_before_them():
+    layers = library_layers()
+    rank = {unit: i for i, step in enumerate(layers) for unit in step}
     graph = import_graph()
-    assert "mimo_jax.lm.conversion" in graph["mimo_jax.conversion.registry"]
-    users = [
-        m
-        for m, deps in graph.items()
-        if "mimo_jax.conversion.registry" in deps
-        and m.startswith(("mimo_jax.lm", "mimo_jax.tokenizer", "mimo_jax.nn"))
-    ]
-    assert users == []
+    units = {layer_unit(m) for m in graph} - {None}
+    assert units - set(rank) == set(), "layers missing from README.md's `layers:` line"
+    assert set(rank) - units == set(), "README.md's `layers:` line names no such layer"
+    assert graph["mimo_jax"] == set(), "mimo_jax/__init__.py imports nothing of the project"
+    wrong = sorted(
+        f"{src} imports {dst}"
+        for src, dsts in graph.items()
+        for dst in dsts
+        if (a := layer_unit(src)) and (b := layer_unit(dst)) and a != b and rank[b] >= rank[a]
+    )
+    assert not wrong, "\n".join(wrong)
+
+
+def test_model_families_register_above_the_conversion_engine():
+    graph = import_graph()
+    assert "mimo_jax.lm.conversion" in graph["mimo_jax.model_checkpoint"]
+    assert "mimo_jax.conversion.family" in graph["mimo_jax.lm.conversion"]
 
 
 def test_the_graph_sees_imports_inside_functions():
     # The walls are only as good as the parser: a hidden import must show up as an edge.
     graph = import_graph()
-    assert "mimo_jax.tokenizer.clips" in graph["data_pipelines.encoders"]  # inside a function
+    assert (
+        "mimo_jax.tokenizer.audio_tokenizer" in graph["data_pipelines.encoders"]
+    )  # inside a function
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_former_import_paths_still_work():
+    """Modules renamed for what they hold keep their old names for users' imports."""
+    from mimo_jax.inference import generation_loop, mimo_audio
+    from mimo_jax.inference.generate import GenerationConfig, generate, generate_chunks
+    from mimo_jax.inference.tasks import MimoAudio
+
+    assert (generate, generate_chunks) == (
+        generation_loop.generate,
+        generation_loop.generate_chunks,
+    )
+    assert GenerationConfig is generation_loop.GenerationConfig
+    assert MimoAudio is mimo_audio.MimoAudio

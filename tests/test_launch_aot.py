@@ -15,9 +15,10 @@ from train_support import xla_env
 from experiments import aot_lib
 from experiments.configs import demo
 from mimo_jax.lm.config import MiMoAudioConfig
+from mimo_jax.lm.groups import group_of
 from mimo_jax.nn.quantized import QuantizedKernel
 from mimo_jax.train import build, flops
-from mimo_jax.train.optimizer import group_of, path_of
+from mimo_jax.train.optimizer import path_of
 from sharding.mesh import mesh_and_rules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,17 +112,18 @@ def test_a_qlora_state_holds_its_untrained_linear_layers_in_int8():
     assert sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(held)) == float_bytes * 1.25 / 4
 
 
-def test_aot_compiles_the_tokenizer_stage1_step_fully_sharded():
+def test_aot_compiles_the_tokenizer_stage1_step_sharded_by_the_rules():
     """The tokenizer's stage-1 step as its run compiles it: the state split over the 8 devices
-    (the arguments well under the replicated state: the demo's many small arrays stay whole)."""
+    by the config's mesh rules (the arguments well under the replicated state)."""
     from experiments.configs import tokenizer_stage1
 
     config = tokenizer_stage1.get_config("demo")
     config.data.crop_seconds, config.data.max_text_tokens = 0.4, 8
-    config = aot_lib.configure_tokenizer(config, 1)
+    config = aot_lib.configure(config, aot_lib.parse_mesh("fsdp=-1"), None, 1)
     result = aot_lib.compile_tokenizer_step(config, text_vocab=64)
     out = aot_lib.tokenizer_report(config, result, result.compile_s)
-    assert "on 8 devices (state fully sharded)" in out and "1 crop(s) of 0.4 s" in out
+    assert "on 8 devices (state sharded by mesh.rules fsdp)" in out
+    assert "1 crop(s) of 0.4 s" in out
     state_bytes = 3 * 4 * result.parameters  # float32 parameters and two AdamW moments
     assert result.memory.argument_size_in_bytes < state_bytes / 2
     assert float(out.splitlines()[-1].split()[-2]) > 0

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file
 
 import convert_torch_weights
 from mimo_jax import model_checkpoint as checkpoint
-from mimo_jax.inference.generate import GenerationConfig, generate
+from mimo_jax.inference.generation_loop import GenerationConfig, generate
 from mimo_jax.lm.config import small_config
 from mimo_jax.lm.model import MiMoAudioLM
 

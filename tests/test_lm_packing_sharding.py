@@ -8,7 +8,7 @@ from flax import nnx
 
 import convert_torch_weights
 from mimo_jax import model_checkpoint as checkpoint
-from mimo_jax.inference.generate import GenerationConfig, generate
+from mimo_jax.inference.generation_loop import GenerationConfig, generate
 from mimo_jax.lm.layout import from_official
 from mimo_jax.nn.params import logical_axes
 from mimo_jax.nn.partitioning import partition_spec

@@ -11,10 +11,11 @@ from flax import nnx
 from train_support import random_batch
 
 from mimo_jax.lm.config import small_config
+from mimo_jax.lm.groups import group_of
+from mimo_jax.lm.lora import LoraConfig, LoRADense, adapted, apply_lora, merge_lora
 from mimo_jax.lm.model import MiMoAudioLM
-from mimo_jax.train.lora import LoraConfig, LoRADense, adapted, apply_lora, merge_lora
 from mimo_jax.train.losses import LossConfig
-from mimo_jax.train.optimizer import OptimizerConfig, group_of
+from mimo_jax.train.optimizer import OptimizerConfig
 from mimo_jax.train.step import Trainer
 
 BACKBONE = r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
@@ -181,8 +182,8 @@ def test_only_adapters_and_fully_trained_groups_train(lm):
 def demo_config(tmp_path):
     """The demo's smoke config with adapters (rank 4), over what the checks read of a data
     directory: tokenizer.json with the demo's special ids and a shard manifest."""
+    from data_pipelines.demo_text_tokenizer import word_level_tokenizer
     from data_pipelines.shards import write_manifest
-    from data_pipelines.text_tokenizer import word_level_tokenizer
     from experiments.config_checks import set_value
     from experiments.configs import demo
     from mimo_jax.tokenizer.config import TokenizerConfig

@@ -17,12 +17,13 @@ from safetensors.numpy import load_file
 import convert_torch_weights
 from mimo_jax import model_checkpoint as model_ckpt
 from mimo_jax.conversion.convert import load_torch_checkpoint
-from mimo_jax.inference.tasks import load_lm
+from mimo_jax.inference.mimo_audio import load_lm
 from mimo_jax.lm import adapters
 from mimo_jax.lm.config import small_config
+from mimo_jax.lm.conversion import LMFamily
+from mimo_jax.lm.groups import group_of
+from mimo_jax.lm.lora import LoraConfig, adapted, apply_lora, merge_lora, module_at
 from mimo_jax.lm.model import MiMoAudioLM
-from mimo_jax.train.lora import LoraConfig, adapted, apply_lora, merge_lora, module_at
-from mimo_jax.train.optimizer import group_of
 
 TARGETS = (
     r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)",
@@ -92,7 +93,7 @@ def exported(fixtures_root, tmp_path_factory):
     in full (every parameter moved); its adapter directory, and its merged export converted to an
     official directory."""
     out = tmp_path_factory.mktemp("lora")
-    config, model = load_torch_checkpoint(fixtures_root / "lm")
+    config, model = load_torch_checkpoint(fixtures_root / "lm", LMFamily())
     apply_lora(
         model,
         LoraConfig(4, 12.0, 0.0, TARGETS),
@@ -147,7 +148,7 @@ def test_adapter_directory_loads_back_for_inference(exported, fixtures_root):
     model, out = exported
     config = json.loads((out / "adapter" / adapters.CONFIG_FILE).read_text())
     assert (config["r"], config["lora_alpha"], config["peft_type"]) == (4, 12.0, "LORA")
-    _, fresh = load_torch_checkpoint(fixtures_root / "lm")
+    _, fresh = load_torch_checkpoint(fixtures_root / "lm", LMFamily())
     layers = adapters.load(fresh, out / "adapter")
     assert [layer.name for layer in layers] == [layer.name for layer, _ in adapted(model)]
     for (_, want), (_, got) in zip(adapted(model), adapted(fresh)):

@@ -12,11 +12,8 @@ from flax import nnx
 from train_support import random_batch, smoke, train_losses
 
 from mimo_jax import model_checkpoint
-from mimo_jax.nn import quantized
-from mimo_jax.nn.layers import Dense
-from mimo_jax.nn.quantized import Quantization, QuantizedDense, QuantizedKernel
-from mimo_jax.train import train_checkpoints
-from mimo_jax.train.lora import (
+from mimo_jax.lm.groups import group_of
+from mimo_jax.lm.lora import (
     LoraConfig,
     LoRADense,
     adapted,
@@ -26,8 +23,12 @@ from mimo_jax.train.lora import (
     module_at,
     quantize_base,
 )
+from mimo_jax.nn import quantized
+from mimo_jax.nn.layers import Dense
+from mimo_jax.nn.quantized import Quantization, QuantizedDense, QuantizedKernel
+from mimo_jax.train import train_checkpoints
 from mimo_jax.train.losses import LossConfig
-from mimo_jax.train.optimizer import OptimizerConfig, group_of
+from mimo_jax.train.optimizer import OptimizerConfig
 from mimo_jax.train.step import Trainer
 
 QKVO = r"model\.layers\.\d+\.self_attn\.[qkvo]_proj"

@@ -10,8 +10,8 @@ import re
 import numpy as np
 import pytest
 
+from mimo_jax.inference.mimo_audio import TASK_SAMPLERS, MimoAudio
 from mimo_jax.inference.sampling import SamplerConfig
-from mimo_jax.inference.tasks import TASK_SAMPLERS, MimoAudio
 from mimo_jax.lm.layout import to_official
 from mimo_jax.tasks import outputs
 from mimo_jax.tasks.requests import MAX_GROUPS, RequestError
@@ -142,7 +142,7 @@ def test_requests_of_any_task_and_settings_share_the_generation_programs(fx, mim
     samplers, stop ids and lengths now share one batch, and the next batch of the same shape
     reuses its programs whatever its settings and lengths (its KV cache is a multiple of
     LENGTH_QUANTUM groups)."""
-    from mimo_jax.inference import generate as programs
+    from mimo_jax.inference import generation_loop as programs
 
     def tts(text, **kw):
         return {"task": "tts", "input": text, "template": "Read this content out loud", **kw}

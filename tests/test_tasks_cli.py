@@ -135,7 +135,7 @@ def test_load_unstacks_the_layers_on_the_cpu(fx, lm_dir):
     tokens are the scanned stack's, test_generation.py)."""
     from flax import nnx
 
-    from mimo_jax.inference.tasks import MimoAudio
+    from mimo_jax.inference.mimo_audio import MimoAudio
 
     mimo = MimoAudio.load(
         lm_dir, fx.dir / fx.meta["audio_tokenizer"], fx.dir / "text_tokenizer" / "tokenizer.json"
@@ -262,9 +262,10 @@ def test_adapter_with_nonsense_lora_alpha_is_refused(fx, lm_dir, tmp_path, alpha
 
     from mimo_jax.conversion.convert import load_torch_checkpoint
     from mimo_jax.lm import adapters
-    from mimo_jax.train.lora import LoraConfig, adapted, apply_lora
+    from mimo_jax.lm.conversion import LMFamily
+    from mimo_jax.lm.lora import LoraConfig, adapted, apply_lora
 
-    _, model = load_torch_checkpoint(lm_dir)
+    _, model = load_torch_checkpoint(lm_dir, LMFamily())
     q_proj = r"model\.layers\.\d+\.self_attn\.q_proj"
     apply_lora(model, LoraConfig(2, 4.0, 0.0, (q_proj,)), rngs=nnx.Rngs(0))
     for _, module in adapted(model):  # lora_b starts at zero, which hides any scale

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from tasks_support import TASK_OF_GENERATION, fixture_lm, generated_groups
 
-from mimo_jax.inference.generate import GenerationConfig, generate
+from mimo_jax.inference.generation_loop import GenerationConfig, generate
 from mimo_jax.lm.layout import from_official, to_official
 from mimo_jax.tasks import outputs, requests
-from mimo_jax.tokenizer.clips import Tokenizer
+from mimo_jax.tokenizer.audio_tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

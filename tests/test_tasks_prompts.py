@@ -6,7 +6,7 @@ import pytest
 
 from mimo_jax.tasks import prompts, requests, segments, templates
 from mimo_jax.tasks.audio import AudioFrontEnd
-from mimo_jax.tokenizer.clips import Tokenizer
+from mimo_jax.tokenizer.audio_tokenizer import Tokenizer
 
 
 def _prompt(fx, req, history, patches_of):

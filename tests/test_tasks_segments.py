@@ -5,9 +5,9 @@ import zlib
 import numpy as np
 
 from data_pipelines.config import DataConfig
+from data_pipelines.demo_text_tokenizer import word_level_tokenizer
 from data_pipelines.sequences import SequenceBuilder
 from data_pipelines.shards import Record
-from data_pipelines.text_tokenizer import word_level_tokenizer
 from mimo_jax.tasks import prompts, templates
 from mimo_jax.tasks.segments import Audio, Stream, Text, assemble, patchify
 

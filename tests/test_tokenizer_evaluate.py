@@ -8,7 +8,7 @@ import pytest
 import soundfile as sf
 from tokenizer_support import CHECKPOINT
 
-from mimo_jax.tokenizer import evaluation
+from mimo_jax.tokenizer import reconstruction_quality
 from mimo_jax.tokenizer.__main__ import main
 
 RATE = 24000
@@ -28,13 +28,13 @@ def voiced(seconds: float, pitch: float, seed: int) -> np.ndarray:
 def test_the_original_scores_perfectly_and_a_noisy_copy_does_not():
     x = voiced(2.0, 200, 0)
     problems: list[str] = []
-    same = evaluation.score(x, x, RATE, problems)
+    same = reconstruction_quality.score(x, x, RATE, problems)
     assert problems == []
     assert same["mel_distance"] == 0.0
     assert same["stoi"] == pytest.approx(1.0, abs=1e-6)
     assert same["pesq_wb"] >= 4.0 and same["pesq_nb"] >= 4.0
     noisy = x + 0.1 * np.random.default_rng(1).standard_normal(x.size).astype(np.float32)
-    worse = evaluation.score(x, noisy, RATE, problems)
+    worse = reconstruction_quality.score(x, noisy, RATE, problems)
     assert problems == []
     assert worse["mel_distance"] > 0.01
     for metric in ("stoi", "pesq_wb", "pesq_nb"):
@@ -44,12 +44,12 @@ def test_the_original_scores_perfectly_and_a_noisy_copy_does_not():
 def test_a_clip_too_short_for_pesq_and_stoi_gets_none_and_messages():
     x = voiced(0.2, 200, 0)
     problems: list[str] = []
-    scores = evaluation.score(x, x, RATE, problems)
+    scores = reconstruction_quality.score(x, x, RATE, problems)
     assert scores["mel_distance"] == 0.0
     assert scores["stoi"] is scores["pesq_wb"] is scores["pesq_nb"] is None
     assert [p.split(":")[0] for p in problems] == ["stoi", "pesq_wb", "pesq_nb"]
     assert "1/4 of a second" in problems[1]
-    means = evaluation.means([scores, {**scores, "mel_distance": 1.0, "pesq_wb": 3.0}])
+    means = reconstruction_quality.means([scores, {**scores, "mel_distance": 1.0, "pesq_wb": 3.0}])
     assert means == {
         "mel_distance": 0.5,
         "stoi": None,
@@ -60,11 +60,11 @@ def test_a_clip_too_short_for_pesq_and_stoi_gets_none_and_messages():
 
 
 def test_codebook_counts():
-    assert evaluation.parse_codebooks("8,all", 20) == [8, 20]
-    assert evaluation.parse_codebooks("all, 8,8,1", 20) == [1, 8, 20]
+    assert reconstruction_quality.parse_codebooks("8,all", 20) == [8, 20]
+    assert reconstruction_quality.parse_codebooks("all, 8,8,1", 20) == [1, 8, 20]
     for bad in ("0", "21", "x", "8,"):
         with pytest.raises(ValueError, match="expected 'all' or a count from 1 to 20"):
-            evaluation.parse_codebooks(bad, 20)
+            reconstruction_quality.parse_codebooks(bad, 20)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_the_command_scores_the_good_clips_and_reports_the_bad_lines(manifest, t
     for clip in report["clips"]:
         assert set(clip["scores"]) == {"8", "20"}
         for scores in clip["scores"].values():
-            assert set(scores) == set(evaluation.METRICS)
+            assert set(scores) == set(reconstruction_quality.METRICS)
             assert all(math.isfinite(v) for v in scores.values()), scores
         assert clip["scores"]["8"] != clip["scores"]["20"]  # decoded from different codes
     for n in ("8", "20"):
@@ -120,7 +120,7 @@ def test_the_command_scores_the_good_clips_and_reports_the_bad_lines(manifest, t
     assert len(reported) == 3 and "error: line 4 (missing): " in reported[2]
     table = out.out.strip().splitlines()
     assert table[0].split()[1:] == ["8", "codebooks", "20", "codebooks", "(all)"]
-    assert [row.split()[0] for row in table[1:]] == [*evaluation.METRICS, "clips"]
+    assert [row.split()[0] for row in table[1:]] == [*reconstruction_quality.METRICS, "clips"]
 
 
 def test_limit_and_codebooks(manifest, tmp_path):

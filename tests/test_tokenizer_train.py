@@ -17,11 +17,12 @@ import pytest
 from safetensors.numpy import load_file
 
 import convert_torch_weights
-from experiments import demo_tokenizer, train, train_tokenizer
+from experiments import demo_tokenizer, train
 from experiments.config_checks import set_value
 from experiments.configs import common, tokenizer_stage1, tokenizer_stage2
 from mimo_jax import model_checkpoint
 from mimo_jax.tokenizer.config import to_hf
+from mimo_jax.train import tokenizer_build
 
 # The demo tokenizer's layout at the smallest widths, with 9 codebooks (the 8 an LM models and one
 # more, so that the evaluation reconstructs at 8 and at all) of a few entries.
@@ -121,7 +122,7 @@ def test_stage1_logs_every_term_resumes_and_exports_its_buffers(demo_data, tmp_p
 def _stage1_export(config, path) -> None:
     """What a stage-1 run exports, untrained: the tokenizer it starts from, codebooks marked
     initialised."""
-    tok_config, tokenizer = train_tokenizer.initial_tokenizer(config)
+    tok_config, tokenizer = tokenizer_build.initial_tokenizer(config)
     for layer in tokenizer.encoder.quantizer.layers:
         layer.inited[...] = jnp.ones((1,), jnp.float32)
     model_checkpoint.save(tokenizer, to_hf(tok_config), path)

@@ -17,7 +17,7 @@ import pytest
 from train_support import ROOT, metrics, smoke, train_cmd, train_losses, xla_env
 
 from data_pipelines.shards import ShardSet
-from experiments import train
+from experiments import train, training_loop
 from experiments.config_checks import ConfigError
 from mimo_jax.train.build import lm_architecture
 
@@ -79,7 +79,7 @@ def test_a_missing_shard_stops_the_run_before_the_first_step(demo_data, tmp_path
 def test_sigterm_while_waiting_for_data_saves_the_last_step(demo_data, tmp_path, monkeypatch):
     # The third batch's first read blocks (a store that stopped answering) and SIGTERM comes:
     # the run stops at once, saving step 2 with the data iterator from before that batch.
-    blocked, read, next_batch = threading.Event(), ShardSet.read_bytes, train.next_batch
+    blocked, read, next_batch = threading.Event(), ShardSet.read_bytes, training_loop.next_batch
     calls = []
 
     def third_blocks(data_iterator, preemption):
@@ -96,7 +96,7 @@ def test_sigterm_while_waiting_for_data_saves_the_last_step(demo_data, tmp_path,
             raise AssertionError("SIGTERM did not stop the wait for data within 30 s")
         return read(self, index)
 
-    monkeypatch.setattr(train, "next_batch", third_blocks)
+    monkeypatch.setattr(training_loop, "next_batch", third_blocks)
     monkeypatch.setattr(ShardSet, "read_bytes", blocking_read)
     config = smoke(demo_data, total_steps=6, checkpoint_every=0)
     assert train.run(config, str(tmp_path / "w")) == 0
@@ -167,7 +167,7 @@ def test_errors_name_the_problem(demo_data, tmp_path, fixtures_root):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(demo_data, tmp_path, monkeypatch):
     # The third batch's text weights are NaN, and so are its gradients (the train step's program
     # is that of every smoke run; a diverging run's loss reaches the same check).
-    next_batch, calls = train.next_batch, []
+    next_batch, calls = training_loop.next_batch, []
 
     def third_is_nan(data_iterator, preemption):
         batch = next_batch(data_iterator, preemption)
@@ -176,7 +176,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(demo_data, tmp
             batch = dict(batch, text_weights=np.full_like(batch["text_weights"], np.nan))
         return batch
 
-    monkeypatch.setattr(train, "next_batch", third_is_nan)
+    monkeypatch.setattr(training_loop, "next_batch", third_is_nan)
     workdir = tmp_path / "w"
     config = smoke(demo_data, total_steps=6, checkpoint_every=2, export_model=False)
     with pytest.raises(

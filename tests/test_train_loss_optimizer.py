@@ -8,9 +8,10 @@ from flax import nnx
 from train_support import TWO_CHANNELS, random_batch
 
 from mimo_jax.lm.config import small_config
+from mimo_jax.lm.groups import group_of
 from mimo_jax.lm.model import MiMoAudioLM
 from mimo_jax.train.losses import LossConfig, mimo_loss
-from mimo_jax.train.optimizer import OptimizerConfig, group_of
+from mimo_jax.train.optimizer import OptimizerConfig
 from mimo_jax.train.step import Trainer
 
 
@@ -185,6 +186,12 @@ def test_groups_get_their_learning_rates_and_frozen_groups_stay(weights, frozen)
         group_of(tuple(str(p) for p in path)) for path, _ in nnx.to_flat_state(state.params)
     }
     assert trainable == set(lrs) - set(frozen)
+
+
+def test_the_trainer_wants_one_loss_weight_per_codebook():
+    model = MiMoAudioLM(_config(), rngs=nnx.Rngs(0))  # two audio channels
+    with pytest.raises(ValueError, match=r"loss weights: 4 numbers, expected 3 \(text, then one"):
+        Trainer.create(model, LossConfig.from_string("1-1-1-1"), _optimizer(()))
 
 
 def test_weight_decay_spares_norms_and_biases():

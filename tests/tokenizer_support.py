@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from mimo_jax.tokenizer.clips import Tokenizer
+from mimo_jax.tokenizer.audio_tokenizer import Tokenizer
 from mimo_jax.tokenizer.tokenizer_checkpoint import load_tokenizer
 
 FIXTURES = os.environ.get("MIMO_FIXTURES", os.path.join(os.path.dirname(__file__), "fixtures"))

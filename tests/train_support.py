@@ -13,6 +13,8 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from mimo_jax.train import batch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -106,19 +108,15 @@ TWO_CHANNELS = dict(
 def random_batch(config, b=2, g=6, seed=0) -> dict:
     """A training batch of random ids for an LM config: b rows of g groups, half of them speech."""
     rng = np.random.default_rng(seed)
-    gs, c = config.group_size, config.audio_channels
-    text = rng.integers(0, config.vocab_size, (b, g))
+    fields = batch.shapes(b, g, config.group_size, config.audio_channels)
+    shape = {k: s for k, (s, _) in fields.items()}
+    text = rng.integers(0, config.vocab_size, shape["text"])
     text[:, ::2] = config.empty_idx
-    return {
-        k: jnp.asarray(v)
-        for k, v in dict(
-            text=text,
-            codes=rng.integers(0, 128, (b, g, gs, c)),
-            positions=np.tile(np.arange(g), (b, 1)),
-            segment_ids=np.ones((b, g), np.int32),
-            text_targets=rng.integers(0, config.vocab_size, (b, g)),
-            text_weights=np.ones((b, g), np.float32),
-            code_targets=rng.integers(0, 128, (b, g, gs, c)),
-            code_weights=np.ones((b, g, c), np.float32),
-        ).items()
-    }
+    values = dict(
+        text=text,
+        codes=rng.integers(0, 128, shape["codes"]),
+        positions=np.broadcast_to(np.arange(g), shape["positions"]),
+        text_targets=rng.integers(0, config.vocab_size, shape["text_targets"]),
+        code_targets=rng.integers(0, 128, shape["code_targets"]),
+    )
+    return {k: jnp.asarray(values.get(k, np.ones(s)), dtype) for k, (s, dtype) in fields.items()}

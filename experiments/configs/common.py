@@ -4,9 +4,15 @@ differs; the train entry point reads only keys defined here (an unknown override
 
 import ml_collections
 
+from data_pipelines.config import DataConfig
+from mimo_jax.lm.config import mimo_7b_hf
+
 # Loss weights, text then one per codebook (the report's Table 3).
 STAGE1_WEIGHTS = "1-0-0-0-0-0-0-0-0"
 STAGE2_WEIGHTS = "100-12-8-6-4-2-2-1-1"
+# Peak learning rates per module group (Table 3): pretraining (stages 1 and 2), fine-tuning.
+PRETRAIN_LEARNING_RATES = {"patch_encoder": 2e-4, "llm": 3e-5, "patch_decoder": 2e-4}
+SFT_LEARNING_RATES = {"patch_encoder": 5e-5, "llm": 1e-5, "patch_decoder": 5e-5}
 
 
 # The demo's audio tokenizer: the released layout at toy width (random weights in the LM demo).
@@ -87,45 +93,14 @@ def _boolean(key: str, value: str) -> bool:
     raise ValueError(f"config argument {key}={value!r}: expected true or false")
 
 
-def mimo_7b_hf() -> dict:
-    """MiMo-Audio-7B's architecture (the released config.json, which a converted
-    checkpoint carries; this copy is for from-scratch runs and ahead-of-time checks)."""
-    return dict(
-        architectures=["MiMoAudioForCausalLM"],
-        model_type="qwen2",
-        vocab_size=151680,
-        hidden_size=4096,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        intermediate_size=11008,
-        rms_norm_eps=1e-6,
-        rope_theta=640000.0,
-        max_position_embeddings=8192,
-        tie_word_embeddings=False,
-        sliding_window=None,
-        use_sliding_window=False,
-        group_size=4,
-        audio_channels=8,
-        speech_vocab_size="1025-1025-129-129-129-129-129-129",
-        speech_zeroemb_idx="1024-1024-128-128-128-128-128-128",
-        delay_pattern="0-1-2-3-4-5-6-7",
-        local_dim=1024,
-        local_layers=16,
-        local_attn_heads=64,
-        local_ffn_dim=4096,
-        local_attn_dropout=0.1,
-        input_local_layers=6,
-        input_local_dim=1024,
-        input_full_attention=True,
-        sosp_idx=151665,
-        eosp_idx=151666,
-        empty_idx=151667,
-        sostm_idx=151670,
-        eostm_idx=151671,
-        eot_idx=151672,
-    )
+def mesh_config() -> ml_collections.ConfigDict:
+    """The device mesh of a run (`sharding.mesh`): axis sizes within a slice (`ici`) and across
+    slices (`dcn`; -1: all the rest), and the rule preset that places parameters on it."""
+    c = ml_collections.ConfigDict()
+    c.ici = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "sequence": 1})
+    c.dcn = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
+    c.rules = "fsdp"
+    return c
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -156,10 +131,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.sources = ""
     c.data.eval_sources = ""  # held-out shards for the evaluation every `eval_every` steps
     c.data.batch_size = 256  # global rows per step
-    c.data.context_length = 8192  # groups per row
+    c.data.context_length = DataConfig.context_length  # groups per row
     # The group layout (group size, channels, empty ids) is the model's (its config.json).
-    c.data.empty_text_weight = 0.01  # factor on the text weight where the target is <|empty|>
-    c.data.skip_bad_records = False
+    # factor on the text weight where the target is <|empty|>
+    c.data.empty_text_weight = DataConfig.empty_text_weight
+    c.data.skip_bad_records = DataConfig.skip_bad_records
     c.data.workers = 0
     c.data.split_by_process = True  # each process reads its slice (False: all read, rows split)
 
@@ -170,9 +146,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.patch_chunk = 1024  # positions per chunk of the patch decoder
 
     c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.learning_rates = ml_collections.ConfigDict(
-        {"patch_encoder": 2e-4, "llm": 3e-5, "patch_decoder": 2e-4}
-    )
+    c.optimizer.learning_rates = ml_collections.ConfigDict(PRETRAIN_LEARNING_RATES)
     c.optimizer.schedule = "cosine"
     c.optimizer.warmup_ratio = 0.01
     c.optimizer.end_lr_ratio = 0.0
@@ -184,7 +158,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.grad_accum = 1
     c.optimizer.frozen = ()
 
-    # LoRA adapters (mimo_jax.train.lora), off while `rank` is 0. `targets`: regular expressions,
+    # LoRA adapters (mimo_jax.lm.lora), off while `rank` is 0. `targets`: regular expressions,
     # each fully matching official module names (`model.layers.3.self_attn.q_proj`; default: the
     # backbone's attention and MLP); `modes`: per module group, "lora" (base frozen, its targeted
     # layers adapted), "full" (every parameter trained) or "frozen". Adapters train at their
@@ -203,10 +177,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora.quantize = ""
     c.lora.quantize_tile = 64
 
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.ici = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "sequence": 1})
-    c.mesh.dcn = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
-    c.mesh.rules = "fsdp"
+    c.mesh = mesh_config()
 
     # Generation with the current weights every `eval_every` steps (off while no prompt is given):
     # TTS of `tts_texts`, ASR of the clips of `asr_manifest` (tokenize's manifest format, with
@@ -229,25 +200,20 @@ def stage(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
     """The report's recipes (Table 3): stage 1 (understanding), stage 2, and fine-tuning."""
     if name == "stage1":
         c.loss.weights = STAGE1_WEIGHTS
-        c.optimizer.learning_rates = ml_collections.ConfigDict(
-            {"patch_encoder": 2e-4, "llm": 3e-5, "patch_decoder": 2e-4}
-        )
+        rates = PRETRAIN_LEARNING_RATES
         c.optimizer.schedule = "constant"
         c.optimizer.frozen = ("patch_decoder",)
     elif name == "stage2":
         c.loss.weights = STAGE2_WEIGHTS
-        c.optimizer.learning_rates = ml_collections.ConfigDict(
-            {"patch_encoder": 2e-4, "llm": 3e-5, "patch_decoder": 2e-4}
-        )
+        rates = PRETRAIN_LEARNING_RATES
         c.optimizer.schedule = "cosine"
     elif name == "sft":
         c.loss.weights = STAGE2_WEIGHTS
-        c.optimizer.learning_rates = ml_collections.ConfigDict(
-            {"patch_encoder": 5e-5, "llm": 1e-5, "patch_decoder": 5e-5}
-        )
+        rates = SFT_LEARNING_RATES
         c.optimizer.schedule = "cosine"
     else:
         raise ValueError(f"unknown stage {name!r}: expected stage1, stage2 or sft")
+    c.optimizer.learning_rates = ml_collections.ConfigDict(rates)
     c.optimizer.warmup_ratio = 0.01
     return c
 
@@ -256,7 +222,7 @@ def lm_7b(
     stage_name: str, tokens: float, arg: str | None, batch_size: int, checkpoint_every: int = 1000
 ) -> ml_collections.ConfigDict:
     """A 7B run of one of the report's stages over `tokens` groups (arg: batch_size, context)."""
-    a = parse_arg(arg, batch_size=batch_size, context=8192)
+    a = parse_arg(arg, batch_size=batch_size, context=DataConfig.context_length)
     c = stage(base_config(), stage_name)
     c.data.batch_size, c.data.context_length = a.batch_size, a.context
     c.total_steps = int(tokens // (a.batch_size * a.context))
@@ -328,5 +294,6 @@ def tokenizer_config(stage: str, demo: bool, data: str) -> ml_collections.Config
         }
     )
 
+    c.mesh = mesh_config()  # the LM's: the state placed by the same rules
     c.checkpoint = ml_collections.ConfigDict({"keep": 3, "async_save": not demo})
     return c

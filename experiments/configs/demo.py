@@ -8,10 +8,11 @@ tokenizer.json), `smoke` (the smallest size, about a second a step, for tests), 
 audio channels the LM models: the first N of the tokenizer's 8 codebooks, with their delays; the
 tests train 2, a quicker compile).
 The special token ids are those of the demo BPE tokenizer (its special tokens come first, in the
-order of data_pipelines.text_tokenizer.SPECIAL_TOKENS); training checks them against the tokenizer.
+order of mimo_jax.tasks.text_tokenizer.SPECIAL_TOKENS); training checks them against the tokenizer.
 """
 
 from experiments.configs import common
+from mimo_jax.lm.config import mimo_7b_hf
 
 DEMO_IDS = dict(sosp_idx=3, eosp_idx=4, empty_idx=5, sostm_idx=8, eostm_idx=9, eot_idx=10)
 
@@ -21,7 +22,7 @@ def _first(dashed: str, n: int) -> str:
 
 
 def demo_hf(smoke: bool, channels: int = 8) -> dict:
-    hf = common.mimo_7b_hf()
+    hf = mimo_7b_hf()
     width = 32 if smoke else 128
     hf.update(
         vocab_size=1024,

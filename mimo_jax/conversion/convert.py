@@ -1,5 +1,5 @@
 """Conversion between official HF-style checkpoints (config.json + safetensors) and model
-checkpoints (config.json + Orbax parameters), both ways, for every registered model family.
+checkpoints (config.json + Orbax parameters), both ways, for a given model family.
 
 Before any data is read, the rules of the family are checked against the checkpoint's headers: every
 official tensor must be used or ignored by an explicit rule, and have the expected shape and a float
@@ -13,7 +13,7 @@ run killed mid-way) are removed when the next conversion to the same DST starts.
 import dataclasses
 import json
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import ml_dtypes
@@ -22,8 +22,8 @@ from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
-from mimo_jax import model_checkpoint as model_ckpt
 from mimo_jax import paths
+from mimo_jax.conversion import param_store
 from mimo_jax.conversion import safetensors_io as st
 from mimo_jax.conversion.family import ModelFamily, is_ignored
 from mimo_jax.conversion.transforms import TRANSFORMS
@@ -48,7 +48,7 @@ class Placement:
 def placements(family: ModelFamily, abstract_state) -> tuple[list[Placement], dict]:
     """Every official tensor the model needs, and the NNX parameter shapes by path."""
     out, shapes = [], {}
-    for path, var in model_ckpt.flat_params(abstract_state):
+    for path, var in param_store.flat_params(abstract_state):
         rule = family.rule(path)
         shape = tuple(var.get_value().shape)
         shapes[path] = shape
@@ -101,18 +101,18 @@ def _abstract(family: ModelFamily, config) -> Any:
     return nnx.state(model, nnx.Param)
 
 
-def read_hf_config(src: epath.Path) -> tuple[ModelFamily, Any, dict]:
-    family, config = model_ckpt.read_config(src)
-    return family, config, json.loads((src / model_ckpt.CONFIG_FILE).read_text())
+def read_hf_config(src: epath.Path, family: ModelFamily) -> tuple[Any, dict]:
+    config = param_store.read_config(src, family)
+    return config, json.loads((src / param_store.CONFIG_FILE).read_text())
 
 
 def stream_torch_params(
-    src: str | os.PathLike, dtype=None, progress: bool = False
+    src: str | os.PathLike, family: ModelFamily, dtype=None, progress: bool = False
 ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
     """(path, array) of every NNX parameter, one at a time, from an official HF-style directory
     whose tensors have been checked against the family's rules first."""
     src = paths.resolve(src)
-    family, config, _ = read_hf_config(src)
+    config, _ = read_hf_config(src, family)
     found = st.read_index(src)
     needed, shapes = placements(family, _abstract(family, config))
     check_tensors(family, needed, found, str(src))
@@ -140,12 +140,12 @@ def stream_torch_params(
         yield current
 
 
-def load_torch_checkpoint(src: str | os.PathLike, dtype=None):
-    """(config, model) straight from an official HF-style directory (no Orbax step)."""
-    family, config = model_ckpt.read_config(src)
-    params = dict(stream_torch_params(src, dtype))
+def load_torch_checkpoint(src: str | os.PathLike, family: ModelFamily, dtype=None):
+    """(config, model) straight from an official HF-style directory of `family` (no Orbax step)."""
+    config = param_store.read_config(src, family)
+    params = dict(stream_torch_params(src, family, dtype))
     model = nnx.eval_shape(lambda: family.build(config, rngs=nnx.Rngs(0)))
-    for path, var in model_ckpt.flat_params(model):
+    for path, var in param_store.flat_params(model):
         var.set_value(jax.numpy.asarray(params[path]))
     graphdef, state = nnx.split(model)
     return config, nnx.merge(graphdef, state)
@@ -166,17 +166,22 @@ def _discard(tmp: epath.Path) -> None:
 
 
 def torch_to_orbax(
-    src: epath.Path, dst: epath.Path, dtype=None, overwrite=False, progress=True
+    src: epath.Path,
+    dst: epath.Path,
+    family: ModelFamily,
+    dtype=None,
+    overwrite=False,
+    progress=True,
 ) -> epath.Path:
-    family, config, hf = read_hf_config(src)
+    _, hf = read_hf_config(src, family)
     tmp = _staging(dst, overwrite)
     try:
         if dtype is not None:
             hf = dict(hf, torch_dtype="bfloat16" if dtype == ml_dtypes.bfloat16 else "float32")
-        (tmp / model_ckpt.CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
-        for path, value in stream_torch_params(src, dtype, progress):
-            model_ckpt.save_param(tmp / model_ckpt.PARAMS_DIR, path, value)
-        paths.commit_dir(tmp, dst, marker=model_ckpt.CONFIG_FILE)
+        (tmp / param_store.CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
+        for path, value in stream_torch_params(src, family, dtype, progress):
+            param_store.save_param(tmp / param_store.PARAMS_DIR, path, value)
+        paths.commit_dir(tmp, dst, marker=param_store.CONFIG_FILE)
     except BaseException:
         _discard(tmp)
         raise
@@ -193,7 +198,7 @@ def _torch_tensors(
     def parameter(path):
         if path not in held:
             held.clear()
-            held[path] = model_ckpt.restore_param(src_params, path)
+            held[path] = param_store.restore_param(src_params, path)
         return held[path]
 
     def produce(p: Placement, out_dtype):
@@ -211,18 +216,23 @@ def _torch_tensors(
 
 
 def orbax_to_torch(
-    src: epath.Path, dst: epath.Path, dtype=None, overwrite=False, progress=True
+    src: epath.Path,
+    dst: epath.Path,
+    family: ModelFamily,
+    dtype=None,
+    overwrite=False,
+    progress=True,
 ) -> epath.Path:
-    family, config = model_ckpt.read_config(src)
+    config = param_store.read_config(src, family)
     needed, shapes = placements(family, _abstract(family, config))
-    params_dir = src / model_ckpt.PARAMS_DIR
-    stored = model_ckpt.check_params(src, shapes)
+    params_dir = src / param_store.PARAMS_DIR
+    stored = param_store.check_params(src, shapes)
     tmp = _staging(dst, overwrite)
     try:
         hf = family.config_to_hf(config)
         if dtype is not None:
             hf["torch_dtype"] = "bfloat16" if dtype == ml_dtypes.bfloat16 else "float32"
-        (tmp / model_ckpt.CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
+        (tmp / param_store.CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
         pending = _torch_tensors(params_dir, stored, needed, dtype)
         with tqdm(
             total=sum(t.nbytes for t in pending),
@@ -232,7 +242,7 @@ def orbax_to_torch(
             disable=not progress,
         ) as bar:
             st.write_checkpoint(tmp, pending, on_written=bar.update)
-        paths.commit_dir(tmp, dst, marker=model_ckpt.CONFIG_FILE)
+        paths.commit_dir(tmp, dst, marker=param_store.CONFIG_FILE)
     except BaseException:
         _discard(tmp)
         raise
@@ -242,12 +252,14 @@ def orbax_to_torch(
 def convert(
     src: str | os.PathLike,
     dst: str | os.PathLike,
+    family_of: Callable[[epath.Path], ModelFamily],
     dtype: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> epath.Path:
     """Converts in the direction that SRC implies: official directory -> model checkpoint, or back.
-    Either may be local (relative or absolute) or on gs://."""
+    Either may be local (relative or absolute) or on gs://. `family_of` names the family of SRC
+    (the registry's lookup, `mimo_jax.model_checkpoint.family_of`: the engine knows no family)."""
     source, target = paths.resolve(src), paths.resolve(dst)
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: no such directory")
@@ -256,12 +268,12 @@ def convert(
     np_dtype = np.dtype(DTYPES[dtype]).type if dtype else None  # np.float32, ml_dtypes.bfloat16
     if paths.same(source, target):
         raise ValueError(f"source and destination are the same directory: {source}")
-    if model_ckpt.is_model_checkpoint(source):
-        return orbax_to_torch(source, target, np_dtype, overwrite, progress)
-    if not (source / model_ckpt.CONFIG_FILE).is_file():
+    if param_store.is_model_checkpoint(source):
+        return orbax_to_torch(source, target, family_of(source), np_dtype, overwrite, progress)
+    if not (source / param_store.CONFIG_FILE).is_file():
         raise FileNotFoundError(
-            f"{source}: no {model_ckpt.CONFIG_FILE}; expected an official "
+            f"{source}: no {param_store.CONFIG_FILE}; expected an official "
             f"checkpoint directory (config.json + model.safetensors) or a "
             f"model checkpoint (config.json + params/)"
         )
-    return torch_to_orbax(source, target, np_dtype, overwrite, progress)
+    return torch_to_orbax(source, target, family_of(source), np_dtype, overwrite, progress)

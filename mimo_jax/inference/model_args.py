@@ -29,7 +29,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def load_mimo(args: argparse.Namespace):
     """The MimoAudio the flags name; a checkpoint or tokenizer that cannot be used ends the
     command with one line."""
-    from mimo_jax.inference.tasks import MimoAudio
+    from mimo_jax.inference.mimo_audio import MimoAudio
 
     try:
         return MimoAudio.load(

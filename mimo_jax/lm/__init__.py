@@ -1,2 +1,3 @@
 """The MiMo-Audio LM: config (the official config.json), patch encoder, Qwen2-style backbone,
-patch decoder, the official token layout and the conversion rules of its parameter names."""
+patch decoder, the official token layout, the conversion rules of its parameter names, its module
+groups, LoRA adapters and their PEFT export."""

@@ -30,10 +30,11 @@ from jax.experimental import multihost_utils
 from mimo_jax import paths
 from mimo_jax.conversion import safetensors_io as st
 from mimo_jax.conversion.convert import placements
+from mimo_jax.conversion.param_store import flat_params
 from mimo_jax.conversion.transforms import TRANSFORMS
 from mimo_jax.lm.conversion import LMFamily
-from mimo_jax.model_checkpoint import flat_params
-from mimo_jax.train.lora import (
+from mimo_jax.lm.groups import GROUP_OF_MODULE
+from mimo_jax.lm.lora import (
     LinearLayer,
     LoraConfig,
     adapted,
@@ -42,7 +43,6 @@ from mimo_jax.train.lora import (
     module_at,
     select,
 )
-from mimo_jax.train.optimizer import GROUP_OF_MODULE
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -281,7 +281,7 @@ def load(model: nnx.Module, path: str | os.PathLike) -> list[LinearLayer]:
         )
     chosen = {layers[n].name: layers[n] for n in weights}
     targets = tuple(re.escape(t).replace(re.escape("{i}"), r"\d+") for t in sorted(chosen))
-    # Adapter dropout runs inside the transformer stacks only (train.lora.select).
+    # Adapter dropout runs inside the transformer stacks only (lora.select).
     stacks_only = all(layer.layers for layer in chosen.values())
     dropout = float(config.get("lora_dropout") or 0.0) if stacks_only else 0.0
     cfg = LoraConfig(rank, float(config["lora_alpha"]), dropout, targets)

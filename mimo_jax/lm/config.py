@@ -15,6 +15,20 @@ from mimo_jax.nn.remat import POLICIES as REMAT_POLICIES
 from mimo_jax.nn.stack import StackConfig
 
 ARCHITECTURE = "MiMoAudioForCausalLM"
+# The official code's values of the audio keys a config.json may leave out (MiMo-Audio-7B's).
+AUDIO_DEFAULTS: dict[str, Any] = dict(
+    group_size=4,
+    audio_channels=8,
+    speech_vocab_size="1025-1025-129-129-129-129-129-129",
+    speech_zeroemb_idx="1024-1024-128-128-128-128-128-128",
+    delay_pattern="0-1-2-3-4-5-6-7",
+    local_dim=1024,
+    local_layers=16,
+    local_attn_heads=64,
+    local_ffn_dim=4096,
+    local_attn_dropout=0.1,
+    input_local_layers=6,
+)
 TOKEN_ID_KEYS = ("sosp_idx", "eosp_idx", "sostm_idx", "eostm_idx", "eot_idx", "empty_idx")
 _POSITIVE_KEYS = (
     "vocab_size",
@@ -223,8 +237,11 @@ class MiMoAudioConfig:
         def token_ids() -> dict[str, Any]:  # int or None each; Any as `**` could fill any field
             return {k: (int(hf[k]) if hf.get(k) is not None else None) for k in TOKEN_ID_KEYS[:-1]}
 
-        channels = int(hf.get("audio_channels", 8))
-        local_dim = int(hf.get("local_dim", 1024))
+        def audio(key):
+            return hf.get(key, AUDIO_DEFAULTS[key])
+
+        channels = int(audio("audio_channels"))
+        local_dim = int(audio("local_dim"))
         hidden = int(need("hidden_size"))
         heads = int(need("num_attention_heads"))
         return cls(
@@ -239,27 +256,21 @@ class MiMoAudioConfig:
             intermediate_size=int(need("intermediate_size")),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope_theta=float(hf.get("rope_theta", 10000.0)),
-            group_size=int(hf.get("group_size", 4)),
+            group_size=int(audio("group_size")),
             audio_channels=channels,
             speech_vocab_sizes=_parse_list(
-                hf.get("speech_vocab_size", "1025-1025-129-129-129-129-129-129"),
-                channels,
-                "speech_vocab_size",
+                audio("speech_vocab_size"), channels, "speech_vocab_size"
             ),
             speech_empty_ids=_parse_list(
-                hf.get("speech_zeroemb_idx", "1024-1024-128-128-128-128-128-128"),
-                channels,
-                "speech_zeroemb_idx",
+                audio("speech_zeroemb_idx"), channels, "speech_zeroemb_idx"
             ),
-            delay_pattern=_parse_list(
-                hf.get("delay_pattern", "0-1-2-3-4-5-6-7"), channels, "delay_pattern"
-            ),
+            delay_pattern=_parse_list(audio("delay_pattern"), channels, "delay_pattern"),
             local_dim=local_dim,
-            local_layers=int(hf.get("local_layers", 16)),
-            local_attn_heads=int(hf.get("local_attn_heads", 64)),
-            local_ffn_dim=int(hf.get("local_ffn_dim", 4096)),
-            local_attn_dropout=float(hf.get("local_attn_dropout", 0.1)),
-            input_local_layers=int(hf.get("input_local_layers", 6)),
+            local_layers=int(audio("local_layers")),
+            local_attn_heads=int(audio("local_attn_heads")),
+            local_ffn_dim=int(audio("local_ffn_dim")),
+            local_attn_dropout=float(audio("local_attn_dropout")),
+            input_local_layers=int(audio("input_local_layers")),
             input_local_dim=int(hf.get("input_local_dim") or local_dim),
             input_full_attention=bool(hf.get("input_full_attention")),
             empty_idx=int(need("empty_idx")),
@@ -308,6 +319,38 @@ class MiMoAudioConfig:
     def from_file(cls, path: str | Path, **runtime) -> "MiMoAudioConfig":
         with open(path) as f:
             return cls.from_hf(json.load(f), **runtime)
+
+
+def mimo_7b_hf() -> dict:
+    """MiMo-Audio-7B's architecture (the released config.json, which a converted checkpoint
+    carries; this copy is for from-scratch runs and ahead-of-time checks): a Qwen2-7B backbone
+    with the official audio defaults."""
+    return dict(
+        architectures=[ARCHITECTURE],
+        model_type="qwen2",
+        vocab_size=151680,
+        hidden_size=4096,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=11008,
+        rms_norm_eps=1e-6,
+        rope_theta=640000.0,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+        sliding_window=None,
+        use_sliding_window=False,
+        **AUDIO_DEFAULTS,
+        input_local_dim=1024,
+        input_full_attention=True,
+        sosp_idx=151665,
+        eosp_idx=151666,
+        empty_idx=151667,
+        sostm_idx=151670,
+        eostm_idx=151671,
+        eot_idx=151672,
+    )
 
 
 def small_config(**overrides: Any) -> MiMoAudioConfig:

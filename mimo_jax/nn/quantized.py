@@ -1,12 +1,12 @@
 """Frozen kernels held quantised (QLoRA's base): qwix's symmetric int8 or int4 with one scale per
 `tile` consecutive inputs of each output (per group), dequantised at each use to the kernel's dtype.
-`QuantizedDense` is a frozen Dense held so; `train.lora.LoRADense` holds its base the same way.
+`QuantizedDense` is a frozen Dense held so; `lm.lora.LoRADense` holds its base the same way.
 
 A kernel [..., in, out] becomes two `QuantizedKernel` variables: its values [..., in, out] (int8 or
 int4, the kernel's logical axes) and its scales [..., in / tile, out] (the kernel's dtype; the input
 axis unsharded, since a tile never spans shards of it). `QuantizedKernel` is not an `nnx.Param`:
 nothing trains it, and a model checkpoint, which holds parameters, refuses a model that has one
-(`model_checkpoint.save`): the weights it stands for exist only after a merge.
+(`conversion.param_store.save`): the weights it stands for exist only after a merge.
 
 int8 and int4 are the storage types Orbax checkpoints hold (its tensorstore refuses uint4, the
 storage of qwix's NF4), so a training checkpoint keeps the quantised base as it is.

@@ -25,7 +25,7 @@ _ACTIVATION_AXES = ("activation_batch", "activation_length", None)
 def _project(
     layer: Callable[..., jax.Array], x: jax.Array, rng: jax.Array | None, index: int
 ) -> jax.Array:
-    """layer(x). A layer that drops its input in training (a LoRA adapter, `train.lora`) is also
+    """layer(x). A layer that drops its input in training (a LoRA adapter, `lm.lora`) is also
     given a dropout key of its own (`index` tells the block's projections apart)."""
     if rng is None or not getattr(layer, "takes_dropout_rng", False):
         return layer(x)

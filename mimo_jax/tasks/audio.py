@@ -50,7 +50,7 @@ class AudioFrontEnd:
     """Waveforms or files -> patches [P, group_size, channels], encoded in one batch."""
 
     def __init__(self, tokenizer, group_size: int, channels: int):
-        self.tokenizer = tokenizer  # mimo_jax.tokenizer.clips.Tokenizer
+        self.tokenizer = tokenizer  # mimo_jax.tokenizer.audio_tokenizer.Tokenizer
         self.group_size = group_size
         self.channels = channels
 

@@ -9,7 +9,8 @@ encode writes DIR/<name>.npy, int32 codes [frames, codebooks], per input; files 
 soundfile reads, any sample rate and channel count. Files are sorted by duration and encoded in
 batches; a bad file is reported (and the exit status is 1) while the others are still encoded.
 evaluate reconstructs the manifest's clips from their first n codebooks and scores them against
-the originals (mel distance, STOI, PESQ wide- and narrow-band: `mimo_jax.tokenizer.evaluation`);
+the originals (mel distance, STOI, PESQ wide- and narrow-band:
+`mimo_jax.tokenizer.reconstruction_quality`);
 it prints a table of the means and writes DIR/report.json (per clip and mean figures) and
 DIR/errors.jsonl (lines, files or metrics that failed, one JSON object each).
 """
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from mimo_jax import logs
 from mimo_jax.nn.dtypes import DTYPES
 from mimo_jax.tokenizer.audio_io import InputError, read_audio, read_codes, write_audio
-from mimo_jax.tokenizer.clips import Tokenizer
+from mimo_jax.tokenizer.audio_tokenizer import Tokenizer
 
 
 def _positive(text: str) -> int:
@@ -189,7 +190,7 @@ def decode(args) -> int:
 
 def _read_batch(clips, config, errors, bar):
     """(clips, waveforms) of those that read; the others go to `errors`."""
-    from mimo_jax.tokenizer.evaluation import error
+    from mimo_jax.tokenizer.reconstruction_quality import error
 
     read, wavs = [], []
     for clip in clips:
@@ -210,7 +211,7 @@ def _cell(value) -> str:
 
 def _table(report: dict) -> str:
     """Means: a row per metric (and the clip count), a column per codebook count."""
-    from mimo_jax.tokenizer.evaluation import METRICS
+    from mimo_jax.tokenizer.reconstruction_quality import METRICS
 
     counts = report["codebooks"]
     heads = [f"{n} codebooks" + (" (all)" if n == report["num_quantizers"] else "") for n in counts]
@@ -222,18 +223,18 @@ def _table(report: dict) -> str:
 
 
 def evaluate(args) -> int:
-    from mimo_jax.tokenizer import evaluation
+    from mimo_jax.tokenizer import reconstruction_quality
 
     errors: list[dict] = []
-    clips = evaluation.read_manifest(args.manifest, errors)[: args.limit]
+    clips = reconstruction_quality.read_manifest(args.manifest, errors)[: args.limit]
     tokenizer = Tokenizer.load(args.checkpoint, dtype=DTYPES[args.dtype])
     config = tokenizer.config
-    codebooks = evaluation.parse_codebooks(args.codebooks, config.num_quantizers)
+    codebooks = reconstruction_quality.parse_codebooks(args.codebooks, config.num_quantizers)
     rows = []
     with tqdm(total=len(clips), unit="clip", desc="evaluate") as bar:
         for i in range(0, len(clips), args.files_per_batch):
             read, wavs = _read_batch(clips[i : i + args.files_per_batch], config, errors, bar)
-            scored = evaluation.evaluate(tokenizer, wavs, codebooks) if wavs else []
+            scored = reconstruction_quality.evaluate(tokenizer, wavs, codebooks) if wavs else []
             for clip, wav, (scores, problems) in zip(read, wavs, scored):
                 rows.append(
                     {
@@ -242,14 +243,17 @@ def evaluate(args) -> int:
                         "scores": {str(n): s for n, s in scores.items()},
                     }
                 )
-                errors += [evaluation.error(clip.line, clip.id, p) for p in problems]
+                errors += [reconstruction_quality.error(clip.line, clip.id, p) for p in problems]
                 bar.update(1)
     report = {
         "checkpoint": args.checkpoint,
         "manifest": args.manifest,
         "num_quantizers": config.num_quantizers,
         "codebooks": codebooks,
-        "means": {str(n): evaluation.means([r["scores"][str(n)] for r in rows]) for n in codebooks},
+        "means": {
+            str(n): reconstruction_quality.means([r["scores"][str(n)] for r in rows])
+            for n in codebooks
+        },
         "clips": rows,
         "errors": len(errors),
     }

@@ -24,7 +24,7 @@ _CODEBOOK = ("embed", "inited", "cluster_size", "embed_avg")
 class TokenizerFamily:
     name = "MiMo-Audio tokenizer"
     architecture = ARCHITECTURE
-    ignored = (
+    ignored: tuple[str, ...] = (
         # Rotary inverse frequencies: recomputed from rope_theta (non-persistent in the official
         # code; ignored should a checkpoint carry them).
         r".*\.inv_freq",

@@ -2,7 +2,8 @@
 
 All methods take padded arrays with per-sequence lengths and give every sequence exactly the
 result it would get alone. `encode_mel` treats each row as one segment (the official encoder
-splits long audio into segments of 6000 mel frames; `clips.Tokenizer` does that splitting).
+splits long audio into segments of 6000 mel frames; `audio_tokenizer.Tokenizer` does that
+splitting).
 
 `dtype` is the compute dtype of convolutions, linears and attention (None: float32); parameters
 stay float32, the front end, the RVQ and the ISTFT always run in float32.

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from mimo_jax.tokenizer.audio_io import check_codes
-from mimo_jax.tokenizer.clips import Tokenizer
+from mimo_jax.tokenizer.audio_tokenizer import Tokenizer
 
 
 class StreamingDecoder:

@@ -6,10 +6,10 @@ from pathlib import Path
 
 from flax import nnx
 
-from mimo_jax import model_checkpoint as model_checkpoint
 from mimo_jax import paths
-from mimo_jax.conversion import convert
+from mimo_jax.conversion import convert, param_store
 from mimo_jax.tokenizer.config import TokenizerConfig
+from mimo_jax.tokenizer.conversion import TokenizerFamily
 from mimo_jax.tokenizer.model import MiMoAudioTokenizer
 
 
@@ -28,11 +28,7 @@ def load_tokenizer(path: str | Path, *, dtype=None) -> tuple[TokenizerConfig, Mi
     root = paths.resolve(path)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: checkpoint directory does not exist")
-    if model_checkpoint.is_model_checkpoint(root):
-        config, model = model_checkpoint.load(root, dtype=dtype)
-    else:
-        config, model = convert.load_torch_checkpoint(root)
-        model = with_compute_dtype(config, model, dtype)
-    if not isinstance(model, MiMoAudioTokenizer):
-        raise ValueError(f"{root}: holds a {type(model).__name__}, not a MiMo-Audio tokenizer")
-    return config, model
+    if param_store.is_model_checkpoint(root):
+        return param_store.load(root, TokenizerFamily(), dtype=dtype)
+    config, model = convert.load_torch_checkpoint(root, TokenizerFamily())
+    return config, with_compute_dtype(config, model, dtype)

@@ -1,9 +1,10 @@
 """Builds what a training run needs from its config (an ml-collections ConfigDict), on a mesh and
 rules handed in: the model (random or from a converted checkpoint), the trainer and its sharded
-state, the compiled steps and the global batches. The data iterators are built by
+state, the compiled steps, the global batches and the export. The data iterators are built by
 `data_pipelines`; the mesh and rule presets by `sharding`."""
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -12,39 +13,37 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from mimo_jax import model_checkpoint as model_ckpt
+from mimo_jax.conversion import param_store
+from mimo_jax.lm import adapters
 from mimo_jax.lm.config import MiMoAudioConfig
+from mimo_jax.lm.groups import GROUPS
+from mimo_jax.lm.lora import LoraConfig, apply_lora, merge_lora, quantize_base
 from mimo_jax.lm.model import MiMoAudioLM
 from mimo_jax.nn.dtypes import dtype_named
 from mimo_jax.nn.partitioning import batch_sharding, state_shardings
 from mimo_jax.nn.quantized import Quantization, QuantizedKernel
-from mimo_jax.train.lora import LoraConfig, apply_lora, quantize_base
+from mimo_jax.train import batch
 from mimo_jax.train.losses import LossConfig
-from mimo_jax.train.optimizer import GROUPS, OptimizerConfig
+from mimo_jax.train.optimizer import OptimizerConfig
 from mimo_jax.train.step import Trainer, TrainState
 
-BATCH_FIELDS = (
-    "text",
-    "codes",
-    "positions",
-    "segment_ids",
-    "text_targets",
-    "text_weights",
-    "code_targets",
-    "code_weights",
-)
+
+def data_ways(mesh) -> int:
+    """The devices a batch is split over (mesh data x fsdp)."""
+    return int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
 
 
 def check_batch_divides(global_batch: int, grad_accum: int, mesh) -> None:
-    data_ways = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+    ways = data_ways(mesh)
     if global_batch % grad_accum:
         raise ValueError(
             f"data.batch_size {global_batch} is not a multiple of optimizer.grad_accum {grad_accum}"
         )
     micro = global_batch // grad_accum
-    if micro % data_ways:
+    if micro % ways:
         raise ValueError(
             f"the micro-batch of {micro} rows (data.batch_size / grad_accum) does not "
-            f"divide over the {data_ways} data-parallel devices (mesh data x fsdp)"
+            f"divide over the {ways} data-parallel devices (mesh data x fsdp)"
         )
     if global_batch % jax.process_count():
         raise ValueError(
@@ -66,7 +65,7 @@ def lm_architecture(config: ConfigDict) -> MiMoAudioConfig:
     return lm
 
 
-def build_model(config: ConfigDict, mesh, rules) -> tuple[MiMoAudioConfig, nnx.Module]:
+def build_model(config: ConfigDict, mesh, rules) -> tuple[MiMoAudioConfig, MiMoAudioLM]:
     """From `model.init_checkpoint` (a converted checkpoint) or randomly from `model.hf`."""
     dtype = dtype_named(config.model.dtype, "config model.dtype")
     param_dtype = dtype_named(config.model.param_dtype, "config model.param_dtype")
@@ -123,7 +122,7 @@ def groups_in_mode(config: ConfigDict, mode: str) -> tuple[str, ...]:
     return tuple(g for g in GROUPS if config.lora.modes[g] == mode)
 
 
-def apply_adapters(config: ConfigDict, model: nnx.Module) -> nnx.Module:
+def apply_adapters(config: ConfigDict, model: MiMoAudioLM) -> MiMoAudioLM:
     """The model with the config's LoRA adapters (none while `lora.rank` is 0); with
     `lora.quantize`, the kernels of every linear layer it does not train in full held quantised."""
     cfg = lora_config(config)
@@ -138,7 +137,7 @@ def apply_adapters(config: ConfigDict, model: nnx.Module) -> nnx.Module:
     return model
 
 
-def add_adapters(config: ConfigDict, model: nnx.Module, mesh, rules) -> nnx.Module:
+def add_adapters(config: ConfigDict, model: MiMoAudioLM, mesh, rules) -> MiMoAudioLM:
     """`apply_adapters`, the adapters (and quantised kernels) placed by the rules like the layers
     they belong to."""
     if lora_config(config) is None:
@@ -201,5 +200,21 @@ def global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
         k: jax.make_array_from_process_local_data(
             batch_sharding(mesh, local[k].ndim), np.asarray(local[k])
         )
-        for k in BATCH_FIELDS
+        for k in batch.FIELDS
     }
+
+
+def export(config: ConfigDict, trainer: Trainer, state: TrainState, lm_config, workdir) -> dict:
+    """The final weights as a model checkpoint (workdir/model): the init_checkpoint of a next stage,
+    or an official directory through convert_torch_weights.py. With LoRA adapters, the model has
+    them merged, and workdir/adapter holds what the run trained alone: the adapters, and the
+    modules of groups trained in full (a PEFT directory, `lm.adapters`). Returns {what: path}."""
+    model = trainer.model(state)
+    out = {}
+    if lora_config(config) is not None:
+        out["adapters"] = adapters.save(
+            model, workdir / "adapter", full_groups=groups_in_mode(config, "full")
+        )
+        model = merge_lora(model)
+    out["final weights"] = param_store.save(model, lm_config.to_hf(), os.fspath(workdir / "model"))
+    return out

@@ -43,6 +43,14 @@ class LossConfig:
         if not 0.0 < self.patch_fraction <= 1.0:
             raise ValueError(f"loss.patch_fraction={self.patch_fraction}: expected (0, 1]")
 
+    def check_channels(self, channels: int) -> None:
+        """A ValueError unless there is one codebook weight per audio channel of the model."""
+        if len(self.codebook_weights) != channels:
+            raise ValueError(
+                f"loss weights: {1 + len(self.codebook_weights)} numbers, expected "
+                f"{channels + 1} (text, then one per codebook of the model's {channels})"
+            )
+
     @property
     def trains_patch_decoder(self) -> bool:
         return any(w > 0 for w in self.codebook_weights)

@@ -2,12 +2,8 @@
 biases, global-norm clipping, and frozen groups that get neither gradients nor optimizer state (nor
 do the base weights of a group trained through LoRA adapters: only its adapters do).
 
-Groups of the MiMo-Audio LM (the report's learning rates: pretraining 2e-4 / 3e-5 / 2e-4,
-fine-tuning 5e-5 / 1e-5 / 5e-5):
-  patch_encoder  input_local_transformer, speech_embeddings, speech_group_downcast
-  llm            model (the Qwen2 backbone with its token embedding), lm_head
-  patch_decoder  local_transformer, local_transformer_lm_heads, hidden_states_downcast,
-                 speech_embeddings_to_local
+The groups are the LM's (`lm.groups`); the report's learning rates per group are the experiment
+configs' (experiments/configs/common.py).
 """
 
 import dataclasses
@@ -16,32 +12,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-GROUP_OF_MODULE = {
-    "input_local_transformer": "patch_encoder",
-    "speech_embeddings": "patch_encoder",
-    "speech_group_downcast": "patch_encoder",
-    "model": "llm",
-    "lm_head": "llm",
-    "local_transformer": "patch_decoder",
-    "local_transformer_lm_heads": "patch_decoder",
-    "hidden_states_downcast": "patch_decoder",
-    "speech_embeddings_to_local": "patch_decoder",
-}
-GROUPS = ("patch_encoder", "llm", "patch_decoder")
+from mimo_jax.lm.groups import GROUPS, group_of
+
 NO_DECAY_LEAVES = ("bias", "scale")
-
-
-def group_of(path: tuple[str, ...]) -> str:
-    if path[0] not in GROUP_OF_MODULE:
-        raise KeyError(f"parameter {'.'.join(path)} belongs to no optimizer group")
-    return GROUP_OF_MODULE[path[0]]
+# After a linear warmup: cosine decay to `end_lr_ratio` of the peak, or the peak held.
+SCHEDULES = ("cosine", "constant")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     learning_rates: dict  # group -> peak learning rate
     total_steps: int
-    schedule: str = "cosine"  # "cosine" or "constant" (both after a linear warmup)
+    schedule: str = "cosine"  # one of SCHEDULES
     warmup_ratio: float = 0.01
     end_lr_ratio: float = 0.0  # cosine decays to this fraction of the peak
     weight_decay: float = 0.1
@@ -50,7 +32,7 @@ class OptimizerConfig:
     eps: float = 1e-8
     clip_norm: float = 1.0  # 0 disables clipping
     frozen: tuple[str, ...] = ()
-    # Groups whose base weights are frozen and whose LoRA adapters (train.lora) train at the
+    # Groups whose base weights are frozen and whose LoRA adapters (lm.lora) train at the
     # group's learning rate.
     lora_groups: tuple[str, ...] = ()
 
@@ -71,9 +53,9 @@ class OptimizerConfig:
                 f"optimizer: groups {sorted(set(self.lora_groups) & set(self.frozen))}"
                 f" are both frozen and trained through LoRA adapters"
             )
-        if self.schedule not in ("cosine", "constant"):
+        if self.schedule not in SCHEDULES:
             raise ValueError(
-                f"optimizer.schedule={self.schedule!r}: expected 'cosine' or 'constant'"
+                f"optimizer.schedule={self.schedule!r}: expected one of {', '.join(SCHEDULES)}"
             )
         if not 0.0 <= self.warmup_ratio <= 1.0:
             raise ValueError(f"optimizer.warmup_ratio={self.warmup_ratio}: expected [0, 1]")

@@ -18,7 +18,7 @@ from mimo_jax.paths import is_local
 
 LOCK_FILE = "lock"
 ORBAX_TMP = "*.orbax-checkpoint-tmp*"  # Orbax's name for a step it has not finished writing
-EXPORT_TMP = ".model.partial"  # mimo_jax.model_checkpoint.save's directory before its rename
+EXPORT_TMP = ".model.partial"  # mimo_jax.conversion.param_store.save's directory before its rename
 
 
 def _start_time(pid: int) -> str | None:

@@ -9,7 +9,7 @@ were (`update_skipped` = 1), so the state in memory stays the last good one.
 """
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -17,14 +17,12 @@ import optax
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mimo_jax.lm.groups import group_of
 from mimo_jax.train.losses import LossConfig, mimo_loss
-from mimo_jax.train.optimizer import (
-    OptimizerConfig,
-    group_of,
-    learning_rates,
-    make_optimizer,
-    path_of,
-)
+from mimo_jax.train.optimizer import OptimizerConfig, learning_rates, make_optimizer, path_of
+
+if TYPE_CHECKING:  # annotations only
+    from mimo_jax.lm.model import MiMoAudioLM
 
 
 @struct.dataclass
@@ -56,10 +54,16 @@ def _mesh_of(params):
 
 
 def opt_state_shardings(tx, params, mesh):
+    """The shardings of `tx`'s state for the placed `params` (`shardings_like`). XLA does not
+    propagate the parameters' shardings to zeros_like by itself: a jitted init without these
+    returns moments on a single device."""
+    return shardings_like(jax.eval_shape(tx.init, params), params, mesh)
+
+
+def shardings_like(opt_state, params, mesh):
     """Each optimizer-state leaf placed like the parameter it belongs to (Adam's moments mirror the
     parameter tree, so their key paths end with the parameter's path); the rest (step counts)
-    replicated. XLA does not propagate the parameters' shardings to zeros_like by itself: a jitted
-    init without these returns moments on a single device."""
+    replicated. `params`: arrays or ShapeDtypeStructs with their shardings."""
     by_path = {
         path_of(kp): (leaf.shape, leaf.sharding)
         for kp, leaf in jax.tree_util.tree_leaves_with_path(params)
@@ -74,7 +78,7 @@ def opt_state_shardings(tx, params, mesh):
                 return sharding
         return replicated
 
-    return jax.tree_util.tree_map_with_path(pick, jax.eval_shape(tx.init, params))
+    return jax.tree_util.tree_map_with_path(pick, opt_state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +96,9 @@ class Trainer:
 
     @classmethod
     def create(
-        cls, model: nnx.Module, loss: LossConfig, optimizer: OptimizerConfig, grad_accum: int = 1
+        cls, model: "MiMoAudioLM", loss: LossConfig, optimizer: OptimizerConfig, grad_accum: int = 1
     ) -> tuple["Trainer", TrainState]:
+        loss.check_channels(model.config.audio_channels)
         groups = optimizer.trainable_groups
         # nnx.split with two filters is typed as returning a tuple of any length.
         graphdef, params, frozen = nnx.split(  # type: ignore[misc]

@@ -1,4 +1,5 @@
-"""Generation on fixed eval prompts with the current weights, during training.
+"""Evaluation during training: the LM generates on fixed eval prompts with the current weights, the
+audio tokenizer reconstructs fixed crops (`reconstruction`).
 
 Every `eval_every` steps (when the config's `eval_generation` has prompts): TTS of the eval texts,
 ASR of the eval clips (a manifest with transcripts, scored as `mimo_jax.evaluate asr` scores) and
@@ -54,7 +55,7 @@ class GenerationEval:
 
     def __init__(self, cfg: GenerationEvalConfig, lm_config: MiMoAudioConfig):
         from mimo_jax.tasks.text_tokenizer import TextTokenizer
-        from mimo_jax.tokenizer.clips import Tokenizer
+        from mimo_jax.tokenizer.audio_tokenizer import Tokenizer
 
         self.cfg, self.lm_config = cfg, lm_config
         self.audio_tokenizer = Tokenizer.load(cfg.audio_tokenizer)
@@ -68,7 +69,7 @@ class GenerationEval:
             )
 
     def __call__(self, model: MiMoAudioLM) -> tuple[dict[str, float], dict]:
-        from mimo_jax.inference.tasks import MimoAudio
+        from mimo_jax.inference.mimo_audio import MimoAudio
 
         mimo = MimoAudio(self.lm_config, model, self.audio_tokenizer, self.text_tokenizer)
         opts = {"seed": self.cfg.seed, "max_new_groups": self.cfg.max_new_groups}
@@ -122,3 +123,27 @@ def asr_table(rows: list[dict], errors: list[dict]) -> str:
     ]
     lines += [f"| {cell(str(e['id']))} | (failed: {cell(e['error'])}) | | |" for e in errors]
     return "\n".join(lines)
+
+
+def reconstruction(tokenizer, batch: dict) -> tuple[dict[str, float], dict]:
+    """An audio tokenizer's evaluation during its training: fixed crops (`wav` [batch, samples],
+    `lengths`) through the tokenizer at 8 codebooks and all. Returns the mel distance of each and
+    (for `MetricsWriter.media`) the first crop's audio and log-mel images."""
+    import jax
+
+    from mimo_jax.tokenizer.mel_loss import multiscale_mel_loss
+    from mimo_jax.tokenizer.stage1 import fit_length
+
+    config = tokenizer.config
+    wav, lengths = batch["wav"], batch["lengths"]
+    codes, code_lengths = jax.jit(tokenizer.encode)(wav, lengths)
+    values, audio = {}, {"reconstruction/original": np.asarray(wav[0])}
+    for n in sorted({min(8, codes.shape[-1]), codes.shape[-1]}):
+        out, _ = jax.jit(tokenizer.decode)(codes[..., :n], code_lengths)
+        out = fit_length(out, wav.shape[1])
+        values[f"eval/mel_distance_{n}"] = float(
+            multiscale_mel_loss(wav, out, config.sampling_rate, lengths)
+        )
+        audio[f"reconstruction/{n}_codebooks"] = np.asarray(out[0])
+    images = {tag: log_mel_image(config, wav) for tag, wav in audio.items()}
+    return values, {"audio": audio, "images": images, "sampling_rate": config.sampling_rate}

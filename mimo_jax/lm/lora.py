@@ -33,12 +33,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mimo_jax.lm.conversion import LMFamily
+from mimo_jax.lm.groups import group_of
 from mimo_jax.nn import quantized
 from mimo_jax.nn.layers import Dense
 from mimo_jax.nn.params import logical_axes
 from mimo_jax.nn.quantized import Quantization, QuantizedDense, QuantizedKernel
 from mimo_jax.nn.stack import stacked
-from mimo_jax.train.optimizer import group_of
 
 # What a module group does in a LoRA run: adapters on its targeted layers (base frozen), every
 # parameter trained, or nothing trained.

@@ -1,5 +1,4 @@
-"""Text tokenizers for the data pipelines: the shared `TextTokenizer` (mimo_jax.tasks), and the
-small tokenizers of the tests and the demo.
+"""The small text tokenizers of the tests and the demo (`TextTokenizer`s, mimo_jax.tasks).
 
 `train_demo_tokenizer` builds the small byte-level BPE tokenizer of the tests and the demo: the
 same special-token strings as the released MiMo tokenizer (its added tokens), trained on the demo
@@ -16,14 +15,6 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from mimo_jax.tasks import templates
 from mimo_jax.tasks.text_tokenizer import SPECIAL_TOKENS, TextTokenizer
-
-__all__ = [
-    "SPECIAL_TOKENS",
-    "TextTokenizer",
-    "tokenizer_digest",
-    "train_demo_tokenizer",
-    "word_level_tokenizer",
-]
 
 
 def train_demo_tokenizer(sentences: Sequence[str], vocab_size: int = 1024) -> TextTokenizer:

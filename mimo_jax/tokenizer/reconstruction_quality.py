@@ -30,7 +30,7 @@ import pesq as pesq_lib
 import pystoi
 
 from mimo_jax.paths import read_jsonl
-from mimo_jax.tokenizer.clips import Tokenizer
+from mimo_jax.tokenizer.audio_tokenizer import Tokenizer
 from mimo_jax.tokenizer.mel_loss import multiscale_mel_loss
 
 METRICS = ("mel_distance", "stoi", "pesq_wb", "pesq_nb")
