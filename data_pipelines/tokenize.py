@@ -8,9 +8,11 @@ absolute, local or gs://) and optional `id` (default: the audio file's stem), `t
 a conversation (`data_pipelines.conversations` has its formats): every audio of it is encoded,
 and its record holds them all.
 
-Lines are cut into shards of `--records-per-shard` consecutive lines; process p of n (default
-`jax.process_index()` / `jax.process_count()`) takes shards p, p+n, ... Within a shard, audio is
-sorted by length and encoded in batches of at most `--batch-seconds` of audio.
+Lines are cut into shards of `--records-per-shard` consecutive lines. With `--engine local` (the
+default) process p of n (default `jax.process_index()` / `jax.process_count()`) takes shards p,
+p+n, ...; with `--engine ray` a pool of Ray actors pulls the shards one at a time
+(`data_pipelines.tokenize_ray`), and the output is the same. Within a shard, audio is sorted by
+length and encoded in batches of at most `--batch-seconds` of audio.
 
 A finished shard has its `.array_record` file and a `.json` sidecar, written last (stats, errors, a
 checksum of its manifest lines, and its `encoding`: the encoder, a fingerprint of the checkpoint's
@@ -59,12 +61,18 @@ from data_pipelines.shards import (
 )
 from mimo_jax import logs, paths
 from mimo_jax.tokenizer import audio_io
+from mimo_jax.tokenizer.config import TokenizerConfig
 
 log = logging.getLogger(__name__)
 
 STANDARD_KEYS = ("audio", "id", "text", "speaker", "language", "task")
 ERRORS = "errors.jsonl"
 Unit = tuple[int, int]  # (manifest line, index of the audio in its line): one encoded audio
+
+
+class WorkerError(RuntimeError):
+    """A worker of the ray engine failed in a way no retry mends (its encoder did not load, its
+    code raised); the message is the worker's."""
 
 
 @dataclasses.dataclass
@@ -220,15 +228,11 @@ class ShardJob:
         self.out, self.k, self.n, self.entries, self.checksum = out, k, n, entries, checksum
         self.encoding, self.args = encoding, args
         self.encode: encoders.EncodeBatch | None = None  # given to `run`
+        self.audio: TokenizerConfig | None = None  # the encoder's: rates, codebook sizes
         self.name = shard_name(k, n)
         self.sidecar = out / f"{self.name}.json"
         self.items: dict[int, Item] = {}
         self.failed: dict[int, dict] = {}  # line -> its one error entry
-
-    @property
-    def audio(self):
-        """The encoder's TokenizerConfig: rate, frame rate, codebook sizes, shortest clip."""
-        return encoders.config_of(self.encode)
 
     def mismatch(self, info: dict) -> str | None:
         """Why a sidecar's shard is not this one (other manifest lines, another encoding)."""
@@ -265,8 +269,14 @@ class ShardJob:
         """Progress units of the shard: one per audio, one per line without any."""
         return sum(max(1, len(e.audios)) if isinstance(e, Item) else 1 for e in self.entries)
 
+    @property
+    def lines(self) -> tuple[int, int]:
+        """The shard's first and last manifest line."""
+        first = self.k * self.args.records_per_shard + 1
+        return first, first + len(self.entries) - 1
+
     def run(self, progress, encode: encoders.EncodeBatch) -> dict:
-        self.encode = encode
+        self.encode, self.audio = encode, encoders.config_of(encode)
         self.sidecar.unlink(missing_ok=True)  # unfinished until its new sidecar is written
         self.items = {e.line: e for e in self.entries if isinstance(e, Item)}
         self.failed = {}
@@ -278,6 +288,15 @@ class ShardJob:
         progress.update(self.units - len(seconds))
         errors = [e for e in self.entries if isinstance(e, dict)] + list(self.failed.values())
         return self._write(codes, seconds, errors)
+
+    def give_up(self, audio: TokenizerConfig, reason: str) -> dict:
+        """Commits the shard with no record, each of its lines an error (its parse error, else
+        `reason`): for a shard the job cannot encode, so that every line is accounted for."""
+        self.audio, self.items = audio, {}
+        errors = [
+            e if isinstance(e, dict) else error_entry(e.line, e.audio, reason) for e in self.entries
+        ]
+        return self._write({}, {}, errors)
 
     def _fail(self, unit: Unit, reason: str) -> None:
         """The line of `unit` fails (its first failing audio and reason are reported)."""
@@ -445,8 +464,8 @@ def encoding_of(args) -> dict:
     return {"encoder": args.encoder, "checkpoint": checkpoint, "codebooks": args.codebooks}
 
 
-def check_codebooks(codebooks: int, encode) -> None:
-    available = len(encoders.config_of(encode).codebook_sizes)
+def check_codebooks(codebooks: int, audio: TokenizerConfig) -> None:
+    available = len(audio.codebook_sizes)
     if not 1 <= codebooks <= available:
         raise ValueError(
             f"--codebooks {codebooks}: expected 1 to {available}, the audio tokenizer's codebooks"
@@ -481,10 +500,35 @@ def parse_args(argv):
         "--batch-seconds", type=float, default=600.0, help="audio seconds per encoder batch"
     )
     p.add_argument("--max-batch", type=int, default=64, help="utterances per encoder batch")
+    p.add_argument(
+        "--engine",
+        default="local",
+        choices=("local", "ray"),
+        help="local: this process encodes its slice; ray: a pool of Ray actors pulls shards",
+    )
     p.add_argument("--process-index", type=int, help="default: jax.process_index()")
     p.add_argument("--process-count", type=int, help="default: jax.process_count()")
     p.add_argument(
         "--distributed", action="store_true", help="call jax.distributed.initialize() first"
+    )
+    ray_flags = p.add_argument_group("--engine ray (see data_pipelines.tokenize_ray)")
+    ray_flags.add_argument(
+        "--ray-address", help="the cluster's head, host:port (default: a Ray on this machine)"
+    )
+    ray_flags.add_argument(
+        "--workers", type=int, help="actors (default: the cluster's accelerators, else CPUs)"
+    )
+    ray_flags.add_argument(
+        "--worker-accelerators",
+        type=int,
+        default=1,
+        help="GPUs or TPU chips per actor where the cluster has them (0: CPU actors)",
+    )
+    ray_flags.add_argument(
+        "--max-retries", type=int, default=3, help="times a shard is retried after its actor died"
+    )
+    ray_flags.add_argument(
+        "--verbosity", action="count", default=0, help="also each actor's shards and rate"
     )
     p.add_argument(
         "--overwrite",
@@ -504,6 +548,33 @@ def check_args(args) -> None:
         raise ValueError(
             f"--codebooks {args.codebooks}: expected 1 or more (at most the audio tokenizer's)"
         )
+    if args.engine == "ray":
+        check_ray_args(args)
+    elif args.ray_address is not None or args.workers is not None:
+        flag = "--ray-address" if args.ray_address is not None else "--workers"
+        raise ValueError(f"{flag}: a flag of --engine ray; the local engine is one process")
+
+
+def check_ray_args(args) -> None:
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers {args.workers}: expected 1 or more Ray actors")
+    if args.max_retries < 0:
+        raise ValueError(f"--max-retries {args.max_retries}: expected 0 or more")
+    if args.worker_accelerators < 0:
+        raise ValueError(
+            f"--worker-accelerators {args.worker_accelerators}: expected 0 (CPU actors) or more"
+        )
+    if args.ray_address not in (None, "auto", "local"):
+        from data_pipelines import tokenize_ray  # Ray only for its engine (the `ray` extra)
+
+        tokenize_ray.check_reachable(args.ray_address)
+    for flag, value in (
+        ("--process-index", args.process_index),
+        ("--process-count", args.process_count),
+        ("--distributed", args.distributed or None),
+    ):
+        if value is not None:
+            raise ValueError(f"{flag}: a flag of --engine local; the ray engine takes every shard")
 
 
 def shard_jobs(args, out: epath.Path, lines: list[bytes], entries: list) -> list[ShardJob]:
@@ -525,23 +596,16 @@ def shard_jobs(args, out: epath.Path, lines: list[bytes], entries: list) -> list
     ]
 
 
-def run(args, encode=None) -> int:
-    """Tokenizes this process's shards; `encode` overrides `--encoder` (tests inject one)."""
-    check_args(args)
-    lines = read_manifest_lines(args.manifest)
-    entries = parse_manifest(lines, paths.resolve(args.manifest).parent)
-    out = paths.resolve(args.out)
-    jobs = shard_jobs(args, out, lines, entries)
-    if out.exists():
-        check_directory(out, jobs, args.overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+def run_local(args, out: epath.Path, jobs: list[ShardJob], encode) -> tuple[str, list, int]:
+    """Encodes this process's unfinished shards here; returns (its name, its shards, the number
+    it encoded)."""
     index, count = _process_slice(args)
     mine = jobs[index::count]
     pending = [j for j in mine if not j.done()]
     if pending:
         if encode is None:
             encode = encoders.load_encoder(args.encoder, args.checkpoint, args.codebooks)
-        check_codebooks(args.codebooks, encode)
+        check_codebooks(args.codebooks, encoders.config_of(encode))
         (out / MANIFEST).unlink(missing_ok=True)  # rewritten once every shard is done again
     log.info(
         "process %d/%d: %d shards, %d already done",
@@ -550,18 +614,38 @@ def run(args, encode=None) -> int:
         len(mine),
         len(mine) - len(pending),
     )
-    start = time.time()
     with tqdm.tqdm(
         total=sum(j.units for j in pending), unit="audio", desc="tokenize", disable=None
     ) as progress:
         for job in pending:
             info = job.run(progress, encode)
             progress.set_postfix(shard=job.k, hours=f"{info['hours']:.2f}", errors=info["errors"])
+    return f"process {index}/{count}", mine, len(pending)
+
+
+def run(args, encode=None) -> int:
+    """Tokenizes this process's shards (every shard with --engine ray); `encode` overrides
+    `--encoder` for the local engine (tests inject one)."""
+    check_args(args)
+    lines = read_manifest_lines(args.manifest)
+    entries = parse_manifest(lines, paths.resolve(args.manifest).parent)
+    out = paths.resolve(args.out)
+    jobs = shard_jobs(args, out, lines, entries)
+    if out.exists():
+        check_directory(out, jobs, args.overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    if args.engine == "ray":
+        from data_pipelines import tokenize_ray  # Ray only for its engine (the `ray` extra)
+
+        pending = [j for j in jobs if not j.done()]
+        who, mine, encoded = "ray", jobs, tokenize_ray.run(args, out, pending, len(jobs))
+    else:
+        who, mine, encoded = run_local(args, out, jobs, encode)
     infos = [json.loads(j.sidecar.read_text()) for j in mine]
     written, failed = sum(i["records"] for i in infos), sum(i["errors"] for i in infos)
     print(
-        f"process {index}/{count}: {len(pending)} shards tokenized, "
-        f"{len(mine) - len(pending)} skipped as done; "
+        f"{who}: {encoded} shards tokenized, {len(mine) - encoded} skipped as done; "
         f"{written} records written, {failed} errors, in {time.time() - start:.1f} s"
     )
     unaccounted = sum(i["lines"] for i in infos) - written - failed
@@ -595,6 +679,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except WorkerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
