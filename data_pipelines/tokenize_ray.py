@@ -25,6 +25,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import os
 import socket
 import time
 
@@ -299,16 +300,18 @@ def check_reachable(address: str) -> None:
 
 @contextlib.contextmanager
 def connected(address: str | None):
-    """Ray, connected to `address` (checked by `check_reachable` with the other arguments;
-    default: a Ray on this machine, or RAY_ADDRESS's); a Ray already initialised in this process
-    (a notebook's, the tests') is used as it is."""
+    """Ray, connected to `address` (checked by `check_reachable` with the other arguments), else
+    to RAY_ADDRESS's cluster (`ray job submit` sets it), else a new Ray on this machine (not the
+    one a past `ray start` here names, which may be long dead); a Ray already initialised in
+    this process (a notebook's, the tests') is used as it is."""
     if ray.is_initialized():
         yield
         return
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     try:
         ray.init(address=address, logging_level=logging.WARNING)
     except ConnectionError as e:
-        raise ValueError(f"--ray-address {address}: {e}") from None
+        raise ValueError(f"Ray at {address}: {e}") from None
     try:
         yield
     finally:

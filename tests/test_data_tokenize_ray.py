@@ -38,7 +38,7 @@ def ray_address(tmp_path_factory):
     os.environ[ENV] = str(faults)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), saved["PYTHONPATH"]]))
     set_plan({})
-    context = ray.init(num_cpus=2, logging_level="WARNING")
+    context = ray.init("local", num_cpus=2, logging_level="WARNING")
     yield context.address_info["address"]
     ray.shutdown()
     for k, v in saved.items():
@@ -285,3 +285,34 @@ def test_actors_take_the_clusters_accelerators():
     assert tokenize_ray.actor_options({"CPU": 16.0, "GPU": 8.0}, 1) == ({"num_gpus": 1}, 8)
     assert tokenize_ray.actor_options({"CPU": 16.0, "GPU": 8.0}, 0) == (cpu, 16)
     assert tokenize_ray.actor_options({"CPU": 2.0}, 1) == (cpu, 2)
+
+
+def test_the_summary_line_gives_the_benchmark_its_figures():
+    """benchmarks/tokenize_scaling.py reads Ray's overhead and rate from the summary line."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "tokenize_scaling", TESTS.parent / "benchmarks" / "tokenize_scaling.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pool = tokenize_ray.Pool(argparse.Namespace(), [], 2, {})
+    for slot, sent in ((0, 100.0), (1, 100.5), (0, 110.5)):  # 10 s shards of 0.1 h of audio
+        pool.timings.append(
+            tokenize_ray.Timing(slot, 0.1, sent, sent + 0.25, sent + 10.25, sent + 10.5)
+        )
+    figures = bench.SUMMARY.search(pool.summary()).groupdict()
+    assert {k: float(v) for k, v in figures.items()} == {
+        "workers": 2,
+        "shards": 3,
+        "wall": 21.0,
+        "rate": round(0.3 * 3600 / 21),
+        "encode": 10.0,
+        "overhead": 500.0,
+    }
+    assert pool.per_worker() == [
+        "worker 0: 2 shards, 0.2000 h of audio, 36 audio h/h while encoding",
+        "worker 1: 1 shards, 0.1000 h of audio, 36 audio h/h while encoding",
+    ]
+    assert bench.paper(100.0, 0.05, [1000]) == [f"   1000 hosts: {1e8 / 1e5 * 1.05 / 24:9.1f} days"]

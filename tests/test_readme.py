@@ -183,7 +183,9 @@ def test_ray_cluster_commands(tmp_path, fixtures_root, monkeypatch):
     CPU and `--block`, so that stopping it stops its processes), the demo corpus of one sentence
     and the fixture tokenizer as CKPT."""
     import secrets
+    import shutil
     import socket
+    import tempfile
 
     from data_pipelines import demo_corpus
 
@@ -198,10 +200,13 @@ def test_ray_cluster_commands(tmp_path, fixtures_root, monkeypatch):
         monkeypatch.setenv(*pair.split("=", 1))
     monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
     here = lambda words: [w.replace("HEAD_IP:6379", f"127.0.0.1:{head_port}") for w in words]
-    head = [*readme_command(section, "ray start --head"), "--num-cpus=1", "--block"]
+    # Its own --temp-dir: `ray start` names its cluster in the temp dir's ray_current_cluster,
+    # which a later ray.init() on this machine would try to join. A short path: Ray's sockets.
+    local = ["--num-cpus=1", "--block", f"--temp-dir={tempfile.mkdtemp(prefix='ray-')}"]
+    head = [*readme_command(section, "ray start --head"), *local]
     head = [w.replace("6379", str(head_port)) for w in head]
     head.append(f"--ray-client-server-port={free_port()}")
-    node = here(readme_command(section, "ray start --address")) + ["--num-cpus=1", "--block"]
+    node = here(readme_command(section, "ray start --address")) + local
     ray = str(Path(sys.executable).parent / "ray")  # the environment's, as `python` is
     started = []
     try:
@@ -217,6 +222,7 @@ def test_ray_cluster_commands(tmp_path, fixtures_root, monkeypatch):
         for process in reversed(started):
             process.terminate()
             process.wait(timeout=60)
+        shutil.rmtree(local[-1].split("=", 1)[1], ignore_errors=True)
     assert "ray, 1 workers: 1 shards" in out.stdout
     assert json.loads((tmp_path / "shards" / "manifest.json").read_text())["records"] == 4
 
