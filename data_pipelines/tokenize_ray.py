@@ -270,15 +270,24 @@ class Pool:
         return lines
 
 
-def actor_options(resources: dict, per_worker: int) -> tuple[dict, int]:
-    """An actor's Ray options and the default number of actors, from the cluster's resources:
-    `per_worker` TPU chips or GPUs where it has them, else a single-threaded CPU actor."""
-    if per_worker and resources.get("TPU"):
-        return {"resources": {"TPU": per_worker}}, max(1, int(resources["TPU"] // per_worker))
-    if per_worker and resources.get("GPU"):
-        return {"num_gpus": per_worker}, max(1, int(resources["GPU"] // per_worker))
+def actor_options(nodes: list[dict], per_worker: int) -> tuple[dict, int]:
+    """An actor's Ray options and the default number of actors, from the resources of each node:
+    `per_worker` TPU chips or GPUs where the cluster has them, else a single-threaded CPU actor.
+    An actor no node can hold is refused (Ray would wait for it forever)."""
+    for name, option in (
+        ("TPU", lambda n: {"resources": {"TPU": n}}),
+        ("GPU", lambda n: {"num_gpus": n}),
+    ):
+        have = [node.get(name, 0) for node in nodes]
+        if per_worker and sum(have):
+            if per_worker > max(have):
+                raise ValueError(
+                    f"--worker-accelerators {per_worker}: no node of the cluster has that many "
+                    f"{name}s (the most: {max(have):g}); expected at most that"
+                )
+            return option(per_worker), sum(int(h // per_worker) for h in have)
     cpu = {"scheduling_strategy": "SPREAD", "runtime_env": {"env_vars": SINGLE_THREADED}}
-    return cpu, max(1, int(resources.get("CPU", 1)))
+    return cpu, max(1, int(sum(node.get("CPU", 0) for node in nodes)))
 
 
 def check_reachable(address: str) -> None:
@@ -323,7 +332,8 @@ def run(args, out: epath.Path, pending: list[ShardJob], total: int) -> int:
     if not pending:
         return 0
     with connected(args.ray_address):
-        options, default = actor_options(ray.cluster_resources(), args.worker_accelerators)
+        nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+        options, default = actor_options(nodes, args.worker_accelerators)
         pool = Pool(args, pending, min(args.workers or default, len(pending)), options)
         (out / MANIFEST).unlink(missing_ok=True)  # rewritten once every shard is done again
         progress = Progress(total, total - len(pending))

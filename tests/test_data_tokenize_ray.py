@@ -278,13 +278,18 @@ def test_actors_take_the_clusters_accelerators():
         "scheduling_strategy": "SPREAD",
         "runtime_env": {"env_vars": tokenize_ray.SINGLE_THREADED},
     }
-    assert tokenize_ray.actor_options({"CPU": 16.0, "TPU": 8.0}, 4) == (
-        {"resources": {"TPU": 4}},
-        2,
-    )
-    assert tokenize_ray.actor_options({"CPU": 16.0, "GPU": 8.0}, 1) == ({"num_gpus": 1}, 8)
-    assert tokenize_ray.actor_options({"CPU": 16.0, "GPU": 8.0}, 0) == (cpu, 16)
-    assert tokenize_ray.actor_options({"CPU": 2.0}, 1) == (cpu, 2)
+    tpu_vms = [{"CPU": 240.0, "TPU": 4.0}] * 4
+    options = tokenize_ray.actor_options
+    assert options(tpu_vms, 4) == ({"resources": {"TPU": 4}}, 4)
+    assert options(tpu_vms, 1) == ({"resources": {"TPU": 1}}, 16)
+    gpu_nodes = [{"CPU": 16.0, "GPU": 8.0}, {"CPU": 16.0, "GPU": 2.0}]
+    assert options(gpu_nodes, 2) == ({"num_gpus": 2}, 5)
+    assert options(gpu_nodes, 0) == (cpu, 32)
+    assert options([{"CPU": 2.0}], 1) == (cpu, 2)
+    with pytest.raises(
+        ValueError, match=r"--worker-accelerators 16: no node .* GPUs \(the most: 8\)"
+    ):
+        options(gpu_nodes, 16)
 
 
 def test_the_summary_line_gives_the_benchmark_its_figures():
