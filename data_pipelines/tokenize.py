@@ -29,8 +29,9 @@ take) is written to `DIR/errors.jsonl` with its `audio` (the failing one), manif
 `reason`, and the job goes on: one bad line never costs the good lines of its shard. When all
 shards are done, `DIR/manifest.json` and `DIR/errors.jsonl` are written (a run with shards to redo
 removes `DIR/manifest.json` first). Exit status 0 when every line was written or reported; a bad
-argument or a refused directory is one line and exit status 2. `--manifest`, `--out` and the audio
-paths may be relative, local or gs://.
+argument or a refused directory is one line and exit status 2; a worker's error that stops the
+ray engine is one line and exit status 1. `--manifest`, `--out` and the audio paths may be
+relative, local or gs://.
 """
 
 from __future__ import annotations
@@ -513,7 +514,8 @@ def parse_args(argv):
     )
     ray_flags = p.add_argument_group("--engine ray (see data_pipelines.tokenize_ray)")
     ray_flags.add_argument(
-        "--ray-address", help="the cluster's head, host:port (default: a Ray on this machine)"
+        "--ray-address",
+        help="the cluster's head, host:port (default: $RAY_ADDRESS, else a new Ray here)",
     )
     ray_flags.add_argument(
         "--workers", type=int, help="actors (default: the cluster's accelerators, else CPUs)"
