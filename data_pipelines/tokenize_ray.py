@@ -34,8 +34,8 @@ import tqdm
 from etils import epath
 
 from data_pipelines import encoders
+from data_pipelines.shard_job import ShardJob, WorkerError, check_codebooks
 from data_pipelines.shards import MANIFEST
-from data_pipelines.tokenize import ShardJob, WorkerError, check_codebooks
 from mimo_jax import logs
 from mimo_jax.tokenizer.config import TokenizerConfig
 

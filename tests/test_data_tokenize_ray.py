@@ -17,7 +17,7 @@ import pytest
 import soundfile
 from ray_support import ENV, set_plan
 
-from data_pipelines import tokenize, tokenize_ray
+from data_pipelines import shard_job, tokenize, tokenize_ray
 from mimo_jax.tokenizer.config import TokenizerConfig
 
 RATE = TokenizerConfig().sampling_rate
@@ -147,7 +147,7 @@ def test_a_shard_that_always_kills_its_worker_is_reported(
     )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["records"] == 22 and manifest["errors"] == 4 and manifest["lines"] == 26
-    crashed = tokenize.shard_name(CRASH[0], SHARDS)
+    crashed = shard_job.shard_name(CRASH[0], SHARDS)
     others = {
         k: v for k, v in files(out).items() if not k.startswith((crashed, "manifest", "errors"))
     }
@@ -184,7 +184,7 @@ def test_a_killed_driver_is_resumed(ray_address, corpus, local, tmp_path, capsys
     driver.wait()
     committed = sorted(out.glob("shard-*.json"))
     assert [p.name for p in committed] == [
-        f"{tokenize.shard_name(k, SHARDS)}.json" for k in range(HOLD[0])
+        f"{shard_job.shard_name(k, SHARDS)}.json" for k in range(HOLD[0])
     ]
     mtimes = lambda: {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
     before = mtimes()
