@@ -1,8 +1,8 @@
 """The tokenize job on Ray (`--engine ray`): the same bytes as the local engine for any number of
-workers, no record lost or doubled when a worker or the driver dies, a shard that always kills its
-worker reported, and bad input refused before anything starts. One local Ray instance
-(`ray.init(num_cpus=2)`) serves the module and is shut down at its end; the corpus is 13 shards
-of 2 short clips, one shard of bad lines."""
+workers and on gs://, no record lost or doubled when a worker or the driver dies, a shard that
+always kills its worker reported, and bad input refused before anything starts. One local Ray
+instance (`ray.init(num_cpus=2)`) serves the module and is shut down at its end; the corpus is 13
+shards of 2 short clips, one shard of bad lines."""
 
 import json
 import os
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+from etils import epath
 from ray_support import ENV, set_plan
 
 from data_pipelines import shard_job, tokenize, tokenize_ray
@@ -29,8 +30,9 @@ FAULTY = "ray_support:faulty"
 
 
 @pytest.fixture(scope="module")
-def ray_address(tmp_path_factory):
-    """A local Ray whose workers import tests/ modules and read the fault plan's folder."""
+def ray_address(gcs, tmp_path_factory):
+    """A local Ray whose workers import tests/ modules, read the fault plan's folder and reach
+    the GCS emulator (the environment they inherit is the one at `ray.init`)."""
     import ray
 
     faults = tmp_path_factory.mktemp("faults")
@@ -121,6 +123,15 @@ def test_the_tokenizer_checkpoint_on_workers_writes_the_local_bytes(ray_address,
     )
     assert run_ray(corpus, ray_out, *ckpt, "--workers", "2", encoder="mimo") == 0
     assert files(ray_out) == files(local_out)
+
+
+@pytest.mark.e2e
+def test_shards_on_gcs_are_the_local_bytes(ray_address, corpus, local, gs_dir):
+    """Workers write gs:// shards (through a local file, uploaded whole) and sidecars."""
+    set_plan({})
+    assert run_ray(corpus, f"{gs_dir}/shards", "--workers", "2") == 0
+    written = {p.name: p.read_bytes() for p in epath.Path(f"{gs_dir}/shards").iterdir()}
+    assert written == local
 
 
 @pytest.mark.e2e
