@@ -146,6 +146,7 @@ class Pool:
 
     def run(self, progress: Progress) -> None:
         self.progress = progress
+        self.worker = ray.remote(ShardWorker).options(**self.options)  # one class for all
         for slot in range(len(self.actors)):
             self._start(slot)
         try:
@@ -159,7 +160,7 @@ class Pool:
                     ray.kill(actor)
 
     def _start(self, slot: int) -> None:
-        actor = ray.remote(ShardWorker).options(**self.options).remote(self.args)
+        actor = self.worker.remote(self.args)
         self.actors[slot] = actor
         self.tasks[actor.load.remote()] = Task(slot, None, time.time())
 

@@ -27,6 +27,9 @@ FIXTURE_TOKENIZER = Path(os.environ.get("MIMO_FIXTURES", TESTS / "fixtures")) / 
 SHARDS, PER_SHARD, BAD_SHARD = 13, 2, 4
 CRASH, HOLD = (7, 13331), (5, 14447)  # (shard, samples of its first clip)
 FAULTY = "ray_support:faulty"
+# Ray kills workers when the machine's memory is 95 % used, whoever uses it: on a machine shared
+# with other jobs that would be deaths no test planned.
+MEMORY_MONITOR = "RAY_memory_monitor_refresh_ms"
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +39,9 @@ def ray_address(gcs, tmp_path_factory):
     import ray
 
     faults = tmp_path_factory.mktemp("faults")
-    saved = {k: os.environ.get(k) for k in (ENV, "PYTHONPATH")}
+    saved = {k: os.environ.get(k) for k in (ENV, "PYTHONPATH", MEMORY_MONITOR)}
     os.environ[ENV] = str(faults)
+    os.environ[MEMORY_MONITOR] = "0"
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), saved["PYTHONPATH"]]))
     set_plan({})
     context = ray.init("local", num_cpus=2, logging_level="WARNING")

@@ -199,6 +199,7 @@ def test_ray_cluster_commands(tmp_path, fixtures_root, monkeypatch):
     for pair in readme_command(section, "export RAY_AUTH_MODE")[1:]:
         monkeypatch.setenv(*pair.split("=", 1))
     monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    monkeypatch.setenv("RAY_memory_monitor_refresh_ms", "0")  # other jobs' memory kills no worker
     here = lambda words: [w.replace("HEAD_IP:6379", f"127.0.0.1:{head_port}") for w in words]
     # Its own --temp-dir: `ray start` names its cluster in the temp dir's ray_current_cluster,
     # which a later ray.init() on this machine would try to join. A short path: Ray's sockets.
