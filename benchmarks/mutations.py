@@ -292,7 +292,7 @@ MUTATIONS = [
     ),
     Mutation(
         "a tokenize rerun trusts a sidecar whose shard file is gone",
-        "data_pipelines/tokenize.py",
+        "data_pipelines/shard_job.py",
         '            open_shard(str(self.out / info["path"]), info["records"]).close()',
         "            pass",
         ("tests/test_data_tokenize.py", "-k", "rerun"),

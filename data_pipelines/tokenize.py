@@ -8,9 +8,11 @@ absolute, local or gs://) and optional `id` (default: the audio file's stem), `t
 a conversation (`data_pipelines.conversations` has its formats): every audio of it is encoded,
 and its record holds them all.
 
-Lines are cut into shards of `--records-per-shard` consecutive lines; process p of n (default
-`jax.process_index()` / `jax.process_count()`) takes shards p, p+n, ... Within a shard, audio is
-sorted by length and encoded in batches of at most `--batch-seconds` of audio.
+Lines are cut into shards of `--records-per-shard` consecutive lines. With `--engine local` (the
+default) process p of n (default `jax.process_index()` / `jax.process_count()`) takes shards p,
+p+n, ...; with `--engine ray` a pool of Ray actors pulls the shards one at a time
+(`data_pipelines.tokenize_ray`), and the output is the same. Within a shard, audio is sorted by
+length and encoded in batches of at most `--batch-seconds` of audio.
 
 A finished shard has its `.array_record` file and a `.json` sidecar, written last (stats, errors, a
 checksum of its manifest lines, and its `encoding`: the encoder, a fingerprint of the checkpoint's
@@ -27,14 +29,14 @@ take) is written to `DIR/errors.jsonl` with its `audio` (the failing one), manif
 `reason`, and the job goes on: one bad line never costs the good lines of its shard. When all
 shards are done, `DIR/manifest.json` and `DIR/errors.jsonl` are written (a run with shards to redo
 removes `DIR/manifest.json` first). Exit status 0 when every line was written or reported; a bad
-argument or a refused directory is one line and exit status 2. `--manifest`, `--out` and the audio
-paths may be relative, local or gs://.
+argument or a refused directory is one line and exit status 2; a worker's error that stops the
+ray engine is one line and exit status 1. `--manifest`, `--out` and the audio paths may be
+relative, local or gs://.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -43,52 +45,24 @@ import zlib
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import tqdm
 from etils import epath
 
 from data_pipelines import conversations, encoders
-from data_pipelines.shards import (
-    MANIFEST,
-    Record,
-    ShardError,
-    ShardWriter,
-    open_shard,
-    write_json_atomic,
-    write_manifest,
+from data_pipelines.shard_job import (
+    Item,
+    ShardJob,
+    WorkerError,
+    check_codebooks,
+    error_entry,
 )
+from data_pipelines.shards import MANIFEST, write_manifest
 from mimo_jax import logs, paths
-from mimo_jax.tokenizer import audio_io
 
 log = logging.getLogger(__name__)
 
 STANDARD_KEYS = ("audio", "id", "text", "speaker", "language", "task")
 ERRORS = "errors.jsonl"
-Unit = tuple[int, int]  # (manifest line, index of the audio in its line): one encoded audio
-
-
-@dataclasses.dataclass
-class Item:
-    """A good manifest line: its audios (one, or a conversation's every one, maybe none) become
-    one record."""
-
-    line: int
-    audios: list[str]
-    id: str
-    text: str = ""
-    speaker: str = ""
-    language: str = ""
-    task: str = ""
-    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
-    conversation: dict | None = None  # its own keys, audio values as given in the manifest
-
-    @property
-    def audio(self) -> str | None:
-        return self.audios[0] if self.audios else None
-
-
-def error_entry(line: int, audio: str | None, reason: str) -> dict:
-    return {"line": line, "audio": audio, "reason": reason}
 
 
 def parse_manifest_line(raw: bytes, line: int, base: epath.Path) -> Item | dict:
@@ -190,204 +164,6 @@ def parse_manifest(lines: Sequence[bytes], base: epath.Path) -> list[Item | dict
     return out
 
 
-def shard_name(k: int, n: int) -> str:
-    return f"shard-{k:05d}-of-{n:05d}"
-
-
-def length_batches(
-    lengths: dict[Any, float], max_seconds: float, max_items: int
-) -> list[list[Any]]:
-    """Groups keys into batches of similar length (sorted), each under `max_seconds` of audio."""
-    order = sorted(lengths, key=lambda k: (lengths[k], k))
-    batches: list[list[Any]] = []
-    cur: list[Any] = []
-    total = 0.0
-    for k in order:
-        if cur and (total + lengths[k] > max_seconds or len(cur) >= max_items):
-            batches.append(cur)
-            cur, total = [], 0.0
-        cur.append(k)
-        total += lengths[k]
-    if cur:
-        batches.append(cur)
-    return batches
-
-
-class ShardJob:
-    """Encodes the items of one shard and writes the shard and its sidecar."""
-
-    def __init__(
-        self, out: epath.Path, k: int, n: int, entries: list, checksum: int, encoding: dict, args
-    ):
-        self.out, self.k, self.n, self.entries, self.checksum = out, k, n, entries, checksum
-        self.encoding, self.args = encoding, args
-        self.encode: encoders.EncodeBatch | None = None  # given to `run`
-        self.name = shard_name(k, n)
-        self.sidecar = out / f"{self.name}.json"
-        self.items: dict[int, Item] = {}
-        self.failed: dict[int, dict] = {}  # line -> its one error entry
-
-    @property
-    def audio(self):
-        """The encoder's TokenizerConfig: rate, frame rate, codebook sizes, shortest clip."""
-        return encoders.config_of(self.encode)
-
-    def mismatch(self, info: dict) -> str | None:
-        """Why a sidecar's shard is not this one (other manifest lines, another encoding)."""
-        if info.get("lines_crc32") != self.checksum:
-            return "written from different manifest lines"
-        theirs = info.get("encoding")
-        if theirs is not None and theirs != self.encoding:
-            changed = [
-                "another --checkpoint (its files differ)"
-                if k == "checkpoint"
-                else f"--{k} {theirs.get(k)} (now {v})"
-                for k, v in self.encoding.items()
-                if theirs.get(k) != v
-            ]
-            return f"encoded with other settings: {', '.join(changed)}"
-        return None
-
-    def done(self) -> bool:
-        """The sidecar matches the manifest lines and the encoding, and the shard's file holds
-        the records the sidecar counts."""
-        if not self.sidecar.exists():
-            return False
-        info = json.loads(self.sidecar.read_text())
-        if self.mismatch(info) or info.get("encoding") is None:
-            return False
-        try:
-            open_shard(str(self.out / info["path"]), info["records"]).close()
-        except ShardError:
-            return False
-        return True
-
-    @property
-    def units(self) -> int:
-        """Progress units of the shard: one per audio, one per line without any."""
-        return sum(max(1, len(e.audios)) if isinstance(e, Item) else 1 for e in self.entries)
-
-    def run(self, progress, encode: encoders.EncodeBatch) -> dict:
-        self.encode = encode
-        self.sidecar.unlink(missing_ok=True)  # unfinished until its new sidecar is written
-        self.items = {e.line: e for e in self.entries if isinstance(e, Item)}
-        self.failed = {}
-        seconds = self._probe()
-        codes: dict[Unit, np.ndarray] = {}
-        for batch in length_batches(seconds, self.args.batch_seconds, self.args.max_batch):
-            codes.update(self._encode(batch))
-            progress.update(len(batch))
-        progress.update(self.units - len(seconds))
-        errors = [e for e in self.entries if isinstance(e, dict)] + list(self.failed.values())
-        return self._write(codes, seconds, errors)
-
-    def _fail(self, unit: Unit, reason: str) -> None:
-        """The line of `unit` fails (its first failing audio and reason are reported)."""
-        line = unit[0]
-        self.failed.setdefault(line, error_entry(line, self._path(unit), reason))
-
-    def _path(self, unit: Unit) -> str:
-        return self.items[unit[0]].audios[unit[1]]
-
-    def _probe(self) -> dict[Unit, float]:
-        """Seconds of every audio of the lines whose audios can all be read."""
-        seconds = {}
-        for line, item in self.items.items():
-            for i in range(len(item.audios)):
-                try:
-                    seconds[line, i] = audio_io.audio_seconds(item.audios[i])
-                except Exception as e:  # any decoder error is a property of the file
-                    self._fail((line, i), f"bad audio: {e}")
-                    break
-        return {u: s for u, s in seconds.items() if u[0] not in self.failed}
-
-    def _encode(self, batch: list[Unit]) -> dict[Unit, np.ndarray]:
-        wavs = {}
-        for unit in batch:
-            if unit[0] in self.failed:  # another audio of its line failed
-                continue
-            try:
-                wavs[unit] = audio_io.read_audio(
-                    self._path(unit),
-                    self.audio.sampling_rate,
-                    min_samples=self.audio.min_samples,
-                    allow_silence=True,
-                )
-            except Exception as e:
-                self._fail(unit, f"bad audio: {e}")
-        return self._encode_wavs(wavs)
-
-    def _encode_wavs(self, wavs: dict[Unit, np.ndarray]) -> dict[Unit, np.ndarray]:
-        """Codes of each wav; when the encoder refuses the batch (ValueError: e.g. a clip below its
-        minimum length), each clip is retried alone and the refused ones fail their lines."""
-        if not wavs:
-            return {}
-        units = list(wavs)
-        assert self.encode is not None  # given to `run` before any batch
-        try:
-            outs = self.encode([wavs[u] for u in units])
-        except ValueError as e:
-            if len(units) == 1:
-                self._fail(
-                    units[0],
-                    f"refused by the encoder ({len(wavs[units[0]])} samples at "
-                    f"{self.audio.sampling_rate} Hz): {e}",
-                )
-                return {}
-            return {k: v for u in units for k, v in self._encode_wavs({u: wavs[u]}).items()}
-        result = {}
-        for unit, c in zip(units, outs):
-            c = np.asarray(c)
-            want = (self.audio.clip_code_frames(len(wavs[unit])), self.args.codebooks)
-            if c.shape != want:
-                raise RuntimeError(
-                    f"encoder returned codes {c.shape} for {self._path(unit)} "
-                    f"({len(wavs[unit])} samples), expected {want}"
-                )
-            result[unit] = c.astype(np.int16)
-        return result
-
-    def _record(self, item: Item, codes: list[np.ndarray], seconds: float) -> Record:
-        meta = item.meta
-        if item.conversation is not None:
-            spans = conversations.with_spans(item.conversation, [len(c) for c in codes])
-            meta = {**meta, "conversation": spans}
-        return Record(
-            id=item.id,
-            codes=np.concatenate(codes) if codes else np.zeros((0, self.args.codebooks), np.int16),
-            text=item.text,
-            speaker=item.speaker,
-            language=item.language,
-            task=item.task,
-            duration=seconds,
-            meta=meta,
-        )
-
-    def _write(self, codes: dict, seconds: dict, errors: list) -> dict:
-        writer = ShardWriter(str(self.out / f"{self.name}.array_record"), self.audio.frame_rate)
-        for line in sorted(set(self.items) - set(self.failed)):
-            item = self.items[line]
-            units = [(line, i) for i in range(len(item.audios))]
-            writer.write(
-                self._record(item, [codes[u] for u in units], sum(seconds[u] for u in units))
-            )
-        stats = writer.close()
-        errors.sort(key=lambda e: e["line"])
-        info = {
-            "path": f"{self.name}.array_record",
-            **stats,
-            "errors": len(errors),
-            "lines": len(self.entries),
-            "lines_crc32": self.checksum,
-            "encoding": self.encoding,
-            "codebook_sizes": list(self.audio.codebook_sizes[: self.args.codebooks]),
-            "frame_rate": self.audio.frame_rate,
-            "error_entries": errors,
-        }
-        write_json_atomic(self.sidecar, info)
-        return info
-
-
 def finalize(out: epath.Path, jobs: list[ShardJob], total_lines: int) -> dict | None:
     """Writes manifest.json and errors.jsonl once every shard is done; else None."""
     if not all(job.done() for job in jobs):
@@ -448,14 +224,6 @@ def encoding_of(args) -> dict:
     return {"encoder": args.encoder, "checkpoint": checkpoint, "codebooks": args.codebooks}
 
 
-def check_codebooks(codebooks: int, encode) -> None:
-    available = len(encoders.config_of(encode).codebook_sizes)
-    if not 1 <= codebooks <= available:
-        raise ValueError(
-            f"--codebooks {codebooks}: expected 1 to {available}, the audio tokenizer's codebooks"
-        )
-
-
 def _process_slice(args) -> tuple[int, int]:
     if args.process_index is not None:
         return args.process_index, args.process_count or 1
@@ -484,10 +252,36 @@ def parse_args(argv):
         "--batch-seconds", type=float, default=600.0, help="audio seconds per encoder batch"
     )
     p.add_argument("--max-batch", type=int, default=64, help="utterances per encoder batch")
+    p.add_argument(
+        "--engine",
+        default="local",
+        choices=("local", "ray"),
+        help="local: this process encodes its slice; ray: a pool of Ray actors pulls shards",
+    )
     p.add_argument("--process-index", type=int, help="default: jax.process_index()")
     p.add_argument("--process-count", type=int, help="default: jax.process_count()")
     p.add_argument(
         "--distributed", action="store_true", help="call jax.distributed.initialize() first"
+    )
+    ray_flags = p.add_argument_group("--engine ray (see data_pipelines.tokenize_ray)")
+    ray_flags.add_argument(
+        "--ray-address",
+        help="the cluster's head, host:port (default: $RAY_ADDRESS, else a new Ray here)",
+    )
+    ray_flags.add_argument(
+        "--workers", type=int, help="actors (default: the cluster's accelerators, else CPUs)"
+    )
+    ray_flags.add_argument(
+        "--worker-accelerators",
+        type=int,
+        default=1,
+        help="GPUs or TPU chips per actor where the cluster has them (0: CPU actors)",
+    )
+    ray_flags.add_argument(
+        "--max-retries", type=int, default=3, help="times a shard is retried after its actor died"
+    )
+    ray_flags.add_argument(
+        "--verbosity", action="count", default=0, help="also each actor's shards and rate"
     )
     p.add_argument(
         "--overwrite",
@@ -507,6 +301,33 @@ def check_args(args) -> None:
         raise ValueError(
             f"--codebooks {args.codebooks}: expected 1 or more (at most the audio tokenizer's)"
         )
+    if args.engine == "ray":
+        check_ray_args(args)
+    elif args.ray_address is not None or args.workers is not None:
+        flag = "--ray-address" if args.ray_address is not None else "--workers"
+        raise ValueError(f"{flag}: a flag of --engine ray; the local engine is one process")
+
+
+def check_ray_args(args) -> None:
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers {args.workers}: expected 1 or more Ray actors")
+    if args.max_retries < 0:
+        raise ValueError(f"--max-retries {args.max_retries}: expected 0 or more")
+    if args.worker_accelerators < 0:
+        raise ValueError(
+            f"--worker-accelerators {args.worker_accelerators}: expected 0 (CPU actors) or more"
+        )
+    if args.ray_address not in (None, "auto", "local"):
+        from data_pipelines import tokenize_ray  # Ray only for its engine (the `ray` extra)
+
+        tokenize_ray.check_reachable(args.ray_address)
+    for flag, value in (
+        ("--process-index", args.process_index),
+        ("--process-count", args.process_count),
+        ("--distributed", args.distributed or None),
+    ):
+        if value is not None:
+            raise ValueError(f"{flag}: a flag of --engine local; the ray engine takes every shard")
 
 
 def shard_jobs(args, out: epath.Path, lines: list[bytes], entries: list) -> list[ShardJob]:
@@ -528,23 +349,16 @@ def shard_jobs(args, out: epath.Path, lines: list[bytes], entries: list) -> list
     ]
 
 
-def run(args, encode=None) -> int:
-    """Tokenizes this process's shards; `encode` overrides `--encoder` (tests inject one)."""
-    check_args(args)
-    lines = read_manifest_lines(args.manifest)
-    entries = parse_manifest(lines, paths.resolve(args.manifest).parent)
-    out = paths.resolve(args.out)
-    jobs = shard_jobs(args, out, lines, entries)
-    if out.exists():
-        check_directory(out, jobs, args.overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+def run_local(args, out: epath.Path, jobs: list[ShardJob], encode) -> tuple[str, list, int]:
+    """Encodes this process's unfinished shards here; returns (its name, its shards, the number
+    it encoded)."""
     index, count = _process_slice(args)
     mine = jobs[index::count]
     pending = [j for j in mine if not j.done()]
     if pending:
         if encode is None:
             encode = encoders.load_encoder(args.encoder, args.checkpoint, args.codebooks)
-        check_codebooks(args.codebooks, encode)
+        check_codebooks(args.codebooks, encoders.config_of(encode))
         (out / MANIFEST).unlink(missing_ok=True)  # rewritten once every shard is done again
     log.info(
         "process %d/%d: %d shards, %d already done",
@@ -553,18 +367,38 @@ def run(args, encode=None) -> int:
         len(mine),
         len(mine) - len(pending),
     )
-    start = time.time()
     with tqdm.tqdm(
         total=sum(j.units for j in pending), unit="audio", desc="tokenize", disable=None
     ) as progress:
         for job in pending:
             info = job.run(progress, encode)
             progress.set_postfix(shard=job.k, hours=f"{info['hours']:.2f}", errors=info["errors"])
+    return f"process {index}/{count}", mine, len(pending)
+
+
+def run(args, encode=None) -> int:
+    """Tokenizes this process's shards (every shard with --engine ray); `encode` overrides
+    `--encoder` for the local engine (tests inject one)."""
+    check_args(args)
+    lines = read_manifest_lines(args.manifest)
+    entries = parse_manifest(lines, paths.resolve(args.manifest).parent)
+    out = paths.resolve(args.out)
+    jobs = shard_jobs(args, out, lines, entries)
+    if out.exists():
+        check_directory(out, jobs, args.overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    if args.engine == "ray":
+        from data_pipelines import tokenize_ray  # Ray only for its engine (the `ray` extra)
+
+        pending = [j for j in jobs if not j.done()]
+        who, mine, encoded = "ray", jobs, tokenize_ray.run(args, out, pending, len(jobs))
+    else:
+        who, mine, encoded = run_local(args, out, jobs, encode)
     infos = [json.loads(j.sidecar.read_text()) for j in mine]
     written, failed = sum(i["records"] for i in infos), sum(i["errors"] for i in infos)
     print(
-        f"process {index}/{count}: {len(pending)} shards tokenized, "
-        f"{len(mine) - len(pending)} skipped as done; "
+        f"{who}: {encoded} shards tokenized, {len(mine) - encoded} skipped as done; "
         f"{written} records written, {failed} errors, in {time.time() - start:.1f} s"
     )
     unaccounted = sum(i["lines"] for i in infos) - written - failed
@@ -598,6 +432,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except WorkerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ import numpy as np
 from absl import flags
 
 from data_pipelines.pipeline import EpochShuffle
-from data_pipelines.tokenize import Item, parse_manifest, read_manifest_lines
+from data_pipelines.shard_job import Item
+from data_pipelines.tokenize import parse_manifest, read_manifest_lines
 from mimo_jax import paths
 from mimo_jax.tasks.text_tokenizer import TextTokenizer
 from mimo_jax.tokenizer import audio_io

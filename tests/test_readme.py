@@ -27,6 +27,9 @@ RUN_BY = {
         "test_tokenizer_train.py"
     ),
     "python -m data_pipelines.": "test_readme.py::test_data_commands",
+    "python -m data_pipelines.tokenize --engine ray": "test_readme.py::test_ray_cluster_commands",
+    "export RAY_AUTH_MODE": "test_readme.py::test_ray_cluster_commands",
+    "ray start": "test_readme.py::test_ray_cluster_commands",
     "python -m experiments.demo_tokenizer": "test_tokenizer_train.py (its --smoke run)",
     "python -m data_pipelines.voice": "test_voice.py (through experiments.demo_voice)",
     "python -m experiments.demo_voice": "test_voice.py",
@@ -172,6 +175,71 @@ def test_training_command(workspace, readme_data):
     lines = (workspace / "runs" / "stage2" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
     assert (workspace / "runs" / "stage2" / "model" / "config.json").is_file()
+
+
+@pytest.mark.e2e
+def test_ray_cluster_commands(tmp_path, fixtures_root, monkeypatch):
+    """The Ray cluster block as written, its two hosts on this machine (each `ray start` with one
+    CPU and `--block`, so that stopping it stops its processes), the demo corpus of one sentence
+    and the fixture tokenizer as CKPT."""
+    import secrets
+    import shutil
+    import socket
+    import tempfile
+
+    from data_pipelines import demo_corpus
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    section, head_port = "Tokenizing on a Ray cluster", free_port()
+    demo_corpus.build(str(tmp_path / "demo"), sentences=1)
+    for pair in readme_command(section, "export RAY_AUTH_MODE")[1:]:
+        monkeypatch.setenv(*pair.split("=", 1))
+    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    monkeypatch.setenv("RAY_memory_monitor_refresh_ms", "0")  # other jobs' memory kills no worker
+    here = lambda words: [w.replace("HEAD_IP:6379", f"127.0.0.1:{head_port}") for w in words]
+    # Its own --temp-dir: `ray start` names its cluster in the temp dir's ray_current_cluster,
+    # which a later ray.init() on this machine would try to join. A short path: Ray's sockets.
+    local = ["--num-cpus=1", "--block", f"--temp-dir={tempfile.mkdtemp(prefix='ray-')}"]
+    head = [*readme_command(section, "ray start --head"), *local]
+    head = [w.replace("6379", str(head_port)) for w in head]
+    head.append(f"--ray-client-server-port={free_port()}")
+    node = here(readme_command(section, "ray start --address")) + local
+    ray = str(Path(sys.executable).parent / "ray")  # the environment's, as `python` is
+    started = []
+    try:
+        for command in (head, node):
+            started.append(
+                subprocess.Popen([ray, *command[1:]], cwd=tmp_path, stdout=subprocess.DEVNULL)
+            )
+            _wait_for_port(head_port, started[0])
+        words = here(readme_command(section, "python -m data_pipelines.tokenize --engine ray"))
+        paths = {"corpus.jsonl": "demo/manifest.jsonl", "CKPT": str(fixtures_root / "tokenizer")}
+        out = _run([paths.get(w, w) for w in words], tmp_path)
+    finally:
+        for process in reversed(started):
+            process.terminate()
+            process.wait(timeout=60)
+        shutil.rmtree(local[-1].split("=", 1)[1], ignore_errors=True)
+    assert "ray, 1 workers: 1 shards" in out.stdout
+    assert json.loads((tmp_path / "shards" / "manifest.json").read_text())["records"] == 4
+
+
+def _wait_for_port(port: int, process, seconds: float = 120.0) -> None:
+    import socket
+    import time
+
+    deadline = time.time() + seconds
+    while process.poll() is None and time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"ray start --head: no head on port {port} (exit {process.poll()})")
 
 
 @pytest.mark.e2e
