@@ -256,8 +256,7 @@ def test_a_lora_run_builds_its_groups_and_exports_adapters_and_merged_model(
     write are tested elsewhere; the merged model's save and conversion in test_lora_peft)."""
     import json
 
-    from experiments.train import export_model
-    from mimo_jax import model_checkpoint as model_ckpt
+    from mimo_jax.conversion import param_store
     from mimo_jax.lm import adapters
     from mimo_jax.train import build
     from sharding.rules import PRESETS
@@ -272,8 +271,8 @@ def test_a_lora_run_builds_its_groups_and_exports_adapters_and_merged_model(
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
         assert var.get_value().sharding.mesh == mesh, path  # placed by the rules
     saved = {}
-    monkeypatch.setattr(model_ckpt, "save", lambda m, hf, path: saved.update(model=m, path=path))
-    export_model(config, trainer, state, lm_config, tmp_path)
+    monkeypatch.setattr(param_store, "save", lambda m, hf, path: saved.update(model=m, path=path))
+    build.export(config, trainer, state, lm_config, tmp_path)
     assert saved["path"] == str(tmp_path / "model") and not adapted(saved["model"])
     peft_config = json.loads((tmp_path / "adapter" / adapters.CONFIG_FILE).read_text())
     assert peft_config["r"] == 4 and len(peft_config["target_modules"]) == 7 * 2
