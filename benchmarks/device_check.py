@@ -37,7 +37,7 @@ import train_step
 from flax import nnx
 
 from experiments.configs.common import DEMO_TOKENIZER_HF
-from mimo_jax.inference.generation_loop import GenerationConfig, generate
+from mimo_jax.inference.generation_loop import generate
 from mimo_jax.lm.model import MiMoAudioLM, unstack_for_decoding
 from mimo_jax.nn.attention import kernels_on
 from mimo_jax.tokenizer.config import TokenizerConfig, from_hf
@@ -120,10 +120,6 @@ SMOKE = Sizes(
 )
 
 
-def _by_kind(table: dict[str, float], device) -> float | None:
-    return next((v for k, v in table.items() if k.lower() in device.device_kind.lower()), None)
-
-
 def _out_of_memory(e: Exception) -> bool:
     text = str(e)
     return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
@@ -184,26 +180,27 @@ def bytes_per_group(model: MiMoAudioLM, cache_groups: int, batch: int = 1) -> in
     return total + batch * cache
 
 
-def _speech_only(config, length: int) -> GenerationConfig:
-    """Every group after the prompt is speech (no other text id may be drawn before the end)."""
-    others = tuple(i for i in range(config.vocab_size) if i != config.empty_idx)
-    return GenerationConfig(length, length, others, **generation_bench.SAMPLED)
-
-
 def measure_generation(model, sizes: Sizes, batch: int) -> dict:
     config = model.config
     text, codes = generation_bench.prompt_batch(config, batch, sizes.prompt)
     cache = sizes.prompt + sizes.new[1]
     runs = {
-        new: partial(generate, model, text, codes, _speech_only(config, sizes.prompt + new))
+        new: partial(
+            generate,
+            model,
+            text,
+            codes,
+            generation_bench.speech_only(config, sizes.prompt + new, generation_bench.SAMPLED),
+            cache_groups=cache,  # one cache for both lengths: they share the compiled programs
+        )
         for new in sizes.new
     }
-    runs[sizes.new[1]](cache_groups=cache)  # compiles the programs both lengths share
+    runs[sizes.new[1]]()  # compiles
     seconds = {new: float("inf") for new in sizes.new}
     for seed in range(sizes.repeats):
         for new, run in runs.items():
             start = time.perf_counter()
-            run(rng=jax.random.key(seed + 1), cache_groups=cache)
+            run(rng=jax.random.key(seed + 1))
             seconds[new] = min(seconds[new], time.perf_counter() - start)
     (n1, n2), (t1, t2) = sizes.new, (seconds[n] for n in sizes.new)
     return dict(
@@ -371,7 +368,7 @@ def run(a: argparse.Namespace) -> dict:
             print(train_line(report["train"][-1]))
         section_done("train")
     if "generate" in sections:
-        model, bandwidth = generation_model(sizes), _by_kind(HBM_TBPS, device)
+        model, bandwidth = generation_model(sizes), train_step.by_device_kind(HBM_TBPS, device)
         report.update(hbm_tbps=bandwidth, generate=[])
         for batch in sizes.batches:
             r = measure_generation(model, sizes, batch)

@@ -85,17 +85,16 @@ def prompt_batch(config, batch, groups):
     return text, codes.astype(np.int32)
 
 
-def _speech_only(config, a, sampler):
+def speech_only(config, length: int, sampler: dict) -> GenerationConfig:
     """Every generated group is speech (all other text ids are forbidden until the end), so each
-    one runs the patch decoder: the TTS case, the heaviest."""
-    total = a.prompt + a.new
+    one runs the patch decoder: the TTS case, the heaviest. `length`: groups, prompt included."""
     others = tuple(i for i in range(config.vocab_size) if i != config.empty_idx)
-    return GenerationConfig(max_length=total, min_length=total, stop_ids=others, **sampler)
+    return GenerationConfig(max_length=length, min_length=length, stop_ids=others, **sampler)
 
 
 def bench_jax(model, config, batch, a, sampler):
     text, codes = prompt_batch(config, batch, a.prompt)
-    gen = _speech_only(config, a, sampler)
+    gen = speech_only(config, a.prompt + a.new, sampler)
     t0 = time.perf_counter()
     out = generate(model, text, codes, gen)
     compile_s = time.perf_counter() - t0
@@ -121,7 +120,7 @@ def bench_stream(model, config, a, tokenizer):
     """(seconds to the first audio, seconds to the end) of one streamed TTS request, after a
     first run that compiles."""
     text, codes = prompt_batch(config, 1, a.prompt)
-    gen = _speech_only(config, a, SAMPLED)
+    gen = speech_only(config, a.prompt + a.new, SAMPLED)
 
     def run(seed):
         decoder, first = StreamingDecoder(tokenizer), None

@@ -50,14 +50,19 @@ def cpu_peak_tflops() -> float:
     return (os.cpu_count() or 1) * 3e9 * 32 / 1e12
 
 
+def by_device_kind(table: dict[str, float], device) -> float | None:
+    """The entry of `table` whose name the device's kind contains, or None."""
+    return next((v for k, v in table.items() if k.lower() in device.device_kind.lower()), None)
+
+
 def peak_tflops(device, given: float | None) -> tuple[float, str]:
     if given:
         return given, "given"
     if device.platform == "cpu":
         return cpu_peak_tflops(), f"assumed for {os.cpu_count()} CPU cores"
-    for name, value in PEAK_TFLOPS.items():
-        if name.lower() in device.device_kind.lower():
-            return value, f"{device.device_kind} bf16 dense"
+    value = by_device_kind(PEAK_TFLOPS, device)
+    if value is not None:
+        return value, f"{device.device_kind} bf16 dense"
     raise ValueError(f"no peak TFLOP/s known for {device.device_kind!r}: pass --peak-tflops")
 
 
