@@ -4,9 +4,9 @@
         [--checkpoint tests/fixtures/tokenizer] [--worker-rate H] [--hosts 64,256,1024]
 
 The corpus is the eSpeak NG demo corpus (80 clips of 1 to 5 s) repeated to `--shards` shards of
-`--records-per-shard` lines. Each run is `python -m data_pipelines.tokenize --engine ray
---workers N` on a local Ray of this machine's cores, its actors single-threaded; a first run of one
-shard fills a JAX compilation cache, so that the runs measured encode rather than compile. For each
+`--records-per-shard` lines. Each run is `python -m data_pipelines.tokenize --engine ray --workers
+N` on a local Ray of this machine's cores, each actor pinned to one core; a first run of one shard
+fills a JAX compilation cache, so that the runs measured encode rather than compile. For each
 worker count it prints the audio hours encoded per hour of wall time from the first dispatch, the
 ratio to the first worker count, and Ray's scheduling overhead per shard (from dispatch to the
 actor starting it, plus the result's return) beside a shard's encode time; then, on paper, the

@@ -8,8 +8,10 @@ is the same whatever the engine, the number of workers or the order in which sha
 `--out` must be a directory every worker reaches (gs://, or a file system they share).
 
 An actor takes `--worker-accelerators` GPUs or TPU chips where the cluster has them; else it runs
-on a CPU, single-threaded (one actor per core is the cluster's parallelism), the actors spread
-over the nodes.
+on one core of a CPU node (one actor per core is the cluster's parallelism), the actors spread
+over the nodes: it claims a core no other actor of its node holds and pins itself to it before
+JAX starts, since XLA sizes its CPU thread pool by the cores a process may run on and would
+otherwise spread each actor over every core of the node.
 
 Faults: an actor that dies (killed, out of memory, its node lost) is replaced and its shard goes
 back to the head of the queue, for the next free actor; a shard that has lost its actor
@@ -24,11 +26,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
 import socket
+import tempfile
 import time
-from typing import Any
+from typing import IO, Any
 
 import ray
 import tqdm
@@ -42,14 +46,15 @@ from mimo_jax.tokenizer.config import TokenizerConfig
 
 log = logging.getLogger(__name__)
 
-# A CPU actor's threads: one for XLA's CPU client, BLAS and OpenMP, so N actors use N cores.
+# A CPU actor's BLAS and OpenMP threads; XLA's come from the core it claims (`claim_core`).
 SINGLE_THREADED = {
-    "XLA_FLAGS": "${XLA_FLAGS} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
     "OMP_NUM_THREADS": "1",
     "OPENBLAS_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
 }
 CONNECT_SECONDS = 10.0
+# Where the CPU actors of a node (of any job) claim their cores: one locked file per core.
+CORE_LOCKS = os.path.join(tempfile.gettempdir(), "mimo-jax-cores")
 # How an actor's death shows (killed, out of memory, its node lost), unlike an error it raised.
 DEATHS = (
     ray.exceptions.RayActorError,
@@ -59,17 +64,43 @@ DEATHS = (
 )
 
 
+def claim_core(locks: str = CORE_LOCKS) -> tuple[int, IO] | None:
+    """Pins the calling thread, and the threads it starts, to one of its cores that no other
+    claimant holds: the core and its lock (held while the file stays open, released when the
+    process dies), or None where every core is held or the locks cannot be taken."""
+    try:
+        os.makedirs(locks, exist_ok=True)
+        for core in sorted(os.sched_getaffinity(0)):
+            lock = open(os.path.join(locks, f"core-{core}.lock"), "w")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()
+                continue
+            os.sched_setaffinity(0, {core})
+            return core, lock
+    except OSError as e:  # another user's lock folder, a container that forbids pinning
+        log.warning("cannot claim a core under %s (%s); this actor is unpinned", locks, e)
+        return None
+    log.warning("every core of this node is held by an actor; this one is unpinned")
+    return None
+
+
 class ShardWorker:
     """A Ray actor: the encoder, loaded once, and the shards it is handed."""
 
     def __init__(self, args):
         self.args, self.encode = args, None
+        self.core: tuple[int, IO] | None = None
 
-    def load(self) -> TokenizerConfig:
+    def load(self) -> tuple[TokenizerConfig, int | None]:
+        """Loads the encoder: its config, and the core the actor is pinned to (None: not)."""
         logs.configure(self.args.log_level)
         a = self.args
+        if not any(ray.get_runtime_context().get_accelerator_ids().values()):
+            self.core = claim_core()  # before the encoder starts JAX's CPU client
         self.encode = encoders.load_encoder(a.encoder, a.checkpoint, a.codebooks)
-        return encoders.config_of(self.encode)
+        return encoders.config_of(self.encode), None if self.core is None else self.core[0]
 
     def encode_shard(self, job: ShardJob) -> dict:
         started = time.time()
@@ -144,6 +175,7 @@ class Pool:
         self.given_up: list[int] = []
         self.audio: TokenizerConfig | None = None
         self.timings: list[Timing] = []
+        self.cores: dict[int, int | None] = {}  # slot -> the core its actor is pinned to
 
     def run(self, progress: Progress) -> None:
         self.progress = progress
@@ -182,11 +214,12 @@ class Pool:
             raise WorkerError(f"worker {task.slot}, {what}: {type(cause).__name__}: {cause}")
         else:
             if task.job is None:
-                self._loaded(task.slot, result)
+                self._loaded(task.slot, *result)
             else:
                 self._encoded(task, result)
 
-    def _loaded(self, slot: int, audio: TokenizerConfig) -> None:
+    def _loaded(self, slot: int, audio: TokenizerConfig, core: int | None) -> None:
+        self.cores[slot] = core
         if self.audio is None:
             check_codebooks(self.args.codebooks, audio)
         elif audio != self.audio:
@@ -267,8 +300,10 @@ class Pool:
         for slot in range(len(self.actors)):
             mine = [x for x in self.timings if x.slot == slot]
             busy, hours = sum(x.encode for x in mine), sum(x.hours for x in mine)
+            core = self.cores.get(slot)
+            pinned = "" if core is None else f" (core {core})"
             lines.append(
-                f"worker {slot}: {len(mine)} shards, {hours:.4f} h of audio, "
+                f"worker {slot}{pinned}: {len(mine)} shards, {hours:.4f} h of audio, "
                 f"{hours * 3600 / max(busy, 1e-9):.0f} audio h/h while encoding"
             )
         return lines
@@ -276,7 +311,7 @@ class Pool:
 
 def actor_options(nodes: list[dict], per_worker: int) -> tuple[dict, int]:
     """An actor's Ray options and the default number of actors, from the resources of each node:
-    `per_worker` TPU chips or GPUs where the cluster has them, else a single-threaded CPU actor.
+    `per_worker` TPU chips or GPUs where the cluster has them, else a CPU actor (one core).
     An actor no node can hold is refused (Ray would wait for it forever)."""
     for name, option in (
         ("TPU", lambda n: {"resources": {"TPU": n}}),

@@ -6,9 +6,11 @@ shards of 2 short clips, one shard of bad lines."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -109,8 +111,11 @@ def test_any_number_of_workers_writes_the_local_bytes(
 
 
 @pytest.mark.e2e
-def test_the_tokenizer_checkpoint_on_workers_writes_the_local_bytes(ray_address, corpus, tmp_path):
-    """The real encoder (the fixture tokenizer, JAX in each actor) gives the same codes."""
+def test_the_tokenizer_checkpoint_on_workers_writes_the_local_bytes(
+    ray_address, corpus, tmp_path, capsys
+):
+    """The real encoder (the fixture tokenizer, JAX in each actor, pinned to a core) gives the
+    same codes."""
     ckpt = ("--checkpoint", str(FIXTURE_TOKENIZER), "--records-per-shard", "9")
     local_out, ray_out = tmp_path / "local", tmp_path / "ray"
     assert (
@@ -125,8 +130,10 @@ def test_the_tokenizer_checkpoint_on_workers_writes_the_local_bytes(ray_address,
         )
         == 0
     )
-    assert run_ray(corpus, ray_out, *ckpt, "--workers", "2", encoder="mimo") == 0
+    capsys.readouterr()
+    assert run_ray(corpus, ray_out, *ckpt, "--workers", "2", "--verbosity", encoder="mimo") == 0
     assert files(ray_out) == files(local_out)
+    assert re.search(r"^worker \d \(core \d+\): ", capsys.readouterr().out, re.M)
 
 
 @pytest.mark.e2e
@@ -307,6 +314,32 @@ def test_actors_take_the_clusters_accelerators():
         options(gpu_nodes, 16)
 
 
+def test_cpu_actors_claim_distinct_cores(tmp_path):
+    """Each claim pins its thread to a core no other claim holds, until none is left; a claim
+    dies with its lock (a closed file, a dead process) and the core is free again."""
+    cores = sorted(os.sched_getaffinity(0))
+
+    def claim() -> tuple:
+        found: list = []
+        thread = threading.Thread(
+            target=lambda: found.append(
+                (tokenize_ray.claim_core(str(tmp_path)), os.sched_getaffinity(0))
+            )
+        )
+        thread.start()
+        thread.join()
+        return found[0]
+
+    held = [claim() for _ in cores]
+    assert [c for (c, _), pinned in held] == cores
+    assert all(pinned == {c} for (c, _), pinned in held)
+    assert claim() == (None, set(cores)) and os.sched_getaffinity(0) == set(cores)
+    held[-1][0][1].close()
+    assert claim()[0][0] == cores[-1]
+    (tmp_path / "locks").write_text("a file, not a folder")
+    assert tokenize_ray.claim_core(str(tmp_path / "locks")) is None
+
+
 def test_the_summary_line_gives_the_benchmark_its_figures():
     """benchmarks/tokenize_scaling.py reads Ray's overhead and rate from the summary line."""
     import argparse
@@ -331,8 +364,9 @@ def test_the_summary_line_gives_the_benchmark_its_figures():
         "encode": 10.0,
         "overhead": 500.0,
     }
+    pool.cores = {0: 1, 1: None}  # actor 1 unpinned: an accelerator's, or every core held
     assert pool.per_worker() == [
-        "worker 0: 2 shards, 0.2000 h of audio, 36 audio h/h while encoding",
+        "worker 0 (core 1): 2 shards, 0.2000 h of audio, 36 audio h/h while encoding",
         "worker 1: 1 shards, 0.1000 h of audio, 36 audio h/h while encoding",
     ]
     assert bench.paper(100.0, 0.05, [1000]) == [f"   1000 hosts: {1e8 / 1e5 * 1.05 / 24:9.1f} days"]
