@@ -4,7 +4,9 @@ The driver (the command) cuts the manifest into the local engine's shards and qu
 unfinished ones; a pool of `--workers` actors, each holding the encoder loaded once, pulls them: a
 free actor takes the next shard. An actor encodes and commits a shard with the local engine's code
 (`ShardJob.run`: the file under a temporary name then renamed, its sidecar last), so the output
-is the same whatever the engine, the number of workers or the order in which shards finish.
+is the same whatever the engine, the number of workers or the order in which shards finish, as
+long as the encoders do the same arithmetic: the same accelerator kind, or on CPUs the same
+number of threads (XLA's dot products block their sums by it), which pinning makes one.
 `--out` must be a directory every worker reaches (gs://, or a file system they share).
 
 An actor takes `--worker-accelerators` GPUs or TPU chips where the cluster has them; else it runs
