@@ -349,31 +349,23 @@ def shard_jobs(args, out: epath.Path, lines: list[bytes], entries: list) -> list
     ]
 
 
-def run_local(args, out: epath.Path, jobs: list[ShardJob], encode) -> tuple[str, list, int]:
-    """Encodes this process's unfinished shards here; returns (its name, its shards, the number
-    it encoded)."""
-    index, count = _process_slice(args)
-    mine = jobs[index::count]
-    pending = [j for j in mine if not j.done()]
+def run_local(
+    args, out: epath.Path, who: str, mine: list[ShardJob], pending: list[ShardJob], encode
+) -> int:
+    """Encodes this process's unfinished shards (`pending`, of `mine`) here; returns how many."""
     if pending:
         if encode is None:
             encode = encoders.load_encoder(args.encoder, args.checkpoint, args.codebooks)
         check_codebooks(args.codebooks, encoders.config_of(encode))
         (out / MANIFEST).unlink(missing_ok=True)  # rewritten once every shard is done again
-    log.info(
-        "process %d/%d: %d shards, %d already done",
-        index,
-        count,
-        len(mine),
-        len(mine) - len(pending),
-    )
+    log.info("%s: %d shards, %d already done", who, len(mine), len(mine) - len(pending))
     with tqdm.tqdm(
         total=sum(j.units for j in pending), unit="audio", desc="tokenize", disable=None
     ) as progress:
         for job in pending:
             info = job.run(progress, encode)
             progress.set_postfix(shard=job.k, hours=f"{info['hours']:.2f}", errors=info["errors"])
-    return f"process {index}/{count}", mine, len(pending)
+    return len(pending)
 
 
 def run(args, encode=None) -> int:
@@ -388,13 +380,16 @@ def run(args, encode=None) -> int:
         check_directory(out, jobs, args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
+    index, count = (0, 1) if args.engine == "ray" else _process_slice(args)
+    mine = jobs[index::count]
+    pending = [j for j in mine if not j.done()]
     if args.engine == "ray":
         from data_pipelines import tokenize_ray  # Ray only for its engine (the `ray` extra)
 
-        pending = [j for j in jobs if not j.done()]
-        who, mine, encoded = "ray", jobs, tokenize_ray.run(args, out, pending, len(jobs))
+        who, encoded = "ray", tokenize_ray.run(args, out, pending, len(jobs))
     else:
-        who, mine, encoded = run_local(args, out, jobs, encode)
+        who = f"process {index}/{count}"
+        encoded = run_local(args, out, who, mine, pending, encode)
     infos = [json.loads(j.sidecar.read_text()) for j in mine]
     written, failed = sum(i["records"] for i in infos), sum(i["errors"] for i in infos)
     print(
